@@ -1,0 +1,68 @@
+import dask.array as da
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401
+import xarray as xr
+
+from tilefuse.errors import InputError
+from tilefuse.scene import band_stats, modalities, open_scene, require_modalities, write_scene
+
+
+def make_scene(h=700, w=600, seed=0) -> xr.Dataset:
+    rng = np.random.default_rng(seed)
+    optical = (rng.normal(size=(3, h, w)) * 2 + 5).astype("float32")
+    optical[:, :10, :] = np.nan
+    sar = rng.normal(size=(2, h, w)).astype("float32")
+    valid = np.isfinite(optical).all(axis=0)
+    ds = xr.Dataset(
+        {
+            "optical": (("optical_band", "y", "x"), da.from_array(optical, chunks=(3, 256, 256))),
+            "sar": (("sar_band", "y", "x"), sar),
+            "valid": (("y", "x"), valid),
+        },
+        coords={"x": 500_000 + 10.0 * np.arange(w) + 5, "y": 4_000_000 - 10.0 * np.arange(h) - 5},
+    )
+    return ds.rio.write_crs("EPSG:32632")
+
+
+def test_round_trip_keeps_values_crs_transform_and_stats(tmp_path):
+    ds = make_scene()
+    path = write_scene(ds, tmp_path / "scene.zarr")
+    out = open_scene(path)
+    assert modalities(out) == ["optical", "sar"]
+    assert out.rio.crs.to_epsg() == 32632
+    assert out.rio.transform() == ds.rio.transform()
+    np.testing.assert_array_equal(out["optical"].values, ds["optical"].values)
+    mean, std = band_stats(out, "optical")
+    expected = ds["optical"].values[:, ds["valid"].values]
+    np.testing.assert_allclose(mean, expected.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(std, expected.std(axis=1), rtol=1e-4)
+    assert out["optical"].attrs["band_count"] == [int(ds["valid"].sum())] * 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary store left behind"
+
+
+def test_existing_output_refused_without_overwrite(tmp_path):
+    path = write_scene(make_scene(50, 40), tmp_path / "s.zarr")
+    before = sorted(p.name for p in path.rglob("*"))
+    with pytest.raises(InputError, match="already exists"):
+        write_scene(make_scene(50, 40, seed=1), path)
+    assert sorted(p.name for p in path.rglob("*")) == before
+    write_scene(make_scene(50, 40, seed=1), path, overwrite=True)
+    assert open_scene(path)["sar"].values[0, 0, 0] == make_scene(50, 40, seed=1)["sar"].values[0, 0, 0]
+
+
+def test_open_scene_errors_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        open_scene(tmp_path / "nope.zarr")
+    (tmp_path / "junk.zarr").mkdir()
+    with pytest.raises(InputError, match="not a readable zarr store"):
+        open_scene(tmp_path / "junk.zarr")
+
+
+def test_require_modalities_names_the_problem(tmp_path):
+    ds = open_scene(write_scene(make_scene(40, 40), tmp_path / "s.zarr"))
+    require_modalities(ds, {"optical": 3, "sar": 2})
+    with pytest.raises(InputError, match="no modality 'hsi'"):
+        require_modalities(ds, {"hsi": 10})
+    with pytest.raises(InputError, match="has 2 bands .* expects 4"):
+        require_modalities(ds, {"sar": 4})

@@ -1,0 +1,64 @@
+"""The ``tilefuse`` command line: a thin shell over the pipelines.
+
+Each command lives next to the job it runs (``tilefuse.pipelines.<name>``) and
+is registered here by name. Expected errors (:class:`InputError`) end as one
+line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from tilefuse.errors import InputError
+
+# command name -> "module:function"; the function carries typer annotations.
+COMMANDS: dict[str, str] = {
+}
+
+app = typer.Typer(
+    name="tilefuse",
+    help="Streaming tiled inference and patch training for large multimodal scenes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    for name, target in COMMANDS.items():
+        module, function = target.split(":")
+        app.command(name)(getattr(importlib.import_module(module), function))
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status instead of raising SystemExit."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except InputError as error:
+        print(f"tilefuse: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tilefuse: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # typer/click exit paths
+        return int(exit_.code or 0)
+    except Exception as error:  # click usage errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            return error.exit_code
+        if isinstance(error, click.exceptions.Abort):
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Scene stores: the zarr v3 layout every part of tilefuse reads and writes.
+
+A scene store is a zarr group that ``xarray.open_zarr(path, decode_coords="all")``
+opens as a Dataset with CRS (via rioxarray):
+
+- one variable per modality, dims ``(<name>_band, y, x)`` (e.g. ``sar_band``:
+  xarray needs one size per dimension name, and modalities differ in band
+  count), band names as that coordinate where known, band statistics in attrs
+  (``band_mean``, ``band_std``, ``band_count``: lists, one value per band,
+  computed over ``valid`` pixels);
+- ``valid (y, x) bool``: where every required modality has data;
+- optional ``label (y, x) uint8``: 255 = ignore, ``class_names`` in its attrs;
+- a ``spatial_ref`` coordinate carrying CRS and transform.
+
+Stores are written under a temporary name and renamed when complete, so no
+reader sees a half-written store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from tilefuse.errors import InputError
+
+IGNORE = 255
+"""Label value meaning "no label" (scene stores) or "no prediction" (prediction stores)."""
+STORE_KIND = "tilefuse_store"
+CHUNK = 512
+"""Spatial chunk edge of every array; a power of two, so chunks nest inside prediction blocks."""
+SHARD = 2048
+"""Spatial shard edge where shards are used (also the default prediction block)."""
+TARGET_CHUNK_BYTES = 16 << 20
+MAX_SHARD_BYTES = 256 << 20
+
+
+def compressor() -> BloscCodec:
+    """Blosc zstd with byte shuffle: the codec of every array we write."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+def band_dim(modality: str) -> str:
+    """The band dimension of a modality variable: ``"sar"`` -> ``"sar_band"``."""
+    return f"{modality}_band"
+
+
+def modalities(ds: xr.Dataset) -> list[str]:
+    """Names of the modality variables of a scene, in store order."""
+    names = ds.attrs.get("modalities")
+    if names is None:
+        names = [n for n, v in ds.data_vars.items() if v.dims == (band_dim(str(n)), "y", "x")]
+    return list(names)
+
+
+def band_stats(ds: xr.Dataset, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band (mean, std) of a modality, as float32 arrays; std is never 0."""
+    attrs = ds[modality].attrs
+    if "band_mean" not in attrs or "band_std" not in attrs:
+        raise InputError(f"modality {modality!r} has no band statistics: re-ingest the store with `tilefuse ingest`")
+    mean = np.asarray(attrs["band_mean"], dtype=np.float32)
+    std = np.asarray(attrs["band_std"], dtype=np.float32)
+    return mean, np.where(std > 0, std, 1.0).astype(np.float32)
+
+
+def encoding_for(var: xr.DataArray, chunk: int = CHUNK, shard: int | None = SHARD) -> dict:
+    """Zarr encoding (chunks, optional shards, compressor) for one variable.
+
+    Spatial chunks are ``chunk`` px; band-heavy variables (hyperspectral) are
+    also chunked along ``band`` to keep chunks near 16 MB. Shards of ``shard``
+    px are used only where one shard stays under 256 MB, since a shard is
+    written by one task.
+    """
+    itemsize = var.dtype.itemsize
+    spatial = tuple(min(chunk, n) for n in var.shape[-2:])
+    if var.ndim == 3:
+        per_band = spatial[0] * spatial[1] * itemsize
+        chunks = (max(1, min(var.shape[0], TARGET_CHUNK_BYTES // per_band)), *spatial)
+    else:
+        chunks = spatial
+    enc: dict = {"chunks": chunks, "compressors": [compressor()]}
+    if shard is not None and any(n > chunk for n in var.shape[-2:]):
+        bands = var.shape[0] if var.ndim == 3 else 1
+        if bands * shard * shard * itemsize <= MAX_SHARD_BYTES:
+            # a shard must hold whole chunks; it may run past the array's edge
+            edges = (min(shard, -(-n // chunk) * chunk) for n in var.shape[-2:])
+            enc["shards"] = (*((var.shape[0],) if var.ndim == 3 else ()), *edges)
+            enc["chunks"] = (*((var.shape[0],) if var.ndim == 3 else ()), *spatial)
+    if np.issubdtype(var.dtype, np.floating):
+        enc["fill_value"] = np.nan
+    return enc
+
+
+def write_chunks(enc: dict) -> tuple[int, ...]:
+    """The dask chunk shape that writes whole shards (or chunks) and never splits one."""
+    return tuple(enc.get("shards", enc["chunks"]))
+
+
+def _band_sums(data: da.Array, valid: da.Array) -> tuple[da.Array, da.Array, da.Array]:
+    """Per-band count, sum and sum of squares over valid, finite pixels (float64)."""
+    x = data.astype(np.float64)
+    ok = valid[None] & da.isfinite(x)
+    x = da.where(ok, x, 0.0)
+    return ok.sum(axis=(1, 2)), x.sum(axis=(1, 2)), (x * x).sum(axis=(1, 2))
+
+
+def write_scene(
+    ds: xr.Dataset,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    chunk: int = CHUNK,
+    shard: int | None = SHARD,
+    progress: bool = False,
+) -> Path:
+    """Write a scene Dataset (lazy or in memory) to a zarr v3 store, atomically.
+
+    Band statistics of every modality are computed in the same streaming pass
+    as the write and stored in the modality's attrs. ``ds`` must hold the
+    modality variables ``(band, y, x)``, ``valid (y, x)`` and optionally
+    ``label (y, x)``, with a CRS set through rioxarray.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists: choose another output or pass --overwrite")
+    if "valid" not in ds:
+        raise ValueError("a scene needs a 'valid' (y, x) mask")
+    if ds.rio.crs is None:
+        raise InputError("the scene has no CRS: pass --crs (e.g. EPSG:32632)")
+    names = [str(n) for n in ds.data_vars if ds[n].dims == (band_dim(str(n)), "y", "x")]
+    if not names:
+        raise ValueError("a scene needs at least one (<name>_band, y, x) modality variable")
+
+    ds = ds.copy()
+    ds.attrs[STORE_KIND] = "scene"
+    ds.attrs["modalities"] = names
+    from tilefuse import __version__
+
+    ds.attrs["tilefuse_version"] = __version__
+    encoding = {}
+    for name in [*names, "valid", *(["label"] if "label" in ds else [])]:
+        enc = encoding_for(ds[name], chunk, shard)
+        encoding[name] = enc
+        ds[name] = ds[name].chunk(dict(zip(ds[name].dims, write_chunks(enc))))
+        ds[name].encoding = {}
+    valid = ds["valid"].data
+    sums = {name: _band_sums(ds[name].data, valid) for name in names}
+
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=encoding, compute=False, consolidated=False)
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar():
+                _, computed = dask.compute(writer, sums)
+        else:
+            _, computed = dask.compute(writer, sums)
+        group = zarr.open_group(tmp, mode="r+")
+        for name, (count, total, total_sq) in computed.items():
+            count = np.asarray(count, dtype=np.float64)
+            mean = np.divide(total, count, out=np.zeros_like(count), where=count > 0)
+            var = np.divide(total_sq, count, out=np.zeros_like(count), where=count > 0) - mean**2
+            group[name].attrs.update(
+                band_mean=mean.tolist(),
+                band_std=np.sqrt(np.maximum(var, 0.0)).tolist(),
+                band_count=count.astype(np.int64).tolist(),
+            )
+        _replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    if path.exists():
+        trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, trash)
+        os.replace(tmp, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def open_store(path: str | os.PathLike, kind: str) -> xr.Dataset:
+    """Open a tilefuse store of ``kind`` ("scene" or "prediction") lazily, with CRS decoded."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist: check the path (create scene stores with `tilefuse ingest`)")
+    try:
+        zarr.open_group(path, mode="r")
+        ds = xr.open_zarr(path, decode_coords="all", consolidated=False, zarr_format=3)
+    except Exception as error:  # zarr/xarray raise many types for a broken store
+        raise InputError(f"{path} is not a readable zarr store ({type(error).__name__}: {error})") from None
+    found = ds.attrs.get(STORE_KIND)
+    if found != kind:
+        what = f"a {found} store" if found else "not a tilefuse store"
+        raise InputError(f"{path} is {what}, expected a {kind} store")
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+
+    return ds
+
+
+def open_scene(path: str | os.PathLike) -> xr.Dataset:
+    """Open a scene store lazily as an xarray Dataset with CRS (``ds.rio.crs``)."""
+    return open_store(path, "scene")
+
+
+def require_modalities(ds: xr.Dataset, wanted: dict[str, int], where: str = "the store") -> None:
+    """Check that ``ds`` has every wanted modality with the wanted band count."""
+    have = modalities(ds)
+    for name, bands in wanted.items():
+        if name not in have:
+            raise InputError(
+                f"{where} has no modality {name!r} (it has {', '.join(have) or 'none'}): "
+                "ingest it with --modality NAME=PATH or use a model for these modalities"
+            )
+        n = int(ds[name].sizes[band_dim(name)])
+        if n != bands:
+            raise InputError(f"modality {name!r} has {n} bands in {where} but the model expects {bands}")
+
+
+def iter_chunk_slices(shape: Iterable[int], chunk: Iterable[int]) -> list[tuple[slice, ...]]:
+    """All chunk-aligned regions of an array of ``shape``, in C order."""
+    ranges = [range(0, n, c) for n, c in zip(shape, chunk)]
+    out: list[tuple[slice, ...]] = []
+    for starts in np.ndindex(*[len(r) for r in ranges]):
+        out.append(tuple(slice(r[i], min(r[i] + c, n)) for r, i, c, n in zip(ranges, starts, chunk, shape)))
+    return out

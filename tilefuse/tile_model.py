@@ -1,0 +1,141 @@
+"""The tile-model interface the engine runs, and the registry of models by name.
+
+A tile model takes ``{modality: Tensor(B, C, H, W)}`` and returns logits
+``(B, K, H - 2*margin, W - 2*margin)``: it needs ``margin`` pixels of input
+context beyond its output on every side. The engine applies softmax and, when
+``spec.blend`` is true, blends overlapping tiles; otherwise each output pixel is
+computed once. Any ``torch.nn.Module`` with that forward can be wrapped with
+:func:`wrap_module`, so users bring their own networks.
+
+Concrete models live in ``tilefuse.models`` and register themselves with
+:func:`register_model`; the engine only ever looks them up by name. Third-party
+packages can register theirs through the ``tilefuse.models`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from tilefuse.errors import InputError
+
+
+@dataclass(frozen=True)
+class TileModelSpec:
+    """What the engine needs to know to run a model over a scene."""
+
+    modalities: dict[str, int]
+    """Input modality name -> band count, in the order the model expects them."""
+    num_classes: int
+    margin: int = 0
+    """Input pixels needed beyond the output on each side (0 for PAD, P//2 for S²Fin)."""
+    blend: bool = True
+    """Blend overlapping tiles (True) or compute each output pixel once (False)."""
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ValueError("a tile model needs at least one input modality")
+        if any(int(c) < 1 for c in self.modalities.values()):
+            raise ValueError(f"band counts must be >= 1, got {self.modalities}")
+        if self.num_classes < 1 or self.margin < 0:
+            raise ValueError("num_classes must be >= 1 and margin >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TileModel(nn.Module):
+    """Base class of every model the engine runs. Subclasses set ``self.spec``."""
+
+    spec: TileModelSpec
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class WrappedModule(TileModel):
+    """Makes a plain ``nn.Module`` with the tile-model forward into a :class:`TileModel`."""
+
+    def __init__(self, module: nn.Module, spec: TileModelSpec) -> None:
+        super().__init__()
+        self.module = module
+        self.spec = spec
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(inputs)
+
+
+def wrap_module(
+    module: nn.Module,
+    modalities: Mapping[str, int],
+    num_classes: int,
+    margin: int = 0,
+    blend: bool = True,
+) -> TileModel:
+    """Wrap a user's ``nn.Module`` (``forward(dict) -> logits``) as a tile model."""
+    if isinstance(module, TileModel):
+        return module
+    return WrappedModule(module, TileModelSpec(dict(modalities), num_classes, margin, blend))
+
+
+ModelBuilder = Callable[..., TileModel]
+
+
+@dataclass
+class _Entry:
+    builder: ModelBuilder
+    description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_loaded = False
+
+
+def register_model(name: str, description: str = "", **defaults: Any) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register ``builder(modalities, num_classes, **hparams) -> TileModel`` under ``name``.
+
+    ``defaults`` are example hyperparameters/modalities used by ``tilefuse models``
+    to report a parameter count; they are not applied when building.
+    """
+
+    def decorator(builder: ModelBuilder) -> ModelBuilder:
+        _REGISTRY[name] = _Entry(builder, description or (builder.__doc__ or "").strip().split("\n")[0], defaults)
+        return builder
+
+    return decorator
+
+
+def _load_registry() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module("tilefuse.models")
+    for entry_point in entry_points(group="tilefuse.models"):
+        entry_point.load()
+
+
+def available_models() -> dict[str, _Entry]:
+    """Registered models by name (built-in ones and entry-point plug-ins)."""
+    _load_registry()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def build_model(name: str, modalities: Mapping[str, int], num_classes: int, **hparams: Any) -> TileModel:
+    """Build a registered model; unknown names raise :class:`InputError` listing the known ones."""
+    models = available_models()
+    if name not in models:
+        raise InputError(f"unknown model {name!r}: choose one of {', '.join(models)} (see `tilefuse models`)")
+    model = models[name].builder(dict(modalities), num_classes, **hparams)
+    if not isinstance(model, TileModel):
+        raise TypeError(f"builder of {name!r} returned {type(model).__name__}, not a TileModel")
+    return model
