@@ -72,6 +72,13 @@ def band_stats(ds: xr.Dataset, modality: str) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 0, std, 1.0).astype(np.float32)
 
 
+def normalise(data: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Standardise ``(C, ...)`` band data to float32; NaN and inf become 0 (the band mean)."""
+    shape = (-1,) + (1,) * (data.ndim - 1)
+    out = (data.astype(np.float32) - mean.reshape(shape)) / std.reshape(shape)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+
+
 def encoding_for(var: xr.DataArray, chunk: int = CHUNK, shard: int | None = SHARD) -> dict:
     """Zarr encoding (chunks, optional shards, compressor) for one variable.
 
