@@ -24,6 +24,22 @@ from torch import nn
 
 from tilefuse.errors import InputError
 
+IGNORE_INDEX = 255
+"""Label value that adds nothing to a loss (the same value as ``tilefuse.scene.IGNORE``)."""
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pixels whose label is not 255; 0 (with a graph) when all are ignored.
+
+    ``logits`` (B, K, h, w), ``target`` (B, h, w) integer labels. Computed in float32 (AMP-safe).
+    """
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} (B, h, w)")
+    target = target.long()
+    if not bool((target != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+
 
 @dataclass(frozen=True)
 class TileModelSpec:
@@ -59,6 +75,13 @@ class TileModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def compute_loss(self, inputs: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Scalar training loss; ``target`` (B, h, w) matches the logits' size (input minus 2*margin), 255 = ignore.
+
+        Default: :func:`masked_cross_entropy` on ``forward``. Models with auxiliary losses override it.
+        """
+        return masked_cross_entropy(self(inputs), target)
 
 
 class WrappedModule(TileModel):
