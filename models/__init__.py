@@ -3,4 +3,4 @@
 Importing this package registers every model with :func:`tilefuse.tile_model.register_model`.
 """
 
-from tilefuse.models import convnext, pad  # noqa: F401  (registers "pad")
+from tilefuse.models import convnext, pad, s2fin  # noqa: F401  (registers "pad" and "s2fin")
