@@ -16,6 +16,7 @@ from tilefuse.errors import InputError
 
 # command name -> "module:function"; the function carries typer annotations.
 COMMANDS: dict[str, str] = {
+    "models": "tilefuse.pipelines.models:models",
 }
 
 app = typer.Typer(
