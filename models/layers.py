@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
+        if keep <= 0.0:
+            return torch.zeros_like(x)
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         return x * x.new_empty(shape).bernoulli_(keep) / keep
 
@@ -53,11 +55,12 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
-@contextmanager
-def float32_spectra(x: torch.Tensor) -> Iterator[None]:
-    """Disable autocast inside: FFTs in bf16/fp16 are unsupported or inaccurate, so spectra stay float32."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        yield
+def float32_spectra(x: torch.Tensor) -> AbstractContextManager:
+    """Context that turns autocast off: FFTs in bf16/fp16 are unsupported or inaccurate, so spectra stay float32."""
+    kind = x.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return nullcontext()
 
 
 def two_modalities(modalities: Mapping[str, int], model: str) -> tuple[str, str]:
