@@ -21,6 +21,11 @@ _API = {
     "save_checkpoint": "tilefuse.checkpoint",
     "load_checkpoint": "tilefuse.checkpoint",
     "ModelConfig": "tilefuse.checkpoint",
+    "predict": "tilefuse.pipelines.predict",
+    "export": "tilefuse.pipelines.export",
+    "open_prediction": "tilefuse.prediction",
+    "train": "tilefuse.pipelines.train",
+    "evaluate": "tilefuse.pipelines.evaluate",
 }
 
 

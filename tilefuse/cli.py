@@ -16,7 +16,11 @@ from tilefuse.errors import InputError
 
 # command name -> "module:function"; the function carries typer annotations.
 COMMANDS: dict[str, str] = {
+    "predict": "tilefuse.pipelines.predict:predict_command",
+    "export": "tilefuse.pipelines.export:export_command",
     "models": "tilefuse.pipelines.models:models",
+    "train": "tilefuse.pipelines.train:train_command",
+    "evaluate": "tilefuse.pipelines.evaluate:evaluate_command",
 }
 
 app = typer.Typer(

@@ -1,0 +1,147 @@
+"""Training data as a torch ``IterableDataset`` over a sampler of scene stores.
+
+Each DataLoader worker runs its own stream of the sampler (stream = worker id,
+rotated by ``stream_offset`` on resume) and opens the stores itself, so the
+dataset works with the ``forkserver`` and ``spawn`` start methods. Samples are
+normalised with the band statistics the model is trained with, transformed by
+the same random flip/rotation across every modality and the labels, and cropped
+to the model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
+LongTensor(P - 2 margin, P - 2 margin))``.
+
+Exact resume: a DataLoader over an endless ``IterableDataset`` takes batch
+``i`` from worker ``i % workers``, and each worker batches consecutive samples
+of its stream. :meth:`PatchDataset.after` turns "``n`` batches consumed" into
+the per-stream starting points and stream rotation that make a new DataLoader
+continue with exactly the batches an uninterrupted one would have produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.utils.data import IterableDataset, get_worker_info
+
+from tilefuse.scene import normalise
+
+BandStats = dict[str, dict[str, list[float]]]
+"""modality -> {"mean": [...], "std": [...]}: the checkpoint config's ``band_stats``."""
+
+
+class Sampler(Protocol):
+    modalities: list[str]
+
+    def iter_stream(self, stream: int = 0, streams: int = 1, start: int = 0) -> Iterator: ...
+
+
+def pooled_band_stats(scenes: Sequence[xr.Dataset], modalities: Sequence[str]) -> BandStats:
+    """Per-band mean and std of each modality over the valid pixels of all ``scenes`` together.
+
+    Combines each store's stored ``band_mean``, ``band_std`` and
+    ``band_count`` (weighted by count), as if computed over the union.
+    """
+    out: BandStats = {}
+    for name in modalities:
+        counts, sums, squares = 0.0, 0.0, 0.0
+        for ds in scenes:
+            attrs = ds[name].attrs
+            if "band_mean" not in attrs:
+                from tilefuse.scene import band_stats
+
+                band_stats(ds, name)  # raises the InputError naming the fix
+            n = np.asarray(attrs.get("band_count", [1] * len(attrs["band_mean"])), dtype=np.float64)
+            mean = np.asarray(attrs["band_mean"], dtype=np.float64)
+            std = np.asarray(attrs["band_std"], dtype=np.float64)
+            counts, sums, squares = counts + n, sums + n * mean, squares + n * (std**2 + mean**2)
+        total = np.maximum(counts, 1.0)
+        mean = sums / total
+        std = np.sqrt(np.maximum(squares / total - mean**2, 0.0))
+        out[name] = {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
+    return out
+
+
+def apply_dihedral(array: np.ndarray, k: int) -> np.ndarray:
+    """Rotate the last two axes by 90° x (k % 4), then flip columns if k >= 4 (a view)."""
+    out = np.rot90(array, k % 4, axes=(-2, -1))
+    return out[..., ::-1] if k >= 4 else out
+
+
+@dataclass
+class StreamState:
+    """Where each sampler stream stands: samples handed out, and which stream worker 0 runs."""
+
+    streams: int = 1
+    start: tuple[int, ...] = (0,)
+    offset: int = 0
+
+    def after(self, batches: int, batch_size: int) -> "StreamState":
+        """The state once ``batches`` more batches of ``batch_size`` have been consumed."""
+        start = list(self.start)
+        for worker in range(self.streams):
+            taken = len(range(worker, batches, self.streams))
+            start[(worker + self.offset) % self.streams] += taken * batch_size
+        return StreamState(self.streams, tuple(start), (self.offset + batches) % self.streams)
+
+    def to_dict(self) -> dict:
+        return {"streams": self.streams, "start": list(self.start), "offset": self.offset}
+
+    @classmethod
+    def fresh(cls, streams: int) -> "StreamState":
+        return cls(streams, (0,) * streams, 0)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "StreamState":
+        return cls(int(data["streams"]), tuple(int(v) for v in data["start"]), int(data["offset"]))
+
+
+class PatchDataset(IterableDataset):
+    """Normalised, augmented ``(inputs, target)`` pairs from a sampler, one stream per worker."""
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        band_stats: BandStats,
+        *,
+        margin: int = 0,
+        augment: bool = True,
+        state: StreamState | None = None,
+    ) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.band_stats = band_stats
+        self.margin = int(margin)
+        self.augment = augment
+        self.state = state
+
+    def with_state(self, state: StreamState) -> "PatchDataset":
+        """The same dataset, continuing from ``state``."""
+        return PatchDataset(self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state)
+
+    def _stream(self) -> tuple[int, int, int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        state = self.state or StreamState.fresh(workers)
+        if state.streams != workers:
+            raise RuntimeError(f"dataset state is for {state.streams} streams but runs in {workers} workers")
+        stream = (worker + state.offset) % workers
+        return stream, workers, state.start[stream]
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        stream, streams, start = self._stream()
+        stats = {
+            name: (np.asarray(s["mean"], dtype=np.float32), np.asarray(s["std"], dtype=np.float32))
+            for name, s in self.band_stats.items()
+        }
+        m = self.margin
+        for sample in self.sampler.iter_stream(stream, streams, start):
+            k = sample.dihedral if self.augment else 0
+            inputs = {}
+            for name in self.sampler.modalities:
+                data = normalise(apply_dihedral(sample.data[name], k), *stats[name])
+                inputs[name] = torch.from_numpy(np.ascontiguousarray(data))
+            label = apply_dihedral(sample.label, k)
+            label = label[m : label.shape[0] - m, m : label.shape[1] - m]
+            yield inputs, torch.from_numpy(label.astype(np.int64))

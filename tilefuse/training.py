@@ -1,0 +1,404 @@
+"""The training loop: AdamW + per-iteration cosine, AMP on GPU, checkpoints that resume exactly.
+
+A run directory holds::
+
+    model.safetensors, config.json   the latest checkpoint (``tilefuse predict --checkpoint RUN``)
+    state/                           everything a resume needs, replaced atomically:
+        model.safetensors, config.json   (the same checkpoint)
+        trainer.safetensors              optimiser moments, RNG states
+        trainer.json                     step, job, optimiser/scheduler scalars, sampler stream state
+    log.jsonl                        one JSON object per logged step and per validation
+    curves.png, metrics.json         written when the run completes
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON.
+Resuming restores weights, optimiser, scheduler, torch RNG and the sampler
+streams, so the losses after a resume equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, _replace_dir, save_checkpoint
+from tilefuse.dataset import PatchDataset, StreamState
+from tilefuse.errors import InputError
+from tilefuse.metrics import ConfusionMatrix
+from tilefuse.scene import IGNORE
+from tilefuse.tile_model import TileModel
+
+STATE = "state"
+LOG = "log.jsonl"
+CURVES = "curves.png"
+METRICS = "metrics.json"
+TRAINER_TENSORS = "trainer.safetensors"
+TRAINER_JSON = "trainer.json"
+
+
+@dataclass
+class TrainSettings:
+    """How the loop runs (the data side is the datasets')."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup: int = 0
+    """Linear warm-up iterations before the cosine decay (the PAD paper uses none)."""
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value; 0 turns clipping off."""
+    checkpoint_every: int = 500
+    val_every: int = 0
+    """Validate every N steps; 0 means at every checkpoint."""
+    log_every: int = 10
+    workers: int = 2
+    seed: int = 42
+    device: str = "auto"
+    amp: bool | None = None
+    """bf16 autocast; None means on for CUDA, off on CPU."""
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0 or self.warmup < 0 or self.val_every < 0:
+            raise InputError("--workers, --warmup and --val-every must be >= 0")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be > 0, got {self.lr}")
+
+
+def cosine_factor(step: int, total: int, warmup: int = 0, floor: float = 0.0) -> float:
+    """Learning-rate factor after ``step`` iterations: linear warm-up, then cosine from 1 to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} asked for but no CUDA device is visible: pass --device cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------ state codec
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s") -> Any:
+    """A JSON-ready copy of nested state with every tensor moved into ``tensors`` (by key)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().contiguous().cpu()
+        return {"$tensor": prefix}
+    if isinstance(obj, dict):
+        return {"$dict": [[k, flatten_state(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return {"$tuple": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a training state without pickle")
+
+
+def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(tree, dict):
+        if "$tensor" in tree:
+            return tensors[tree["$tensor"]]
+        if "$tuple" in tree:
+            return tuple(unflatten_state(v, tensors) for v in tree["$tuple"])
+        return {k: unflatten_state(v, tensors) for k, v in tree["$dict"]}
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    return tree
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------- run folder
+
+
+class RunDir:
+    """The files of one training run (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.state = self.path / STATE
+        self.log = self.path / LOG
+        self.curves = self.path / CURVES
+        self.metrics = self.path / METRICS
+
+    def has_state(self) -> bool:
+        return (self.state / TRAINER_JSON).is_file() and (self.state / WEIGHTS).is_file()
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuse an existing run unless resuming or overwriting; refuse resuming nothing."""
+        if resume and overwrite:
+            raise InputError("--resume and --overwrite contradict each other: pass one")
+        if resume and not self.has_state():
+            raise InputError(f"{self.path} has no training state to resume: start it without --resume")
+        if self.path.exists() and not (resume or overwrite):
+            raise InputError(f"{self.path} already exists: pass --resume to continue it, --overwrite to replace it, or choose another --out")
+
+    def read_trainer(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.state / TRAINER_JSON).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"training state in {self.state} is unreadable ({error}): start the run again with --overwrite") from None
+
+    def save(self, model: TileModel, config: ModelConfig, trainer: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Write the state folder atomically, then refresh the top-level checkpoint files."""
+        tmp = self.path / f".{STATE}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            save_checkpoint(model, config, tmp)
+            save_file(tensors, str(tmp / TRAINER_TENSORS))
+            (tmp / TRAINER_JSON).write_text(json.dumps(trainer, indent=1))
+            _replace_dir(tmp, self.state)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for name in (WEIGHTS, CONFIG):
+            part = self.path / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copyfile(self.state / name, part)
+            os.replace(part, self.path / name)
+
+    def load_tensors(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.state / TRAINER_TENSORS))
+
+    def append_log(self, record: dict[str, Any]) -> None:
+        with open(self.log, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict[str, Any]]:
+        if not self.log.is_file():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def truncate_log(self, step: int) -> None:
+        """Drop log records after ``step`` (a crashed run may have logged past its last checkpoint)."""
+        kept = [r for r in self.read_log() if r.get("step", 0) <= step]
+        tmp = self.path / f".{LOG}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.log)
+
+
+# ------------------------------------------------------------------------ loop
+
+
+def make_loader(dataset: PatchDataset, batch_size: int, workers: int, seed: int, pin: bool = False) -> DataLoader:
+    """A DataLoader whose workers start by forkserver (or spawn) and never draw from the global torch RNG."""
+    context = None
+    if workers > 0:
+        methods = multiprocessing.get_all_start_methods()
+        context = "forkserver" if "forkserver" in methods else "spawn"
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        multiprocessing_context=context,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _to_device(inputs: dict[str, torch.Tensor], target: torch.Tensor, device: torch.device):
+    blocking = device.type != "cuda"
+    return {k: v.to(device, non_blocking=not blocking) for k, v in inputs.items()}, target.to(device, non_blocking=not blocking)
+
+
+@torch.no_grad()
+def validate(model: TileModel, loader: DataLoader, device: torch.device, amp: bool = False) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over every batch of ``loader`` (label 255 ignored)."""
+    was_training = model.training
+    model.eval()
+    confusion = ConfusionMatrix(model.spec.num_classes)
+    try:
+        for inputs, target in loader:
+            inputs, target = _to_device(inputs, target, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(inputs)
+            confusion.update(logits.argmax(dim=1), target)
+    finally:
+        model.train(was_training)
+    return confusion
+
+
+def fit(
+    model: TileModel,
+    config: ModelConfig,
+    train_data: PatchDataset,
+    val_data: PatchDataset | None,
+    settings: TrainSettings,
+    run: RunDir,
+    *,
+    job: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` for ``settings.steps`` iterations into ``run``; returns the final metrics record.
+
+    With ``resume`` the run continues from its saved state exactly: same
+    weights, optimiser moments, learning rate, RNG and sampler position.
+    ``job`` (JSON) is saved with the state so a resume can check its inputs.
+    """
+    from tqdm.auto import tqdm
+
+    settings.check()
+    device = resolve_device(settings.device)
+    amp = settings.amp if settings.amp is not None else device.type == "cuda"
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    floor = settings.min_lr / settings.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_factor(step, settings.steps, settings.warmup, floor)
+    )
+    streams = StreamState.fresh(max(1, settings.workers))
+    step = 0
+    run.path.mkdir(parents=True, exist_ok=True)
+    if resume:
+        trainer = run.read_trainer()
+        tensors = run.load_tensors()
+        model.load_state_dict(load_file(str(run.state / WEIGHTS), device=str(device)))
+        optimizer.load_state_dict(unflatten_state(trainer["optimizer"], tensors))
+        scheduler.load_state_dict(unflatten_state(trainer["scheduler"], tensors))
+        set_rng_state(unflatten_state(trainer["rng"], tensors))
+        streams = StreamState.from_dict(trainer["streams"])
+        step = int(trainer["step"])
+        run.truncate_log(step)
+    if streams.streams != max(1, settings.workers):
+        raise InputError(f"the run was trained with --workers {streams.streams}: resume with the same number for an exact resume")
+
+    loader = make_loader(train_data.with_state(streams), settings.batch_size, settings.workers, settings.seed, device.type == "cuda")
+    val_loader = None
+    if val_data is not None:
+        val_loader = make_loader(val_data, settings.batch_size, settings.workers, settings.seed, device.type == "cuda")
+    val_every = settings.val_every or settings.checkpoint_every
+    num_classes = model.spec.num_classes
+    start_step = step
+
+    def save(at: int, metrics: dict | None) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        trainer = {
+            "step": at,
+            "settings": asdict(settings),
+            "job": job or {},
+            "streams": streams.after(at - start_step, settings.batch_size).to_dict(),
+            "optimizer": flatten_state(optimizer.state_dict(), tensors, "optimizer"),
+            "scheduler": flatten_state(scheduler.state_dict(), tensors, "scheduler"),
+            "rng": flatten_state(rng_state(), tensors, "rng"),
+        }
+        config.extra = {**config.extra, "step": at, "steps": settings.steps, **({"val": metrics} if metrics else {})}
+        run.save(model, config, trainer, tensors)
+
+    last_val: dict[str, Any] | None = None
+    window_loss, window_count, clock = 0.0, 0, time.perf_counter()
+    batches = iter(loader)
+    bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        while step < settings.steps:
+            inputs, target = next(batches)
+            inputs, target = _to_device(inputs, target, device)
+            labelled = target[target != IGNORE]
+            if labelled.numel() and int(labelled.max()) >= num_classes:
+                raise InputError(f"the labels hold class {int(labelled.max())} but the model has {num_classes} classes: fix the labels' class_names")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = model.compute_loss(inputs, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            value = float(loss.detach())
+            if on_step is not None:
+                on_step(step, value)
+            window_loss, window_count = window_loss + value, window_count + 1
+            bar.update(1)
+            if step % settings.log_every == 0 or step == settings.steps:
+                elapsed = time.perf_counter() - clock
+                record = {
+                    "step": step,
+                    "loss": window_loss / window_count,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": window_count * settings.batch_size / max(elapsed, 1e-9),
+                }
+                run.append_log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                window_loss, window_count, clock = 0.0, 0, time.perf_counter()
+            if val_loader is not None and (step % val_every == 0 or step == settings.steps):
+                last_val = validate(model, val_loader, device, amp).compute(config.class_names)
+                run.append_log({"step": step, "val": last_val})
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                save(step, last_val)
+    finally:
+        bar.close()
+        del batches
+    summary = {"complete": True, "step": step, "steps": settings.steps, "val": last_val}
+    history = run.read_log()
+    losses = [r["loss"] for r in history if "loss" in r]
+    if losses:
+        summary["final_loss"] = losses[-1]
+    run.metrics.write_text(json.dumps(summary, indent=2))
+    plot_curves(history, run.curves)
+    return summary
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and learning rate per step, and validation OA / mIoU, as a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "loss" in r]
+    val = [r for r in history if r.get("val")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+        axes[0].set_xlabel("step")
+        axes[0].set_ylabel("loss")
+        lr_axis = axes[0].twinx()
+        lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="grey", alpha=0.5, label="lr")
+        lr_axis.set_ylabel("learning rate")
+    for key, label in (("overall_accuracy", "val OA"), ("mean_iou", "val mIoU"), ("kappa", "val kappa")):
+        points = [(r["step"], r["val"][key]) for r in val if r["val"].get(key) is not None]
+        if points:
+            axes[1].plot(*zip(*points), marker="o", label=label)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend(loc="lower right")
+    axes[0].set_title("training")
+    axes[1].set_title("validation")
+    fig.tight_layout()
+    tmp = path.parent / f".{path.name}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
