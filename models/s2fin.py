@@ -18,7 +18,8 @@ patch (SAR or LiDAR, C_a bands) and the optical spectrum at the centre pixel:
   a soft high-pass along the spectral token axis, whose output is added back
   (residual), then an FFN. The mask is ``relu(2*sigmoid((f - tau)/t) - 1)``: the
   published soft mask ``sigmoid((f - tau)/t)`` rectified to be exactly zero below
-  tau (our choice), so tau at Nyquist means no enhancement;
+  tau (our choice), so tau at Nyquist means no enhancement; AFCM and HFRM use the
+  same rectified mask over the normalised radial frequency;
 - AFCM (shallow): radial low/high split of both spatial maps at a learnable radius;
   the low parts are averaged as shared structure, the high parts kept per modality,
   a channel attention chooses the mix, which each stream adds back (residual);
@@ -55,17 +56,26 @@ from tilefuse.models.layers import check_inputs, float32_spectra, two_modalities
 from tilefuse.tile_model import TileModel, TileModelSpec, register_model
 
 
+def soft_high_pass(frequency: torch.Tensor, threshold: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``relu(2*sigmoid((f - threshold)/t) - 1)``: 0 up to the threshold, rising smoothly towards 1 above it.
+
+    The published soft mask is ``sigmoid((f - tau)/t)``; we rectify it so that nothing
+    below the threshold leaks through (DC always stays in the low band).
+    """
+    return F.relu(2 * torch.sigmoid((frequency - threshold) / temperature) - 1)
+
+
 def spectral_high_pass(tokens: torch.Tensor, tau: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
     """High-frequency part of ``tokens`` (N, L, D) along the token axis, cut at ``tau`` (N,) cycles/token.
 
-    Mask ``relu(2*sigmoid((f - tau)/t) - 1)`` on the rfft frequencies f in [0, 0.5]:
-    exactly zero for f <= tau, so ``tau = 0.5`` (Nyquist) returns zeros.
+    :func:`soft_high_pass` mask on the rfft frequencies f in [0, 0.5]: exactly zero for
+    f <= tau, so ``tau = 0.5`` (Nyquist) returns zeros.
     """
     with float32_spectra(tokens):
         length = tokens.shape[1]
         spectrum = torch.fft.rfft(tokens.float(), dim=1, norm="ortho")
         freqs = torch.fft.rfftfreq(length, device=tokens.device)
-        mask = F.relu(2 * torch.sigmoid((freqs[None, :] - tau[:, None]) / temperature) - 1)
+        mask = soft_high_pass(freqs[None, :], tau[:, None], temperature)
         return torch.fft.irfft(spectrum * mask[:, :, None], n=length, dim=1, norm="ortho")
 
 
@@ -152,9 +162,9 @@ class HFSET(nn.Module):
 class AFCM(nn.Module):
     """Adaptive frequency channel module (shallow): shared low frequencies, per-modality high ones."""
 
-    def __init__(self, dim: int, temperature: float = 10.0) -> None:
+    def __init__(self, dim: int, temperature: float = 0.1) -> None:
         super().__init__()
-        self.rho = nn.Parameter(torch.tensor(0.0))
+        self.rho = nn.Parameter(torch.tensor(0.0))  # radius = sigmoid(rho), in normalised radial frequency
         self.temperature = temperature
         hidden = max(dim // 4, 4)
         self.attention = nn.Sequential(nn.Linear(2 * dim, hidden), nn.GELU(), nn.Linear(hidden, 3 * dim))
@@ -165,7 +175,7 @@ class AFCM(nn.Module):
         with float32_spectra(x):
             size = x.shape[-2:]
             radius = torch.sigmoid(self.rho)
-            mask = torch.sigmoid((radius - radial_frequency(*size, x.device)) * self.temperature)
+            mask = 1 - soft_high_pass(radial_frequency(*size, x.device), radius, self.temperature)
             return torch.fft.irfft2(torch.fft.rfft2(x.float(), norm="ortho") * mask, s=size, norm="ortho").to(x.dtype)
 
     def forward(self, o: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +213,7 @@ class SSAF(nn.Module):
 class HFRM(nn.Module):
     """High-frequency resonance mask (deep): boosts high frequencies where the two phases agree."""
 
-    def __init__(self, beta_init: float = 0.1, temperature: float = 10.0) -> None:
+    def __init__(self, beta_init: float = 0.1, temperature: float = 0.1) -> None:
         super().__init__()
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
         self.rho = nn.Parameter(torch.tensor(0.0))
@@ -220,7 +230,7 @@ class HFRM(nn.Module):
             size = o.shape[-2:]
             zo = torch.fft.rfft2(o.float(), norm="ortho")
             za = torch.fft.rfft2(a.float(), norm="ortho")
-            high = torch.sigmoid((radial_frequency(*size, o.device) - torch.sigmoid(self.rho)) * self.temperature)
+            high = soft_high_pass(radial_frequency(*size, o.device), torch.sigmoid(self.rho), self.temperature)
             gain = 1 + self.beta * self.resonance(zo, za) * high
             o_out = torch.fft.irfft2(zo * gain, s=size, norm="ortho")
             a_out = torch.fft.irfft2(za * gain, s=size, norm="ortho")
@@ -371,6 +381,7 @@ __all__ = [
     "SSAF",
     "HFRM",
     "spectral_high_pass",
+    "soft_high_pass",
     "radial_frequency",
     "topk_attention",
     "unfold_patches",

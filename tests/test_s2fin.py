@@ -1,0 +1,166 @@
+"""S²Fin (our interpretation): sanity properties of its modules, size, dense adapter, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilefuse.errors import InputError
+from tilefuse.models.s2fin import AFCM, HFRM, HFSET, S2FinModel, spectral_high_pass, topk_attention
+from tilefuse.tile_model import build_model
+
+MODALITIES = {"optical": 12, "sar": 2}
+
+
+def _tile(batch, size, modalities=MODALITIES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(batch, bands, *size, generator=g) for name, bands in modalities.items()}
+
+
+def test_tau_at_nyquist_gives_no_enhancement():
+    torch.manual_seed(0)
+    layer = HFSET(16, heads=4)
+    tokens = torch.randn(3, 32, 16)
+    gain = torch.rand(3, 16) + 0.5
+    assert torch.equal(spectral_high_pass(tokens, torch.full((3,), 0.5)), torch.zeros_like(tokens))
+    assert torch.equal(layer.enhance(tokens, torch.full((3,), 0.5), gain), tokens)
+    # and a lower threshold does enhance, mostly the fast spectral oscillations
+    enhanced = layer.enhance(tokens, torch.full((3,), 0.1), gain) - tokens
+    assert enhanced.abs().max() > 0.1
+    slow = torch.cos(2 * torch.pi * torch.arange(32) / 32)[None, :, None].expand(3, 32, 16)  # 1/32 cycles/token
+    assert spectral_high_pass(slow, torch.full((3,), 0.25)).abs().max() < 0.05 * slow.abs().max()
+
+
+def test_hfset_threshold_gets_gradient():
+    torch.manual_seed(0)
+    layer = HFSET(16, heads=2)
+    out = layer(torch.randn(4, 32, 16), torch.randn(4, 18, 16))
+    out.square().mean().backward()
+    assert layer.controls.weight.grad is not None and layer.controls.weight.grad[0].abs().sum() > 0
+
+
+def test_topk_attention_with_k1_picks_the_best_key():
+    q = torch.randn(2, 1, 5, 4)
+    k = torch.randn(2, 1, 7, 4)
+    v = torch.randn(2, 1, 7, 3)
+    best = (q @ k.transpose(-2, -1)).argmax(-1)
+    expected = torch.gather(v, 2, best[..., None].expand(-1, -1, -1, 3))
+    assert torch.allclose(topk_attention(q, k, v, topk=1), expected, atol=1e-6)
+
+
+def test_hfrm_beta_zero_is_identity_and_identical_inputs_resonate_fully():
+    torch.manual_seed(0)
+    o, a = torch.randn(2, 8, 11, 11), torch.randn(2, 8, 11, 11)
+    layer = HFRM(beta_init=0.0)
+    o2, a2 = layer(o, a)
+    assert torch.allclose(o2, o, atol=1e-5) and torch.allclose(a2, a, atol=1e-5)
+    zo = torch.fft.rfft2(o)
+    assert torch.allclose(HFRM.resonance(zo, zo), torch.ones(zo.shape), atol=1e-6)
+    assert torch.allclose(HFRM.resonance(zo, -zo), torch.zeros(zo.shape), atol=1e-6)
+    boosted, _ = HFRM(beta_init=0.5)(o, o)  # agreeing phases: high frequencies amplified, phases kept
+    assert boosted.square().sum() > o.square().sum()
+    ratio = torch.fft.rfft2(boosted) / torch.fft.rfft2(o)
+    assert torch.allclose(ratio.imag, torch.zeros_like(ratio.imag), atol=1e-4)
+    assert (ratio.real >= 1 - 1e-4).all()
+
+
+def test_afcm_low_pass_keeps_flat_maps_and_removes_the_checkerboard():
+    layer = AFCM(4)
+    with torch.no_grad():
+        layer.rho.fill_(-2.0)  # small radius
+    flat = torch.full((1, 4, 11, 11), 3.0)
+    assert torch.allclose(layer.low_pass(flat), flat, atol=1e-4)
+    rows, cols = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    checker = ((rows + cols) % 2 * 2 - 1).float().expand(1, 4, 12, 12)
+    assert layer.low_pass(checker).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize(
+    "modalities", [{"optical": 12, "sar": 2}, {"hsi": 48, "lidar": 1}, {"hsi": 144, "lidar": 1}, {"msi": 4, "sar": 1}]
+)
+def test_parameter_count_about_0_6m(modalities):
+    model = build_model("s2fin", modalities, 15)
+    assert 0.5e6 <= model.num_parameters() <= 0.8e6
+
+
+def test_spec_margin_and_no_blending():
+    model = build_model("s2fin", MODALITIES, 4, patch_size=7)
+    assert model.spec.margin == 3 and not model.spec.blend
+    assert model.spec.modalities == MODALITIES
+
+
+def test_dense_tile_equals_patch_classifier_pixel_by_pixel():
+    torch.manual_seed(0)
+    p = 11
+    model = S2FinModel(MODALITIES, 5, patch_size=p, max_patches_per_batch=7).eval()  # forces many sub-batches
+    tile = _tile(2, (6 + p - 1, 5 + p - 1))
+    with torch.no_grad():
+        dense = model(tile)
+        assert dense.shape == (2, 5, 6, 5)
+        for y in range(6):
+            for x in range(5):
+                patch = {k: v[:, :, y : y + p, x : x + p] for k, v in tile.items()}
+                single = model.classifier(patch["optical"], patch["sar"])
+                assert torch.allclose(dense[:, :, y, x], single, atol=1e-5), (y, x)
+                assert torch.allclose(model(patch)[:, :, 0, 0], single, atol=1e-5)  # P x P input -> 1x1 logits
+
+
+def test_dense_sub_batches_stay_within_budget():
+    model = S2FinModel(MODALITIES, 3, max_patches_per_batch=16).eval()
+    sizes = []
+    model.classifier.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        out = model(_tile(2, (9 + 10, 13 + 10)))
+    assert out.shape == (2, 3, 9, 13)
+    assert max(sizes) <= 16 and sum(sizes) == 2 * 9 * 13
+
+
+def test_a_few_training_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = build_model("s2fin", {"hsi": 20, "lidar": 1}, 3).train()
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 3, (32,), generator=g)
+    signature = torch.randn(3, 20, generator=g)  # one spectrum per class
+    hsi = signature[labels][:, :, None, None] + 0.5 * torch.randn(32, 20, 11, 11, generator=g)
+    lidar = labels[:, None, None, None].float() + 0.5 * torch.randn(32, 1, 11, 11, generator=g)
+    batch, target = {"hsi": hsi, "lidar": lidar}, labels[:, None, None]  # centre-pixel labels (B, 1, 1)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model.compute_loss(batch, target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_ignored_centre_pixels_do_not_count():
+    model = build_model("s2fin", MODALITIES, 3).eval()
+    batch = _tile(4, (11, 11))
+    target = torch.tensor([0, 1, 255, 255])[:, None, None]
+    with torch.no_grad():
+        logits = model(batch)[:, :, 0, 0]
+        expected = torch.nn.functional.cross_entropy(logits[:2], target[:2, 0, 0])
+        assert torch.allclose(model.compute_loss(batch, target), expected, atol=1e-6)
+
+
+def test_bf16_autocast_forward_is_finite():
+    model = build_model("s2fin", MODALITIES, 3).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(_tile(1, (14, 12)))
+    assert out.shape == (1, 3, 4, 2) and torch.isfinite(out.float()).all()
+
+
+def test_bad_configurations_and_inputs_raise_input_error():
+    with pytest.raises(InputError, match="odd"):
+        build_model("s2fin", MODALITIES, 3, patch_size=10)
+    with pytest.raises(InputError, match="exactly two"):
+        build_model("s2fin", {"hsi": 10}, 3)
+    with pytest.raises(InputError, match="hyperparameter"):
+        build_model("s2fin", MODALITIES, 3, depth=4)
+    model = build_model("s2fin", MODALITIES, 3)
+    with pytest.raises(InputError, match="at least 11x11"):
+        model(_tile(1, (10, 30)))
+    with pytest.raises(InputError, match="shape"):
+        model({"optical": torch.randn(1, 11, 11, 11), "sar": torch.randn(1, 2, 11, 11)})
