@@ -1,0 +1,117 @@
+"""Checkpoints of the registered models: safetensors + JSON round trip, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, checkpoint_hash, load_checkpoint, save_checkpoint
+from tilefuse.errors import InputError
+from tilefuse.tile_model import build_model
+
+CASES = {
+    "pad": ({"optical": 3, "sar": 2}, {"preset": "atto", "faithful_shift": False, "decoder_channels": 32}, (32, 40)),
+    "s2fin": ({"hsi": 9, "lidar": 1}, {"patch_size": 7, "dim": 32}, (12, 10)),
+}
+
+
+def _config(name: str) -> ModelConfig:
+    modalities, hparams, _ = CASES[name]
+    return ModelConfig(
+        model=name,
+        modalities=modalities,
+        num_classes=4,
+        hparams=hparams,
+        class_names=["water", "forest", "urban", "crop"],
+        band_stats={m: {"mean": [0.5] * b, "std": [2.0] * b} for m, b in modalities.items()},
+        extra={"steps": 3},
+    )
+
+
+def _inputs(name: str, batch: int = 2) -> dict[str, torch.Tensor]:
+    modalities, _, size = CASES[name]
+    g = torch.Generator().manual_seed(3)
+    return {m: torch.randn(batch, b, *size, generator=g) for m, b in modalities.items()}
+
+
+def _trained_model(name: str):
+    """A model whose BatchNorm statistics moved away from their defaults (so buffers must round-trip too)."""
+    torch.manual_seed(0)
+    config = _config(name)
+    model = config.build().train()
+    with torch.no_grad():
+        model(_inputs(name, batch=3))
+    return model.eval(), config
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_round_trip_gives_identical_outputs(tmp_path, name):
+    model, config = _trained_model(name)
+    path = save_checkpoint(model, config, tmp_path / "run" / "ckpt")
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG, WEIGHTS])
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    loaded, loaded_config = load_checkpoint(path)
+    assert loaded_config == config
+    assert not loaded.training and loaded.spec == model.spec
+    x = _inputs(name)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_hash_follows_the_weights(tmp_path):
+    model, config = _trained_model("s2fin")
+    first = checkpoint_hash(save_checkpoint(model, config, tmp_path / "a"))
+    assert checkpoint_hash(save_checkpoint(model, config, tmp_path / "b")) == first
+    with torch.no_grad():
+        model.classifier.head.bias.add_(1.0)
+    assert checkpoint_hash(save_checkpoint(model, config, tmp_path / "c")) != first
+
+
+def test_corrupt_weights_give_input_error(tmp_path):
+    model, config = _trained_model("pad")
+    path = save_checkpoint(model, config, tmp_path / "ckpt")
+    data = (path / WEIGHTS).read_bytes()
+    (path / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="unreadable"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"hparams": {"preset": "femto"}}, {"modalities": {"optical": 4, "sar": 2}}, {"num_classes": 6}],
+    ids=["preset", "bands", "classes"],
+)
+def test_weights_that_do_not_fit_the_config_give_input_error(tmp_path, change):
+    model, config = _trained_model("pad")
+    path = save_checkpoint(model, config, tmp_path / "ckpt")
+    stored = json.loads((path / CONFIG).read_text())
+    for key, value in change.items():
+        stored[key] = {**stored["hparams"], **value} if key == "hparams" else value
+    (path / CONFIG).write_text(json.dumps(stored))
+    with pytest.raises(InputError, match="do not fit"):
+        load_checkpoint(path)
+
+
+def test_bad_configs_give_input_error(tmp_path):
+    model, config = _trained_model("s2fin")
+    path = save_checkpoint(model, config, tmp_path / "ckpt")
+    (path / CONFIG).write_text("{not json")
+    with pytest.raises(InputError, match="unreadable"):
+        load_checkpoint(path)
+    (path / CONFIG).write_text(json.dumps({**json.loads(config.to_json()), "model": "unet9000"}))
+    with pytest.raises(InputError, match="unknown model"):
+        load_checkpoint(path)
+    (path / CONFIG).write_text(json.dumps({**json.loads(config.to_json()), "hparams": {"patch_size": 8}}))
+    with pytest.raises(InputError, match="odd"):
+        load_checkpoint(path)
+    with pytest.raises(InputError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_registered_models_build_from_their_config():
+    for name in CASES:
+        config = _config(name)
+        model = build_model(name, config.modalities, config.num_classes, **config.hparams)
+        assert model.spec.modalities == config.modalities and model.spec.num_classes == 4
