@@ -26,6 +26,12 @@ _API = {
     "open_prediction": "tilefuse.prediction",
     "train": "tilefuse.pipelines.train",
     "evaluate": "tilefuse.pipelines.evaluate",
+    # engine functions (lazy Datasets); the names avoid the tilefuse.synth/.ingest/.quicklook modules
+    "synth_scene": "tilefuse.synth",
+    "write_geotiffs": "tilefuse.synth",
+    "ingest_rasters": "tilefuse.ingest",
+    "quicklook_scene": "tilefuse.quicklook",
+    "quicklook_labels": "tilefuse.quicklook",
 }
 
 

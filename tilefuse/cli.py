@@ -21,6 +21,9 @@ COMMANDS: dict[str, str] = {
     "models": "tilefuse.pipelines.models:models",
     "train": "tilefuse.pipelines.train:train_command",
     "evaluate": "tilefuse.pipelines.evaluate:evaluate_command",
+    "synth": "tilefuse.pipelines.synth:synth_command",
+    "ingest": "tilefuse.pipelines.ingest:ingest_command",
+    "info": "tilefuse.pipelines.info:info_command",
 }
 
 app = typer.Typer(

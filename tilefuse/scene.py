@@ -120,6 +120,18 @@ def _band_sums(data: da.Array, valid: da.Array) -> tuple[da.Array, da.Array, da.
     return ok.sum(axis=(1, 2)), x.sum(axis=(1, 2)), (x * x).sum(axis=(1, 2))
 
 
+def _label_counts(label: da.Array) -> da.Array:
+    """Pixels per label value 0..255 (int64, length 256)."""
+
+    def count(block: np.ndarray) -> np.ndarray:
+        return np.bincount(block.ravel(), minlength=256)[None, None, :]
+
+    blocks = label.astype(np.uint8).map_blocks(
+        count, new_axis=2, chunks=((1,) * label.numblocks[0], (1,) * label.numblocks[1], (256,)), dtype=np.int64
+    )
+    return blocks.sum(axis=(0, 1))
+
+
 def write_scene(
     ds: xr.Dataset,
     path: str | os.PathLike,
@@ -132,7 +144,9 @@ def write_scene(
     """Write a scene Dataset (lazy or in memory) to a zarr v3 store, atomically.
 
     Band statistics of every modality are computed in the same streaming pass
-    as the write and stored in the modality's attrs. ``ds`` must hold the
+    as the write and stored in the modality's attrs; so are the pixel counts
+    per label value (``label`` attrs ``class_counts`` for ids 0..254, and
+    ``ignore_count``; ``class_names`` default to ``class_<id>``). ``ds`` must hold the
     modality variables ``(band, y, x)``, ``valid (y, x)`` and optionally
     ``label (y, x)``, with a CRS set through rioxarray.
     """
@@ -161,6 +175,7 @@ def write_scene(
         ds[name].encoding = {}
     valid = ds["valid"].data
     sums = {name: _band_sums(ds[name].data, valid) for name in names}
+    counts = _label_counts(ds["label"].data) if "label" in ds else None
 
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,9 +185,9 @@ def write_scene(
             from dask.diagnostics import ProgressBar
 
             with ProgressBar():
-                _, computed = dask.compute(writer, sums)
+                _, computed, counts = dask.compute(writer, sums, counts)
         else:
-            _, computed = dask.compute(writer, sums)
+            _, computed, counts = dask.compute(writer, sums, counts)
         group = zarr.open_group(tmp, mode="r+")
         for name, (count, total, total_sq) in computed.items():
             count = np.asarray(count, dtype=np.float64)
@@ -183,10 +198,23 @@ def write_scene(
                 band_std=np.sqrt(np.maximum(var, 0.0)).tolist(),
                 band_count=count.astype(np.int64).tolist(),
             )
+        if counts is not None:
+            _record_label_counts(group["label"].attrs, np.asarray(counts))
         _replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _record_label_counts(attrs, counts: np.ndarray) -> None:
+    names = list(attrs.get("class_names") or [])
+    present = np.flatnonzero(counts[:IGNORE])
+    n = max(len(names), int(present[-1]) + 1 if present.size else 0)
+    attrs.update(
+        class_counts=counts[:n].astype(np.int64).tolist(),
+        ignore_count=int(counts[IGNORE]),
+        class_names=names + [f"class_{i}" for i in range(len(names), n)],
+    )
 
 
 def _replace(tmp: Path, path: Path) -> None:

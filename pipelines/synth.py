@@ -1,0 +1,54 @@
+"""``tilefuse synth``: write a synthetic multimodal scene store (and optionally GeoTIFFs).
+
+Python API: :func:`synth` writes the store and returns its path; the lazy
+scene itself is :func:`tilefuse.synth.synth_scene`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tilefuse.errors import InputError
+
+
+def synth(
+    out: str | Path,
+    size: int | tuple[int, int] = 1024,
+    kind: str = "sar-optical",
+    seed: int = 0,
+    *,
+    geotiff: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write a synthetic scene of ``size`` px (``kind`` sar-optical or hsi-lidar) to the store ``out``.
+
+    With ``geotiff``, also write one GeoTIFF per modality plus ``label.tif``
+    into that folder (to exercise ``tilefuse ingest``). Returns the store path.
+    """
+    from tilefuse.scene import write_scene
+    from tilefuse.synth import synth_scene, write_geotiffs
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists: choose another output or pass --overwrite")
+    ds = synth_scene(size, kind, seed)
+    if geotiff is not None:
+        write_geotiffs(ds, geotiff, overwrite=overwrite, progress=progress)
+    return write_scene(ds, out, overwrite=overwrite, progress=progress)
+
+
+def synth_command(
+    out: Annotated[Path, typer.Argument(help="Scene store to write (zarr).")],
+    size: Annotated[int, typer.Option(help="Scene edge in pixels (the scene is SIZE x SIZE).")] = 1024,
+    kind: Annotated[str, typer.Option(help="sar-optical (optical 6 bands + SAR VV/VH) or hsi-lidar (48 bands + height).")] = "sar-optical",
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same scene.")] = 0,
+    geotiff: Annotated[Optional[Path], typer.Option(help="Also write one GeoTIFF per modality (+ label.tif) into this folder.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store (and GeoTIFFs).")] = False,
+) -> None:
+    """Generate a synthetic multimodal scene with land-cover labels, lazily chunk by chunk."""
+    path = synth(out, size, kind, seed, geotiff=geotiff, overwrite=overwrite, progress=True)
+    typer.echo(f"wrote {path}" + (f" and GeoTIFFs in {geotiff}" if geotiff else ""))

@@ -1,0 +1,429 @@
+"""Rasters (GeoTIFF/COG, anything GDAL reads) -> a lazy scene Dataset on one reference grid.
+
+Each modality is one raster (optionally a subset of its bands). The reference
+grid is a chosen modality's grid, or that modality's extent in another CRS
+and/or resolution. Every output chunk is read by one dask task that opens the
+raster itself and reads just that window: directly where the raster is on the
+grid already (same CRS, pixel size and an integer pixel offset), else through
+a GDAL ``WarpedVRT`` onto the grid, so the values do not depend on the chunking
+and memory is bounded by a few chunks. Modalities come out as float32 with NaN
+where they have no data (nodata value, NaN, mask, or outside the footprint);
+labels as uint8 with 255 (ignore) there.
+
+Nothing here writes: pass the result to :func:`tilefuse.scene.write_scene`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+from affine import Affine
+
+from tilefuse.errors import InputError
+from tilefuse.scene import IGNORE, band_dim
+
+RESAMPLING = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode")
+"""Resampling methods for modalities (labels always use nearest)."""
+COMPLEX_MODES = ("magnitude",)
+READ_CHUNK = 1024
+"""Spatial edge of the blocks read per task (hyperspectral rasters use smaller ones)."""
+READ_BLOCK_BYTES = 64 << 20
+GDAL_CACHE_BYTES = 256 << 20
+"""GDAL block cache while ingesting; GDAL's default (5% of RAM) would dominate memory on big machines."""
+
+_BANDS_SUFFIX = re.compile(r"^(?P<path>.+):(?P<bands>\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A north-up pixel grid: CRS, affine transform of the upper-left corner, size."""
+
+    crs: object  # rasterio.crs.CRS
+    transform: Affine
+    width: int
+    height: int
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in the grid's CRS."""
+        t = self.transform
+        xs = (t.c, t.c + t.a * self.width)
+        ys = (t.f, t.f + t.e * self.height)
+        return min(xs), min(ys), max(xs), max(ys)
+
+    def coords(self) -> dict[str, np.ndarray]:
+        """Pixel-centre ``x`` and ``y`` coordinates."""
+        t = self.transform
+        return {"x": t.c + t.a * (np.arange(self.width) + 0.5), "y": t.f + t.e * (np.arange(self.height) + 0.5)}
+
+
+@dataclass(frozen=True)
+class RasterSource:
+    """One input raster, checked: which bands to read and how it is georeferenced."""
+
+    path: Path
+    bands: tuple[int, ...]
+    """1-based band indexes to read."""
+    crs: object
+    transform: Affine
+    width: int
+    height: int
+    band_names: tuple[str, ...]
+    magnitude: bool = False
+    """Complex raster read as its magnitude."""
+    class_names: tuple[str, ...] | None = None
+    """From a ``class_names`` tag (JSON list), as written by :func:`tilefuse.synth.write_geotiffs`."""
+
+    def dataset_name(self) -> str:
+        """What to pass to ``rasterio.open``: the file, or a VRT taking the magnitude of its bands."""
+        return _magnitude_vrt(self) if self.magnitude else str(self.path)
+
+
+def split_bands(spec: str) -> tuple[str, tuple[int, ...] | None]:
+    """``"PATH:1,3-5"`` -> ``("PATH", (1, 3, 4, 5))``; ``"PATH"`` -> ``("PATH", None)``."""
+    match = _BANDS_SUFFIX.match(spec)
+    if match is None or Path(spec).exists():
+        return spec, None
+    bands: list[int] = []
+    for part in match["bands"].split(","):
+        first, _, last = part.partition("-")
+        bands.extend(range(int(first), int(last or first) + 1))
+    return match["path"], tuple(bands)
+
+
+def parse_modality(spec: str) -> tuple[str, str]:
+    """``"NAME=PATH[:BANDS]"`` -> ``(NAME, "PATH[:BANDS]")``."""
+    name, sep, path = spec.partition("=")
+    name = name.strip()
+    if not sep or not path or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise InputError(f"bad --modality {spec!r}: write NAME=PATH (e.g. sar=s1.tif, or sar=s1.tif:1,2 for bands)")
+    if name in ("valid", "label"):
+        raise InputError(f"a modality cannot be called {name!r} (the store uses that name): choose another NAME")
+    return name, path
+
+
+def parse_label_map(text: str | None) -> dict[int, int]:
+    """``"-1:255,3:1"`` -> ``{-1: 255, 3: 1}``; targets must be 0..255 (255 = ignore)."""
+    mapping: dict[int, int] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        source, sep, target = item.partition(":")
+        try:
+            key, value = int(source), int(target)
+        except ValueError:
+            key = value = None
+        if not sep or key is None or not 0 <= value <= IGNORE:
+            raise InputError(f"bad --label-map entry {item!r}: write FROM:TO with integers, TO in 0..255 (e.g. -1:255)")
+        mapping[key] = value
+    return mapping
+
+
+def open_source(
+    spec: str | os.PathLike, *, what: str, assume_crs: str | None = None, complex_mode: str | None = None
+) -> RasterSource:
+    """Check one raster (``PATH[:BANDS]``) and describe it; every problem is an :class:`InputError`.
+
+    ``what`` names the raster in messages (e.g. ``"modality 'sar'"``);
+    ``assume_crs`` is taken for a raster without a CRS.
+    """
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
+
+    path_text, bands = split_bands(str(spec))
+    path = Path(path_text)
+    if not path.exists():
+        raise InputError(f"{what}: {path} does not exist: check the path")
+    if path.is_dir():
+        raise InputError(f"{what}: {path} is a folder, not a raster file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except (RasterioIOError, OSError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{what}: {path} is not a raster GDAL can read ({first}): pass a GeoTIFF/COG") from None
+    with src:
+        count = src.count
+        if count == 0:
+            raise InputError(f"{what}: {path} has no raster bands: pass a raster file")
+        bands = bands or tuple(range(1, count + 1))
+        wrong = [b for b in bands if not 1 <= b <= count]
+        if wrong:
+            raise InputError(f"{what}: band {wrong[0]} is out of range, {path} has bands 1..{count}")
+        crs = src.crs
+        if crs is None:
+            if assume_crs is None:
+                raise InputError(f"{what}: {path} has no CRS: pass --crs (e.g. --crs EPSG:32611) to say which it is in")
+            try:
+                crs = CRS.from_user_input(assume_crs)
+            except CRSError:
+                raise InputError(f"--crs {assume_crs!r} is not a CRS rasterio understands: use e.g. EPSG:32632") from None
+        if src.transform.is_identity:
+            raise InputError(f"{what}: {path} has no geotransform (not georeferenced): georeference it first, e.g. with gdalwarp")
+        dtypes = {src.dtypes[b - 1] for b in bands}
+        is_complex = any(t.startswith("complex") for t in dtypes)
+        if is_complex and complex_mode != "magnitude":
+            raise InputError(
+                f"{what}: {path} holds complex SAR data ({', '.join(sorted(dtypes))}): "
+                "pass --complex magnitude to ingest its amplitude"
+            )
+        descriptions = [src.descriptions[b - 1] for b in bands]
+        names = tuple(descriptions) if all(descriptions) and len(set(descriptions)) == len(bands) else None
+        tag = src.tags().get("class_names")
+        return RasterSource(
+            path=path.resolve(),
+            bands=bands,
+            crs=crs,
+            transform=src.transform,
+            width=src.width,
+            height=src.height,
+            band_names=names or tuple(f"b{b}" for b in bands),
+            magnitude=is_complex,
+            class_names=tuple(json.loads(tag)) if tag else None,
+        )
+
+
+def _magnitude_vrt(source: RasterSource) -> str:
+    """VRT XML (opened by GDAL as a dataset) whose bands are the moduli of the complex source bands."""
+    from xml.sax.saxutils import escape
+
+    srs = f"<SRS>{escape(source.crs.to_wkt())}</SRS>" if source.crs else ""
+    bands = "".join(
+        f'<VRTRasterBand dataType="Float32" band="{i}" subClass="VRTDerivedRasterBand">'
+        "<PixelFunctionType>mod</PixelFunctionType>"
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(str(source.path))}</SourceFilename>'
+        f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
+        for i, b in enumerate(source.bands, start=1)
+    )
+    transform = ", ".join(repr(v) for v in source.transform.to_gdal())
+    return (
+        f'<VRTDataset rasterXSize="{source.width}" rasterYSize="{source.height}">{srs}'
+        f"<GeoTransform>{transform}</GeoTransform>{bands}</VRTDataset>"
+    )
+
+
+def _footprint(source: RasterSource) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a raster in its own CRS, also for rotated transforms."""
+    t = source.transform
+    corners = [t * (c, r) for c in (0, source.width) for r in (0, source.height)]
+    xs, ys = zip(*corners)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def reference_grid(source: RasterSource, crs: str | None = None, resolution: float | tuple[float, float] | None = None) -> Grid:
+    """The grid of ``source``, or its extent in ``crs`` and/or at ``resolution`` (north-up)."""
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+    from rasterio.warp import calculate_default_transform
+
+    t = source.transform
+    target = source.crs
+    if crs is not None:
+        try:
+            target = CRS.from_user_input(crs)
+        except CRSError:
+            raise InputError(f"--crs {crs!r} is not a CRS rasterio understands: use e.g. EPSG:32632") from None
+    north_up = t.b == 0 and t.d == 0 and t.a > 0 and t.e < 0
+    if target == source.crs and resolution is None and north_up:
+        return Grid(source.crs, t, source.width, source.height)
+    if resolution is None and target == source.crs:
+        resolution = (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
+    if resolution is not None:
+        resolution = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
+        if not all(r > 0 for r in resolution):
+            raise InputError(f"--resolution must be positive, got {resolution}")
+    try:
+        transform, width, height = calculate_default_transform(
+            source.crs, target, source.width, source.height, *_footprint(source), resolution=resolution
+        )
+    except Exception as error:  # pyproj/GDAL raise several types for impossible transforms
+        raise InputError(f"cannot express {source.path.name} in {target}: {error}") from None
+    return Grid(target, transform, int(width), int(height))
+
+
+def _aligned_offset(source: RasterSource, grid: Grid) -> tuple[int, int] | None:
+    """(row, col) of the source's first pixel on the grid when it sits on the grid already, else None."""
+    s, g = source.transform, grid.transform
+    if source.crs != grid.crs or s.b != 0 or s.d != 0:
+        return None
+    if not (math.isclose(s.a, g.a, rel_tol=1e-9) and math.isclose(s.e, g.e, rel_tol=1e-9)):
+        return None
+    col, row = (s.c - g.c) / g.a, (s.f - g.f) / g.e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return round(row), round(col)
+
+
+def _check_overlap(source: RasterSource, grid: Grid, what: str) -> None:
+    from rasterio.warp import transform_bounds
+
+    try:
+        left, bottom, right, top = transform_bounds(source.crs, grid.crs, *_footprint(source), densify_pts=21)
+    except Exception as error:  # pyproj/GDAL raise several types for impossible transforms
+        raise InputError(f"{what}: cannot transform {source.path.name} into the reference CRS ({error})") from None
+    g_left, g_bottom, g_right, g_top = grid.bounds
+    if not (np.isfinite([left, bottom, right, top]).all() and left < g_right and right > g_left and bottom < g_top and top > g_bottom):
+        raise InputError(
+            f"{what}: {source.path.name} does not overlap the reference grid: "
+            "check that the rasters cover the same place (or choose another --reference)"
+        )
+
+
+def _read_block(
+    block: np.ndarray, source: RasterSource, grid: Grid, resampling: str, offset: tuple[int, int] | None, block_info=None
+) -> np.ndarray:
+    """One (bands, rows, cols) block of ``source`` on ``grid``: float32, NaN where there is no data."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.windows import Window
+
+    (b0, b1), (r0, r1), (c0, c1) = block_info[None]["array-location"]
+    indexes = list(range(1, len(source.bands) + 1) if source.magnitude else source.bands)[b0:b1]
+    out = np.full((b1 - b0, r1 - r0, c1 - c0), np.nan, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NotGeoreferencedWarning for rasters whose CRS we assume
+        with rasterio.open(source.dataset_name()) as src:
+            if offset is not None:
+                # already on the grid: read the overlapping window as is
+                row, col = offset
+                top, left = max(r0 - row, 0), max(c0 - col, 0)
+                bottom, right = min(r1 - row, source.height), min(c1 - col, source.width)
+                if bottom > top and right > left:
+                    data = src.read(indexes, window=Window(left, top, right - left, bottom - top), masked=True)
+                    out[:, top + row - r0 : bottom + row - r0, left + col - c0 : right + col - c0] = data.astype(
+                        np.float32
+                    ).filled(np.nan)
+                return out
+            with WarpedVRT(
+                src,
+                src_crs=source.crs,
+                crs=grid.crs,
+                transform=grid.transform,
+                width=grid.width,
+                height=grid.height,
+                resampling=Resampling[resampling],
+                nodata=np.nan,
+                dtype="float32",
+            ) as vrt:
+                vrt.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out=out)
+    return out
+
+
+def read_onto_grid(
+    source: RasterSource, grid: Grid, resampling: str = "bilinear", chunk: int = READ_CHUNK
+) -> da.Array:
+    """Lazy (bands, y, x) float32 array of ``source`` on ``grid``, NaN where it has no data."""
+    if resampling not in RESAMPLING:
+        raise InputError(f"unknown resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
+    bands = len(source.bands)
+    spatial = chunk if bands * chunk * chunk * 4 <= READ_BLOCK_BYTES else max(256, chunk // 2)
+    band_chunk = max(1, min(bands, READ_BLOCK_BYTES // (spatial * spatial * 4)))
+    template = da.empty((bands, grid.height, grid.width), dtype=np.float32, chunks=(band_chunk, spatial, spatial))
+    return da.map_blocks(
+        _read_block,
+        template,
+        source=source,
+        grid=grid,
+        resampling=resampling,
+        offset=_aligned_offset(source, grid),
+        dtype=np.float32,
+        meta=np.array((), np.float32),
+    )
+
+
+def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Label values (float, NaN = none) -> uint8 ids: remapped, 255 where none or not in 0..255."""
+    finite = np.isfinite(block)
+    values = np.where(finite, np.rint(block), -1).astype(np.int64)
+    mapped = values.copy()
+    for key, value in mapping:
+        mapped[values == key] = value
+    labels = np.full(block.shape, IGNORE, np.uint8)
+    keep = finite & (mapped >= 0) & (mapped <= IGNORE)
+    labels[keep] = mapped[keep]
+    return labels
+
+
+def ingest_rasters(
+    modalities: Mapping[str, str | os.PathLike],
+    labels: str | os.PathLike | None = None,
+    *,
+    reference: str | None = None,
+    crs: str | None = None,
+    resolution: float | tuple[float, float] | None = None,
+    resampling: str = "bilinear",
+    label_map: Mapping[int, int] | str | None = None,
+    class_names: list[str] | None = None,
+    complex_mode: str | None = None,
+    chunk: int = READ_CHUNK,
+) -> xr.Dataset:
+    """Lazy scene Dataset of rasters on one grid, ready for :func:`tilefuse.scene.write_scene`.
+
+    ``modalities`` maps names to ``PATH[:BANDS]`` (bands 1-based, e.g.
+    ``"s2.tif:2,3,4"``). The grid is the ``reference`` modality's (default the
+    first), moved to ``crs`` and/or ``resolution`` if given; ``crs`` is also
+    assumed for rasters that have none. Modalities are resampled with
+    ``resampling``, labels with nearest, then remapped by ``label_map``
+    (``{-1: 255}`` or ``"-1:255"``); label values outside 0..255 become 255.
+    ``complex_mode="magnitude"`` reads complex rasters as their magnitude.
+    """
+    if not modalities:
+        raise InputError("no modality given: pass at least one --modality NAME=PATH")
+    if complex_mode is not None and complex_mode not in COMPLEX_MODES:
+        raise InputError(f"unknown --complex {complex_mode!r}: the only choice is 'magnitude'")
+    if resampling not in RESAMPLING:
+        raise InputError(f"unknown --resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
+    mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
+    sources = {
+        name: open_source(spec, what=f"modality {name!r}", assume_crs=crs, complex_mode=complex_mode)
+        for name, spec in modalities.items()
+    }
+    reference = reference or next(iter(sources))
+    if reference not in sources:
+        raise InputError(f"--reference {reference!r} is not a modality (have {', '.join(sources)})")
+    grid = reference_grid(sources[reference], crs, resolution)
+    label_source = None
+    if labels is not None:
+        label_source = open_source(labels, what="labels", assume_crs=crs)
+        if len(label_source.bands) != 1:
+            raise InputError(
+                f"labels: {label_source.path.name} has {len(label_source.bands)} bands: choose one with PATH:N"
+            )
+    for name, source in sources.items():
+        _check_overlap(source, grid, f"modality {name!r}")
+    if label_source is not None:
+        _check_overlap(label_source, grid, "labels")
+
+    data_vars: dict[str, xr.DataArray] = {}
+    valid = None
+    for name, source in sources.items():
+        data = read_onto_grid(source, grid, resampling, chunk)
+        present = da.isfinite(data).all(axis=0)
+        valid = present if valid is None else valid & present
+        data_vars[name] = xr.DataArray(
+            data,
+            dims=(band_dim(name), "y", "x"),
+            coords={band_dim(name): np.array(source.band_names, dtype=object)},
+            attrs={"source": str(source.path), "source_bands": list(source.bands)},
+        )
+    data_vars["valid"] = xr.DataArray(valid, dims=("y", "x"))
+    if label_source is not None:
+        values = read_onto_grid(label_source, grid, "nearest", chunk)[0]
+        label = values.map_blocks(_to_labels, mapping=tuple(sorted(mapping.items())), dtype=np.uint8)
+        names = class_names or label_source.class_names
+        attrs = {"source": str(label_source.path), **({"class_names": list(names)} if names else {})}
+        data_vars["label"] = xr.DataArray(label, dims=("y", "x"), attrs=attrs)
+    ds = xr.Dataset(data_vars, coords=grid.coords(), attrs={"reference": reference})
+    return ds.rio.write_crs(grid.crs).rio.write_transform(grid.transform)

@@ -1,0 +1,165 @@
+"""Quicklook PNGs of scenes and label/prediction maps (matplotlib, Agg).
+
+Pictures are drawn from a decimated read (every n-th pixel, at most
+``max_size`` px per side), so a scene of any size costs one streaming pass
+over the chunks and a small picture's worth of memory.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import xarray as xr
+
+from tilefuse.scene import IGNORE, band_dim, modalities, open_scene
+
+MAX_SIZE = 1500
+_TABLE = (  # distinct colours for the first classes (tab10, then tab20's light tones)
+    (31, 119, 180), (44, 160, 44), (255, 127, 14), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (152, 223, 138), (255, 187, 120), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+)  # fmt: skip
+_RGB_NAMES = (("red", "green", "blue"), ("b4", "b3", "b2"), ("r", "g", "b"))
+
+
+def class_colors(n: int) -> list[tuple[int, int, int]]:
+    """A fixed colour (r, g, b in 0..255) per class id 0..n-1; the same ids get the same colours everywhere."""
+    colors = list(_TABLE[:n])
+    for i in range(len(colors), n):  # beyond the table: golden-ratio hues, alternating lightness
+        r, g, b = colorsys.hls_to_rgb((i * 0.618033988749895) % 1.0, 0.45 if i % 2 else 0.65, 0.75)
+        colors.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colors
+
+
+def decimate(obj: xr.DataArray | xr.Dataset, max_size: int = MAX_SIZE) -> xr.DataArray | xr.Dataset:
+    """Every n-th pixel along ``y`` and ``x`` so that neither side exceeds ``max_size`` (lazy)."""
+    step = max(1, -(-max(obj.sizes["y"], obj.sizes["x"]) // max_size))
+    return obj.isel(y=slice(None, None, step), x=slice(None, None, step))
+
+
+def stretch(bands: np.ndarray, valid: np.ndarray | None = None, percentiles: tuple[float, float] = (2, 98)) -> np.ndarray:
+    """(C, H, W) -> (H, W, C) floats in [0, 1], each band stretched between percentiles of its valid pixels."""
+    out = np.zeros(bands.shape[1:] + bands.shape[:1], np.float32)
+    for i, band in enumerate(bands.astype(np.float64)):
+        ok = np.isfinite(band) & (valid if valid is not None else True)
+        if not ok.any():
+            continue
+        low, high = np.percentile(band[ok], percentiles)
+        out[..., i] = np.clip((band - low) / (high - low if high > low else 1.0), 0, 1)
+    return np.nan_to_num(out)
+
+
+def _default_bands(names: Sequence[str]) -> list[int]:
+    lower = [str(n).lower() for n in names]
+    for rgb in _RGB_NAMES:
+        if all(c in lower for c in rgb):
+            return [lower.index(c) for c in rgb]
+    return list(range(min(3, len(names))))
+
+
+def _composite(var: xr.DataArray, bands: Sequence[int | str] | None, valid: np.ndarray) -> tuple[np.ndarray, str]:
+    dim = var.dims[0]
+    names = [str(n) for n in var[dim].values] if dim in var.coords else [str(i) for i in range(var.shape[0])]
+    chosen = [names.index(b) if isinstance(b, str) else int(b) for b in bands] if bands else _default_bands(names)
+    data = var.isel({dim: chosen}).values.astype(np.float32)
+    if len(chosen) == 2:  # e.g. SAR VV, VH: show the difference as the third channel
+        data = np.stack([data[0], data[1], data[0] - data[1]])
+    rgb = stretch(data, valid)
+    if len(chosen) == 1:
+        rgb = np.repeat(rgb, 3, axis=-1)
+    rgb[~valid] = 0.0
+    return rgb, ", ".join(names[i] for i in chosen)
+
+
+def _draw_labels(ax, labels: np.ndarray, class_names: Sequence[str]) -> None:
+    from matplotlib.patches import Patch
+
+    ids = labels[labels != IGNORE]
+    n = max(len(class_names), int(ids.max()) + 1 if ids.size else 0)
+    table = np.zeros((256, 4), np.float32)  # ignore (255) and unknown ids stay transparent
+    table[:n, :3] = np.asarray(class_colors(n), np.float32) / 255
+    table[:n, 3] = 1.0
+    ax.imshow(table[labels.astype(np.uint8)], interpolation="nearest")
+    present = set(np.unique(labels).tolist())
+    handles = [
+        Patch(color=table[i, :3], label=class_names[i] if i < len(class_names) else f"class_{i}")
+        for i in range(n)
+        if i in present
+    ]
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _figure(panels: int, shape: tuple[int, int]):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    height, width = shape
+    scale = 6.0 / max(height, width)
+    return Figure(figsize=(panels * (width * scale + 1.6), height * scale + 0.6))
+
+
+def quicklook_labels(
+    labels: xr.DataArray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    max_size: int = MAX_SIZE,
+) -> Path:
+    """PNG of a label or prediction map (y, x; 255 = none) with a class legend."""
+    small = decimate(labels, max_size).values
+    fig = _figure(1, small.shape)
+    ax = fig.add_subplot(1, 1, 1)
+    _draw_labels(ax, small, class_names)
+    ax.set_axis_off()
+    ax.set_title(title or "labels", fontsize=10)
+    return _save(fig, path)
+
+
+def quicklook_scene(
+    scene: xr.Dataset | str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    modality: str | None = None,
+    bands: Sequence[int | str] | None = None,
+    max_size: int = MAX_SIZE,
+) -> Path:
+    """PNG of a scene: a percentile-stretched composite of ``bands`` of ``modality``, and the label map if any.
+
+    ``scene`` is a Dataset or a store path. Defaults: the first modality with
+    three bands or more (else the first), its red/green/blue bands where named
+    so, else its first three (two bands: b1, b2, b1-b2; one band: grey).
+    """
+    ds = scene if isinstance(scene, xr.Dataset) else open_scene(scene)
+    names = modalities(ds)
+    if modality is None:
+        modality = next((n for n in names if ds[n].sizes[band_dim(n)] >= 3), names[0])
+    small = decimate(ds[[modality, "valid", *(["label"] if "label" in ds else [])]], max_size).compute()
+    valid = small["valid"].values.astype(bool)
+    rgb, shown = _composite(small[modality], bands, valid)
+    has_labels = "label" in small
+    fig = _figure(2 if has_labels else 1, valid.shape)
+    ax = fig.add_subplot(1, 2 if has_labels else 1, 1)
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{modality} ({shown})", fontsize=10)
+    if has_labels:
+        ax = fig.add_subplot(1, 2, 2)
+        _draw_labels(ax, small["label"].values, small["label"].attrs.get("class_names", []))
+        ax.set_axis_off()
+        ax.set_title("label", fontsize=10)
+    return _save(fig, path)
