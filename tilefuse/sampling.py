@@ -36,7 +36,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 
@@ -319,8 +319,21 @@ def grid_origins(n: int, tile: int, margin: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------- samplers
 
 
-def _open_readers(paths: Sequence[str | os.PathLike]) -> list[SceneReader]:
-    return [SceneReader(p) for p in paths]
+Store = Union[str, os.PathLike, SceneReader]
+"""A scene store path, or any object with SceneReader's ``path``, ``shape``, ``chunk``, ``has`` and ``read``."""
+
+
+def _open_readers(stores: Sequence) -> list[SceneReader]:
+    return [s if hasattr(s, "read") else SceneReader(s) for s in stores]
+
+
+def _touches(split: SpatialSplit | None, subset: str, store: int, y0: int, y1: int, x0: int, x1: int) -> bool:
+    """Whether rows ``y0:y1``, columns ``x0:x1`` of a store hold any block of ``subset`` (no I/O)."""
+    if split is None:
+        return True
+    code = SUBSETS.index(subset)
+    blocks = split.assignment[store][y0 // split.block : -(-y1 // split.block), x0 // split.block : -(-x1 // split.block)]
+    return bool((blocks == code).any())
 
 
 def _masked_label(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -352,7 +365,7 @@ class RandomPatchSampler:
 
     def __init__(
         self,
-        stores: Sequence[str | os.PathLike],
+        stores: Sequence[Store],
         modalities: Sequence[str],
         patch: int,
         *,
@@ -367,7 +380,8 @@ class RandomPatchSampler:
         seed: int = 0,
         threads: int = 4,
     ) -> None:
-        self.paths = [Path(p) for p in stores]
+        self.readers = _open_readers(stores)
+        self.paths = [r.path for r in self.readers]
         self.modalities = list(modalities)
         self.patch, self.margin = int(patch), int(margin)
         self.split, self.subset = split, subset
@@ -376,7 +390,6 @@ class RandomPatchSampler:
         self.seed = int(seed)
         if self.patch <= 2 * self.margin:
             raise InputError(f"patch size {patch} leaves no output for a model with margin {margin}: pass a larger --patch-size")
-        self.readers = _open_readers(self.paths)
         self.windows_px = [aligned_window(window, min(r.chunk)) for r in self.readers]
         self.table = self._index(threads)
         self.weights = self._window_weights()
@@ -401,6 +414,8 @@ class RandomPatchSampler:
 
     def _count(self, extent: tuple[int, int, int, int, int]) -> np.ndarray:
         store, oy0, oy1, ox0, ox1 = extent
+        if not _touches(self.split, self.subset, store, oy0, oy1 + self.patch - 1, ox0, ox1 + self.patch - 1):
+            return np.zeros(256, dtype=np.int64)
         arrays = self.readers[store].read(oy0, oy1 + self.patch - 1, ox0, ox1 + self.patch - 1, ["valid", "label"])
         ok = self._eligible(store, oy0, oy1, ox0, ox1, arrays)
         classes = centre_classes(arrays["valid"], arrays["label"], self.patch)[ok]
@@ -524,7 +539,7 @@ class LabelledPixelSampler:
 
     def __init__(
         self,
-        stores: Sequence[str | os.PathLike],
+        stores: Sequence[Store],
         modalities: Sequence[str],
         patch: int,
         per_class: int,
@@ -541,13 +556,13 @@ class LabelledPixelSampler:
             raise InputError(f"the pixel neighbourhood must be an odd number of pixels, got {patch}")
         if per_class < 1:
             raise InputError(f"pixels per class must be >= 1, got {per_class}")
-        self.paths = [Path(p) for p in stores]
+        self.readers = _open_readers(stores)
+        self.paths = [r.path for r in self.readers]
         self.modalities = list(modalities)
         self.patch, self.margin, self.per_class = int(patch), int(patch) // 2, int(per_class)
         self.split, self.subset = split, subset
         self.class_names = list(class_names)
         self.seed = int(seed)
-        self.readers = _open_readers(self.paths)
         self.windows_px = [aligned_window(window, min(r.chunk)) for r in self.readers]
         self.pixels = self._select(allow_fewer, threads)
         self._cache: tuple[dict[str, np.ndarray], np.ndarray] | None = None
@@ -586,6 +601,9 @@ class LabelledPixelSampler:
         return ok, label
 
     def _count(self, extent) -> np.ndarray:
+        store, y0, y1, x0, x1 = extent
+        if not _touches(self.split, self.subset, store, y0, y1, x0, x1):
+            return np.zeros(256, dtype=np.int64)
         ok, label = self._eligible(extent)
         return np.bincount(label[ok], minlength=256)
 
@@ -704,7 +722,7 @@ class GridPatchSampler:
 
     def __init__(
         self,
-        stores: Sequence[str | os.PathLike],
+        stores: Sequence[Store],
         modalities: Sequence[str],
         tile: int,
         *,
@@ -713,11 +731,11 @@ class GridPatchSampler:
         subset: str = "val",
         window: int = DEFAULT_WINDOW,
     ) -> None:
-        self.paths = [Path(p) for p in stores]
+        self.readers = _open_readers(stores)
+        self.paths = [r.path for r in self.readers]
         self.modalities = list(modalities)
         self.tile, self.margin = int(tile), int(margin)
         self.split, self.subset = split, subset
-        self.readers = _open_readers(self.paths)
         self.windows_px = [aligned_window(window, min(r.chunk)) for r in self.readers]
 
     def _windows(self) -> list[tuple[int, list[tuple[int, int]], list[tuple[int, int]]]]:
@@ -730,7 +748,7 @@ class GridPatchSampler:
                 for x0, x1 in window_blocks(w, window):
                     r = [o for o in rows if y0 <= o[0] < y1]
                     c = [o for o in cols if x0 <= o[0] < x1]
-                    if r and c:
+                    if r and c and _touches(self.split, self.subset, store, r[0][0], r[-1][0] + self.tile, c[0][0], c[-1][0] + self.tile):
                         out.append((store, r, c))
         return out
 
