@@ -16,6 +16,7 @@ from tilefuse.errors import InputError
 
 # command name -> "module:function"; the function carries typer annotations.
 COMMANDS: dict[str, str] = {
+    "demo": "tilefuse.pipelines.demo:demo_command",
     "predict": "tilefuse.pipelines.predict:predict_command",
     "export": "tilefuse.pipelines.export:export_command",
     "models": "tilefuse.pipelines.models:models",
