@@ -1,0 +1,99 @@
+"""One resident model per worker: a ``distributed.WorkerPlugin`` and the lookup tasks use.
+
+Tasks carry a :class:`ModelSource` (a checkpoint path, its hash and device
+options: a few hundred bytes), never a model. The plugin loads the checkpoint
+once when a worker starts (and again on a restarted worker); :func:`get_runner`
+returns that worker's runner, loading it on first use where no plugin ran
+(the in-process ``sync`` mode).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from distributed import WorkerPlugin
+
+_RUNNERS: dict[str, Any] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a worker gets its model: a checkpoint directory (on storage every worker can read)."""
+
+    checkpoint: str
+    checkpoint_hash: str
+    model: str
+    """Registered model name in the checkpoint's config."""
+    device: str | None = None
+    """torch device; None: the worker's GPU where it has one, else the CPU."""
+    precision: str = "fp32"
+    """fp32, or bf16/fp16 autocast."""
+    torch_threads: int | None = None
+    """torch intra-op threads per worker; None leaves torch's default."""
+    builder: Callable[..., Any] | None = field(default=None, compare=False)
+    """The model's builder, shipped so workers can build models registered only in the client
+    process (a notebook, a test module); pickled by reference where importable."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.checkpoint_hash[:16]}-{self.device or 'auto'}-{self.precision}"
+
+
+def load_runner(source: ModelSource):
+    """This process's :class:`tilefuse.inference.TileRunner` for ``source``, loading the checkpoint once."""
+    with _LOCK:
+        runner = _RUNNERS.get(source.key)
+        if runner is not None:
+            return runner
+        import torch
+
+        from tilefuse.checkpoint import load_checkpoint
+        from tilefuse.inference import TileRunner
+        from tilefuse.tile_model import available_models, register_model
+
+        if source.builder is not None and source.model not in available_models():
+            register_model(source.model)(source.builder)
+        if source.torch_threads:
+            torch.set_num_threads(source.torch_threads)
+        device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, _ = load_checkpoint(source.checkpoint, device=device)
+        runner = TileRunner(model, device=device, precision=source.precision)
+        _RUNNERS[source.key] = runner
+        return runner
+
+
+def release_runner(source: ModelSource) -> None:
+    """Drop this process's runner for ``source`` (frees its memory)."""
+    with _LOCK:
+        _RUNNERS.pop(source.key, None)
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads a checkpoint once per worker, onto that worker's device.
+
+    ``workers_per_host`` (host -> worker count) sets torch threads to an even
+    share of each host's cores when ``source.torch_threads`` is not given.
+    """
+
+    def __init__(self, source: ModelSource, workers_per_host: Mapping[str, int] | None = None) -> None:
+        self.source = source
+        self.workers_per_host = dict(workers_per_host or {})
+        self.name = f"tilefuse-model-{source.key}"
+
+    def setup(self, worker) -> None:
+        source = self.source
+        if source.torch_threads is None and self.workers_per_host:
+            host = worker.address.split("://")[-1].rsplit(":", 1)[0]
+            share = self.workers_per_host.get(host)
+            if share:
+                from dataclasses import replace
+
+                source = replace(source, torch_threads=max(1, (os.cpu_count() or 1) // share))
+        load_runner(source)
+
+    def teardown(self, worker) -> None:
+        release_runner(self.source)

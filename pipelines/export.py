@@ -1,0 +1,154 @@
+"""``tilefuse export``: a prediction store's labels as a Cloud Optimized GeoTIFF (plus a quicklook PNG helper).
+
+The labels are streamed band of chunks by band of chunks into a tiled GeoTIFF
+beside the output, which GDAL's COG driver then lays out with nearest-neighbour
+overviews; the result is renamed into place, so no reader sees a half-written
+file. Pixel values are class ids, 255 is nodata, and the file carries a colour
+table and the class names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from tilefuse.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import xarray as xr
+
+NODATA = 255
+
+
+def class_colors(num_classes: int) -> "np.ndarray":
+    """``(num_classes, 3)`` uint8 RGB colours, one per class id (matplotlib's tab20, then evenly spaced hues)."""
+    import matplotlib
+    import numpy as np
+
+    if num_classes <= 20:
+        colours = matplotlib.colormaps["tab20"](np.arange(num_classes))
+    else:
+        colours = matplotlib.colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False))
+    return (colours[:, :3] * 255).round().astype(np.uint8)
+
+
+def _overview_count(height: int, width: int, smallest: int = 128) -> int:
+    """Halvings until the image fits in ``smallest`` px (at least one level, so small files have overviews too)."""
+    return max(1, math.ceil(math.log2(max(height, width) / smallest)))
+
+
+def export(
+    prediction: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    blocksize: int = 512,
+    progress: bool = True,
+) -> Path:
+    """Write the ``labels`` of a prediction store to ``out`` as a Cloud Optimized GeoTIFF; returns ``out``."""
+    import numpy as np
+    import rasterio
+    import rasterio.shutil
+    from rasterio.windows import Window
+    from tqdm.auto import tqdm
+
+    from tilefuse.prediction import open_prediction
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists: pass --overwrite to replace it")
+    if blocksize < 16 or blocksize % 16:
+        raise InputError(f"--blocksize must be a multiple of 16, got {blocksize}")
+    ds = open_prediction(prediction)
+    labels = ds["labels"]
+    height, width = labels.shape
+    class_names = list(labels.attrs.get("class_names") or ds.attrs.get("class_names", []))
+    colours = class_colors(max(1, len(class_names)))
+    colormap = {k: (*map(int, rgb), 255) for k, rgb in enumerate(colours)}
+    colormap[NODATA] = (0, 0, 0, 0)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        staging = tmp / "labels.tif"
+        profile = {
+            "driver": "GTiff",
+            "height": height,
+            "width": width,
+            "count": 1,
+            "dtype": "uint8",
+            "crs": ds.rio.crs,
+            "transform": ds.rio.transform(),
+            "nodata": NODATA,
+            "tiled": True,
+            "blockxsize": blocksize,
+            "blockysize": blocksize,
+            "compress": "deflate",
+            "BIGTIFF": "IF_SAFER",
+        }
+        rows = labels.encoding.get("preferred_chunks", {}).get("y") or labels.data.chunksize[0]
+        with rasterio.open(staging, "w", **profile) as dst:
+            dst.write_colormap(1, colormap)
+            dst.update_tags(class_names=json.dumps(class_names), **{f"class_{k}": n for k, n in enumerate(class_names)})
+            dst.set_band_description(1, "class id (255 = nodata)")
+            for start in tqdm(range(0, height, rows), unit="band", desc="export", disable=not progress):
+                stop = min(start + rows, height)
+                data = np.asarray(labels[start:stop].values, dtype=np.uint8)
+                dst.write(data, 1, window=Window(0, start, width, stop - start))
+        cog = tmp / "labels.cog.tif"
+        rasterio.shutil.copy(
+            staging,
+            cog,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            BLOCKSIZE=blocksize,
+            RESAMPLING="NEAREST",
+            OVERVIEW_COUNT=_overview_count(height, width),
+            BIGTIFF="IF_SAFER",
+        )
+        os.replace(cog, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"tilefuse: wrote {out} ({height} x {width} px, {len(class_names)} classes)", file=sys.stderr)
+    return out
+
+
+def write_quicklook(prediction: "xr.Dataset", path: str | os.PathLike, max_size: int = 1024) -> Path:
+    """A PNG of a prediction's labels in the class colours, nodata transparent, at most ``max_size`` px a side."""
+    import matplotlib.image
+    import numpy as np
+
+    labels = prediction["labels"]
+    step = max(1, -(-max(labels.shape) // max_size))
+    data = np.asarray(labels[::step, ::step].values)
+    class_names = labels.attrs.get("class_names") or prediction.attrs.get("class_names", [])
+    palette = np.zeros((256, 4), np.uint8)
+    palette[: max(1, len(class_names)), :3] = class_colors(max(1, len(class_names)))
+    palette[: max(1, len(class_names)), 3] = 255
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix or '.png'}"
+    matplotlib.image.imsave(tmp, palette[data], format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def export_command(
+    prediction: Annotated[Path, typer.Argument(help="Prediction store (from `tilefuse predict`).")],
+    out: Annotated[Path, typer.Argument(help="Cloud Optimized GeoTIFF to write.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
+    blocksize: Annotated[int, typer.Option(help="Internal tile edge of the GeoTIFF in px.")] = 512,
+) -> None:
+    """Export predicted labels as a Cloud Optimized GeoTIFF: colour table, class names, nodata 255, overviews."""
+    export(prediction, out, overwrite=overwrite, blocksize=blocksize)

@@ -1,0 +1,140 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from predict_fixtures import CALLS, reset_calls, save_pointwise, write_test_scene
+
+import tilefuse
+from tilefuse.blending import WINDOWS
+from tilefuse.checkpoint import load_checkpoint
+from tilefuse.cli import main
+from tilefuse.errors import InputError
+from tilefuse.grid import TileGrid
+from tilefuse.inference import combine
+from tilefuse.scene import band_stats, normalise, open_scene
+
+
+def whole_image_probs(checkpoint, scene_path, stats=None) -> np.ndarray:
+    """Softmax of the model run once over the whole scene (reflection-padded by its margin)."""
+    model, config = load_checkpoint(checkpoint)
+    ds = open_scene(scene_path)
+    m = model.spec.margin
+    inputs = {}
+    for name in config.modalities:
+        mean, std = stats[name] if stats else band_stats(ds, name)
+        data = normalise(ds[name].values, np.asarray(mean, np.float32), np.asarray(std, np.float32))
+        data = np.pad(data, ((0, 0), (m, m), (m, m)), mode="reflect")
+        inputs[name] = torch.from_numpy(data)[None]
+    with torch.inference_mode():
+        return torch.softmax(model(inputs), dim=1)[0].numpy()
+
+
+def _predict(tmp_path, checkpoint, scene, name, **kwargs):
+    kwargs = {"tile": 32, "overlap": 8, "block_size": 64, "probs": "float32", "progress": False, **kwargs}
+    return tilefuse.predict(checkpoint, scene, tmp_path / f"{name}.zarr", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pointwise(tmp_path_factory):
+    return save_pointwise(tmp_path_factory.mktemp("ckpt") / "pointwise")
+
+
+@pytest.mark.parametrize("blend", WINDOWS)
+@pytest.mark.parametrize("size", [(97, 131), (20, 17)])
+def test_tiled_probabilities_equal_whole_image_inference(tmp_path, pointwise, blend, size):
+    scene = write_test_scene(tmp_path / "scene.zarr", *size, seed=sum(size))
+    pred = _predict(tmp_path, pointwise, scene, "pred", blend=blend, overlap=12)
+    reference = whole_image_probs(pointwise, scene)
+    np.testing.assert_allclose(pred["probs"].values, reference, atol=1e-6, rtol=0)
+    top2 = np.sort(reference, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-5
+    assert np.array_equal(pred["labels"].values[clear], reference.argmax(0)[clear])
+
+
+def test_margin_model_without_blending_equals_whole_image(tmp_path):
+    checkpoint = save_pointwise(tmp_path / "ctx", seed=3, margin=3, blend=False)
+    scene = write_test_scene(tmp_path / "scene.zarr", 75, 53, seed=7)
+    pred = _predict(tmp_path, checkpoint, scene, "pred", tile=16, overlap=None, block_size=32)
+    assert pred.attrs["blend"] == "none" and pred.attrs["overlap"] == 0
+    np.testing.assert_allclose(pred["probs"].values, whole_image_probs(checkpoint, scene), atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="does not blend"):
+        _predict(tmp_path, checkpoint, scene, "bad", tile=16, overlap=4)
+
+
+def test_checkpoint_band_stats_take_precedence(tmp_path):
+    stats = {"optical": ([9.0, 11.0, 10.0], [2.0, 4.0, 3.0]), "sar": ([0.5, -0.5], [1.0, 2.0])}
+    band_stats_config = {name: {"mean": list(mean), "std": list(std)} for name, (mean, std) in stats.items()}
+    checkpoint = save_pointwise(tmp_path / "stats", seed=1, band_stats=band_stats_config)
+    scene = write_test_scene(tmp_path / "scene.zarr", 40, 50, seed=2)
+    pred = _predict(tmp_path, checkpoint, scene, "pred")
+    np.testing.assert_allclose(pred["probs"].values, whole_image_probs(checkpoint, scene, stats), atol=1e-6, rtol=0)
+    store_stats = whole_image_probs(checkpoint, scene)
+    assert np.abs(pred["probs"].values - store_stats).max() > 1e-3
+
+
+def test_output_is_bitwise_identical_across_block_and_batch_sizes(tmp_path, pointwise):
+    scene = write_test_scene(tmp_path / "scene.zarr", 150, 130, seed=5, nodata=(slice(100, 150), slice(0, 40)))
+    runs = {}
+    for block, batch, probs in [(32, 2, "float32"), (64, 3, "float32"), (256, 5, "float32"), (32, 3, "uint8"), (128, 2, "uint8")]:
+        pred = _predict(
+            tmp_path, pointwise, scene, f"{block}-{batch}-{probs}", overlap=10, block_size=block, batch_size=batch, probs=probs
+        )
+        runs[block, batch, probs] = (pred["labels"].values, pred["probs"].values)
+    first = {}
+    for (block, batch, probs), (labels, probabilities) in runs.items():
+        reference = first.setdefault(probs, (labels, probabilities))
+        assert np.array_equal(labels, reference[0]), (block, batch, probs)
+        assert np.array_equal(probabilities, reference[1]), (block, batch, probs)
+    np.testing.assert_allclose(first["uint8"][1] / 255, first["float32"][1], atol=0.5 / 255 + 1e-6)
+    assert np.array_equal(first["uint8"][0], first["float32"][0])
+
+
+def test_nodata_tiles_are_skipped_and_written_255(tmp_path, pointwise):
+    h, w = 130, 120
+    nodata = (slice(0, 100), slice(0, 120))
+    scene = write_test_scene(tmp_path / "scene.zarr", h, w, seed=4, nodata=nodata)
+    reset_calls()
+    pred = _predict(tmp_path, pointwise, scene, "pred", tile=32, overlap=8, block_size=64, batch_size=2)
+    valid = open_scene(scene)["valid"].values
+    grid = TileGrid(h, w, 32, 8)
+    expected = sum(
+        valid[r : r + 32, c : c + 32].any() for r, c in itertools.product(grid.row_origins, grid.col_origins)
+    )
+    assert 0 < expected < grid.num_tiles
+    assert CALLS["tiles"] == expected, "every tile with a valid pixel runs once, the others never"
+    labels = pred["labels"].values
+    assert np.all(labels[~valid] == 255) and np.all(labels[valid] < 4)
+    assert np.all(pred["probs"].values[:, ~valid] == 0)
+
+
+def test_output_grid_and_crs_equal_the_scene(tmp_path, pointwise):
+    scene_path = write_test_scene(tmp_path / "scene.zarr", 70, 90)
+    pred = _predict(tmp_path, pointwise, scene_path, "pred")
+    scene = open_scene(scene_path)
+    assert pred.rio.crs == scene.rio.crs and pred.rio.crs.to_epsg() == 32632
+    assert pred.rio.transform() == scene.rio.transform()
+    assert np.array_equal(pred["x"].values, scene["x"].values) and np.array_equal(pred["y"].values, scene["y"].values)
+    assert pred.attrs["tilefuse_store"] == "prediction" and pred.attrs["complete"] is True
+    assert pred["labels"].attrs["class_names"] == ["water", "trees", "crops", "built"]
+
+
+def test_corrupt_chunk_is_named(tmp_path, pointwise):
+    scene = write_test_scene(tmp_path / "scene.zarr", 150, 150, chunk=64)
+    chunk = scene / "optical" / "c" / "0" / "1" / "2"
+    assert chunk.is_file()
+    chunk.write_bytes(b"not a blosc frame" * 10)
+    with pytest.raises(InputError, match=r"chunk \(0, 1, 2\) of 'optical' is unreadable"):
+        _predict(tmp_path, pointwise, scene, "pred")
+    args = ["predict", "--checkpoint", str(pointwise), "--store", str(scene), "--out", str(tmp_path / "cli.zarr")]
+    assert main([*args, "--tile", "32", "--block-size", "64"]) == 2
+
+
+def test_combine_adds_neighbour_strips_into_the_corner():
+    own = np.ones((2, 4, 5), np.int64)
+    up = np.full((2, 2, 5), 10, np.int64)
+    left = np.full((2, 4, 3), 100, np.int64)
+    total = combine((2, 4, 5), [own, up, left, None])
+    assert total[0, 0, 0] == 111 and total[0, 3, 0] == 101 and total[0, 0, 4] == 11 and total[0, 3, 4] == 1
+    assert combine((2, 4, 5), [None, None, None, None]) is None
+

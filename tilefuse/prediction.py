@@ -1,0 +1,220 @@
+"""Prediction stores: the zarr v3 layout ``tilefuse predict`` writes and everything downstream reads.
+
+A prediction store has the grid, CRS and ``spatial_ref`` of its scene and holds
+
+- ``labels (y, x) uint8``: the predicted class, 255 (:data:`tilefuse.scene.IGNORE`)
+  where the scene has no valid data; ``class_names`` in its attrs;
+- optionally ``probs (class, y, x)``: class probabilities, uint8-quantised
+  (``round(255 p)``), float16 or float32;
+- ``block_done (block_y, block_x) uint8``: the completion manifest, 1 for every
+  output block whose region has been written (one tiny chunk per block, so
+  blocks mark themselves done without racing each other);
+- attrs: ``tilefuse_store = "prediction"``, the model name, checkpoint hash,
+  tile/overlap/blend/block settings, software version, and ``complete``, set
+  last, once every block is done.
+
+The store is created empty (labels read as 255) under a temporary name and
+renamed into place; blocks are then written in place, each as whole chunks or
+shards, and marked done after their data. A reader can therefore always tell a
+complete store from a partial one, and ``--resume`` recomputes only the blocks
+not marked done.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from tilefuse.errors import InputError
+from tilefuse.grid import Block, TileGrid
+from tilefuse.scene import CHUNK, IGNORE, STORE_KIND, _replace, compressor, open_store
+
+MANIFEST = "block_done"
+PROBS_DTYPES = ("uint8", "float16", "float32")
+SETTINGS = ("model", "checkpoint_hash", "tile", "overlap", "margin", "blend", "block_size", "probs", "height", "width")
+"""Attrs that must match for ``--resume`` to continue a store."""
+
+
+def store_chunk(block: int) -> int:
+    """Spatial chunk edge of a prediction store written in blocks of ``block`` px.
+
+    :data:`tilefuse.scene.CHUNK` when it divides the block (blocks are then whole
+    shards), else the block itself, so every block write covers whole chunks.
+    """
+    return CHUNK if block % CHUNK == 0 else block
+
+
+def _encoding(shape: tuple[int, ...], block: int, fill: Any) -> dict:
+    chunk = store_chunk(block)
+    spatial = shape[-2:]
+    lead = (1,) * (len(shape) - 2)
+    enc: dict = {"chunks": (*lead, chunk, chunk), "compressors": [compressor()], "fill_value": fill}
+    if block > chunk:
+        edges = tuple(min(block, -(-n // chunk) * chunk) for n in spatial)
+        enc["shards"] = (*shape[:-2], *edges)
+    return enc
+
+
+def create_prediction(
+    path: str | os.PathLike,
+    scene: xr.Dataset,
+    grid: TileGrid,
+    *,
+    class_names: list[str],
+    attrs: dict[str, Any],
+    probs: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Create an empty prediction store for ``scene`` (labels all 255), atomically.
+
+    ``attrs`` must hold every key of :data:`SETTINGS` but the grid ones, which
+    come from ``grid``. An existing ``path`` is replaced only with ``overwrite``
+    and only if it is a prediction store.
+    """
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise InputError(f"{path} already exists: pass --overwrite to replace it or --resume to finish it")
+        if _store_kind(path) != "prediction":
+            raise InputError(f"refusing to overwrite {path}: it is not a prediction store; choose another --out")
+    if probs is not None and probs not in PROBS_DTYPES:
+        raise InputError(f"probs dtype {probs!r} is not one of {', '.join(PROBS_DTYPES)}")
+    height, width = grid.height, grid.width
+    if (scene.sizes["y"], scene.sizes["x"]) != (height, width):
+        raise ValueError("grid and scene sizes differ")
+    num_classes = len(class_names)
+    coords = {name: scene[name] for name in ("y", "x", "spatial_ref") if name in scene.coords}
+    ds = xr.Dataset(coords=coords)
+    ds["labels"] = (("y", "x"), da.full((height, width), IGNORE, dtype=np.uint8, chunks=grid.block))
+    ds["labels"].attrs.update(class_names=list(class_names), nodata=IGNORE, grid_mapping="spatial_ref")
+    encoding = {"labels": _encoding((height, width), grid.block, IGNORE)}
+    if probs is not None:
+        shape = (num_classes, height, width)
+        ds["probs"] = (("class", "y", "x"), da.zeros(shape, dtype=probs, chunks=(num_classes, grid.block, grid.block)))
+        ds["probs"].attrs.update(
+            class_names=list(class_names),
+            grid_mapping="spatial_ref",
+            scale=1 / 255 if probs == "uint8" else 1.0,
+            description="class probabilities" + (", quantised as round(255 p)" if probs == "uint8" else ""),
+        )
+        encoding["probs"] = _encoding(shape, grid.block, 0)
+    block_rows, block_cols = grid.shape_in_blocks
+    ds[MANIFEST] = (("block_y", "block_x"), da.zeros((block_rows, block_cols), dtype=np.uint8, chunks=1))
+    encoding[MANIFEST] = {"chunks": (1, 1), "fill_value": 0}
+    from tilefuse import __version__
+
+    ds.attrs.update(attrs)
+    ds.attrs.update(
+        {
+            STORE_KIND: "prediction",
+            "tilefuse_version": __version__,
+            "tile": grid.tile,
+            "overlap": grid.overlap,
+            "margin": grid.margin,
+            "block_size": grid.block,
+            "height": height,
+            "width": width,
+            "probs": probs or "none",
+            "class_names": list(class_names),
+            "complete": False,
+        }
+    )
+    missing = [key for key in SETTINGS if key not in ds.attrs]
+    if missing:
+        raise ValueError(f"prediction attrs lack {missing}")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        # compute=False writes metadata and coordinates only; unwritten chunks read as the fill value
+        ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=encoding, compute=False, consolidated=False)
+        _replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _store_kind(path: Path) -> str | None:
+    try:
+        return zarr.open_group(path, mode="r").attrs.get(STORE_KIND)
+    except Exception:  # anything unreadable is "not a prediction store"
+        return None
+
+
+def prediction_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The attrs of a prediction store (settings, provenance, ``complete``)."""
+    if _store_kind(Path(path)) != "prediction":
+        raise InputError(f"{path} is not a prediction store: pass a store written by `tilefuse predict`")
+    return zarr.open_group(path, mode="r").attrs.asdict()
+
+
+def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Refuse to resume a store made by another checkpoint or with other settings."""
+    found = prediction_attrs(path)
+    for key in SETTINGS:
+        if key in settings and found.get(key) != settings[key]:
+            raise InputError(
+                f"{path} was made with {key}={found.get(key)!r}, not {settings[key]!r}: "
+                "resume with the same checkpoint and settings, or pass --overwrite"
+            )
+
+
+def done_blocks(path: str | os.PathLike) -> np.ndarray:
+    """The completion manifest: a (block rows, block cols) bool array, True where a block is written."""
+    return zarr.open_group(path, mode="r")[MANIFEST][...].astype(bool)
+
+
+def pending_blocks(path: str | os.PathLike, grid: TileGrid) -> list[Block]:
+    """Blocks not yet marked done, in row-major order."""
+    done = done_blocks(path)
+    return [block for block in grid.blocks() if not done[block]]
+
+
+def write_block(
+    path: str | os.PathLike,
+    region: tuple[slice, slice],
+    block: Block,
+    labels: np.ndarray,
+    probs: np.ndarray | None = None,
+) -> None:
+    """Write one block's labels (and probs) as whole chunks, then mark the block done."""
+    group = zarr.open_group(path, mode="r+")
+    group["labels"][region] = labels
+    if probs is not None:
+        group["probs"][(slice(None), *region)] = probs
+    group[MANIFEST][block.row, block.col] = 1
+
+
+def mark_complete(path: str | os.PathLike) -> None:
+    """Set ``complete`` once every block is marked done (the last write of a run)."""
+    if not done_blocks(path).all():
+        raise RuntimeError(f"{path}: not every block is done")
+    zarr.open_group(path, mode="r+").attrs["complete"] = True
+
+
+def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.Dataset:
+    """Open a prediction store lazily as an xarray Dataset with CRS.
+
+    A partial store (a run that stopped before every block was written) is
+    refused unless ``allow_partial``, which only warns; unwritten blocks read as 255.
+    """
+    ds = open_store(path, "prediction")
+    if not ds.attrs.get("complete", False):
+        done = done_blocks(path)
+        message = (
+            f"{path} is a partial prediction ({int(done.sum())} of {done.size} blocks written): "
+            "finish it with `tilefuse predict ... --resume`"
+        )
+        if not allow_partial:
+            raise InputError(message)
+        warnings.warn(message, stacklevel=2)
+    return ds.drop_vars(MANIFEST)
