@@ -3,10 +3,12 @@
 Each modality is one raster (optionally a subset of its bands). The reference
 grid is a chosen modality's grid, or that modality's extent in another CRS
 and/or resolution. Every output chunk is read by one dask task that opens the
-raster itself and reads just that window: directly where the raster is on the
-grid already (same CRS, pixel size and an integer pixel offset), else through
-a GDAL ``WarpedVRT`` onto the grid, so the values do not depend on the chunking
-and memory is bounded by a few chunks. Modalities come out as float32 with NaN
+raster itself and reads just the window it needs: as is where the raster is
+on the grid already (same CRS, pixel size and an integer pixel offset), else
+warped onto the block by GDAL (``rasterio.warp.reproject``) with a resampling
+scale fixed for the whole raster, so values match a whole-raster warp (up to
+GDAL's transform approximation, at most 1/8 px) whatever the chunking, and
+memory stays bounded by a few blocks. Modalities come out as float32 with NaN
 where they have no data (nodata value, NaN, mask, or outside the footprint);
 labels as uint8 with 255 (ignore) there.
 
@@ -201,7 +203,7 @@ def _magnitude_vrt(source: RasterSource) -> str:
     srs = f"<SRS>{escape(source.crs.to_wkt())}</SRS>" if source.crs else ""
     bands = "".join(
         f'<VRTRasterBand dataType="Float32" band="{i}" subClass="VRTDerivedRasterBand">'
-        "<PixelFunctionType>mod</PixelFunctionType>"
+        "<PixelFunctionType>mod</PixelFunctionType><SourceTransferType>CFloat64</SourceTransferType>"
         f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(str(source.path))}</SourceFilename>'
         f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
         for i, b in enumerate(source.bands, start=1)
@@ -216,7 +218,7 @@ def _magnitude_vrt(source: RasterSource) -> str:
 def _footprint(source: RasterSource) -> tuple[float, float, float, float]:
     """(left, bottom, right, top) of a raster in its own CRS, also for rotated transforms."""
     t = source.transform
-    corners = [t * (c, r) for c in (0, source.width) for r in (0, source.height)]
+    corners = [t @ (c, r) for c in (0, source.width) for r in (0, source.height)]
     xs, ys = zip(*corners)
     return min(xs), min(ys), max(xs), max(ys)
 
@@ -252,8 +254,19 @@ def reference_grid(source: RasterSource, crs: str | None = None, resolution: flo
     return Grid(target, transform, int(width), int(height))
 
 
+@dataclass(frozen=True)
+class ReadPlan:
+    """How the blocks of one raster are read onto a grid (worked out once, used by every task)."""
+
+    offset: tuple[int, int] | None
+    """(row, col) of the raster's first pixel on the grid when it sits on the grid already; else None."""
+    scale: tuple[float, float]
+    """Grid pixels per raster pixel along x and y (GDAL's XSCALE/YSCALE), the same for every block."""
+    pad: int
+    """Raster pixels read beyond each block's footprint, for the resampling kernel."""
+
+
 def _aligned_offset(source: RasterSource, grid: Grid) -> tuple[int, int] | None:
-    """(row, col) of the source's first pixel on the grid when it sits on the grid already, else None."""
     s, g = source.transform, grid.transform
     if source.crs != grid.crs or s.b != 0 or s.d != 0:
         return None
@@ -265,6 +278,24 @@ def _aligned_offset(source: RasterSource, grid: Grid) -> tuple[int, int] | None:
     return round(row), round(col)
 
 
+def read_plan(source: RasterSource, grid: Grid) -> ReadPlan:
+    """The :class:`ReadPlan` of ``source`` on ``grid``.
+
+    GDAL works out the resampling kernel's scale per warped chunk from the
+    chunk's shape, so the same pixel would come out differently from
+    differently shaped blocks; fixing the scale from the whole raster keeps
+    each block equal to the whole-raster warp.
+    """
+    from rasterio.warp import calculate_default_transform
+
+    offset = _aligned_offset(source, grid)
+    if offset is not None:
+        return ReadPlan(offset, (1.0, 1.0), 0)
+    native, _, _ = calculate_default_transform(source.crs, grid.crs, source.width, source.height, *_footprint(source))
+    scale = (abs(native.a / grid.transform.a), abs(native.e / grid.transform.e))
+    return ReadPlan(None, scale, 3 + math.ceil(4 / min(1.0, *scale)))
+
+
 def _check_overlap(source: RasterSource, grid: Grid, what: str) -> None:
     from rasterio.warp import transform_bounds
 
@@ -273,63 +304,101 @@ def _check_overlap(source: RasterSource, grid: Grid, what: str) -> None:
     except Exception as error:  # pyproj/GDAL raise several types for impossible transforms
         raise InputError(f"{what}: cannot transform {source.path.name} into the reference CRS ({error})") from None
     g_left, g_bottom, g_right, g_top = grid.bounds
-    if not (np.isfinite([left, bottom, right, top]).all() and left < g_right and right > g_left and bottom < g_top and top > g_bottom):
+    overlaps = left < g_right and right > g_left and bottom < g_top and top > g_bottom
+    if not (np.isfinite([left, bottom, right, top]).all() and overlaps):
         raise InputError(
             f"{what}: {source.path.name} does not overlap the reference grid: "
             "check that the rasters cover the same place (or choose another --reference)"
         )
 
 
+def _source_window(source: RasterSource, grid: Grid, rows: tuple[int, int], cols: tuple[int, int], pad: int):
+    """(row0, row1, col0, col1) of the raster pixels a grid block needs, or None if it needs none."""
+    from rasterio.warp import transform
+
+    (r0, r1), (c0, c1) = rows, cols
+    edge = np.linspace(0.0, 1.0, 21)
+    ys = np.concatenate([r0 + (r1 - r0) * edge, np.full(21, r1), r0 + (r1 - r0) * edge, np.full(21, r0)])
+    xs = np.concatenate([np.full(21, c0), c0 + (c1 - c0) * edge, np.full(21, c1), c0 + (c1 - c0) * edge])
+    t = grid.transform
+    xs, ys = t.c + t.a * xs + t.b * ys, t.f + t.d * xs + t.e * ys
+    try:
+        xs, ys = transform(grid.crs, source.crs, xs, ys)
+    except Exception:  # a block outside the projection's domain: use what can be transformed
+        return None
+    inverse = ~source.transform
+    points = np.array([inverse @ (x, y) for x, y in zip(xs, ys) if np.isfinite(x) and np.isfinite(y)])
+    if points.size == 0:
+        return None
+    col0, row0 = np.floor(points.min(axis=0)).astype(int) - pad
+    col1, row1 = np.ceil(points.max(axis=0)).astype(int) + pad
+    row0, col0 = max(row0, 0), max(col0, 0)
+    row1, col1 = min(row1, source.height), min(col1, source.width)
+    if row1 <= row0 or col1 <= col0:
+        return None
+    return row0, row1, col0, col1
+
+
 def _read_block(
-    block: np.ndarray, source: RasterSource, grid: Grid, resampling: str, offset: tuple[int, int] | None, block_info=None
+    block: np.ndarray, source: RasterSource, grid: Grid, resampling: str, plan: ReadPlan, block_info=None
 ) -> np.ndarray:
     """One (bands, rows, cols) block of ``source`` on ``grid``: float32, NaN where there is no data."""
     import rasterio
     from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
+    from rasterio.warp import reproject
     from rasterio.windows import Window
 
     (b0, b1), (r0, r1), (c0, c1) = block_info[None]["array-location"]
     indexes = list(range(1, len(source.bands) + 1) if source.magnitude else source.bands)[b0:b1]
     out = np.full((b1 - b0, r1 - r0, c1 - c0), np.nan, np.float32)
+    if plan.offset is not None:  # already on the grid: read the overlapping window as is
+        row, col = plan.offset
+        window = max(r0 - row, 0), min(r1 - row, source.height), max(c0 - col, 0), min(c1 - col, source.width)
+    else:
+        window = _source_window(source, grid, (r0, r1), (c0, c1), plan.pad)
+    if window is None or window[1] <= window[0] or window[3] <= window[2]:
+        return out
+    top, bottom, left, right = window
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NotGeoreferencedWarning for rasters whose CRS we assume
         with rasterio.open(source.dataset_name()) as src:
-            if offset is not None:
-                # already on the grid: read the overlapping window as is
-                row, col = offset
-                top, left = max(r0 - row, 0), max(c0 - col, 0)
-                bottom, right = min(r1 - row, source.height), min(c1 - col, source.width)
-                if bottom > top and right > left:
-                    data = src.read(indexes, window=Window(left, top, right - left, bottom - top), masked=True)
-                    out[:, top + row - r0 : bottom + row - r0, left + col - c0 : right + col - c0] = data.astype(
-                        np.float32
-                    ).filled(np.nan)
-                return out
-            with WarpedVRT(
-                src,
-                src_crs=source.crs,
-                crs=grid.crs,
-                transform=grid.transform,
-                width=grid.width,
-                height=grid.height,
-                resampling=Resampling[resampling],
-                nodata=np.nan,
-                dtype="float32",
-            ) as vrt:
-                vrt.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out=out)
+            data = src.read(indexes, window=Window(left, top, right - left, bottom - top), masked=True)
+    data = data.astype(np.float32).filled(np.nan)
+    if plan.offset is not None:
+        row, col = plan.offset
+        out[:, top + row - r0 : bottom + row - r0, left + col - c0 : right + col - c0] = data
+        return out
+    reproject(
+        data,
+        out,
+        src_transform=source.transform @ Affine.translation(left, top),
+        src_crs=source.crs,
+        src_nodata=np.nan,
+        dst_transform=grid.transform @ Affine.translation(c0, r0),
+        dst_crs=grid.crs,
+        dst_nodata=np.nan,
+        resampling=Resampling[resampling],
+        XSCALE=plan.scale[0],
+        YSCALE=plan.scale[1],
+    )
     return out
 
 
 def read_onto_grid(
     source: RasterSource, grid: Grid, resampling: str = "bilinear", chunk: int = READ_CHUNK
 ) -> da.Array:
-    """Lazy (bands, y, x) float32 array of ``source`` on ``grid``, NaN where it has no data."""
+    """Lazy (bands, y, x) float32 array of ``source`` on ``grid``, NaN where it has no data.
+
+    Blocks are sized so that neither the block nor the raster window it reads
+    exceeds about ``READ_BLOCK_BYTES``.
+    """
     if resampling not in RESAMPLING:
         raise InputError(f"unknown resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
+    plan = read_plan(source, grid)
     bands = len(source.bands)
-    spatial = chunk if bands * chunk * chunk * 4 <= READ_BLOCK_BYTES else max(256, chunk // 2)
-    band_chunk = max(1, min(bands, READ_BLOCK_BYTES // (spatial * spatial * 4)))
+    shrink = min(1.0, *plan.scale)  # downsampling reads a raster window 1/shrink times the block
+    spatial = max(64, int(chunk * shrink))
+    band_chunk = max(1, min(bands, READ_BLOCK_BYTES // (4 * int(spatial / shrink) ** 2)))
     template = da.empty((bands, grid.height, grid.width), dtype=np.float32, chunks=(band_chunk, spatial, spatial))
     return da.map_blocks(
         _read_block,
@@ -337,7 +406,7 @@ def read_onto_grid(
         source=source,
         grid=grid,
         resampling=resampling,
-        offset=_aligned_offset(source, grid),
+        plan=plan,
         dtype=np.float32,
         meta=np.array((), np.float32),
     )
