@@ -17,13 +17,15 @@ def label_counts(ds) -> list[int]:
     import dask.array as da
     import numpy as np
 
+    from tilefuse.scene import IGNORE, count_labels
+
     attrs = ds["label"].attrs
     if "class_counts" in attrs:
         return [int(c) for c in attrs["class_counts"]]
     data = ds["label"].data
-    data = data if isinstance(data, da.Array) else da.from_array(data)
-    counts = np.asarray(da.bincount(data.ravel().rechunk(1 << 24), minlength=256).compute())
-    n = max(len(attrs.get("class_names", [])), int(np.flatnonzero(counts[:255])[-1]) + 1 if counts[:255].any() else 0)
+    counts = np.asarray(count_labels(data if isinstance(data, da.Array) else da.from_array(data)).compute())
+    present = np.flatnonzero(counts[:IGNORE])
+    n = max(len(attrs.get("class_names", [])), int(present[-1]) + 1 if present.size else 0)
     return counts[:n].tolist()
 
 

@@ -120,8 +120,8 @@ def _band_sums(data: da.Array, valid: da.Array) -> tuple[da.Array, da.Array, da.
     return ok.sum(axis=(1, 2)), x.sum(axis=(1, 2)), (x * x).sum(axis=(1, 2))
 
 
-def _label_counts(label: da.Array) -> da.Array:
-    """Pixels per label value 0..255 (int64, length 256)."""
+def count_labels(label: da.Array) -> da.Array:
+    """Pixels per label value 0..255 of a lazy (y, x) label array: a lazy int64 array of length 256."""
 
     def count(block: np.ndarray) -> np.ndarray:
         return np.bincount(block.ravel(), minlength=256)[None, None, :]
@@ -175,7 +175,7 @@ def write_scene(
         ds[name].encoding = {}
     valid = ds["valid"].data
     sums = {name: _band_sums(ds[name].data, valid) for name in names}
-    counts = _label_counts(ds["label"].data) if "label" in ds else None
+    counts = count_labels(ds["label"].data) if "label" in ds else None
 
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)

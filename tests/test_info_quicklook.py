@@ -1,0 +1,88 @@
+"""`tilefuse info` summaries and quicklook pictures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from matplotlib.image import imread
+
+from tilefuse.pipelines.info import describe, info, label_counts
+from tilefuse.quicklook import class_colors, decimate, quicklook_labels, quicklook_scene
+from tilefuse.scene import open_scene, write_scene
+from tilefuse.synth import CLASS_NAMES, synth_scene
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_scene(synth_scene((300, 260), seed=4, chunk=128), tmp_path_factory.mktemp("info") / "s.zarr")
+
+
+def test_describe_names_grid_modalities_and_classes(store):
+    ds = open_scene(store)
+    text = describe(ds)
+    assert "300 x 260 px" in text and "EPSG:32632" in text and "resolution 10 x 10" in text
+    assert "optical: 6 bands, float32 [blue, green, red, nir, swir1, swir2]" in text
+    assert "sar: 2 bands, float32 [VV, VH]" in text and "BloscCodec" in text
+    expected = np.bincount(ds["label"].values.ravel(), minlength=len(CLASS_NAMES))
+    for i, name in enumerate(CLASS_NAMES):
+        assert f"{i:3d} {name:<16} {expected[i]:>12d} px" in text
+    assert f"valid      {ds['valid'].values.mean():.2%}" in text
+
+
+def test_label_counts_without_stored_counts(store, tmp_path):
+    ds = open_scene(store)
+    expected = np.bincount(ds["label"].values.ravel(), minlength=len(CLASS_NAMES)).tolist()
+    assert label_counts(ds) == expected
+    copy = write_scene(ds, tmp_path / "old.zarr")
+    attrs = zarr.open_group(copy, mode="r+")["label"].attrs
+    del attrs["class_counts"]  # as in a store written before counts were recorded
+    assert label_counts(open_scene(copy)) == expected
+
+
+def test_info_writes_a_quicklook(store, tmp_path):
+    text = info(store, tmp_path / "q.png")
+    assert text.startswith("size")
+    picture = imread(tmp_path / "q.png")
+    height, width = picture.shape[:2]
+    assert width > 1.5 * height  # composite and label map side by side
+    assert picture[..., :3].std() > 0.05
+
+
+def test_decimate_bounds_the_picture():
+    data = xr.DataArray(np.arange(3000 * 1000).reshape(3000, 1000), dims=("y", "x"))
+    small = decimate(data, max_size=700)
+    assert max(small.shape) <= 700
+    np.testing.assert_array_equal(small.values, data.values[::5, ::5])
+    assert decimate(data, max_size=5000).shape == data.shape
+
+
+def test_class_colors_fixed_and_distinct():
+    colors = class_colors(40)
+    assert len(colors) == 40 and len(set(colors)) == 40
+    assert class_colors(6) == colors[:6]
+    assert all(0 <= c <= 255 and isinstance(c, int) for rgb in colors for c in rgb)
+
+
+def test_quicklook_labels_paints_each_class_in_its_colour(tmp_path):
+    labels = np.zeros((120, 200), np.uint8)
+    labels[:, 100:] = 2
+    labels[:10] = 255
+    path = quicklook_labels(xr.DataArray(labels, dims=("y", "x")), ["water", "forest", "urban"], tmp_path / "l.png")
+    rgb = np.round(imread(path)[..., :3] * 255).astype(int)
+    colours = class_colors(3)
+
+    def pixels(colour):
+        return int((rgb == np.array(colour)).all(-1).sum())
+
+    assert pixels(colours[0]) > 1000 and pixels(colours[2]) > 1000
+    assert pixels(colours[1]) == 0  # absent class: not drawn, not in the legend
+
+
+def test_quicklook_scene_of_a_sar_only_scene(tmp_path):
+    ds = synth_scene(200, seed=1)[["sar", "valid"]]
+    path = quicklook_scene(ds, tmp_path / "sar.png", max_size=100)
+    picture = imread(path)
+    assert picture.shape[1] < 1.5 * picture.shape[0]  # one panel: no labels
+    assert picture[..., :3].std() > 0.05
