@@ -22,7 +22,7 @@ from typing import Iterator
 
 from tilefuse.errors import InputError
 
-CONNECT_TIMEOUT = "10s"
+CONNECT_TIMEOUT = "5s"
 SPECS = "sync, local:N, cuda, tcp://HOST:PORT or a scheduler file"
 
 

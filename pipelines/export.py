@@ -1,10 +1,11 @@
-"""``tilefuse export``: a prediction store's labels as a Cloud Optimized GeoTIFF (plus a quicklook PNG helper).
+"""``tilefuse export``: a prediction store's labels as a Cloud Optimized GeoTIFF.
 
 The labels are streamed band of chunks by band of chunks into a tiled GeoTIFF
 beside the output, which GDAL's COG driver then lays out with nearest-neighbour
 overviews; the result is renamed into place, so no reader sees a half-written
 file. Pixel values are class ids, 255 is nodata, and the file carries a colour
-table and the class names.
+table (the quicklook colours, :func:`tilefuse.quicklook.class_colors`) and the
+class names.
 """
 
 from __future__ import annotations
@@ -16,29 +17,13 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from tilefuse.errors import InputError
 
-if TYPE_CHECKING:
-    import numpy as np
-    import xarray as xr
-
 NODATA = 255
-
-
-def class_colors(num_classes: int) -> "np.ndarray":
-    """``(num_classes, 3)`` uint8 RGB colours, one per class id (matplotlib's tab20, then evenly spaced hues)."""
-    import matplotlib
-    import numpy as np
-
-    if num_classes <= 20:
-        colours = matplotlib.colormaps["tab20"](np.arange(num_classes))
-    else:
-        colours = matplotlib.colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False))
-    return (colours[:, :3] * 255).round().astype(np.uint8)
 
 
 def _overview_count(height: int, width: int, smallest: int = 128) -> int:
@@ -62,6 +47,7 @@ def export(
     from tqdm.auto import tqdm
 
     from tilefuse.prediction import open_prediction
+    from tilefuse.quicklook import class_colors
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -72,8 +58,7 @@ def export(
     labels = ds["labels"]
     height, width = labels.shape
     class_names = list(labels.attrs.get("class_names") or ds.attrs.get("class_names", []))
-    colours = class_colors(max(1, len(class_names)))
-    colormap = {k: (*map(int, rgb), 255) for k, rgb in enumerate(colours)}
+    colormap = {k: (*rgb, 255) for k, rgb in enumerate(class_colors(max(1, len(class_names))))}
     colormap[NODATA] = (0, 0, 0, 0)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,26 +107,6 @@ def export(
     if progress:
         print(f"tilefuse: wrote {out} ({height} x {width} px, {len(class_names)} classes)", file=sys.stderr)
     return out
-
-
-def write_quicklook(prediction: "xr.Dataset", path: str | os.PathLike, max_size: int = 1024) -> Path:
-    """A PNG of a prediction's labels in the class colours, nodata transparent, at most ``max_size`` px a side."""
-    import matplotlib.image
-    import numpy as np
-
-    labels = prediction["labels"]
-    step = max(1, -(-max(labels.shape) // max_size))
-    data = np.asarray(labels[::step, ::step].values)
-    class_names = labels.attrs.get("class_names") or prediction.attrs.get("class_names", [])
-    palette = np.zeros((256, 4), np.uint8)
-    palette[: max(1, len(class_names)), :3] = class_colors(max(1, len(class_names)))
-    palette[: max(1, len(class_names)), 3] = 255
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix or '.png'}"
-    matplotlib.image.imsave(tmp, palette[data], format="png")
-    os.replace(tmp, path)
-    return path
 
 
 def export_command(

@@ -233,9 +233,9 @@ def predict(
         )
     prediction = open_prediction(out)
     if quicklook is not None:
-        from tilefuse.pipelines.export import write_quicklook
+        from tilefuse.quicklook import quicklook_labels
 
-        write_quicklook(prediction, quicklook)
+        quicklook_labels(prediction["labels"], class_names, quicklook, title=f"{config.model} prediction of {store.name}")
     return prediction
 
 

@@ -1,0 +1,193 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from predict_fixtures import CALLS, CLASSES, FAIL_AFTER, MODALITIES, reset_calls, save_pointwise, write_test_scene
+
+import tilefuse
+from tilefuse.checkpoint import ModelConfig, save_checkpoint
+from tilefuse.cli import main
+from tilefuse.errors import InputError
+from tilefuse.prediction import done_blocks, open_prediction
+from tilefuse.scene import normalise, band_stats, open_scene
+from tilefuse.tile_model import build_model
+
+SETTINGS = {"tile": 32, "overlap": 8, "block_size": 64, "batch_size": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    scene = write_test_scene(root / "scene.zarr", 150, 130, seed=11, nodata=(slice(0, 20), slice(0, 130)))
+    checkpoint = save_pointwise(root / "pointwise")
+    reference = tilefuse.predict(checkpoint, scene, root / "reference.zarr", probs=True, **SETTINGS)
+    return root, scene, checkpoint, reference
+
+
+def _cli(checkpoint, scene, out, *extra):
+    return main(["predict", "--checkpoint", str(checkpoint), "--store", str(scene), "--out", str(out), *map(str, extra)])
+
+
+def test_resume_after_an_interrupted_run_finishes_only_missing_blocks(tmp_path, setup):
+    _, scene, checkpoint, reference = setup
+    out = tmp_path / "pred.zarr"
+    reset_calls()
+    FAIL_AFTER["forward"] = 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tilefuse.predict(checkpoint, scene, out, probs=True, **SETTINGS)
+    FAIL_AFTER["forward"] = None
+    done = done_blocks(out)
+    assert 0 < done.sum() < done.size
+    assert zarr.open_group(out).attrs["complete"] is False
+    with pytest.raises(InputError, match="partial prediction"):
+        open_prediction(out)
+    with pytest.warns(UserWarning, match="partial prediction"):
+        open_prediction(out, allow_partial=True)
+    assert main(["export", str(out), str(tmp_path / "partial.tif")]) == 2
+
+    reset_calls()
+    assert _cli(checkpoint, scene, out, "--resume", "--tile", 32, "--overlap", 8, "--batch-size", 2, "--probs") == 0
+    assert CALLS["tiles"] > 0
+    pred = open_prediction(out)
+    assert np.array_equal(pred["labels"].values, reference["labels"].values)
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
+
+    reset_calls()
+    assert _cli(checkpoint, scene, out, "--resume", "--tile", 32, "--overlap", 8, "--batch-size", 2, "--probs") == 0
+    assert CALLS["tiles"] == 0, "resuming a complete prediction runs nothing"
+
+
+def test_resume_reruns_fewer_tiles_than_a_full_run(tmp_path, setup):
+    _, scene, checkpoint, _ = setup
+    out = tmp_path / "pred.zarr"
+    reset_calls()
+    tilefuse.predict(checkpoint, scene, out, **SETTINGS)
+    full = CALLS["tiles"]
+    group = zarr.open_group(out, mode="r+")
+    group["block_done"][0, 0] = 0  # pretend the first block never finished
+    group["labels"][0:64, 0:64] = 255
+    group.attrs["complete"] = False
+    reset_calls()
+    tilefuse.predict(checkpoint, scene, out, resume=True, **SETTINGS)
+    assert 0 < CALLS["tiles"] < full / 2
+    reference = tilefuse.predict(checkpoint, scene, tmp_path / "again.zarr", **SETTINGS)
+    assert np.array_equal(open_prediction(out)["labels"].values, reference["labels"].values)
+
+
+def test_resume_with_other_settings_or_checkpoint_is_refused(tmp_path, setup):
+    root, scene, checkpoint, _ = setup
+    out = root / "reference.zarr"
+    before = zarr.open_group(out).attrs.asdict()
+    assert _cli(checkpoint, scene, out, "--resume", "--tile", 48, "--overlap", 8, "--probs") == 2
+    other = save_pointwise(tmp_path / "other", seed=5)
+    assert _cli(other, scene, out, "--resume", "--tile", 32, "--overlap", 8, "--probs") == 2
+    with pytest.raises(InputError, match="checkpoint_hash"):
+        tilefuse.predict(other, scene, out, resume=True, probs=True, **SETTINGS)
+    assert zarr.open_group(out).attrs.asdict() == before
+
+
+def test_existing_output_needs_overwrite_or_resume(tmp_path, setup):
+    root, scene, checkpoint, reference = setup
+    out = tmp_path / "pred.zarr"
+    tilefuse.predict(checkpoint, scene, out, **SETTINGS)
+    assert _cli(checkpoint, scene, out, "--tile", 32) == 2
+    assert _cli(checkpoint, scene, out, "--tile", 32, "--overlap", 8, "--block-size", 64, "--overwrite") == 0
+    assert np.array_equal(open_prediction(out)["labels"].values, reference["labels"].values)
+    not_a_prediction = tmp_path / "keep"
+    not_a_prediction.mkdir()
+    (not_a_prediction / "data.txt").write_text("precious")
+    assert _cli(checkpoint, scene, not_a_prediction, "--tile", 32, "--overwrite") == 2
+    assert (not_a_prediction / "data.txt").read_text() == "precious"
+
+
+def _bad_checkpoints(tmp_path):
+    garbled = save_pointwise(tmp_path / "garbled")
+    (garbled / "model.safetensors").write_bytes(b"\x00" * 64)
+    lidar = save_pointwise(tmp_path / "lidar")
+    model = build_model("test-pointwise", {"optical": 3, "lidar": 1}, 4)
+    save_checkpoint(model, ModelConfig("test-pointwise", {"optical": 3, "lidar": 1}, 4, {}, CLASSES), lidar)
+    bands = tmp_path / "bands"
+    model = build_model("test-pointwise", {"optical": 4, "sar": 2}, 4)
+    save_checkpoint(model, ModelConfig("test-pointwise", {"optical": 4, "sar": 2}, 4, {}, CLASSES), bands)
+    return garbled, lidar, bands
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, capsys):
+    root, scene, checkpoint, _ = setup
+    garbled, lidar, bands = _bad_checkpoints(tmp_path)
+    margin = save_pointwise(tmp_path / "margin", margin=4, blend=False)
+    out = tmp_path / "out.zarr"
+    cases = [
+        (tmp_path / "missing", scene, ()),
+        (garbled, scene, ()),
+        (lidar, scene, ()),
+        (bands, scene, ()),
+        (checkpoint, tmp_path / "no-scene.zarr", ()),
+        (checkpoint, scene, ("--tile", 32, "--overlap", 32)),
+        (margin, scene, ("--tile", 8)),
+        (checkpoint, scene, ("--blend", "box")),
+        (checkpoint, scene, ("--cluster", "local:zero")),
+        (checkpoint, scene, ("--cluster", "cuda")),
+        (checkpoint, scene, ("--cluster", "tcp://127.0.0.1:9")),
+        (checkpoint, scene, ("--cluster", str(tmp_path / "gone.json"))),
+        (checkpoint, scene, ("--batch-size", 0)),
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert _cli(args[0], args[1], out, *args[2]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tilefuse: error:") and "\n" not in err and "Traceback" not in err, err
+        assert not out.exists(), f"{args} left an output behind"
+    assert _cli(checkpoint, scene, scene) == 2
+
+
+def test_quicklook_png_of_the_prediction(tmp_path, setup):
+    import matplotlib.image
+
+    _, scene, checkpoint, _ = setup
+    png = tmp_path / "look.png"
+    tilefuse.predict(checkpoint, scene, tmp_path / "pred.zarr", quicklook=png, **SETTINGS)
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 50
+
+
+def test_pad_runs_blended(tmp_path, setup):
+    _, scene, _, _ = setup
+    torch.manual_seed(0)
+    model = build_model("pad", MODALITIES, len(CLASSES), preset="atto")
+    checkpoint = save_checkpoint(model, ModelConfig("pad", dict(MODALITIES), len(CLASSES), {"preset": "atto"}, CLASSES), tmp_path / "pad")
+    small = write_test_scene(tmp_path / "small.zarr", 40, 50, seed=2, nodata=(slice(0, 8), slice(0, 50)))
+    pred = tilefuse.predict(checkpoint, small, tmp_path / "pad.zarr", tile=32, overlap=8, block_size=32, batch_size=2, progress=False)
+    valid = open_scene(small)["valid"].values
+    labels = pred["labels"].values
+    assert pred.attrs["blend"] == "gaussian" and np.all(labels[~valid] == 255) and np.all(labels[valid] < len(CLASSES))
+
+
+def test_s2fin_dense_adapter_equals_whole_image(tmp_path):
+    torch.manual_seed(0)
+    hparams = {"patch_size": 5, "dim": 16}
+    model = build_model("s2fin", MODALITIES, len(CLASSES), **hparams).eval()
+    checkpoint = save_checkpoint(model, ModelConfig("s2fin", dict(MODALITIES), len(CLASSES), hparams, CLASSES), tmp_path / "s2fin")
+    scene = write_test_scene(tmp_path / "scene.zarr", 21, 19, seed=8)
+    pred = tilefuse.predict(checkpoint, scene, tmp_path / "pred.zarr", tile=8, block_size=16, batch_size=2, probs="float32", progress=False)
+    assert pred.attrs["blend"] == "none" and pred.attrs["margin"] == 2
+    ds = open_scene(scene)
+    inputs = {
+        name: torch.from_numpy(np.pad(normalise(ds[name].values, *band_stats(ds, name)), ((0, 0), (2, 2), (2, 2)), mode="reflect"))[None]
+        for name in MODALITIES
+    }
+    with torch.inference_mode():
+        whole = torch.softmax(model(inputs), 1)[0].numpy()
+    np.testing.assert_allclose(pred["probs"].values, whole, atol=1e-5, rtol=0)
+
+
+def test_prediction_attrs_record_provenance(setup):
+    _, _, checkpoint, reference = setup
+    attrs = reference.attrs
+    assert attrs["model"] == "test-pointwise" and attrs["tile"] == 32 and attrs["overlap"] == 8
+    assert attrs["blend"] == "gaussian" and attrs["block_size"] == 64 and attrs["probs"] == "uint8"
+    assert attrs["tilefuse_version"] == tilefuse.__version__
+    assert attrs["checkpoint_hash"] == tilefuse.checkpoint.checkpoint_hash(checkpoint)
+    assert json.loads(json.dumps(attrs["class_names"])) == CLASSES
