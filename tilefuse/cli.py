@@ -48,7 +48,8 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status instead of raising SystemExit."""
     try:
-        app(args=argv, standalone_mode=False)
+        # typer answers an interrupt (Ctrl-C, Abort) by returning its exit code when not standalone
+        result = app(args=argv, standalone_mode=False)
     except InputError as error:
         print(f"tilefuse: error: {error}", file=sys.stderr)
         return 2
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, click.exceptions.Abort):
             return 130
         raise
+    if type(result) is int and result:
+        if result == 130:
+            print("tilefuse: interrupted", file=sys.stderr)
+        return result
     return 0
 
 

@@ -1,0 +1,181 @@
+"""`tilefuse synth | ingest | info` through the CLI: the happy path and every bad input of the issue."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from tilefuse.cli import main
+from tilefuse.scene import open_scene
+from tilefuse.synth import synth_scene, write_geotiffs
+
+
+@pytest.fixture(scope="module")
+def tifs(tmp_path_factory) -> dict[str, Path]:
+    """Small synthetic GeoTIFFs plus a few broken or misplaced rasters made from them."""
+    folder = tmp_path_factory.mktemp("tifs")
+    paths = write_geotiffs(synth_scene((256, 240), seed=2, chunk=128), folder)
+    with rasterio.open(paths["sar"]) as src:
+        profile, data = src.profile, src.read()
+    far = dict(profile, transform=Affine(10, 0, 900_000, 0, -10, 1_000_000))  # 600 km east
+    with rasterio.open(folder / "far.tif", "w", **far) as dst:
+        dst.write(data)
+    no_crs = {k: v for k, v in profile.items() if k != "crs"}
+    with rasterio.open(folder / "nocrs.tif", "w", **no_crs) as dst:
+        dst.write(data)
+    complex_profile = dict(profile, dtype="complex64", count=1, nodata=None)
+    with rasterio.open(folder / "slc.tif", "w", **complex_profile) as dst:
+        dst.write((data[0] + 1j * data[1]).astype(np.complex64)[None])
+    (folder / "notes.tif").write_text("not a raster\n")
+    return {**paths, **{p.stem: p for p in folder.glob("*.tif")}}
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_synth_ingest_info_round_trip(tmp_path, capsys):
+    code, out, err = run_cli(["synth", tmp_path / "s.zarr", "--size", 200, "--seed", 3, "--geotiff", tmp_path / "g"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["label.tif", "optical.tif", "sar.tif"]
+    g = tmp_path / "g"
+    code, out, err = run_cli(
+        ["ingest", tmp_path / "i.zarr", "-m", f"optical={g}/optical.tif", "-m", f"sar={g}/sar.tif", "--labels", f"{g}/label.tif"],
+        capsys,
+    )
+    assert code == 0, err
+    synthetic, ingested = open_scene(tmp_path / "s.zarr"), open_scene(tmp_path / "i.zarr")
+    for name in ("optical", "sar", "valid", "label"):
+        np.testing.assert_array_equal(ingested[name].values, synthetic[name].values)
+    assert ingested["label"].attrs["class_names"] == synthetic["label"].attrs["class_names"]
+    assert ingested["optical"].attrs["band_mean"] == pytest.approx(synthetic["optical"].attrs["band_mean"], rel=1e-6)
+    code, out, err = run_cli(["info", tmp_path / "i.zarr", "--quicklook", tmp_path / "q.png"], capsys)
+    assert code == 0 and "optical: 6 bands" in out and "grassland" in out and (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("synth", "ingest", "info"))
+    assert main(["ingest", "--help"]) == 0 and "--label-map" in capsys.readouterr().out
+
+
+BAD_INPUTS = {
+    "missing file": (["-m", "sar=/nonexistent/s1.tif"], "does not exist"),
+    "not a raster": (["-m", "sar={notes}"], "not a raster GDAL can read"),
+    "no crs": (["-m", "sar={nocrs}"], "has no CRS: pass --crs"),
+    "no overlap": (["-m", "sar={sar}", "-m", "optical={far}"], "does not overlap"),
+    "labels elsewhere": (["-m", "sar={sar}", "--labels", "{far}:1"], "labels: far.tif does not overlap"),
+    "labels with bands": (["-m", "sar={sar}", "--labels", "{optical}"], "has 6 bands: choose one with PATH:N"),
+    "band out of range": (["-m", "optical={optical}:1,7"], "band 7 is out of range"),
+    "complex sar": (["-m", "sar={slc}"], "complex SAR .* --complex magnitude"),
+    "bad modality": (["-m", "{sar}"], "bad --modality"),
+    "twice the same name": (["-m", "sar={sar}", "-m", "sar={optical}"], "given twice"),
+    "bad label map": (["-m", "sar={sar}", "--labels", "{label}", "--label-map", "-1=255"], "bad --label-map"),
+    "bad resampling": (["-m", "sar={sar}", "--resampling", "sideways"], "unknown --resampling"),
+    "bad reference": (["-m", "sar={sar}", "--reference", "optical"], "--reference 'optical' is not a modality"),
+    "bad crs": (["-m", "sar={sar}", "--crs", "EPSG:999999"], "--crs 'EPSG:999999' is not a CRS"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tifs, tmp_path, capsys):
+    args, message = BAD_INPUTS[case]
+    folder = tifs["sar"].parent
+    before = digest(folder)
+    code, out, err = run_cli(["ingest", tmp_path / "out.zarr", *[a.format(**tifs) for a in args]], capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tilefuse: error: "), err
+    assert "Traceback" not in err
+    assert re.search(message, lines[0]), lines[0]
+    assert list(tmp_path.iterdir()) == []  # no store, no temporary
+    assert digest(folder) == before
+
+
+def test_existing_output_refused_then_replaced_with_overwrite(tifs, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    assert run_cli(["ingest", out, "-m", f"sar={tifs['sar']}"], capsys)[0] == 0
+    before = digest(out / "sar" / "c") if (out / "sar" / "c").exists() else None
+    code, _, err = run_cli(["ingest", out, "-m", f"sar={tifs['optical']}:1,2"], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert list(open_scene(out)["sar"].sar_band.values) == ["VV", "VH"]
+    assert (digest(out / "sar" / "c") if before is not None else None) == before
+    assert run_cli(["ingest", out, "-m", f"sar={tifs['optical']}:1,2", "--overwrite"], capsys)[0] == 0
+    assert list(open_scene(out)["sar"].sar_band.values) == ["blue", "green"]
+
+
+def test_complex_sar_taken_as_magnitude_when_asked(tifs, tmp_path, capsys):
+    code, _, err = run_cli(["ingest", tmp_path / "c.zarr", "-m", f"sar={tifs['slc']}", "--complex", "magnitude"], capsys)
+    assert code == 0, err
+    with rasterio.open(tifs["slc"]) as src:
+        expected = np.abs(src.read(1)).astype(np.float32)
+    np.testing.assert_allclose(open_scene(tmp_path / "c.zarr")["sar"].values[0], expected, rtol=1e-6)
+
+
+def test_no_crs_fixed_by_crs_option(tifs, tmp_path, capsys):
+    code, _, err = run_cli(["ingest", tmp_path / "n.zarr", "-m", f"sar={tifs['nocrs']}", "--crs", "EPSG:32632"], capsys)
+    assert code == 0, err
+    assert open_scene(tmp_path / "n.zarr").rio.crs.to_epsg() == 32632
+
+
+def test_interrupted_ingest_leaves_no_store(tifs, tmp_path, capsys, monkeypatch):
+    import tilefuse.ingest
+
+    real_read = tilefuse.ingest._read_block
+    calls = []
+
+    def read_then_interrupt(*args, block_info=None, **kwargs):  # dask passes block_info by name
+        calls.append(1)
+        if len(calls) == 2:  # the first block of the second modality
+            raise KeyboardInterrupt
+        return real_read(*args, block_info=block_info, **kwargs)
+
+    out = tmp_path / "s.zarr"
+    assert run_cli(["ingest", out, "-m", f"sar={tifs['sar']}"], capsys)[0] == 0
+    monkeypatch.setattr(tilefuse.ingest, "_read_block", read_then_interrupt)
+    args = ["-m", f"sar={tifs['optical']}:1,2", "-m", f"optical={tifs['optical']}", "--overwrite"]
+    code, _, err = run_cli(["ingest", out, *args], capsys)
+    assert code == 130 and len(calls) >= 2, (code, len(calls), err)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # no temporary left
+    assert list(open_scene(out)["sar"].sar_band.values) == ["VV", "VH"]  # the old store, whole
+    calls.clear()
+    code, _, err = run_cli(["ingest", tmp_path / "new.zarr", *args[:-1]], capsys)
+    assert code == 130 and not (tmp_path / "new.zarr").exists()
+
+
+@pytest.mark.slow
+def test_killed_ingest_leaves_nothing_that_opens(tmp_path):
+    """A hard kill mid-write leaves only a hidden temporary; the output path does not exist."""
+    write_geotiffs(synth_scene(1536, seed=1), tmp_path / "g")
+    out = tmp_path / "big.zarr"
+    command = [sys.executable, "-m", "tilefuse.cli", "ingest", str(out), "-m", f"optical={tmp_path}/g/optical.tif",
+               "-m", f"sar={tmp_path}/g/sar.tif"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".big.zarr.tmp") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    with pytest.raises(Exception, match="does not exist"):
+        open_scene(out)
+    assert subprocess.run(command, capture_output=True).returncode == 0  # a rerun completes
+    assert open_scene(out)["optical"].shape == (6, 1536, 1536)
