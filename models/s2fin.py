@@ -340,6 +340,8 @@ class S2FinModel(TileModel):
         batch, height, width = o.shape[0], o.shape[2] - p + 1, o.shape[3] - p + 1
         if height < 1 or width < 1:
             raise InputError(f"S²Fin needs inputs of at least {p}x{p} pixels (patch size), got {tuple(o.shape[2:])}")
+        if batch == 0:
+            return o.new_zeros(0, self.spec.num_classes, height, width)
         budget = self.max_patches_per_batch
         cols_per = max(1, min(width, budget // batch))
         rows_per = max(1, budget // (batch * cols_per))
