@@ -40,9 +40,9 @@ class DataOptions:
     val_fraction: float = 0.1
     test_fraction: float = 0.0
     block: int = 0
-    """Split block edge in px; 0: the smallest multiple of the validation tile >= 512."""
-    val_tile: int = 0
-    """Validation tile edge; 0: the patch size (patch models) or 64 + 2 margin (pixel models)."""
+    """Split block edge in px; 0: a multiple of the patch size near 512, at most a quarter of the smallest store."""
+    val_pixels: int = 2000
+    """Pixel models: validate on this many labelled pixels drawn uniformly from the validation area."""
     window: int = 1024
     patches_per_window: int = 16
     windows_per_round: int = 8
@@ -113,6 +113,11 @@ def _class_names(scenes, paths) -> tuple[list[str], int]:
     return [], highest + 1
 
 
+def _default_block(unit: int, smallest: int) -> int:
+    """Split block edge: a multiple of ``unit`` near 512 px, small enough for 4 blocks across the smallest store."""
+    return unit * max(1, min(-(-512 // unit), smallest // (4 * unit)))
+
+
 def _labelled_per_block(ds, block: int):
     from tilefuse.scene import IGNORE
 
@@ -151,6 +156,7 @@ def train(
         LabelledPixelSampler,
         RandomPatchSampler,
         SpatialSplit,
+        check_patch_fits,
         spatial_split,
     )
     from tilefuse.scene import band_dim, modalities as store_modalities, open_scene, require_modalities
@@ -203,17 +209,22 @@ def train(
     pixels = data.sampler == "pixels" or (data.sampler == "auto" and spec.margin > 0 and not spec.blend)
 
     # split: explicit validation stores, or blocks / whole stores of the training stores
-    smallest = min(min(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
-    tile = data.val_tile or (min(64 + 2 * spec.margin, smallest) if pixels else data.patch_size)
+    if not pixels:
+        for ds, path in zip(scenes, paths):
+            check_patch_fits((ds.sizes["y"], ds.sizes["x"]), data.patch_size, path)
+    # validation tiles of the patch size; pixel models validate on pixels, blocks of 512 px
+    tile = 2 * spec.margin + 1 if pixels else data.patch_size
     split: SpatialSplit | None = None
     if val_paths:
         edge = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
         split = SpatialSplit(edge, tuple(np.full((1, 1), 0 if i < len(train_paths) else 1, np.int8) for i in range(len(paths))))
     elif data.val_fraction > 0 or data.test_fraction > 0:
-        block = data.block or tile * -(-512 // tile)
+        block = data.block or _default_block(32 if pixels else tile, min(min(ds.sizes["y"], ds.sizes["x"]) for ds in scenes))
         if data.split == "stores":
             block = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
         weights = [_labelled_per_block(ds, block) for ds in scenes]
+        if not any(w.sum() for w in weights):
+            raise InputError(f"no valid labelled pixels in {', '.join(paths)}: check the labels (255 = none) and the valid mask")
         split = spatial_split(
             [(ds.sizes["y"], ds.sizes["x"]) for ds in scenes],
             by=data.split, val=data.val_fraction, test=data.test_fraction, block=block, weights=weights, seed=settings.seed,
@@ -233,7 +244,13 @@ def train(
         )
     val_data = None
     if split is not None and split.fraction("val") > 0:
-        val_sampler = GridPatchSampler(paths, list(bands), tile, margin=spec.margin, split=split, subset="val", window=data.window)
+        if pixels:
+            val_sampler = LabelledPixelSampler(
+                paths, list(bands), tile, data.val_pixels, per_class=False, repeat=False,
+                split=split, subset="val", allow_fewer=True, window=data.window, seed=settings.seed,
+            )
+        else:
+            val_sampler = GridPatchSampler(paths, list(bands), tile, margin=spec.margin, split=split, subset="val", window=data.window)
         val_data = PatchDataset(val_sampler, band_stats, margin=spec.margin, augment=False)
 
     config = ModelConfig(
@@ -254,7 +271,7 @@ def train(
         (run.path / SPLIT_FILE).write_text(json.dumps({"stores": paths, **split.to_dict()}))
     fit(
         net, config, PatchDataset(sampler, band_stats, margin=spec.margin, augment=True), val_data, settings, run,
-        job=job, resume=resume, progress=progress,
+        job=job, resume=resume, progress=progress, val_batch_size=max(256, settings.batch_size) if pixels else None,
     )
     return run.path
 

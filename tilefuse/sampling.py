@@ -203,6 +203,12 @@ def _block_areas(h: int, w: int, block: int) -> np.ndarray:
     return np.outer(rows, cols).astype(np.float64)
 
 
+def check_patch_fits(shape: tuple[int, int], patch: int, path: object) -> None:
+    """Refuse a patch larger than a store (one line naming the fix)."""
+    if min(shape) < patch:
+        raise InputError(f"patch size {patch} exceeds store {path} ({shape[0]} x {shape[1]}): pass a smaller --patch-size")
+
+
 def aligned_window(window: int, chunk: int) -> int:
     """``window`` rounded up to a whole number of chunks (at least one)."""
     return max(1, -(-window // chunk)) * chunk
@@ -425,8 +431,7 @@ class RandomPatchSampler:
         for path, reader in zip(self.paths, self.readers):
             if not reader.has("label"):
                 raise InputError(f"{path} has no labels: ingest it with --labels PATH to train on it")
-            if min(reader.shape) < self.patch:
-                raise InputError(f"patch size {self.patch} exceeds store {path} ({reader.shape[0]} x {reader.shape[1]}): pass a smaller --patch-size")
+            check_patch_fits(reader.shape, self.patch, path)
         extents = self._window_extents()
         with ThreadPoolExecutor(max(1, threads)) as pool:
             counts = list(pool.map(self._count, extents))
@@ -524,12 +529,14 @@ class RandomPatchSampler:
 
 
 class LabelledPixelSampler:
-    """A fixed set of labelled pixels per class with their ``patch x patch`` neighbourhoods.
+    """A fixed set of labelled pixels with their ``patch x patch`` neighbourhoods.
 
-    The set (``per_class`` pixels of every class present, uniform among the
-    class's eligible pixels) is fixed by ``seed``. Every epoch hands it out in
-    a new order, stream ``s`` of ``n`` taking positions ``s, s + n, ...``.
-    A class present with fewer eligible pixels than ``per_class`` raises
+    The set (``count`` pixels of every class present, uniform among the
+    class's eligible pixels; or with ``per_class=False``, ``count`` pixels
+    uniform among all eligible labelled pixels) is fixed by ``seed``. Every
+    epoch hands it out in a new order, stream ``s`` of ``n`` taking positions
+    ``s, s + n, ...``; ``repeat=False`` stops after one epoch (validation).
+    A class present with fewer eligible pixels than ``count`` raises
     :class:`InputError` unless ``allow_fewer`` (then all of them are used).
     Neighbourhoods are read once per process, a window at a time, and kept in
     memory (the few-label setting: thousands of pixels, not millions).
@@ -542,8 +549,10 @@ class LabelledPixelSampler:
         stores: Sequence[Store],
         modalities: Sequence[str],
         patch: int,
-        per_class: int,
+        count: int,
         *,
+        per_class: bool = True,
+        repeat: bool = True,
         split: SpatialSplit | None = None,
         subset: str = "train",
         allow_fewer: bool = False,
@@ -554,12 +563,13 @@ class LabelledPixelSampler:
     ) -> None:
         if patch < 1 or patch % 2 == 0:
             raise InputError(f"the pixel neighbourhood must be an odd number of pixels, got {patch}")
-        if per_class < 1:
-            raise InputError(f"pixels per class must be >= 1, got {per_class}")
+        if count < 1:
+            raise InputError(f"pixels per class must be >= 1, got {count}")
         self.readers = _open_readers(stores)
         self.paths = [r.path for r in self.readers]
         self.modalities = list(modalities)
-        self.patch, self.margin, self.per_class = int(patch), int(patch) // 2, int(per_class)
+        self.patch, self.margin, self.count = int(patch), int(patch) // 2, int(count)
+        self.per_class, self.repeat = bool(per_class), bool(repeat)
         self.split, self.subset = split, subset
         self.class_names = list(class_names)
         self.seed = int(seed)
@@ -621,30 +631,35 @@ class LabelledPixelSampler:
         present = [k for k in range(IGNORE) if totals[k] > 0]
         if not present:
             raise InputError(f"no valid labelled pixels in the {self.subset} area of the stores: check the labels and the split")
-        short = [k for k in present if totals[k] < self.per_class]
-        if short and not allow_fewer:
-            k = short[0]
-            raise InputError(
-                f"class {self._name(k)} has only {totals[k]} labelled pixels in the {self.subset} area, "
-                f"fewer than the {self.per_class} requested: lower --pixels-per-class or pass --allow-fewer"
-            )
+        if self.per_class:
+            short = [k for k in present if totals[k] < self.count]
+            if short and not allow_fewer:
+                k = short[0]
+                raise InputError(
+                    f"class {self._name(k)} has only {totals[k]} labelled pixels in the {self.subset} area, "
+                    f"fewer than the {self.count} requested: lower --pixels-per-class or pass --allow-fewer"
+                )
+            buckets = {k: counts[:, k] for k in present}  # class -> eligible pixels per window
+        else:
+            if totals[:IGNORE].sum() < self.count and not allow_fewer:
+                raise InputError(f"only {totals[:IGNORE].sum()} labelled pixels in the {self.subset} area, fewer than the {self.count} requested")
+            buckets = {None: counts[:, :IGNORE].sum(axis=1)}
         rng = np.random.default_rng([self.seed, 0x5E1EC7])
-        wanted: dict[int, list[tuple[int, int]]] = {}  # window -> [(class, rank among its eligible pixels of class)]
-        for k in present:
-            ranks = np.sort(rng.choice(totals[k], size=min(self.per_class, totals[k]), replace=False))
-            ends = np.cumsum(counts[:, k])
+        wanted: dict[int, list[tuple[int | None, int]]] = {}  # window -> [(bucket, rank among its pixels there)]
+        for bucket, per_window in buckets.items():
+            ends = np.cumsum(per_window)
+            ranks = np.sort(rng.choice(ends[-1], size=min(self.count, ends[-1]), replace=False))
             windows = np.searchsorted(ends, ranks, side="right")
             for window, rank in zip(windows.tolist(), ranks.tolist()):
-                before = ends[window] - counts[window, k]
-                wanted.setdefault(window, []).append((k, rank - int(before)))
+                wanted.setdefault(window, []).append((bucket, rank - int(ends[window] - per_window[window])))
         rows = []
         for window in sorted(wanted):
             store, y0, _, x0, _ = extents[window]
             ok, label = self._eligible(extents[window])
-            for k, rank in wanted[window]:
-                flat = np.flatnonzero(ok & (label == k))[rank]
+            for bucket, rank in wanted[window]:
+                flat = np.flatnonzero(ok if bucket is None else ok & (label == bucket))[rank]
                 i, j = divmod(int(flat), ok.shape[1])
-                rows.append((store, y0 + i, x0 + j, k))
+                rows.append((store, y0 + i, x0 + j, int(label[i, j])))
         pixels = np.array(sorted(rows, key=lambda r: (r[3], r[0], r[1], r[2])), dtype=np.int64)
         return pixels
 
@@ -691,6 +706,8 @@ class LabelledPixelSampler:
         n = len(self.pixels)
         per_epoch = len(range(stream, n, streams))
         if per_epoch == 0:
+            if not self.repeat:
+                return
             raise InputError(f"{n} labelled pixels cannot feed {streams} workers: lower --workers")
         epoch, offset = divmod(int(start), per_epoch)
         while True:
@@ -708,6 +725,8 @@ class LabelledPixelSampler:
                     labels[row],
                     int(dihedral[position]),
                 )
+            if not self.repeat:
+                return
             epoch, offset = epoch + 1, 0
 
 

@@ -260,6 +260,7 @@ def fit(
     job: dict[str, Any] | None = None,
     resume: bool = False,
     progress: bool = True,
+    val_batch_size: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``settings.steps`` iterations into ``run``; returns the final metrics record.
@@ -267,6 +268,7 @@ def fit(
     With ``resume`` the run continues from its saved state exactly: same
     weights, optimiser moments, learning rate, RNG and sampler position.
     ``job`` (JSON) is saved with the state so a resume can check its inputs.
+    ``val_batch_size`` defaults to the training batch size.
     """
     from tqdm.auto import tqdm
 
@@ -298,7 +300,7 @@ def fit(
     loader = make_loader(train_data.with_state(streams), settings.batch_size, settings.workers, settings.seed, device.type == "cuda")
     val_loader = None
     if val_data is not None:
-        val_loader = make_loader(val_data, settings.batch_size, settings.workers, settings.seed, device.type == "cuda")
+        val_loader = make_loader(val_data, val_batch_size or settings.batch_size, settings.workers, settings.seed, device.type == "cuda")
     val_every = settings.val_every or settings.checkpoint_every
     num_classes = model.spec.num_classes
     start_step = step
@@ -394,7 +396,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
             axes[1].plot(*zip(*points), marker="o", label=label)
     axes[1].set_xlabel("step")
     axes[1].set_ylim(0, 1)
-    axes[1].legend(loc="lower right")
+    if val:
+        axes[1].legend(loc="lower right")
     axes[0].set_title("training")
     axes[1].set_title("validation")
     fig.tight_layout()

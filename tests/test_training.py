@@ -1,0 +1,194 @@
+"""The training loop and `tilefuse train`: learning, run folder, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from test_sampling import labelled_scene, write
+from tilefuse.checkpoint import load_checkpoint, read_config
+from tilefuse.cli import main
+from tilefuse.pipelines.train import train
+from tilefuse.tile_model import TileModel, TileModelSpec, available_models, register_model
+from tilefuse.training import cosine_factor, flatten_state, unflatten_state
+
+CRASH = {"at": None, "count": 0}
+"""Make the test models raise on their N-th training forward (a simulated crash)."""
+
+
+class _Tiny(TileModel):
+    def __init__(self, modalities, num_classes, margin):
+        super().__init__()
+        self.spec = TileModelSpec(dict(modalities), num_classes, margin=margin, blend=margin == 0)
+        channels = sum(modalities.values())
+        self.body = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.3))
+        self.head = nn.Conv2d(8, num_classes, 2 * margin + 1)
+
+    def forward(self, inputs):
+        if self.training:
+            CRASH["count"] += 1
+            if CRASH["at"] is not None and CRASH["count"] >= CRASH["at"]:
+                raise RuntimeError("simulated crash")
+        return self.head(self.body(torch.cat([inputs[n] for n in self.spec.modalities], dim=1)))
+
+
+@register_model("test-seg")
+def _build_seg(modalities, num_classes, **hparams):
+    return _Tiny(modalities, num_classes, margin=0)
+
+
+@register_model("test-pixel")
+def _build_pixel(modalities, num_classes, patch_size=5):
+    return _Tiny(modalities, num_classes, margin=patch_size // 2)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    a = write(labelled_scene(128, 128, seed=0), tmp_path / "a.zarr")
+    b = write(labelled_scene(96, 128, seed=1, invalid_disk=False), tmp_path / "b.zarr")
+    return [a, b]
+
+
+FAST = dict(batch_size=4, patch_size=32, workers=0, log_every=1, progress=False)
+
+
+def test_cosine_schedule():
+    assert cosine_factor(0, 100) == 1.0
+    assert cosine_factor(50, 100) == pytest.approx(0.5)
+    assert cosine_factor(100, 100) == pytest.approx(0.0)
+    assert cosine_factor(0, 100, warmup=10) == pytest.approx(0.1)
+    assert cosine_factor(9, 100, warmup=10) == pytest.approx(1.0)
+    assert cosine_factor(100, 100, floor=0.1) == pytest.approx(0.1)
+
+
+def test_state_codec_round_trips_without_pickle():
+    state = {"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 3)}}, "groups": [{"betas": (0.9, 0.999), "lr": 1e-4, "params": [0]}]}
+    tensors = {}
+    tree = flatten_state(state, tensors)
+    back = unflatten_state(json.loads(json.dumps(tree)), tensors)
+    assert back["groups"] == state["groups"] and isinstance(back["groups"][0]["betas"], tuple)
+    assert list(back["state"]) == [0] and torch.equal(back["state"][0]["m"], state["state"][0]["m"])
+    with pytest.raises(TypeError):
+        flatten_state({"x": object()}, {})
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def test_training_learns_and_writes_a_predictable_run(stores, tmp_path):
+    run = train("test-seg", stores, tmp_path / "run", steps=40, lr=1e-2, checkpoint_every=20, seed=1, **FAST)
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 41))
+    first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(36, 41)])
+    assert last < 0.7 * first, (first, last)
+    for name in ("model.safetensors", "config.json", "curves.png", "metrics.json", "log.jsonl", "split.json", "state/trainer.json"):
+        assert (run / name).is_file(), name
+    model, config = load_checkpoint(run)
+    assert config.model == "test-seg" and config.class_names == ["water", "forest", "field"]
+    assert set(config.band_stats) == {"optical", "sar"} and len(config.band_stats["optical"]["mean"]) == 3
+    assert config.extra["step"] == 40
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["val"]["pixels"] > 0 and metrics["val"]["overall_accuracy"] > 0.5
+    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+@pytest.mark.parametrize("model", ["test-seg", "test-pixel"])
+def test_resume_continues_with_the_same_losses(stores, tmp_path, model):
+    options = dict(steps=12, checkpoint_every=4, lr=5e-3, seed=3, pixels_per_class=10, **FAST)
+    CRASH.update(at=None, count=0)
+    whole = _losses(train(model, stores, tmp_path / "whole", **options))
+    CRASH.update(at=7, count=0)  # crash during step 7: the last checkpoint is step 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model, stores, tmp_path / "broken", **options)
+    CRASH.update(at=None, count=0)
+    assert read_config(tmp_path / "broken").extra["step"] == 4
+    resumed = _losses(train(model, stores, tmp_path / "broken", resume=True, **options))
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s] for s in range(5, 13)] == [whole[s] for s in range(5, 13)]
+    a = load_checkpoint(tmp_path / "whole")[0].state_dict()
+    b = load_checkpoint(tmp_path / "broken")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_bad_inputs_exit_2_with_one_line(stores, tmp_path, capsys):
+    a, b = (str(p) for p in stores)
+    base = ["train", "--model", "test-seg", "--steps", "2", "--batch-size", "2", "--patch-size", "32", "--workers", "0", "--quiet"]
+
+    three_sar = write(labelled_scene(64, 64, sar_bands=3), tmp_path / "three.zarr")
+    nolabel = write(labelled_scene(64, 64).drop_vars("label"), tmp_path / "nolabel.zarr")
+    empty_ds = labelled_scene(64, 64)
+    empty_ds["label"].values[:] = 255
+    empty = write(empty_ds, tmp_path / "empty.zarr")
+    few_ds = labelled_scene(64, 64, invalid_disk=False)
+    few_ds["label"].values[few_ds["label"].values == 2] = 0
+    few_ds["label"].values[5:7, 5:7] = 2
+    few = write(few_ds, tmp_path / "few.zarr")
+
+    cases = [
+        (base + ["--store", a, "--store", str(three_sar), "--out", str(tmp_path / "r1")], "has 3 bands"),
+        (base + ["--store", a, "--modality", "lidar", "--out", str(tmp_path / "r2")], "no modality 'lidar'"),
+        (base + ["--store", str(nolabel), "--out", str(tmp_path / "r3")], "has no labels"),
+        (base + ["--store", str(empty), "--out", str(tmp_path / "r4")], "no valid labelled pixels"),
+        (
+            ["train", "--model", "test-pixel", "--store", str(few), "--pixels-per-class", "10", "--val-fraction", "0",
+             "--workers", "0", "--quiet", "--out", str(tmp_path / "r5")],
+            "class 'field' (2) has only 4 labelled pixels",
+        ),
+        (base + ["--store", a, "--patch-size", "200", "--out", str(tmp_path / "r6")], "exceeds store"),
+        (base + ["--store", a, "--out", str(tmp_path / "r7"), "--resume"], "no training state to resume"),
+        (base + ["--store", a, "--split", "stores", "--out", str(tmp_path / "r8")], "needs a store"),
+    ]
+    for args, message in cases:
+        code, err = _cli(args, capsys)
+        assert code == 2, (args, err)
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not Path(args[args.index("--out") + 1]).exists() or "--resume" in args
+
+    run = tmp_path / "run"
+    assert _cli(base + ["--store", a, "--out", str(run)], capsys)[0] == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    code, err = _cli(base + ["--store", a, "--out", str(run)], capsys)
+    assert code == 2 and "already exists" in err
+    code, err = _cli(["train", "--model", "test-pixel"] + base[3:] + ["--store", a, "--out", str(run), "--resume"], capsys)
+    assert code == 2 and "model 'test-seg', not 'test-pixel'" in err
+    code, err = _cli(base + ["--store", a, "--store", b, "--out", str(run), "--resume"], capsys)
+    assert code == 2 and "same --store list" in err
+    code, err = _cli(base + ["--store", a, "--out", str(run), "--resume", "--lr", "0.5"], capsys)
+    assert code == 2 and "--lr 0.5 differs" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before, "a refused command touched the run"
+    assert _cli(base + ["--store", a, "--out", str(run), "--overwrite", "--steps", "1"], capsys)[0] == 0
+    assert read_config(run).extra["step"] == 1
+
+
+def test_pixel_model_trains_on_labelled_pixels_and_validates_on_pixels(stores, tmp_path):
+    run = train("test-pixel", stores, tmp_path / "run", steps=6, pixels_per_class=8, checkpoint_every=6, **FAST)
+    config = read_config(run)
+    assert config.extra["sampler"] == "pixels"
+    val = json.loads((run / "metrics.json").read_text())["val"]
+    assert 0 < val["pixels"] <= 2000
+
+
+@pytest.mark.slow
+def test_real_models_train_a_few_steps(stores, tmp_path):
+    if "pad" not in available_models() or "s2fin" not in available_models():
+        pytest.skip("the 'pad' and 's2fin' models are not registered")
+    run = train("pad", stores, tmp_path / "pad", steps=2, batch_size=2, patch_size=32, workers=0, progress=False, val_fraction=0.0, hparams={"preset": "atto"})
+    model, config = load_checkpoint(run)
+    assert config.hparams == {"preset": "atto"} and config.extra["sampler"] == "patches"
+    with torch.no_grad():
+        logits = model({"optical": torch.zeros(1, 3, 32, 32), "sar": torch.zeros(1, 2, 32, 32)})
+    assert logits.shape == (1, 3, 32, 32)
+    run = train("s2fin", stores, tmp_path / "s2fin", steps=2, batch_size=4, pixels_per_class=4, workers=0, progress=False, val_fraction=0.0)
+    assert read_config(run).extra["sampler"] == "pixels" and read_config(run).extra["step"] == 2
