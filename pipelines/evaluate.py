@@ -28,15 +28,17 @@ def evaluate(
 
     Pixels whose label is 255 or that are not ``valid`` in the scene are
     ignored; labelled pixels the prediction leaves at 255 are counted as
-    ``unscored_pixels``. The grids must match. Returns a JSON-ready dict.
+    ``unscored_pixels``. The grids must match, and the prediction must be
+    complete. Returns a JSON-ready dict.
     """
     import numpy as np
     from tqdm.auto import tqdm
 
     from tilefuse.metrics import ConfusionMatrix
-    from tilefuse.scene import IGNORE, SHARD, iter_chunk_slices, open_scene, open_store
+    from tilefuse.prediction import open_prediction
+    from tilefuse.scene import IGNORE, SHARD, iter_chunk_slices, open_scene
 
-    predicted = open_store(prediction, "prediction")
+    predicted = open_prediction(prediction)
     scene = open_scene(labels)
     if "label" not in scene:
         raise InputError(f"{labels} has no labels to evaluate against: ingest it with --labels PATH")

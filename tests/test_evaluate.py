@@ -1,0 +1,101 @@
+"""`tilefuse evaluate`: block-by-block metrics of a prediction store against a scene's labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from test_sampling import CLASSES, labelled_scene, write
+from tilefuse.cli import main
+from tilefuse.errors import InputError
+from tilefuse.pipelines.evaluate import evaluate
+from tilefuse.scene import IGNORE, STORE_KIND, open_scene
+
+
+def write_prediction(scene: xr.Dataset, labels: np.ndarray, path: Path, complete: bool = True) -> Path:
+    """A minimal prediction store (the contract: labels, manifest, attrs) on ``scene``'s grid."""
+    ds = xr.Dataset(
+        {"labels": (("y", "x"), labels.astype(np.uint8)), "block_done": (("block_y", "block_x"), np.ones((1, 1), np.uint8))},
+        coords={"x": scene["x"].values, "y": scene["y"].values},
+    ).rio.write_crs(scene.rio.crs)
+    ds.attrs.update({STORE_KIND: "prediction", "complete": complete})
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return path
+
+
+@pytest.fixture
+def scene_and_prediction(tmp_path):
+    ds = labelled_scene(150, 130)
+    store = write(ds, tmp_path / "scene.zarr")
+    scene = open_scene(store)
+    rng = np.random.default_rng(0)
+    truth = ds["label"].values
+    predicted = np.where(rng.random(truth.shape) < 0.8, truth, rng.integers(0, 3, truth.shape)).astype(np.uint8)
+    predicted[truth == IGNORE] = 0
+    predicted[~ds["valid"].values] = IGNORE
+    predicted[:5, :5] = IGNORE  # labelled but unpredicted
+    return store, write_prediction(scene, predicted, tmp_path / "pred.zarr"), ds, predicted
+
+
+def test_blocks_add_up_to_the_whole_scene(scene_and_prediction):
+    store, pred, ds, predicted = scene_and_prediction
+    truth = np.where(ds["valid"].values, ds["label"].values, IGNORE)
+    scored = (truth != IGNORE) & (predicted != IGNORE)
+    for block in (32, 64, 4096):
+        metrics = evaluate(pred, store, block=block)
+        assert metrics["pixels"] == int(scored.sum())
+        assert metrics["overall_accuracy"] == pytest.approx(np.mean(predicted[scored] == truth[scored]))
+        assert metrics["unscored_pixels"] == int(((truth != IGNORE) & (predicted == IGNORE)).sum())
+        assert list(metrics["per_class"]) == CLASSES
+        for k, name in enumerate(CLASSES):
+            inter = np.sum(scored & (truth == k) & (predicted == k))
+            union = np.sum(scored & ((truth == k) | (predicted == k)))
+            assert metrics["per_class"][name]["iou"] == pytest.approx(inter / union)
+
+
+def test_cli_prints_a_table_or_json(scene_and_prediction, capsys, tmp_path):
+    store, pred, _, _ = scene_and_prediction
+    assert main(["evaluate", str(pred), "--labels", str(store), "--json", "--out", str(tmp_path / "m.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["kappa"] == json.loads((tmp_path / "m.json").read_text())["kappa"]
+    assert main(["evaluate", str(pred), "--labels", str(store)]) == 0
+    table = capsys.readouterr().out
+    assert "mIoU" in table and "forest" in table and "kappa" in table
+
+
+def test_bad_inputs(scene_and_prediction, tmp_path, capsys):
+    store, pred, ds, predicted = scene_and_prediction
+    other = write(labelled_scene(150, 131), tmp_path / "other.zarr")
+    nolabel = write(labelled_scene(150, 130).drop_vars("label"), tmp_path / "nolabel.zarr")
+    partial = write_prediction(open_scene(store), predicted, tmp_path / "partial.zarr", complete=False)
+    cases = [
+        ([str(partial), "--labels", str(store)], "partial prediction"),
+        ([str(pred), "--labels", str(other)], "not on the grid"),
+        ([str(pred), "--labels", str(nolabel)], "no labels"),
+        ([str(store), "--labels", str(store)], "expected a prediction store"),
+        ([str(tmp_path / "missing.zarr"), "--labels", str(store)], "does not exist"),
+    ]
+    for args, message in cases:
+        assert main(["evaluate", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    with pytest.raises(InputError, match="is not a prediction store|expected a prediction store"):
+        evaluate(store, store)
+
+
+@pytest.mark.slow
+def test_train_predict_evaluate_end_to_end(tmp_path):
+    """A trained checkpoint goes straight into `tilefuse predict`, and evaluate scores its output."""
+    import test_training  # noqa: F401  (registers the test models)
+    from tilefuse.pipelines.predict import predict
+    from tilefuse.pipelines.train import train
+
+    store = write(labelled_scene(128, 128), tmp_path / "scene.zarr")
+    run = train("test-seg", [store], tmp_path / "run", steps=30, batch_size=4, patch_size=32, lr=1e-2, workers=0, progress=False)
+    predict(run, store, tmp_path / "pred.zarr", tile=64, cluster="sync", progress=False)
+    metrics = evaluate(tmp_path / "pred.zarr", store)
+    assert metrics["overall_accuracy"] > 0.6 and metrics["unscored_pixels"] == 0
