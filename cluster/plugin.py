@@ -33,7 +33,8 @@ class ModelSource:
     precision: str = "fp32"
     """fp32, or bf16/fp16 autocast."""
     torch_threads: int | None = None
-    """torch intra-op threads per worker; None leaves torch's default."""
+    """torch intra-op threads per worker; None: an even share of the host's cores on a cluster, torch's
+    default in-process. Results are bitwise reproducible for a given thread count (kernels split work by it)."""
     builder: Callable[..., Any] | None = field(default=None, compare=False)
     """The model's builder, shipped so workers can build models registered only in the client
     process (a notebook, a test module); pickled by reference where importable."""
@@ -45,20 +46,20 @@ class ModelSource:
 
 def load_runner(source: ModelSource):
     """This process's :class:`tilefuse.inference.TileRunner` for ``source``, loading the checkpoint once."""
+    import torch
+
     with _LOCK:
+        if source.torch_threads and torch.get_num_threads() != source.torch_threads:
+            torch.set_num_threads(source.torch_threads)
         runner = _RUNNERS.get(source.key)
         if runner is not None:
             return runner
-        import torch
-
         from tilefuse.checkpoint import load_checkpoint
         from tilefuse.inference import TileRunner
         from tilefuse.tile_model import available_models, register_model
 
         if source.builder is not None and source.model not in available_models():
             register_model(source.model)(source.builder)
-        if source.torch_threads:
-            torch.set_num_threads(source.torch_threads)
         device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_checkpoint(source.checkpoint, device=device)
         runner = TileRunner(model, device=device, precision=source.precision)

@@ -97,6 +97,7 @@ def predict(
     cluster: Any = "sync",
     device: str | None = None,
     precision: str = "fp32",
+    torch_threads: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     quicklook: str | Path | None = None,
@@ -110,8 +111,14 @@ def predict(
     edge) are the unit of work, memory, writing and ``resume``. ``probs`` adds
     class probabilities (True: uint8-quantised, or a dtype name). ``cluster``
     is a spec (sync, local:N, cuda, tcp://..., scheduler file) or an existing
-    ``distributed.Client``. Returns the prediction lazily, with CRS.
+    ``distributed.Client``. ``torch_threads`` fixes torch's threads per worker
+    (default: an even share of each host's cores); the output is bitwise the
+    same whatever the block size, batch size (>= 2), worker count or retries,
+    given the same device kind and threads per worker. Returns the prediction
+    lazily, with CRS.
     """
+    import torch
+
     from tilefuse.blending import WINDOWS
     from tilefuse.cluster.blocks import run_blocks
     from tilefuse.cluster.client import cluster_client, dashboard_link, workers_per_host
@@ -141,6 +148,8 @@ def predict(
         raise InputError(f"unknown probs dtype {probs_dtype!r}: choose one of {', '.join(PROBS_DTYPES)}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    if torch_threads is not None and torch_threads < 1:
+        raise InputError(f"--torch-threads must be >= 1, got {torch_threads}")
     if out.resolve() == store.resolve():
         raise InputError(f"--out {out} is the scene store itself: choose another output path")
 
@@ -182,7 +191,9 @@ def predict(
     channels = sum(config.modalities.values())
 
     builder = available_models()[config.model].builder
-    source = ModelSource(str(Path(checkpoint).resolve()), digest, config.model, device, precision, builder=builder)
+    source = ModelSource(
+        str(Path(checkpoint).resolve()), digest, config.model, device, precision, torch_threads, builder=builder
+    )
     with cluster_client(cluster) as client:
         if client is not None:
             hosts = workers_per_host(client)
@@ -222,7 +233,11 @@ def predict(
             blend=window,
             probs=probs_dtype,
         )
-        tiles = run_blocks(job, source, grid.blocks(), pending, client=client, progress=progress) if pending else 0
+        threads = torch.get_num_threads()
+        try:
+            tiles = run_blocks(job, source, grid.blocks(), pending, client=client, progress=progress) if pending else 0
+        finally:
+            torch.set_num_threads(threads)  # sync runs set this process's torch threads
     mark_complete(out)
     if progress:
         seconds = time.perf_counter() - started
@@ -257,6 +272,9 @@ def predict_command(
     cluster: Annotated[str, typer.Option(help="sync, local:N, cuda, tcp://HOST:PORT or a scheduler file.")] = "sync",
     device: Annotated[Optional[str], typer.Option(help="torch device on each worker [default: its GPU if any, else cpu].")] = None,
     precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 autocast.")] = "fp32",
+    torch_threads: Annotated[
+        Optional[int], typer.Option(help="torch threads per worker [default: an even share of the cores].")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted prediction: only unfinished blocks run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing prediction store.")] = False,
     quicklook: Annotated[Optional[Path], typer.Option(help="Also write a quicklook PNG of the labels here.")] = None,
@@ -275,6 +293,7 @@ def predict_command(
         cluster=cluster,
         device=device,
         precision=precision,
+        torch_threads=torch_threads,
         resume=resume,
         overwrite=overwrite,
         quicklook=quicklook,

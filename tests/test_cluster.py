@@ -1,0 +1,123 @@
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from predict_fixtures import save_pointwise, write_test_scene
+
+import tilefuse
+from tilefuse.cluster.client import make_client
+from tilefuse.errors import InputError
+from tilefuse.prediction import done_blocks, open_prediction
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"tile": 32, "overlap": 10, "block_size": 64, "batch_size": 2, "torch_threads": 1, "probs": "float32"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    scene = write_test_scene(root / "scene.zarr", 190, 170, seed=3, nodata=(slice(150, 190), slice(0, 60)))
+    checkpoint = save_pointwise(root / "fast")
+    slow = save_pointwise(root / "slow", delay=0.15)  # same weights, slower forward
+    reference = tilefuse.predict(checkpoint, scene, root / "sync.zarr", progress=False, **SETTINGS)
+    return root, scene, checkpoint, slow, reference
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client
+
+    with Client(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as client:
+        yield client
+
+
+@pytest.mark.slow
+def test_two_workers_give_bitwise_the_same_store_and_load_the_model_once(tmp_path, data, client):
+    _, scene, checkpoint, _, reference = data
+    pred = tilefuse.predict(checkpoint, scene, tmp_path / "two.zarr", cluster=client, progress=False, **SETTINGS)
+    assert np.array_equal(pred["labels"].values, reference["labels"].values)
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
+
+    from tilefuse.cluster import plugin
+
+    loaded = client.run(lambda: sorted(plugin._RUNNERS))
+    assert len(loaded) == 2 and all(len(keys) == 1 for keys in loaded.values()), loaded
+    # what travels with each task is small: paths, geometry, statistics; never weights
+    from tilefuse.cluster.plugin import ModelSource
+
+    source = ModelSource(str(checkpoint), "0" * 64, "test-pointwise")
+    assert len(pickle.dumps(source)) < 4096
+
+
+@pytest.mark.slow
+def test_a_killed_worker_loses_nothing(tmp_path, data, client):
+    _, scene, _, slow, reference = data
+    out = tmp_path / "killed.zarr"
+    pids = list(client.run(os.getpid).values())
+    killed = {}
+
+    def kill_after_first_blocks():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                done = done_blocks(out)
+            except Exception:  # the store is not created yet
+                time.sleep(0.05)
+                continue
+            if done.sum() >= 2:
+                killed["done"], killed["total"] = int(done.sum()), done.size
+                os.kill(pids[0], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_first_blocks)
+    watcher.start()
+    pred = tilefuse.predict(slow, scene, out, cluster=client, progress=False, **SETTINGS)
+    watcher.join()
+    assert killed and killed["done"] < killed["total"], "the worker must die mid-run"
+    assert np.array_equal(pred["labels"].values, reference["labels"].values)
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
+    assert done_blocks(out).all()
+
+
+def test_cluster_specs_fail_with_one_clear_line(tmp_path):
+    with pytest.raises(InputError, match="unknown cluster spec"):
+        make_client("yarn://somewhere")
+    with pytest.raises(InputError, match="local:N"):
+        make_client("local:0")
+    with pytest.raises(InputError, match="dask-cuda|no GPU"):
+        make_client("cuda")
+    with pytest.raises(InputError, match="cannot reach the dask scheduler"):
+        make_client("tcp://127.0.0.1:9", timeout="1s")
+    with pytest.raises(InputError, match="does not exist"):
+        make_client(str(tmp_path / "scheduler.json"))
+    assert make_client("sync") is None
+
+
+@pytest.mark.slow
+def test_external_cluster_example(tmp_path, data):
+    """examples/external_cluster.py: dask scheduler + workers started by hand, predict against the scheduler file."""
+    work = tmp_path / "external"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "external_cluster.py"), str(work), "--size", "160", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pred = open_prediction(work / "prediction.zarr")
+    assert pred.attrs["complete"] and pred.attrs["model"] == "pad"
+    assert (work / "prediction.tif").is_file()
+    # the same checkpoint in this process, same threads per worker: bitwise the same labels
+    local = tilefuse.predict(
+        work / "pad-random", work / "scene.zarr", tmp_path / "local.zarr", tile=64, overlap=16, block_size=128,
+        batch_size=4, torch_threads=1, progress=False,
+    )  # fmt: skip
+    assert np.array_equal(pred["labels"].values, local["labels"].values)
