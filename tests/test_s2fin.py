@@ -92,13 +92,13 @@ def test_spec_margin_and_no_blending():
 def test_dense_tile_equals_patch_classifier_pixel_by_pixel():
     torch.manual_seed(0)
     p = 11
-    model = S2FinModel(MODALITIES, 5, patch_size=p, max_patches_per_batch=7).eval()  # forces many sub-batches
-    tile = _tile(2, (6 + p - 1, 5 + p - 1))
+    model = S2FinModel(MODALITIES, 5, patch_size=p, dim=32, spectral_tokens=16, max_patches_per_batch=5).eval()
+    tile = _tile(2, (4 + p - 1, 3 + p - 1))  # 2 x 12 pixels in sub-batches of at most 5 patches
     with torch.no_grad():
         dense = model(tile)
-        assert dense.shape == (2, 5, 6, 5)
-        for y in range(6):
-            for x in range(5):
+        assert dense.shape == (2, 5, 4, 3)
+        for y in range(4):
+            for x in range(3):
                 patch = {k: v[:, :, y : y + p, x : x + p] for k, v in tile.items()}
                 single = model.classifier(patch["optical"], patch["sar"])
                 assert torch.allclose(dense[:, :, y, x], single, atol=1e-5), (y, x)
