@@ -1,0 +1,54 @@
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from predict_fixtures import CLASSES, save_pointwise, write_test_scene
+
+import tilefuse
+from tilefuse.cli import main
+from tilefuse.quicklook import class_colors
+from tilefuse.scene import open_scene
+
+
+@pytest.fixture(scope="module")
+def prediction(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    scene = write_test_scene(root / "scene.zarr", 300, 260, seed=9, nodata=(slice(0, 40), slice(0, 260)))
+    checkpoint = save_pointwise(root / "pointwise")
+    pred = tilefuse.predict(checkpoint, scene, root / "pred.zarr", tile=64, overlap=16, block_size=128, progress=False)
+    return root, scene, pred
+
+
+def test_cog_opens_with_overviews_colours_nodata_and_the_scene_grid(tmp_path, prediction):
+    root, scene, pred = prediction
+    out = tmp_path / "labels.tif"
+    assert main(["export", str(root / "pred.zarr"), str(out), "--blocksize", "128"]) == 0
+    with rasterio.open(out) as cog:
+        assert cog.driver == "GTiff" and cog.count == 1 and cog.dtypes[0] == "uint8"
+        assert cog.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert cog.overviews(1), "a COG carries overviews"
+        assert cog.nodata == 255
+        assert cog.crs == open_scene(scene).rio.crs
+        assert cog.transform == open_scene(scene).rio.transform()
+        assert cog.block_shapes[0] == (128, 128)
+        assert np.array_equal(cog.read(1), pred["labels"].values)
+        colormap = cog.colormap(1)
+        for k, rgb in enumerate(class_colors(len(CLASSES))):
+            assert colormap[k][:3] == tuple(rgb)
+        assert json.loads(cog.tags()["class_names"]) == CLASSES
+        overview = cog.read(1, out_shape=(1, cog.height // 2, cog.width // 2))
+        assert set(np.unique(overview)) <= set(range(len(CLASSES))) | {255}, "overviews keep class ids (nearest)"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_export_refuses_to_overwrite_and_bad_inputs(tmp_path, prediction):
+    root, scene, _ = prediction
+    out = tmp_path / "labels.tif"
+    out.write_bytes(b"keep me")
+    assert main(["export", str(root / "pred.zarr"), str(out)]) == 2
+    assert out.read_bytes() == b"keep me"
+    assert main(["export", str(root / "pred.zarr"), str(out), "--overwrite"]) == 0
+    assert main(["export", str(scene), str(tmp_path / "scene.tif")]) == 2, "a scene store is not a prediction"
+    assert main(["export", str(tmp_path / "missing.zarr"), str(tmp_path / "x.tif")]) == 2
+    assert not (tmp_path / "scene.tif").exists() and not (tmp_path / "x.tif").exists()
