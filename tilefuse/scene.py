@@ -112,12 +112,23 @@ def write_chunks(enc: dict) -> tuple[int, ...]:
     return tuple(enc.get("shards", enc["chunks"]))
 
 
+def _block_sums(block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(bands, 1, 1, 3): count, sum and sum of squares of each band over valid, finite pixels."""
+    out = np.zeros((block.shape[0], 1, 1, 3), np.float64)
+    for i, band in enumerate(block):  # one band at a time keeps the float64 copy small
+        ok = valid[0] & np.isfinite(band)
+        x = band[ok].astype(np.float64)
+        out[i, 0, 0] = ok.sum(), x.sum(), np.dot(x, x)
+    return out
+
+
 def _band_sums(data: da.Array, valid: da.Array) -> tuple[da.Array, da.Array, da.Array]:
     """Per-band count, sum and sum of squares over valid, finite pixels (float64)."""
-    x = data.astype(np.float64)
-    ok = valid[None] & da.isfinite(x)
-    x = da.where(ok, x, 0.0)
-    return ok.sum(axis=(1, 2)), x.sum(axis=(1, 2)), (x * x).sum(axis=(1, 2))
+    valid = valid[None].rechunk(((1,), *data.chunks[1:]))
+    chunks = (data.chunks[0], (1,) * data.numblocks[1], (1,) * data.numblocks[2], (3,))
+    per_block = da.map_blocks(_block_sums, data, valid, new_axis=3, chunks=chunks, dtype=np.float64)
+    sums = per_block.sum(axis=(1, 2))
+    return sums[:, 0], sums[:, 1], sums[:, 2]
 
 
 def count_labels(label: da.Array) -> da.Array:

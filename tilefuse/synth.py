@@ -19,6 +19,7 @@ road grid), class-specific texture, and per kind:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -346,11 +347,11 @@ def write_geotiffs(
 ) -> dict[str, Path]:
     """Write each modality (and ``label``) of a scene as a tiled GeoTIFF in ``directory``.
 
-    Chunks are computed in parallel and written as windows (one at a time), so
-    the scene is never held in memory. Float modalities get nodata NaN, labels
-    nodata 255 and their class names in the ``class_names`` tag. Each file is
-    written under a temporary name and renamed when complete. Returns
-    ``{name: path}``.
+    Chunks are computed in parallel (once for all files) and written as
+    windows, one at a time, so the scene is never held in memory. Float
+    modalities get nodata NaN, labels nodata 255 and their class names in the
+    ``class_names`` tag. Each file is written under a temporary name and
+    renamed when complete. Returns ``{name: path}``.
     """
     import rasterio
 
@@ -362,36 +363,37 @@ def write_geotiffs(
         raise InputError(f"{existing[0]} already exists: choose another --geotiff folder or pass --overwrite")
     directory.mkdir(parents=True, exist_ok=True)
     transform, crs = ds.rio.transform(), ds.rio.crs
-    lock = threading.Lock()
-    for name, path in paths.items():
-        var = ds[name]
-        is_label = name == "label"
-        bands = None if is_label else var.shape[0]
-        profile = dict(
-            driver="GTiff", width=var.sizes["x"], height=var.sizes["y"], count=bands or 1, dtype=var.dtype.name,
-            crs=crs, transform=transform, nodata=IGNORE if is_label else np.nan, tiled=True, blockxsize=512,
-            blockysize=512, compress=compress, BIGTIFF="IF_SAFER",
-        )
-        if compress.lower() in ("zstd", "deflate", "lzw"):
-            profile["predictor"] = 1 if is_label else 3
-        tmp = directory / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with rasterio.Env(GDAL_CACHEMAX=128 << 20), rasterio.open(tmp, "w", **profile) as dst:
+    tmps = {name: directory / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}" for name, path in paths.items()}
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=128 << 20), contextlib.ExitStack() as files:
+            sources, targets = [], []
+            for name, tmp in tmps.items():
+                var = ds[name]
+                is_label = name == "label"
+                bands = None if is_label else var.shape[0]
+                profile = dict(
+                    driver="GTiff", width=var.sizes["x"], height=var.sizes["y"], count=bands or 1,
+                    dtype=var.dtype.name, crs=crs, transform=transform, nodata=IGNORE if is_label else np.nan,
+                    tiled=True, blockxsize=512, blockysize=512, compress=compress, BIGTIFF="IF_SAFER",
+                )  # fmt: skip
+                if compress.lower() in ("zstd", "deflate", "lzw"):
+                    profile["predictor"] = 1 if is_label else 3
+                dst = files.enter_context(rasterio.open(tmp, "w", **profile))
                 if is_label:
                     dst.update_tags(class_names=json.dumps(list(var.attrs.get("class_names", []))))
                 else:
                     for i, band in enumerate(var[band_dim(name)].values, start=1):
                         dst.set_band_description(i, str(band))
-                data = var.data if isinstance(var.data, da.Array) else da.from_array(var.data, chunks=512)
-                store = da.store(data, _WindowWriter(dst, bands), lock=lock, compute=False)
-                if progress:
-                    from dask.diagnostics import ProgressBar
+                sources.append(var.data if isinstance(var.data, da.Array) else da.from_array(var.data, chunks=512))
+                targets.append(_WindowWriter(dst, bands))
+            # one store call: chunks shared by several files (a synthetic scene's layers) are computed once
+            from dask.diagnostics import ProgressBar
 
-                    with ProgressBar():
-                        store.compute()
-                else:
-                    store.compute()
-            os.replace(tmp, path)
-        finally:
+            with ProgressBar() if progress else contextlib.nullcontext():
+                da.store(sources, targets, lock=threading.Lock())
+        for name, tmp in tmps.items():
+            os.replace(tmp, paths[name])
+    finally:
+        for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
     return paths
