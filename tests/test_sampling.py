@@ -120,57 +120,82 @@ def _expected_origins(ds: xr.Dataset, patch: int, min_labelled: float) -> np.nda
     return brute_force_origins(ds["valid"].values, ds["label"].values, None, patch, 0, min_labelled)
 
 
-def test_random_patches_are_uniform_over_eligible_origins_of_all_stores():
-    """Chi-square tests of the patch-origin law, exact under window sampling.
+def _cover(n: int, patch: int, window: int, stride: int) -> np.ndarray:
+    """How many windows (starts every ``stride``, ``window`` long, clipped) hold each origin's patch, counted directly."""
+    starts = range(0, n - patch + 1, stride)
+    return np.array([sum(a <= o and o + patch <= min(a + window, n) for a in starts) for o in range(n - patch + 1)])
 
-    Patches come in groups of k from one window draw, so counts per window are
-    k times a multinomial: chi2(windows) / k is chi-square. Given how often
-    each window was drawn, origins inside it are i.i.d. uniform over its
-    eligible origins: a chi-square over cells within windows.
-    """
-    patch, window, k = 16, 64, 8
-    scenes = [labelled_scene(150, 130, seed=0), labelled_scene(100, 170, seed=1, invalid_disk=False)]
-    readers = [ArrayReader(ds, name=f"mem{i}") for i, ds in enumerate(scenes)]
+
+def _cells(a: np.ndarray, cell: int) -> np.ndarray:
+    return np.array([a[i : i + cell, j : j + cell].sum() for i in range(0, a.shape[0], cell) for j in range(0, a.shape[1], cell)], float)
+
+
+def _pooled_chi2(observed: list[np.ndarray], probabilities: list[np.ndarray]) -> float:
+    """p-value of independent multinomial groups (counts per cell) against their cell probabilities."""
+    statistic, dof = 0.0, 0
+    for o, p in zip(observed, probabilities):
+        keep = p > 0
+        assert o[~keep].sum() == 0, "draws where the law says none"
+        expected = o.sum() * p[keep] / p[keep].sum()
+        statistic += ((o[keep] - expected) ** 2 / expected).sum()
+        dof += keep.sum() - 1
+    return chi2_pvalue(statistic, dof)
+
+
+SCENES = [(150, 130, 0, True), (100, 170, 1, False)]
+PATCH = 16
+
+
+def _sampler(k: int, per_round: int, seed: int) -> tuple[RandomPatchSampler, list[np.ndarray]]:
+    scenes = [labelled_scene(h, w, seed=s, invalid_disk=d) for h, w, s, d in SCENES]
+    readers = [ArrayReader(ds, chunk=32, name=f"mem{i}") for i, ds in enumerate(scenes)]
     sampler = RandomPatchSampler(
-        readers, ["optical", "sar"], patch, window=window, patches_per_window=k, windows_per_round=6, min_labelled=0.2, seed=7
+        readers, ["optical", "sar"], PATCH, window=64, patches_per_window=k, windows_per_round=per_round, min_labelled=0.2, seed=seed
     )
-    expected = [_expected_origins(ds, patch, 0.2) for ds in scenes]
-    assert sampler.num_origins == sum(int(e.sum()) for e in expected)
+    return sampler, [_expected_origins(ds, PATCH, 0.2) for ds in scenes]
 
-    counts = [np.zeros_like(e, dtype=np.int64) for e in expected]
-    for sample in _take(sampler.iter_stream(0), 6000):
+
+def test_random_patch_origins_are_uniform_over_eligible_origins_of_all_stores():
+    """One patch per round: i.i.d. draws from the marginal law, which must be uniform over eligible origins."""
+    sampler, eligible = _sampler(k=1, per_round=1, seed=7)
+    assert sampler.geometry[0] == (64, 32)
+    assert sampler.num_origins == sum(int(e.sum()) for e in eligible)
+    counts = [np.zeros(e.shape, np.int64) for e in eligible]
+    for sample in _take(sampler.iter_stream(0), 5000):
         counts[sample.store][sample.y, sample.x] += 1
-    assert all((c[~e] == 0).all() for c, e in zip(counts, expected)), "a patch at an ineligible origin"
-    total = sum(int(c.sum()) for c in counts)
-    n_origins = sum(int(e.sum()) for e in expected)
+    observed = [np.concatenate([_cells(c, 16) for c in counts])]
+    assert _pooled_chi2(observed, [np.concatenate([_cells(e, 16) for e in eligible])]) > 1e-3
+    # the test has power: a law ignoring the valid mask and labels would be rejected
+    assert _pooled_chi2(observed, [np.concatenate([_cells(np.ones(e.shape), 16) for e in eligible])]) < 1e-6
 
-    def window_sums(a):
-        return [a[y : y + window, x : x + window].sum() for y in range(0, a.shape[0], window) for x in range(0, a.shape[1], window)]
 
-    observed_w = np.array([s for c in counts for s in window_sums(c)], float)
-    eligible_w = np.array([s for e in expected for s in window_sums(e)], float)
-    keep = eligible_w > 0
-    expect_w = total * eligible_w[keep] / n_origins
-    stat = ((observed_w[keep] - expect_w) ** 2 / expect_w).sum() / k
-    assert chi2_pvalue(stat, keep.sum() - 1) > 1e-3
+def test_window_draws_and_origins_within_windows_follow_the_weighted_law():
+    """Several patches per window: windows drawn prop. to sum of 1/cover, origins inside prop. to 1/cover.
 
-    # the test has power: windows drawn uniformly (ignoring valid area) would be rejected
-    flat = np.full(keep.sum(), total / keep.sum())
-    assert chi2_pvalue(((observed_w[keep] - flat) ** 2 / flat).sum() / k, keep.sum() - 1) < 1e-6
+    Together they give every origin the probability sum_w P(w) P(o | w) = c(o) (1/c(o)) / N = 1 / N.
+    """
+    k, window, stride = 8, 64, 32
+    sampler, eligible = _sampler(k=k, per_round=6, seed=3)
+    samples = _take(sampler.iter_stream(0), 6 * k * 200)
+    inverse = [e / np.outer(_cover(h, PATCH, window, stride), _cover(w, PATCH, window, stride)) for (h, w, _, _), e in zip(SCENES, eligible)]
+    windows = sampler.table.windows.tolist()
+    law = np.array([inverse[s][y0 : y1 - PATCH + 1, x0 : x1 - PATCH + 1].sum() for s, y0, y1, x0, x1 in windows])
+    picked = np.bincount([t.window for t in samples], minlength=len(windows)) / k  # k patches per pick
+    assert _pooled_chi2([picked], [law]) > 1e-3
+    assert _pooled_chi2([picked], [(law > 0).astype(float)]) < 1e-6, "the window test has no power"
 
-    cell, stat, dof = 16, 0.0, 0
-    for c, e in zip(counts, expected):
-        for y in range(0, e.shape[0], window):
-            for x in range(0, e.shape[1], window):
-                cw, ew = c[y : y + window, x : x + window], e[y : y + window, x : x + window]
-                if ew.sum() == 0 or cw.sum() == 0:
-                    continue
-                o = np.array([cw[i : i + cell, j : j + cell].sum() for i in range(0, cw.shape[0], cell) for j in range(0, cw.shape[1], cell)], float)
-                p = np.array([ew[i : i + cell, j : j + cell].sum() for i in range(0, ew.shape[0], cell) for j in range(0, ew.shape[1], cell)], float)
-                o, p = o[p > 0], p[p > 0] / ew.sum()
-                stat += ((o - cw.sum() * p) ** 2 / (cw.sum() * p)).sum()
-                dof += len(p) - 1
-    assert chi2_pvalue(stat, dof) > 1e-3
+    observed, weighted, flat = [], [], []
+    for index, (s, y0, y1, x0, x1) in enumerate(windows):
+        counts = np.zeros((y1 - y0 - PATCH + 1, x1 - x0 - PATCH + 1))
+        for t in samples:
+            if t.window == index:
+                counts[t.y - y0, t.x - x0] += 1
+        if counts.sum():
+            observed.append(_cells(counts, 8))
+            weighted.append(_cells(inverse[s][y0 : y1 - PATCH + 1, x0 : x1 - PATCH + 1], 8))
+            flat.append(_cells(eligible[s][y0 : y1 - PATCH + 1, x0 : x1 - PATCH + 1].astype(float), 8))
+    assert _pooled_chi2(observed, weighted) > 1e-3
+    assert _pooled_chi2(observed, flat) < 1e-6, "the within-window test has no power"
 
 
 def _take(iterator, n):
@@ -193,7 +218,7 @@ def test_each_window_is_decoded_once_per_round_and_rounds_mix_windows(tmp_path, 
     decodes = [r for r in reads if "optical" in r]
     assert len(samples) == 8 * 16
     assert len(decodes) <= 8, "a window decoded more than once in a round"
-    windows = [(s.y // 64, s.x // 64) for s in samples]
+    windows = [s.window for s in samples]
     assert len(set(windows)) >= 4
     same = np.mean([a == b for a, b in zip(windows, windows[1:])])
     assert same < 0.5, "consecutive patches mostly from one window: the round is not shuffled"

@@ -112,6 +112,8 @@ class Sample:
     """(P, P) uint8; IGNORE where unlabelled or not valid."""
     dihedral: int = 0
     """Augmentation drawn for this sample: rotate by 90° x (d % 4), then flip columns if d >= 4."""
+    window: int = -1
+    """Index of the decoded window it was cut from (random patches), for diagnostics."""
 
 
 @dataclass(frozen=True)
@@ -346,27 +348,52 @@ def _masked_label(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return np.where(arrays["valid"], arrays["label"], IGNORE).astype(np.uint8)
 
 
+def window_starts(n: int, patch: int, stride: int) -> list[int]:
+    """Starts of the read windows along one axis: every multiple of ``stride`` that leaves room for a patch."""
+    return list(range(0, n - patch + 1, stride))
+
+
+def cover_counts(n: int, patch: int, window: int, stride: int) -> np.ndarray:
+    """For every patch origin ``0..n-patch`` along one axis, how many read windows hold the whole patch.
+
+    Windows start at multiples of ``stride`` and are ``window`` long (clipped
+    to the scene); ``window >= stride + patch - 1`` makes every count >= 1.
+    """
+    origin = np.arange(n - patch + 1)
+    return origin // stride - (np.maximum(0, origin + patch - window) + stride - 1) // stride + 1
+
+
+def window_geometry(window: int, patch: int, chunk: int) -> tuple[int, int]:
+    """(read window edge, stride): the stride is a whole number of chunks >= ``window / 2`` and >= ``patch - 1``,
+    the window twice the stride, so windows overlap by half and decode whole chunks only."""
+    stride = aligned_window(max(window // 2, patch - 1), chunk)
+    return 2 * stride, stride
+
+
 @dataclass
 class _WindowTable:
-    """Chunk-aligned windows of all stores with their eligible-origin counts per class."""
+    """Read windows of all stores with their eligible origins per centre class, each weighted 1 / cover count."""
 
     windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), dtype=np.int64))
-    """(n, 5): store, first/last+1 origin row, first/last+1 origin column."""
-    counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 256), dtype=np.int64))
-    """(n, 256): eligible origins per centre class (column IGNORE: centre valid but unlabelled)."""
+    """(n, 5): store, first/last+1 row, first/last+1 column of the window read."""
+    weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 256)))
+    """(n, 256): sum over eligible origins of 1 / cover count, per centre class (column IGNORE: unlabelled centre)."""
 
 
 class RandomPatchSampler:
     """Random ``patch x patch`` samples, uniform over eligible origins of all stores, chunk-aware.
 
-    Each round of a stream draws ``windows_per_round`` windows (chunk-aligned
-    blocks of ``window`` px of origins) with probability proportional to their
-    eligible origins, decodes each once (all modalities, label and valid over
-    the block plus ``patch - 1``), draws ``patches_per_window`` origins
-    uniformly among its eligible ones, and hands the round's patches out in a
-    random order. With ``class_balance`` the centre class of a patch is drawn
-    uniformly over the classes present instead (each origin weighs 1 / count of
-    its centre class), and only labelled centres qualify.
+    Read windows are chunk-aligned squares of about ``window`` px that overlap
+    by half (stride = half a window), so a window decodes whole chunks only.
+    An origin whose patch fits in ``c`` windows weighs ``1 / c`` in each: a
+    round draws ``windows_per_round`` windows with probability proportional
+    to their summed weights, decodes each once (every modality, label and
+    valid), and draws ``patches_per_window`` origins in it with probability
+    proportional to ``1 / c`` (by rejection), so every eligible origin of every
+    store has the same probability. The round's patches are handed out in a
+    random order. With ``class_balance`` an origin also weighs 1 / (count of
+    its centre class), so centre classes come out uniform, and only labelled
+    centres qualify.
     """
 
     def __init__(
@@ -381,7 +408,7 @@ class RandomPatchSampler:
         min_labelled: float = 0.0,
         class_balance: bool = False,
         window: int = DEFAULT_WINDOW,
-        patches_per_window: int = 16,
+        patches_per_window: int = 32,
         windows_per_round: int = 8,
         seed: int = 0,
         threads: int = 4,
@@ -396,36 +423,44 @@ class RandomPatchSampler:
         self.seed = int(seed)
         if self.patch <= 2 * self.margin:
             raise InputError(f"patch size {patch} leaves no output for a model with margin {margin}: pass a larger --patch-size")
-        self.windows_px = [aligned_window(window, min(r.chunk)) for r in self.readers]
+        self.geometry = [window_geometry(window, self.patch, min(r.chunk)) for r in self.readers]
         self.table = self._index(threads)
         self.weights = self._window_weights()
 
-    # -- index: one pass over valid + label, counting eligible origins per window
+    # -- index: one pass over valid + label, weighing eligible origins per window
     def _window_extents(self) -> list[tuple[int, int, int, int, int]]:
         out = []
-        for store, (reader, window) in enumerate(zip(self.readers, self.windows_px)):
+        for store, (reader, (window, stride)) in enumerate(zip(self.readers, self.geometry)):
             h, w = reader.shape
-            for oy0, oy1 in window_blocks(h - self.patch + 1, window):
-                for ox0, ox1 in window_blocks(w - self.patch + 1, window):
-                    out.append((store, oy0, oy1, ox0, ox1))
+            for y0 in window_starts(h, self.patch, stride):
+                for x0 in window_starts(w, self.patch, stride):
+                    out.append((store, y0, min(y0 + window, h), x0, min(x0 + window, w)))
         return out
 
-    def _eligible(self, store: int, oy0: int, oy1: int, ox0: int, ox1: int, arrays: dict) -> np.ndarray:
-        y1, x1 = oy1 + self.patch - 1, ox1 + self.patch - 1
-        region = None if self.split is None else self.split.region(store, self.subset, oy0, y1, ox0, x1)
+    def _inverse_cover(self, store: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """1 / cover count of every origin of a window's extent (shape of its origins)."""
+        h, w = self.readers[store].shape
+        window, stride = self.geometry[store]
+        rows = cover_counts(h, self.patch, window, stride)[y0 : y1 - self.patch + 1]
+        cols = cover_counts(w, self.patch, window, stride)[x0 : x1 - self.patch + 1]
+        return 1.0 / np.outer(rows, cols)
+
+    def _eligible(self, extent: tuple[int, int, int, int, int], arrays: dict) -> np.ndarray:
+        store, y0, y1, x0, x1 = extent
+        region = None if self.split is None else self.split.region(store, self.subset, y0, y1, x0, x1)
         ok = eligible_origins(arrays["valid"], arrays["label"], region, self.patch, self.margin, self.min_labelled)
         if self.class_balance:
             ok &= centre_classes(arrays["valid"], arrays["label"], self.patch) != IGNORE
         return ok
 
-    def _count(self, extent: tuple[int, int, int, int, int]) -> np.ndarray:
-        store, oy0, oy1, ox0, ox1 = extent
-        if not _touches(self.split, self.subset, store, oy0, oy1 + self.patch - 1, ox0, ox1 + self.patch - 1):
-            return np.zeros(256, dtype=np.int64)
-        arrays = self.readers[store].read(oy0, oy1 + self.patch - 1, ox0, ox1 + self.patch - 1, ["valid", "label"])
-        ok = self._eligible(store, oy0, oy1, ox0, ox1, arrays)
+    def _weigh(self, extent: tuple[int, int, int, int, int]) -> np.ndarray:
+        store, y0, y1, x0, x1 = extent
+        if not _touches(self.split, self.subset, *extent):
+            return np.zeros(256)
+        arrays = self.readers[store].read(y0, y1, x0, x1, ["valid", "label"])
+        ok = self._eligible(extent, arrays)
         classes = centre_classes(arrays["valid"], arrays["label"], self.patch)[ok]
-        return np.bincount(classes, minlength=256)
+        return np.bincount(classes, weights=self._inverse_cover(*extent)[ok], minlength=256)
 
     def _index(self, threads: int) -> _WindowTable:
         for path, reader in zip(self.paths, self.readers):
@@ -434,32 +469,31 @@ class RandomPatchSampler:
             check_patch_fits(reader.shape, self.patch, path)
         extents = self._window_extents()
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            counts = list(pool.map(self._count, extents))
-        counts = np.array(counts, dtype=np.int64).reshape(-1, 256)
-        keep = counts.sum(axis=1) > 0
+            weights = np.array(list(pool.map(self._weigh, extents))).reshape(-1, 256)
+        keep = weights.sum(axis=1) > 0
         if not keep.any():
             what = f"{self.subset} area" if self.split is not None else "stores"
             raise InputError(
                 f"no valid labelled patch of {self.patch} px with at least {self.min_labelled:.0%} labelled pixels in the {what}: "
                 "check the labels, lower --min-labelled or --patch-size"
             )
-        return _WindowTable(np.array(extents, dtype=np.int64)[keep], counts[keep])
+        return _WindowTable(np.array(extents, dtype=np.int64)[keep], weights[keep])
 
     def _class_weights(self) -> np.ndarray:
         """Weight of one origin by its centre class (ones, or 1 / count with class balancing)."""
         if not self.class_balance:
             return np.ones(256)
-        totals = self.table.counts.sum(axis=0).astype(np.float64)
+        totals = self.table.weights.sum(axis=0)
         return np.divide(1.0, totals, out=np.zeros(256), where=totals > 0)
 
     def _window_weights(self) -> np.ndarray:
-        weight = self.table.counts @ self._class_weights()
+        weight = self.table.weights @ self._class_weights()
         return weight / weight.sum()
 
     @property
     def num_origins(self) -> int:
-        """Eligible patch origins over all stores."""
-        return int(self.table.counts.sum())
+        """Eligible patch origins over all stores (each counted once across the windows holding it)."""
+        return int(round(self.table.weights.sum()))
 
     @property
     def round_size(self) -> int:
@@ -467,57 +501,59 @@ class RandomPatchSampler:
 
     # -- sampling
     def decode(self, index: int) -> dict[str, np.ndarray]:
-        """Read window ``index`` of the table: every modality, label and valid over its extent."""
-        store, oy0, oy1, ox0, ox1 = (int(v) for v in self.table.windows[index])
-        return self.readers[store].read(
-            oy0, oy1 + self.patch - 1, ox0, ox1 + self.patch - 1, [*self.modalities, "label", "valid"]
-        )
+        """Read window ``index`` of the table: every modality, label and valid."""
+        store, y0, y1, x0, x1 = (int(v) for v in self.table.windows[index])
+        return self.readers[store].read(y0, y1, x0, x1, [*self.modalities, "label", "valid"])
+
+    def _prepare(self, index: int) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Decode a window: its arrays (label masked by valid), eligible origins (flat) and their weights."""
+        extent = tuple(int(v) for v in self.table.windows[index])
+        arrays = self.decode(index)
+        ok = self._eligible(extent, arrays)
+        weight = self._inverse_cover(*extent)
+        if self.class_balance:
+            weight = weight * self._class_weights()[centre_classes(arrays["valid"], arrays["label"], self.patch)]
+        flat = np.flatnonzero(ok)
+        weight = weight.ravel()[flat]
+        if not np.isclose(weight.sum(), self.table.weights[index] @ self._class_weights()):
+            raise InputError(f"{self.paths[extent[0]]} changed while training: restart the run")
+        arrays["label"] = _masked_label(arrays)
+        return arrays, flat, weight / weight.max()
+
+    def _draw(self, rng: np.random.Generator, flat: np.ndarray, accept: np.ndarray) -> np.ndarray:
+        """``patches_per_window`` origins from ``flat`` with probability proportional to ``accept`` (max 1).
+
+        By rejection (cheap: cover counts are 1, 2 or 4, so at least a quarter
+        is accepted), or by inverse CDF where class weights can make it rare.
+        """
+        k, out = self.patches_per_window, []
+        if self.class_balance:
+            return rng.choice(flat, size=k, p=accept / accept.sum())
+        while len(out) < k:
+            candidates = rng.integers(0, flat.size, size=2 * k)
+            taken = candidates[rng.random(2 * k) < accept[candidates]]
+            out.extend(flat[taken].tolist())
+        return np.asarray(out[:k])
 
     def round(self, stream: int, number: int) -> list[Sample]:
         """The patches of round ``number`` of ``stream``, in the order they are handed out."""
         rng = np.random.default_rng([self.seed, stream, number])
         picks = rng.choice(len(self.weights), size=self.windows_per_round, p=self.weights)
-        class_weights = self._class_weights()
-        decoded: dict[int, tuple[dict, np.ndarray, np.ndarray | None, int]] = {}
+        decoded = {index: self._prepare(index) for index in dict.fromkeys(picks.tolist())}
         chosen: list[tuple[int, int, int]] = []
         for index in picks.tolist():
-            if index not in decoded:
-                arrays = self.decode(index)
-                store, oy0, oy1, ox0, ox1 = (int(v) for v in self.table.windows[index])
-                ok = self._eligible(store, oy0, oy1, ox0, ox1, arrays)
-                flat = np.flatnonzero(ok)
-                if flat.size != self.table.counts[index].sum():
-                    raise InputError(f"{self.paths[store]} changed while training: restart the run")
-                probs = None
-                if self.class_balance:
-                    weight = class_weights[centre_classes(arrays["valid"], arrays["label"], self.patch).ravel()[flat]]
-                    probs = weight / weight.sum()
-                arrays["label"] = _masked_label(arrays)
-                decoded[index] = (arrays, flat, probs, ok.shape[1])
-            arrays, flat, probs, width = decoded[index]
-            if probs is None:
-                draws = flat[rng.integers(0, flat.size, size=self.patches_per_window)]
-            else:
-                draws = rng.choice(flat, size=self.patches_per_window, p=probs)
-            chosen.extend((index, *divmod(int(d), width)) for d in draws)
+            arrays, flat, accept = decoded[index]
+            width = arrays["valid"].shape[1] - self.patch + 1
+            chosen.extend((index, *divmod(int(d), width)) for d in self._draw(rng, flat, accept))
         order = rng.permutation(len(chosen))
         dihedral = rng.integers(0, 8, size=len(chosen))
-        out = []
+        p, out = self.patch, []
         for position, k in enumerate(order.tolist()):
             index, i, j = chosen[k]
             arrays = decoded[index][0]
-            store, oy0, _, ox0, _ = (int(v) for v in self.table.windows[index])
-            p = self.patch
-            out.append(
-                Sample(
-                    store,
-                    oy0 + i,
-                    ox0 + j,
-                    {m: arrays[m][:, i : i + p, j : j + p] for m in self.modalities},
-                    arrays["label"][i : i + p, j : j + p],
-                    int(dihedral[position]),
-                )
-            )
+            store, y0, _, x0, _ = (int(v) for v in self.table.windows[index])
+            data = {m: arrays[m][:, i : i + p, j : j + p] for m in self.modalities}
+            out.append(Sample(store, y0 + i, x0 + j, data, arrays["label"][i : i + p, j : j + p], int(dihedral[position]), index))
         return out
 
     def iter_stream(self, stream: int = 0, streams: int = 1, start: int = 0) -> Iterator[Sample]:
