@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import colorsys
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -55,10 +56,15 @@ def stretch(bands: np.ndarray, valid: np.ndarray | None = None, percentiles: tup
 
 
 def _default_bands(names: Sequence[str]) -> list[int]:
+    """Red, green, blue by name (red/green/blue, B4/B3/B2, or wavelengths like "655nm"), else the first three."""
     lower = [str(n).lower() for n in names]
     for rgb in _RGB_NAMES:
         if all(c in lower for c in rgb):
             return [lower.index(c) for c in rgb]
+    wavelengths = [re.fullmatch(r"(\d+(?:\.\d+)?)\s*nm", n) for n in lower]
+    if len(names) >= 3 and all(wavelengths):
+        nm = np.array([float(w[1]) for w in wavelengths])
+        return [int(np.abs(nm - target).argmin()) for target in (640.0, 550.0, 470.0)]
     return list(range(min(3, len(names))))
 
 
