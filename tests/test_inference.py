@@ -138,3 +138,23 @@ def test_combine_adds_neighbour_strips_into_the_corner():
     assert total[0, 0, 0] == 111 and total[0, 3, 0] == 101 and total[0, 0, 4] == 11 and total[0, 3, 4] == 1
     assert combine((2, 4, 5), [None, None, None, None]) is None
 
+
+
+def test_model_output_of_the_wrong_shape_is_an_input_error():
+    from predict_fixtures import PointwiseNet
+
+    from tilefuse.inference import TileRunner
+    from tilefuse.tile_model import wrap_module
+
+    cropping = PointwiseNet({"optical": 3, "sar": 2}, 4, margin=2)  # crops 2 px but declares margin 0
+    runner = TileRunner(wrap_module(cropping, {"optical": 3, "sar": 2}, 4, margin=0))
+    inputs = {"optical": np.zeros((1, 3, 16, 16), np.float32), "sar": np.zeros((1, 2, 16, 16), np.float32)}
+    with pytest.raises(InputError, match=r"logits of shape \(2, 4, 12, 12\).*expected \(2, 4, 16, 16\)"):
+        runner(inputs, None, 2)
+
+
+def test_auto_batch_size_is_bounded_and_shrinks_with_the_tile():
+    from tilefuse.inference import auto_batch_size
+
+    small, huge = auto_batch_size(64 * 64, 5), auto_batch_size(20_000 * 20_000, 5)
+    assert 2 <= huge <= small <= 8 and huge == 2

@@ -108,7 +108,6 @@ class TileRunner:
         self.model = model.to(self.device).eval()
         self.spec = model.spec
         self.autocast_dtype = PRECISIONS[precision]
-        self.calls = 0
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -126,15 +125,21 @@ class TileRunner:
             if count < batch_size:
                 array = np.concatenate([array, np.zeros((batch_size - count, *array.shape[1:]), array.dtype)])
             # C order always: kernels pick their algorithm by memory layout too
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        height, width = next(iter(tensors.values())).shape[-2:]
+        margin = self.spec.margin
+        expected = (batch_size, self.spec.num_classes, height - 2 * margin, width - 2 * margin)
         with torch.inference_mode(), self._autocast():
             logits = self.model(tensors)
-            self.calls += 1
+            if tuple(logits.shape) != expected:
+                raise InputError(
+                    f"the model returned logits of shape {tuple(logits.shape)} for inputs of {height} x {width} px, "
+                    f"expected {expected}: check its margin and number of classes"
+                )
             probs = torch.softmax(logits[:count].float(), dim=1)
             if weights is not None:
                 probs = probs * torch.tensor(weights, device=self.device)
-            out = (probs * FIXED_POINT).cpu().numpy()
-        return out
+            return (probs * FIXED_POINT).cpu().numpy()
 
 
 def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -> np.ndarray:
@@ -209,12 +214,6 @@ def compute_block(job: BlockJob, block: Block, runner: TileRunner) -> BlockSums:
             for name, data in inputs.items()
         }
         sums = runner(stacked, weights, job.batch_size)
-        expected = (len(batch), job.num_classes, tile, tile)
-        if sums.shape != expected:
-            raise InputError(
-                f"the model returned logits of shape {tuple(sums.shape)} for {size} px inputs, expected {expected}: "
-                "check its margin and number of classes"
-            )
         for (r, c), tile_sums in zip(batch, sums):
             h, w = min(tile, grid.height - r), min(tile, grid.width - c)
             acc[:, r - r0 : r - r0 + h, c - c0 : c - c0 + w] += tile_sums[:, :h, :w].astype(np.int64)
