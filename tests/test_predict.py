@@ -153,6 +153,7 @@ def test_quicklook_png_of_the_prediction(tmp_path, setup):
     assert image.ndim == 3 and image.shape[0] > 50
 
 
+@pytest.mark.slow
 def test_pad_runs_blended(tmp_path, setup):
     _, scene, _, _ = setup
     torch.manual_seed(0)
