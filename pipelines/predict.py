@@ -260,20 +260,20 @@ def predict_command(
     out: Annotated[Path, typer.Option("--out", help="Prediction store to write (zarr).")],
     tile: Annotated[int, typer.Option(help="Tile edge in output pixels.")] = DEFAULT_TILE,
     overlap: Annotated[
-        Optional[int], typer.Option(help="Overlap of neighbouring tiles in px [default: tile/4; 0 for models that do not blend].")
+        Optional[int], typer.Option(help="Overlap of neighbouring tiles in px (default: tile/4; 0 for models that do not blend).")
     ] = None,
     blend: Annotated[str, typer.Option(help="Blending window: gaussian, hann, cosine or constant.")] = "gaussian",
-    batch_size: Annotated[Optional[int], typer.Option(help="Tiles per model call [default: from free memory].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Tiles per model call (default: from free memory).")] = None,
     block_size: Annotated[
-        Optional[int], typer.Option(help="Output block edge in px: unit of work, memory and resume [default: 2048].")
+        Optional[int], typer.Option(help="Output block edge in px: unit of work, memory and resume (default: 2048, or the store's on --resume).")
     ] = None,
     probs: Annotated[bool, typer.Option("--probs", help="Also write class probabilities.")] = False,
     probs_dtype: Annotated[str, typer.Option(help="dtype of --probs: uint8 (quantised), float16 or float32.")] = "uint8",
     cluster: Annotated[str, typer.Option(help="sync, local:N, cuda, tcp://HOST:PORT or a scheduler file.")] = "sync",
-    device: Annotated[Optional[str], typer.Option(help="torch device on each worker [default: its GPU if any, else cpu].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="torch device on each worker (default: its GPU if any, else cpu).")] = None,
     precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 autocast.")] = "fp32",
     torch_threads: Annotated[
-        Optional[int], typer.Option(help="torch threads per worker [default: an even share of the cores].")
+        Optional[int], typer.Option(help="torch threads per worker (default: an even share of the cores; fix it for bitwise-reproducible output).")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted prediction: only unfinished blocks run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing prediction store.")] = False,
