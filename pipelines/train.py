@@ -44,7 +44,7 @@ class DataOptions:
     val_pixels: int = 2000
     """Pixel models: validate on this many labelled pixels drawn uniformly from the validation area."""
     window: int = 1024
-    patches_per_window: int = 32
+    patches_per_window: int = 64
     windows_per_round: int = 8
 
 

@@ -408,7 +408,7 @@ class RandomPatchSampler:
         min_labelled: float = 0.0,
         class_balance: bool = False,
         window: int = DEFAULT_WINDOW,
-        patches_per_window: int = 32,
+        patches_per_window: int = 64,
         windows_per_round: int = 8,
         seed: int = 0,
         threads: int = 4,
