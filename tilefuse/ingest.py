@@ -84,6 +84,10 @@ class RasterSource:
     band_names: tuple[str, ...]
     magnitude: bool = False
     """Complex raster read as its magnitude."""
+    nodata: float | None = None
+    """The raster's nodata value (NaN nodata needs no masking: NaN is what we store)."""
+    mask_band: bool = False
+    """Validity comes from a GDAL mask or alpha band rather than a nodata value."""
     class_names: tuple[str, ...] | None = None
     """From a ``class_names`` tag (JSON list), as written by :func:`tilefuse.synth.write_geotiffs`."""
 
@@ -140,6 +144,7 @@ def open_source(
     """
     import rasterio
     from rasterio.crs import CRS
+    from rasterio.enums import MaskFlags
     from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
 
     path_text, bands = split_bands(str(spec))
@@ -183,6 +188,7 @@ def open_source(
         descriptions = [src.descriptions[b - 1] for b in bands]
         names = tuple(descriptions) if all(descriptions) and len(set(descriptions)) == len(bands) else None
         tag = src.tags().get("class_names")
+        flags = {flag for b in bands for flag in src.mask_flag_enums[b - 1]}
         return RasterSource(
             path=path.resolve(),
             bands=bands,
@@ -192,6 +198,8 @@ def open_source(
             height=src.height,
             band_names=names or tuple(f"b{b}" for b in bands),
             magnitude=is_complex,
+            nodata=None if src.nodata is None or np.isnan(src.nodata) else float(src.nodata),
+            mask_band=bool(flags & {MaskFlags.per_dataset, MaskFlags.alpha}),
             class_names=tuple(json.loads(tag)) if tag else None,
         )
 
@@ -324,7 +332,7 @@ def _source_window(source: RasterSource, grid: Grid, rows: tuple[int, int], cols
     xs, ys = t.c + t.a * xs + t.b * ys, t.f + t.d * xs + t.e * ys
     try:
         xs, ys = transform(grid.crs, source.crs, xs, ys)
-    except Exception:  # a block outside the projection's domain: use what can be transformed
+    except Exception:  # pyproj/GDAL raise several types for a block outside the projection's domain
         return None
     inverse = ~source.transform
     points = np.array([inverse @ (x, y) for x, y in zip(xs, ys) if np.isfinite(x) and np.isfinite(y)])
@@ -362,8 +370,14 @@ def _read_block(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NotGeoreferencedWarning for rasters whose CRS we assume
         with rasterio.open(source.dataset_name()) as src:
-            data = src.read(indexes, window=Window(left, top, right - left, bottom - top), masked=True)
-    data = data.astype(np.float32).filled(np.nan)
+            window = Window(left, top, right - left, bottom - top)
+            if source.mask_band:
+                data = src.read(indexes, window=window, masked=True).astype(np.float32).filled(np.nan)
+            else:
+                raw = src.read(indexes, window=window)
+                data = raw.astype(np.float32)
+                if source.nodata is not None:
+                    data[raw == source.nodata] = np.nan
     if plan.offset is not None:
         row, col = plan.offset
         out[:, top + row - r0 : bottom + row - r0, left + col - c0 : right + col - c0] = data
