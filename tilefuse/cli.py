@@ -16,15 +16,15 @@ from tilefuse.errors import InputError
 
 # command name -> "module:function"; the function carries typer annotations.
 COMMANDS: dict[str, str] = {
-    "demo": "tilefuse.pipelines.demo:demo_command",
-    "predict": "tilefuse.pipelines.predict:predict_command",
-    "export": "tilefuse.pipelines.export:export_command",
-    "models": "tilefuse.pipelines.models:models",
-    "train": "tilefuse.pipelines.train:train_command",
-    "evaluate": "tilefuse.pipelines.evaluate:evaluate_command",
     "synth": "tilefuse.pipelines.synth:synth_command",
     "ingest": "tilefuse.pipelines.ingest:ingest_command",
     "info": "tilefuse.pipelines.info:info_command",
+    "models": "tilefuse.pipelines.models:models",
+    "train": "tilefuse.pipelines.train:train_command",
+    "predict": "tilefuse.pipelines.predict:predict_command",
+    "evaluate": "tilefuse.pipelines.evaluate:evaluate_command",
+    "export": "tilefuse.pipelines.export:export_command",
+    "demo": "tilefuse.pipelines.demo:demo_command",
 }
 
 app = typer.Typer(
@@ -48,7 +48,7 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status instead of raising SystemExit."""
     try:
-        # typer answers an interrupt (Ctrl-C, Abort) by returning its exit code when not standalone
+        # not standalone, so InputError reaches us; typer answers an interrupt by returning 130
         result = app(args=argv, standalone_mode=False)
     except InputError as error:
         print(f"tilefuse: error: {error}", file=sys.stderr)
@@ -56,16 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tilefuse: interrupted", file=sys.stderr)
         return 130
-    except SystemExit as exit_:  # typer/click exit paths
-        return int(exit_.code or 0)
-    except Exception as error:  # click usage errors
-        import click
-
-        if isinstance(error, click.ClickException):
+    except SystemExit as exit_:
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except Exception as error:
+        # usage errors; typer vendors its own click, so match by shape, not by class
+        if hasattr(error, "show") and isinstance(getattr(error, "exit_code", None), int):
             error.show()
             return error.exit_code
-        if isinstance(error, click.exceptions.Abort):
-            return 130
         raise
     if type(result) is int and result:
         if result == 130:
