@@ -21,6 +21,8 @@ def evaluate(
     prediction: str | Path,
     labels: str | Path,
     *,
+    split: str | Path | None = None,
+    subset: str = "test",
     block: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -29,7 +31,10 @@ def evaluate(
     Pixels whose label is 255 or that are not ``valid`` in the scene are
     ignored; labelled pixels the prediction leaves at 255 are counted as
     ``unscored_pixels``. The grids must match, and the prediction must be
-    complete. Returns a JSON-ready dict.
+    complete. ``split`` (a training run folder or its ``split.json``) limits
+    scoring to the pixels of ``subset`` whose context (the run's patch or
+    neighbourhood radius) lies wholly in that subset's blocks. Returns a
+    JSON-ready dict.
     """
     import numpy as np
     from tqdm.auto import tqdm
@@ -56,15 +61,43 @@ def evaluate(
         raise InputError(f"{prediction} has CRS {predicted.rio.crs}, {labels} has {scene.rio.crs}: evaluate a prediction of that scene")
     class_names = list(scene["label"].attrs.get("class_names") or predicted["labels"].attrs.get("class_names") or [])
     confusion = ConfusionMatrix(len(class_names) or IGNORE)
+    in_subset = _subset_mask(split, subset, labels, shape) if split is not None else None
     step = block or SHARD
     for rows, cols in tqdm(iter_chunk_slices(shape, (step, step)), desc="evaluate", unit="block", disable=not progress):
         window = {"y": rows, "x": cols}
         target = scene["label"].isel(window).values
         valid = scene["valid"].isel(window).values
+        if in_subset is not None:
+            valid = valid & in_subset(rows, cols)
         confusion.update(predicted["labels"].isel(window).values, np.where(valid, target, IGNORE))
     metrics = confusion.compute(class_names)
     metrics["prediction"], metrics["labels"] = str(prediction), str(labels)
+    if split is not None:
+        metrics["split"], metrics["subset"] = str(split), subset
     return metrics
+
+
+def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tuple[int, int]):
+    """``(rows, cols) -> bool mask`` of the pixels a run's split leaves to ``subset`` in store ``labels``."""
+    from tilefuse.sampling import SUBSETS, SpatialSplit, split_mask
+
+    path = Path(split)
+    path = path / "split.json" if path.is_dir() else path
+    if subset not in SUBSETS:
+        raise InputError(f"unknown subset {subset!r}: choose one of {', '.join(SUBSETS)}")
+    try:
+        data = json.loads(path.read_text())
+        layout = SpatialSplit.from_dict(data)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"{path} is not a training split ({error}): pass a run folder trained with a split") from None
+    stores = [str(Path(p).resolve()) for p in data["stores"]]
+    if str(Path(labels).resolve()) not in stores:
+        raise InputError(f"{labels} is not one of the stores split in {path}: evaluate one of {', '.join(stores)}")
+    index = stores.index(str(Path(labels).resolve()))
+    if not (layout.assignment[index] == SUBSETS.index(subset)).any():
+        raise InputError(f"{path} gives no block of {labels} to {subset!r}: train with --{subset}-fraction > 0 or evaluate another store")
+    context = int(data.get("context", 0))
+    return lambda rows, cols: split_mask(layout, index, subset, rows.start, rows.stop, cols.start, cols.stop, shape, context)
 
 
 def evaluate_command(
@@ -72,11 +105,13 @@ def evaluate_command(
     labels: Annotated[Path, typer.Option("--labels", help="Scene store whose `label` is the truth.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the metrics to this JSON file.")] = None,
+    split: Annotated[Optional[Path], typer.Option("--split", help="Training run (or its split.json): score only its held-out blocks.")] = None,
+    subset: Annotated[str, typer.Option("--subset", help="Which held-out blocks of --split: test or val.")] = "test",
 ) -> None:
     """Score a prediction against a scene's labels: OA, mIoU, per-class IoU and F1, kappa."""
     from tilefuse.metrics import format_metrics
 
-    metrics = evaluate(prediction, labels, progress=not json_output)
+    metrics = evaluate(prediction, labels, split=split, subset=subset, progress=not json_output)
     if out is not None:
         tmp = out.parent / f".{out.name}.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))

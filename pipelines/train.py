@@ -268,7 +268,8 @@ def train(
         shutil.rmtree(run.path)
     run.path.mkdir(parents=True, exist_ok=True)
     if split is not None:
-        (run.path / SPLIT_FILE).write_text(json.dumps({"stores": paths, **split.to_dict()}))
+        context = spec.margin if pixels else data.patch_size // 2
+        (run.path / SPLIT_FILE).write_text(json.dumps({"stores": paths, "context": context, **split.to_dict()}))
     fit(
         net, config, PatchDataset(sampler, band_stats, margin=spec.margin, augment=True), val_data, settings, run,
         job=job, resume=resume, progress=progress, val_batch_size=max(256, settings.batch_size) if pixels else None,

@@ -99,3 +99,26 @@ def test_train_predict_evaluate_end_to_end(tmp_path):
     predict(run, store, tmp_path / "pred.zarr", tile=64, cluster="sync", progress=False)
     metrics = evaluate(tmp_path / "pred.zarr", store)
     assert metrics["overall_accuracy"] > 0.6 and metrics["unscored_pixels"] == 0
+
+
+def test_split_limits_scoring_to_held_out_blocks_less_their_context(scene_and_prediction, tmp_path, capsys):
+    from tilefuse.sampling import spatial_split
+
+    store, pred, ds, predicted = scene_and_prediction
+    split = spatial_split([(150, 130)], block=40, val=0.2, test=0.3, seed=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps({"stores": [str(store)], "context": 3, **split.to_dict()}))
+    test_blocks = split.region(0, "test", 0, 150, 0, 130)
+    padded = np.pad(test_blocks, 3, constant_values=True)  # outside the scene does not disqualify
+    inside = np.array([[padded[y : y + 7, x : x + 7].all() for x in range(130)] for y in range(150)])
+    truth = np.where(ds["valid"].values & inside, ds["label"].values, IGNORE)
+    scored = (truth != IGNORE) & (predicted != IGNORE)
+    for block in (32, 4096):
+        metrics = evaluate(pred, store, split=run, block=block)
+        assert metrics["pixels"] == int(scored.sum()) > 0
+        assert metrics["overall_accuracy"] == pytest.approx(np.mean(predicted[scored] == truth[scored]))
+    assert main(["evaluate", str(pred), "--labels", str(tmp_path / "pred.zarr"), "--split", str(run)]) == 2
+    other = write(labelled_scene(150, 130, seed=5), tmp_path / "other-scene.zarr")
+    assert main(["evaluate", str(pred), "--labels", str(other), "--split", str(run)]) == 2
+    assert "not one of the stores split" in capsys.readouterr().err

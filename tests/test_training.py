@@ -192,3 +192,14 @@ def test_real_models_train_a_few_steps(stores, tmp_path):
     assert logits.shape == (1, 3, 32, 32)
     run = train("s2fin", stores, tmp_path / "s2fin", steps=2, batch_size=4, pixels_per_class=4, workers=0, progress=False, val_fraction=0.0)
     assert read_config(run).extra["sampler"] == "pixels" and read_config(run).extra["step"] == 2
+
+
+@pytest.mark.gpu
+def test_cuda_training_with_bf16_autocast(stores, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: bf16 autocast training runs only on a GPU")
+    run = train("test-seg", stores, tmp_path / "run", steps=4, device="cuda", checkpoint_every=2, **FAST)
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v) for v in losses.values())
+    model, _ = load_checkpoint(run)  # weights saved on CPU, load anywhere
+    assert next(model.parameters()).device.type == "cpu"

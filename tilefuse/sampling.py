@@ -145,6 +145,20 @@ class SpatialSplit:
         return cls(int(data["block"]), tuple(np.asarray(a, dtype=np.int8) for a in data["assignment"]))
 
 
+def split_mask(
+    split: SpatialSplit, store: int, subset: str, y0: int, y1: int, x0: int, x1: int, shape: tuple[int, int], context: int = 0
+) -> np.ndarray:
+    """Pixels of rows ``y0:y1``, columns ``x0:x1`` whose ``(2 context + 1)^2`` neighbourhood, clipped to the
+    scene of ``shape``, lies wholly in ``subset``: where a split's pixels can be scored without leakage."""
+    h, w = shape
+    ry0, ry1, rx0, rx1 = max(0, y0 - context), min(h, y1 + context), max(0, x0 - context), min(w, x1 + context)
+    outside = np.zeros((y1 - y0 + 2 * context, x1 - x0 + 2 * context), dtype=bool)
+    outside[ry0 - (y0 - context) : ry1 - (y0 - context), rx0 - (x0 - context) : rx1 - (x0 - context)] = ~split.region(
+        store, subset, ry0, ry1, rx0, rx1
+    )
+    return box_sums(outside, 2 * context + 1) == 0
+
+
 def spatial_split(
     shapes: Sequence[tuple[int, int]],
     *,
