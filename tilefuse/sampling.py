@@ -6,11 +6,13 @@ position) from one or more scene stores:
 - :class:`RandomPatchSampler` (segmentation, PAD): patch origins uniform over
   the eligible positions of all stores (so stores weigh by valid area), with
   optional class balancing and a minimum labelled fraction. It is chunk-aware:
-  it draws a chunk-aligned window with probability proportional to the number
-  of eligible origins it holds, decodes it once, draws several origins
-  uniformly inside it (so every eligible origin keeps probability 1/N), and
-  shuffles the patches of several windows together (a *round*) so consecutive
-  batches do not come from one place.
+  read windows are chunk-aligned and overlap by half; an origin whose patch
+  fits in ``c`` windows weighs ``1/c`` in each. A window is drawn with
+  probability proportional to its summed weights, decoded once, and several
+  origins are drawn inside it proportionally to ``1/c``, so every eligible
+  origin keeps probability ``1/N``; the patches of several windows are
+  shuffled together (a *round*) so consecutive batches do not come from one
+  place.
 - :class:`LabelledPixelSampler` (S²Fin, few labels): a fixed number of
   labelled pixels per class with their P x P neighbourhoods (reflect-padded at
   scene edges), drawn once per seed and replayed in a new order every epoch.
@@ -46,7 +48,7 @@ from tilefuse.scene import IGNORE
 SUBSETS = ("train", "val", "test")
 """Split names; their index is the code stored in :class:`SpatialSplit` assignments."""
 DEFAULT_WINDOW = 1024
-"""Edge (px) of the chunk-aligned block of positions a window decode serves."""
+"""Edge (px) of the chunk-aligned window one decode reads."""
 
 
 # --------------------------------------------------------------------------- I/O
@@ -529,7 +531,7 @@ class RandomPatchSampler:
             weight = weight * self._class_weights()[centre_classes(arrays["valid"], arrays["label"], self.patch)]
         flat = np.flatnonzero(ok)
         weight = weight.ravel()[flat]
-        if not np.isclose(weight.sum(), self.table.weights[index] @ self._class_weights()):
+        if not np.isclose(weight.sum(), self.table.weights[index] @ self._class_weights(), rtol=1e-6, atol=0):
             raise InputError(f"{self.paths[extent[0]]} changed while training: restart the run")
         arrays["label"] = _masked_label(arrays)
         return arrays, flat, weight / weight.max()
