@@ -123,7 +123,8 @@ def test_geotiffs_and_store_hold_the_same_scene(tmp_path):
     assert sorted(paths) == ["label", "optical", "sar"]
     with rasterio.open(paths["optical"]) as src:
         assert src.crs.to_epsg() == 32632 and src.transform == ds.rio.transform()
-        assert src.is_tiled and np.isnan(src.nodata) and src.descriptions[3] == "nir"
+        assert src.block_shapes[0] == (512, 512)  # tiled, not strips
+        assert np.isnan(src.nodata) and src.descriptions[3] == "nir"
         np.testing.assert_array_equal(src.read(), ds["optical"].values)
     with rasterio.open(paths["label"]) as src:
         assert src.nodata == 255 and json.loads(src.tags()["class_names"]) == list(CLASS_NAMES)
