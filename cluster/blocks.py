@@ -90,7 +90,7 @@ def run_blocks(
     """Compute and write every pending block; returns the number of tiles run through the model.
 
     ``client`` None runs everything here, in order; otherwise tasks go to the
-    cluster with at most ``window`` blocks in flight (default: two per worker).
+    cluster with at most ``window`` blocks in flight (default: one per worker).
     """
     steps = plan(blocks, pending)
     bar = tqdm(total=len(pending), unit="block", desc="predict", disable=not progress)
@@ -121,7 +121,8 @@ def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, 
     from distributed import as_completed
 
     if window is None:
-        window = 2 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+        # one block per worker: a worker never starts the next block while holding the last one's sums
+        window = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
     run = uuid.uuid4().hex[:8]
     pieces: dict[tuple[Block, str], object] = {}
     finishing = as_completed()

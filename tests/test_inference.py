@@ -11,6 +11,7 @@ from tilefuse.checkpoint import load_checkpoint
 from tilefuse.cli import main
 from tilefuse.errors import InputError
 from tilefuse.grid import TileGrid
+from tilefuse import inference
 from tilefuse.inference import combine
 from tilefuse.scene import band_stats, normalise, open_scene
 
@@ -73,10 +74,12 @@ def test_checkpoint_band_stats_take_precedence(tmp_path):
     assert np.abs(pred["probs"].values - store_stats).max() > 1e-3
 
 
-def test_output_is_bitwise_identical_across_block_and_batch_sizes(tmp_path, pointwise):
+def test_output_is_bitwise_identical_across_block_and_batch_sizes(tmp_path, pointwise, monkeypatch):
     scene = write_test_scene(tmp_path / "scene.zarr", 150, 130, seed=5, nodata=(slice(100, 150), slice(0, 40)))
     runs = {}
     for block, batch, probs in [(32, 2, "float32"), (64, 3, "float32"), (256, 5, "float32"), (32, 3, "uint8"), (128, 2, "uint8")]:
+        # the 256 px block is also processed in slabs of 7 rows (inputs and finishing)
+        monkeypatch.setattr(inference, "SLAB", 7 if block == 256 else 256)
         pred = _predict(
             tmp_path, pointwise, scene, f"{block}-{batch}-{probs}", overlap=10, block_size=block, batch_size=batch, probs=probs
         )
@@ -137,6 +140,8 @@ def test_combine_adds_neighbour_strips_into_the_corner():
     total = combine((2, 4, 5), [own, up, left, None])
     assert total[0, 0, 0] == 111 and total[0, 3, 0] == 101 and total[0, 0, 4] == 11 and total[0, 3, 4] == 1
     assert combine((2, 4, 5), [None, None, None, None]) is None
+    slabs = [combine((2, 4, 5), [own, up, left, None], slice(r, min(r + 3, 4))) for r in (0, 3)]
+    assert np.array_equal(np.concatenate(slabs, axis=1), total)
 
 
 

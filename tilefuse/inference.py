@@ -42,6 +42,8 @@ from tilefuse.tile_model import TileModel
 FIXED_POINT = 2.0**40
 """Scale of the fixed-point sums: a weighted probability of 1 is 2^40 units (int64 holds 2^23 overlapping tiles)."""
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SLAB = 256
+"""Rows processed at a time when normalising inputs and finishing blocks (bounds temporaries)."""
 ACTIVATION_BYTES_PER_PIXEL = 2048
 """Rough activation memory per input pixel of a tile (512 float32 values), used to pick a batch size."""
 
@@ -168,15 +170,23 @@ def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -
 
 
 def _tile_inputs(job: BlockJob, group: zarr.Group, window: InputWindow) -> dict[str, np.ndarray]:
-    """Normalised input window of every modality, reflection-padded where it leaves the scene."""
+    """Normalised input window of every modality, reflection-padded where it leaves the scene.
+
+    Normalised in slabs of rows into one float32 buffer, so the temporaries stay small.
+    """
     rows, cols = window.read
+    local_rows, local_cols = window.rows - rows.start, window.cols - cols.start
+    plain = not window.needs_padding
     inputs = {}
     for name, mean, std in zip(job.modalities, job.band_mean, job.band_std):
         data = _read(group, name, (slice(None), rows, cols), job.scene)
-        data = normalise(data, np.asarray(mean, np.float32), np.asarray(std, np.float32))
-        if window.needs_padding:
-            data = np.ascontiguousarray(data[:, (window.rows - rows.start)[:, None], (window.cols - cols.start)[None, :]])
-        inputs[name] = data
+        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        out = np.empty((data.shape[0], len(local_rows), len(local_cols)), np.float32)
+        for start in range(0, len(local_rows), SLAB):
+            slab = slice(start, start + SLAB)
+            part = data[:, slab] if plain else data[:, local_rows[slab]][:, :, local_cols]
+            out[:, slab] = normalise(part, mean, std)
+        inputs[name] = out
     return inputs
 
 
@@ -234,15 +244,21 @@ def compute_block(job: BlockJob, block: Block, runner: TileRunner) -> BlockSums:
     )
 
 
-def combine(shape: tuple[int, int, int], pieces: list[np.ndarray | None]) -> np.ndarray | None:
-    """Add a block's own sums and its neighbours' spill strips, each into the block's top-left corner."""
+def combine(shape: tuple[int, int, int], pieces: list[np.ndarray | None], rows: slice | None = None) -> np.ndarray | None:
+    """Rows ``rows`` of a block's total: its own sums plus its neighbours' spill strips.
+
+    Every piece covers the block's top-left corner (the own sums all of it,
+    the strips the top rows, left columns or both); None when nothing landed.
+    """
+    rows = rows or slice(0, shape[1])
     total = None
     for piece in pieces:
-        if piece is None:
+        if piece is None or piece.shape[1] <= rows.start:
             continue
         if total is None:
-            total = np.zeros(shape, np.int64)
-        total[:, : piece.shape[1], : piece.shape[2]] += piece
+            total = np.zeros((shape[0], rows.stop - rows.start, shape[2]), np.int64)
+        part = piece[:, rows]
+        total[:, : part.shape[1], : part.shape[2]] += part
     return total
 
 
@@ -276,11 +292,21 @@ def finish_block(
     left: np.ndarray | None,
     up_left: np.ndarray | None,
 ) -> Block:
-    """Combine a block's sums with the strips its upper, left and upper-left neighbours spill into it; write it."""
+    """Combine a block's sums with the strips its upper, left and upper-left neighbours spill into it; write it.
+
+    Works in slabs of rows, so the only block-sized arrays are the outputs.
+    """
     rows, cols = job.grid.block_region(block)
     shape = (job.num_classes, rows.stop - rows.start, cols.stop - cols.start)
-    total = combine(shape, [own, up, left, up_left])
     valid = _read(zarr.open_group(job.scene, mode="r"), "valid", (rows, cols), job.scene)
-    labels, probs = block_outputs(total, valid, job.num_classes, job.probs)
+    labels = np.empty(shape[1:], np.uint8)
+    probs = None if job.probs is None else np.empty(shape, job.probs)
+    for start in range(0, shape[1], SLAB):
+        slab = slice(start, min(start + SLAB, shape[1]))
+        total = combine(shape, [own, up, left, up_left], slab)
+        slab_labels, slab_probs = block_outputs(total, valid[slab], job.num_classes, job.probs)
+        labels[slab] = slab_labels
+        if probs is not None:
+            probs[:, slab] = slab_probs
     write_block(job.prediction, (rows, cols), block, labels, probs)
     return block
