@@ -105,7 +105,7 @@ def main() -> None:
         index_s = time.perf_counter() - t0
         stream = sampler.iter_stream(0)
         results[f"RandomPatchSampler, {per_window} patches/window (index {index_s:.1f} s)"] = rate(lambda: next(stream), args.seconds, 64)
-        if per_window == 32:
+        if per_window in (32, 64):
             tensors = iter(PatchDataset(sampler, stats, augment=True))
             results[f"  + PatchDataset (normalise, augment, tensors), {per_window}/window"] = rate(lambda: next(tensors), args.seconds, 64)
 
