@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
 from tilefuse.tile_model import TileModel, build_model
 
@@ -58,27 +58,16 @@ def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLi
     """Write ``model``'s weights and ``config`` to directory ``path``, atomically (temp dir + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(path)
     tmp.mkdir()
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"model": config.model})
         (tmp / CONFIG).write_text(config.to_json())
-        _replace_dir(tmp, path)
+        replace_path(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` without a window where neither exists whole."""
-    if dst.exists():
-        trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
+from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.scene import IGNORE, band_dim, modalities, open_scene
 
 MAX_SIZE = 1500
@@ -101,12 +102,16 @@ def _draw_labels(ax, labels: np.ndarray, class_names: Sequence[str]) -> None:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG under a temporary name, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    tmp = temporary_sibling(path)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+        replace_path(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -133,7 +138,7 @@ def quicklook_labels(
     _draw_labels(ax, small, class_names)
     ax.set_axis_off()
     ax.set_title(title or "labels", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def quicklook_scene(
@@ -168,4 +173,4 @@ def quicklook_scene(
         _draw_labels(ax, small["label"].values, small["label"].attrs.get("class_names", []))
         ax.set_axis_off()
         ax.set_title("label", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable
 
@@ -31,6 +30,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
 
 IGNORE = 255
@@ -75,7 +75,9 @@ def band_stats(ds: xr.Dataset, modality: str) -> tuple[np.ndarray, np.ndarray]:
 def normalise(data: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Standardise ``(C, ...)`` band data to float32; NaN and inf become 0 (the band mean)."""
     shape = (-1,) + (1,) * (data.ndim - 1)
-    out = (data.astype(np.float32) - mean.reshape(shape)) / std.reshape(shape)
+    out = data.astype(np.float32)  # the one copy; the rest works in place
+    out -= np.asarray(mean, np.float32).reshape(shape)
+    out /= np.asarray(std, np.float32).reshape(shape)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
 
 
@@ -188,7 +190,7 @@ def write_scene(
     sums = {name: _band_sums(ds[name].data, valid) for name in names}
     counts = count_labels(ds["label"].data) if "label" in ds else None
 
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         writer = ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=encoding, compute=False, consolidated=False)
@@ -211,7 +213,7 @@ def write_scene(
             )
         if counts is not None:
             _record_label_counts(group["label"].attrs, np.asarray(counts))
-        _replace(tmp, path)
+        replace_path(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -226,16 +228,6 @@ def _record_label_counts(attrs, counts: np.ndarray) -> None:
         ignore_count=int(counts[IGNORE]),
         class_names=names + [f"class_{i}" for i in range(len(names), n)],
     )
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    if path.exists():
-        trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, trash)
-        os.replace(tmp, path)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def open_store(path: str | os.PathLike, kind: str) -> xr.Dataset:

@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import threading
-import uuid
 from pathlib import Path
 
 import dask.array as da
@@ -32,6 +31,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 
+from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
 from tilefuse.scene import IGNORE, band_dim, modalities
 
@@ -363,7 +363,7 @@ def write_geotiffs(
         raise InputError(f"{existing[0]} already exists: choose another --geotiff folder or pass --overwrite")
     directory.mkdir(parents=True, exist_ok=True)
     transform, crs = ds.rio.transform(), ds.rio.crs
-    tmps = {name: directory / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}" for name, path in paths.items()}
+    tmps = {name: temporary_sibling(path) for name, path in paths.items()}
     try:
         with rasterio.Env(GDAL_CACHEMAX=128 << 20), contextlib.ExitStack() as files:
             sources, targets = [], []
@@ -392,7 +392,7 @@ def write_geotiffs(
             with ProgressBar() if progress else contextlib.nullcontext():
                 da.store(sources, targets, lock=threading.Lock())
         for name, tmp in tmps.items():
-            os.replace(tmp, paths[name])
+            replace_path(tmp, paths[name])
     finally:
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)

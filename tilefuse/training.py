@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, _replace_dir, save_checkpoint
+from tilefuse.atomic import replace_path, temporary_sibling
+from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
 from tilefuse.metrics import ConfusionMatrix
@@ -173,18 +173,18 @@ class RunDir:
 
     def save(self, model: TileModel, config: ModelConfig, trainer: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Write the state folder atomically, then refresh the top-level checkpoint files."""
-        tmp = self.path / f".{STATE}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(self.state)
         try:
             save_checkpoint(model, config, tmp)
             save_file(tensors, str(tmp / TRAINER_TENSORS))
             (tmp / TRAINER_JSON).write_text(json.dumps(trainer, indent=1))
-            _replace_dir(tmp, self.state)
+            replace_path(tmp, self.state)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for name in (WEIGHTS, CONFIG):
-            part = self.path / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+            part = temporary_sibling(self.path / name)
             shutil.copyfile(self.state / name, part)
-            os.replace(part, self.path / name)
+            replace_path(part, self.path / name)
 
     def load_tensors(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.state / TRAINER_TENSORS))
@@ -201,9 +201,9 @@ class RunDir:
     def truncate_log(self, step: int) -> None:
         """Drop log records after ``step`` (a crashed run may have logged past its last checkpoint)."""
         kept = [r for r in self.read_log() if r.get("step", 0) <= step]
-        tmp = self.path / f".{LOG}.tmp"
+        tmp = temporary_sibling(self.log)
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.log)
+        replace_path(tmp, self.log)
 
 
 # ------------------------------------------------------------------------ loop
@@ -375,14 +375,14 @@ def fit(
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss and learning rate per step, and validation OA / mIoU, as a PNG (matplotlib Agg)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tilefuse.quicklook import save_figure
 
     train = [r for r in history if "loss" in r]
     val = [r for r in history if r.get("val")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     if train:
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
         axes[0].set_xlabel("step")
@@ -401,7 +401,4 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     axes[0].set_title("training")
     axes[1].set_title("validation")
     fig.tight_layout()
-    tmp = path.parent / f".{path.name}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
