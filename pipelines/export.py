@@ -15,12 +15,12 @@ import math
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
 
 NODATA = 255
@@ -62,7 +62,7 @@ def export(
     colormap[NODATA] = (0, 0, 0, 0)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
         staging = tmp / "labels.tif"
@@ -101,7 +101,7 @@ def export(
             OVERVIEW_COUNT=_overview_count(height, width),
             BIGTIFF="IF_SAFER",
         )
-        os.replace(cog, out)
+        replace_path(cog, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if progress:

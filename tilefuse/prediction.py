@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ import zarr
 
 from tilefuse.errors import InputError
 from tilefuse.grid import Block, TileGrid
-from tilefuse.scene import CHUNK, IGNORE, STORE_KIND, _replace, compressor, open_store
+from tilefuse.atomic import replace_path, temporary_sibling
+from tilefuse.scene import CHUNK, IGNORE, STORE_KIND, compressor, open_store
 
 MANIFEST = "block_done"
 PROBS_DTYPES = ("uint8", "float16", "float32")
@@ -133,11 +133,11 @@ def create_prediction(
         raise ValueError(f"prediction attrs lack {missing}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(path)
     try:
         # compute=False writes metadata and coordinates only; unwritten chunks read as the fill value
         ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=encoding, compute=False, consolidated=False)
-        _replace(tmp, path)
+        replace_path(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
