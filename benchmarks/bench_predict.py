@@ -12,7 +12,7 @@ reference measured next to it:
    latter is robust to other processes on a shared machine);
 2. the same model through MONAI's ``sliding_window_inference`` over the whole
    scene in memory (the common peer): throughput and peak memory;
-3. throughput with 1 and 2 local workers;
+3. throughput with 1 and 2 local workers (blocks of half the scene edge);
 4. peak RSS of one worker at each ``--memory-sizes`` scene edge, next to the
    in-memory peer's, with a small conv net (memory does not depend on the
    model's cost, and PAD on a 16,384 px scene takes hours on a CPU).
@@ -137,7 +137,7 @@ def model_alone_seconds(checkpoint: Path, tiles: int) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def predict_seconds(checkpoint: Path, scene: Path, out: Path, cluster="sync") -> tuple[float, float]:
+def predict_seconds(checkpoint: Path, scene: Path, out: Path, cluster="sync", block_size: int | None = None) -> tuple[float, float]:
     """(wall, CPU of this process) seconds of one prediction, checkpoint loading included."""
     import tilefuse
     from tilefuse.cluster import plugin
@@ -146,17 +146,17 @@ def predict_seconds(checkpoint: Path, scene: Path, out: Path, cluster="sync") ->
     wall, cpu = time.perf_counter(), time.process_time()
     tilefuse.predict(
         checkpoint, scene, out, tile=TILE, overlap=OVERLAP, blend="gaussian", batch_size=BATCH,
-        cluster=cluster, overwrite=True, progress=False,
+        block_size=block_size, cluster=cluster, overwrite=True, progress=False,
     )  # fmt: skip
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def on_workers(checkpoint: Path, scene: Path, out: Path, workers: int) -> tuple[float, float]:
+def on_workers(checkpoint: Path, scene: Path, out: Path, workers: int, block_size: int | None = None) -> tuple[float, float]:
     """(seconds, largest worker peak RSS in MB) of one prediction on a fresh ``local:workers`` cluster."""
     from distributed import Client
 
     with Client(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as client:
-        seconds, _ = predict_seconds(checkpoint, scene, out, cluster=client)
+        seconds, _ = predict_seconds(checkpoint, scene, out, cluster=client, block_size=block_size)
         peaks = client.run(_peak_rss_mb)
     return seconds, max(peaks.values())
 
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{megapixels / peer['seconds']:.4f} Mpx/s, peak RSS {peer['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
 
     for workers in (1, 2):
-        seconds, peak = on_workers(pad, scene, work / f"pad-{workers}w.zarr", workers)
+        # blocks of a quarter of the scene, so that a second worker has work too
+        seconds, peak = on_workers(pad, scene, work / f"pad-{workers}w.zarr", workers, block_size=max(512, args.size // 2))
         figures["pad"][f"local_{workers}"] = {"seconds": round(seconds, 2), "mpx_per_s": round(megapixels / seconds, 4)}
         print(f"local:{workers}: {seconds:.1f} s, {megapixels / seconds:.4f} Mpx/s (worker peak RSS {peak:.0f} MB)", flush=True)
 

@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping
 
 from distributed import WorkerPlugin
 
-_RUNNERS: dict[str, Any] = {}
+_RUNNERS: dict[str, tuple[Any, int | None]] = {}
+"""key -> (runner, torch threads it was loaded with) in this process."""
 _LOCK = threading.Lock()
 
 
@@ -45,25 +46,29 @@ class ModelSource:
 
 
 def load_runner(source: ModelSource):
-    """This process's :class:`tilefuse.inference.TileRunner` for ``source``, loading the checkpoint once."""
+    """This process's :class:`tilefuse.inference.TileRunner` for ``source``, loading the checkpoint once.
+
+    Also sets torch's threads in the calling thread: OpenMP keeps the thread
+    count per thread, and dask runs tasks in other threads than the plugin's.
+    """
     import torch
 
     with _LOCK:
-        if source.torch_threads and torch.get_num_threads() != source.torch_threads:
-            torch.set_num_threads(source.torch_threads)
-        runner = _RUNNERS.get(source.key)
-        if runner is not None:
-            return runner
-        from tilefuse.checkpoint import load_checkpoint
-        from tilefuse.inference import TileRunner
-        from tilefuse.tile_model import available_models, register_model
+        entry = _RUNNERS.get(source.key)
+        if entry is None:
+            from tilefuse.checkpoint import load_checkpoint
+            from tilefuse.inference import TileRunner
+            from tilefuse.tile_model import available_models, register_model
 
-        if source.builder is not None and source.model not in available_models():
-            register_model(source.model)(source.builder)
-        device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, _ = load_checkpoint(source.checkpoint, device=device)
-        runner = TileRunner(model, device=device, precision=source.precision)
-        _RUNNERS[source.key] = runner
+            if source.builder is not None and source.model not in available_models():
+                register_model(source.model)(source.builder)
+            device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model, _ = load_checkpoint(source.checkpoint, device=device)
+            entry = _RUNNERS[source.key] = (TileRunner(model, device=device, precision=source.precision), source.torch_threads)
+        runner, threads = entry
+        threads = source.torch_threads or threads
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         return runner
 
 

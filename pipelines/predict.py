@@ -73,14 +73,16 @@ def _band_stats(config: "ModelConfig", scene: "xr.Dataset") -> tuple[tuple, tupl
     return tuple(means), tuple(stds)
 
 
-def _batch_size_on(source, tile_pixels: int, channels: int) -> int:
-    """Batch size a worker picks from its free memory (runs on the worker)."""
+def _worker_device(source, tile_pixels: int, channels: int) -> tuple[str, int]:
+    """(device type, batch size from free memory) of the worker this runs on."""
     import torch
 
     from tilefuse.inference import auto_batch_size
 
-    device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return auto_batch_size(tile_pixels, channels, device)
+    device = torch.device(source.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "cpu-only", 0
+    return device.type, auto_batch_size(tile_pixels, channels, device)
 
 
 def predict(
@@ -203,12 +205,18 @@ def predict(
             link = dashboard_link(client)
             if progress:
                 print(f"tilefuse: dask dashboard at {link}" if link else "tilefuse: no dask dashboard (install bokeh)", file=sys.stderr)
+        tile_pixels = (tile + 2 * spec.margin) ** 2
+        if client is None:
+            devices = [_worker_device(source, tile_pixels, channels)]
+        else:
+            devices = list(client.run(_worker_device, source, tile_pixels, channels).values())
+        kinds = {kind for kind, _ in devices}
+        if "cpu-only" in kinds:
+            raise InputError(f"--device {device} asks for a GPU but {'a worker has' if client else 'this machine has'} none")
+        if precision == "fp16" and kinds != {"cuda"}:
+            raise InputError("fp16 autocast needs a GPU on every worker: use --precision bf16 or fp32")
         if batch_size is None:
-            tile_pixels = (tile + 2 * spec.margin) ** 2
-            if client is None:
-                batch_size = _batch_size_on(source, tile_pixels, channels)
-            else:
-                batch_size = min(client.run(_batch_size_on, source, tile_pixels, channels).values())
+            batch_size = min(size for _, size in devices)
 
         if existing is None:
             create_prediction(

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from predict_fixtures import save_pointwise, write_test_scene
+import torch
+from predict_fixtures import build_pointwise, save_pointwise, write_test_scene
 
 import tilefuse
 from tilefuse.cluster.client import make_client
@@ -54,6 +55,25 @@ def test_two_workers_give_bitwise_the_same_store_and_load_the_model_once(tmp_pat
 
     source = ModelSource(str(checkpoint), "0" * 64, "test-pointwise")
     assert len(pickle.dumps(source)) < 4096
+
+
+def _threads_in_task(source) -> int:
+    from tilefuse.cluster.plugin import load_runner
+
+    load_runner(source)
+    return torch.get_num_threads()
+
+
+def test_torch_threads_apply_in_task_threads(data, client):
+    """OpenMP keeps thread counts per thread: the runner lookup must set them where tasks run."""
+    _, _, checkpoint, _, _ = data
+    from tilefuse.checkpoint import checkpoint_hash
+    from tilefuse.cluster.plugin import ModelPlugin, ModelSource
+
+    source = ModelSource(str(checkpoint), checkpoint_hash(checkpoint), "test-pointwise", torch_threads=2, builder=build_pointwise)
+    client.register_plugin(ModelPlugin(source), name="threads-test")
+    plain = ModelSource(str(checkpoint), source.checkpoint_hash, "test-pointwise", builder=build_pointwise)  # as tasks carry it
+    assert client.submit(_threads_in_task, plain, pure=False).result() == 2
 
 
 @pytest.mark.slow
@@ -121,3 +141,16 @@ def test_external_cluster_example(tmp_path, data):
         batch_size=4, torch_threads=1, progress=False,
     )  # fmt: skip
     assert np.array_equal(pred["labels"].values, local["labels"].values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_prediction_agrees_with_the_cpu(tmp_path, data):
+    _, scene, checkpoint, _, reference = data
+    gpu = tilefuse.predict(checkpoint, scene, tmp_path / "gpu.zarr", device="cuda", progress=False, **SETTINGS)
+    np.testing.assert_allclose(gpu["probs"].values, reference["probs"].values, atol=1e-4)
+    again = tilefuse.predict(checkpoint, scene, tmp_path / "again.zarr", device="cuda", progress=False, **{**SETTINGS, "block_size": 128})
+    assert np.array_equal(again["probs"].values, gpu["probs"].values), "bitwise across block sizes on the GPU too"
+    bf16 = tilefuse.predict(checkpoint, scene, tmp_path / "bf16.zarr", device="cuda", precision="bf16", progress=False, **SETTINGS)
+    valid = reference["labels"].values != 255
+    assert (bf16["labels"].values == reference["labels"].values)[valid].mean() > 0.95

@@ -133,6 +133,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, capsys):
         (checkpoint, scene, ("--cluster", "tcp://127.0.0.1:9")),
         (checkpoint, scene, ("--cluster", str(tmp_path / "gone.json"))),
         (checkpoint, scene, ("--batch-size", 0)),
+        *([] if torch.cuda.is_available() else [(checkpoint, scene, ("--precision", "fp16")), (checkpoint, scene, ("--device", "cuda"))]),
     ]
     for args in cases:
         capsys.readouterr()
