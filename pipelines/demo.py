@@ -63,7 +63,11 @@ def demo(
     step(f"quicklook: {out / 'train-scene.png'}")
 
     step(f"train: PAD (small CPU preset), {steps} steps on train.zarr")
-    run = train("pad", [stores["train"]], out / "run", steps=steps, overwrite=True, progress=True)
+    # small patches, batch and a higher learning rate: a few minutes on 2 CPU cores
+    run = train(
+        "pad", [stores["train"]], out / "run",
+        steps=steps, batch_size=4, patch_size=128, lr=1e-3, workers=0, overwrite=True, progress=True,
+    )
 
     step(f"predict: test.zarr with {run} on cluster {cluster}")
     predict(
