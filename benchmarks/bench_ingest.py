@@ -35,7 +35,7 @@ def _peak_rss_bytes() -> int:
 
 
 def child_synth(size: int, folder: Path) -> dict:
-    from tilefuse.synth import synth_scene, write_geotiffs
+    from tilefuse.synthetic import synth_scene, write_geotiffs
 
     start = time.perf_counter()
     write_geotiffs(synth_scene(size, "sar-optical", seed=0), folder)

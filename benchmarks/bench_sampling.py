@@ -30,7 +30,7 @@ PATCH = 256
 
 def make_store(path: Path, size: int) -> Path:
     from tilefuse.scene import write_scene
-    from tilefuse.synth import synth_scene
+    from tilefuse.synthetic import synth_scene
 
     if path.exists():
         return path

@@ -1,7 +1,7 @@
 """``tilefuse ingest``: rasters per modality (+ labels) -> one scene store on a reference grid.
 
 Python API: :func:`ingest` writes the store and returns its path; the lazy
-Dataset it writes is :func:`tilefuse.ingest.ingest_rasters` (for notebooks:
+Dataset it writes is :func:`tilefuse.rasters.ingest_rasters` (for notebooks:
 ``write_scene(ingest_rasters(...), path)``).
 """
 
@@ -34,11 +34,11 @@ def ingest(
     """Ingest ``modalities`` (name -> ``PATH[:BANDS]``) and optional ``labels`` into the store ``out``.
 
     Every input is checked before anything is written; see
-    :func:`tilefuse.ingest.ingest_rasters` for the options. Returns the store path.
+    :func:`tilefuse.rasters.ingest_rasters` for the options. Returns the store path.
     """
     import rasterio
 
-    from tilefuse.ingest import GDAL_CACHE_BYTES, ingest_rasters
+    from tilefuse.rasters import GDAL_CACHE_BYTES, ingest_rasters
     from tilefuse.scene import write_scene
 
     out = Path(out)
@@ -83,7 +83,7 @@ def ingest_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
 ) -> None:
     """Resample rasters (one per modality) and labels onto one grid and write a scene store."""
-    from tilefuse.ingest import parse_modality
+    from tilefuse.rasters import parse_modality
 
     pairs = [parse_modality(spec) for spec in modality]
     names = [name for name, _ in pairs]

@@ -1,7 +1,7 @@
 """``tilefuse synth``: write a synthetic multimodal scene store (and optionally GeoTIFFs).
 
 Python API: :func:`synth` writes the store and returns its path; the lazy
-scene itself is :func:`tilefuse.synth.synth_scene`.
+scene itself is :func:`tilefuse.synthetic.synth_scene`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def synth(
     into that folder (to exercise ``tilefuse ingest``). Returns the store path.
     """
     from tilefuse.scene import write_scene
-    from tilefuse.synth import synth_scene, write_geotiffs
+    from tilefuse.synthetic import synth_scene, write_geotiffs
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -18,7 +18,7 @@ from affine import Affine
 
 from tilefuse.cli import main
 from tilefuse.scene import open_scene
-from tilefuse.synth import synth_scene, write_geotiffs
+from tilefuse.synthetic import synth_scene, write_geotiffs
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +137,9 @@ def test_no_crs_fixed_by_crs_option(tifs, tmp_path, capsys):
 
 
 def test_interrupted_ingest_leaves_no_store(tifs, tmp_path, capsys, monkeypatch):
-    import tilefuse.ingest
+    import tilefuse.rasters
 
-    real_read = tilefuse.ingest._read_block
+    real_read = tilefuse.rasters._read_block
     calls = []
 
     def read_then_interrupt(*args, block_info=None, **kwargs):  # dask passes block_info by name
@@ -150,7 +150,7 @@ def test_interrupted_ingest_leaves_no_store(tifs, tmp_path, capsys, monkeypatch)
 
     out = tmp_path / "s.zarr"
     assert run_cli(["ingest", out, "-m", f"sar={tifs['sar']}"], capsys)[0] == 0
-    monkeypatch.setattr(tilefuse.ingest, "_read_block", read_then_interrupt)
+    monkeypatch.setattr(tilefuse.rasters, "_read_block", read_then_interrupt)
     args = ["-m", f"sar={tifs['optical']}:1,2", "-m", f"optical={tifs['optical']}", "--overwrite"]
     code, _, err = run_cli(["ingest", out, *args], capsys)
     assert code == 130 and len(calls) >= 2, (code, len(calls), err)

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from tilefuse.pipelines.info import describe, info, label_counts
 from tilefuse.quicklook import class_colors, decimate, quicklook_labels, quicklook_scene
 from tilefuse.scene import open_scene, write_scene
-from tilefuse.synth import CLASS_NAMES, synth_scene
+from tilefuse.synthetic import CLASS_NAMES, synth_scene
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import xarray as xr
 from rasterio.warp import Resampling, reproject
 
 from tilefuse.errors import InputError
-from tilefuse.ingest import ingest_rasters, parse_label_map, split_bands
+from tilefuse.rasters import ingest_rasters, parse_label_map, split_bands
 from tilefuse.scene import open_scene, write_scene
 
 pytestmark = pytest.mark.shared_data

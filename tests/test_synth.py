@@ -10,7 +10,7 @@ import rasterio
 
 from tilefuse.errors import InputError
 from tilefuse.scene import band_stats, modalities, open_scene, write_scene
-from tilefuse.synth import CLASS_NAMES, FOREST, GRASSLAND, URBAN, WATER, land_cover, synth_scene, write_geotiffs
+from tilefuse.synthetic import CLASS_NAMES, FOREST, GRASSLAND, URBAN, WATER, land_cover, synth_scene, write_geotiffs
 
 
 def computed(ds):

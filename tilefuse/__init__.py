@@ -26,10 +26,13 @@ _API = {
     "open_prediction": "tilefuse.prediction",
     "train": "tilefuse.pipelines.train",
     "evaluate": "tilefuse.pipelines.evaluate",
-    # engine functions (lazy Datasets); the names avoid the tilefuse.synth/.ingest/.quicklook modules
-    "synth_scene": "tilefuse.synth",
-    "write_geotiffs": "tilefuse.synth",
-    "ingest_rasters": "tilefuse.ingest",
+    "synth": "tilefuse.pipelines.synth",
+    "ingest": "tilefuse.pipelines.ingest",
+    "info": "tilefuse.pipelines.info",
+    # the lazy Datasets behind synth and ingest, and pictures
+    "synth_scene": "tilefuse.synthetic",
+    "write_geotiffs": "tilefuse.synthetic",
+    "ingest_rasters": "tilefuse.rasters",
     "quicklook_scene": "tilefuse.quicklook",
     "quicklook_labels": "tilefuse.quicklook",
 }

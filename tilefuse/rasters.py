@@ -89,7 +89,7 @@ class RasterSource:
     mask_band: bool = False
     """Validity comes from a GDAL mask or alpha band rather than a nodata value."""
     class_names: tuple[str, ...] | None = None
-    """From a ``class_names`` tag (JSON list), as written by :func:`tilefuse.synth.write_geotiffs`."""
+    """From a ``class_names`` tag (JSON list), as written by :func:`tilefuse.synthetic.write_geotiffs`."""
 
     def dataset_name(self) -> str:
         """What to pass to ``rasterio.open``: the file, or a VRT taking the magnitude of its bands."""
