@@ -366,22 +366,13 @@ class PADModel(TileModel):
         }
 
 
-@register_model(
+register_model(
     "pad",
     description="PAD phase-amplitude decoupling fusion (optical + SAR segmentation), ConvNeXt-V2 encoders, UPerNet",
     modalities={"optical": 3, "sar": 1},
     num_classes=7,
     preset="atto",
-)
-def build_pad(modalities: Mapping[str, int], num_classes: int, **hparams) -> PADModel:
-    """PAD tile model. hparams: preset (atto|femto|pico|nano|tiny|paper), decoder_channels,
-    aux_channels, drop_path, faithful_shift (True: the reference fftshift quirk; False: radial mask)."""
-    allowed = {"preset", "decoder_channels", "aux_channels", "drop_path", "faithful_shift"}
-    unknown = sorted(set(hparams) - allowed)
-    if unknown:
-        raise InputError(f"unknown PAD hyperparameter(s) {unknown}: choose from {sorted(allowed)}")
-    return PADModel(modalities, num_classes, **hparams)
-
+)(PADModel)
 
 __all__ = [
     "PRESETS",
@@ -399,5 +390,4 @@ __all__ = [
     "recouple",
     "amplitude_loss",
     "pad_loss",
-    "build_pad",
 ]

@@ -358,22 +358,13 @@ class S2FinModel(TileModel):
         return torch.cat(rows, dim=2)
 
 
-@register_model(
+register_model(
     "s2fin",
     description="S²Fin spatial-spectral-frequency network (our interpretation), dense centre-pixel classifier",
     modalities={"optical": 12, "sar": 2},
     num_classes=10,
     patch_size=11,
-)
-def build_s2fin(modalities: Mapping[str, int], num_classes: int, **hparams) -> S2FinModel:
-    """S²Fin tile model. hparams: patch_size (odd, 11), dim (64), spectral_tokens (32), heads (4),
-    topk (8), max_patches_per_batch (2048)."""
-    allowed = {"patch_size", "dim", "spectral_tokens", "heads", "topk", "max_patches_per_batch"}
-    unknown = sorted(set(hparams) - allowed)
-    if unknown:
-        raise InputError(f"unknown S²Fin hyperparameter(s) {unknown}: choose from {sorted(allowed)}")
-    return S2FinModel(modalities, num_classes, **hparams)
-
+)(S2FinModel)
 
 __all__ = [
     "S2FinModel",
@@ -387,5 +378,4 @@ __all__ = [
     "radial_frequency",
     "topk_attention",
     "unfold_patches",
-    "build_s2fin",
 ]

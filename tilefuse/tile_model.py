@@ -15,6 +15,7 @@ packages can register theirs through the ``tilefuse.models`` entry-point group.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
@@ -153,12 +154,25 @@ def available_models() -> dict[str, _Entry]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def _hyperparameters(builder: ModelBuilder) -> set[str] | None:
+    """Keyword hyperparameters a builder (function or model class) accepts; None if it takes ``**kwargs``."""
+    parameters = list(inspect.signature(builder).parameters.values())[2:]  # after modalities, num_classes
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
 def build_model(name: str, modalities: Mapping[str, int], num_classes: int, **hparams: Any) -> TileModel:
     """Build a registered model; unknown names raise :class:`InputError` listing the known ones."""
     models = available_models()
     if name not in models:
         raise InputError(f"unknown model {name!r}: choose one of {', '.join(models)} (see `tilefuse models`)")
-    model = models[name].builder(dict(modalities), num_classes, **hparams)
+    builder = models[name].builder
+    accepted = _hyperparameters(builder)
+    unknown = sorted(set(hparams) - accepted) if accepted is not None else []
+    if unknown:
+        raise InputError(f"unknown {name} hyperparameter(s) {unknown}: choose from {sorted(accepted)}")
+    model = builder(dict(modalities), num_classes, **hparams)
     if not isinstance(model, TileModel):
         raise TypeError(f"builder of {name!r} returned {type(model).__name__}, not a TileModel")
     return model
