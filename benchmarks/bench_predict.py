@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[4096, 8192, 16384])
     parser.add_argument("--workdir", type=Path, default=Path("bench-predict"))
     parser.add_argument("--repeat", type=int, default=2, help="timings are the best of this many runs")
+    parser.add_argument("--sections", nargs="*", default=["efficiency", "peer", "workers", "memory"], help="what to run")
     parser.add_argument("--keep", action="store_true", help="keep the scenes and predictions")
     parser.add_argument("--monai-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -230,15 +231,39 @@ def main(argv: list[str] | None = None) -> None:
     pad = _checkpoint("pad", _modalities(scene), work / "pad-atto", preset="atto")
     tiles = _tiles_run(scene)
     megapixels = args.size**2 / 1e6
-    # interleaved, best of --repeat: the machine's load drifts between runs
+    figures["pad"] = {"scene_px": args.size, "tiles": tiles}
+    if "efficiency" in args.sections:
+        efficiency(args, figures, pad, scene, tiles, megapixels, work)
+    if "peer" in args.sections:
+        peer = monai(pad, scene)
+        figures["pad"]["monai"] = {
+            "seconds": round(peer["seconds"], 2),
+            "mpx_per_s": round(megapixels / peer["seconds"], 4),
+            "peak_rss_mb": round(peer["peak_rss_mb"]),
+        }
+        print(f"MONAI sliding_window_inference (whole scene in memory): {peer['seconds']:.1f} s, "
+              f"{megapixels / peer['seconds']:.4f} Mpx/s, peak RSS {peer['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    if "workers" in args.sections:
+        for workers in (1, 2):
+            # blocks of half the scene edge (four blocks), so that a second worker has work too
+            seconds, peak = on_workers(pad, scene, work / f"pad-{workers}w.zarr", workers, block_size=max(512, args.size // 2))
+            figures["pad"][f"local_{workers}"] = {"seconds": round(seconds, 2), "mpx_per_s": round(megapixels / seconds, 4)}
+            print(f"local:{workers}: {seconds:.1f} s, {megapixels / seconds:.4f} Mpx/s (worker peak RSS {peak:.0f} MB)", flush=True)
+    if "memory" in args.sections:
+        memory(args, figures, work)
+    print(json.dumps(figures, indent=1))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def efficiency(args, figures: dict, pad: Path, scene: Path, tiles: int, megapixels: float, work: Path) -> None:
+    """Model alone vs store to store, interleaved, best of --repeat (the machine's load drifts between runs)."""
     runs = [(model_alone_seconds(pad, tiles), predict_seconds(pad, scene, work / "pad.zarr")) for _ in range(args.repeat)]
     alone = min(wall for (wall, _), _ in runs)
     end_to_end = min(wall for _, (wall, _) in runs)
     alone_cpu = min(cpu for (_, cpu), _ in runs)
     end_to_end_cpu = min(cpu for _, (_, cpu) in runs)
-    figures["pad"] = {
-        "scene_px": args.size,
-        "tiles": tiles,
+    figures["pad"].update({
         "model_alone_s": round(alone, 2),
         "end_to_end_s": round(end_to_end, 2),
         "efficiency": round(alone / end_to_end, 3),
@@ -246,27 +271,14 @@ def main(argv: list[str] | None = None) -> None:
         "end_to_end_cpu_s": round(end_to_end_cpu, 2),
         "efficiency_cpu": round(alone_cpu / end_to_end_cpu, 3),
         "mpx_per_s": round(megapixels / end_to_end, 4),
-    }
+    })
     print(f"PAD atto, {args.size}^2 px, {tiles} tiles: model alone {alone:.1f} s, store to store {end_to_end:.1f} s "
           f"(checkpoint loading included): efficiency {alone / end_to_end:.3f}; in CPU time {alone_cpu:.1f} / "
           f"{end_to_end_cpu:.1f} s = {alone_cpu / end_to_end_cpu:.3f}; {megapixels / end_to_end:.4f} Mpx/s", flush=True)  # fmt: skip
 
-    peer = monai(pad, scene)
-    figures["pad"]["monai"] = {
-        "seconds": round(peer["seconds"], 2),
-        "mpx_per_s": round(megapixels / peer["seconds"], 4),
-        "peak_rss_mb": round(peer["peak_rss_mb"]),
-    }
-    print(f"MONAI sliding_window_inference (whole scene in memory): {peer['seconds']:.1f} s, "
-          f"{megapixels / peer['seconds']:.4f} Mpx/s, peak RSS {peer['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
 
-    for workers in (1, 2):
-        # blocks of a quarter of the scene, so that a second worker has work too
-        seconds, peak = on_workers(pad, scene, work / f"pad-{workers}w.zarr", workers, block_size=max(512, args.size // 2))
-        figures["pad"][f"local_{workers}"] = {"seconds": round(seconds, 2), "mpx_per_s": round(megapixels / seconds, 4)}
-        print(f"local:{workers}: {seconds:.1f} s, {megapixels / seconds:.4f} Mpx/s (worker peak RSS {peak:.0f} MB)", flush=True)
-
-    # 4: memory against scene size
+def memory(args, figures: dict, work: Path) -> None:
+    """Peak RSS of one worker against scene size, next to the in-memory peer's (small conv net)."""
     conv = None
     figures["memory"] = []
     for size in args.memory_sizes:
@@ -289,9 +301,6 @@ def main(argv: list[str] | None = None) -> None:
     if peaks:
         figures["memory_flatness"] = round(max(peaks) / min(peaks), 3)
         print(f"worker peak RSS, largest / smallest scene: {max(peaks) / min(peaks):.3f} (flat within 20 % if <= 1.2)")
-    print(json.dumps(figures, indent=1))
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

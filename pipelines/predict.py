@@ -193,6 +193,8 @@ def predict(
     channels = sum(config.modalities.values())
 
     builder = available_models()[config.model].builder
+    if getattr(builder, "__module__", "").startswith("tilefuse.models"):
+        builder = None  # workers find built-in models in their own registry
     source = ModelSource(
         str(Path(checkpoint).resolve()), digest, config.model, device, precision, torch_threads, builder=builder
     )
