@@ -163,3 +163,15 @@ def test_auto_batch_size_is_bounded_and_shrinks_with_the_tile():
 
     small, huge = auto_batch_size(64 * 64, 5), auto_batch_size(20_000 * 20_000, 5)
     assert 2 <= huge <= small <= 8 and huge == 2
+
+
+def test_strips_round_trip_exactly_and_compressed():
+    from tilefuse.inference import FIXED_POINT, Strip
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.random((3, 40, 300)), axis=2) / 300  # a smooth field of probabilities
+    sums = (smooth * rng.random((1, 40, 300)) * FIXED_POINT).astype(np.int64)
+    strip = Strip.pack(sums[:, 5:, :])
+    assert np.array_equal(strip.unpack(), sums[:, 5:, :])
+    assert len(strip.data) < sums[:, 5:, :].nbytes / 1.5
+    assert Strip.pack(sums[:, :0]) is None

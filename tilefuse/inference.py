@@ -8,7 +8,8 @@ anywhere:
    with the band statistics, skips tiles with no valid pixel, runs the rest
    through the model in fixed-shape batches, and sums their weighted class
    probabilities over the block's own region and the strips its tiles spill
-   into the right, lower and lower-right neighbours (:class:`BlockSums`).
+   into the right, lower and lower-right neighbours (:class:`BlockSums`; the
+   strips travel compressed, :class:`Strip`).
 2. :func:`finish_block` adds the block's own sums and the strips spilled into
    it by its upper, left and upper-left neighbours, normalises, masks with
    ``valid``, and writes ``labels`` (and ``probs``) as one aligned region.
@@ -26,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import torch
 import zarr
+from numcodecs import Blosc
 
 from tilefuse.blending import tile_weights
 from tilefuse.errors import InputError
@@ -86,14 +88,38 @@ class BlockJob:
     """dtype of the ``probs`` output, None to write labels only."""
 
 
+class Strip(NamedTuple):
+    """A spill strip, compressed: a whole row of them waits for the next block row.
+
+    Blosc zstd with bit shuffle packs the int64 fixed-point sums about 2.5x,
+    in milliseconds, which keeps that row (the only part of a worker's memory
+    that grows with the scene's width) small.
+    """
+
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def pack(cls, array: np.ndarray) -> "Strip | None":
+        if not array.size:
+            return None
+        return cls(array.shape, _STRIP_CODEC.encode(np.ascontiguousarray(array)))
+
+    def unpack(self) -> np.ndarray:
+        return np.frombuffer(_STRIP_CODEC.decode(self.data), np.int64).reshape(self.shape)
+
+
+_STRIP_CODEC = Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE)
+
+
 @dataclass
 class BlockSums:
-    """Fixed-point sums of one block's tiles: ``(class, y, x)`` int64 pieces, None where nothing landed."""
+    """Fixed-point sums of one block's tiles: ``(class, y, x)`` int64, None where nothing landed."""
 
     own: np.ndarray | None
-    right: np.ndarray | None
-    down: np.ndarray | None
-    corner: np.ndarray | None
+    right: Strip | None
+    down: Strip | None
+    corner: Strip | None
     tiles: int = 0
     """Tiles run through the model."""
 
@@ -230,16 +256,12 @@ def compute_block(job: BlockJob, block: Block, runner: TileRunner) -> BlockSums:
 
     own_h, own_w = own_rows.stop - r0, own_cols.stop - c0
 
-    def strip(rows: slice, cols: slice) -> np.ndarray | None:
-        piece = acc[:, rows, cols]
-        return piece.copy() if piece.size else None
-
-    # strips are copied out; `own` stays a view, so the accumulator lives exactly as long as it
+    # strips are packed copies; `own` stays a view, so the accumulator lives exactly as long as it
     return BlockSums(
         own=acc[:, :own_h, :own_w],
-        right=strip(slice(0, own_h), slice(own_w, None)),
-        down=strip(slice(own_h, None), slice(0, own_w)),
-        corner=strip(slice(own_h, None), slice(own_w, None)),
+        right=Strip.pack(acc[:, :own_h, own_w:]),
+        down=Strip.pack(acc[:, own_h:, :own_w]),
+        corner=Strip.pack(acc[:, own_h:, own_w:]),
         tiles=len(tiles),
     )
 
@@ -288,9 +310,9 @@ def finish_block(
     job: BlockJob,
     block: Block,
     own: np.ndarray | None,
-    up: np.ndarray | None,
-    left: np.ndarray | None,
-    up_left: np.ndarray | None,
+    up: Strip | None,
+    left: Strip | None,
+    up_left: Strip | None,
 ) -> Block:
     """Combine a block's sums with the strips its upper, left and upper-left neighbours spill into it; write it.
 
@@ -299,11 +321,12 @@ def finish_block(
     rows, cols = job.grid.block_region(block)
     shape = (job.num_classes, rows.stop - rows.start, cols.stop - cols.start)
     valid = _read(zarr.open_group(job.scene, mode="r"), "valid", (rows, cols), job.scene)
+    pieces = [own, *(None if strip is None else strip.unpack() for strip in (up, left, up_left))]
     labels = np.empty(shape[1:], np.uint8)
     probs = None if job.probs is None else np.empty(shape, job.probs)
     for start in range(0, shape[1], SLAB):
         slab = slice(start, min(start + SLAB, shape[1]))
-        total = combine(shape, [own, up, left, up_left], slab)
+        total = combine(shape, pieces, slab)
         slab_labels, slab_probs = block_outputs(total, valid[slab], job.num_classes, job.probs)
         labels[slab] = slab_labels
         if probs is not None:
