@@ -66,7 +66,9 @@ def load_runner(source: ModelSource):
             model, _ = load_checkpoint(source.checkpoint, device=device)
             entry = _RUNNERS[source.key] = (TileRunner(model, device=device, precision=source.precision), source.torch_threads)
         runner, threads = entry
-        threads = source.torch_threads or threads
+        if source.torch_threads:  # the latest explicit setting wins, for later tasks too
+            threads = source.torch_threads
+            _RUNNERS[source.key] = (runner, threads)
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return runner
