@@ -124,7 +124,7 @@ def predict(
     from tilefuse.blending import WINDOWS
     from tilefuse.cluster.blocks import run_blocks
     from tilefuse.cluster.client import cluster_client, dashboard_link, workers_per_host
-    from tilefuse.cluster.plugin import ModelPlugin, ModelSource
+    from tilefuse.cluster.plugin import ModelPlugin, ModelSource, unset_malloc_trim
     from tilefuse.grid import TileGrid
     from tilefuse.inference import PRECISIONS, BlockJob
     from tilefuse.prediction import (
@@ -203,6 +203,8 @@ def predict(
             hosts = workers_per_host(client)
             if not hosts:
                 raise InputError(f"the dask cluster {cluster!r} has no workers: start some (dask worker ...)")
+            if unset_malloc_trim(client) and progress:
+                print("tilefuse: restarted workers without MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed)", file=sys.stderr)
             client.register_plugin(ModelPlugin(source, hosts), name=f"tilefuse-model-{source.key}")
             link = dashboard_link(client)
             if progress:

@@ -33,10 +33,11 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client
+    from tilefuse.cluster.client import close_client
 
-    with Client(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as client:
-        yield client
+    client = make_client("local:2")
+    yield client
+    close_client(client)
 
 
 @pytest.mark.slow
@@ -154,3 +155,23 @@ def test_gpu_prediction_agrees_with_the_cpu(tmp_path, data):
     bf16 = tilefuse.predict(checkpoint, scene, tmp_path / "bf16.zarr", device="cuda", precision="bf16", progress=False, **SETTINGS)
     valid = reference["labels"].values != 255
     assert (bf16["labels"].values == reference["labels"].values)[valid].mean() > 0.95
+
+
+@pytest.mark.slow
+def test_workers_spawned_with_malloc_trim_are_restarted_without_it():
+    """Dask's default MALLOC_TRIM_THRESHOLD_ halves torch's CPU speed: our clusters never set it, others get fixed."""
+    from distributed import Client
+
+    from tilefuse.cluster.client import close_client
+    from tilefuse.cluster.plugin import _has_malloc_trim, unset_malloc_trim
+
+    ours = make_client("local:1")
+    try:
+        assert not any(ours.run(_has_malloc_trim).values())
+    finally:
+        close_client(ours)
+    with Client(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as theirs:
+        assert all(theirs.run(_has_malloc_trim).values())
+        assert unset_malloc_trim(theirs) == 1
+        assert not any(theirs.run(_has_malloc_trim).values())
+        assert unset_malloc_trim(theirs) == 0
