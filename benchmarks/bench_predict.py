@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -153,11 +154,14 @@ def predict_seconds(checkpoint: Path, scene: Path, out: Path, cluster="sync", bl
 
 def on_workers(checkpoint: Path, scene: Path, out: Path, workers: int, block_size: int | None = None) -> tuple[float, float]:
     """(seconds, largest worker peak RSS in MB) of one prediction on a fresh ``local:workers`` cluster."""
-    from distributed import Client
+    from tilefuse.cluster.client import close_client, make_client
 
-    with Client(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as client:
+    client = make_client(f"local:{workers}")
+    try:
         seconds, _ = predict_seconds(checkpoint, scene, out, cluster=client, block_size=block_size)
         peaks = client.run(_peak_rss_mb)
+    finally:
+        close_client(client)
     return seconds, max(peaks.values())
 
 
@@ -189,8 +193,10 @@ def monai_child(checkpoint: str, scene: str) -> None:
 
 
 def monai(checkpoint: Path, scene: Path) -> dict:
+    # dask's nannies export thread and malloc settings into this process's environment: keep them from the peer
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
     result = subprocess.run(
-        [sys.executable, __file__, "--monai-child", str(checkpoint), str(scene)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--monai-child", str(checkpoint), str(scene)], capture_output=True, text=True, check=True, env=env
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
