@@ -143,7 +143,7 @@ class TileRunner:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def __call__(self, inputs: Mapping[str, np.ndarray], weights: np.ndarray | None, batch_size: int) -> np.ndarray:
-        """``(n, K, T, T)`` float32 ``softmax(logits) * weights * 2^40`` for ``n <= batch_size`` tiles.
+        """``(n, K, T, T)`` int64 ``softmax(logits) * weights * 2^40`` for ``n <= batch_size`` tiles.
 
         The batch is padded to ``batch_size`` so every call has the same shape.
         """
@@ -167,7 +167,8 @@ class TileRunner:
             probs = torch.softmax(logits[:count].float(), dim=1)
             if weights is not None:
                 probs = probs * torch.tensor(weights, device=self.device)
-            return (probs * FIXED_POINT).cpu().numpy()
+            # truncation to int64 (values >= 0): the same on every device, and summed exactly later
+            return (probs * FIXED_POINT).to(torch.int64).cpu().numpy()
 
 
 def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -> np.ndarray:
@@ -252,7 +253,7 @@ def compute_block(job: BlockJob, block: Block, runner: TileRunner) -> BlockSums:
         sums = runner(stacked, weights, job.batch_size)
         for (r, c), tile_sums in zip(batch, sums):
             h, w = min(tile, grid.height - r), min(tile, grid.width - c)
-            acc[:, r - r0 : r - r0 + h, c - c0 : c - c0 + w] += tile_sums[:, :h, :w].astype(np.int64)
+            acc[:, r - r0 : r - r0 + h, c - c0 : c - c0 + w] += tile_sums[:, :h, :w]
 
     own_h, own_w = own_rows.stop - r0, own_cols.stop - c0
 
