@@ -10,7 +10,9 @@ scale fixed for the whole raster, so values match a whole-raster warp (up to
 GDAL's transform approximation, at most 1/8 px) whatever the chunking, and
 memory stays bounded by a few blocks. Modalities come out as float32 with NaN
 where they have no data (nodata value, NaN, mask, or outside the footprint);
-labels as uint8 with 255 (ignore) there.
+labels as uint8 with 255 (ignore) there. In-memory or lazy arrays with a CRS
+(:func:`array_onto_grid`, used by :mod:`tilefuse.ecosystem`) go through the same
+per-block placement, so they come out equal to the rasters they hold.
 
 Nothing here writes: pass the result to :func:`tilefuse.scene.write_scene`.
 """
@@ -352,8 +354,6 @@ def _read_block(
 ) -> np.ndarray:
     """One (bands, rows, cols) block of ``source`` on ``grid``: float32, NaN where there is no data."""
     import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.warp import reproject
     from rasterio.windows import Window
 
     (b0, b1), (r0, r1), (c0, c1) = block_info[None]["array-location"]
@@ -378,9 +378,30 @@ def _read_block(
                 data = raw.astype(np.float32)
                 if source.nodata is not None:
                     data[raw == source.nodata] = np.nan
+    return _place(data, (top, left), out, (r0, c0), source, grid, resampling, plan)
+
+
+def _place(
+    data: np.ndarray,
+    at: tuple[int, int],
+    out: np.ndarray,
+    origin: tuple[int, int],
+    source: RasterSource,
+    grid: Grid,
+    resampling: str,
+    plan: ReadPlan,
+) -> np.ndarray:
+    """Put raster pixels ``data`` (float32, NaN = none; its first pixel at raster (row, col) ``at``)
+    into the grid block ``out`` whose first pixel is grid (row, col) ``origin``: copied where the
+    raster sits on the grid, else warped with the plan's fixed scale. The one resampler of ingest,
+    for raster files and in-memory or lazy arrays alike."""
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject
+
+    (top, left), (r0, c0) = at, origin
     if plan.offset is not None:
         row, col = plan.offset
-        out[:, top + row - r0 : bottom + row - r0, left + col - c0 : right + col - c0] = data
+        out[:, top + row - r0 : top + row - r0 + data.shape[1], left + col - c0 : left + col - c0 + data.shape[2]] = data
         return out
     reproject(
         data,
@@ -410,10 +431,7 @@ def read_onto_grid(
         raise InputError(f"unknown resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
     plan = read_plan(source, grid)
     bands = len(source.bands)
-    shrink = min(1.0, *plan.scale)  # downsampling reads a raster window 1/shrink times the block
-    spatial = max(64, int(chunk * shrink))
-    band_chunk = max(1, min(bands, READ_BLOCK_BYTES // (4 * int(spatial / shrink) ** 2)))
-    template = da.empty((bands, grid.height, grid.width), dtype=np.float32, chunks=(band_chunk, spatial, spatial))
+    template = da.empty((bands, grid.height, grid.width), dtype=np.float32, chunks=_block_shape(plan, bands, chunk))
     return da.map_blocks(
         _read_block,
         template,
@@ -424,6 +442,63 @@ def read_onto_grid(
         dtype=np.float32,
         meta=np.array((), np.float32),
     )
+
+
+def _block_shape(plan: ReadPlan, bands: int, chunk: int) -> tuple[int, int, int]:
+    """(bands, rows, cols) of the grid blocks read per task: neither a block nor the raster
+    window it reads exceeds about ``READ_BLOCK_BYTES``."""
+    shrink = min(1.0, *plan.scale)  # downsampling reads a raster window 1/shrink times the block
+    spatial = max(64, int(chunk * shrink))
+    return max(1, min(bands, READ_BLOCK_BYTES // (4 * int(spatial / shrink) ** 2))), spatial, spatial
+
+
+def _place_window(window: np.ndarray, at: tuple[int, int], shape: tuple[int, int, int], origin: tuple[int, int], **kw) -> np.ndarray:
+    out = np.full(shape, np.nan, np.float32)
+    return _place(np.asarray(window, np.float32), at, out, origin, **kw)
+
+
+def array_onto_grid(
+    data: da.Array, source: RasterSource, grid: Grid, resampling: str = "bilinear", chunk: int = READ_CHUNK
+) -> da.Array:
+    """Lazy (bands, y, x) float32 array of ``data`` on ``grid``: :func:`read_onto_grid` for an array.
+
+    ``data`` is a (bands, rows, cols) float32 dask array (NaN = no data)
+    georeferenced by ``source`` (its ``crs``, ``transform``, ``width``,
+    ``height``). Each grid block is one task that takes the window of ``data``
+    its footprint needs and puts it on the grid with the same resampler
+    (and fixed scale) as raster files, so an array and the raster it was read
+    from come out equal.
+    """
+    import functools
+
+    import dask
+
+    if resampling not in RESAMPLING:
+        raise InputError(f"unknown resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
+    plan = read_plan(source, grid)
+    bands = data.shape[0]
+    _, spatial, _ = _block_shape(plan, bands, chunk)
+    place = functools.partial(_place_window, source=source, grid=grid, resampling=resampling, plan=plan)
+    rows = []
+    for r0 in range(0, grid.height, spatial):
+        r1 = min(r0 + spatial, grid.height)
+        row = []
+        for c0 in range(0, grid.width, spatial):
+            c1 = min(c0 + spatial, grid.width)
+            shape = (bands, r1 - r0, c1 - c0)
+            if plan.offset is not None:
+                off_r, off_c = plan.offset
+                window = max(r0 - off_r, 0), min(r1 - off_r, source.height), max(c0 - off_c, 0), min(c1 - off_c, source.width)
+            else:
+                window = _source_window(source, grid, (r0, r1), (c0, c1), plan.pad)
+            if window is None or window[1] <= window[0] or window[3] <= window[2]:
+                row.append(da.full(shape, np.nan, dtype=np.float32, chunks=shape))
+                continue
+            top, bottom, left, right = window
+            piece = dask.delayed(place, pure=True)(data[:, top:bottom, left:right], (top, left), shape, (r0, c0))
+            row.append(da.from_delayed(piece, shape, dtype=np.float32))
+        rows.append(row)
+    return da.block(rows)
 
 
 def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -489,24 +564,51 @@ def ingest_rasters(
     if label_source is not None:
         _check_overlap(label_source, grid, "labels")
 
+    arrays = {
+        name: (
+            read_onto_grid(source, grid, resampling, chunk),
+            source.band_names,
+            {"source": str(source.path), "source_bands": list(source.bands)},
+        )
+        for name, source in sources.items()
+    }
+    label = None
+    if label_source is not None:
+        names = class_names or label_source.class_names
+        attrs = {"source": str(label_source.path), **({"class_names": list(names)} if names else {})}
+        label = (read_onto_grid(label_source, grid, "nearest", chunk)[0], attrs)
+    return scene_dataset(grid, arrays, label, mapping, reference)
+
+
+def scene_dataset(
+    grid: Grid,
+    arrays: Mapping[str, tuple[da.Array, tuple[str, ...], dict]],
+    label: tuple[da.Array, dict] | None,
+    label_map: Mapping[int, int],
+    reference: str,
+) -> xr.Dataset:
+    """The lazy scene Dataset of modalities already on ``grid``.
+
+    ``arrays`` maps names to ``(data (bands, y, x) float32 with NaN = no data,
+    band names, attrs)``; ``valid`` is where every band of every modality is
+    finite. ``label`` is ``(values (y, x) float, NaN = none; attrs)``, turned
+    into uint8 ids remapped by ``label_map`` (255 where none or outside 0..255).
+    """
     data_vars: dict[str, xr.DataArray] = {}
     valid = None
-    for name, source in sources.items():
-        data = read_onto_grid(source, grid, resampling, chunk)
+    for name, (data, band_names, attrs) in arrays.items():
         present = da.isfinite(data).all(axis=0)
         valid = present if valid is None else valid & present
         data_vars[name] = xr.DataArray(
             data,
             dims=(band_dim(name), "y", "x"),
-            coords={band_dim(name): np.array(source.band_names, dtype=object)},
-            attrs={"source": str(source.path), "source_bands": list(source.bands)},
+            coords={band_dim(name): np.array(band_names, dtype=object)},
+            attrs=attrs,
         )
     data_vars["valid"] = xr.DataArray(valid, dims=("y", "x"))
-    if label_source is not None:
-        values = read_onto_grid(label_source, grid, "nearest", chunk)[0]
-        label = values.map_blocks(_to_labels, mapping=tuple(sorted(mapping.items())), dtype=np.uint8)
-        names = class_names or label_source.class_names
-        attrs = {"source": str(label_source.path), **({"class_names": list(names)} if names else {})}
-        data_vars["label"] = xr.DataArray(label, dims=("y", "x"), attrs=attrs)
+    if label is not None:
+        values, attrs = label
+        ids = values.map_blocks(_to_labels, mapping=tuple(sorted(label_map.items())), dtype=np.uint8)
+        data_vars["label"] = xr.DataArray(ids, dims=("y", "x"), attrs=attrs)
     ds = xr.Dataset(data_vars, coords=grid.coords(), attrs={"reference": reference})
     return ds.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
