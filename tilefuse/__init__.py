@@ -33,6 +33,9 @@ _API = {
     "synth_scene": "tilefuse.synthetic",
     "write_geotiffs": "tilefuse.synthetic",
     "ingest_rasters": "tilefuse.rasters",
+    # scenes from the xarray ecosystem (odc-stac, stackstac, rioxarray arrays)
+    "from_xarray": "tilefuse.ecosystem",
+    "scene_from_xarray": "tilefuse.ecosystem",
     "quicklook_scene": "tilefuse.quicklook",
     "quicklook_labels": "tilefuse.quicklook",
 }

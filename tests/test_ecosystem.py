@@ -1,0 +1,215 @@
+"""Scenes from xarray inputs equal ``ingest`` of the same rasters (values, valid, labels, stats, grid)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import rioxarray
+import xarray as xr
+from affine import Affine
+from rasterio.warp import transform_bounds
+
+from tilefuse.ecosystem import from_xarray, scene_from_xarray
+from tilefuse.errors import InputError
+from tilefuse.pipelines.ingest import ingest
+from tilefuse.scene import open_scene
+
+UTM = "EPSG:32632"
+OPTICAL_T = Affine(10.0, 0, 500000.0, 0, -10.0, 5000000.0)
+SIZE = 160
+DATES = pd.to_datetime(["2024-06-01", "2024-06-11", "2024-06-21"])
+
+
+def write_tif(path, data, crs, transform, nodata):
+    with rasterio.open(
+        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+        dtype=data.dtype.name, crs=crs, transform=transform, nodata=nodata, tiled=True, blockxsize=64, blockysize=64,
+    ) as dst:  # fmt: skip
+        dst.write(data)
+    return path
+
+
+def sar_grid():
+    """A lat/lon grid over the optical footprint, coarser (about 25 m) and slightly offset."""
+    left, bottom, right, top = transform_bounds(UTM, "EPSG:4326", 500000, 5000000 - 10 * SIZE, 500000 + 10 * SIZE, 5000000)
+    res = 0.00025
+    width, height = int((right - left) / res) + 2, int((top - bottom) / res) + 2
+    return Affine(res, 0, left - res / 3, 0, -res, top + res / 3), width, height
+
+
+def optical(rng, step: int):
+    data = rng.integers(100, 4000, (3, SIZE, SIZE)).astype(np.uint16)
+    data[:, 10 + 30 * step : 40 + 30 * step, 20:70] = 0  # clouds move: nodata (all bands)
+    return data
+
+
+def sar(rng, step: int, width: int, height: int):
+    data = rng.normal(-12, 3, (2, height, width)).astype(np.float32)
+    data[:, : 5 + 4 * step, :] = np.nan  # swath edge
+    return data
+
+
+@pytest.fixture(scope="module")
+def rasters(tmp_path_factory):
+    """Three dates of optical (UTM 10 m, uint16, nodata 0) and SAR (lat/lon, float32, NaN), labels (20 m)."""
+    root = tmp_path_factory.mktemp("rasters")
+    rng = np.random.default_rng(7)
+    t, w, h = sar_grid()
+    files = {"optical": [], "sar": []}
+    for step in range(len(DATES)):
+        files["optical"].append(write_tif(root / f"optical_{step}.tif", optical(rng, step), UTM, OPTICAL_T, 0))
+        files["sar"].append(write_tif(root / f"sar_{step}.tif", sar(rng, step, w, h), "EPSG:4326", t, None))
+    labels = rng.integers(0, 5, (1, SIZE // 2, SIZE // 2)).astype(np.uint8)
+    labels[:, :8] = 255
+    files["label"] = write_tif(root / "label.tif", labels, UTM, Affine(20.0, 0, 500000.0, 0, -20.0, 5000000.0), 255)
+    return files
+
+
+def lazy(path) -> xr.DataArray:
+    return rioxarray.open_rasterio(path, chunks={"x": 64, "y": 64})
+
+
+def per_band(arr: xr.DataArray, names) -> xr.Dataset:
+    """odc-stac's layout: one variable per band, nodata in attrs."""
+    nodata = arr.rio.nodata
+    out = {}
+    for i, name in enumerate(names):
+        var = arr.isel(band=i, drop=True)
+        var.attrs = {"nodata": nodata} if nodata is not None else {}
+        var.encoding = {}
+        out[name] = var
+    return xr.Dataset(out)
+
+
+def stacked(paths) -> xr.DataArray:
+    """stackstac's layout: (time, band, y, x)."""
+    return xr.concat([lazy(p) for p in paths], dim=pd.Index(DATES[: len(paths)], name="time"))
+
+
+def assert_same_scene(a_path, b_path):
+    a, b = open_scene(a_path), open_scene(b_path)
+    assert a.rio.crs == b.rio.crs
+    assert a.rio.transform() == b.rio.transform()
+    assert set(a.data_vars) == set(b.data_vars)
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+        for key in ("band_mean", "band_std", "band_count", "class_counts", "ignore_count"):
+            assert a[name].attrs.get(key) == b[name].attrs.get(key), (name, key)
+    assert a["valid"].values.any() and not a["valid"].values.all()
+
+
+@pytest.mark.parametrize("reference", ["optical", "sar"])
+def test_band_array_inputs_equal_ingest(rasters, tmp_path, reference):
+    files = {"optical": rasters["optical"][0], "sar": rasters["sar"][0]}
+    ingested = ingest(tmp_path / "ingest.zarr", files, rasters["label"], reference=reference)
+    ours = from_xarray(
+        tmp_path / "xr.zarr", {k: lazy(p) for k, p in files.items()}, lazy(rasters["label"]), reference=reference
+    )
+    assert_same_scene(ingested, ours)
+
+
+def test_band_per_variable_inputs_equal_ingest(rasters, tmp_path):
+    files = {"optical": rasters["optical"][1], "sar": rasters["sar"][1]}
+    ingested = ingest(tmp_path / "ingest.zarr", files, resolution=15.0)
+    inputs = {"optical": per_band(lazy(files["optical"]), ["B04", "B03", "B02"]), "sar": per_band(lazy(files["sar"]), ["vv", "vh"])}
+    ours = from_xarray(tmp_path / "xr.zarr", inputs, resolution=15.0)
+    assert_same_scene(ingested, ours)
+    assert list(open_scene(ours)["optical"].optical_band.values) == ["B04", "B03", "B02"]
+
+
+def composite(paths, how: str) -> np.ndarray:
+    """The expected per-pixel composite of rasters, in numpy (NaN = no data)."""
+    steps = []
+    for p in paths:
+        with rasterio.open(p) as src:
+            raw = src.read()
+            data = raw.astype(np.float32)
+            if src.nodata is not None:
+                data[raw == src.nodata] = np.nan
+        steps.append(data)
+    stack = np.stack(steps)
+    if how == "median":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(stack, axis=0).astype(np.float32)
+    ok = np.isfinite(stack).all(axis=1)
+    out = np.full(stack.shape[1:], np.nan, np.float32)
+    order = range(len(paths)) if how == "first" else reversed(range(len(paths)))
+    for t in order:
+        take = ok[t] & ~np.isfinite(out).all(axis=0)
+        out[:, take] = stack[t][:, take]
+    return out
+
+
+@pytest.mark.parametrize("how", ["median", "first", "last"])
+def test_time_reductions_equal_ingest_of_the_composite(rasters, tmp_path, how):
+    expected = {}
+    for name in ("optical", "sar"):
+        with rasterio.open(rasters[name][0]) as src:
+            crs, transform = src.crs, src.transform
+        data = composite(rasters[name], how)
+        expected[name] = write_tif(tmp_path / f"{name}_{how}.tif", data, crs, transform, np.nan)
+    ingested = ingest(tmp_path / "ingest.zarr", expected)
+    inputs = {"optical": stacked(rasters["optical"]), "sar": stacked(rasters["sar"])}
+    ours = from_xarray(tmp_path / "xr.zarr", inputs, time=how)
+    assert_same_scene(ingested, ours)
+    assert open_scene(ours)["optical"].attrs["time"] == how
+
+
+def test_time_mean_close_to_nanmean(rasters, tmp_path):
+    ds = scene_from_xarray({"optical": stacked(rasters["optical"])}, time="mean")
+    steps = [lazy(p).values.astype(np.float32) for p in rasters["optical"]]
+    stack = np.where(np.stack(steps) == 0, np.nan, np.stack(steps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmean(stack, axis=0)
+    np.testing.assert_allclose(ds["optical"].values, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("choice", [1, "2024-06-11", np.datetime64("2024-06-11")])
+def test_one_date_equals_ingest_of_that_date(rasters, tmp_path, choice):
+    files = {"optical": rasters["optical"][1], "sar": rasters["sar"][1]}
+    ingested = ingest(tmp_path / "ingest.zarr", files)
+    # band-per-variable with a time dimension (odc-stac) for optical, (time, band, y, x) for SAR
+    optical_ds = xr.concat(
+        [per_band(lazy(p), ["r", "g", "b"]) for p in rasters["optical"]], dim=pd.Index(DATES, name="time")
+    )
+    ours = from_xarray(tmp_path / "xr.zarr", {"optical": optical_ds, "sar": stacked(rasters["sar"])}, time=choice)
+    assert_same_scene(ingested, ours)
+
+
+def test_bands_on_different_grids_are_concatenated(rasters, tmp_path):
+    ds = scene_from_xarray({"mix": [lazy(rasters["optical"][0]), lazy(rasters["sar"][0])]})
+    optical = scene_from_xarray({"o": lazy(rasters["optical"][0])})["o"].values
+    sar = scene_from_xarray({"o": lazy(rasters["optical"][0]), "s": lazy(rasters["sar"][0])})["s"].values
+    np.testing.assert_array_equal(ds["mix"].values, np.concatenate([optical, sar]))
+    assert ds.sizes["mix_band"] == 5
+
+
+def test_bad_inputs(rasters, tmp_path):
+    stack = stacked(rasters["optical"])
+    with pytest.raises(InputError, match="3 time steps: pass time="):
+        scene_from_xarray({"optical": stack})
+    with pytest.raises(InputError, match="matches no step"):
+        scene_from_xarray({"optical": stack}, time="2023-01-01")
+    with pytest.raises(InputError, match="out of range"):
+        scene_from_xarray({"optical": stack}, time=5)
+    with pytest.raises(InputError, match="no CRS"):
+        scene_from_xarray({"optical": xr.DataArray(np.zeros((1, 8, 8)), dims=("band", "y", "x"), coords={"y": np.arange(8.0), "x": np.arange(8.0)})})
+    with pytest.raises(InputError, match="reference='hsi'"):
+        scene_from_xarray({"optical": lazy(rasters["optical"][0])}, reference="hsi")
+    with pytest.raises(InputError, match="cannot be used"):
+        scene_from_xarray({"valid": lazy(rasters["optical"][0])})
+    with pytest.raises(InputError, match="pass an xarray"):
+        scene_from_xarray({"optical": rasters["optical"][0]})
+    elsewhere = lazy(rasters["optical"][0]).rio.write_transform(OPTICAL_T * Affine.translation(1e6, 0))
+    elsewhere = elsewhere.assign_coords(x=elsewhere.x + 1e7)
+    with pytest.raises(InputError, match="does not overlap"):
+        scene_from_xarray({"optical": lazy(rasters["optical"][0]), "sar": elsewhere})
+    (tmp_path / "exists.zarr").mkdir()
+    with pytest.raises(InputError, match="overwrite=True"):
+        from_xarray(tmp_path / "exists.zarr", {"optical": lazy(rasters["optical"][0])})

@@ -1,0 +1,326 @@
+"""Scenes from the xarray ecosystem: lazy DataArrays with a CRS -> a scene Dataset on one grid.
+
+What people hold after a STAC search or opening COGs, per modality:
+
+- a ``Dataset`` with one variable per band (``(y, x)`` or ``(time, y, x)``),
+  as odc-stac's ``load`` returns;
+- a ``DataArray`` ``(band, y, x)`` or ``(time, band, y, x)``, as rioxarray's
+  ``open_rasterio`` and stackstac's ``stack`` return (or ``(y, x)``: one band);
+- a list of those, whose bands are concatenated (bands on different grids,
+  e.g. Sentinel-2's 10 m and 20 m bands).
+
+Each input's ``nodata`` (rioxarray's ``rio.nodata``, or ``nodata=``) and NaN
+become "no data". A ``time`` dimension is reduced by the user's choice before
+anything is resampled: one step (an index, or a date), or per pixel the
+``"median"`` / ``"mean"`` of the valid steps, or the ``"first"`` / ``"last"``
+step in time order where every band is valid. Everything is then put on the
+reference modality's grid (or that grid's extent in ``crs`` / at
+``resolution``) by the resampler of raster ingest
+(:func:`tilefuse.rasters.array_onto_grid`), so an array comes out equal to
+``tilefuse ingest`` of the raster it was read from. ``valid``, labels
+(nearest, remapped) and band statistics follow ingest's rules exactly.
+
+:func:`scene_from_xarray` returns the lazy Dataset; :func:`from_xarray` writes
+it as a scene store with :func:`tilefuse.scene.write_scene`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+
+from tilefuse.errors import InputError
+from tilefuse.rasters import (
+    READ_CHUNK,
+    RESAMPLING,
+    RasterSource,
+    _check_overlap,
+    array_onto_grid,
+    parse_label_map,
+    reference_grid,
+    scene_dataset,
+)
+
+REDUCTIONS = ("median", "mean", "first", "last")
+"""Per-pixel reductions of a time dimension (a date or an index picks one step instead)."""
+TIME_DIM = "time"
+
+Input = Union[xr.DataArray, xr.Dataset]
+
+
+def _spatial_dims(obj: Input, what: str) -> tuple[str, str]:
+    try:
+        return obj.rio.y_dim, obj.rio.x_dim
+    except Exception:  # rioxarray raises MissingSpatialDimensionError
+        raise InputError(f"{what} has no spatial dimensions (x/y or longitude/latitude): dims are {tuple(obj.dims)}") from None
+
+
+def _crs(obj: Input, what: str, assume_crs):
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    crs = obj.rio.crs
+    if crs is None:
+        if assume_crs is None:
+            raise InputError(f"{what} has no CRS: set it with .rio.write_crs('EPSG:...') or pass crs=")
+        try:
+            crs = CRS.from_user_input(assume_crs)
+        except CRSError:
+            raise InputError(f"crs={assume_crs!r} is not a CRS rasterio understands: use e.g. 'EPSG:32632'") from None
+    return crs
+
+
+def _transform(obj: Input, what: str):
+    """The grid's affine transform: the recorded one (exact, as the raster had it) unless the
+    coordinates no longer match it (a sliced array), then the one the coordinates give."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recorded, computed = obj.rio.transform(), obj.rio.transform(recalc=True)
+    except Exception as error:  # rioxarray raises several types for irregular coordinates
+        raise InputError(f"{what} has no regular grid ({error}): resample it onto a regular grid first") from None
+    tol = 1e-6 * max(abs(computed.a), abs(computed.e))
+    return recorded if all(abs(a - b) <= tol for a, b in zip(recorded, computed)) else computed
+
+
+def _masked(var: xr.DataArray, nodata: float | None) -> xr.DataArray:
+    """float32 with NaN where ``var`` equals its nodata value (``nodata``, else ``var.rio.nodata``)."""
+    value = var.rio.nodata if nodata is None else nodata
+    out = var.astype(np.float32)
+    if value is not None and not np.isnan(value):
+        out = out.where(var != value)
+    return out
+
+
+def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
+    """``obj`` as float32 ``([time,] band, y, x)`` with NaN = no data and string band names."""
+    ydim, xdim = _spatial_dims(obj, what)
+    if isinstance(obj, xr.Dataset):
+        names = [str(n) for n, v in obj.data_vars.items() if ydim in v.dims and xdim in v.dims]
+        if not names:
+            raise InputError(f"{what}: the Dataset has no variable with dims ({ydim}, {xdim})")
+        bands = [_masked(obj[n], nodata) for n in names]
+        for name, band in zip(names, bands):
+            extra = set(band.dims) - {TIME_DIM, ydim, xdim}
+            if extra:
+                raise InputError(f"{what}: variable {name!r} has dims {band.dims}: one variable per band takes ({TIME_DIM},) {ydim}, {xdim}")
+        arr = xr.concat(bands, dim="band", coords="minimal", compat="override", join="exact")
+        arr = arr.assign_coords(band=np.array(names, dtype=object))
+    else:
+        arr = _masked(obj, nodata)
+        others = [d for d in arr.dims if d not in (TIME_DIM, ydim, xdim)]
+        if len(others) > 1:
+            raise InputError(f"{what} has dims {arr.dims}: expected ([time,] band, y, x) with one band dimension")
+        if others:
+            arr = arr.rename({others[0]: "band"})
+        else:
+            arr = arr.expand_dims(band=[str(obj.name or "b1")])
+        values = arr["band"].values if "band" in arr.coords else np.arange(1, arr.sizes["band"] + 1)
+        long_names = obj.attrs.get("long_name")
+        if isinstance(long_names, (list, tuple)) and len(long_names) == len(values) and all(long_names):
+            names = [str(n) for n in long_names]
+        else:
+            names = [str(v) if isinstance(v, str) else f"b{v}" for v in values]
+        arr = arr.assign_coords(band=np.array(names, dtype=object))
+    order = ([TIME_DIM] if TIME_DIM in arr.dims else []) + ["band", ydim, xdim]
+    return arr.transpose(*order)
+
+
+def _first_valid(block: np.ndarray, last: bool = False) -> np.ndarray:
+    """(time, band, y, x) -> (band, y, x): per pixel the first (last) step where every band is finite."""
+    ok = np.isfinite(block).all(axis=1)  # (time, y, x)
+    steps = ok[::-1] if last else ok
+    index = np.argmax(steps, axis=0)
+    index = block.shape[0] - 1 - index if last else index
+    out = np.take_along_axis(block, index[None, None], axis=0)[0]
+    out[:, ~ok.any(axis=0)] = np.nan
+    return out
+
+
+def _reduce_block(block: np.ndarray, how: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN
+        if how == "median":
+            return np.nanmedian(block, axis=0).astype(np.float32)
+        if how == "mean":
+            return np.nanmean(block, axis=0, dtype=np.float64).astype(np.float32)
+    return _first_valid(block, last=how == "last")
+
+
+def _reduce_time(arr: xr.DataArray, time, what: str) -> tuple[xr.DataArray, str | None]:
+    """Drop ``arr``'s time dimension as ``time`` says; also returns what was done (for attrs)."""
+    if TIME_DIM not in arr.dims:
+        return arr, None
+    steps = arr.sizes[TIME_DIM]
+    if time is None:
+        if steps == 1:
+            return arr.isel({TIME_DIM: 0}, drop=True), None
+        raise InputError(
+            f"{what} has {steps} time steps: pass time= an index, a date, or one of {', '.join(REDUCTIONS)}"
+        )
+    if isinstance(time, str) and time in REDUCTIONS:
+        if TIME_DIM in arr.coords:
+            arr = arr.sortby(TIME_DIM)
+        data = arr.data.rechunk({0: -1})
+        reduced = da.map_blocks(_reduce_block, data, how=time, drop_axis=0, dtype=np.float32)
+        coords = {k: v for k, v in arr.coords.items() if TIME_DIM not in v.dims}
+        return xr.DataArray(reduced, dims=arr.dims[1:], coords=coords, attrs=arr.attrs), time
+    if isinstance(time, (int, np.integer)) and not isinstance(time, bool):
+        if not -steps <= time < steps:
+            raise InputError(f"time={time} is out of range: {what} has {steps} time steps")
+        picked = arr.isel({TIME_DIM: int(time)})
+    else:
+        try:
+            picked = arr.sel({TIME_DIM: time})
+        except (KeyError, TypeError, ValueError):
+            times = arr[TIME_DIM].values if TIME_DIM in arr.coords else []
+            span = f"{times.min()} .. {times.max()}" if len(times) else "no time coordinate"
+            raise InputError(
+                f"time={time!r} matches no step of {what} ({span}): pass a date it has, an index, or one of {', '.join(REDUCTIONS)}"
+            ) from None
+        if TIME_DIM in picked.dims:
+            if picked.sizes[TIME_DIM] != 1:
+                raise InputError(f"time={time!r} matches {picked.sizes[TIME_DIM]} steps of {what}: pass one date or a reduction")
+            picked = picked.isel({TIME_DIM: 0})
+    label = str(picked[TIME_DIM].values) if TIME_DIM in picked.coords else str(time)
+    return picked.drop_vars(TIME_DIM, errors="ignore"), label
+
+
+def _prepare(obj: Input, what: str, *, time, nodata, assume_crs, chunk: int) -> tuple[da.Array, RasterSource, str | None]:
+    """One input -> (lazy (band, y, x) float32 data, its georeferencing as a RasterSource, time label)."""
+    if not isinstance(obj, (xr.DataArray, xr.Dataset)):
+        raise InputError(f"{what} is a {type(obj).__name__}: pass an xarray DataArray or Dataset (or a list of them)")
+    crs = _crs(obj, what, assume_crs)
+    ydim, xdim = _spatial_dims(obj, what)
+    if obj.sizes[ydim] < 2 or obj.sizes[xdim] < 2:
+        raise InputError(f"{what} is {obj.sizes[ydim]} x {obj.sizes[xdim]} px: a scene needs at least 2 x 2")
+    transform = _transform(obj, what)
+    arr = _band_array(obj, what, nodata)
+    if not isinstance(arr.data, da.Array):
+        arr = arr.chunk({ydim: chunk, xdim: chunk})
+    arr, picked = _reduce_time(arr, time, what)
+    names = tuple(str(n) for n in arr["band"].values)
+    source = RasterSource(
+        path=Path(f"<{what}>"),
+        bands=tuple(range(1, len(names) + 1)),
+        crs=crs,
+        transform=transform,
+        width=int(obj.sizes[xdim]),
+        height=int(obj.sizes[ydim]),
+        band_names=names,
+    )
+    return arr.data.astype(np.float32), source, picked
+
+
+def _pieces(value, name: str) -> list:
+    if isinstance(value, (xr.DataArray, xr.Dataset)):
+        return [value]
+    if isinstance(value, Sequence) and not isinstance(value, str) and value:
+        return list(value)
+    raise InputError(f"modality {name!r}: pass an xarray DataArray or Dataset (or a non-empty list of them)")
+
+
+def scene_from_xarray(
+    modalities: Mapping[str, Input | Sequence[Input]],
+    labels: xr.DataArray | None = None,
+    *,
+    reference: str | None = None,
+    time: int | str | object | None = None,
+    crs: str | None = None,
+    resolution: float | tuple[float, float] | None = None,
+    resampling: str = "bilinear",
+    nodata: float | None = None,
+    label_map: Mapping[int, int] | str | None = None,
+    class_names: list[str] | None = None,
+    chunk: int = READ_CHUNK,
+) -> xr.Dataset:
+    """Lazy scene Dataset of xarray inputs on one grid, ready for :func:`tilefuse.scene.write_scene`.
+
+    ``modalities`` maps names to a DataArray ``([time,] band, y, x)``, a
+    Dataset with one variable per band, or a list of those (bands
+    concatenated). ``time`` reduces a time dimension: an index, a date
+    (``"2024-06-01"``, a ``datetime``), or one of :data:`REDUCTIONS`; an input
+    with several steps needs it. The grid is the ``reference`` modality's
+    (default the first; its first piece), moved to ``crs`` and/or
+    ``resolution`` if given (``crs`` is also assumed for inputs without one).
+    Modalities are resampled with ``resampling``; ``labels`` (``(y, x)``, no
+    time) with nearest, remapped by ``label_map`` (values outside 0..255
+    become 255 = ignore). ``nodata`` overrides every input's own nodata value.
+    """
+    if not modalities:
+        raise InputError("no modality given: pass at least one name -> DataArray/Dataset")
+    if resampling not in RESAMPLING:
+        raise InputError(f"unknown resampling={resampling!r}: choose one of {', '.join(RESAMPLING)}")
+    mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
+    reference = reference or next(iter(modalities))
+    if reference not in modalities:
+        raise InputError(f"reference={reference!r} is not a modality (have {', '.join(modalities)})")
+    for name in modalities:
+        if name in ("valid", "label") or not str(name).isidentifier():
+            raise InputError(f"modality name {name!r} cannot be used: choose an identifier other than 'valid' and 'label'")
+    options = {"time": time, "nodata": nodata, "assume_crs": crs, "chunk": chunk}
+    prepared = {
+        name: [
+            _prepare(piece, f"modality {name!r}" + (f" piece {i}" if len(pieces) > 1 else ""), **options)
+            for i, piece in enumerate(pieces)
+        ]
+        for name, pieces in ((name, _pieces(value, name)) for name, value in modalities.items())
+    }
+    grid = reference_grid(prepared[reference][0][1], crs, resolution)
+    arrays = {}
+    for name, pieces in prepared.items():
+        on_grid, band_names, steps = [], [], []
+        for data, source, picked in pieces:
+            _check_overlap(source, grid, f"modality {name!r}")
+            on_grid.append(array_onto_grid(data, source, grid, resampling, chunk))
+            band_names.extend(source.band_names)
+            steps.append(picked)
+        attrs = {"source": "xarray"}
+        if any(steps):
+            attrs["time"] = steps[0] if len(set(steps)) == 1 else [str(s) for s in steps]
+        data = on_grid[0] if len(on_grid) == 1 else da.concatenate(on_grid, axis=0)
+        arrays[name] = (data, tuple(band_names), attrs)
+    label = None
+    if labels is not None:
+        if not isinstance(labels, xr.DataArray):
+            raise InputError(f"labels is a {type(labels).__name__}: pass a (y, x) xarray DataArray")
+        if TIME_DIM in labels.dims:
+            raise InputError("labels have a time dimension: pass one (y, x) label map (e.g. labels.isel(time=0))")
+        values, source, _ = _prepare(labels, "labels", time=None, nodata=nodata, assume_crs=crs, chunk=chunk)
+        if values.shape[0] != 1:
+            raise InputError(f"labels have {values.shape[0]} bands: pass one (y, x) label map")
+        _check_overlap(source, grid, "labels")
+        names = class_names or labels.attrs.get("class_names")
+        attrs = {"source": "xarray", **({"class_names": list(names)} if names else {})}
+        label = (array_onto_grid(values, source, grid, "nearest", chunk)[0], attrs)
+    return scene_dataset(grid, arrays, label, mapping, reference)
+
+
+def from_xarray(
+    out: str | os.PathLike,
+    modalities: Mapping[str, Input | Sequence[Input]],
+    labels: xr.DataArray | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    **options,
+) -> Path:
+    """Write the scene of :func:`scene_from_xarray` (same ``options``) as the store ``out``; returns its path."""
+    import rasterio
+
+    from tilefuse.rasters import GDAL_CACHE_BYTES
+    from tilefuse.scene import write_scene
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists: choose another output or pass overwrite=True")
+    ds = scene_from_xarray(modalities, labels, **options)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        return write_scene(ds, out, overwrite=overwrite, progress=progress)
