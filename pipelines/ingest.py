@@ -2,7 +2,9 @@
 
 Python API: :func:`ingest` writes the store and returns its path; the lazy
 Dataset it writes is :func:`tilefuse.rasters.ingest_rasters` (for notebooks:
-``write_scene(ingest_rasters(...), path)``).
+``write_scene(ingest_rasters(...), path)``). ``--stac ITEMS.json --asset
+NAME=KEY[,KEY...]`` reads a STAC Item/ItemCollection over local files instead
+(:mod:`tilefuse.stac`, through :mod:`tilefuse.ecosystem`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,21 @@ def ingest(
     complex_mode: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    stac: str | os.PathLike | None = None,
+    label_asset: str | None = None,
+    time: int | str | None = None,
 ) -> Path:
     """Ingest ``modalities`` (name -> ``PATH[:BANDS]``) and optional ``labels`` into the store ``out``.
 
     Every input is checked before anything is written; see
     :func:`tilefuse.rasters.ingest_rasters` for the options. Returns the store path.
+
+    With ``stac`` (a STAC Item or ItemCollection JSON whose assets are local
+    files; needs the ``stac`` extra), ``modalities`` maps names to asset keys
+    (``{"optical": "B04,B03,B02"}``), labels come from ``labels`` (a file) or
+    ``label_asset``, and several Items are reduced along time by ``time``
+    (an index, a date, "median", "mean", "first" or "last"); see
+    :func:`tilefuse.stac.scene_from_stac`.
     """
     import rasterio
 
@@ -44,17 +56,29 @@ def ingest(
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists: choose another output or pass --overwrite")
-    ds = ingest_rasters(
-        modalities,
-        labels,
-        reference=reference,
-        crs=crs,
-        resolution=resolution,
-        resampling=resampling,
-        label_map=label_map,
-        class_names=class_names,
-        complex_mode=complex_mode,
-    )
+    if stac is not None:  # STAC input: assets of Items, through tilefuse.ecosystem
+        from tilefuse.stac import scene_from_stac
+
+        if complex_mode is not None:
+            raise InputError("complex_mode= is for raster files: STAC assets are read as they are")
+        ds = scene_from_stac(
+            stac, modalities, labels, label_asset=label_asset, time=time, reference=reference, crs=crs,
+            resolution=resolution, resampling=resampling, label_map=label_map, class_names=class_names,
+        )  # fmt: skip
+    else:
+        if label_asset is not None or time is not None:
+            raise InputError("label_asset= and time= apply to STAC input: pass stac= (a STAC Item/ItemCollection JSON)")
+        ds = ingest_rasters(
+            modalities,
+            labels,
+            reference=reference,
+            crs=crs,
+            resolution=resolution,
+            resampling=resampling,
+            label_map=label_map,
+            class_names=class_names,
+            complex_mode=complex_mode,
+        )
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
         return write_scene(ds, out, overwrite=overwrite, progress=progress)
 
@@ -62,13 +86,13 @@ def ingest(
 def ingest_command(
     out: Annotated[Path, typer.Argument(help="Scene store to write (zarr).")],
     modality: Annotated[
-        list[str],
+        Optional[list[str]],
         typer.Option(
             "--modality",
             "-m",
             help="NAME=PATH[:BANDS], once per modality, e.g. sar=s1.tif or optical=s2.tif:2,3,4,8 (bands 1-based; ranges like 1-4).",
         ),
-    ],
+    ] = None,
     labels: Annotated[Optional[str], typer.Option(help="Label raster PATH[:BAND], resampled with nearest.")] = None,
     label_map: Annotated[
         Optional[str],
@@ -81,15 +105,37 @@ def ingest_command(
     resampling: Annotated[str, typer.Option(help="Resampling of modalities: nearest, bilinear, cubic, cubic_spline, lanczos, average or mode.")] = "bilinear",
     complex_mode: Annotated[Optional[str], typer.Option("--complex", help="How to read complex SAR: 'magnitude' (otherwise it is refused).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+    stac: Annotated[Optional[Path], typer.Option(help="STAC Item or ItemCollection JSON whose assets are local files (needs tilefuse[stac]); modalities then come from --asset.")] = None,
+    asset: Annotated[
+        Optional[list[str]],
+        typer.Option("--asset", "-a", help="With --stac: NAME=KEY[,KEY...], the asset keys whose bands make a modality, e.g. optical=B04,B03,B02."),
+    ] = None,
+    label_asset: Annotated[Optional[str], typer.Option(help="With --stac: the asset key of the label raster.")] = None,
+    time: Annotated[Optional[str], typer.Option(help="With --stac and several items: one date (2024-06-01), an index, or per pixel median, mean, first or last (valid step).")] = None,
 ) -> None:
     """Resample rasters (one per modality) and labels onto one grid and write a scene store."""
     from tilefuse.rasters import parse_modality
 
-    pairs = [parse_modality(spec) for spec in modality]
+    if stac is not None:  # STAC input: modalities name asset keys
+        from tilefuse.ecosystem import parse_time
+        from tilefuse.stac import parse_assets
+
+        if modality:
+            raise InputError("with --stac, modalities come from the items' assets: use --asset NAME=KEY[,KEY...], not --modality")
+        pairs, flag = [parse_assets(spec) for spec in asset or []], "--asset"
+        if not pairs:
+            raise InputError("--stac needs at least one --asset NAME=KEY[,KEY...] (e.g. optical=B04,B03,B02)")
+        stac_options = {"stac": stac, "label_asset": label_asset, "time": parse_time(time)}
+    else:
+        if asset or label_asset is not None or time is not None:
+            raise InputError("--asset, --label-asset and --time read a STAC file: pass --stac ITEMS.json too")
+        if not modality:
+            raise InputError("no modality given: pass at least one --modality NAME=PATH (or --stac ITEMS.json --asset NAME=KEY)")
+        pairs, flag, stac_options = [parse_modality(spec) for spec in modality], "--modality", {}
     names = [name for name, _ in pairs]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
-        raise InputError(f"modality {duplicate!r} is given twice: give each --modality a distinct NAME")
+        raise InputError(f"modality {duplicate!r} is given twice: give each {flag} a distinct NAME")
     path = ingest(
         out,
         dict(pairs),
@@ -103,5 +149,6 @@ def ingest_command(
         complex_mode=complex_mode,
         overwrite=overwrite,
         progress=True,
+        **stac_options,
     )
     typer.echo(f"wrote {path}")

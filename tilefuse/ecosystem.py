@@ -55,6 +55,16 @@ TIME_DIM = "time"
 Input = Union[xr.DataArray, xr.Dataset]
 
 
+def parse_time(text: str | None) -> int | str | None:
+    """A ``--time`` value: an integer is an index, anything else a date or a reduction name."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not text:
+        raise InputError(f"--time is empty: pass a date (2024-06-01), an index, or one of {', '.join(REDUCTIONS)}")
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _spatial_dims(obj: Input, what: str) -> tuple[str, str]:
     try:
         return obj.rio.y_dim, obj.rio.x_dim
