@@ -9,21 +9,43 @@ Specs:
 - ``tcp://host:port`` or a scheduler-file path: an existing cluster (``dask
   scheduler``/``dask worker`` by hand, dask-jobqueue on SLURM/PBS, the dask
   Kubernetes operator: see ``slurm.md`` and ``kubernetes.yaml`` here).
+
+Servers: a cluster started here (``local:N``, ``cuda``) puts its scheduler,
+workers and dashboard on ``listen`` (:data:`LOOPBACK` by default), so nothing
+is reachable from other machines unless asked (``listen="0.0.0.0"`` or one
+address of this host).
+
+Connections: before a ``tcp://`` address (or a scheduler file's) is handed to
+distributed, :func:`probe_scheduler` opens one socket with a bounded timeout
+and reads the greeting a dask scheduler sends first (an 8-byte length, then
+msgpack frames), with a bounded length. Anything else (an HTTP server that
+waits for a request, a server that answers junk, whose first bytes distributed
+would take for a frame length of exabytes) is refused in one line, as is a
+closed port or an address without a port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import socket
+import struct
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 from tilefuse.errors import InputError
 
-CONNECT_TIMEOUT = "5s"
+CONNECT_TIMEOUT = 10.0
+"""Seconds a connection to an existing scheduler may take, greeting included."""
+LOOPBACK = "127.0.0.1"
+GREETING_LIMIT = 1 << 20
+"""Largest first message accepted from a scheduler: dask's greeting is a few hundred bytes."""
 SPECS = "sync, local:N, cuda, tcp://HOST:PORT or a scheduler file"
+DEFAULT_PORT = 8786
 
 
 def _local_workers(spec: str) -> int:
@@ -35,11 +57,133 @@ def _local_workers(spec: str) -> int:
     return int(count)
 
 
-def make_client(spec: str, timeout: str = CONNECT_TIMEOUT):
+def _seconds(timeout: float | str) -> float:
+    """A timeout in seconds from a number or a dask duration string ("5s")."""
+    if isinstance(timeout, str):
+        from dask.utils import parse_timedelta
+
+        try:
+            timeout = parse_timedelta(timeout)
+        except (ValueError, KeyError):
+            raise InputError(f"bad timeout {timeout!r}: give seconds, e.g. timeout=10") from None
+    if timeout is None or not timeout > 0:
+        raise InputError(f"the connection timeout must be > 0 seconds, got {timeout}")
+    return float(timeout)
+
+
+def _check_listen(listen: str) -> str:
+    host = (listen or "").strip()
+    if not host or "://" in host or "/" in host:
+        raise InputError(f"bad listen address {listen!r}: give a host of this machine, e.g. 127.0.0.1 or 0.0.0.0")
+    return host
+
+
+def split_address(address: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of ``scheme://host:port``; an address without host or port is refused."""
+    scheme, _, rest = address.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        host, port = rest, ""
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(
+            f"{address!r} has no {'host' if not host else 'valid port'}: write {scheme}://HOST:PORT "
+            f"(dask schedulers listen on {DEFAULT_PORT} by default)"
+        )
+    return scheme, host, int(port)
+
+
+def _recv_exact(sock: socket.socket, count: int, deadline: float) -> bytes:
+    chunks, got = [], 0
+    while got < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(min(count - got, 1 << 16))
+        if not chunk:
+            raise ConnectionResetError("closed the connection")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _is_greeting(payload: bytes) -> bool:
+    """Whether ``payload`` (one message body) is a dask handshake: msgpack frames whose header decodes."""
+    import msgpack
+    from distributed.protocol.utils import unpack_frames
+
+    try:
+        frames, missing = unpack_frames(payload, partial=True)
+        if missing or not frames:
+            return False
+        header = msgpack.loads(frames[0], raw=False, use_list=False, strict_map_key=False)
+    except Exception:  # anything that is not dask's framing
+        return False
+    return isinstance(header, dict)
+
+
+def probe_scheduler(address: str, timeout: float | str = CONNECT_TIMEOUT, what: str = "the server") -> None:
+    """Check that a dask scheduler answers at ``tcp://host:port`` within ``timeout`` s, else :class:`InputError`.
+
+    Opens one connection, reads the scheduler's greeting with a bounded length
+    and closes it; never sends anything.
+    """
+    scheme, host, port = split_address(address)
+    seconds = _seconds(timeout)
+    fix = f"check the address (a dask scheduler's, e.g. tcp://HOST:{DEFAULT_PORT})"
+    deadline = time.monotonic() + seconds
+    try:
+        sock = socket.create_connection((host, port), timeout=seconds)
+    except socket.gaierror:
+        raise InputError(f"cannot resolve host {host!r} of {address}: {fix}") from None
+    except (TimeoutError, socket.timeout):
+        raise InputError(f"no connection to {address} within {seconds:g} s: start the scheduler or {fix}") from None
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise InputError(f"cannot connect to {address} ({reason}): start the scheduler or {fix}") from None
+    with sock:
+        try:
+            (length,) = struct.unpack("Q", _recv_exact(sock, 8, deadline))
+            if not 0 < length <= GREETING_LIMIT:
+                raise ValueError(f"its first message claims {length} bytes")
+            if not _is_greeting(_recv_exact(sock, length, deadline)):
+                raise ValueError("its first message is not dask's handshake")
+        except (TimeoutError, socket.timeout):
+            reason = f"it sent no dask greeting within {seconds:g} s"
+        except OSError as error:
+            reason = f"it {error.args[0] if isinstance(error, ConnectionResetError) and error.args else 'dropped the connection'}"
+        except ValueError as error:
+            reason = str(error)
+        else:
+            return
+    raise InputError(f"{what} at {address} is not a dask scheduler ({reason}): {fix}")
+
+
+def read_scheduler_file(path: Path) -> str:
+    """The scheduler address in a dask scheduler file (JSON with ``"address"``), or :class:`InputError`."""
+    if not path.is_file():
+        raise InputError(f"scheduler file {path} does not exist: start the scheduler with --scheduler-file {path}")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"scheduler file {path} is not JSON ({type(error).__name__}): pass the file `dask scheduler --scheduler-file` wrote") from None
+    address = info.get("address") if isinstance(info, dict) else None
+    if not isinstance(address, str) or "://" not in address:
+        raise InputError(f"scheduler file {path} has no \"address\" of a scheduler: pass the file `dask scheduler --scheduler-file` wrote")
+    return address
+
+
+def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str = LOOPBACK):
     """A ``distributed.Client`` for ``spec`` (see the module docstring), or None for ``sync``.
 
-    Closing the client also closes a cluster it started (``local:N``, ``cuda``).
+    ``timeout`` (seconds) bounds connecting to an existing scheduler; ``listen``
+    is the host a cluster started here binds its scheduler, workers and
+    dashboard to (loopback by default; ``"0.0.0.0"`` exposes them on every
+    interface). Closing the client also closes a cluster it started (``local:N``, ``cuda``).
     """
+    if not isinstance(spec, str):
+        raise InputError(f"bad cluster spec {spec!r}: use {SPECS}")
     spec = spec.strip()
     if spec == "sync":
         return None
@@ -47,31 +191,42 @@ def make_client(spec: str, timeout: str = CONNECT_TIMEOUT):
 
     if spec == "local" or spec.startswith("local:"):
         workers = _local_workers(spec)
+        host = _check_listen(listen)
         # a Client given n_workers starts the LocalCluster and closes it with itself
         with _fast_malloc():
             return Client(
                 n_workers=workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=":0",
+                host=host,
+                dashboard_address=f"{host}:0",
                 silence_logs=logging.WARNING,
             )
     if spec == "cuda":
-        return _cuda_client()
+        return _cuda_client(_check_listen(listen))
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
-        try:
-            return Client(spec, timeout=timeout)
-        except (OSError, TimeoutError) as error:
-            raise InputError(f"cannot reach the dask scheduler at {spec} ({type(error).__name__}): start it or fix --cluster") from None
+        return _connect(spec, timeout, what="the server")
     path = Path(spec)
     if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise InputError(f"scheduler file {path} does not exist: start the scheduler with --scheduler-file {path}")
-        try:
-            return Client(scheduler_file=str(path), timeout=timeout)
-        except (OSError, TimeoutError, ValueError) as error:
-            raise InputError(f"cannot reach the dask scheduler of {path} ({type(error).__name__}): is it still running?") from None
+        return _connect(read_scheduler_file(path), timeout, what=f"the scheduler of {path}")
     raise InputError(f"unknown cluster spec {spec!r}: use {SPECS}")
+
+
+def _connect(address: str, timeout: float | str, what: str):
+    """A Client of the scheduler at ``address``, probed first where it is plain TCP."""
+    import dask
+    from distributed import Client
+
+    seconds = _seconds(timeout)
+    if address.startswith("tcp://"):
+        probe_scheduler(address, seconds, what)
+    elif not address.startswith("inproc://"):
+        split_address(address)
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": f"{seconds}s"}):
+            return Client(address, timeout=f"{seconds}s")
+    except (OSError, TimeoutError) as error:
+        raise InputError(f"cannot connect to the dask scheduler at {address} ({type(error).__name__}): start it or check the address") from None
 
 
 def _fast_malloc():
@@ -85,7 +240,7 @@ def _fast_malloc():
     return dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
-def _cuda_client():
+def _cuda_client(host: str = LOOPBACK):
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -96,7 +251,9 @@ def _cuda_client():
     if not torch.cuda.is_available():
         raise InputError("--cluster cuda: no GPU is visible to torch on this machine; use --cluster local:N")
     with _fast_malloc():
-        cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=":0", silence_logs=logging.WARNING)
+        cluster = LocalCUDACluster(
+            host=host, threads_per_worker=1, dashboard_address=f"{host}:0", silence_logs=logging.WARNING
+        )
     client = Client(cluster)
     # the Client did not start this cluster, so it would not close it: tie them together
     client._tilefuse_cluster = cluster
@@ -114,12 +271,12 @@ def close_client(client) -> None:
 
 
 @contextlib.contextmanager
-def cluster_client(spec_or_client) -> Iterator:
+def cluster_client(spec_or_client, timeout: float | str = CONNECT_TIMEOUT, listen: str = LOOPBACK) -> Iterator:
     """Context manager over :func:`make_client`; an existing Client passes through and stays open."""
     if spec_or_client is None or not isinstance(spec_or_client, str):
         yield spec_or_client
         return
-    client = make_client(spec_or_client)
+    client = make_client(spec_or_client, timeout=timeout, listen=listen)
     try:
         yield client
     finally:
