@@ -26,6 +26,7 @@ it as a scene store with :func:`tilefuse.scene.write_scene`.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -229,6 +230,16 @@ def _prepare(obj: Input, what: str, *, time, nodata, assume_crs, chunk: int) -> 
     return arr.data.astype(np.float32), source, picked
 
 
+def _class_names(value) -> list[str] | None:
+    """Class names from a label array's attrs: a list, or the JSON list GeoTIFF tags hold."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) and value else None
+
+
 def _pieces(value, name: str) -> list:
     if isinstance(value, (xr.DataArray, xr.Dataset)):
         return [value]
@@ -307,7 +318,7 @@ def scene_from_xarray(
         if values.shape[0] != 1:
             raise InputError(f"labels have {values.shape[0]} bands: pass one (y, x) label map")
         _check_overlap(source, grid, "labels")
-        names = class_names or labels.attrs.get("class_names")
+        names = class_names or _class_names(labels.attrs.get("class_names"))
         attrs = {"source": "xarray", **({"class_names": list(names)} if names else {})}
         label = (array_onto_grid(values, source, grid, "nearest", chunk)[0], attrs)
     return scene_dataset(grid, arrays, label, mapping, reference)

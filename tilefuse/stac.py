@@ -194,9 +194,4 @@ def scene_from_stac(
         if label_array.sizes["band"] != 1:
             raise InputError(f"labels have {label_array.sizes['band']} bands: pass a one-band label raster")
         label_array = label_array.isel(band=0, drop=True)
-        if "class_names" in label_array.attrs:
-            try:
-                label_array.attrs["class_names"] = json.loads(label_array.attrs["class_names"])
-            except (TypeError, ValueError):
-                del label_array.attrs["class_names"]
     return scene_from_xarray(modalities, label_array, crs=crs, **options)
