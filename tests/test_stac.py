@@ -15,6 +15,7 @@ pystac = pytest.importorskip("pystac")
 from test_ecosystem import DATES, OPTICAL_T, SIZE, UTM, assert_same_scene, composite, optical, sar, sar_grid, write_tif  # noqa: E402
 
 from tilefuse.cli import main  # noqa: E402
+from tilefuse.ecosystem import from_xarray as tilefuse_from_xarray  # noqa: E402
 from tilefuse.errors import InputError  # noqa: E402
 from tilefuse.pipelines.ingest import ingest  # noqa: E402
 from tilefuse.scene import open_scene  # noqa: E402
@@ -133,3 +134,24 @@ def test_bad_input(scenes, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pystac", None)  # as if the stac extra were not installed
     with pytest.raises(InputError, match=r"pip install 'tilefuse\[stac\]'"):
         ingest(out, {"optical": "visual"}, stac=scenes["one"])
+
+
+def test_odc_stac_load_equals_ingest(scenes, tmp_path):
+    """What odc-stac loads from the same Items (one variable per band, (time, y, x)) gives the ingested store."""
+    odc_stac = pytest.importorskip("odc.stac")
+    from pystac.extensions.projection import ProjectionExtension
+
+    items = []
+    for original in scenes["items"]:
+        copy = original.clone()
+        root = scenes["bands"][0]["B04"].parent
+        for key in ("B04", "B03", "B02"):
+            copy.assets[key].href = str(root / copy.assets[key].href)
+            proj = ProjectionExtension.ext(copy.assets[key], add_if_missing=True)
+            proj.code, proj.shape, proj.transform = UTM, [SIZE, SIZE], list(OPTICAL_T)[:6]
+        items.append(copy)
+    loaded = odc_stac.load(items, bands=["B04", "B03", "B02"], chunks={"x": 64, "y": 64}, groupby="id")
+    assert set(loaded.data_vars) == {"B04", "B03", "B02"} and loaded.sizes["time"] == 3
+    expected = ingest(tmp_path / "ingest.zarr", {"optical": scenes["optical"][1]})
+    ours = tilefuse_from_xarray(tmp_path / "odc.zarr", {"optical": loaded}, time=1)
+    assert_same_scene(expected, ours)
