@@ -182,6 +182,20 @@ def test_one_date_equals_ingest_of_that_date(rasters, tmp_path, choice):
     assert_same_scene(ingested, ours)
 
 
+def test_in_memory_arrays_and_nodata_override(rasters):
+    lazy_ds = scene_from_xarray({"o": lazy(rasters["optical"][0]), "s": lazy(rasters["sar"][0])})
+    loaded = scene_from_xarray({"o": lazy(rasters["optical"][0]).load(), "s": lazy(rasters["sar"][0]).load()})
+    for name in ("o", "s", "valid"):
+        np.testing.assert_array_equal(loaded[name].values, lazy_ds[name].values)
+    raw = lazy(rasters["optical"][0]).values
+    value = int(raw[0, 100, 100])  # a real reflectance declared nodata for optical only
+    ds = scene_from_xarray({"o": lazy(rasters["optical"][0]), "s": lazy(rasters["sar"][0])}, nodata={"o": value})
+    assert not ds["valid"].values[(raw == value).any(axis=0)].any()
+    assert np.isin(0.0, ds["o"].values)  # 0 (the file's nodata) is data now
+    with pytest.raises(InputError, match="not a modality"):
+        scene_from_xarray({"o": lazy(rasters["optical"][0])}, nodata={"x": 0})
+
+
 def test_bands_on_different_grids_are_concatenated(rasters, tmp_path):
     ds = scene_from_xarray({"mix": [lazy(rasters["optical"][0]), lazy(rasters["sar"][0])]})
     optical = scene_from_xarray({"o": lazy(rasters["optical"][0])})["o"].values

@@ -135,6 +135,7 @@ def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
             arr = arr.expand_dims(band=[str(obj.name or "b1")])
         values = arr["band"].values if "band" in arr.coords else np.arange(1, arr.sizes["band"] + 1)
         long_names = obj.attrs.get("long_name")
+        long_names = [long_names] if isinstance(long_names, str) else long_names
         if isinstance(long_names, (list, tuple)) and len(long_names) == len(values) and all(long_names):
             names = [str(n) for n in long_names]
         else:
@@ -257,7 +258,7 @@ def scene_from_xarray(
     crs: str | None = None,
     resolution: float | tuple[float, float] | None = None,
     resampling: str = "bilinear",
-    nodata: float | None = None,
+    nodata: float | Mapping[str, float] | None = None,
     label_map: Mapping[int, int] | str | None = None,
     class_names: list[str] | None = None,
     chunk: int = READ_CHUNK,
@@ -273,7 +274,8 @@ def scene_from_xarray(
     ``resolution`` if given (``crs`` is also assumed for inputs without one).
     Modalities are resampled with ``resampling``; ``labels`` (``(y, x)``, no
     time) with nearest, remapped by ``label_map`` (values outside 0..255
-    become 255 = ignore). ``nodata`` overrides every input's own nodata value.
+    become 255 = ignore). ``nodata`` (one value, or one per modality name)
+    overrides the modalities' own nodata values; labels keep theirs.
     """
     if not modalities:
         raise InputError("no modality given: pass at least one name -> DataArray/Dataset")
@@ -286,10 +288,19 @@ def scene_from_xarray(
     for name in modalities:
         if name in ("valid", "label") or not str(name).isidentifier():
             raise InputError(f"modality name {name!r} cannot be used: choose an identifier other than 'valid' and 'label'")
-    options = {"time": time, "nodata": nodata, "assume_crs": crs, "chunk": chunk}
+    if isinstance(nodata, Mapping):
+        unknown = set(nodata) - set(modalities)
+        if unknown:
+            raise InputError(f"nodata= names {sorted(unknown)[0]!r}, which is not a modality (have {', '.join(modalities)})")
+    options = {"time": time, "assume_crs": crs, "chunk": chunk}
     prepared = {
         name: [
-            _prepare(piece, f"modality {name!r}" + (f" piece {i}" if len(pieces) > 1 else ""), **options)
+            _prepare(
+                piece,
+                f"modality {name!r}" + (f" piece {i}" if len(pieces) > 1 else ""),
+                nodata=nodata.get(name) if isinstance(nodata, Mapping) else nodata,
+                **options,
+            )
             for i, piece in enumerate(pieces)
         ]
         for name, pieces in ((name, _pieces(value, name)) for name, value in modalities.items())
@@ -314,7 +325,7 @@ def scene_from_xarray(
             raise InputError(f"labels is a {type(labels).__name__}: pass a (y, x) xarray DataArray")
         if TIME_DIM in labels.dims:
             raise InputError("labels have a time dimension: pass one (y, x) label map (e.g. labels.isel(time=0))")
-        values, source, _ = _prepare(labels, "labels", time=None, nodata=nodata, assume_crs=crs, chunk=chunk)
+        values, source, _ = _prepare(labels, "labels", time=None, nodata=None, assume_crs=crs, chunk=chunk)
         if values.shape[0] != 1:
             raise InputError(f"labels have {values.shape[0]} bands: pass one (y, x) label map")
         _check_overlap(source, grid, "labels")
