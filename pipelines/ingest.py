@@ -105,7 +105,7 @@ def ingest_command(
     resampling: Annotated[str, typer.Option(help="Resampling of modalities: nearest, bilinear, cubic, cubic_spline, lanczos, average or mode.")] = "bilinear",
     complex_mode: Annotated[Optional[str], typer.Option("--complex", help="How to read complex SAR: 'magnitude' (otherwise it is refused).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
-    stac: Annotated[Optional[Path], typer.Option(help="STAC Item or ItemCollection JSON whose assets are local files (needs tilefuse[stac]); modalities then come from --asset.")] = None,
+    stac: Annotated[Optional[Path], typer.Option(help="STAC Item or ItemCollection JSON whose assets are local files (needs the stac extra: pip install tilefuse\\[stac]); modalities then come from --asset.")] = None,
     asset: Annotated[
         Optional[list[str]],
         typer.Option("--asset", "-a", help="With --stac: NAME=KEY[,KEY...], the asset keys whose bands make a modality, e.g. optical=B04,B03,B02."),
