@@ -31,6 +31,8 @@ def ingest(
     class_names: list[str] | None = None,
     complex_mode: str | None = None,
     overwrite: bool = False,
+    max_pixels: int | None = None,
+    allow_large: bool = False,
     progress: bool = False,
     stac: str | os.PathLike | None = None,
     label_asset: str | None = None,
@@ -40,6 +42,10 @@ def ingest(
 
     Every input is checked before anything is written; see
     :func:`tilefuse.rasters.ingest_rasters` for the options. Returns the store path.
+    Before any work, an output grid of more than ``max_pixels`` pixels
+    (default :data:`tilefuse.rasters.MAX_PIXELS`, 10^10) is refused, and so is
+    a store larger (uncompressed) than the free space of its filesystem;
+    ``allow_large`` lifts both checks.
 
     With ``stac`` (a STAC Item or ItemCollection JSON whose assets are local
     files; needs the ``stac`` extra), ``modalities`` maps names to asset keys
@@ -50,12 +56,14 @@ def ingest(
     """
     import rasterio
 
-    from tilefuse.rasters import GDAL_CACHE_BYTES, ingest_rasters
+    from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_free_space, check_grid_size, check_modality_names, ingest_rasters
     from tilefuse.scene import write_scene
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists: choose another output or pass --overwrite")
+    limit = None if allow_large else (MAX_PIXELS if max_pixels is None else _positive(max_pixels, "max_pixels"))
+    check_modality_names(list(modalities))
     if stac is not None:  # STAC input: assets of Items, through tilefuse.ecosystem
         from tilefuse.stac import scene_from_stac
 
@@ -65,6 +73,7 @@ def ingest(
             stac, modalities, labels, label_asset=label_asset, time=time, reference=reference, crs=crs,
             resolution=resolution, resampling=resampling, label_map=label_map, class_names=class_names,
         )  # fmt: skip
+        check_grid_size(ds.sizes["x"], ds.sizes["y"], limit)
     else:
         if label_asset is not None or time is not None:
             raise InputError("label_asset= and time= apply to STAC input: pass stac= (a STAC Item/ItemCollection JSON)")
@@ -78,9 +87,18 @@ def ingest(
             label_map=label_map,
             class_names=class_names,
             complex_mode=complex_mode,
+            max_pixels=limit,
         )
+    if not allow_large:
+        check_free_space(out, int(ds.nbytes), what=f"the scene store {out}")
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
         return write_scene(ds, out, overwrite=overwrite, progress=progress)
+
+
+def _positive(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}= must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def ingest_command(
@@ -112,6 +130,8 @@ def ingest_command(
     ] = None,
     label_asset: Annotated[Optional[str], typer.Option(help="With --stac: the asset key of the label raster.")] = None,
     time: Annotated[Optional[str], typer.Option(help="With --stac and several items: one date (2024-06-01), an index, or per pixel median, mean, first or last (valid step).")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Refuse an output grid of more pixels than this [1e10].")] = None,
+    allow_large: Annotated[bool, typer.Option("--allow-large", help="Insist on a large output: no pixel limit, no free-space check.")] = False,
 ) -> None:
     """Resample rasters (one per modality) and labels onto one grid and write a scene store."""
     from tilefuse.rasters import parse_modality
@@ -148,6 +168,8 @@ def ingest_command(
         class_names=[n.strip() for n in class_names.split(",")] if class_names else None,
         complex_mode=complex_mode,
         overwrite=overwrite,
+        max_pixels=max_pixels,
+        allow_large=allow_large,
         progress=True,
         **stac_options,
     )

@@ -46,6 +46,13 @@ READ_BLOCK_BYTES = 64 << 20
 GDAL_CACHE_BYTES = 256 << 20
 """GDAL block cache while ingesting; GDAL's default (5% of RAM) would dominate memory on big machines."""
 
+MAX_PIXELS = 10**10
+"""Largest output grid ingested without ``allow_large``: a 10^5 x 10^5 px scene. A typo in a
+resolution (0.001 for 10) asks for 10^13 px and more; refusing before any work keeps it a message."""
+RESERVED_NAMES = ("x", "y", "valid", "label", "labels", "spatial_ref", "band", "class")
+"""Names a store uses itself, so no modality may take them (nor end in ``_band``: band dimensions)."""
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
 _BANDS_SUFFIX = re.compile(r"^(?P<path>.+):(?P<bands>\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
 
 
@@ -114,11 +121,53 @@ def parse_modality(spec: str) -> tuple[str, str]:
     """``"NAME=PATH[:BANDS]"`` -> ``(NAME, "PATH[:BANDS]")``."""
     name, sep, path = spec.partition("=")
     name = name.strip()
-    if not sep or not path or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+    if not sep or not path or not name:
         raise InputError(f"bad --modality {spec!r}: write NAME=PATH (e.g. sar=s1.tif, or sar=s1.tif:1,2 for bands)")
-    if name in ("valid", "label"):
-        raise InputError(f"a modality cannot be called {name!r} (the store uses that name): choose another NAME")
+    check_modality_names([name])
     return name, path
+
+
+def check_modality_names(names) -> None:
+    """Refuse modality names a store cannot hold: reserved, not an identifier, or given twice (any case)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InputError(
+                f"modality name {name!r} is not a plain name: use letters, digits and _ starting with a letter (e.g. sar, optical)"
+            )
+        if name.lower() in RESERVED_NAMES or name.lower().endswith("_band"):
+            raise InputError(f"a modality cannot be called {name!r} (the store uses that name): choose another NAME")
+        if name.lower() in seen:
+            raise InputError(f"modality {name!r} is given twice (as {seen[name.lower()]!r} too): give each modality a distinct NAME")
+        seen[name.lower()] = name
+
+
+def check_free_space(out: str | os.PathLike, nbytes: int, what: str = "the store") -> None:
+    """Refuse to write ``nbytes`` (uncompressed) where the filesystem of ``out`` has less free space."""
+    import shutil
+
+    folder = Path(out).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # nothing to measure: the write itself reports a full disk
+    if nbytes > free:
+        raise InputError(
+            f"{what} holds {nbytes / 2**30:.3g} GiB before compression and {folder} has {free / 2**30:.3g} GiB free: "
+            "free some space or write elsewhere, or pass --allow-large if it compresses enough"
+        )
+
+
+def check_grid_size(width: int, height: int, max_pixels: int | None = MAX_PIXELS, what: str = "the output grid") -> None:
+    """Refuse a grid of more than ``max_pixels`` pixels (None: no limit) before any work is planned."""
+    pixels = int(width) * int(height)
+    if max_pixels is not None and pixels > max_pixels:
+        raise InputError(
+            f"{what} would be {width} x {height} px ({pixels:.3g} px, more than the limit of {max_pixels:.3g}): "
+            "check --resolution/--crs, or pass --max-pixels N / --allow-large to insist"
+        )
 
 
 def parse_label_map(text: str | None) -> dict[int, int]:
@@ -253,8 +302,8 @@ def reference_grid(source: RasterSource, crs: str | None = None, resolution: flo
         resolution = (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
     if resolution is not None:
         resolution = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
-        if not all(r > 0 for r in resolution):
-            raise InputError(f"--resolution must be positive, got {resolution}")
+        if not all(math.isfinite(r) and r > 0 for r in resolution):
+            raise InputError(f"--resolution must be a positive number, got {resolution}")
     try:
         transform, width, height = calculate_default_transform(
             source.crs, target, source.width, source.height, *_footprint(source), resolution=resolution
@@ -526,6 +575,7 @@ def ingest_rasters(
     class_names: list[str] | None = None,
     complex_mode: str | None = None,
     chunk: int = READ_CHUNK,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> xr.Dataset:
     """Lazy scene Dataset of rasters on one grid, ready for :func:`tilefuse.scene.write_scene`.
 
@@ -536,9 +586,12 @@ def ingest_rasters(
     ``resampling``, labels with nearest, then remapped by ``label_map``
     (``{-1: 255}`` or ``"-1:255"``); label values outside 0..255 become 255.
     ``complex_mode="magnitude"`` reads complex rasters as their magnitude.
+    A grid of more than ``max_pixels`` pixels (None: no limit) is refused
+    before any reading is planned (:func:`check_grid_size`).
     """
     if not modalities:
         raise InputError("no modality given: pass at least one --modality NAME=PATH")
+    check_modality_names(list(modalities))
     if complex_mode is not None and complex_mode not in COMPLEX_MODES:
         raise InputError(f"unknown --complex {complex_mode!r}: the only choice is 'magnitude'")
     if resampling not in RESAMPLING:
@@ -552,6 +605,7 @@ def ingest_rasters(
     if reference not in sources:
         raise InputError(f"--reference {reference!r} is not a modality (have {', '.join(sources)})")
     grid = reference_grid(sources[reference], crs, resolution)
+    check_grid_size(grid.width, grid.height, max_pixels)
     label_source = None
     if labels is not None:
         label_source = open_source(labels, what="labels", assume_crs=crs)
