@@ -501,9 +501,19 @@ def _block_shape(plan: ReadPlan, bands: int, chunk: int) -> tuple[int, int, int]
     return max(1, min(bands, READ_BLOCK_BYTES // (4 * int(spatial / shrink) ** 2))), spatial, spatial
 
 
-def _place_window(window: np.ndarray, at: tuple[int, int], shape: tuple[int, int, int], origin: tuple[int, int], **kw) -> np.ndarray:
-    out = np.full(shape, np.nan, np.float32)
-    return _place(np.asarray(window, np.float32), at, out, origin, **kw)
+def _place_chunks(
+    pieces: list, first: tuple[int, int], window: tuple[int, int, int, int], shape: tuple[int, int, int], origin: tuple[int, int], **kw
+) -> np.ndarray:
+    """The grid block ``shape`` at ``origin`` from the source chunks ``pieces`` (rows of (bands, h, w)
+    arrays whose first pixel is source (row, col) ``first``), cut to ``window`` and placed."""
+    top, bottom, left, right = window
+    whole = np.concatenate([np.concatenate(row, axis=2) for row in pieces], axis=1)
+    data = np.asarray(whole[:, top - first[0] : bottom - first[0], left - first[1] : right - first[1]], np.float32)
+    return _place(data, (top, left), np.full(shape, np.nan, np.float32), origin, **kw)
+
+
+def _fill_nan(shape: tuple[int, int, int]) -> np.ndarray:
+    return np.full(shape, np.nan, np.float32)
 
 
 def array_onto_grid(
@@ -513,26 +523,33 @@ def array_onto_grid(
 
     ``data`` is a (bands, rows, cols) float32 dask array (NaN = no data)
     georeferenced by ``source`` (its ``crs``, ``transform``, ``width``,
-    ``height``). Each grid block is one task that takes the window of ``data``
-    its footprint needs and puts it on the grid with the same resampler
+    ``height``). Each grid block is one task that takes the chunks of ``data``
+    its footprint needs and puts them on the grid with the same resampler
     (and fixed scale) as raster files, so an array and the raster it was read
-    from come out equal.
+    from come out equal. The graph is built directly (one task per block), so
+    it stays cheap for country-scale grids.
     """
     import functools
+    from itertools import accumulate
 
-    import dask
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
 
     if resampling not in RESAMPLING:
         raise InputError(f"unknown resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
     plan = read_plan(source, grid)
+    data = data.rechunk({0: -1})
     bands = data.shape[0]
     _, spatial, _ = _block_shape(plan, bands, chunk)
-    place = functools.partial(_place_window, source=source, grid=grid, resampling=resampling, plan=plan)
-    rows = []
-    for r0 in range(0, grid.height, spatial):
+    place = functools.partial(_place_chunks, source=source, grid=grid, resampling=resampling, plan=plan)
+    row_starts, col_starts = ([0, *accumulate(c)] for c in data.chunks[1:])
+    name = "array-onto-grid-" + tokenize(data.name, source, grid, resampling, plan, spatial)
+    layer = {}
+    row_edges = list(range(0, grid.height, spatial))
+    col_edges = list(range(0, grid.width, spatial))
+    for i, r0 in enumerate(row_edges):
         r1 = min(r0 + spatial, grid.height)
-        row = []
-        for c0 in range(0, grid.width, spatial):
+        for j, c0 in enumerate(col_edges):
             c1 = min(c0 + spatial, grid.width)
             shape = (bands, r1 - r0, c1 - c0)
             if plan.offset is not None:
@@ -541,13 +558,21 @@ def array_onto_grid(
             else:
                 window = _source_window(source, grid, (r0, r1), (c0, c1), plan.pad)
             if window is None or window[1] <= window[0] or window[3] <= window[2]:
-                row.append(da.full(shape, np.nan, dtype=np.float32, chunks=shape))
+                layer[(name, 0, i, j)] = (_fill_nan, shape)
                 continue
             top, bottom, left, right = window
-            piece = dask.delayed(place, pure=True)(data[:, top:bottom, left:right], (top, left), shape, (r0, c0))
-            row.append(da.from_delayed(piece, shape, dtype=np.float32))
-        rows.append(row)
-    return da.block(rows)
+            rows = [k for k in range(len(row_starts) - 1) if row_starts[k] < bottom and row_starts[k + 1] > top]
+            cols = [k for k in range(len(col_starts) - 1) if col_starts[k] < right and col_starts[k + 1] > left]
+            pieces = [[(data.name, 0, k, m) for m in cols] for k in rows]
+            first = (row_starts[rows[0]], col_starts[cols[0]])
+            layer[(name, 0, i, j)] = (place, pieces, first, window, shape, (r0, c0))
+    chunks = (
+        (bands,),
+        tuple(min(spatial, grid.height - r) for r in row_edges),
+        tuple(min(spatial, grid.width - c) for c in col_edges),
+    )
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[data])
+    return da.Array(graph, name, chunks, dtype=np.float32, meta=np.array((), np.float32))
 
 
 def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...]) -> np.ndarray:
