@@ -1,9 +1,15 @@
-"""Small building blocks shared by the models: channel LayerNorm, drop path, conv+BN+ReLU, FFT helpers."""
+"""Small building blocks shared by the models: channel LayerNorm, drop path, conv+BN+ReLU, FFT helpers, input roles.
+
+Two-stream fusion models (PAD, S²Fin) give each of their two inputs a role, optical
+or active, by the modality's name or an explicit mapping (:func:`assign_roles`),
+never by the order a store or a dict lists the modalities in.
+"""
 
 from __future__ import annotations
 
+import re
 from contextlib import AbstractContextManager, nullcontext
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,15 +69,62 @@ def float32_spectra(x: torch.Tensor) -> AbstractContextManager:
     return nullcontext()
 
 
-def two_modalities(modalities: Mapping[str, int], model: str) -> tuple[str, str]:
-    """The (passive/optical, active/SAR) modality names of a two-stream model, in the order given."""
+OPTICAL, ACTIVE = "optical", "active"
+ROLES = (OPTICAL, ACTIVE)
+"""The roles of a two-stream fusion model's inputs: the passive optical one and the active one (SAR, LiDAR)."""
+
+ROLE_WORDS = {
+    OPTICAL: frozenset({"optical", "s2", "sentinel2", "msi", "multispectral", "hsi", "hyperspectral", "rgb"}),
+    ACTIVE: frozenset({"sar", "s1", "sentinel1", "lidar", "dsm", "dem", "chm"}),
+}
+"""Words that give a modality name its role: one of its lower-case alphanumeric tokens (``s2_l2a`` -> ``s2``)."""
+
+
+def role_of_name(name: str) -> str | None:
+    """The role a modality name implies by :data:`ROLE_WORDS`, or None when it implies none or both."""
+    tokens = set(re.split(r"[^a-z0-9]+", name.lower()))
+    found = [role for role in ROLES if tokens & ROLE_WORDS[role]]
+    return found[0] if len(found) == 1 else None
+
+
+def assign_roles(modalities: Mapping[str, int], roles: Mapping[str, str] | Sequence[str] | None, model: str) -> dict[str, str]:
+    """``{"optical": name, "active": name}`` for a two-stream model, whatever order ``modalities`` lists them in.
+
+    ``roles`` is an explicit mapping role -> modality name, or None to decide by name:
+    a modality whose name holds a word of :data:`ROLE_WORDS` takes that role, and when
+    exactly one of the two names is recognised the other takes the remaining role. A
+    list of two names gives the roles by position (optical first): the rule of
+    checkpoints written before roles were recorded. Anything undecidable is an InputError
+    asking for the mapping.
+    """
     names = list(modalities)
     if len(names) != 2:
-        raise InputError(
-            f"model {model!r} fuses exactly two modalities (optical first, then SAR/LiDAR), got {len(names)}: "
-            f"{names}; pass two, e.g. optical=... sar=..."
-        )
-    return names[0], names[1]
+        raise InputError(f"model {model!r} fuses exactly two modalities (one optical, one SAR/LiDAR), got {len(names)}: {names}; pass two")
+    hint = (
+        f'pass roles={{"optical": "{names[0]}", "active": "{names[1]}"}} or the reverse '
+        f"(tilefuse train --hparam 'roles={{\"optical\": \"{names[0]}\", \"active\": \"{names[1]}\"}}')"
+    )
+    if isinstance(roles, (list, tuple)):
+        if sorted(map(str, roles)) != sorted(names):
+            raise InputError(f"positional roles {list(roles)} of model {model!r} must list its modalities {names} once each")
+        return {OPTICAL: str(roles[0]), ACTIVE: str(roles[1])}
+    if roles is not None:
+        if not isinstance(roles, Mapping) or not all(isinstance(v, str) for v in roles.values()):
+            raise InputError(f"roles of model {model!r} must map each role to a modality name, got {roles!r}: {hint}")
+        if set(roles) != set(ROLES):
+            raise InputError(f"roles {dict(roles)} of model {model!r} must name exactly the roles {list(ROLES)}: {hint}")
+        if sorted(roles.values()) != sorted(names):
+            raise InputError(f"roles {dict(roles)} of model {model!r} must give each of its modalities {names} one role: {hint}")
+        return {role: roles[role] for role in ROLES}
+    implied = {name: role_of_name(name) for name in names}
+    known = [name for name in names if implied[name] is not None]
+    if len(known) == 2 and implied[names[0]] == implied[names[1]]:
+        raise InputError(f"modalities {names} of model {model!r} both look {implied[names[0]]}: {hint}")
+    if not known:
+        raise InputError(f"cannot tell which of {names} is optical and which SAR/LiDAR for model {model!r}: {hint}")
+    first = known[0]
+    other = names[1] if first == names[0] else names[0]
+    return {implied[first]: first, (ACTIVE if implied[first] == OPTICAL else OPTICAL): other}
 
 
 def check_inputs(inputs: Mapping[str, torch.Tensor], modalities: Mapping[str, int]) -> None:

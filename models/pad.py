@@ -2,8 +2,8 @@
 
 Written from the description in ``docs/models.md`` (paper arXiv 2504.19136 and the
 facts of the authors' released code); no code is copied. Two ConvNeXt-V2 encoders
-with independent weights (first modality -> optical branch, second -> SAR
-branch), a per-stage LayerNorm2d whose output continues into the next stage, one
+with independent weights (the optical modality -> optical branch, the SAR one
+-> SAR branch; see "Roles" below), a per-stage LayerNorm2d whose output continues into the next stage, one
 PAD fusion block per stage feeding only the heads, a UPerNet decoder and, in
 training, an FCN auxiliary head on the fused stage-3 map.
 
@@ -31,6 +31,15 @@ Everything after the mask is position-wise, so this is the only difference.
 Loss (:func:`pad_loss`): ``CE(main) + 0.4 CE(aux) + 0.1 * sum_stages MSE(M', M)``,
 label 255 ignored.
 
+Roles: which modality feeds which encoder follows the modality names, never
+their order (:func:`tilefuse.models.layers.assign_roles`): a name holding
+``optical``, ``s2``, ``sentinel2``, ``msi``, ``multispectral``, ``hsi``,
+``hyperspectral`` or ``rgb`` (as a ``_``/``-``-separated word) is optical; one holding
+``sar``, ``s1``, ``sentinel1``, ``lidar``, ``dsm``, ``dem`` or ``chm`` is the active
+(SAR) input; when only one name is recognised the other takes the remaining role.
+Otherwise pass the hyperparameter ``roles={"optical": NAME, "active": NAME}``. The
+model reports the mapping in ``spec.roles`` and checkpoints record it.
+
 Our additions, not in the paper: any band count per modality (the stems adapt),
 inputs of any size (zero-padded at the bottom/right to a multiple of 32 and the
 logits cropped back), a guard for 1x1 spectra whose distance maximum is 0, and
@@ -41,7 +50,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +58,7 @@ from torch import nn
 
 from tilefuse.errors import InputError
 from tilefuse.models.convnext import ConvNeXt, LoadReport, load_convnext_state, read_state_dict
-from tilefuse.models.layers import ConvBNReLU, check_inputs, float32_spectra, two_modalities
+from tilefuse.models.layers import ACTIVE, OPTICAL, ConvBNReLU, assign_roles, check_inputs, float32_spectra
 from tilefuse.tile_model import TileModel, TileModelSpec, masked_cross_entropy, register_model
 
 STRIDE = 32
@@ -286,7 +295,11 @@ def pad_loss(
 
 
 class PADModel(TileModel):
-    """PAD tile model: two modalities (optical, SAR) -> per-pixel logits at input size; margin 0, blended."""
+    """PAD tile model: two modalities (optical, SAR) -> per-pixel logits at input size; margin 0, blended.
+
+    ``roles`` (optional) maps ``"optical"`` and ``"active"`` to modality names; by default
+    they follow the names (module docstring, "Roles").
+    """
 
     def __init__(
         self,
@@ -297,12 +310,14 @@ class PADModel(TileModel):
         aux_channels: int | None = None,
         drop_path: float | None = None,
         faithful_shift: bool = True,
+        roles: Mapping[str, str] | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if preset not in PRESETS:
             raise InputError(f"unknown PAD preset {preset!r}: choose one of {', '.join(PRESETS)}")
-        self.optical, self.sar = two_modalities(modalities, "pad")
-        self.spec = TileModelSpec(dict(modalities), int(num_classes), margin=0, blend=True)
+        assigned = assign_roles(modalities, roles, "pad")
+        self.optical, self.sar = assigned[OPTICAL], assigned[ACTIVE]
+        self.spec = TileModelSpec(dict(modalities), int(num_classes), margin=0, blend=True, roles=assigned)
         chosen = PRESETS[preset]
         drop_path = chosen.drop_path if drop_path is None else float(drop_path)
         self.optical_encoder = ConvNeXt.from_preset(chosen.encoder, modalities[self.optical], drop_path=drop_path)

@@ -45,14 +45,14 @@ centre-pixel loss.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tilefuse.errors import InputError
-from tilefuse.models.layers import check_inputs, float32_spectra, two_modalities
+from tilefuse.models.layers import ACTIVE, OPTICAL, assign_roles, check_inputs, float32_spectra
 from tilefuse.tile_model import TileModel, TileModelSpec, register_model
 
 
@@ -305,6 +305,11 @@ class S2FinModel(TileModel):
     ``forward({optical: (B, C_o, H, W), active: (B, C_a, H, W)})`` -> (B, K, H-P+1, W-P+1);
     P x P inputs give (B, K, 1, 1), so training on labelled-pixel patches and dense
     inference share this forward (and the default cross-entropy ``compute_loss``).
+
+    Which modality is optical and which active follows the names, never their order
+    (the rule of :func:`tilefuse.models.layers.assign_roles`, as for PAD: ``optical``,
+    ``s2``, ``msi``, ``hsi``, ``rgb``... are optical; ``sar``, ``s1``, ``lidar``, ``dsm``,
+    ``dem``, ``chm`` active), or pass ``roles={"optical": NAME, "active": NAME}``.
     """
 
     def __init__(
@@ -317,14 +322,16 @@ class S2FinModel(TileModel):
         heads: int = 4,
         topk: int = 8,
         max_patches_per_batch: int = 2048,
+        roles: Mapping[str, str] | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if patch_size < 3 or patch_size % 2 == 0:
             raise InputError(f"S²Fin patch_size must be odd and >= 3, got {patch_size}")
         if max_patches_per_batch < 1:
             raise InputError(f"max_patches_per_batch must be >= 1, got {max_patches_per_batch}")
-        self.optical, self.active = two_modalities(modalities, "s2fin")
-        self.spec = TileModelSpec(dict(modalities), int(num_classes), margin=patch_size // 2, blend=False)
+        assigned = assign_roles(modalities, roles, "s2fin")
+        self.optical, self.active = assigned[OPTICAL], assigned[ACTIVE]
+        self.spec = TileModelSpec(dict(modalities), int(num_classes), margin=patch_size // 2, blend=False, roles=assigned)
         self.patch_size = patch_size
         self.max_patches_per_batch = max_patches_per_batch
         self.classifier = S2FinClassifier(

@@ -53,10 +53,18 @@ class TileModelSpec:
     """Input pixels needed beyond the output on each side (0 for PAD, P//2 for S²Fin)."""
     blend: bool = True
     """Blend overlapping tiles (True) or compute each output pixel once (False)."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Role -> modality name, for models whose inputs play distinct roles (PAD, S²Fin: ``optical``, ``active``).
+
+    Such a model takes the hyperparameter ``roles`` (this mapping, or None to decide
+    by name); a checkpoint records the mapping so its weights reload into the same roles.
+    """
 
     def __post_init__(self) -> None:
         if not self.modalities:
             raise ValueError("a tile model needs at least one input modality")
+        if any(name not in self.modalities for name in self.roles.values()):
+            raise ValueError(f"roles {self.roles} name modalities the model does not read ({list(self.modalities)})")
         if any(int(c) < 1 for c in self.modalities.values()):
             raise ValueError(f"band counts must be >= 1, got {self.modalities}")
         if self.num_classes < 1 or self.margin < 0:
@@ -160,6 +168,15 @@ def _hyperparameters(builder: ModelBuilder) -> set[str] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
     return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def accepts_hyperparameter(name: str, key: str) -> bool:
+    """Whether registered model ``name`` takes hyperparameter ``key`` (False for unknown models)."""
+    models = available_models()
+    if name not in models:
+        return False
+    accepted = _hyperparameters(models[name].builder)
+    return accepted is None or key in accepted
 
 
 def build_model(name: str, modalities: Mapping[str, int], num_classes: int, **hparams: Any) -> TileModel:
