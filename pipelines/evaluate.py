@@ -39,6 +39,7 @@ def evaluate(
     import numpy as np
     from tqdm.auto import tqdm
 
+    from tilefuse.classes import merge_class_names, store_class_names
     from tilefuse.metrics import ConfusionMatrix
     from tilefuse.prediction import open_prediction
     from tilefuse.scene import IGNORE, SHARD, iter_chunk_slices, open_scene
@@ -59,7 +60,10 @@ def evaluate(
         )
     if predicted.rio.crs != scene.rio.crs:
         raise InputError(f"{prediction} has CRS {predicted.rio.crs}, {labels} has {scene.rio.crs}: evaluate a prediction of that scene")
-    class_names = list(scene["label"].attrs.get("class_names") or predicted["labels"].attrs.get("class_names") or [])
+    # the scene's ids may be a subset of the model's classes: one list covering both, real names agreeing
+    class_names = merge_class_names(
+        [(str(prediction), [str(n) for n in predicted["labels"].attrs.get("class_names") or []]), (str(labels), store_class_names(scene))]
+    )
     confusion = ConfusionMatrix(len(class_names) or IGNORE)
     in_subset = _subset_mask(split, subset, labels, shape) if split is not None else None
     step = block or SHARD

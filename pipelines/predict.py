@@ -122,6 +122,7 @@ def predict(
     import torch
 
     from tilefuse.blending import WINDOWS
+    from tilefuse.classes import default_class_name
     from tilefuse.cluster.blocks import run_blocks
     from tilefuse.cluster.client import cluster_client, dashboard_link, workers_per_host
     from tilefuse.cluster.plugin import ModelPlugin, ModelSource, unset_malloc_trim
@@ -170,7 +171,7 @@ def predict(
     if block_size < 1:
         raise InputError(f"--block-size must be >= 1, got {block_size}")
     grid = TileGrid(scene.sizes["y"], scene.sizes["x"], tile, overlap, spec.margin, block_size)
-    class_names = list(config.class_names) or [f"class {k}" for k in range(spec.num_classes)]
+    class_names = list(config.class_names) or [default_class_name(k) for k in range(spec.num_classes)]
     if len(class_names) != spec.num_classes:
         raise InputError(f"checkpoint {checkpoint} names {len(class_names)} classes but its model has {spec.num_classes}")
     settings = {

@@ -94,23 +94,13 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
 
 
 def _class_names(scenes, paths) -> tuple[list[str], int]:
-    """Class names shared by every store's labels, and the class count."""
-    from tilefuse.scene import IGNORE
+    """The merged class list of every store's labels (:func:`tilefuse.classes.merge_class_names`), and its length."""
+    from tilefuse.classes import merge_class_names, store_class_names
 
-    names = None
-    for ds, path in zip(scenes, paths):
-        these = list(ds["label"].attrs.get("class_names", []))
-        if names is None:
-            names = these
-        elif these and names and these != names:
-            raise InputError(f"{path} names its classes {these}, unlike {paths[0]} ({names}): ingest all stores with the same classes")
-        names = names or these
-    if names:
-        return names, len(names)
-    highest = max(int(ds["label"].where(ds["label"] != IGNORE).max().compute().fillna(-1)) for ds in scenes)
-    if highest < 0:
+    names = merge_class_names([(str(path), store_class_names(ds)) for ds, path in zip(scenes, paths)])
+    if not names:
         raise InputError(f"no labelled pixels in {', '.join(map(str, paths))}: ingest labels with --labels PATH")
-    return [], highest + 1
+    return names, len(names)
 
 
 def _default_block(unit: int, smallest: int) -> int:

@@ -4,6 +4,17 @@ A checkpoint is a directory holding ``model.safetensors`` and ``config.json``.
 The config names the registered model and everything needed to rebuild it and
 to feed it: modalities and band counts, classes, hyperparameters, and the band
 statistics its inputs were normalised with during training.
+
+It also records the modality order (``modality_order``) and, for models whose
+inputs play roles (PAD, S²Fin), the role -> modality mapping (``roles``) the
+weights were built with, taken from the model itself when saving. Loading never
+depends on the order of keys in the JSON: the modalities are put back in the
+recorded order and the recorded roles passed to the model. A config written before
+roles were recorded (no ``roles`` key) gets the rule its weights were built with:
+roles by position over its modalities, which that writer stored sorted by name.
+
+:meth:`ModelConfig.from_dict` checks every key's type once; a malformed config is
+one :class:`~tilefuse.errors.InputError` line naming the key.
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
-from tilefuse.tile_model import TileModel, build_model
+from tilefuse.tile_model import TileModel, accepts_hyperparameter, build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -41,17 +52,105 @@ class ModelConfig:
     """modality -> {"mean": [...], "std": [...]}, one value per band."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance: training steps, stores, metrics, software version."""
+    roles: dict[str, str] | list[str] | None = None
+    """Role -> modality the weights were built with (the model's ``spec.roles``; {} for models without roles).
+
+    None: not known yet (a fresh config; the model decides by its rule, and
+    :func:`save_checkpoint` records what it decided). A list: roles by position, for
+    configs written before roles were recorded.
+    """
 
     def build(self) -> TileModel:
-        return build_model(self.model, self.modalities, self.num_classes, **self.hparams)
+        """The model of this config, with the recorded roles; InputError if the config cannot build it."""
+        hparams = dict(self.hparams)
+        if self.roles and accepts_hyperparameter(self.model, "roles"):
+            hparams["roles"] = list(self.roles) if isinstance(self.roles, list) else dict(self.roles)
+        try:
+            model = build_model(self.model, self.modalities, self.num_classes, **hparams)
+        except InputError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise InputError(f"hyperparameters {self.hparams} do not build model {self.model!r} ({error}): fix them or retrain") from None
+        if isinstance(self.roles, dict) and dict(model.spec.roles) != self.roles:
+            raise InputError(
+                f"model {self.model!r} gives its inputs the roles {dict(model.spec.roles)}, the weights were built with "
+                f"{self.roles}: load it with a version of the model that accepts roles="
+            )
+        return model
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``modality_order`` keeps the modalities' order whatever a JSON writer does with keys."""
+        return {**asdict(self), "modality_order": list(self.modalities)}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+    def from_dict(cls, data: Any, source: str = "checkpoint config") -> "ModelConfig":
+        """A config from its JSON dict, every key's type checked; InputError naming the key otherwise."""
+        return cls(**_checked_config(data, source))
+
+
+def _checked_config(data: Any, source: str) -> dict[str, Any]:
+    """The constructor arguments of :class:`ModelConfig` from a parsed config.json, checked (see its docstring)."""
+
+    def bad(key: str, wanted: str) -> InputError:
+        got = json.dumps(data.get(key)) if isinstance(data, dict) else ""
+        got = got if len(got) <= 60 else got[:57] + "..."
+        return InputError(f"{source}: {key!r} must be {wanted}, got {got}: fix that key or restore the config.json `tilefuse train` wrote")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    def numbers(value: Any, length: int) -> bool:
+        return isinstance(value, list) and len(value) == length and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+
+    if not isinstance(data, dict):
+        raise InputError(f"{source} must hold a JSON object, got {type(data).__name__}: restore the config.json `tilefuse train` wrote")
+    for key in ("model", "modalities", "num_classes"):
+        if key not in data:
+            raise InputError(f"{source} has no {key!r}: restore the config.json `tilefuse train` wrote")
+    if not isinstance(data["model"], str) or not data["model"]:
+        raise bad("model", "a registered model name (a string)")
+    modalities = data["modalities"]
+    if not isinstance(modalities, dict) or not modalities or not all(count(v) for v in modalities.values()):
+        raise bad("modalities", "an object of modality name -> band count (integers >= 1)")
+    if not count(data["num_classes"]):
+        raise bad("num_classes", "an integer >= 1")
+    order = data.get("modality_order")
+    if order is not None:
+        if not isinstance(order, list) or sorted(map(str, order)) != sorted(modalities) or len(set(order)) != len(order):
+            raise bad("modality_order", f"a list of the modalities {sorted(modalities)}, each once")
+        modalities = {name: modalities[name] for name in order}
+    args: dict[str, Any] = {"model": data["model"], "modalities": dict(modalities), "num_classes": data["num_classes"]}
+    for key in ("hparams", "extra"):
+        if key in data:
+            if not isinstance(data[key], dict):
+                raise bad(key, "an object")
+            args[key] = dict(data[key])
+    if "class_names" in data:
+        names = data["class_names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) not in (0, data["num_classes"]):
+            raise bad("class_names", f"a list of {data['num_classes']} strings (num_classes)")
+        args["class_names"] = list(names)
+    if "band_stats" in data:
+        stats = data["band_stats"]
+        if not isinstance(stats, dict) or not all(
+            name in modalities and isinstance(value, dict) and all(numbers(value.get(k), modalities[name]) for k in ("mean", "std"))
+            for name, value in stats.items()
+        ):
+            raise bad("band_stats", 'an object of modality -> {"mean": [...], "std": [...]}, one number per band')
+        args["band_stats"] = {name: {"mean": list(v["mean"]), "std": list(v["std"])} for name, v in stats.items()}
+    if "roles" not in data:
+        args["roles"] = sorted(modalities)  # written before roles were recorded: by position, over the sorted names
+    elif data["roles"] is not None:
+        roles = data["roles"]
+        if not isinstance(roles, dict) or not all(isinstance(v, str) and v in modalities for v in roles.values()):
+            raise bad("roles", f"an object of role -> one of the modalities {sorted(modalities)}")
+        args["roles"] = dict(roles)
+    return args
 
 
 def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLike) -> Path:
@@ -63,7 +162,7 @@ def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLi
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"model": config.model})
-        (tmp / CONFIG).write_text(config.to_json())
+        (tmp / CONFIG).write_text(replace(config, roles=dict(model.spec.roles)).to_json())  # the roles the weights have
         replace_path(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,9 +178,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not config_file.is_file() or not (path / WEIGHTS).is_file():
         raise InputError(f"{path} is not a checkpoint: it needs {CONFIG} and {WEIGHTS} (written by `tilefuse train`)")
     try:
-        return ModelConfig.from_dict(json.loads(config_file.read_text()))
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as error:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
         raise InputError(f"checkpoint config {config_file} is unreadable ({error}): retrain or restore it") from None
+    return ModelConfig.from_dict(data, source=f"checkpoint config {config_file}")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[TileModel, ModelConfig]:

@@ -220,13 +220,15 @@ def write_scene(
 
 
 def _record_label_counts(attrs, counts: np.ndarray) -> None:
+    from tilefuse.classes import default_class_name
+
     names = list(attrs.get("class_names") or [])
     present = np.flatnonzero(counts[:IGNORE])
     n = max(len(names), int(present[-1]) + 1 if present.size else 0)
     attrs.update(
         class_counts=counts[:n].astype(np.int64).tolist(),
         ignore_count=int(counts[IGNORE]),
-        class_names=names + [f"class_{i}" for i in range(len(names), n)],
+        class_names=names + [default_class_name(i) for i in range(len(names), n)],
     )
 
 

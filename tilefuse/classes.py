@@ -1,0 +1,71 @@
+"""Class lists of label stores, checkpoints and predictions: defaults, and one merge used by train and evaluate.
+
+A class list names label ids 0..n-1 by position. Ingest names every id up to a
+store's highest one, ``class_<id>`` where it knows no real name
+(:func:`default_class_name`). Such a default says nothing about the class, so it
+agrees with any name for that id; two lists agree when every id they share is a
+default in one of them or has the same real name in both.
+:func:`merge_class_names` joins lists that agree into one covering the highest id
+of any of them, real names winning over defaults, and refuses a real conflict
+(two real names for one id), naming the ids and the stores.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from tilefuse.errors import InputError
+
+
+def default_class_name(class_id: int) -> str:
+    """The name ingest gives a label id it knows no name for."""
+    return f"class_{class_id}"
+
+
+def is_default_name(name: str, class_id: int) -> bool:
+    """Whether ``name`` is a default for ``class_id`` (``class_<id>``, or ``class <id>`` as older predictions wrote it)."""
+    return name in (f"class_{class_id}", f"class {class_id}")
+
+
+def store_class_names(ds) -> list[str]:
+    """Class list of a scene store's ``label``: its ``class_names``, extended with defaults up to its highest id.
+
+    The highest id comes from the ``class_counts`` ingest records; a store without
+    them (written by another tool) is scanned once.
+    """
+    from tilefuse.scene import IGNORE
+
+    label = ds["label"]
+    names = [str(n) for n in (label.attrs.get("class_names") or [])]
+    counts = label.attrs.get("class_counts")
+    if counts is not None:
+        highest = max((k for k, c in enumerate(counts) if c), default=-1)
+    else:
+        highest = int(label.where(label != IGNORE).max().compute().fillna(-1))
+    return names + [default_class_name(k) for k in range(len(names), highest + 1)]
+
+
+def merge_class_names(lists: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """One class list for ``(source, class list)`` pairs that agree (module docstring); InputError on a conflict.
+
+    The result covers the longest list; each id takes the real name any list gives
+    it, else its default.
+    """
+    merged: list[str] = []
+    named: dict[int, tuple[str, str]] = {}  # id -> (real name, first source naming it)
+    conflicts: list[str] = []
+    for source, names in lists:
+        for k, name in enumerate(names):
+            if k == len(merged):
+                merged.append(default_class_name(k))
+            if is_default_name(name, k):
+                continue
+            if k not in named:
+                named[k] = (name, source)
+                merged[k] = name
+            elif named[k][0] != name:
+                conflicts.append(f"class {k} is {named[k][0]!r} in {named[k][1]} but {name!r} in {source}")
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise InputError(f"class lists conflict: {conflicts[0]}{more}: ingest these stores with the same --class-names")
+    return merged
