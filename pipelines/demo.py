@@ -8,14 +8,12 @@ function a user calls (``tilefuse.ingest``, ``tilefuse.train``, ...).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tilefuse.errors import InputError
 
 
 def demo(
@@ -27,8 +25,13 @@ def demo(
     overwrite: bool = False,
     echo=print,
 ) -> dict:
-    """Run the demo into folder ``out``; returns the held-out scene's metrics."""
-    from tilefuse.pipelines.evaluate import evaluate
+    """Run the demo into folder ``out``; returns the held-out scene's metrics.
+
+    ``out`` is a guarded output of kind ``demo`` (:mod:`tilefuse.outputs`):
+    with ``overwrite`` a demo folder tilefuse made is reused, its outputs
+    replaced one by one; any other non-empty folder is refused.
+    """
+    from tilefuse.pipelines.evaluate import evaluate, write_json
     from tilefuse.pipelines.export import export
     from tilefuse.pipelines.info import info
     from tilefuse.pipelines.ingest import ingest
@@ -36,10 +39,13 @@ def demo(
     from tilefuse.pipelines.synth import synth
     from tilefuse.pipelines.train import train
 
+    from tilefuse.outputs import claim, create, found_kind
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} already exists and is not empty: choose another folder or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "demo", overwrite=overwrite)  # reuses only a demo folder tilefuse made; each output inside is guarded
+    if found_kind(out) != "demo":
+        with create(out, "demo"):
+            pass  # an empty, marked demo folder
     started = time.perf_counter()
 
     def step(message: str) -> None:
@@ -76,7 +82,7 @@ def demo(
     )
     step("evaluate: prediction.zarr against test.zarr labels (a scene the model never saw)")
     metrics = evaluate(out / "prediction.zarr", stores["test"])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(metrics, out / "metrics.json")
     step("export: prediction.tif (Cloud Optimized GeoTIFF)")
     export(out / "prediction.zarr", out / "prediction.tif", overwrite=True)
     step(

@@ -81,6 +81,20 @@ def evaluate(
     return metrics
 
 
+def write_json(data: dict[str, Any], out: str | Path, *, inputs=(), overwrite: bool = True) -> Path:
+    """Write ``data`` as a JSON file through the guarded writer (:func:`tilefuse.outputs.create`).
+
+    The file carries tilefuse's marker key, so a later run may replace it
+    (``overwrite``); any other file or folder at ``out`` is refused. Missing
+    parent folders are created, like every output's.
+    """
+    from tilefuse.outputs import create, json_document
+
+    with create(out, "json", inputs=inputs, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(json_document(data), indent=2))
+    return Path(out)
+
+
 def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tuple[int, int]):
     """``(rows, cols) -> bool mask`` of the pixels a run's split leaves to ``subset`` in store ``labels``."""
     from tilefuse.sampling import SUBSETS, SpatialSplit, split_mask
@@ -115,9 +129,11 @@ def evaluate_command(
     """Score a prediction against a scene's labels: OA, mIoU, per-class IoU and F1, kappa."""
     from tilefuse.metrics import format_metrics
 
+    if out is not None:  # checked before any work
+        from tilefuse.outputs import claim
+
+        claim(out, "json", inputs=[prediction, labels, split], overwrite=True, what="--out")
     metrics = evaluate(prediction, labels, split=split, subset=subset, progress=not json_output)
     if out is not None:
-        tmp = out.parent / f".{out.name}.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(out)
+        write_json(metrics, out, inputs=[prediction, labels, split])
     typer.echo(json.dumps(metrics, indent=2) if json_output else format_metrics(metrics))

@@ -20,7 +20,6 @@ from typing import Annotated
 
 import typer
 
-from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
 
 NODATA = 255
@@ -49,9 +48,10 @@ def export(
     from tilefuse.prediction import open_prediction
     from tilefuse.quicklook import class_colors
 
+    from tilefuse.outputs import claim, create, output_lock, temporary_sibling, tiff_tags
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists: pass --overwrite to replace it")
+    claim(out, "geotiff", inputs=[prediction], overwrite=overwrite)
     if blocksize < 16 or blocksize % 16:
         raise InputError(f"--blocksize must be a multiple of 16, got {blocksize}")
     ds = open_prediction(prediction)
@@ -61,49 +61,49 @@ def export(
     colormap = {k: (*rgb, 255) for k, rgb in enumerate(class_colors(max(1, len(class_names))))}
     colormap[NODATA] = (0, 0, 0, 0)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out)
-    tmp.mkdir()
-    try:
-        staging = tmp / "labels.tif"
-        profile = {
-            "driver": "GTiff",
-            "height": height,
-            "width": width,
-            "count": 1,
-            "dtype": "uint8",
-            "crs": ds.rio.crs,
-            "transform": ds.rio.transform(),
-            "nodata": NODATA,
-            "tiled": True,
-            "blockxsize": blocksize,
-            "blockysize": blocksize,
-            "compress": "deflate",
-            "BIGTIFF": "IF_SAFER",
-        }
-        rows = labels.encoding.get("preferred_chunks", {}).get("y") or labels.data.chunksize[0]
-        with rasterio.open(staging, "w", **profile) as dst:
-            dst.write_colormap(1, colormap)
-            dst.update_tags(class_names=json.dumps(class_names), **{f"class_{k}": n for k, n in enumerate(class_names)})
-            dst.set_band_description(1, "class id (255 = nodata)")
-            for start in tqdm(range(0, height, rows), unit="band", desc="export", disable=not progress):
-                stop = min(start + rows, height)
-                data = np.asarray(labels[start:stop].values, dtype=np.uint8)
-                dst.write(data, 1, window=Window(0, start, width, stop - start))
-        cog = tmp / "labels.cog.tif"
-        rasterio.shutil.copy(
-            staging,
-            cog,
-            driver="COG",
-            COMPRESS="DEFLATE",
-            BLOCKSIZE=blocksize,
-            RESAMPLING="NEAREST",
-            OVERVIEW_COUNT=_overview_count(height, width),
-            BIGTIFF="IF_SAFER",
-        )
-        replace_path(cog, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    size = height * width // 64  # labels compress well; a lower bound
+    with output_lock(out, inputs=[prediction]), create(out, "geotiff", inputs=[prediction], overwrite=overwrite, size=size) as tmp:
+        work = temporary_sibling(out)  # GDAL's staging file, beside the output
+        work.mkdir()
+        try:
+            staging = work / "labels.tif"
+            profile = {
+                "driver": "GTiff",
+                "height": height,
+                "width": width,
+                "count": 1,
+                "dtype": "uint8",
+                "crs": ds.rio.crs,
+                "transform": ds.rio.transform(),
+                "nodata": NODATA,
+                "tiled": True,
+                "blockxsize": blocksize,
+                "blockysize": blocksize,
+                "compress": "deflate",
+                "BIGTIFF": "IF_SAFER",
+            }
+            rows = labels.encoding.get("preferred_chunks", {}).get("y") or labels.data.chunksize[0]
+            with rasterio.open(staging, "w", **profile) as dst:
+                dst.write_colormap(1, colormap)
+                dst.update_tags(**tiff_tags())
+                dst.update_tags(class_names=json.dumps(class_names), **{f"class_{k}": n for k, n in enumerate(class_names)})
+                dst.set_band_description(1, "class id (255 = nodata)")
+                for start in tqdm(range(0, height, rows), unit="band", desc="export", disable=not progress):
+                    stop = min(start + rows, height)
+                    data = np.asarray(labels[start:stop].values, dtype=np.uint8)
+                    dst.write(data, 1, window=Window(0, start, width, stop - start))
+            rasterio.shutil.copy(
+                staging,
+                tmp,
+                driver="COG",
+                COMPRESS="DEFLATE",
+                BLOCKSIZE=blocksize,
+                RESAMPLING="NEAREST",
+                OVERVIEW_COUNT=_overview_count(height, width),
+                BIGTIFF="IF_SAFER",
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if progress:
         print(f"tilefuse: wrote {out} ({height} x {width} px, {len(class_names)} classes)", file=sys.stderr)
     return out

@@ -86,15 +86,22 @@ def _storage(var) -> str:
 
 
 def info(store: str | Path, quicklook: str | Path | None = None) -> str:
-    """Summary of the scene store ``store`` (see :func:`describe`); also a quicklook PNG if asked."""
+    """Summary of the scene store ``store`` (see :func:`describe`); also a quicklook PNG if asked.
+
+    The quicklook replaces only a quicklook PNG tilefuse wrote (:mod:`tilefuse.outputs`).
+    """
     from tilefuse.scene import open_scene
 
+    if quicklook is not None:  # checked before any work (never at, inside or around the store)
+        from tilefuse.outputs import claim
+
+        claim(quicklook, "png", inputs=[store], overwrite=True, what="quicklook")
     ds = open_scene(store)
     text = describe(ds)
     if quicklook is not None:
         from tilefuse.quicklook import quicklook_scene
 
-        quicklook_scene(ds, quicklook)
+        quicklook_scene(ds, quicklook, inputs=[store])
     return text
 
 

@@ -59,9 +59,13 @@ def ingest(
     from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_free_space, check_grid_size, check_modality_names, ingest_rasters
     from tilefuse.scene import write_scene
 
+    from tilefuse.outputs import claim
+    from tilefuse.rasters import split_bands
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists: choose another output or pass --overwrite")
+    specs = [stac, labels] if stac is not None else [*modalities.values(), labels]
+    inputs = [split_bands(os.fspath(spec))[0] if spec != stac else spec for spec in specs if spec is not None]
+    claim(out, "scene", inputs=inputs, overwrite=overwrite)
     limit = None if allow_large else (MAX_PIXELS if max_pixels is None else _positive(max_pixels, "max_pixels"))
     check_modality_names(list(modalities))
     if stac is not None:  # STAC input: assets of Items, through tilefuse.ecosystem
@@ -92,7 +96,7 @@ def ingest(
     if not allow_large:
         check_free_space(out, int(ds.nbytes), what=f"the scene store {out}")
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
-        return write_scene(ds, out, overwrite=overwrite, progress=progress)
+        return write_scene(ds, out, overwrite=overwrite, progress=progress, inputs=inputs)
 
 
 def _positive(value: int, name: str) -> int:

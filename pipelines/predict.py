@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from tilefuse.errors import InputError
+from tilefuse.outputs import holds_output
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -85,6 +86,7 @@ def _worker_device(source, tile_pixels: int, channels: int) -> tuple[str, int]:
     return device.type, auto_batch_size(tile_pixels, channels, device)
 
 
+@holds_output("out", inputs=("store", "checkpoint"))  # one writer per prediction store, across every block
 def predict(
     checkpoint: str | Path,
     store: str | Path,
@@ -153,8 +155,12 @@ def predict(
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if torch_threads is not None and torch_threads < 1:
         raise InputError(f"--torch-threads must be >= 1, got {torch_threads}")
-    if out.resolve() == store.resolve():
-        raise InputError(f"--out {out} is the scene store itself: choose another output path")
+    from tilefuse.outputs import claim, clean_stale
+
+    claim(out, "prediction", inputs=[store, checkpoint], overwrite=overwrite, exist_ok=resume)
+    if quicklook is not None:
+        claim(quicklook, "png", inputs=[store, checkpoint, out], overwrite=True, what="quicklook")
+    clean_stale(out)
 
     config, spec, digest = inspect_checkpoint(checkpoint)
     scene = open_scene(store)
@@ -232,6 +238,7 @@ def predict(
                 attrs={**settings, "scene": str(store.resolve()), "checkpoint": str(Path(checkpoint).resolve())},
                 probs=probs_dtype,
                 overwrite=overwrite,
+                inputs=[store, checkpoint],
             )
         pending = pending_blocks(out, grid)
         job = BlockJob(
@@ -263,7 +270,9 @@ def predict(
     if quicklook is not None:
         from tilefuse.quicklook import quicklook_labels
 
-        quicklook_labels(prediction["labels"], class_names, quicklook, title=f"{config.model} prediction of {store.name}")
+        quicklook_labels(
+            prediction["labels"], class_names, quicklook, title=f"{config.model} prediction of {store.name}", inputs=[store, checkpoint, out]
+        )
     return prediction
 
 

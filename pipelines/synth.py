@@ -11,7 +11,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from tilefuse.errors import InputError
 
 
 def synth(
@@ -28,16 +27,21 @@ def synth(
 
     With ``geotiff``, also write one GeoTIFF per modality plus ``label.tif``
     into that folder (to exercise ``tilefuse ingest``). Returns the store path.
+    Both are guarded outputs (:mod:`tilefuse.outputs`): ``overwrite`` replaces
+    only a scene store / GeoTIFF folder written by tilefuse, and neither may be
+    at, inside or around the other.
     """
+    from tilefuse.outputs import claim
     from tilefuse.scene import write_scene
     from tilefuse.synthetic import synth_scene, write_geotiffs
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists: choose another output or pass --overwrite")
+    claim(out, "scene", overwrite=overwrite, inputs=[geotiff])
+    if geotiff is not None:
+        claim(geotiff, "geotiff-folder", overwrite=overwrite, what="GeoTIFF folder")
     ds = synth_scene(size, kind, seed)
     if geotiff is not None:
-        write_geotiffs(ds, geotiff, overwrite=overwrite, progress=progress)
+        write_geotiffs(ds, geotiff, overwrite=overwrite, progress=progress, inputs=[out])
     return write_scene(ds, out, overwrite=overwrite, progress=progress)
 
 

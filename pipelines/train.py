@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional, Sequence
 import typer
 
 from tilefuse.errors import InputError
+from tilefuse.outputs import holds_output
 
 SPLIT_FILE = "split.json"
 
@@ -115,6 +116,7 @@ def _labelled_per_block(ds, block: int):
     return labelled.coarsen(y=block, x=block, boundary="pad").sum().values
 
 
+@holds_output("out", inputs=("stores", "val_stores"))  # one writer per run folder, for the whole training
 def train(
     model: str,
     stores: Sequence[str | Path],
@@ -154,7 +156,7 @@ def train(
     from tilefuse.training import RunDir, TrainSettings, fit
 
     run = RunDir(out)
-    run.check(resume, overwrite)
+    run.check(resume, overwrite, inputs=[stores, val_stores])
     if not stores:
         raise InputError("no training store: pass at least one --store")
     train_paths = [str(Path(p).resolve()) for p in stores]
@@ -252,11 +254,7 @@ def train(
         band_stats=band_stats,
         extra={"stores": train_paths, "val_stores": val_paths, "sampler": "pixels" if pixels else "patches"},
     )
-    if overwrite and run.path.exists():
-        import shutil
-
-        shutil.rmtree(run.path)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.start(resume, overwrite, inputs=[stores, val_stores])  # guarded: replaces only a run folder
     if split is not None:
         context = spec.margin if pixels else data.patch_size // 2
         (run.path / SPLIT_FILE).write_text(json.dumps({"stores": paths, "context": context, **split.to_dict()}))

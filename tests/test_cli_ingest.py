@@ -54,7 +54,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def test_synth_ingest_info_round_trip(tmp_path, capsys):
     code, out, err = run_cli(["synth", tmp_path / "s.zarr", "--size", 200, "--seed", 3, "--geotiff", tmp_path / "g"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["label.tif", "optical.tif", "sar.tif"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [".tilefuse-output", "label.tif", "optical.tif", "sar.tif"]
     g = tmp_path / "g"
     code, out, err = run_cli(
         ["ingest", tmp_path / "i.zarr", "-m", f"optical={g}/optical.tif", "-m", f"sar={g}/sar.tif", "--labels", f"{g}/label.tif"],

@@ -47,7 +47,11 @@ def test_export_refuses_to_overwrite_and_bad_inputs(tmp_path, prediction):
     out = tmp_path / "labels.tif"
     out.write_bytes(b"keep me")
     assert main(["export", str(root / "pred.zarr"), str(out)]) == 2
+    assert main(["export", str(root / "pred.zarr"), str(out), "--overwrite"]) == 2, "a file tilefuse did not write stays"
     assert out.read_bytes() == b"keep me"
+    out.unlink()
+    assert main(["export", str(root / "pred.zarr"), str(out)]) == 0
+    assert main(["export", str(root / "pred.zarr"), str(out)]) == 2, "an existing export needs --overwrite"
     assert main(["export", str(root / "pred.zarr"), str(out), "--overwrite"]) == 0
     assert main(["export", str(scene), str(tmp_path / "scene.tif")]) == 2, "a scene store is not a prediction"
     assert main(["export", str(tmp_path / "missing.zarr"), str(tmp_path / "x.tif")]) == 2

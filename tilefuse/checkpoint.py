@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
 from tilefuse.tile_model import TileModel, accepts_hyperparameter, build_model
 
@@ -153,19 +151,21 @@ def _checked_config(data: Any, source: str) -> dict[str, Any]:
     return args
 
 
-def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLike) -> Path:
-    """Write ``model``'s weights and ``config`` to directory ``path``, atomically (temp dir + rename)."""
+def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLike, *, inputs=()) -> Path:
+    """Write ``model``'s weights and ``config`` to directory ``path``, atomically (temp dir + rename).
+
+    Through the guarded writer (:mod:`tilefuse.outputs`): an existing
+    checkpoint written by tilefuse is replaced; anything else at ``path``, or a
+    ``path`` at, inside or around one of ``inputs``, is refused.
+    """
+    from tilefuse.outputs import create
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    tmp.mkdir()
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    with create(path, "checkpoint", inputs=inputs, overwrite=True, size=size, what="checkpoint") as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"model": config.model})
         (tmp / CONFIG).write_text(replace(config, roles=dict(model.spec.roles)).to_json())  # the roles the weights have
-        replace_path(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -2,7 +2,9 @@
 
 Each command lives next to the job it runs (``tilefuse.pipelines.<name>``) and
 is registered here by name. Expected errors (:class:`InputError`) end as one
-line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+line on stderr and exit status 2, and so do filesystem errors that keep an
+output from being written (read-only, full, no permission: a safety net behind
+:mod:`tilefuse.outputs`); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tilefuse: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:
+        # the guarded writer (tilefuse.outputs) turns these into InputError; this is the safety net
+        from tilefuse.outputs import WRITE_ERRNOS
+
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        where = error.filename or "the output"
+        print(f"tilefuse: error: cannot write {where}: {error.strerror}: choose another output (a writable folder with enough free space) or fix its permissions", file=sys.stderr)
+        return 2
     except SystemExit as exit_:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -23,7 +23,6 @@ not marked done.
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ import zarr
 
 from tilefuse.errors import InputError
 from tilefuse.grid import Block, TileGrid
-from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.scene import CHUNK, IGNORE, STORE_KIND, compressor, open_store
 
 MANIFEST = "block_done"
@@ -73,19 +71,21 @@ def create_prediction(
     attrs: dict[str, Any],
     probs: str | None = None,
     overwrite: bool = False,
+    inputs=(),
 ) -> Path:
     """Create an empty prediction store for ``scene`` (labels all 255), atomically.
 
     ``attrs`` must hold every key of :data:`SETTINGS` but the grid ones, which
     come from ``grid``. An existing ``path`` is replaced only with ``overwrite``
-    and only if it is a prediction store.
+    and only if it is a prediction store (:func:`tilefuse.outputs.create`,
+    locked while created; ``inputs`` are never at, inside or around ``path``).
     """
+    from tilefuse.outputs import claim, create
+
     path = Path(path)
-    if path.exists():
-        if not overwrite:
-            raise InputError(f"{path} already exists: pass --overwrite to replace it or --resume to finish it")
-        if _store_kind(path) != "prediction":
-            raise InputError(f"refusing to overwrite {path}: it is not a prediction store; choose another --out")
+    if os.path.lexists(path) and not overwrite and _store_kind(path) == "prediction":
+        raise InputError(f"{path} already exists: pass overwrite=True (--overwrite) to replace it or resume=True (--resume) to finish it")
+    claim(path, "prediction", inputs=inputs, overwrite=overwrite)
     if probs is not None and probs not in PROBS_DTYPES:
         raise InputError(f"probs dtype {probs!r} is not one of {', '.join(PROBS_DTYPES)}")
     height, width = grid.height, grid.width
@@ -132,14 +132,10 @@ def create_prediction(
     if missing:
         raise ValueError(f"prediction attrs lack {missing}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
+    size = height * width // 64 + (num_classes * height * width // 64 if probs else 0)  # labels and probs compress well
+    with create(path, "prediction", inputs=inputs, overwrite=overwrite, size=size, lock=True) as tmp:
         # compute=False writes metadata and coordinates only; unwritten chunks read as the fill value
         ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=encoding, compute=False, consolidated=False)
-        replace_path(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

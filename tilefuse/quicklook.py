@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
-from tilefuse.atomic import replace_path, temporary_sibling
+from tilefuse.outputs import create, png_metadata
 from tilefuse.scene import IGNORE, band_dim, modalities, open_scene
 
 MAX_SIZE = 1500
@@ -102,16 +102,16 @@ def _draw_labels(ax, labels: np.ndarray, class_names: Sequence[str]) -> None:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure as PNG under a temporary name, then rename it to ``path``."""
+def save_figure(fig, path: str | os.PathLike, *, inputs=(), overwrite: bool = True) -> Path:
+    """Save a matplotlib figure as PNG through the guarded writer (:func:`tilefuse.outputs.create`).
+
+    The PNG carries tilefuse's marker, so a later quicklook may replace it
+    (``overwrite``, the default); any other file or folder at ``path``, or a
+    ``path`` at, inside or around one of ``inputs``, is refused.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-        replace_path(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with create(path, "png", inputs=inputs, overwrite=overwrite, what="quicklook") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png", metadata=png_metadata())
     return path
 
 
@@ -130,15 +130,16 @@ def quicklook_labels(
     *,
     title: str | None = None,
     max_size: int = MAX_SIZE,
+    inputs=(),
 ) -> Path:
-    """PNG of a label or prediction map (y, x; 255 = none) with a class legend."""
+    """PNG of a label or prediction map (y, x; 255 = none) with a class legend (``inputs``: see :func:`save_figure`)."""
     small = decimate(labels, max_size).values
     fig = _figure(1, small.shape)
     ax = fig.add_subplot(1, 1, 1)
     _draw_labels(ax, small, class_names)
     ax.set_axis_off()
     ax.set_title(title or "labels", fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, inputs=inputs)
 
 
 def quicklook_scene(
@@ -148,13 +149,18 @@ def quicklook_scene(
     modality: str | None = None,
     bands: Sequence[int | str] | None = None,
     max_size: int = MAX_SIZE,
+    inputs=(),
 ) -> Path:
     """PNG of a scene: a percentile-stretched composite of ``bands`` of ``modality``, and the label map if any.
 
     ``scene`` is a Dataset or a store path. Defaults: the first modality with
     three bands or more (else the first), its red/green/blue bands where named
     so, else its first three (two bands: b1, b2, b1-b2; one band: grey).
+    ``inputs`` (the store a Dataset came from; a store path counts itself)
+    are never at, inside or around ``path``.
     """
+    if not isinstance(scene, xr.Dataset):
+        inputs = [*inputs, scene]
     ds = scene if isinstance(scene, xr.Dataset) else open_scene(scene)
     names = modalities(ds)
     if modality is None:
@@ -173,4 +179,4 @@ def quicklook_scene(
         _draw_labels(ax, small["label"].values, small["label"].attrs.get("class_names", []))
         ax.set_axis_off()
         ax.set_title("label", fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, inputs=inputs)

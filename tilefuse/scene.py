@@ -19,7 +19,6 @@ reader sees a half-written store.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -30,7 +29,6 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
-from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
 
 IGNORE = 255
@@ -153,6 +151,7 @@ def write_scene(
     chunk: int = CHUNK,
     shard: int | None = SHARD,
     progress: bool = False,
+    inputs=(),
 ) -> Path:
     """Write a scene Dataset (lazy or in memory) to a zarr v3 store, atomically.
 
@@ -161,11 +160,15 @@ def write_scene(
     per label value (``label`` attrs ``class_counts`` for ids 0..254, and
     ``ignore_count``; ``class_names`` default to ``class_<id>``). ``ds`` must hold the
     modality variables ``(band, y, x)``, ``valid (y, x)`` and optionally
-    ``label (y, x)``, with a CRS set through rioxarray.
+    ``label (y, x)``, with a CRS set through rioxarray. The store is created
+    through the guarded writer (:func:`tilefuse.outputs.create`, locked while
+    written): ``overwrite`` replaces only a scene store, and ``inputs`` (the
+    paths ``ds`` is read from) are never at, inside or around ``path``.
     """
+    from tilefuse.outputs import claim, create
+
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists: choose another output or pass --overwrite")
+    claim(path, "scene", inputs=inputs, overwrite=overwrite)
     if "valid" not in ds:
         raise ValueError("a scene needs a 'valid' (y, x) mask")
     if ds.rio.crs is None:
@@ -190,9 +193,8 @@ def write_scene(
     sums = {name: _band_sums(ds[name].data, valid) for name in names}
     counts = count_labels(ds["label"].data) if "label" in ds else None
 
-    tmp = temporary_sibling(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    size = sum(ds[name].nbytes for name in encoding) // 8  # a lower bound: zstd rarely beats 8x on imagery
+    with create(path, "scene", inputs=inputs, overwrite=overwrite, size=size, lock=True) as tmp:
         writer = ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=encoding, compute=False, consolidated=False)
         if progress:
             from dask.diagnostics import ProgressBar
@@ -213,9 +215,6 @@ def write_scene(
             )
         if counts is not None:
             _record_label_counts(group["label"].attrs, np.asarray(counts))
-        replace_path(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -234,7 +233,11 @@ def _record_label_counts(attrs, counts: np.ndarray) -> None:
 
 def open_store(path: str | os.PathLike, kind: str) -> xr.Dataset:
     """Open a tilefuse store of ``kind`` ("scene" or "prediction") lazily, with CRS decoded."""
+    from tilefuse.outputs import is_temporary
+
     path = Path(path)
+    if is_temporary(path):
+        raise InputError(f"{path} is an unfinished temporary of a tilefuse run, not a store: open the finished store")
     if not path.exists():
         raise InputError(f"{path} does not exist: check the path (create scene stores with `tilefuse ingest`)")
     try:

@@ -31,7 +31,6 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 
-from tilefuse.atomic import replace_path, temporary_sibling
 from tilefuse.errors import InputError
 from tilefuse.scene import IGNORE, band_dim, modalities
 
@@ -343,31 +342,38 @@ class _WindowWriter:
 
 
 def write_geotiffs(
-    ds: xr.Dataset, directory: str | os.PathLike, *, overwrite: bool = False, compress: str = "zstd", progress: bool = False
+    ds: xr.Dataset,
+    directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    compress: str = "zstd",
+    progress: bool = False,
+    inputs=(),
 ) -> dict[str, Path]:
-    """Write each modality (and ``label``) of a scene as a tiled GeoTIFF in ``directory``.
+    """Write each modality (and ``label``) of a scene as a tiled GeoTIFF in folder ``directory``.
 
     Chunks are computed in parallel (once for all files) and written as
     windows, one at a time, so the scene is never held in memory. Float
     modalities get nodata NaN, labels nodata 255 and their class names in the
-    ``class_names`` tag. Each file is written under a temporary name and
-    renamed when complete. Returns ``{name: path}``.
+    ``class_names`` tag. The folder is a guarded output of kind
+    ``geotiff-folder`` (:func:`tilefuse.outputs.create`): written under a
+    temporary name and renamed when complete; ``overwrite`` replaces only such
+    a folder written by tilefuse (an existing empty folder is used as is), and
+    ``inputs`` are never at, inside or around it. Returns ``{name: path}``.
     """
     import rasterio
+
+    from tilefuse.outputs import create, tiff_tags
 
     directory = Path(directory)
     names = [*modalities(ds), *(["label"] if "label" in ds else [])]
     paths = {name: directory / f"{name}.tif" for name in names}
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise InputError(f"{existing[0]} already exists: choose another --geotiff folder or pass --overwrite")
-    directory.mkdir(parents=True, exist_ok=True)
     transform, crs = ds.rio.transform(), ds.rio.crs
-    tmps = {name: temporary_sibling(path) for name, path in paths.items()}
-    try:
+    size = sum(ds[name].nbytes for name in names) // 8
+    with create(directory, "geotiff-folder", inputs=inputs, overwrite=overwrite, size=size, what="GeoTIFF folder") as tmp:
         with rasterio.Env(GDAL_CACHEMAX=128 << 20), contextlib.ExitStack() as files:
             sources, targets = [], []
-            for name, tmp in tmps.items():
+            for name in names:
                 var = ds[name]
                 is_label = name == "label"
                 bands = None if is_label else var.shape[0]
@@ -378,7 +384,8 @@ def write_geotiffs(
                 )  # fmt: skip
                 if compress.lower() in ("zstd", "deflate", "lzw"):
                     profile["predictor"] = 1 if is_label else 3
-                dst = files.enter_context(rasterio.open(tmp, "w", **profile))
+                dst = files.enter_context(rasterio.open(tmp / f"{name}.tif", "w", **profile))
+                dst.update_tags(**tiff_tags())
                 if is_label:
                     dst.update_tags(class_names=json.dumps(list(var.attrs.get("class_names", []))))
                 else:
@@ -391,9 +398,4 @@ def write_geotiffs(
 
             with ProgressBar() if progress else contextlib.nullcontext():
                 da.store(sources, targets, lock=threading.Lock())
-        for name, tmp in tmps.items():
-            replace_path(tmp, paths[name])
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
     return paths

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from tilefuse.atomic import replace_path, temporary_sibling
+from tilefuse.outputs import check_inputs, claim, clean_stale, create, replace_path, temporary_sibling
 from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
@@ -156,14 +156,31 @@ class RunDir:
     def has_state(self) -> bool:
         return (self.state / TRAINER_JSON).is_file() and (self.state / WEIGHTS).is_file()
 
-    def check(self, resume: bool, overwrite: bool) -> None:
-        """Refuse an existing run unless resuming or overwriting; refuse resuming nothing."""
+    def check(self, resume: bool, overwrite: bool, inputs=()) -> None:
+        """Refuse an existing run unless resuming or overwriting; refuse resuming nothing.
+
+        The run folder is a guarded output of kind ``run`` (:func:`tilefuse.outputs.claim`):
+        never at, inside or around one of ``inputs`` (the training stores), and
+        ``overwrite`` replaces only a run folder tilefuse made.
+        """
         if resume and overwrite:
             raise InputError("--resume and --overwrite contradict each other: pass one")
         if resume and not self.has_state():
             raise InputError(f"{self.path} has no training state to resume: start it without --resume")
-        if self.path.exists() and not (resume or overwrite):
+        if os.path.lexists(self.path) and not (resume or overwrite):
             raise InputError(f"{self.path} already exists: pass --resume to continue it, --overwrite to replace it, or choose another --out")
+        if resume:  # a run folder with training state (older runs carry no marker)
+            check_inputs(self.path, inputs)
+        else:
+            claim(self.path, "run", inputs=inputs, overwrite=overwrite)
+
+    def start(self, resume: bool, overwrite: bool, inputs=()) -> None:
+        """Create the (empty, marked) run folder, replacing an old run with ``overwrite``; clean a killed run's temporaries."""
+        if not resume:
+            with create(self.path, "run", inputs=inputs, overwrite=overwrite):
+                pass
+        for name in (STATE, WEIGHTS, CONFIG, LOG, CURVES, METRICS):
+            clean_stale(self.path / name)
 
     def read_trainer(self) -> dict[str, Any]:
         try:

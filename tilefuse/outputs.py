@@ -1,0 +1,535 @@
+"""The guarded writer: the one way every command of tilefuse creates an output.
+
+Contract (DESIGN.md, "Data safety"):
+
+- **Inputs are never touched.** :func:`claim` refuses an output path that is,
+  contains or lies inside any input path of the same command, comparing real
+  paths (symlinks, ``..``, relative paths and trailing slashes resolved).
+- **Overwrite replaces only our own output of the same kind.** Every output
+  carries a marker naming its kind (:data:`KINDS`): zarr stores their
+  ``tilefuse_store`` attr in ``zarr.json``, folders a ``.tilefuse-output``
+  file, PNGs a ``tilefuse`` tEXt chunk, GeoTIFFs a ``TILEFUSE`` metadata tag,
+  JSON files a top-level ``tilefuse_output`` key. An existing path without the
+  marker of the kind being written (a scene store when writing a prediction,
+  any other file or folder) is refused, ``overwrite=True`` or not. An existing
+  *empty* folder counts as absent for folder kinds.
+- **Whole or not at all.** :func:`create` yields a hidden temporary sibling
+  (``.NAME.tmp-<host>-<pid>-<start>-<random>``) to write into, stamps the
+  marker, and renames it into place (:func:`replace_path`). Temporaries and
+  moved-aside old outputs left by a killed process (dead owner, same host) are
+  removed on the next run of that output; an old output whose replacement
+  never arrived is put back.
+- **One writer per output.** :func:`output_lock` holds ``.NAME.lock``
+  (created with ``O_CREAT | O_EXCL``; pid, hostname and process start time) for
+  the whole run; a second writer is refused naming the holder, a lock whose
+  process is gone is taken over. Locks are re-entrant within one process.
+- **Free space and filesystem errors.** :func:`claim` refuses an output when the
+  filesystem has less free space than the caller's estimate (a lower bound);
+  an ``OSError`` of the filesystem (read-only, permission, full, quota, not a
+  folder, ...) while writing becomes one :class:`InputError` line with the
+  temporary removed and the old output untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import psutil
+
+from tilefuse.errors import InputError
+
+MARKER_FILE = ".tilefuse-output"
+"""Marker of folder outputs (run folders, GeoTIFF folders, demo folders): JSON ``{"kind": ...}``."""
+JSON_KEY = "tilefuse_output"
+PNG_KEY = "tilefuse"
+TIFF_TAG = "TILEFUSE"
+
+KINDS: dict[str, str] = {
+    "scene": "zarr",
+    "prediction": "zarr",
+    "run": "folder",
+    "checkpoint": "folder",
+    "geotiff-folder": "folder",
+    "demo": "folder",
+    "geotiff": "tiff",
+    "png": "png",
+    "json": "json",
+}
+"""Output kind -> how its marker is stored."""
+
+WRITE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EROFS", "EACCES", "EPERM", "ENOSPC", "EDQUOT", "ENOTDIR", "EEXIST", "EISDIR", "EFBIG", "ENAMETOOLONG")
+    if hasattr(errno, name)
+)
+"""errnos that mean "this output cannot be written here" (the user's choice of place, not a bug)."""
+
+_TEMP = re.compile(r"\.(?P<tag>tmp|old)-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-(?P<start>[0-9a-z]+)-[0-9a-f]{6}$")
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _host_tag(host: str) -> str:
+    return hashlib.sha1(host.encode()).hexdigest()[:6]
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def _alive(pid: int, start: float | None) -> bool:
+    """Whether process ``pid`` (started at ``start``, if known) still runs on this host."""
+    found = _start_time(pid) if psutil.pid_exists(pid) else None
+    if found is None:
+        return False
+    return start is None or abs(found - start) < 0.05
+
+
+_ME = (os.getpid(), _start_time(os.getpid()))
+
+
+def _me() -> tuple[int, float | None]:
+    global _ME
+    if _ME[0] != os.getpid():  # forked
+        _ME = (os.getpid(), _start_time(os.getpid()))
+    return _ME
+
+
+# ------------------------------------------------------------------ temporaries
+
+
+def temporary_sibling(path: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A hidden, unique name next to ``path`` (same filesystem, so a rename is atomic) naming its owner."""
+    path = Path(path)
+    pid, start = _me()
+    owner = f"{_host_tag(_host())}-{pid}-{int((start or 0) * 100):x}"
+    return path.parent / f".{path.name}.{tag}-{owner}-{uuid.uuid4().hex[:6]}"
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a temporary sibling made by :func:`temporary_sibling` (never a store to open)."""
+    name = Path(path).name
+    return name.startswith(".") and _TEMP.search(name) is not None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``path`` left by dead processes on this host; returns what was removed.
+
+    A moved-aside old output (``.NAME.old-...``) whose owner died before the
+    new one arrived is put back at ``path`` instead.
+    """
+    path = Path(path)
+    removed: list[Path] = []
+    prefix = f".{path.name}."
+    try:
+        siblings = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    here = _host_tag(_host())
+    for sibling in sorted(siblings, key=lambda p: p.name):
+        match = _TEMP.fullmatch(sibling.name[len(prefix) - 1 :])
+        if match is None or match["host"] != here:
+            continue
+        if _alive(int(match["pid"]), int(match["start"], 16) / 100 or None):
+            continue
+        if match["tag"] == "old" and not os.path.lexists(path):
+            os.replace(sibling, path)
+            continue
+        _remove(sibling)
+        removed.append(sibling)
+    return removed
+
+
+def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the finished ``src`` (file or folder) to ``dst``, replacing what is there.
+
+    A folder cannot be renamed over a non-empty one, so an existing ``dst``
+    first moves aside and is deleted once ``src`` is in place: at every moment
+    ``dst`` is either the old complete output or the new one (a kill in
+    between leaves the old one aside, which :func:`clean_stale` puts back).
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir() and not dst.is_symlink():
+        trash = temporary_sibling(dst, "old")
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# ---------------------------------------------------------------------- markers
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    """tEXt chunks of a PNG up to its image data (empty for anything that is not a PNG)."""
+    out: dict[str, str] = {}
+    with open(path, "rb") as handle:
+        if handle.read(8) != b"\x89PNG\r\n\x1a\n":
+            return out
+        while True:
+            head = handle.read(8)
+            if len(head) < 8:
+                return out
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                return out
+            data = handle.read(length)
+            handle.read(4)
+            if kind == b"tEXt" and b"\0" in data:
+                key, _, value = data.partition(b"\0")
+                out[key.decode("latin-1")] = value.decode("latin-1")
+
+
+def found_kind(path: str | os.PathLike) -> str | None:
+    """The kind of tilefuse output at ``path`` by its marker, or None (absent, foreign or unreadable)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            if (path / "zarr.json").is_file():
+                attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+                kind = attrs.get("tilefuse_store")
+                return kind if KINDS.get(kind) == "zarr" else None
+            if (path / MARKER_FILE).is_file():
+                kind = json.loads((path / MARKER_FILE).read_text()).get("kind")
+                return kind if KINDS.get(kind) == "folder" else None
+            return None
+        if not path.is_file():
+            return None
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if head.startswith(b"\x89PNG"):
+            return "png" if _png_text(path).get(PNG_KEY) == "png" else None
+        if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            import rasterio
+
+            with rasterio.Env(CPL_LOG="/dev/null"), rasterio.open(path) as src:
+                return "geotiff" if src.tags().get(TIFF_TAG) == "geotiff" else None
+        if head.lstrip()[:1] == b"{" and path.stat().st_size < 64 << 20:
+            data = json.loads(path.read_text())
+            return "json" if isinstance(data, dict) and data.get(JSON_KEY) == "json" else None
+    except Exception:  # anything unreadable carries no marker
+        return None
+    return None
+
+
+def mark_folder(path: str | os.PathLike, kind: str) -> None:
+    """Stamp folder output ``path`` as tilefuse's ``kind``."""
+    (Path(path) / MARKER_FILE).write_text(json.dumps({"kind": kind}) + "\n")
+
+
+def png_metadata() -> dict[str, str]:
+    """``metadata=`` for matplotlib's ``savefig`` marking a PNG as tilefuse's."""
+    return {PNG_KEY: "png", "Software": "tilefuse"}
+
+
+def tiff_tags() -> dict[str, str]:
+    """Tags (default domain) marking a GeoTIFF as tilefuse's."""
+    return {TIFF_TAG: "geotiff"}
+
+
+def json_document(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the top-level key marking a JSON file as tilefuse's."""
+    return {**data, JSON_KEY: "json"}
+
+
+# ------------------------------------------------------------------ the guard
+
+
+def real_path(path: str | os.PathLike) -> Path:
+    """Absolute path with symlinks, ``..`` and trailing slashes resolved (also for paths that do not exist yet)."""
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def _flatten(inputs: Iterable[Any]) -> list[Path]:
+    out: list[Path] = []
+    for item in inputs:
+        if item is None:
+            continue
+        if isinstance(item, (str, os.PathLike)):
+            out.append(Path(item))
+        else:
+            out.extend(_flatten(item))
+    return out
+
+
+def _empty_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def _describe(path: Path) -> str:
+    kind = found_kind(path)
+    if kind:
+        return f"a tilefuse {kind}"
+    return "a folder not written by tilefuse" if path.is_dir() else "a file not written by tilefuse"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def check_space(path: str | os.PathLike, size: int) -> None:
+    """Refuse when the filesystem of ``path`` has less than ``size`` bytes free."""
+    if size <= 0:
+        return
+    parent = real_path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < size:
+        raise InputError(
+            f"not enough free space for {path}: it needs about {_human(size)}, {parent} has {_human(free)} free; "
+            "free some space or choose another output"
+        )
+
+
+def check_inputs(path: str | os.PathLike, inputs: Iterable[Any], *, what: str = "output") -> Path:
+    """Refuse an output ``path`` that is, contains or lies inside one of ``inputs`` (real paths); returns its real path."""
+    target = real_path(path)
+    for source in _flatten(inputs):
+        real = real_path(source)
+        if target == real:
+            raise InputError(f"{what} {path} is the input {source}: choose another output path")
+        if real.is_relative_to(target):
+            raise InputError(f"{what} {path} contains the input {source}: choose another output path")
+        if target.is_relative_to(real):
+            raise InputError(f"{what} {path} lies inside the input {source}: choose another output path")
+    return target
+
+
+def claim(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    inputs: Iterable[Any] = (),
+    overwrite: bool = False,
+    exist_ok: bool = False,
+    size: int = 0,
+    what: str = "output",
+) -> Path:
+    """Check that ``path`` may be written as a ``kind`` output; returns its real path. Writes nothing.
+
+    Refused with one line: a path that is, contains or lies inside one of
+    ``inputs``; an existing path that is not tilefuse's ``kind`` (whatever
+    ``overwrite``); an existing ``kind`` output unless ``overwrite`` or
+    ``exist_ok`` (the caller continues it, e.g. a resume); less free space
+    than ``size`` bytes. ``what`` names the output in messages (e.g. ``out=``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    target = check_inputs(path, inputs, what=what)
+    exists = os.path.lexists(target) and not (KINDS[kind] == "folder" and _empty_dir(target))
+    if exists:
+        found = found_kind(target)
+        if found != kind:
+            raise InputError(
+                f"{what} {path} exists and is {_describe(target)}, not a tilefuse {kind}: "
+                "it is never replaced, even with overwrite; choose another output path"
+            )
+        if not (overwrite or exist_ok):
+            raise InputError(f"{path} already exists: choose another output or pass overwrite=True (--overwrite) to replace it")
+    check_space(target, size)
+    return target
+
+
+def os_error_message(path: str | os.PathLike, error: OSError) -> str:
+    """The one line for an ``OSError`` that keeps ``path`` from being written."""
+    reason = error.strerror or type(error).__name__
+    return f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space)"
+
+
+@contextlib.contextmanager
+def os_errors_as_input(path: str | os.PathLike) -> Iterator[None]:
+    """Turn filesystem ``OSError``s (see :data:`WRITE_ERRNOS`) inside the block into one :class:`InputError` line."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in WRITE_ERRNOS:
+            raise InputError(os_error_message(path, error)) from None
+        raise
+
+
+@contextlib.contextmanager
+def create(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    inputs: Iterable[Any] = (),
+    overwrite: bool = False,
+    size: int = 0,
+    lock: bool = False,
+    directory: bool | None = None,
+    what: str = "output",
+) -> Iterator[Path]:
+    """Write a ``kind`` output at ``path`` whole or not at all: yields the temporary path to write.
+
+    :func:`claim` first (under the output's lock when ``lock``), stale
+    temporaries cleaned, then the caller writes the yielded temporary (a
+    folder, already created, when ``directory``; default: folder kinds and
+    zarr stores are written by the caller as folders, not created here), the
+    marker is stamped (folder kinds) and the temporary renamed over ``path``.
+    On any error the temporary is removed and ``path`` is as before.
+    """
+    folder = KINDS[kind] == "folder" if directory is None else directory
+    target = claim(path, kind, inputs=inputs, overwrite=overwrite, size=size, what=what)
+    with output_lock(path, inputs=inputs) if lock else contextlib.nullcontext():
+        if lock:  # the state may have changed while another writer held it
+            target = claim(path, kind, inputs=inputs, overwrite=overwrite, size=size, what=what)
+        with os_errors_as_input(path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(target)
+            tmp = temporary_sibling(target)
+            try:
+                if folder:
+                    tmp.mkdir()
+                yield tmp
+                if KINDS[kind] == "folder":
+                    mark_folder(tmp, kind)
+                replace_path(tmp, target)
+            finally:
+                if os.path.lexists(tmp):
+                    _remove(tmp)
+
+
+# ------------------------------------------------------------------------ locks
+
+
+_HELD: dict[Path, int] = {}
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    target = real_path(path)
+    return target.parent / f".{target.name}.lock"
+
+
+def _read_lock(lock: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(lock.read_text())
+        return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Iterator[Path]:
+    """Hold the lock of output ``path`` for the block (re-entrant in one process); yields the lock file.
+
+    A lock held by a live process is refused with one line naming it; one
+    left by a dead process on this host (pid gone, or another process under
+    its pid) is taken over. ``inputs`` are checked first, so no lock file is
+    ever made inside an input.
+    """
+    check_inputs(path, inputs)
+    lock = lock_path(path)
+    if _HELD.get(lock):
+        _HELD[lock] += 1
+        try:
+            yield lock
+        finally:
+            _HELD[lock] -= 1
+        return
+    pid, start = _me()
+    record = json.dumps({"pid": pid, "host": _host(), "start": start, "output": str(real_path(path))})
+    with os_errors_as_input(path):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(lock)
+                if holder is None:
+                    continue  # released meanwhile
+                if holder and holder.get("host") != _host():
+                    raise InputError(
+                        f"{path} is being written by process {holder['pid']} on {holder.get('host')} (lock {lock}): "
+                        "wait for it to finish, or delete the lock file if that process is gone"
+                    ) from None
+                if holder and _alive(holder["pid"], holder.get("start")):
+                    raise InputError(
+                        f"{path} is being written by process {holder['pid']} (lock {lock}): "
+                        "wait for it to finish or choose another output"
+                    ) from None
+                # a dead writer's (or an unreadable) lock: take it over
+                stale = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:6]}")
+                try:
+                    os.replace(lock, stale)
+                    stale.unlink(missing_ok=True)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(record)
+            break
+        else:
+            raise InputError(f"{path} is being locked and unlocked by other writers (lock {lock}): retry, or choose another output")
+    _HELD[lock] = 1
+    try:
+        yield lock
+    finally:
+        del _HELD[lock]
+        if _read_lock(lock) == json.loads(record):
+            lock.unlink(missing_ok=True)
+
+
+def holds_output(param: str, *, inputs: tuple[str, ...] = ()) -> Callable:
+    """Decorator: hold :func:`output_lock` on the output named by parameter ``param`` for the whole call.
+
+    ``inputs`` name the parameters holding the call's input paths (paths or
+    lists of paths); they are checked against the output before the lock file
+    is made. The wrapped function does its own :func:`claim`.
+    """
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = bound.arguments[param]
+            with output_lock(out, inputs=[bound.arguments.get(name) for name in inputs]):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
