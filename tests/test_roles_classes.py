@@ -303,3 +303,26 @@ def test_malformed_config_is_one_line_and_exit_2(tmp_path, checkpoint, case, cap
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert key in err and "config" in err
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_unknown_names_ask_for_roles_and_train_with_them_from_the_cli(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    size = 64
+    label = (np.arange(size)[:, None] * 2 // size).astype(np.uint8).repeat(size, axis=1)
+    ds = xr.Dataset(
+        {
+            "vv": (("vv_band", "y", "x"), rng.normal(size=(2, size, size)).astype("float32")),
+            "bands": (("bands_band", "y", "x"), rng.normal(size=(3, size, size)).astype("float32")),
+            "valid": (("y", "x"), np.ones((size, size), bool)),
+            "label": (("y", "x"), label),
+        },
+        coords={"x": 10.0 * np.arange(size) + 5, "y": 1000.0 - 10.0 * np.arange(size)},
+    ).rio.write_crs("EPSG:32632")
+    store = write_scene(ds, tmp_path / "s.zarr", chunk=32, shard=None)
+    base = ["train", "--model", "s2fin", "--store", str(store), "--steps", "2", "--batch-size", "4", "--pixels-per-class", "2",
+            "--allow-fewer", "--workers", "0", "--val-fraction", "0", "--quiet", "--hparam", "patch_size=5", "--hparam", "dim=16"]
+    assert main(base + ["--out", str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "roles=" in err and "'vv'" in err and "'bands'" in err
+    assert main(base + ["--out", str(tmp_path / "r2"), "--hparam", 'roles={"optical": "bands", "active": "vv"}']) == 0
+    assert read_config(tmp_path / "r2").roles == {"optical": "bands", "active": "vv"}
