@@ -62,7 +62,8 @@ def evaluate(
         raise InputError(f"{prediction} has CRS {predicted.rio.crs}, {labels} has {scene.rio.crs}: evaluate a prediction of that scene")
     # the scene's ids may be a subset of the model's classes: one list covering both, real names agreeing
     class_names = merge_class_names(
-        [(str(prediction), [str(n) for n in predicted["labels"].attrs.get("class_names") or []]), (str(labels), store_class_names(scene))]
+        [(str(prediction), [str(n) for n in predicted["labels"].attrs.get("class_names") or []]), (str(labels), store_class_names(scene))],
+        fix="evaluate against labels of the classes the model was trained on",
     )
     confusion = ConfusionMatrix(len(class_names) or IGNORE)
     in_subset = _subset_mask(split, subset, labels, shape) if split is not None else None

@@ -315,3 +315,19 @@ def _mm_names(state):
             new = f"norm{i}.{leaf}"
         renamed[new] = value
     return renamed
+
+
+@pytest.mark.parametrize("names", [("optical", "sar"), ("s2", "s1"), ("hsi", "lidar"), ("rgb", "x"), ("x", "dsm")])
+def test_branches_follow_the_names_not_the_order(names):
+    """Either dict order builds the same branches; the same weights give the same outputs."""
+    optical, active = names
+    forward_order = build_model("pad", {optical: 3, active: 1}, 3).eval()
+    reverse_order = build_model("pad", {active: 1, optical: 3}, 3).eval()
+    assert (forward_order.optical, forward_order.sar) == (reverse_order.optical, reverse_order.sar) == (optical, active)
+    reverse_order.load_state_dict(forward_order.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = {optical: torch.randn(2, 3, 32, 32, generator=g), active: torch.randn(2, 1, 32, 32, generator=g)}
+    with torch.no_grad():
+        assert torch.equal(forward_order(x), reverse_order(x))
+    with pytest.raises(InputError, match="roles="):
+        build_model("pad", {"first": 3, "second": 1}, 3)

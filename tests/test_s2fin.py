@@ -164,3 +164,20 @@ def test_bad_configurations_and_inputs_raise_input_error():
         model(_tile(1, (10, 30)))
     with pytest.raises(InputError, match="shape"):
         model({"optical": torch.randn(1, 11, 11, 11), "sar": torch.randn(1, 2, 11, 11)})
+
+
+@pytest.mark.parametrize("names", [("optical", "sar"), ("msi", "chm"), ("hsi", "lidar")])
+def test_streams_follow_the_names_not_the_order(names):
+    """Either dict order builds the same streams; the same weights give the same outputs."""
+    optical, active = names
+    small = dict(patch_size=5, dim=16, spectral_tokens=8, heads=2, topk=4)
+    forward_order = build_model("s2fin", {optical: 6, active: 2}, 3, **small).eval()
+    reverse_order = build_model("s2fin", {active: 2, optical: 6}, 3, **small).eval()
+    assert forward_order.spec.roles == reverse_order.spec.roles == {"optical": optical, "active": active}
+    reverse_order.load_state_dict(forward_order.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = {optical: torch.randn(2, 6, 9, 9, generator=g), active: torch.randn(2, 2, 9, 9, generator=g)}
+    with torch.no_grad():
+        assert torch.equal(forward_order(x), reverse_order(x))
+    explicit = build_model("s2fin", {"a": 2, "b": 6}, 3, roles={"optical": "b", "active": "a"}, **small)
+    assert (explicit.optical, explicit.active) == ("b", "a")

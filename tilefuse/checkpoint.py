@@ -68,7 +68,7 @@ class ModelConfig:
         except InputError:
             raise
         except (TypeError, ValueError) as error:
-            raise InputError(f"hyperparameters {self.hparams} do not build model {self.model!r} ({error}): fix them or retrain") from None
+            raise InputError(f"hparams {self.hparams} do not build model {self.model!r} ({error}): fix them or retrain") from None
         if isinstance(self.roles, dict) and dict(model.spec.roles) != self.roles:
             raise InputError(
                 f"model {self.model!r} gives its inputs the roles {dict(model.spec.roles)}, the weights were built with "

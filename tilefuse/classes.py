@@ -45,11 +45,13 @@ def store_class_names(ds) -> list[str]:
     return names + [default_class_name(k) for k in range(len(names), highest + 1)]
 
 
-def merge_class_names(lists: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+def merge_class_names(
+    lists: Sequence[tuple[str, Sequence[str]]], fix: str = "ingest these stores with the same --class-names"
+) -> list[str]:
     """One class list for ``(source, class list)`` pairs that agree (module docstring); InputError on a conflict.
 
     The result covers the longest list; each id takes the real name any list gives
-    it, else its default.
+    it, else its default. ``fix`` ends the error message.
     """
     merged: list[str] = []
     named: dict[int, tuple[str, str]] = {}  # id -> (real name, first source naming it)
@@ -67,5 +69,5 @@ def merge_class_names(lists: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
                 conflicts.append(f"class {k} is {named[k][0]!r} in {named[k][1]} but {name!r} in {source}")
     if conflicts:
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-        raise InputError(f"class lists conflict: {conflicts[0]}{more}: ingest these stores with the same --class-names")
+        raise InputError(f"class lists conflict: {conflicts[0]}{more}: {fix}")
     return merged
