@@ -140,7 +140,7 @@ def _checked_config(data: Any, source: str) -> dict[str, Any]:
             for name, value in stats.items()
         ):
             raise bad("band_stats", 'an object of modality -> {"mean": [...], "std": [...]}, one number per band')
-        args["band_stats"] = {name: {"mean": list(v["mean"]), "std": list(v["std"])} for name, v in stats.items()}
+        args["band_stats"] = {name: dict(value) for name, value in stats.items()}
     if "roles" not in data:
         args["roles"] = sorted(modalities)  # written before roles were recorded: by position, over the sorted names
     elif data["roles"] is not None:
