@@ -356,6 +356,12 @@ def claim(
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     target = check_inputs(path, inputs, what=what)
+    ancestor = next(p for p in target.parents if os.path.lexists(p))  # the root always exists
+    if not ancestor.is_dir():
+        raise InputError(f"{what} {path} cannot be created: {ancestor} is a file, not a folder; choose another output path")
+    if not os.access(ancestor, os.W_OK):  # a read-only filesystem or no permission: say so before any work
+        reason = "read-only file system" if os.statvfs(ancestor).f_flag & os.ST_RDONLY else "permission denied"
+        raise InputError(f"cannot write {path}: {reason} ({ancestor}): choose another output (a writable folder)")
     exists = os.path.lexists(target) and not (KINDS[kind] == "folder" and _empty_dir(target))
     if exists:
         found = found_kind(target)
@@ -376,15 +382,46 @@ def os_error_message(path: str | os.PathLike, error: OSError) -> str:
     return f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space)"
 
 
+_STORAGE_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
+
+
+def filesystem_reason(error: BaseException) -> str | None:
+    """Why ``error`` is the filesystem refusing a write, or None.
+
+    An ``OSError`` with one of :data:`WRITE_ERRNOS` anywhere in the exception
+    chain, or a library error (GDAL, codecs) whose message carries the text of
+    a full disk, a quota or a read-only filesystem.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            return error.strerror or os.strerror(error.errno)
+        text = str(error)
+        for code in _STORAGE_ERRNOS:
+            if os.strerror(code).lower() in text.lower():
+                return os.strerror(code)
+        error = error.__cause__ or error.__context__
+    return None
+
+
 @contextlib.contextmanager
 def os_errors_as_input(path: str | os.PathLike) -> Iterator[None]:
-    """Turn filesystem ``OSError``s (see :data:`WRITE_ERRNOS`) inside the block into one :class:`InputError` line."""
+    """Turn the filesystem refusing a write inside the block (:func:`filesystem_reason`) into one :class:`InputError` line."""
     try:
         yield
-    except OSError as error:
-        if error.errno in WRITE_ERRNOS:
-            raise InputError(os_error_message(path, error)) from None
+    except InputError:
         raise
+    except Exception as error:
+        reason = filesystem_reason(error)
+        if reason is None:
+            target = real_path(path).parent
+            with contextlib.suppress(OSError):  # GDAL says only "write failed": a full disk is the usual cause
+                if "rasterio" in type(error).__module__ and shutil.disk_usage(target).free < 1 << 20:
+                    reason = os.strerror(errno.ENOSPC)
+        if reason is None:
+            raise
+        raise InputError(f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space)") from None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,419 @@
+"""The guarded writer (tilefuse.outputs) through every command: inputs never touched, overwrite only of
+tilefuse's own output of the same kind, one writer per output, stale temporaries, broken filesystems."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tilefuse import outputs
+from tilefuse.cli import main
+from tilefuse.errors import InputError
+from tilefuse.outputs import found_kind, output_lock, temporary_sibling
+
+TESTS = Path(__file__).resolve().parent
+
+
+def cli(args, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def one_error(err: str) -> bool:
+    """stderr ends with the one error line, and no other line is an error (progress bars may precede it)."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
+    return bool(lines) and lines[-1].startswith("tilefuse: error: ") and len(errors) == 1
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (hidden ones included) with a hash of its bytes ("dir" for folders)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            out[rel] = "link" if os.path.islink(path) else hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return out
+
+
+TRAIN = ["--model", "test-pointwise", "--steps", "1", "--batch-size", "2", "--patch-size", "32", "--workers", "0",
+         "--val-fraction", "0", "--quiet"]  # fmt: skip
+PREDICT = ["--tile", "32", "--overlap", "8", "--block-size", "64", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One output of every kind, each made by its command: GeoTIFFs, a scene, a run, a prediction, PNG, COG, JSON."""
+    import predict_fixtures  # noqa: F401  (registers test-pointwise)
+
+    root = tmp_path_factory.mktemp("world")
+    w = {name: root / name for name in ("g", "s.zarr", "i.zarr", "run", "pred.zarr", "q.png", "pred.tif", "m.json")}
+    assert main(["synth", str(w["s.zarr"]), "--size", "96", "--geotiff", str(w["g"])]) == 0
+    assert main(["ingest", str(w["i.zarr"]), "-m", f"sar={w['g']}/sar.tif", "--labels", f"{w['g']}/label.tif"]) == 0
+    assert main(["train", *TRAIN, "--store", str(w["s.zarr"]), "--out", str(w["run"])]) == 0
+    args = ["predict", "--checkpoint", w["run"], "--store", w["s.zarr"], "--out", w["pred.zarr"], *PREDICT]
+    assert main([str(a) for a in args]) == 0
+    assert main(["info", str(w["s.zarr"]), "--quicklook", str(w["q.png"])]) == 0
+    assert main(["export", str(w["pred.zarr"]), str(w["pred.tif"])]) == 0
+    assert main(["evaluate", str(w["pred.zarr"]), "--labels", str(w["s.zarr"]), "--out", str(w["m.json"])]) == 0
+    return root, w
+
+
+def test_every_output_carries_the_marker_of_its_kind(world):
+    root, w = world
+    kinds = {"g": "geotiff-folder", "s.zarr": "scene", "i.zarr": "scene", "run": "run", "pred.zarr": "prediction",
+             "q.png": "png", "pred.tif": "geotiff", "m.json": "json"}  # fmt: skip
+    assert {name: found_kind(path) for name, path in w.items()} == kinds
+    # inner files of our outputs and look-alikes are not outputs
+    assert found_kind(w["g"] / "sar.tif") == "geotiff"  # each GeoTIFF is tagged too
+    assert found_kind(w["run"] / "config.json") is None and found_kind(w["s.zarr"] / "sar") is None
+    assert found_kind(root / "missing") is None
+
+
+def _input_cases(w: dict[str, Path], root: Path, link: Path) -> dict[str, list]:
+    """Each output flag of each command pointed at one of that command's inputs (or around/inside it)."""
+    g, s, run, pred = w["g"], w["s.zarr"], w["run"], w["pred.zarr"]
+    ingest = ["-m", f"sar={g}/sar.tif", "--labels", f"{g}/label.tif", "--overwrite"]
+    predict = ["predict", "--checkpoint", run, "--store", s, *PREDICT, "--overwrite"]
+    return {
+        "ingest onto an input raster": ["ingest", g / "sar.tif", *ingest],
+        "ingest onto the folder holding the rasters": ["ingest", g, *ingest],
+        "ingest onto the folder, trailing slash": ["ingest", f"{g}/", *ingest],
+        "ingest onto the folder, via ..": ["ingest", g / ".." / "g", *ingest],
+        "ingest onto the folder, relative": ["ingest", "g", *ingest],
+        "ingest onto a parent of the inputs": ["ingest", root, *ingest],
+        "ingest inside the input folder's raster": ["ingest", g / "sar.tif" / "x.zarr", *ingest],
+        "info quicklook onto its store": ["info", s, "--quicklook", s],
+        "info quicklook inside its store": ["info", s, "--quicklook", s / "q.png"],
+        "info quicklook via a symlink to its store": ["info", s, "--quicklook", link],
+        "train onto its store": ["train", *TRAIN, "--store", s, "--out", s, "--overwrite"],
+        "train onto its store via a symlink": ["train", *TRAIN, "--store", s, "--out", link, "--overwrite"],
+        "train inside its store": ["train", *TRAIN, "--store", s, "--out", s / "run"],
+        "train around its store": ["train", *TRAIN, "--store", s, "--out", root, "--overwrite"],
+        "predict onto its store": [*predict, "--out", s],
+        "predict onto its store, relative": [*predict, "--out", "s.zarr"],
+        "predict onto its checkpoint": [*predict, "--out", run],
+        "predict inside its checkpoint": [*predict, "--out", run / "p.zarr"],
+        "predict quicklook onto its store": [*predict, "--out", root / "p2.zarr", "--quicklook", s],
+        "predict quicklook inside its own output": [*predict, "--out", root / "p3.zarr", "--quicklook", root / "p3.zarr" / "q.png"],
+        "evaluate json onto its prediction": ["evaluate", pred, "--labels", s, "--out", pred],
+        "evaluate json inside its labels": ["evaluate", pred, "--labels", s, "--out", s / "m.json"],
+        "export onto its prediction": ["export", pred, pred, "--overwrite"],
+        "export inside its prediction": ["export", pred, pred / "x.tif", "--overwrite"],
+        "synth geotiff folder inside its own store": ["synth", root / "n.zarr", "--size", "32", "--geotiff", root / "n.zarr"],
+    }
+
+
+CASES = sorted(_input_cases({k: Path(k) for k in ("g", "s.zarr", "run", "pred.zarr")}, Path("r"), Path("l")))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_output_pointed_at_an_input_is_refused_and_inputs_stay_byte_identical(case, world, capsys, monkeypatch):
+    root, w = world
+    link = root.parent / f"{root.name}-link"
+    if not link.is_symlink():
+        link.symlink_to(w["s.zarr"])
+    monkeypatch.chdir(root)
+    before = tree(root)
+    code, err = cli(_input_cases(w, root, link)[case], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("tilefuse: error: ") and "Traceback" not in err, err
+    assert tree(root) == before
+
+
+def test_overwrite_replaces_only_an_output_of_the_same_kind(world, tmp_path, capsys):
+    root, w = world
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    foreign = tmp_path / "foreign.bin"
+    foreign.write_bytes(b"mine")
+    foreign_json = tmp_path / "foreign.json"
+    foreign_json.write_text('{"mine": 1}')
+    scene = tmp_path / "scene.zarr"
+    shutil.copytree(w["i.zarr"], scene)
+    g, s, run, pred = w["g"], w["s.zarr"], w["run"], w["pred.zarr"]
+    ingest = ["-m", f"sar={g}/sar.tif", "--overwrite"]
+    predict = ["predict", "--checkpoint", run, "--store", s, *PREDICT, "--overwrite"]
+    refused = {
+        "ingest onto a folder": ["ingest", folder, *ingest],
+        "ingest onto a file": ["ingest", foreign, *ingest],
+        "synth --geotiff onto a foreign folder": ["synth", tmp_path / "x.zarr", "--size", "32", "--overwrite", "--geotiff", folder],
+        "synth --geotiff onto a file": ["synth", tmp_path / "y.zarr", "--size", "32", "--geotiff", foreign],
+        "train onto a scene store": ["train", *TRAIN, "--store", s, "--out", scene, "--overwrite"],
+        "train onto a folder": ["train", *TRAIN, "--store", s, "--out", folder, "--overwrite"],
+        "predict onto a scene store": [*predict, "--out", scene],
+        "predict onto a file": [*predict, "--out", foreign],
+        "predict quicklook onto a file": [*predict, "--out", tmp_path / "p.zarr", "--quicklook", foreign],
+        "info quicklook onto a file": ["info", s, "--quicklook", foreign],
+        "info quicklook onto a scene store": ["info", s, "--quicklook", scene],
+        "evaluate json onto a foreign json": ["evaluate", pred, "--labels", s, "--out", foreign_json],
+        "evaluate json onto a folder": ["evaluate", pred, "--labels", s, "--out", folder],
+        "export onto a scene store": ["export", pred, scene, "--overwrite"],
+        "export onto a file": ["export", pred, foreign, "--overwrite"],
+        "demo into a foreign folder": ["demo", folder, "--size", "64", "--steps", "1"],
+    }
+    before = tree(tmp_path)
+    for case, args in refused.items():
+        code, err = cli(args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (case, err)
+        assert tree(tmp_path) == before, case
+    # the same kind, written by tilefuse, is replaced
+    assert cli(["ingest", scene, *ingest], capsys)[0] == 0 and found_kind(scene) == "scene"
+    assert cli(["synth", tmp_path / "g2.zarr", "--size", "32", "--geotiff", tmp_path / "g2"], capsys)[0] == 0
+    assert cli(["synth", tmp_path / "g2.zarr", "--size", "32", "--geotiff", tmp_path / "g2", "--overwrite"], capsys)[0] == 0
+    assert cli([*predict, "--out", tmp_path / "p.zarr", "--quicklook", tmp_path / "p.png"], capsys)[0] == 0
+    assert cli([*predict, "--out", tmp_path / "p.zarr", "--quicklook", tmp_path / "p.png"], capsys)[0] == 0
+    assert cli(["export", tmp_path / "p.zarr", tmp_path / "p.tif"], capsys)[0] == 0
+    assert cli(["export", tmp_path / "p.zarr", tmp_path / "p.tif"], capsys)[0] == 2  # without --overwrite
+    assert cli(["export", tmp_path / "p.zarr", tmp_path / "p.tif", "--overwrite"], capsys)[0] == 0
+    for _ in range(2):
+        assert cli(["evaluate", tmp_path / "p.zarr", "--labels", s, "--out", tmp_path / "m.json"], capsys)[0] == 0
+        assert cli(["info", s, "--quicklook", tmp_path / "q.png"], capsys)[0] == 0
+    assert json.loads((tmp_path / "m.json").read_text())["overall_accuracy"] >= 0
+    assert cli(["train", *TRAIN, "--store", s, "--out", tmp_path / "run"], capsys)[0] == 0
+    assert cli(["train", *TRAIN, "--store", s, "--out", tmp_path / "run", "--overwrite"], capsys)[0] == 0
+    assert not [p for p in tmp_path.iterdir() if outputs.is_temporary(p) or p.name.endswith(".lock")]
+
+
+def test_evaluate_out_creates_missing_folders_and_synth_geotiff_onto_a_file_is_refused(world, tmp_path, capsys):
+    _, w = world
+    out = tmp_path / "missing" / "dir" / "m.json"
+    assert cli(["evaluate", w["pred.zarr"], "--labels", w["s.zarr"], "--out", out], capsys)[0] == 0
+    assert found_kind(out) == "json"
+    (tmp_path / "file").write_text("x")
+    code, err = cli(["evaluate", w["pred.zarr"], "--labels", w["s.zarr"], "--out", tmp_path / "file" / "m.json"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    code, err = cli(["synth", tmp_path / "s.zarr", "--size", "32", "--geotiff", tmp_path / "file"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and (tmp_path / "file").read_text() == "x", err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------------- locks
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """A process holding the lock of output ``path`` until it is killed."""
+    code = "import sys, time; from tilefuse.outputs import output_lock\nwith output_lock(sys.argv[1]):\n print('held', flush=True); time.sleep(600)"
+    process = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(world, tmp_path, capsys):
+    _, w = world
+    out = tmp_path / "labels.tif"
+    holder = _hold_lock(out)
+    try:
+        code, err = cli(["export", w["pred.zarr"], out], capsys)
+        assert code == 2 and f"process {holder.pid}" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert outputs.lock_path(out).exists(), "a killed writer leaves its lock"
+    assert cli(["export", w["pred.zarr"], out], capsys)[0] == 0, "a dead writer's lock is taken over"
+    assert not outputs.lock_path(out).exists()
+    # a lock naming this very pid but another start time (the pid was reused) is stale too
+    outputs.lock_path(out).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": 1.0}))
+    assert cli(["export", w["pred.zarr"], out, "--overwrite"], capsys)[0] == 0
+    # an unreadable lock is taken over; a live holder on another host is refused
+    outputs.lock_path(out).write_text("garbage")
+    with output_lock(out):
+        pass
+    outputs.lock_path(out).write_text(json.dumps({"pid": 1, "host": "elsewhere", "start": 1.0}))
+    with pytest.raises(InputError, match="process 1 on elsewhere"):
+        with output_lock(out):
+            pass
+    outputs.lock_path(out).unlink()
+
+
+@pytest.mark.parametrize("command", ["train", "ingest"])
+def test_a_writer_holds_its_lock_for_the_whole_run(command, world, tmp_path, capsys, monkeypatch):
+    """While train / ingest run, their output's lock exists and names this process; afterwards it is gone."""
+    _, w = world
+    out = tmp_path / "out"
+    seen = []
+    if command == "train":
+        import tilefuse.training
+
+        real = tilefuse.training.fit
+
+        def spy(*args, **kwargs):
+            seen.append(json.loads(outputs.lock_path(out).read_text())["pid"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tilefuse.training, "fit", spy)
+        args = ["train", *TRAIN, "--store", w["s.zarr"], "--out", out]
+    else:
+        import dask
+
+        real = dask.compute
+
+        def spy(*args, **kwargs):
+            if outputs.lock_path(out).exists():
+                seen.append(json.loads(outputs.lock_path(out).read_text())["pid"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(dask, "compute", spy)
+        args = ["ingest", out, "-m", f"sar={w['g']}/sar.tif"]
+    assert cli(args, capsys)[0] == 0
+    assert seen and set(seen) == {os.getpid()}
+    assert not outputs.lock_path(out).exists()
+
+
+@pytest.mark.slow
+def test_two_concurrent_predicts_on_one_output(tmp_path, capsys):
+    """A second predict while the first runs is refused; once the first is killed, a third takes over."""
+    from predict_fixtures import save_pointwise, write_test_scene
+
+    scene = write_test_scene(tmp_path / "scene.zarr", 128, 128, seed=1)
+    slow = save_pointwise(tmp_path / "slow", delay=0.5)
+    other = save_pointwise(tmp_path / "other", seed=3)
+    out = tmp_path / "pred.zarr"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import predict_fixtures, tilefuse\n"
+        "tilefuse.predict(sys.argv[2], sys.argv[3], sys.argv[4], tile=32, overlap=8, block_size=64, batch_size=2, progress=False)"
+    )
+    first = subprocess.Popen([sys.executable, "-c", code, str(TESTS), str(slow), str(scene), str(out)])
+    try:
+        deadline = time.time() + 120
+        while not (out.exists() and outputs.lock_path(out).exists()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert out.exists(), "the first predict did not start"
+        args = ["predict", "--checkpoint", other, "--store", scene, "--out", out, *PREDICT, "--overwrite"]
+        code_, err = cli(args, capsys)
+        assert code_ == 2 and f"process {first.pid}" in err, err
+        assert cli(["predict", "--checkpoint", slow, "--store", scene, "--out", out, *PREDICT, "--resume"], capsys)[0] == 2
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert cli(args, capsys)[0] == 0, "the dead predict's lock is taken over"
+    from tilefuse.prediction import prediction_attrs
+
+    assert prediction_attrs(out)["complete"] is True
+
+
+# ------------------------------------------------------------------- temporaries
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_temporaries_are_cleaned_and_never_opened(world, tmp_path, capsys):
+    _, w = world
+    out = tmp_path / "s.zarr"
+    mine = temporary_sibling(out)
+    dead = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))
+    other_host = mine.with_name(mine.name.replace(mine.name.split(".tmp-")[1][:6], "ffffff" if "ffffff" not in mine.name else "eeeeee"))
+    for tmp in (mine, dead, other_host):
+        shutil.copytree(w["s.zarr"], tmp)  # looks like a whole store
+    with pytest.raises(InputError, match="temporary"):
+        from tilefuse.scene import open_scene
+
+        open_scene(dead)
+    assert cli(["ingest", out, "-m", f"sar={w['g']}/sar.tif"], capsys)[0] == 0
+    assert not dead.exists(), "a dead run's temporary is removed"
+    assert mine.exists() and other_host.exists(), "a live run's (or another host's) temporary is kept"
+    # a kill between moving the old output aside and renaming the new one: the old one comes back
+    aside = dead.with_name(dead.name.replace(".tmp-", ".old-"))
+    os.replace(out, aside)
+    assert outputs.clean_stale(out) == [] and found_kind(out) == "scene" and not aside.exists()
+
+
+# --------------------------------------------------------------- broken filesystems
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 512 KiB tmpfs (root only), unmounted afterwards."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _outputs_look_complete(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if found_kind(p) is not None or not p.name.startswith(".")]
+
+
+def test_read_only_filesystem_is_one_line(small_tmpfs, world, capsys):
+    _, w = world
+    if subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)]).returncode != 0:
+        pytest.skip("cannot remount the tmpfs read-only")
+    commands = [
+        ["synth", small_tmpfs / "s.zarr", "--size", "32"],
+        ["ingest", small_tmpfs / "i.zarr", "-m", f"sar={w['g']}/sar.tif"],
+        ["info", w["s.zarr"], "--quicklook", small_tmpfs / "q.png"],
+        ["train", *TRAIN, "--store", w["s.zarr"], "--out", small_tmpfs / "run"],
+        ["predict", "--checkpoint", w["run"], "--store", w["s.zarr"], "--out", small_tmpfs / "p.zarr", *PREDICT],
+        ["evaluate", w["pred.zarr"], "--labels", w["s.zarr"], "--out", small_tmpfs / "m.json"],
+        ["export", w["pred.zarr"], small_tmpfs / "p.tif"],
+        ["synth", small_tmpfs.parent / "ok.zarr", "--size", "32", "--geotiff", small_tmpfs / "g"],
+    ]
+    for args in commands:
+        code, err = cli(args, capsys)
+        assert code == 2 and one_error(err), (args, err)
+        assert "cannot write" in err and "read-only" in err.lower(), err
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_full_filesystem_is_one_line_and_leaves_nothing_complete(small_tmpfs, capsys):
+    g = small_tmpfs.parent / "g"
+    assert main(["synth", str(small_tmpfs.parent / "g.zarr"), "--size", "256", "--geotiff", str(g)]) == 0
+    (small_tmpfs / "filler").write_bytes(os.urandom(200 << 10))
+    commands = [
+        ["synth", small_tmpfs / "s.zarr", "--size", "256"],  # refused by the free-space estimate or by ENOSPC
+        ["ingest", small_tmpfs / "i.zarr", "-m", f"sar={g}/sar.tif", "-m", f"optical={g}/optical.tif"],
+        ["ingest", small_tmpfs / "i.zarr", "-m", f"sar={g}/sar.tif", "-m", f"optical={g}/optical.tif", "--allow-large"],
+        ["synth", small_tmpfs.parent / "ok.zarr", "--size", "256", "--geotiff", small_tmpfs / "g"],
+    ]
+    for args in commands:
+        code, err = cli(args, capsys)
+        assert code == 2 and one_error(err), (args, err)
+        assert " free" in err or "No space left" in err, err
+        assert _outputs_look_complete(small_tmpfs) == ["filler"], list(small_tmpfs.iterdir())
+    assert not [p for p in small_tmpfs.iterdir() if p.name.startswith(".")], "temporaries left"
+
+
+def test_os_errors_that_escape_a_command_are_one_line(monkeypatch, capsys):
+    import tilefuse.pipelines.info
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", "/somewhere/out.png")
+
+    monkeypatch.setattr(tilefuse.pipelines.info, "info", fail)
+    code, err = cli(["info", "x.zarr"], capsys)
+    assert code == 2 and err.strip() == (
+        "tilefuse: error: cannot write /somewhere/out.png: Read-only file system: "
+        "choose another output (a writable folder with enough free space) or fix its permissions"
+    )
+
+    def bug(*args, **kwargs):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(tilefuse.pipelines.info, "info", bug)
+    with pytest.raises(OSError):
+        main(["info", "x.zarr"])
