@@ -71,8 +71,8 @@ class ModelConfig:
             raise InputError(f"hparams {self.hparams} do not build model {self.model!r} ({error}): fix them or retrain") from None
         if isinstance(self.roles, dict) and dict(model.spec.roles) != self.roles:
             raise InputError(
-                f"model {self.model!r} gives its inputs the roles {dict(model.spec.roles)}, the weights were built with "
-                f"{self.roles}: load it with a version of the model that accepts roles="
+                f"model {self.model!r} gives its inputs the roles {dict(model.spec.roles)} but the weights were built with "
+                f"{self.roles}: register a version of the model that accepts roles=, or retrain"
             )
         return model
 
