@@ -333,3 +333,23 @@ def test_unknown_names_ask_for_roles_and_train_with_them_from_the_cli(tmp_path, 
     assert len(err.splitlines()) == 1 and "roles=" in err and "'vv'" in err and "'bands'" in err
     assert main(base + ["--out", str(tmp_path / "r2"), "--hparam", 'roles={"optical": "bands", "active": "vv"}']) == 0
     assert read_config(tmp_path / "r2").roles == {"optical": "bands", "active": "vv"}
+
+
+def test_a_model_that_ignores_the_recorded_roles_is_refused(tmp_path):
+    from tilefuse.tile_model import TileModel, TileModelSpec, register_model
+
+    class FixedRoles(TileModel):
+        def __init__(self, modalities, num_classes):
+            super().__init__()
+            names = list(modalities)
+            self.spec = TileModelSpec(dict(modalities), num_classes, roles={OPTICAL: names[0], ACTIVE: names[1]})
+            self.head = torch.nn.Conv2d(sum(modalities.values()), num_classes, 1)
+
+    register_model("test-fixed-roles")(FixedRoles)
+    net = build_model("test-fixed-roles", {"a": 1, "b": 1}, 2)
+    path = save_checkpoint(net, ModelConfig("test-fixed-roles", {"a": 1, "b": 1}, 2), tmp_path / "ckpt")
+    assert load_checkpoint(path)[0].spec.roles == {OPTICAL: "a", ACTIVE: "b"}
+    stored = json.loads((path / CONFIG).read_text())
+    (path / CONFIG).write_text(json.dumps({**stored, "roles": {OPTICAL: "b", ACTIVE: "a"}}))
+    with pytest.raises(InputError, match="weights were built with"):
+        load_checkpoint(path)
