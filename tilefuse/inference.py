@@ -34,11 +34,12 @@ import torch
 import zarr
 from numcodecs import Blosc
 
+from tilefuse import storage
 from tilefuse.blending import tile_weights
 from tilefuse.errors import InputError
 from tilefuse.grid import Block, InputWindow, TileGrid
 from tilefuse.prediction import write_block
-from tilefuse.scene import IGNORE, iter_chunk_slices, normalise
+from tilefuse.scene import IGNORE, normalise
 from tilefuse.tile_model import TileModel
 
 FIXED_POINT = 2.0**40
@@ -172,28 +173,22 @@ class TileRunner:
 
 
 def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -> np.ndarray:
-    """Read ``region`` of array ``name``; a missing array or an unreadable chunk is an InputError naming it."""
+    """Read ``region`` of array ``name`` of a group from :func:`tilefuse.storage.open_group`.
+
+    A missing array is an InputError naming it; a missing or damaged chunk
+    already is one, naming the chunk (the verified store checks it before any
+    codec runs); a codec failure in a store written without checksums becomes one.
+    """
     try:
         array = group[name]
     except KeyError:
         raise InputError(f"{where} has no array {name!r}: the store is incomplete, re-ingest it") from None
     try:
         return array[region]
-    except Exception as error:  # codecs raise many types for corrupt data
-        unit = tuple(array.shards or array.chunks)
-        wanted = [range(*r.indices(n)) for r, n in zip(region, array.shape)]
-        for chunk_region in iter_chunk_slices(array.shape, unit):
-            if not all(w.start < c.stop and c.start < w.stop for w, c in zip(wanted, chunk_region)):
-                continue
-            try:
-                array[chunk_region]
-            except Exception:
-                index = tuple(c.start // u for c, u in zip(chunk_region, unit))
-                raise InputError(
-                    f"{where}: chunk {index} of {name!r} is unreadable ({type(error).__name__}): "
-                    "the store is corrupt, re-ingest it"
-                ) from None
-        raise InputError(f"{where}: reading {name!r} failed ({type(error).__name__}: {error})") from None
+    except InputError:
+        raise
+    except Exception as error:  # codecs raise many types for corrupt data (stores without checksums)
+        raise InputError(f"{where}: reading {name!r} failed ({type(error).__name__}: {error}): the store is corrupt, re-ingest it") from None
 
 
 def _tile_inputs(job: BlockJob, group: zarr.Group, window: InputWindow) -> dict[str, np.ndarray]:
@@ -224,7 +219,7 @@ def compute_block(job: BlockJob, block: Block, runner: TileRunner) -> BlockSums:
     window = grid.input_window(block)
     if window is None:
         return BlockSums(None, None, None, None)
-    group = zarr.open_group(job.scene, mode="r")
+    group = storage.open_group(job.scene)
     own_rows, own_cols = grid.block_region(block)
     ext_rows, ext_cols = grid.block_extent(block)
     r0, c0 = ext_rows.start, ext_cols.start
@@ -321,7 +316,7 @@ def finish_block(
     """
     rows, cols = job.grid.block_region(block)
     shape = (job.num_classes, rows.stop - rows.start, cols.stop - cols.start)
-    valid = _read(zarr.open_group(job.scene, mode="r"), "valid", (rows, cols), job.scene)
+    valid = _read(storage.open_group(job.scene), "valid", (rows, cols), job.scene)
     pieces = [own, *(None if strip is None else strip.unpack() for strip in (up, left, up_left))]
     labels = np.empty(shape[1:], np.uint8)
     probs = None if job.probs is None else np.empty(shape, job.probs)

@@ -34,7 +34,8 @@ import zarr
 
 from tilefuse.errors import InputError
 from tilefuse.grid import Block, TileGrid
-from tilefuse.scene import CHUNK, IGNORE, STORE_KIND, compressor, open_store
+from tilefuse import storage
+from tilefuse.scene import CHUNK, IGNORE, REPAIR, STORE_KIND, open_store
 
 MANIFEST = "block_done"
 PROBS_DTYPES = ("uint8", "float16", "float32")
@@ -55,7 +56,7 @@ def _encoding(shape: tuple[int, ...], block: int, fill: Any) -> dict:
     chunk = store_chunk(block)
     spatial = shape[-2:]
     lead = (1,) * (len(shape) - 2)
-    enc: dict = {"chunks": (*lead, chunk, chunk), "compressors": [compressor()], "fill_value": fill}
+    enc: dict = {"chunks": (*lead, chunk, chunk), "compressors": storage.compressors(), "fill_value": fill}
     if block > chunk:
         edges = tuple(min(block, -(-n // chunk) * chunk) for n in spatial)
         enc["shards"] = (*shape[:-2], *edges)
@@ -116,6 +117,7 @@ def create_prediction(
     ds.attrs.update(
         {
             STORE_KIND: "prediction",
+            storage.FORMAT_ATTR: storage.FORMAT,  # labels/probs chunks are written (checksummed) for done blocks
             "tilefuse_version": __version__,
             "tile": grid.tile,
             "overlap": grid.overlap,
@@ -135,7 +137,8 @@ def create_prediction(
     size = height * width // 64 + (num_classes * height * width // 64 if probs else 0)  # labels and probs compress well
     with create(path, "prediction", inputs=inputs, overwrite=overwrite, size=size, lock=True) as tmp:
         # compute=False writes metadata and coordinates only; unwritten chunks read as the fill value
-        ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=encoding, compute=False, consolidated=False)
+        ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=storage.with_checksums(ds, encoding), compute=False, consolidated=False)
+        storage.consolidate(tmp)
     return path
 
 
@@ -164,14 +167,62 @@ def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
             )
 
 
+OUTPUTS = ("labels", "probs")
+"""The arrays written block by block (one key per block: see :func:`store_chunk`)."""
+
+
+def _written(done: np.ndarray) -> dict[str, list[tuple[int, int]]]:
+    """What a prediction with manifest ``done`` promises: the keys of done blocks (the manifest's own keys are optional)."""
+    blocks = [tuple(int(i) for i in ij) for ij in np.argwhere(done)]
+    return {"labels": blocks, "probs": blocks, MANIFEST: []}
+
+
 def done_blocks(path: str | os.PathLike) -> np.ndarray:
-    """The completion manifest: a (block rows, block cols) bool array, True where a block is written."""
-    return zarr.open_group(path, mode="r")[MANIFEST][...].astype(bool)
+    """The completion manifest: a (block rows, block cols) bool array, True where a block is marked written."""
+    group = storage.open_group(path, written={MANIFEST: []}, fix=REPAIR["prediction"])
+    return group[MANIFEST][...].astype(bool)
+
+
+def damaged_blocks(path: str | os.PathLike, done: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Blocks marked done whose ``labels``/``probs`` keys are missing, truncated or fail their checksum.
+
+    Reads each done block's stored bytes once, without decoding. Stores written
+    before checksummed storage (no :data:`tilefuse.storage.FORMAT_ATTR`) report none.
+    """
+    path = Path(path)
+    done = done_blocks(path) if done is None else done
+    group = zarr.open_group(path, mode="r")
+    if group.attrs.get(storage.FORMAT_ATTR) != storage.FORMAT:
+        return []
+    checks = storage.checks_for(group, _written(done))
+    damaged = []
+    for row, col in np.argwhere(done):
+        for name in OUTPUTS:
+            check = checks.get(name)
+            if check is None:
+                continue
+            lead = np.ndindex(*(-(-n // u) for n, u in zip(check.shape[:-2], check.unit[:-2])))
+            if any(storage.key_problem(path, check, (*index, int(row), int(col))) for index in lead):
+                damaged.append((int(row), int(col)))
+                break
+    return damaged
 
 
 def pending_blocks(path: str | os.PathLike, grid: TileGrid) -> list[Block]:
-    """Blocks not yet marked done, in row-major order."""
+    """Blocks to (re)compute, in row-major order: those not marked done, and done ones whose data is damaged.
+
+    A damaged block is first unmarked (and the store marked incomplete), so the
+    store never claims a block it does not hold.
+    """
     done = done_blocks(path)
+    damaged = damaged_blocks(path, done)
+    if damaged:
+        group = zarr.open_group(path, mode="r+")
+        for row, col in damaged:
+            group[MANIFEST][row, col] = 0
+            done[row, col] = False
+        group.attrs["complete"] = False
+        storage.consolidate(path)
     return [block for block in grid.blocks() if not done[block]]
 
 
@@ -182,19 +233,23 @@ def write_block(
     labels: np.ndarray,
     probs: np.ndarray | None = None,
 ) -> None:
-    """Write one block's labels (and probs) as whole chunks, then mark the block done."""
-    group = zarr.open_group(path, mode="r+")
-    group["labels"][region] = labels
+    """Write one block's labels (and probs) as whole chunks (fill-valued ones too), then mark the block done."""
+
+    def array(name: str) -> zarr.Array:
+        return zarr.open_array(path, path=name, mode="r+", zarr_format=3, config=storage.WRITE_EMPTY)
+
+    array("labels")[region] = labels
     if probs is not None:
-        group["probs"][(slice(None), *region)] = probs
-    group[MANIFEST][block.row, block.col] = 1
+        array("probs")[(slice(None), *region)] = probs
+    array(MANIFEST)[block.row, block.col] = 1
 
 
 def mark_complete(path: str | os.PathLike) -> None:
-    """Set ``complete`` once every block is marked done (the last write of a run)."""
+    """Set ``complete`` once every block is marked done (the last write of a run), and consolidate the metadata."""
     if not done_blocks(path).all():
         raise RuntimeError(f"{path}: not every block is done")
     zarr.open_group(path, mode="r+").attrs["complete"] = True
+    storage.consolidate(path)
 
 
 def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.Dataset:
@@ -202,8 +257,9 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
 
     A partial store (a run that stopped before every block was written) is
     refused unless ``allow_partial``, which only warns; unwritten blocks read as 255.
+    Reads are verified: a missing or damaged chunk of a written block raises InputError.
     """
-    ds = open_store(path, "prediction")
+    ds = open_store(path, "prediction")  # a complete store promises every chunk
     if not ds.attrs.get("complete", False):
         done = done_blocks(path)
         message = (
@@ -213,4 +269,5 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
         if not allow_partial:
             raise InputError(message)
         warnings.warn(message, stacklevel=2)
+        ds = open_store(path, "prediction", written=_written(done))  # only done blocks are promised
     return ds.drop_vars(MANIFEST)

@@ -70,10 +70,11 @@ class SceneReader:
 
     @property
     def group(self):
+        """The store's zarr group, read through :func:`tilefuse.storage.open_group` (damaged chunks raise InputError)."""
         if self._group is None:
-            import zarr
+            from tilefuse.storage import open_group
 
-            self._group = zarr.open_group(self.path, mode="r")
+            self._group = open_group(self.path)
         return self._group
 
     @property

@@ -27,9 +27,9 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec
 
 from tilefuse.errors import InputError
+from tilefuse.storage import FORMAT, FORMAT_ATTR, WRITE_EMPTY, compressors, consolidate, with_checksums
 
 IGNORE = 255
 """Label value meaning "no label" (scene stores) or "no prediction" (prediction stores)."""
@@ -40,11 +40,6 @@ SHARD = 2048
 """Spatial shard edge where shards are used (also the default prediction block)."""
 TARGET_CHUNK_BYTES = 16 << 20
 MAX_SHARD_BYTES = 256 << 20
-
-
-def compressor() -> BloscCodec:
-    """Blosc zstd with byte shuffle: the codec of every array we write."""
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 
 
 def band_dim(modality: str) -> str:
@@ -80,7 +75,7 @@ def normalise(data: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray
 
 
 def encoding_for(var: xr.DataArray, chunk: int = CHUNK, shard: int | None = SHARD) -> dict:
-    """Zarr encoding (chunks, optional shards, compressor) for one variable.
+    """Zarr encoding (chunks, optional shards, Blosc + crc32c codecs) for one variable.
 
     Spatial chunks are ``chunk`` px; band-heavy variables (hyperspectral) are
     also chunked along ``band`` to keep chunks near 16 MB. Shards of ``shard``
@@ -94,7 +89,7 @@ def encoding_for(var: xr.DataArray, chunk: int = CHUNK, shard: int | None = SHAR
         chunks = (max(1, min(var.shape[0], TARGET_CHUNK_BYTES // per_band)), *spatial)
     else:
         chunks = spatial
-    enc: dict = {"chunks": chunks, "compressors": [compressor()]}
+    enc: dict = {"chunks": chunks, "compressors": compressors()}
     if shard is not None and any(n > chunk for n in var.shape[-2:]):
         bands = var.shape[0] if var.ndim == 3 else 1
         if bands * shard * shard * itemsize <= MAX_SHARD_BYTES:
@@ -179,6 +174,7 @@ def write_scene(
 
     ds = ds.copy()
     ds.attrs[STORE_KIND] = "scene"
+    ds.attrs[FORMAT_ATTR] = FORMAT  # every chunk written and checksummed (tilefuse.storage)
     ds.attrs["modalities"] = names
     from tilefuse import __version__
 
@@ -195,7 +191,10 @@ def write_scene(
 
     size = sum(ds[name].nbytes for name in encoding) // 8  # a lower bound: zstd rarely beats 8x on imagery
     with create(path, "scene", inputs=inputs, overwrite=overwrite, size=size, lock=True) as tmp:
-        writer = ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=encoding, compute=False, consolidated=False)
+        writer = ds.to_zarr(
+            tmp, mode="w-", zarr_format=3, encoding=with_checksums(ds, encoding), compute=False, consolidated=False,
+            write_empty_chunks=WRITE_EMPTY["write_empty_chunks"],
+        )
         if progress:
             from dask.diagnostics import ProgressBar
 
@@ -215,6 +214,7 @@ def write_scene(
             )
         if counts is not None:
             _record_label_counts(group["label"].attrs, np.asarray(counts))
+        consolidate(tmp)  # last, once every attr is final
     return path
 
 
@@ -231,8 +231,18 @@ def _record_label_counts(attrs, counts: np.ndarray) -> None:
     )
 
 
-def open_store(path: str | os.PathLike, kind: str) -> xr.Dataset:
-    """Open a tilefuse store of ``kind`` ("scene" or "prediction") lazily, with CRS decoded."""
+REPAIR = {"scene": "re-ingest it", "prediction": "recompute it with `tilefuse predict ... --resume`"}
+"""What to do about a damaged store of each kind (the end of the error message)."""
+
+
+def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Dataset:
+    """Open a tilefuse store of ``kind`` ("scene" or "prediction") lazily, with CRS decoded.
+
+    Every read is verified (:func:`tilefuse.storage.open_dataset`): a missing or
+    damaged chunk raises InputError naming it; ``written`` lists, per array, the
+    keys a partial store has written (the others read as fill values).
+    """
+    from tilefuse import storage
     from tilefuse.outputs import is_temporary
 
     path = Path(path)
@@ -241,8 +251,9 @@ def open_store(path: str | os.PathLike, kind: str) -> xr.Dataset:
     if not path.exists():
         raise InputError(f"{path} does not exist: check the path (create scene stores with `tilefuse ingest`)")
     try:
-        zarr.open_group(path, mode="r")
-        ds = xr.open_zarr(path, decode_coords="all", consolidated=False, zarr_format=3)
+        ds = storage.open_dataset(path, written=written, fix=REPAIR.get(kind, "re-create it"))
+    except InputError:
+        raise
     except Exception as error:  # zarr/xarray raise many types for a broken store
         raise InputError(f"{path} is not a readable zarr store ({type(error).__name__}: {error})") from None
     found = ds.attrs.get(STORE_KIND)

@@ -1,0 +1,322 @@
+"""How tilefuse writes and opens zarr arrays: checksummed, complete, consolidated.
+
+Contract (DESIGN.md, "Reads verify"):
+
+- **Writes.** Every array tilefuse writes ends its codec chain with zarr v3's
+  ``crc32c`` codec (:func:`compressors`), inside shards too (the shard index
+  carries its own crc32c by zarr's default), and every chunk is written even
+  when it holds only the fill value (:data:`WRITE_EMPTY`). A store written so
+  records ``tilefuse_storage = 1`` (:data:`FORMAT_ATTR`) in its root attrs:
+  from then on an absent chunk means a damaged store, never "fill value".
+  Prediction stores write their ``labels``/``probs`` block by block: there a
+  chunk is promised only once its block is marked done (the caller passes the
+  written keys, ``written=``).
+- **Reads.** :func:`open_group` and :func:`open_dataset` read through
+  :class:`VerifiedStore`, a wrapper of zarr's LocalStore that checks every
+  chunk (or shard, or chunk inside a shard) *before* zarr decodes it: an absent
+  key that the store promises, a crc32c mismatch, a truncated shard or chunk
+  raise :class:`~tilefuse.errors.InputError` naming the store, the array, the
+  chunk index and its pixel region. So no codec ever sees damaged bytes, and
+  the error keeps its type through dask (threads, processes, distributed).
+  Stores written before this format (no marker) still open; their chunks are
+  checked wherever their arrays carry crc32c, and absent chunks read as fill.
+- **Consolidated metadata.** :func:`consolidate` writes zarr v3 consolidated
+  metadata, so ``xarray.open_zarr(path, decode_coords="all")`` opens a store
+  quietly with one metadata read; writers call it whenever metadata changes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection, Iterator, Mapping
+
+import numpy as np
+import zarr
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+from zarr.codecs import BloscCodec, Crc32cCodec, ShardingCodec
+from zarr.storage import LocalStore, WrapperStore
+
+from tilefuse.errors import InputError
+
+FORMAT_ATTR = "tilefuse_storage"
+"""Root attr of stores whose every chunk is checksummed and written (value: :data:`FORMAT`)."""
+FORMAT = 1
+WRITE_EMPTY = {"write_empty_chunks": True}
+"""zarr array config of every tilefuse write: chunks equal to the fill value are written too."""
+_CRC = 4
+_INDEX_ENTRY = 16
+_EMPTY = 2**64 - 1
+
+
+def compressors() -> list:
+    """Blosc zstd with byte shuffle, then crc32c over the compressed bytes: every array's bytes-to-bytes codecs."""
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+# ------------------------------------------------------------------ array layout
+
+
+@dataclass(frozen=True)
+class ArrayCheck:
+    """What a reader may expect of one array's stored keys (one key = one shard, or one chunk if unsharded)."""
+
+    name: str
+    shape: tuple[int, ...]
+    unit: tuple[int, ...]
+    """Shape of the region one key holds (the shard, or the chunk)."""
+    checksum: bool
+    """Its (inner) chunks end with crc32c."""
+    inner: int = 0
+    """Chunks per shard (0: unsharded)."""
+    index_at_end: bool = True
+    index_checksum: bool = False
+    required: bool | frozenset = False
+    """True: every key must exist; a frozenset: the keys whose last two indices are in it; False: none."""
+
+    def region(self, index: tuple[int, ...]) -> str:
+        spans = [f"{i * u}:{min((i + 1) * u, n)}" for i, u, n in zip(index, self.unit, self.shape)]
+        names = ["rows", "cols"] if len(spans) >= 2 else []
+        return ", ".join(f"{label} {span}" for label, span in zip(names, spans[-2:]))
+
+    def is_required(self, index: tuple[int, ...]) -> bool:
+        if isinstance(self.required, frozenset):
+            return tuple(index[-2:]) in self.required
+        return bool(self.required)
+
+    def keys(self) -> Iterator[tuple[int, ...]]:
+        return np.ndindex(*(-(-n // u) for n, u in zip(self.shape, self.unit)))
+
+
+def _check_of(name: str, array: zarr.Array, required: bool | frozenset) -> ArrayCheck:
+    codecs = array.metadata.codecs
+    shape = tuple(int(n) for n in array.shape)
+    if codecs and isinstance(codecs[0], ShardingCodec):
+        sharding = codecs[0]
+        unit = tuple(int(n) for n in array.shards)
+        inner = int(np.prod([u // c for u, c in zip(unit, sharding.chunk_shape)]))
+        return ArrayCheck(
+            name,
+            shape,
+            unit,
+            checksum=isinstance(sharding.codecs[-1], Crc32cCodec),
+            inner=inner,
+            index_at_end=sharding.index_location.value == "end",
+            index_checksum=any(isinstance(c, Crc32cCodec) for c in sharding.index_codecs),
+            required=required,
+        )
+    return ArrayCheck(
+        name, shape, tuple(int(n) for n in array.chunks), checksum=bool(codecs) and isinstance(codecs[-1], Crc32cCodec), required=required
+    )
+
+
+def _crc_ok(data: np.ndarray) -> bool:
+    import google_crc32c
+
+    return len(data) >= _CRC and google_crc32c.value(data[:-_CRC]) == int.from_bytes(data[-_CRC:].tobytes(), "little")
+
+
+def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
+    """Why the bytes read from one key of ``check``'s array are damaged, or None if they pass.
+
+    ``byte_range`` is what was asked of the key: nothing (the whole key), a
+    shard index (suffix or prefix) or one chunk inside a shard (a range).
+    """
+    data = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if not check.inner:
+        return None if not check.checksum or _crc_ok(data) else "checksum mismatch"
+    index_size = check.inner * _INDEX_ENTRY + (_CRC if check.index_checksum else 0)
+    if isinstance(byte_range, RangeByteRequest):
+        if len(data) != byte_range.end - byte_range.start:
+            return f"truncated ({len(data)} of {byte_range.end - byte_range.start} bytes)"
+        if byte_range.start == 0 and byte_range.end == index_size and not check.index_at_end:
+            return None if not check.index_checksum or _crc_ok(data) else "shard index checksum mismatch"
+        return None if not check.checksum or _crc_ok(data) else "checksum mismatch"
+    if isinstance(byte_range, SuffixByteRequest):
+        if len(data) != byte_range.suffix:
+            return "truncated"
+        return None if not check.index_checksum or _crc_ok(data) else "shard index checksum mismatch (truncated or overwritten)"
+    if byte_range is not None:
+        return None  # offset requests: zarr does not make them for tilefuse's layouts
+    if len(data) < index_size:
+        return "truncated"
+    index = data[-index_size:] if check.index_at_end else data[:index_size]
+    if check.index_checksum and not _crc_ok(index):
+        return "shard index checksum mismatch (truncated or overwritten)"
+    entries = np.frombuffer(index[: check.inner * _INDEX_ENTRY], dtype="<u8").reshape(-1, 2)
+    for offset, length in entries:
+        if offset == _EMPTY:
+            continue
+        if offset + length > len(data):
+            return "truncated"
+        if check.checksum and not _crc_ok(data[int(offset) : int(offset + length)]):
+            return "checksum mismatch"
+    return None
+
+
+def chunk_key(name: str, index: tuple[int, ...]) -> str:
+    """The store key of chunk (or shard) ``index`` of array ``name`` (zarr v3 default key encoding)."""
+    return "/".join([name, "c", *(str(i) for i in index)])
+
+
+def _parse_key(key: str) -> tuple[str, tuple[int, ...]] | None:
+    parts = key.split("/")
+    for k in range(len(parts) - 1, 0, -1):
+        if parts[k] == "c" and all(p.isdigit() for p in parts[k + 1 :]):
+            return "/".join(parts[:k]), tuple(int(p) for p in parts[k + 1 :])
+    return None
+
+
+# ------------------------------------------------------------------------ reading
+
+
+class VerifiedStore(WrapperStore):
+    """A zarr store that hands out only intact chunks: missing or damaged ones raise InputError.
+
+    ``checks`` maps array names to :class:`ArrayCheck`; ``where`` names the store
+    in messages and ``fix`` says what to do about a damaged one.
+    """
+
+    def __init__(self, store, checks: Mapping[str, ArrayCheck] | None = None, where: str = "", fix: str = "") -> None:
+        super().__init__(store)
+        self.checks = dict(checks or {})
+        self.where = where
+        self.fix = fix
+
+    def _with_store(self, store):
+        return type(self)(store, self.checks, self.where, self.fix)
+
+    def damaged(self, check: ArrayCheck, index: tuple[int, ...], what: str) -> InputError:
+        unit = "shard" if check.inner else "chunk"
+        region = check.region(index)
+        return InputError(
+            f"{self.where}: {unit} {index} of {check.name!r}{f' ({region})' if region else ''} is {what}: "
+            f"the store is corrupt, {self.fix}"
+        )
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        parsed = _parse_key(key)
+        check = self.checks.get(parsed[0]) if parsed else None
+        if check is None:
+            return value
+        index = parsed[1]
+        if value is None:
+            if check.is_required(index):
+                raise self.damaged(check, index, "missing")
+            return None
+        problem = verify_bytes(value.as_numpy_array(), check, byte_range)
+        if problem:
+            raise self.damaged(check, index, f"damaged ({problem})")
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+
+def _raw_group(path: Path) -> zarr.Group:
+    return zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3, use_consolidated=_consolidated(path))
+
+
+def _consolidated(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((Path(path) / "zarr.json").read_text()).get("consolidated_metadata") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def checks_for(group: zarr.Group, written: Mapping[str, Collection] | None = None) -> dict[str, ArrayCheck]:
+    """The :class:`ArrayCheck` of every array of ``group``.
+
+    In a store of this format every key is required, except in arrays named in
+    ``written``, where only keys whose last two indices are listed are.
+    """
+    promised = group.attrs.get(FORMAT_ATTR) == FORMAT
+    written = written or {}
+    checks = {}
+    for name, array in group.arrays():
+        required = (frozenset(map(tuple, written[name])) if name in written else True) if promised else False
+        checks[name] = _check_of(name, array, required)
+    return checks
+
+
+def verified_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it", read_only: bool = True) -> VerifiedStore:
+    """A :class:`VerifiedStore` over the zarr store at ``path`` (see :func:`checks_for` for ``written``)."""
+    path = Path(path)
+    checks = checks_for(_raw_group(path), written)
+    return VerifiedStore(LocalStore(path, read_only=read_only), checks, str(path), fix)
+
+
+def open_group(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it") -> zarr.Group:
+    """Open the zarr group at ``path`` for reading through a :class:`VerifiedStore`."""
+    path = Path(path)
+    return zarr.open_group(verified_store(path, written=written, fix=fix), mode="r", zarr_format=3, use_consolidated=_consolidated(path))
+
+
+def open_dataset(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it"):
+    """Open the store at ``path`` lazily as an xarray Dataset (CRS decoded) through a :class:`VerifiedStore`."""
+    import xarray as xr
+
+    path = Path(path)
+    store = verified_store(path, written=written, fix=fix)
+    return xr.open_zarr(store, decode_coords="all", consolidated=_consolidated(path), zarr_format=3)
+
+
+def verify_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it", names: Collection[str] | None = None) -> int:
+    """Check every key the store promises (all of them, or those of ``names``) without decoding; returns how many.
+
+    Reads each key's bytes once and checks presence, size and crc32c; the first
+    problem raises the same InputError a read would.
+    """
+    store = verified_store(path, written=written, fix=fix)
+    count = 0
+    for name, check in store.checks.items():
+        if names is not None and name not in names:
+            continue
+        for index in check.keys():
+            file = Path(path, chunk_key(name, index))
+            if not file.is_file():
+                if check.is_required(index):
+                    raise store.damaged(check, index, "missing")
+                continue
+            problem = verify_bytes(np.fromfile(file, dtype=np.uint8), check)
+            if problem:
+                raise store.damaged(check, index, f"damaged ({problem})")
+            count += 1
+    return count
+
+
+def key_problem(path: str | os.PathLike, check: ArrayCheck, index: tuple[int, ...]) -> str | None:
+    """"missing" or "damaged (...)" for one key of an array of the store at ``path``, None if intact."""
+    file = Path(path, chunk_key(check.name, index))
+    if not file.is_file():
+        return "missing"
+    problem = verify_bytes(np.fromfile(file, dtype=np.uint8), check)
+    return f"damaged ({problem})" if problem else None
+
+
+# ------------------------------------------------------------------------ writing
+
+
+def with_checksums(ds, encoding: Mapping[str, dict]) -> dict:
+    """``encoding`` for ``ds.to_zarr``, completed so every variable and coordinate carries crc32c."""
+    out = {name: dict(enc) for name, enc in encoding.items()}
+    for name in [*ds.data_vars, *ds.coords]:
+        enc = out.setdefault(str(name), {})
+        chain = list(enc.get("compressors") or compressors())
+        if not chain or not isinstance(chain[-1], Crc32cCodec):
+            chain.append(Crc32cCodec())
+        enc["compressors"] = chain
+    return out
+
+
+def consolidate(path: str | os.PathLike) -> None:
+    """Write zarr v3 consolidated metadata for the store at ``path`` (after any metadata or attrs change)."""
+    with warnings.catch_warnings():
+        # zarr notes that v3 consolidated metadata is not in the spec yet; xarray and zarr read it
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(LocalStore(Path(path)), zarr_format=3)
