@@ -3,7 +3,9 @@
 The labels are streamed band of chunks by band of chunks into a tiled GeoTIFF
 beside the output, which GDAL's COG driver then lays out with nearest-neighbour
 overviews; the result is renamed into place, so no reader sees a half-written
-file. Pixel values are class ids, 255 is nodata, and the file carries a colour
+file. The GeoTIFF is a guarded output (:mod:`tilefuse.outputs`): locked while
+written, tagged ``TILEFUSE=geotiff``, and ``overwrite`` replaces only such a
+file, never the prediction it reads or anything else. Pixel values are class ids, 255 is nodata, and the file carries a colour
 table (the quicklook colours, :func:`tilefuse.quicklook.class_colors`) and the
 class names.
 """
