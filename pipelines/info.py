@@ -85,8 +85,12 @@ def _storage(var) -> str:
     return ", ".join(parts)
 
 
-def info(store: str | Path, quicklook: str | Path | None = None) -> str:
+def info(store: str | Path, quicklook: str | Path | None = None, verify: bool = True) -> str:
     """Summary of the scene store ``store`` (see :func:`describe`); also a quicklook PNG if asked.
+
+    ``verify`` first checks every chunk of the store (present, whole, crc32c;
+    :func:`tilefuse.storage.verify_store`, reading its bytes once without
+    decoding): a damaged store is an InputError naming the array and chunk.
 
     The quicklook replaces only a quicklook PNG tilefuse wrote (:mod:`tilefuse.outputs`).
     """
@@ -98,6 +102,10 @@ def info(store: str | Path, quicklook: str | Path | None = None) -> str:
         claim(quicklook, "png", inputs=[store], overwrite=True, what="quicklook")
     ds = open_scene(store)
     text = describe(ds)
+    if verify:
+        from tilefuse.storage import verify_store
+
+        text += f"\nintegrity  {verify_store(store)} chunks verified"
     if quicklook is not None:
         from tilefuse.quicklook import quicklook_scene
 
@@ -108,8 +116,9 @@ def info(store: str | Path, quicklook: str | Path | None = None) -> str:
 def info_command(
     store: Annotated[Path, typer.Argument(help="Scene store (zarr) to describe.")],
     quicklook: Annotated[Optional[Path], typer.Option(help="Also write a quicklook PNG (composite + label map) here.")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every chunk (presence, size, crc32c) before describing.")] = True,
 ) -> None:
     """Print a scene store's grid, CRS, modalities with band statistics, valid fraction and label classes."""
-    typer.echo(info(store, quicklook))
+    typer.echo(info(store, quicklook, verify))
     if quicklook is not None:
         typer.echo(f"quicklook  {quicklook}")

@@ -1,0 +1,209 @@
+"""Damaged storage is an error naming the array and the chunk, never data and never a codec crash.
+
+Fault injection on every array kind (a modality, ``valid``, ``label``, a
+prediction's ``labels`` and ``probs``), in chunked and sharded layouts: the
+key file is deleted, truncated to half, or overwritten in its middle; then
+every reader answers with one InputError line (exit 2 from the CLI) naming the
+array and the chunk, writes nothing that looks complete, and ``predict
+--resume`` repairs a damaged prediction to the exact original.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from test_sampling import CLASSES, labelled_scene
+from predict_fixtures import MODALITIES, build_pointwise
+
+from tilefuse.checkpoint import ModelConfig, save_checkpoint
+from tilefuse.cli import main
+from tilefuse.errors import InputError
+from tilefuse.pipelines.evaluate import evaluate
+from tilefuse.prediction import done_blocks, open_prediction
+from tilefuse.sampling import SceneReader
+from tilefuse.scene import open_scene, write_scene
+from tilefuse.storage import FORMAT, FORMAT_ATTR, chunk_key
+
+DAMAGES = ("delete", "truncate", "overwrite")
+LAYOUTS = {"chunks": None, "shards": 128}
+PREDICT = ["--tile", "32", "--overlap", "8", "--block-size", "64", "--batch-size", "2", "--cluster", "sync"]
+
+
+def damage(store: Path, name: str, index: tuple[int, ...], how: str) -> str:
+    """Damage one key of array ``name``; returns the key."""
+    key = chunk_key(name, index)
+    path = store / key
+    data = path.read_bytes()
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        middle = len(data) // 2
+        path.write_bytes(data[: middle - 8] + bytes(16) + data[middle + 8 :])
+    return key
+
+
+def one_line_naming(err: str, name: str) -> None:
+    """stderr holds one error line (progress bars aside) naming the array, and no traceback."""
+    lines = [line for line in err.splitlines() if "|" not in line and line.strip()]  # tqdm bars have a '|'
+    assert len(lines) == 1 and lines[0].startswith("tilefuse: error:"), err
+    assert f"of {name!r}" in lines[0] and "corrupt" in lines[0] and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged")
+    stores = {}
+    for layout, shard in LAYOUTS.items():
+        stores[layout] = write_scene(labelled_scene(256, 192, seed=3), root / f"{layout}.zarr", chunk=64, shard=shard)
+    model = build_pointwise(MODALITIES, len(CLASSES))
+    checkpoint = save_checkpoint(model, ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), {"seed": 0}, list(CLASSES), {}), root / "ckpt")
+    pred = root / "pred.zarr"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(pred), "--probs", *PREDICT]) == 0
+    return root, stores, checkpoint, pred
+
+
+def _key_index(store: Path, name: str) -> tuple[int, ...]:
+    """An interior key of array ``name`` (block row 1, col 1; band key 0)."""
+    array = zarr.open_group(store, mode="r")[name]
+    return (0,) * (array.ndim - 2) + (1, 1)
+
+
+def test_new_stores_promise_every_chunk_and_checksum_it(pristine):
+    _, stores, _, pred = pristine
+    for store in [*stores.values(), pred]:
+        group = zarr.open_group(store, mode="r")
+        assert group.attrs[FORMAT_ATTR] == FORMAT
+        for name, array in group.arrays():
+            chain = array.metadata.codecs
+            inner = chain[0].codecs if type(chain[0]).__name__ == "ShardingCodec" else chain
+            assert type(inner[-1]).__name__ == "Crc32cCodec", (store, name)
+    # fill-valued chunks are written too: every key of every scene array exists
+    for store in stores.values():
+        for name, array in zarr.open_group(store, mode="r").arrays():
+            unit = array.shards or array.chunks
+            for index in np.ndindex(*(-(-n // u) for n, u in zip(array.shape, unit))):
+                assert (store / chunk_key(name, index)).is_file(), (store, name, index)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", ["optical", "valid", "label"])
+def test_damaged_scene_chunk_is_an_error_for_every_reader(pristine, tmp_path, capsys, name, layout, how):
+    root, stores, checkpoint, pred = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores[layout], store)
+    index = _key_index(store, name)
+    damage(store, name, index, how)
+    unit = "shard" if layout == "shards" else "chunk"
+    expected = f"{unit} {index} of {name!r}"
+
+    with pytest.raises(InputError, match=f"{unit} \\({', '.join(map(str, index))}\\) of '{name}'"):
+        open_scene(store).load()
+    with pytest.raises(InputError, match=f"of '{name}'"):
+        SceneReader(store).read(0, 256, 0, 192, [name])
+    capsys.readouterr()
+    assert main(["info", str(store)]) == 2
+    err = capsys.readouterr().err
+    one_line_naming(err, name)
+    assert expected in err, err
+    if name == "label":
+        assert main(["evaluate", str(pred), "--labels", str(store)]) == 2
+        one_line_naming(capsys.readouterr().err, name)
+    else:
+        out = tmp_path / "pred.zarr"
+        assert main(["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(out), *PREDICT]) == 2
+        one_line_naming(capsys.readouterr().err, name)
+        assert zarr.open_group(out, mode="r").attrs["complete"] is False
+    # the untouched parts still read
+    assert open_scene(store)[name][..., :64, :64].values.size
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("name", ["labels", "probs"])
+def test_damaged_prediction_is_an_error_and_resume_repairs_it(pristine, tmp_path, capsys, name, how):
+    root, stores, checkpoint, pred = pristine
+    reference = open_prediction(pred).load()
+    copy = tmp_path / "pred.zarr"
+    shutil.copytree(pred, copy)
+    index = _key_index(copy, name)
+    damage(copy, name, index, how)
+
+    with pytest.raises(InputError, match=f"chunk \\({', '.join(map(str, index))}\\) of '{name}'"):
+        open_prediction(copy).load()
+    capsys.readouterr()
+    if name == "labels":
+        assert main(["evaluate", str(copy), "--labels", str(stores["chunks"])]) == 2
+        one_line_naming(capsys.readouterr().err, name)
+    tif = tmp_path / "pred.tif"
+    assert main(["export", str(copy), str(tif)]) == 2
+    one_line_naming(capsys.readouterr().err, name)
+    assert not tif.exists()
+
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(copy), "--probs"]
+    assert main([*args, *PREDICT, "--resume"]) == 0
+    repaired = open_prediction(copy).load()
+    assert done_blocks(copy).all()
+    for var in ("labels", "probs"):
+        np.testing.assert_array_equal(repaired[var].values, reference[var].values)
+
+
+def test_partial_prediction_reads_unwritten_blocks_as_nodata_but_not_damaged_ones(pristine, tmp_path):
+    _, _, _, pred = pristine
+    copy = tmp_path / "pred.zarr"
+    shutil.copytree(pred, copy)
+    group = zarr.open_group(copy, mode="r+")
+    group.attrs["complete"] = False
+    group["block_done"][2, 2] = 0
+    (copy / chunk_key("labels", (2, 2))).unlink()  # a block not yet written: legitimately absent
+    with pytest.warns(UserWarning, match="partial"):
+        ds = open_prediction(copy, allow_partial=True)
+    assert (ds["labels"].values[128:192, 128:192] == 255).all()
+    damage(copy, "labels", (1, 1), "delete")  # a block marked done: damage
+    with pytest.warns(UserWarning, match="partial"), pytest.raises(InputError, match=r"chunk \(1, 1\) of 'labels'"):
+        open_prediction(copy, allow_partial=True).load()
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_truncated_shard_never_crashes_predict_in_a_codec(pristine, tmp_path, layout):
+    """The case that segfaulted in Blosc: checked in a subprocess, so a crash is seen as one."""
+    root, stores, checkpoint, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores[layout], store)
+    damage(store, "optical", (0, 0, 0), "truncate")
+    out = tmp_path / "pred.zarr"
+    tests = str(Path(__file__).parent)
+    code = (
+        "import sys; sys.path.insert(0, %r); import predict_fixtures; from tilefuse.cli import main; sys.exit(main(sys.argv[1:]))" % tests
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(out), *PREDICT]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    one_line_naming(result.stderr, "optical")
+    assert zarr.open_group(out, mode="r").attrs["complete"] is False
+
+
+def test_train_on_a_damaged_label_fails_with_one_line(pristine, tmp_path):
+    """Through DataLoader worker processes (the default), the error stays one line."""
+    _, stores, _, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores["shards"], store)
+    for index in np.ndindex(2, 2):  # every label shard: any patch meets one
+        damage(store, "label", index, "overwrite")
+    tests = str(Path(__file__).parent)
+    code = "import sys; sys.path.insert(0, %r); import test_training; from tilefuse.cli import main; sys.exit(main(sys.argv[1:]))" % tests
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", "--model", "test-seg", "--store", str(store), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--patch-size", "32", "--quiet"]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    one_line_naming(result.stderr, "label")
