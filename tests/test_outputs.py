@@ -417,3 +417,26 @@ def test_os_errors_that_escape_a_command_are_one_line(monkeypatch, capsys):
     monkeypatch.setattr(tilefuse.pipelines.info, "info", bug)
     with pytest.raises(OSError):
         main(["info", "x.zarr"])
+
+
+def test_inputs_overlap_whatever_the_spelling(tmp_path, monkeypatch):
+    """Every pair of spellings: refused exactly when one real location is, or holds, the other."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "l").symlink_to(tmp_path / "a")
+    (tmp_path / "c" / "lb").symlink_to(tmp_path / "a" / "b")
+    monkeypatch.chdir(tmp_path / "c")
+    where = {  # spelling -> location in the tree, by hand
+        "../a": ("a",), f"{tmp_path}/a/": ("a",), "../a/../a": ("a",), "../l": ("a",), f"{tmp_path}/l/b": ("a", "b"),
+        "lb": ("a", "b"), "lb/new.zarr": ("a", "b", "new.zarr"), ".": ("c",), "new.zarr": ("c", "new.zarr"),
+        "..": (), "../a/b/..": ("a",), "../c/lb/../x": ("a", "x"),
+    }  # fmt: skip
+    for out, place in where.items():
+        for source, other in where.items():
+            overlap = place[: len(other)] == other or other[: len(place)] == place
+            try:
+                outputs.check_inputs(out, [source])
+                refused = False
+            except InputError:
+                refused = True
+            assert refused == overlap, (out, source)

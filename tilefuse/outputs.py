@@ -266,7 +266,7 @@ def json_document(data: dict[str, Any]) -> dict[str, Any]:
 
 def real_path(path: str | os.PathLike) -> Path:
     """Absolute path with symlinks, ``..`` and trailing slashes resolved (also for paths that do not exist yet)."""
-    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+    return Path(os.path.realpath(os.fspath(path)))  # not abspath first: it drops "link/.." lexically
 
 
 def _flatten(inputs: Iterable[Any]) -> list[Path]:
@@ -530,9 +530,12 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
                 stale = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:6]}")
                 try:
                     os.replace(lock, stale)
-                    stale.unlink(missing_ok=True)
                 except FileNotFoundError:
-                    pass
+                    continue
+                if _read_lock(stale) != holder:  # another writer took it over first: give its lock back
+                    with contextlib.suppress(OSError):
+                        os.link(stale, lock)
+                stale.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as handle:
                 handle.write(record)
