@@ -141,13 +141,13 @@ def test_damaged_prediction_is_an_error_and_resume_repairs_it(pristine, tmp_path
     with pytest.raises(InputError, match=f"chunk \\({', '.join(map(str, index))}\\) of '{name}'"):
         open_prediction(copy).load()
     capsys.readouterr()
-    if name == "labels":
+    if name == "labels":  # evaluate and export read the labels only
         assert main(["evaluate", str(copy), "--labels", str(stores["chunks"])]) == 2
         one_line_naming(capsys.readouterr().err, name)
-    tif = tmp_path / "pred.tif"
-    assert main(["export", str(copy), str(tif)]) == 2
-    one_line_naming(capsys.readouterr().err, name)
-    assert not tif.exists()
+        tif = tmp_path / "pred.tif"
+        assert main(["export", str(copy), str(tif)]) == 2
+        one_line_naming(capsys.readouterr().err, name)
+        assert not tif.exists()
 
     args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(copy), "--probs"]
     assert main([*args, *PREDICT, "--resume"]) == 0

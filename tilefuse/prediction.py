@@ -93,7 +93,8 @@ def create_prediction(
     if (scene.sizes["y"], scene.sizes["x"]) != (height, width):
         raise ValueError("grid and scene sizes differ")
     num_classes = len(class_names)
-    coords = {name: scene[name] for name in ("y", "x", "spatial_ref") if name in scene.coords}
+    # in memory, so to_zarr(compute=False) writes them now: a verified store holds every coordinate chunk
+    coords = {name: scene[name].load() for name in ("y", "x", "spatial_ref") if name in scene.coords}
     ds = xr.Dataset(coords=coords)
     ds["labels"] = (("y", "x"), da.full((height, width), IGNORE, dtype=np.uint8, chunks=grid.block))
     ds["labels"].attrs.update(class_names=list(class_names), nodata=IGNORE, grid_mapping="spatial_ref")
@@ -137,7 +138,10 @@ def create_prediction(
     size = height * width // 64 + (num_classes * height * width // 64 if probs else 0)  # labels and probs compress well
     with create(path, "prediction", inputs=inputs, overwrite=overwrite, size=size, lock=True) as tmp:
         # compute=False writes metadata and coordinates only; unwritten chunks read as the fill value
-        ds.to_zarr(tmp, mode="w-", zarr_format=3, encoding=storage.with_checksums(ds, encoding), compute=False, consolidated=False)
+        ds.to_zarr(
+            tmp, mode="w-", zarr_format=3, encoding=storage.with_checksums(ds, encoding), compute=False, consolidated=False,
+            write_empty_chunks=storage.WRITE_EMPTY["write_empty_chunks"],
+        )
         storage.consolidate(tmp)
     return path
 

@@ -27,6 +27,7 @@ Contract (DESIGN.md, "Reads verify"):
 
 from __future__ import annotations
 
+import asyncio
 import os
 import warnings
 from dataclasses import dataclass
@@ -172,6 +173,26 @@ def _parse_key(key: str) -> tuple[str, tuple[int, ...]] | None:
 # ------------------------------------------------------------------------ reading
 
 
+def _orphans_quiet(loop) -> None:
+    """On zarr's event loop, drop "Task was destroyed but it is pending" reports.
+
+    When one chunk read raises (our InputError), zarr's ``asyncio.gather`` of
+    the sibling reads is abandoned and asyncio reports each orphaned task when
+    it is collected: noise after the one-line error. Anything else goes to the
+    default handler.
+    """
+    if getattr(loop, "_tilefuse_quiet", False):
+        return
+
+    def handler(loop, context):
+        if str(context.get("message", "")).startswith("Task was destroyed but it is pending"):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    loop._tilefuse_quiet = True
+
+
 class VerifiedStore(WrapperStore):
     """A zarr store that hands out only intact chunks: missing or damaged ones raise InputError.
 
@@ -203,6 +224,7 @@ class VerifiedStore(WrapperStore):
         if check is None:
             return value
         index = parsed[1]
+        _orphans_quiet(asyncio.get_running_loop())
         if value is None:
             if check.is_required(index):
                 raise self.damaged(check, index, "missing")
