@@ -440,3 +440,31 @@ def test_inputs_overlap_whatever_the_spelling(tmp_path, monkeypatch):
             except InputError:
                 refused = True
             assert refused == overlap, (out, source)
+
+
+def test_locks_nest_in_one_thread_and_exclude_other_threads(tmp_path):
+    import threading
+
+    out = tmp_path / "x.zarr"
+    with output_lock(out), output_lock(out):  # a pipeline's lock, then the store writer's own
+        assert outputs.lock_path(out).exists()
+    assert not outputs.lock_path(out).exists()
+    held, release = threading.Event(), threading.Event()
+
+    def writer():
+        with output_lock(out):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(InputError, match=f"process {os.getpid()}"):
+            with output_lock(out):
+                pass
+    finally:
+        release.set()
+        thread.join()
+    with output_lock(out):
+        pass

@@ -22,7 +22,7 @@ Contract (DESIGN.md, "Data safety"):
 - **One writer per output.** :func:`output_lock` holds ``.NAME.lock``
   (created with ``O_CREAT | O_EXCL``; pid, hostname and process start time) for
   the whole run; a second writer is refused naming the holder, a lock whose
-  process is gone is taken over. Locks are re-entrant within one process.
+  process is gone is taken over. Locks are re-entrant within one thread.
 - **Free space and filesystem errors.** :func:`claim` refuses an output when the
   filesystem has less free space than the caller's estimate (a lower bound);
   an ``OSError`` of the filesystem (read-only, permission, full, quota, not a
@@ -43,6 +43,7 @@ import re
 import shutil
 import socket
 import struct
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -469,7 +470,8 @@ def create(
 # ------------------------------------------------------------------------ locks
 
 
-_HELD: dict[Path, int] = {}
+_HELD: dict[tuple[Path, int], int] = {}
+"""(lock file, thread id) -> nesting depth: re-entrant within one thread, exclusive between threads."""
 
 
 def lock_path(path: str | os.PathLike) -> Path:
@@ -489,7 +491,7 @@ def _read_lock(lock: Path) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Iterator[Path]:
-    """Hold the lock of output ``path`` for the block (re-entrant in one process); yields the lock file.
+    """Hold the lock of output ``path`` for the block (re-entrant in one thread); yields the lock file.
 
     A lock held by a live process is refused with one line naming it; one
     left by a dead process on this host (pid gone, or another process under
@@ -498,12 +500,13 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
     """
     check_inputs(path, inputs)
     lock = lock_path(path)
-    if _HELD.get(lock):
-        _HELD[lock] += 1
+    key = (lock, threading.get_ident())
+    if _HELD.get(key):
+        _HELD[key] += 1
         try:
             yield lock
         finally:
-            _HELD[lock] -= 1
+            _HELD[key] -= 1
         return
     pid, start = _me()
     record = json.dumps({"pid": pid, "host": _host(), "start": start, "output": str(real_path(path))})
@@ -542,11 +545,11 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
             break
         else:
             raise InputError(f"{path} is being locked and unlocked by other writers (lock {lock}): retry, or choose another output")
-    _HELD[lock] = 1
+    _HELD[key] = 1
     try:
         yield lock
     finally:
-        del _HELD[lock]
+        del _HELD[key]
         if _read_lock(lock) == json.loads(record):
             lock.unlink(missing_ok=True)
 
