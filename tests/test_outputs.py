@@ -468,3 +468,20 @@ def test_locks_nest_in_one_thread_and_exclude_other_threads(tmp_path):
         thread.join()
     with output_lock(out):
         pass
+
+
+def test_disk_filling_up_while_blocks_are_written_is_one_line(small_tmpfs, tmp_path, capsys):
+    """The store is created (it fits), then its blocks fill the disk: one line, exit 2, the store not complete."""
+    from predict_fixtures import save_pointwise, write_test_scene
+
+    from tilefuse.prediction import prediction_attrs
+
+    scene = write_test_scene(tmp_path / "scene.zarr", 384, 384, seed=2)
+    checkpoint = save_pointwise(tmp_path / "ckpt")
+    out = small_tmpfs / "p.zarr"
+    args = ["predict", "--checkpoint", checkpoint, "--store", scene, "--out", out, "--probs", "--probs-dtype", "float32",
+            "--tile", "64", "--overlap", "16", "--block-size", "128"]  # fmt: skip
+    code, err = cli(args, capsys)
+    assert code == 2 and one_error(err) and "No space left" in err, err
+    assert not out.exists() or prediction_attrs(out)["complete"] is False
+    assert not outputs.lock_path(out).exists()

@@ -386,7 +386,7 @@ def os_error_message(path: str | os.PathLike, error: OSError) -> str:
 _STORAGE_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
 
 
-def filesystem_reason(error: BaseException) -> str | None:
+def filesystem_reason(error: BaseException, errnos: frozenset[int] = WRITE_ERRNOS) -> str | None:
     """Why ``error`` is the filesystem refusing a write, or None.
 
     An ``OSError`` with one of :data:`WRITE_ERRNOS` anywhere in the exception
@@ -396,7 +396,7 @@ def filesystem_reason(error: BaseException) -> str | None:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        if isinstance(error, OSError) and error.errno in errnos:
             return error.strerror or os.strerror(error.errno)
         text = str(error)
         for code in _STORAGE_ERRNOS:
@@ -407,14 +407,18 @@ def filesystem_reason(error: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def os_errors_as_input(path: str | os.PathLike) -> Iterator[None]:
-    """Turn the filesystem refusing a write inside the block (:func:`filesystem_reason`) into one :class:`InputError` line."""
+def os_errors_as_input(path: str | os.PathLike, *, storage_only: bool = False) -> Iterator[None]:
+    """Turn the filesystem refusing a write inside the block (:func:`filesystem_reason`) into one :class:`InputError` line.
+
+    ``storage_only``: only a full disk, a quota or a read-only filesystem (for
+    blocks that also read inputs, where a permission error may be a read's).
+    """
     try:
         yield
     except InputError:
         raise
     except Exception as error:
-        reason = filesystem_reason(error)
+        reason = filesystem_reason(error, frozenset(_STORAGE_ERRNOS) if storage_only else WRITE_ERRNOS)
         if reason is None:
             target = real_path(path).parent
             with contextlib.suppress(OSError):  # GDAL says only "write failed": a full disk is the usual cause
@@ -557,6 +561,9 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
 def holds_output(param: str, *, inputs: tuple[str, ...] = ()) -> Callable:
     """Decorator: hold :func:`output_lock` on the output named by parameter ``param`` for the whole call.
 
+    A full disk, quota or read-only filesystem met anywhere in the call (e.g.
+    while blocks are written in place) ends as one :class:`InputError` line.
+
     ``inputs`` name the parameters holding the call's input paths (paths or
     lists of paths); they are checked against the output before the lock file
     is made. The wrapped function does its own :func:`claim`.
@@ -570,7 +577,7 @@ def holds_output(param: str, *, inputs: tuple[str, ...] = ()) -> Callable:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             out = bound.arguments[param]
-            with output_lock(out, inputs=[bound.arguments.get(name) for name in inputs]):
+            with output_lock(out, inputs=[bound.arguments.get(name) for name in inputs]), os_errors_as_input(out, storage_only=True):
                 return function(*args, **kwargs)
 
         return wrapper
