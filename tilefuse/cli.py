@@ -60,12 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as error:
         # the guarded writer (tilefuse.outputs) turns these into InputError; this is the safety net
-        from tilefuse.outputs import WRITE_ERRNOS
+        from tilefuse.outputs import WRITE_ERRNOS, write_error
 
         if error.errno not in WRITE_ERRNOS:
             raise
-        where = error.filename or "the output"
-        print(f"tilefuse: error: cannot write {where}: {error.strerror}: choose another output (a writable folder with enough free space) or fix its permissions", file=sys.stderr)
+        print(f"tilefuse: error: {write_error(error.filename or 'the output', error.strerror)}", file=sys.stderr)
         return 2
     except SystemExit as exit_:
         code = exit_.code

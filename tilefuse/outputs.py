@@ -297,11 +297,12 @@ def _describe(path: Path) -> str:
 
 
 def _human(n: float) -> str:
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def check_space(path: str | os.PathLike, size: int) -> None:
@@ -377,10 +378,9 @@ def claim(
     return target
 
 
-def os_error_message(path: str | os.PathLike, error: OSError) -> str:
-    """The one line for an ``OSError`` that keeps ``path`` from being written."""
-    reason = error.strerror or type(error).__name__
-    return f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space)"
+def write_error(path: str | os.PathLike, reason: str) -> str:
+    """The one line for a filesystem that refuses to write ``path`` (also the CLI's safety net)."""
+    return f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space) or fix its permissions"
 
 
 _STORAGE_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
@@ -426,7 +426,7 @@ def os_errors_as_input(path: str | os.PathLike, *, storage_only: bool = False) -
                     reason = os.strerror(errno.ENOSPC)
         if reason is None:
             raise
-        raise InputError(f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space)") from None
+        raise InputError(write_error(path, reason)) from None
 
 
 @contextlib.contextmanager
