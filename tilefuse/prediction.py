@@ -239,13 +239,14 @@ def write_block(
 ) -> None:
     """Write one block's labels (and probs) as whole chunks (fill-valued ones too), then mark the block done."""
 
-    def array(name: str) -> zarr.Array:
-        return zarr.open_array(path, path=name, mode="r+", zarr_format=3, config=storage.WRITE_EMPTY)
-
-    array("labels")[region] = labels
-    if probs is not None:
-        array("probs")[(slice(None), *region)] = probs
-    array(MANIFEST)[block.row, block.col] = 1
+    with storage.writing():  # arrays opened here write chunks equal to the fill value too
+        group = zarr.open_group(path, mode="r+")
+        labels_array, manifest = group["labels"], group[MANIFEST]
+        probs_array = group["probs"] if probs is not None else None
+    labels_array[region] = labels
+    if probs_array is not None:
+        probs_array[(slice(None), *region)] = probs
+    manifest[block.row, block.col] = 1
 
 
 def mark_complete(path: str | os.PathLike) -> None:

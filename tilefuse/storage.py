@@ -52,6 +52,11 @@ _INDEX_ENTRY = 16
 _EMPTY = 2**64 - 1
 
 
+def writing():
+    """Context in which zarr arrays opened for writing write fill-valued chunks too (block writes)."""
+    return zarr.config.set({"array.write_empty_chunks": True})
+
+
 def compressors() -> list:
     """Blosc zstd with byte shuffle, then crc32c over the compressed bytes: every array's bytes-to-bytes codecs."""
     return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
