@@ -443,12 +443,13 @@ def create(
 ) -> Iterator[Path]:
     """Write a ``kind`` output at ``path`` whole or not at all: yields the temporary path to write.
 
-    :func:`claim` first (under the output's lock when ``lock``), stale
-    temporaries cleaned, then the caller writes the yielded temporary (a
-    folder, already created, when ``directory``; default: folder kinds and
-    zarr stores are written by the caller as folders, not created here), the
-    marker is stamped (folder kinds) and the temporary renamed over ``path``.
-    On any error the temporary is removed and ``path`` is as before.
+    :func:`claim` first (again under the output's lock when ``lock``), stale
+    temporaries cleaned, then the caller writes the yielded temporary: an
+    empty folder already made for folder kinds (or with ``directory=True``),
+    a path to create otherwise (zarr stores, single files). Then the marker is
+    stamped (folder kinds) and the temporary renamed over ``path``. On any
+    error the temporary is removed and ``path`` is as before; filesystem
+    refusals become one line (:func:`os_errors_as_input`).
     """
     folder = KINDS[kind] == "folder" if directory is None else directory
     target = claim(path, kind, inputs=inputs, overwrite=overwrite, size=size, what=what)
