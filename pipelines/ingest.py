@@ -43,9 +43,8 @@ def ingest(
     Every input is checked before anything is written; see
     :func:`tilefuse.rasters.ingest_rasters` for the options. Returns the store path.
     Before any work, an output grid of more than ``max_pixels`` pixels
-    (default :data:`tilefuse.rasters.MAX_PIXELS`, 10^10) is refused, and so is
-    a store larger (uncompressed) than the free space of its filesystem;
-    ``allow_large`` lifts both checks.
+    (default :data:`tilefuse.rasters.MAX_PIXELS`, 10^10) is refused unless
+    ``allow_large`` (free space is checked by :mod:`tilefuse.outputs`).
 
     With ``stac`` (a STAC Item or ItemCollection JSON whose assets are local
     files; needs the ``stac`` extra), ``modalities`` maps names to asset keys
@@ -56,7 +55,7 @@ def ingest(
     """
     import rasterio
 
-    from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_free_space, check_grid_size, check_modality_names, ingest_rasters
+    from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_grid_size, check_modality_names, ingest_rasters
     from tilefuse.scene import write_scene
 
     from tilefuse.outputs import claim
@@ -93,8 +92,6 @@ def ingest(
             complex_mode=complex_mode,
             max_pixels=limit,
         )
-    if not allow_large:
-        check_free_space(out, int(ds.nbytes), what=f"the scene store {out}")
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
         return write_scene(ds, out, overwrite=overwrite, progress=progress, inputs=inputs)
 
@@ -135,7 +132,7 @@ def ingest_command(
     label_asset: Annotated[Optional[str], typer.Option(help="With --stac: the asset key of the label raster.")] = None,
     time: Annotated[Optional[str], typer.Option(help="With --stac and several items: one date (2024-06-01), an index, or per pixel median, mean, first or last (valid step).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(help="Refuse an output grid of more pixels than this [1e10].")] = None,
-    allow_large: Annotated[bool, typer.Option("--allow-large", help="Insist on a large output: no pixel limit, no free-space check.")] = False,
+    allow_large: Annotated[bool, typer.Option("--allow-large", help="Insist on a large output grid: no pixel limit.")] = False,
 ) -> None:
     """Resample rasters (one per modality) and labels onto one grid and write a scene store."""
     from tilefuse.rasters import parse_modality

@@ -86,6 +86,22 @@ def _worker_device(source, tile_pixels: int, channels: int) -> tuple[str, int]:
     return device.type, auto_batch_size(tile_pixels, channels, device)
 
 
+def _worker_kind(source) -> tuple[str, int]:
+    """(device kind: ``cpu`` or ``cuda:<GPU name>``, this host's cores) of the worker this runs on."""
+    import os
+
+    import torch
+
+    device = torch.device(source.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kind = device.type
+    if device.type == "cuda":
+        try:
+            kind = f"cuda:{torch.cuda.get_device_name(device)}"
+        except (AssertionError, RuntimeError, ValueError):  # no such GPU: _worker_device says so in one line
+            kind = "cuda:none"
+    return kind, os.cpu_count() or 1
+
+
 @holds_output("out", inputs=("store", "checkpoint"))  # one writer per prediction store, across every block
 def predict(
     checkpoint: str | Path,
@@ -105,6 +121,8 @@ def predict(
     resume: bool = False,
     overwrite: bool = False,
     quicklook: str | Path | None = None,
+    listen: str | None = None,
+    connect_timeout: float | None = None,
     progress: bool = True,
 ) -> "xr.Dataset":
     """Predict every pixel of scene ``store`` with checkpoint ``checkpoint`` into prediction store ``out``.
@@ -118,15 +136,18 @@ def predict(
     ``distributed.Client``. ``torch_threads`` fixes torch's threads per worker
     (default: an even share of each host's cores); the output is bitwise the
     same whatever the block size, batch size (>= 2), worker count or retries,
-    given the same device kind and threads per worker. Returns the prediction
-    lazily, with CRS.
+    given the same device kind and threads per worker. Both are recorded in
+    the store's attrs (``device_kind``, ``torch_threads``) and a ``resume``
+    that would use others is refused. ``listen`` is the host a cluster started
+    here listens on (default loopback), ``connect_timeout`` bounds connecting
+    to an existing one (seconds). Returns the prediction lazily, with CRS.
     """
     import torch
 
     from tilefuse.blending import WINDOWS
     from tilefuse.classes import default_class_name
     from tilefuse.cluster.blocks import run_blocks
-    from tilefuse.cluster.client import cluster_client, dashboard_link, workers_per_host
+    from tilefuse.cluster.client import CONNECT_TIMEOUT, LOOPBACK, cluster_client, dashboard_link, workers_per_host
     from tilefuse.cluster.plugin import ModelPlugin, ModelSource, unset_malloc_trim
     from tilefuse.grid import TileGrid
     from tilefuse.inference import PRECISIONS, BlockJob
@@ -141,6 +162,7 @@ def predict(
     )
     from tilefuse.scene import SHARD, open_scene, require_modalities
     from tilefuse.tile_model import available_models
+    from tilefuse.training import check_device
 
     started = time.perf_counter()
     store, out = Path(store), Path(out)
@@ -151,10 +173,12 @@ def predict(
     probs_dtype = ("uint8" if probs is True else probs) or None
     if probs_dtype is not None and probs_dtype not in PROBS_DTYPES:
         raise InputError(f"unknown probs dtype {probs_dtype!r}: choose one of {', '.join(PROBS_DTYPES)}")
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    if torch_threads is not None and torch_threads < 1:
-        raise InputError(f"--torch-threads must be >= 1, got {torch_threads}")
+    for name, value in (("tile", tile), ("batch_size", batch_size), ("block_size", block_size), ("torch_threads", torch_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name}= (--{name.replace('_', '-')}) must be a whole number >= 1, got {value!r}")
+    if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile):
+        raise InputError(f"overlap= (--overlap) must be a whole number of px in 0..{tile - 1} (below the tile), got {overlap!r}")
+    check_device(device)
     from tilefuse.outputs import claim, clean_stale
 
     claim(out, "prediction", inputs=[store, checkpoint], overwrite=overwrite, exist_ok=resume)
@@ -193,7 +217,7 @@ def predict(
         "width": grid.width,
     }
     if existing:
-        check_resumable(out, settings)
+        check_resumable(out, settings)  # the settings; device kind and threads once the cluster is known
     elif out.exists() and not overwrite:
         raise InputError(f"{out} already exists: pass --overwrite to replace it or --resume to finish it")
     mean, std = _band_stats(config, scene)
@@ -205,11 +229,34 @@ def predict(
     source = ModelSource(
         str(Path(checkpoint).resolve()), digest, config.model, device, precision, torch_threads, builder=builder
     )
-    with cluster_client(cluster) as client:
-        if client is not None:
+    with cluster_client(cluster, timeout=CONNECT_TIMEOUT if connect_timeout is None else connect_timeout, listen=listen or LOOPBACK) as client:
+        if client is None:
+            kind, _ = _worker_kind(source)
+            kinds_cores = {"sync": (kind, None)}
+        else:
             hosts = workers_per_host(client)
             if not hosts:
                 raise InputError(f"the dask cluster {cluster!r} has no workers: start some (dask worker ...)")
+            kinds_cores = client.run(_worker_kind, source)
+        device_kind = ",".join(sorted({kind for kind, _ in kinds_cores.values()}))
+        if torch_threads is None:
+            # one count for every worker (an even share of its host's cores, the smallest), so it can be recorded
+            if client is None:
+                threads_used = torch.get_num_threads()
+            else:
+                threads_used = min(
+                    max(1, cores // hosts[address.split("://")[-1].rsplit(":", 1)[0]])
+                    for address, (_, cores) in kinds_cores.items()
+                )
+            from dataclasses import replace
+
+            source = replace(source, torch_threads=threads_used)
+        else:
+            threads_used = torch_threads
+        settings.update(device_kind=device_kind, torch_threads=threads_used, torch_version=torch.__version__)
+        if existing:
+            check_resumable(out, settings)
+        if client is not None:
             if unset_malloc_trim(client) and progress:
                 print("tilefuse: restarted workers without MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed)", file=sys.stderr)
             client.register_plugin(ModelPlugin(source, hosts), name=f"tilefuse-model-{source.key}")
@@ -300,6 +347,10 @@ def predict_command(
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted prediction: only unfinished blocks run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing prediction store.")] = False,
     quicklook: Annotated[Optional[Path], typer.Option(help="Also write a quicklook PNG of the labels here.")] = None,
+    listen: Annotated[
+        Optional[str], typer.Option(help="Host that local:N/cuda clusters (scheduler, workers, dashboard) listen on [127.0.0.1; 0.0.0.0 exposes them].")
+    ] = None,
+    connect_timeout: Annotated[Optional[float], typer.Option(help="Seconds to reach an existing scheduler (tcp://, scheduler file) [10].")] = None,
 ) -> None:
     """Run a trained model over a whole scene store: overlap-blended tiles, blocks on a dask cluster."""
     predict(
@@ -319,4 +370,6 @@ def predict_command(
         resume=resume,
         overwrite=overwrite,
         quicklook=quicklook,
+        listen=listen,
+        connect_timeout=connect_timeout,
     )

@@ -32,6 +32,8 @@ def synth(
     at, inside or around the other.
     """
     from tilefuse.outputs import claim
+    from tilefuse.errors import InputError
+    from tilefuse.rasters import check_grid_size
     from tilefuse.scene import write_scene
     from tilefuse.synthetic import synth_scene, write_geotiffs
 
@@ -39,6 +41,10 @@ def synth(
     claim(out, "scene", overwrite=overwrite, inputs=[geotiff])
     if geotiff is not None:
         claim(geotiff, "geotiff-folder", overwrite=overwrite, what="GeoTIFF folder")
+    height, width = (size, size) if isinstance(size, int) else size
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in (height, width)):
+        raise InputError(f"size= (--size) must be a whole number of px >= 1, got {size!r}")
+    check_grid_size(width, height, what="the synthetic scene", fix="choose a smaller --size")
     ds = synth_scene(size, kind, seed)
     if geotiff is not None:
         write_geotiffs(ds, geotiff, overwrite=overwrite, progress=progress, inputs=[out])

@@ -48,8 +48,25 @@ class DataOptions:
     patches_per_window: int = 64
     windows_per_round: int = 8
 
+    def check(self) -> None:
+        """Refuse values no sampler can run with (one line naming the option)."""
+        from tilefuse.training import _require
 
-FREE_ON_RESUME = {"device", "amp", "checkpoint_every", "val_every", "log_every"}
+        whole = lambda low: (lambda v: isinstance(v, int) and v >= low)  # noqa: E731
+        share = lambda v: 0 <= v < 1  # noqa: E731
+        for name in ("patch_size", "pixels_per_class", "val_pixels", "window", "patches_per_window", "windows_per_round"):
+            _require(name, getattr(self, name), "a whole number >= 1", whole(1))
+        _require("block", self.block, "a whole number of px >= 0 (0 = auto)", whole(0))
+        _require("min_labelled", self.min_labelled, "a share in 0..1", lambda v: 0 <= v <= 1)
+        for name in ("val_fraction", "test_fraction"):
+            _require(name, getattr(self, name), "a share in 0..1 (below 1)", share)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise InputError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves nothing to train on: lower them")
+        if self.split not in ("blocks", "stores"):
+            raise InputError(f"unknown split {self.split!r}: use blocks or stores")
+
+
+FREE_ON_RESUME = {"device", "amp", "checkpoint_every", "val_every", "log_every", "torch_threads"}
 """Options a resume may change without changing what is computed."""
 
 
@@ -166,6 +183,7 @@ def train(
     data = DataOptions(**job["data"])
     settings = TrainSettings(**job["settings"])
     settings.check()
+    data.check()
     if data.sampler not in ("auto", "patches", "pixels"):
         raise InputError(f"unknown sampler {data.sampler!r}: use auto, patches or pixels")
 
@@ -309,6 +327,7 @@ def train_command(
     seed: Annotated[Optional[int], typer.Option(help="Seed of weights, sampling and split [42].")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda[:N] [auto].")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast [on with CUDA].")] = None,
+    torch_threads: Annotated[Optional[int], typer.Option(help="torch threads of the training process [the cores it may use].")] = None,
     hparam: Annotated[Optional[list[str]], typer.Option("--hparam", help="Model hyperparameter KEY=VALUE (repeat).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --out.")] = False,
@@ -321,7 +340,7 @@ def train_command(
         "val_fraction": val_fraction, "test_fraction": test_fraction, "split": split, "block": block,
         "modalities": modality, "sampler": sampler, "min_labelled": min_labelled, "class_balance": class_balance,
         "checkpoint_every": checkpoint_every, "val_every": val_every, "log_every": log_every, "workers": workers,
-        "seed": seed, "device": device, "amp": amp,
+        "seed": seed, "device": device, "amp": amp, "torch_threads": torch_threads,
     }
     path = train(
         model, store, out, val_stores=val_store or (), hparams=_parse_hparams(hparam),

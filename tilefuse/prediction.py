@@ -41,6 +41,10 @@ MANIFEST = "block_done"
 PROBS_DTYPES = ("uint8", "float16", "float32")
 SETTINGS = ("model", "checkpoint_hash", "tile", "overlap", "margin", "blend", "block_size", "probs", "height", "width")
 """Attrs that must match for ``--resume`` to continue a store."""
+DETERMINISM = ("device_kind", "torch_threads")
+"""What bitwise-identical output depends on beyond :data:`SETTINGS`: the device kind of the workers
+(``cpu``, ``cuda:<GPU name>``) and torch's threads per worker (CPU kernels split their sums by it).
+Recorded at creation; a resume that would mix blocks computed otherwise is refused."""
 
 
 def store_chunk(block: int) -> int:
@@ -163,6 +167,13 @@ def prediction_attrs(path: str | os.PathLike) -> dict[str, Any]:
 def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
     """Refuse to resume a store made by another checkpoint or with other settings."""
     found = prediction_attrs(path)
+    for key in DETERMINISM:
+        if key in settings and key in found and found[key] != settings[key]:
+            fix = f"--torch-threads {found[key]}" if key == "torch_threads" else f"workers with {found[key]} devices (--cluster/--device)"
+            raise InputError(
+                f"{path} was computed with {key}={found[key]!r} and this run would use {settings[key]!r}, "
+                f"which mixes results that differ in the last bits: resume with {fix}, or pass --overwrite"
+            )
     for key in SETTINGS:
         if key in settings and found.get(key) != settings[key]:
             raise InputError(

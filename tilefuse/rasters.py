@@ -142,31 +142,18 @@ def check_modality_names(names) -> None:
         seen[name.lower()] = name
 
 
-def check_free_space(out: str | os.PathLike, nbytes: int, what: str = "the store") -> None:
-    """Refuse to write ``nbytes`` (uncompressed) where the filesystem of ``out`` has less free space."""
-    import shutil
-
-    folder = Path(out).absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return  # nothing to measure: the write itself reports a full disk
-    if nbytes > free:
-        raise InputError(
-            f"{what} holds {nbytes / 2**30:.3g} GiB before compression and {folder} has {free / 2**30:.3g} GiB free: "
-            "free some space or write elsewhere, or pass --allow-large if it compresses enough"
-        )
-
-
-def check_grid_size(width: int, height: int, max_pixels: int | None = MAX_PIXELS, what: str = "the output grid") -> None:
+def check_grid_size(
+    width: int,
+    height: int,
+    max_pixels: int | None = MAX_PIXELS,
+    what: str = "the output grid",
+    fix: str = "check --resolution/--crs, or pass --max-pixels N / --allow-large to insist",
+) -> None:
     """Refuse a grid of more than ``max_pixels`` pixels (None: no limit) before any work is planned."""
     pixels = int(width) * int(height)
     if max_pixels is not None and pixels > max_pixels:
         raise InputError(
-            f"{what} would be {width} x {height} px ({pixels:.3g} px, more than the limit of {max_pixels:.3g}): "
-            "check --resolution/--crs, or pass --max-pixels N / --allow-large to insist"
+            f"{what} would be {width} x {height} px ({pixels:.3g} px, more than the limit of {max_pixels:.3g}): {fix}"
         )
 
 

@@ -69,15 +69,59 @@ class TrainSettings:
     device: str = "auto"
     amp: bool | None = None
     """bf16 autocast; None means on for CUDA, off on CPU."""
+    torch_threads: int | None = None
+    """torch intra-op threads of the training process; None: :func:`default_threads`."""
 
     def check(self) -> None:
+        """Refuse values the loop cannot run with (one line naming the option)."""
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0 or self.warmup < 0 or self.val_every < 0:
-            raise InputError("--workers, --warmup and --val-every must be >= 0")
-        if self.lr <= 0:
-            raise InputError(f"--lr must be > 0, got {self.lr}")
+            _require(name, getattr(self, name), "a whole number >= 1", lambda v: isinstance(v, int) and v >= 1)
+        if self.torch_threads is not None:
+            _require("torch_threads", self.torch_threads, "a whole number >= 1", lambda v: isinstance(v, int) and v >= 1)
+        for name in ("workers", "warmup", "val_every", "seed"):
+            _require(name, getattr(self, name), "a whole number >= 0", lambda v: isinstance(v, int) and v >= 0)
+        _require("lr", self.lr, "a number > 0", lambda v: math.isfinite(v) and v > 0)
+        for name in ("weight_decay", "grad_clip", "min_lr"):
+            _require(name, getattr(self, name), "a number >= 0", lambda v: math.isfinite(v) and v >= 0)
+        check_device(self.device)
+
+
+def _require(name: str, value: Any, what: str, ok: Callable[[Any], bool]) -> None:
+    try:
+        good = not isinstance(value, bool) and ok(value)
+    except TypeError:
+        good = False
+    if not good:
+        raise InputError(f"{name}= (--{name.replace('_', '-')}) must be {what}, got {value!r}")
+
+
+DEVICE_KINDS = ("cpu", "cuda")
+
+
+def check_device(name: str | None) -> str | None:
+    """Refuse a device name torch or tilefuse cannot use (``auto``/None pass): one line naming the choices."""
+    if name is None or name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_KINDS:
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    return name
+
+
+def default_threads() -> int:
+    """torch threads for training where none is asked: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _one_thread(_worker_id: int) -> None:
+    """DataLoader workers cut and normalise patches: one torch thread each, not one per core."""
+    torch.set_num_threads(1)
 
 
 def cosine_factor(step: int, total: int, warmup: int = 0, floor: float = 0.0) -> float:
@@ -89,6 +133,7 @@ def cosine_factor(step: int, total: int, warmup: int = 0, floor: float = 0.0) ->
 
 
 def resolve_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -240,6 +285,7 @@ def make_loader(dataset: PatchDataset, batch_size: int, workers: int, seed: int,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=pin,
+        worker_init_fn=_one_thread if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -266,7 +312,22 @@ def validate(model: TileModel, loader: DataLoader, device: torch.device, amp: bo
     return confusion
 
 
-def fit(
+def fit(model: TileModel, config: ModelConfig, train_data: PatchDataset, val_data: PatchDataset | None, settings: TrainSettings, run: RunDir, **options: Any) -> dict[str, Any]:
+    """Train ``model`` for ``settings.steps`` iterations into ``run`` (see :func:`_fit` for ``options``).
+
+    torch runs with ``settings.torch_threads`` intra-op threads (default
+    :func:`default_threads`) for the run and gets its previous count back after.
+    """
+    settings.check()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.torch_threads or default_threads())
+    try:
+        return _fit(model, config, train_data, val_data, settings, run, **options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(
     model: TileModel,
     config: ModelConfig,
     train_data: PatchDataset,
