@@ -143,14 +143,14 @@ def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
     if isinstance(byte_range, SuffixByteRequest):
         if len(data) != byte_range.suffix:
             return "truncated"
-        return None if not check.index_checksum or _crc_ok(data) else "shard index checksum mismatch (truncated or overwritten)"
+        return None if not check.index_checksum or _crc_ok(data) else "shard index checksum mismatch: truncated or overwritten"
     if byte_range is not None:
         return None  # offset requests: zarr does not make them for tilefuse's layouts
     if len(data) < index_size:
         return "truncated"
     index = data[-index_size:] if check.index_at_end else data[:index_size]
     if check.index_checksum and not _crc_ok(index):
-        return "shard index checksum mismatch (truncated or overwritten)"
+        return "shard index checksum mismatch: truncated or overwritten"
     entries = np.frombuffer(index[: check.inner * _INDEX_ENTRY], dtype="<u8").reshape(-1, 2)
     for offset, length in entries:
         if offset == _EMPTY:
