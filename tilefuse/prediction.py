@@ -15,9 +15,12 @@ A prediction store has the grid, CRS and ``spatial_ref`` of its scene and holds
 
 The store is created empty (labels read as 255) under a temporary name and
 renamed into place; blocks are then written in place, each as whole chunks or
-shards, and marked done after their data. A reader can therefore always tell a
-complete store from a partial one, and ``--resume`` recomputes only the blocks
-not marked done.
+shards (one key per block, fill-valued chunks included, crc32c-checksummed:
+:mod:`tilefuse.storage`), and marked done after their data. A reader can
+therefore always tell a complete store from a partial one, and a missing or
+damaged chunk of a done block is an error, never nodata; ``--resume``
+recomputes the blocks not marked done and those whose data is damaged.
+Consolidated metadata is rewritten whenever the attrs change.
 """
 
 from __future__ import annotations
