@@ -1,20 +1,42 @@
-"""PAD and S²Fin on real TerraMind chips (S1RTC + S2L2A, LULC labels) against a per-pixel baseline.
+"""PAD and S²Fin on small real chips against per-pixel baselines, in two protocols.
 
-Train on three chips, test on the fourth (never seen, no validation split:
-the last checkpoint is scored). All methods are scored on the held-out chip:
+    .venv/bin/python benchmarks/real_data.py --protocol same-region --methods logreg,hgb,pad,s2fin
+    .venv/bin/python benchmarks/real_data.py --protocol leave-one-out --datasets terramind
 
-- the whole chip (every labelled pixel), for PAD (tiled inference through
-  ``tilefuse predict``) and the logistic-regression baselines;
-- a uniform sample of labelled pixels of the chip, for all methods alike
-  (S²Fin's dense inference costs several ms per pixel on a CPU).
+Datasets (``../shared/data``, see its README): ``terramind`` (4 chips, S2L2A
+12 bands + S1RTC 2 bands, LULC labels; chip 609U holds one class) and
+``sen1floods11`` (one chip, S2 13 bands + S1, binary water). Each dataset trains
+its own models (their band counts and classes differ).
 
-Baselines: per-pixel multinomial logistic regression (torch, LBFGS) on the
-stacked normalised bands (12 optical + 2 SAR), fitted on every labelled
-training pixel, and on S²Fin's few labelled pixels only.
+Protocols:
 
-    .venv/bin/python benchmarks/real_data.py [--data ../shared/data/terramind] [--work /tmp/tilefuse-real]
+- ``same-region``: every chip is cut into a top part (training) and a bottom
+  part (test, never seen), with ``--gap`` rows between them (at least the
+  model's context); one model is trained on the training parts of every chip
+  of the dataset and scored on each test part.
+- ``leave-one-out``: for each chip, train on the other chips, test on it.
 
-Needs ../shared/data (see its README); small CPU presets and short schedules.
+The parts are written as cropped GeoTIFFs (rasterio windows) into ``--work``
+and ingested as separate stores, so a model can never read a test pixel while
+training. Everything goes through the public API (``tilefuse.ingest``,
+``tilefuse.train``, ``tilefuse.predict``, ``tilefuse.evaluate``'s confusion
+matrix).
+
+Methods (``--methods``), all scored on the same test pixels (every labelled
+test pixel, or ``--score-pixels`` uniform ones per chip):
+
+- ``logreg``, ``hgb``: per-pixel multinomial logistic regression and
+  HistGradientBoosting (scikit-learn, the ``bench`` extra) on the stacked,
+  standardised bands of every labelled training pixel;
+- ``pad``: PAD (``--pad-preset``), tiled inference with ``tilefuse.predict``;
+- ``s2fin``: S²Fin on ``--pixels-per-class`` labelled pixels per class, with
+  ``logreg-few`` and ``hgb-few`` fitted on exactly those pixels.
+
+Prints OA, mIoU and kappa per test chip and pooled (summed confusion
+matrices), and the wall time of each method (training + prediction); writes
+``results.json`` into ``--work``. Extra training options go through
+``--pad-option KEY=VALUE`` / ``--s2fin-option`` (and ``--pad-hparam`` /
+``--s2fin-hparam``), as to ``tilefuse.train``.
 """
 
 from __future__ import annotations
@@ -22,165 +44,346 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
 # TerraMind LULC codes (ESRI-style, 0 unused) -> contiguous class ids
-CODES = {1: "water", 2: "trees", 3: "flooded_vegetation", 4: "crops", 5: "built_area", 6: "bare_ground", 7: "snow_ice", 8: "clouds", 9: "rangeland"}
-LABEL_MAP = {code: i for i, code in enumerate(CODES)} | {0: 255}
-CLASS_NAMES = list(CODES.values())
-CHIPS = ["282D_485L_3_3", "433D_629L_3_1", "609U_541L_3_0", "637U_59R_1_3"]
+TM_CODES = {1: "water", 2: "trees", 3: "flooded_vegetation", 4: "crops", 5: "built_area", 6: "bare_ground", 7: "snow_ice", 8: "clouds", 9: "rangeland"}
 
 
-def ingest_chips(data: Path, work: Path) -> dict[str, Path]:
-    from tilefuse.pipelines.ingest import ingest
-
-    stores = {}
-    for chip in CHIPS:
-        path = work / f"{chip}.zarr"
-        if not path.exists():
-            ingest(
-                path,
-                {"optical": data / "S2L2A" / f"{chip}.tif", "sar": data / "S1RTC" / f"{chip}.tif"},
-                labels=data / "LULC" / f"{chip}.tif",
-                label_map=LABEL_MAP,
-                class_names=CLASS_NAMES,
-            )
-        stores[chip] = path
-    return stores
+@dataclass
+class Dataset:
+    name: str
+    chips: dict[str, dict[str, Path]]  # chip -> {"optical": tif, "sar": tif, "labels": tif}
+    label_map: dict[int, int]
+    class_names: list[str]
 
 
-def stacked_pixels(store: Path, band_stats: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(pixels, 14) normalised bands and (pixels,) labels (255 where unlabelled or not valid) of a whole chip."""
-    from tilefuse.scene import IGNORE, normalise, open_scene
-
-    ds = open_scene(store)
-    bands = [
-        normalise(ds[m].values, np.asarray(band_stats[m]["mean"], np.float32), np.asarray(band_stats[m]["std"], np.float32))
-        for m in ("optical", "sar")
-    ]
-    x = np.concatenate(bands).reshape(len(bands[0]) + len(bands[1]), -1).T
-    y = np.where(ds["valid"].values, ds["label"].values, IGNORE).ravel()
-    return x, y
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, classes: int, iterations: int = 200):
-    """Multinomial logistic regression by full-batch LBFGS (small L2)."""
-    import torch
-
-    torch.manual_seed(0)
-    features, target = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-    model = torch.nn.Linear(x.shape[1], classes)
-    optimiser = torch.optim.LBFGS(model.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(features), target) + 1e-4 * model.weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    return lambda values: model(torch.from_numpy(values)).argmax(1).numpy()
+def datasets(root: Path) -> dict[str, Dataset]:
+    tm = root / "terramind"
+    chips = sorted(p.stem for p in (tm / "LULC").glob("*.tif"))
+    flood = root / "sen1floods11"
+    flood_chips = sorted(p.name.removesuffix("_LabelHand.tif") for p in (flood / "Labels").glob("*.tif"))
+    return {
+        "terramind": Dataset(
+            "terramind",
+            {c: {"optical": tm / "S2L2A" / f"{c}.tif", "sar": tm / "S1RTC" / f"{c}.tif", "labels": tm / "LULC" / f"{c}.tif"} for c in chips},
+            {code: i for i, code in enumerate(TM_CODES)} | {0: 255},
+            list(TM_CODES.values()),
+        ),
+        "sen1floods11": Dataset(
+            "sen1floods11",
+            {
+                c: {
+                    "optical": next((flood / "S2").glob(f"{c}*.tif")),
+                    "sar": next((flood / "S1").glob(f"{c}*.tif")),
+                    "labels": next((flood / "Labels").glob(f"{c}*.tif")),
+                }
+                for c in flood_chips
+            },
+            {-1: 255, 0: 0, 1: 1},
+            ["not_water", "water"],
+        ),
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "terramind")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tilefuse-real"))
-    parser.add_argument("--test", default="637U_59R_1_3")
-    parser.add_argument("--pad-steps", type=int, default=60)
-    parser.add_argument("--s2fin-steps", type=int, default=150)
-    parser.add_argument("--pixels-per-class", type=int, default=50)
-    parser.add_argument("--subset", type=int, default=4000, help="labelled test pixels scored for every method")
-    args = parser.parse_args()
+def crop(src: Path, dst: Path, rows: slice) -> Path:
+    """Rows ``rows`` of GeoTIFF ``src`` as GeoTIFF ``dst`` (same georeference, shifted)."""
+    import rasterio
+    from rasterio.windows import Window
 
-    import torch
+    with rasterio.open(src) as f:
+        start, stop, _ = rows.indices(f.height)
+        window = Window(0, start, f.width, stop - start)
+        profile = f.profile | {"height": stop - start, "transform": f.window_transform(window)}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.update(tiled=False)
+        data = f.read(window=window)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data)
+    return dst
 
-    from tilefuse.checkpoint import load_checkpoint
-    from tilefuse.dataset import PatchDataset
-    from tilefuse.metrics import ConfusionMatrix, format_metrics
-    from tilefuse.pipelines.evaluate import evaluate
-    from tilefuse.pipelines.predict import predict
-    from tilefuse.pipelines.train import train
-    from tilefuse.prediction import open_prediction
+
+def ingest_part(ds: Dataset, chip: str, part: str, rows: slice, work: Path) -> Path:
+    import tilefuse
+
+    store = work / ds.name / f"{chip}-{part}.zarr"
+    if store.exists():
+        return store
+    files = {key: crop(path, work / ds.name / "tif" / f"{chip}-{part}-{key}.tif", rows) for key, path in ds.chips[chip].items()}
+    labels = files.pop("labels")
+    return tilefuse.ingest(store, files, labels=labels, label_map=ds.label_map, class_names=ds.class_names)
+
+
+@dataclass
+class Fold:
+    train: list[Path]
+    test: dict[str, Path]  # chip -> store
+
+
+def folds(ds: Dataset, protocol: str, work: Path, test_rows: int, gap: int) -> list[Fold]:
+    import rasterio
+
+    if protocol == "same-region":
+        train, test = [], {}
+        for chip, files in ds.chips.items():
+            with rasterio.open(files["labels"]) as f:
+                height = f.height
+            train.append(ingest_part(ds, chip, "train", slice(0, height - test_rows - gap), work))
+            test[chip] = ingest_part(ds, chip, "test", slice(height - test_rows, height), work)
+        return [Fold(train, test)]
+    if protocol == "leave-one-out":
+        whole = {chip: ingest_part(ds, chip, "whole", slice(None), work) for chip in ds.chips}
+        if len(whole) < 2:
+            return []
+        return [Fold([s for c, s in whole.items() if c != chip], {chip: whole[chip]}) for chip in whole]
+    raise SystemExit(f"unknown protocol {protocol!r}: use same-region or leave-one-out")
+
+
+# ---- pixels -------------------------------------------------------------------------------------
+
+def stacked(store: Path, stats: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pixels, bands) standardised bands, (pixels,) labels (255 = none / not valid), and the width."""
+    import tilefuse
+    from tilefuse.scene import IGNORE, normalise
+
+    scene = tilefuse.open_scene(store)
+    bands = [normalise(scene[m].values, np.asarray(stats[m]["mean"]), np.asarray(stats[m]["std"])) for m in ("optical", "sar")]
+    x = np.concatenate(bands).reshape(sum(len(b) for b in bands), -1).T
+    y = np.where(scene["valid"].values, scene["label"].values, IGNORE).ravel()
+    return x, y, scene.sizes["x"]
+
+
+def scored_pixels(store: Path, count: int | None, seed: int = 0) -> np.ndarray:
+    """Flat indices of the labelled pixels scored on ``store`` (all, or ``count`` uniform ones)."""
+    import tilefuse
+    from tilefuse.scene import IGNORE
+
+    scene = tilefuse.open_scene(store)
+    y = np.where(scene["valid"].values, scene["label"].values, IGNORE).ravel()
+    index = np.flatnonzero(y != IGNORE)
+    if count is not None and count < len(index):
+        index = np.sort(np.random.default_rng(seed).choice(index, count, replace=False))
+    return index
+
+
+def fit_pixels(kind: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """A per-pixel classifier: ``logreg`` (multinomial, L2) or ``hgb`` (HistGradientBoosting)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y)) == 1:
+        only = y[0]
+        return lambda values: np.full(len(values), only)
+    if kind == "logreg":
+        model = LogisticRegression(max_iter=500, C=1.0)
+    else:
+        model = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, early_stopping=False, random_state=seed)
+    model.fit(x, y)
+    return model.predict
+
+
+# ---- methods: each trains on a fold and returns chip -> predicted labels at the scored pixels --------
+
+@dataclass
+class Context:
+    ds: Dataset
+    fold: Fold
+    work: Path
+    scored: dict[str, np.ndarray]  # chip -> flat indices
+    args: argparse.Namespace
+    cache: dict = field(default_factory=dict)
+
+    def stats(self) -> dict:
+        from tilefuse.dataset import pooled_band_stats
+        import tilefuse
+
+        if "stats" not in self.cache:
+            self.cache["stats"] = pooled_band_stats([tilefuse.open_scene(s) for s in self.fold.train], ["optical", "sar"])
+        return self.cache["stats"]
+
+
+def run_pixel_baseline(kind: str, ctx: Context, few: bool = False) -> dict[str, np.ndarray]:
+    from tilefuse.scene import IGNORE
+
+    stats = ctx.stats()
+    data = [stacked(s, stats) for s in ctx.fold.train]
+    if few:  # exactly S²Fin's labelled pixels (same sampler arguments and seed as tilefuse.train)
+        pixels = s2fin_pixels(ctx)
+        x = np.stack([data[s][0][r * data[s][2] + c] for s, r, c, _ in pixels.tolist()])
+        y = pixels[:, 3]
+    else:
+        x, y = np.concatenate([d[0] for d in data]), np.concatenate([d[1] for d in data])
+        keep = y != IGNORE
+        x, y = x[keep], y[keep]
+    classify = fit_pixels(kind, x, y)
+    return {chip: classify(stacked(store, stats)[0][ctx.scored[chip]]) for chip, store in ctx.fold.test.items()}
+
+
+def parse_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def s2fin_options(ctx: Context) -> dict:
+    return {"steps": 300, "batch_size": 32, "lr": 1e-3, "pixels_per_class": ctx.args.pixels_per_class, "allow_fewer": True} | parse_options(ctx.args.s2fin_option)
+
+
+def s2fin_pixels(ctx: Context) -> np.ndarray:
     from tilefuse.sampling import LabelledPixelSampler
-    from tilefuse.scene import IGNORE, open_scene
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    stores = ingest_chips(args.data, args.work)
-    train_stores = [stores[c] for c in CHIPS if c != args.test]
-    test_store = stores[args.test]
-    k = len(CLASS_NAMES)
-    results, timings = {}, {}
-
-    t0 = time.perf_counter()
-    pad_run = train(
-        "pad", train_stores, args.work / "pad", steps=args.pad_steps, batch_size=8, patch_size=128, lr=1e-3,
-        val_fraction=0.0, workers=0, checkpoint_every=args.pad_steps, hparams={"preset": "atto"}, overwrite=True, progress=False,
-    )
-    timings["PAD train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    predict(pad_run, test_store, args.work / "pad-pred.zarr", tile=224, cluster="sync", overwrite=True, progress=False)
-    timings["PAD predict (chip)"] = time.perf_counter() - t0
-    results["PAD atto, whole chip"] = evaluate(args.work / "pad-pred.zarr", test_store)
-
-    t0 = time.perf_counter()
-    s2_run = train(
-        "s2fin", train_stores, args.work / "s2fin", steps=args.s2fin_steps, batch_size=32, pixels_per_class=args.pixels_per_class,
-        allow_fewer=True, lr=1e-3, val_fraction=0.0, workers=0, checkpoint_every=args.s2fin_steps, overwrite=True, progress=False,
-    )
-    timings["S2Fin train"] = time.perf_counter() - t0
-    s2_model, s2_config = load_checkpoint(s2_run)
-    stats = s2_config.band_stats
-
-    # the subset every method is scored on: uniform labelled pixels of the test chip, with 11 x 11 neighbourhoods
-    subset = LabelledPixelSampler([test_store], ["optical", "sar"], 11, args.subset, per_class=False, repeat=False, allow_fewer=True, seed=0)
-    rows, cols = subset.pixels[:, 1], subset.pixels[:, 2]
-    truth = subset.pixels[:, 3]
-
-    t0 = time.perf_counter()
-    confusion = ConfusionMatrix(k)
-    loader = torch.utils.data.DataLoader(PatchDataset(subset, stats, margin=5, augment=False), batch_size=256)
-    with torch.no_grad():
-        for inputs, target in loader:
-            confusion.update(s2_model(inputs).argmax(1), target)
-    timings[f"S2Fin predict ({len(truth)} px)"] = time.perf_counter() - t0
-    results["S2Fin, pixel subset"] = confusion.compute(CLASS_NAMES)
-
-    pad_labels = open_prediction(args.work / "pad-pred.zarr")["labels"].values
-    results["PAD atto, pixel subset"] = ConfusionMatrix(k).update(pad_labels[rows, cols], truth).compute(CLASS_NAMES)
-
-    # baselines on the same normalisation (pooled training statistics)
-    train_x, train_y = zip(*(stacked_pixels(s, stats) for s in train_stores))
-    x, y = np.concatenate(train_x), np.concatenate(train_y)
-    keep = y != IGNORE
-    test_x, test_y = stacked_pixels(test_store, stats)
-    width = open_scene(test_store).sizes["x"]
-    few = LabelledPixelSampler(  # the pixels S²Fin trained on (same arguments and seed as `train` used)
-        train_stores, ["optical", "sar"], 11, args.pixels_per_class, allow_fewer=True, class_names=CLASS_NAMES, seed=42
+    options = s2fin_options(ctx)
+    patch = int(parse_options(ctx.args.s2fin_hparam).get("patch_size", 11))
+    names = list(ctx.ds.class_names)
+    return LabelledPixelSampler(
+        [str(Path(p).resolve()) for p in ctx.fold.train], ["optical", "sar"], patch, options["pixels_per_class"],
+        allow_fewer=options["allow_fewer"], class_names=names, seed=int(options.get("seed", 42)),
     ).pixels
-    widths = [open_scene(s).sizes["x"] for s in train_stores]
-    few_x = np.stack([train_x[s][r * widths[s] + c] for s, r, c, _ in few.tolist()])
-    for name, (fx, fy) in {
-        "logistic regression, all training pixels": (x[keep], y[keep]),
-        f"logistic regression, {args.pixels_per_class} px/class (S2Fin's pixels)": (few_x, few[:, 3]),
-    }.items():
-        t0 = time.perf_counter()
-        classify = fit_logistic(fx, fy, k)
-        timings[name] = time.perf_counter() - t0
-        predicted = classify(test_x)
-        results[f"{name}, whole chip"] = ConfusionMatrix(k).update(predicted, test_y).compute(CLASS_NAMES)
-        results[f"{name}, pixel subset"] = ConfusionMatrix(k).update(predicted.reshape(-1, width)[rows, cols], truth).compute(CLASS_NAMES)
 
-    print(f"\ntrain chips {', '.join(c for c in CHIPS if c != args.test)}; test chip {args.test} ({len(truth)} px subset)")
-    print(f"{'method':<70} {'OA':>6} {'mIoU':>6} {'kappa':>6}")
-    for name, m in results.items():
-        kappa = "-" if m["kappa"] is None else f"{m['kappa']:.3f}"
-        print(f"{name:<70} {m['overall_accuracy']:6.3f} {m['mean_iou']:6.3f} {kappa:>6}")
-    print("\nseconds: " + ", ".join(f"{n} {v:.0f}" for n, v in timings.items()))
-    print("\nPAD, whole chip:\n" + format_metrics(results["PAD atto, whole chip"]))
-    (args.work / "results.json").write_text(json.dumps({"results": results, "seconds": timings}, indent=2))
+
+def run_pad(ctx: Context) -> dict[str, np.ndarray]:
+    import tilefuse
+
+    options = {"steps": 300, "batch_size": 8, "patch_size": 96, "lr": 1e-3} | parse_options(ctx.args.pad_option)
+    hparams = {"preset": ctx.args.pad_preset} | parse_options(ctx.args.pad_hparam)
+    run = tilefuse.train(
+        "pad", ctx.fold.train, ctx.work / "pad-run", hparams=hparams, val_fraction=0.0, workers=0,
+        checkpoint_every=options["steps"], overwrite=True, progress=False, **options,
+    )
+    out = {}
+    for chip, store in ctx.fold.test.items():
+        pred = ctx.work / f"pad-{chip}.zarr"
+        tilefuse.predict(run, store, pred, tile=224, cluster="sync", overwrite=True, progress=False)
+        out[chip] = tilefuse.open_prediction(pred)["labels"].values.ravel()[ctx.scored[chip]]
+    return out
+
+
+def run_s2fin(ctx: Context) -> dict[str, np.ndarray]:
+    import torch
+
+    import tilefuse
+    from tilefuse.dataset import PatchDataset
+    from tilefuse.sampling import LabelledPixelSampler
+
+    options = s2fin_options(ctx)
+    run = tilefuse.train(
+        "s2fin", ctx.fold.train, ctx.work / "s2fin-run", hparams=parse_options(ctx.args.s2fin_hparam), val_fraction=0.0,
+        workers=0, checkpoint_every=options["steps"], overwrite=True, progress=False, **options,
+    )
+    model, config = tilefuse.load_checkpoint(run)
+    model.eval()
+    m = model.spec.margin
+    out = {}
+    for chip, store in ctx.fold.test.items():
+        # the scored pixels' neighbourhoods: every labelled pixel in store order, then pick the scored ones
+        sampler = LabelledPixelSampler([store], ["optical", "sar"], 2 * m + 1, 10**9, per_class=False, repeat=False, allow_fewer=True, seed=0)
+        width = tilefuse.open_scene(store).sizes["x"]
+        flat = sampler.pixels[:, 1] * width + sampler.pixels[:, 2]
+        predicted = np.full(int(flat.max()) + 1 if len(flat) else 0, 255, np.int64)
+        wanted = np.isin(flat, ctx.scored[chip])
+        sampler.pixels = sampler.pixels[wanted]
+        labels = []
+        loader = torch.utils.data.DataLoader(PatchDataset(sampler, config.band_stats, margin=m, augment=False), batch_size=256)
+        with torch.no_grad():
+            for inputs, _ in loader:
+                labels.append(model(inputs).argmax(1).reshape(-1))
+        predicted[flat[wanted]] = torch.cat(labels).numpy() if labels else []
+        out[chip] = predicted[ctx.scored[chip]]
+    return out
+
+
+METHODS: dict[str, Callable[[Context], dict[str, np.ndarray]]] = {
+    "logreg": lambda ctx: run_pixel_baseline("logreg", ctx),
+    "hgb": lambda ctx: run_pixel_baseline("hgb", ctx),
+    "pad": run_pad,
+    "s2fin": run_s2fin,
+    "logreg-few": lambda ctx: run_pixel_baseline("logreg", ctx, few=True),
+    "hgb-few": lambda ctx: run_pixel_baseline("hgb", ctx, few=True),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tilefuse-real"))
+    parser.add_argument("--protocol", default="same-region", choices=["same-region", "leave-one-out"])
+    parser.add_argument("--datasets", default="terramind,sen1floods11")
+    parser.add_argument("--methods", default="logreg,hgb,pad,s2fin,logreg-few,hgb-few")
+    parser.add_argument("--test-rows", type=int, default=64, help="same-region: bottom rows of each chip held out for testing")
+    parser.add_argument("--gap", type=int, default=32, help="same-region: rows between the training and test parts")
+    parser.add_argument("--score-pixels", type=int, default=None, help="score this many uniform labelled pixels per test chip [all]")
+    parser.add_argument("--pixels-per-class", type=int, default=50)
+    parser.add_argument("--pad-preset", default="atto")
+    parser.add_argument("--pad-option", action="append", default=[], help="KEY=VALUE training option for PAD (steps=300, lr=...)")
+    parser.add_argument("--pad-hparam", action="append", default=[])
+    parser.add_argument("--s2fin-option", action="append", default=[])
+    parser.add_argument("--s2fin-hparam", action="append", default=[])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from tilefuse.metrics import ConfusionMatrix
+
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    known = datasets(args.data)
+    report: dict = {"protocol": args.protocol, "args": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        ds = known[name]
+        k = len(ds.class_names)
+        per_chip: dict[str, dict[str, ConfusionMatrix]] = {m: {} for m in methods}
+        seconds = {m: 0.0 for m in methods}
+        for i, fold in enumerate(folds(ds, args.protocol, args.work, args.test_rows, args.gap)):
+            scored = {chip: scored_pixels(store, args.score_pixels) for chip, store in fold.test.items()}
+            truth = {chip: stacked(store, {m: {"mean": [0.0], "std": [1.0]} for m in ("optical", "sar")})[1][scored[chip]] for chip, store in fold.test.items()}
+            work = args.work / ds.name / f"{args.protocol}-{i}"
+            work.mkdir(parents=True, exist_ok=True)
+            ctx = Context(ds, fold, work, scored, args)
+            for method in methods:
+                t0 = time.perf_counter()
+                predicted = METHODS[method](ctx)
+                seconds[method] += time.perf_counter() - t0
+                for chip, labels in predicted.items():
+                    per_chip[method][chip] = ConfusionMatrix(k).update(np.asarray(labels), truth[chip])
+                print(f"  {ds.name} fold {i} {method}: {seconds[method]:.0f} s", flush=True)
+        results = {}
+        print(f"\n{ds.name}, {args.protocol}: OA / mIoU / kappa (test pixels scored: {args.score_pixels or 'all'})")
+        chips = sorted({c for m in per_chip.values() for c in m})
+        print(f"{'method':<12}" + "".join(f"{c[:13]:>22}" for c in chips) + f"{'pooled':>22}{'seconds':>9}")
+        for method in methods:
+            pooled = ConfusionMatrix(k)
+            row = {}
+            for chip in chips:
+                pooled.merge(per_chip[method][chip])
+                row[chip] = per_chip[method][chip].compute(ds.class_names)
+            row["pooled"] = pooled.compute(ds.class_names)
+            results[method] = {"metrics": row, "seconds": seconds[method]}
+            cells = "".join(_cell(row[c]) for c in [*chips, "pooled"])
+            print(f"{method:<12}{cells}{seconds[method]:9.0f}")
+        report["datasets"][ds.name] = results
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / f"results-{args.protocol}.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _cell(m: dict) -> str:
+    kappa = "  -  " if m.get("kappa") is None else f"{m['kappa']:.3f}"
+    return f"  {m['overall_accuracy']:.3f}/{m['mean_iou']:.3f}/{kappa:>6}"
 
 
 if __name__ == "__main__":
