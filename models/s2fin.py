@@ -12,6 +12,8 @@ patch (SAR or LiDAR, C_a bands) and the optical spectrum at the centre pixel:
   an offline PCA, so the model stays a pure function of the scene store;
 - spectral stream: the projected centre spectrum, embedded by a 1-D conv over
   neighbouring bands (one token per projected band, plus position embeddings);
+  ``spectrum="raw"`` tokenises the raw, wavelength-ordered centre spectrum instead
+  (one token per input band), so the spectral high-pass runs along wavelength;
 - spatial streams: a 3x3 conv stem per modality to ``dim`` channels;
 - HFSET (twice): top-k sparse attention of the spectral tokens over themselves and
   pooled spatial tokens; from its output a threshold tau and per-channel gains set
@@ -36,7 +38,9 @@ About 0.61 M parameters with the defaults, nearly independent of the band counts
 no blending. A (B, C, T+P-1, T+P-1) tile gives (B, K, T, T) logits, computed by
 cutting every pixel's patch with ``unfold`` in sub-batches of at most
 ``max_patches_per_batch`` patches (at least one per batch item), so memory is
-bounded whatever the tile size. An input of exactly P x P gives (B, K, 1, 1): the
+bounded whatever the tile size. The 1x1 band projection is applied to the whole
+tile before ``unfold`` (exact: it is per pixel), so the cut patches carry
+``spectral_tokens`` channels, not C_o. An input of exactly P x P gives (B, K, 1, 1): the
 training sampler's labelled-pixel batches go through the very same forward, and
 the default :meth:`TileModel.compute_loss` (cross-entropy, 255 ignored) is the
 centre-pixel loss.
@@ -54,6 +58,10 @@ from torch import nn
 from tilefuse.errors import InputError
 from tilefuse.models.layers import ACTIVE, OPTICAL, assign_roles, check_inputs, float32_spectra
 from tilefuse.tile_model import TileModel, TileModelSpec, register_model
+
+SPECTRA = ("projected", "raw")
+"""What the spectral stream tokenises: the learned band projection of the centre spectrum, or the raw
+wavelength-ordered centre spectrum (one token per band, so the spectral FFT runs along wavelength)."""
 
 
 def soft_high_pass(frequency: torch.Tensor, threshold: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -250,18 +258,23 @@ class S2FinClassifier(nn.Module):
         spectral_tokens: int = 32,
         heads: int = 4,
         topk: int = 8,
+        spectrum: str = "projected",
     ) -> None:
         super().__init__()
+        if spectrum not in SPECTRA:
+            raise InputError(f"S²Fin spectrum= must be one of {', '.join(SPECTRA)}, got {spectrum!r}")
         self.patch_size = patch_size
+        self.spectrum = spectrum
+        tokens = spectral_tokens if spectrum == "projected" else optical_bands
         self.band_projection = nn.Conv2d(optical_bands, spectral_tokens, 1)
         self.spectral_embedding = nn.Conv1d(1, dim, 3, padding=1)
-        self.token_position = nn.Parameter(torch.zeros(1, spectral_tokens, dim))
+        self.token_position = nn.Parameter(torch.zeros(1, tokens, dim))
         nn.init.trunc_normal_(self.token_position, std=0.02)
         self.optical_stem = ConvBNGELU(spectral_tokens, dim)
         self.active_stem = ConvBNGELU(active_bands, dim)
         self.hfset = nn.ModuleList([HFSET(dim, heads, topk), HFSET(dim, heads, topk)])
         self.afcm = AFCM(dim)
-        self.ssaf = SSAF(dim, spectral_tokens)
+        self.ssaf = SSAF(dim, tokens)
         self.hfrm = HFRM()
         self.optical_blocks = nn.ModuleList(ResidualConvBlock(dim) for _ in range(3))
         self.active_blocks = nn.ModuleList(ResidualConvBlock(dim) for _ in range(3))
@@ -278,8 +291,14 @@ class S2FinClassifier(nn.Module):
 
     def forward(self, optical: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         c = self.patch_size // 2
-        projected = self.band_projection(optical)
-        spectrum = projected[:, :, c, c]
+        return self.classify(self.band_projection(optical), optical[:, :, c, c], active)
+
+    def classify(self, projected: torch.Tensor, centre: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K) from band-projected optical patches (N, T, P, P), the raw centre spectra (N, C_o)
+        and active patches (N, C_a, P, P). The projection is per pixel (1x1), so projecting a whole tile
+        and cutting patches afterwards gives exactly the patches of the projected tile."""
+        c = self.patch_size // 2
+        spectrum = projected[:, :, c, c] if self.spectrum == "projected" else centre
         tokens = self.spectral_embedding(spectrum[:, None, :]).transpose(1, 2) + self.token_position
         o, a = self.optical_stem(projected), self.active_stem(active)
         tokens = self.hfset[0](tokens, self._context(o, a))
@@ -323,6 +342,7 @@ class S2FinModel(TileModel):
         topk: int = 8,
         max_patches_per_batch: int = 2048,
         roles: Mapping[str, str] | Sequence[str] | None = None,
+        spectrum: str = "projected",
     ) -> None:
         super().__init__()
         if patch_size < 3 or patch_size % 2 == 0:
@@ -335,7 +355,7 @@ class S2FinModel(TileModel):
         self.patch_size = patch_size
         self.max_patches_per_batch = max_patches_per_batch
         self.classifier = S2FinClassifier(
-            modalities[self.optical], modalities[self.active], num_classes, patch_size, dim, spectral_tokens, heads, topk
+            modalities[self.optical], modalities[self.active], num_classes, patch_size, dim, spectral_tokens, heads, topk, spectrum
         )
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -349,6 +369,8 @@ class S2FinModel(TileModel):
             raise InputError(f"S²Fin needs inputs of at least {p}x{p} pixels (patch size), got {tuple(o.shape[2:])}")
         if batch == 0:
             return o.new_zeros(0, self.spec.num_classes, height, width)
+        projected = self.classifier.band_projection(o)  # once per tile, then cut: exact, T/C_o of the unfold memory
+        c = p // 2
         budget = self.max_patches_per_batch
         cols_per = max(1, min(width, budget // batch))
         rows_per = max(1, budget // (batch * cols_per))
@@ -359,7 +381,8 @@ class S2FinModel(TileModel):
             for x0 in range(0, width, cols_per):
                 x1 = min(width, x0 + cols_per)
                 window = (slice(None), slice(None), slice(y0, y1 + p - 1), slice(x0, x1 + p - 1))
-                logits = self.classifier(unfold_patches(o[window], p), unfold_patches(a[window], p))
+                centre = o[:, :, y0 + c : y1 + c, x0 + c : x1 + c].permute(0, 2, 3, 1).reshape(-1, o.shape[1])
+                logits = self.classifier.classify(unfold_patches(projected[window], p), centre, unfold_patches(a[window], p))
                 pieces.append(logits.view(batch, y1 - y0, x1 - x0, -1).permute(0, 3, 1, 2))
             rows.append(torch.cat(pieces, dim=3))
         return torch.cat(rows, dim=2)

@@ -89,10 +89,11 @@ def test_spec_margin_and_no_blending():
     assert model.spec.modalities == MODALITIES
 
 
-def test_dense_tile_equals_patch_classifier_pixel_by_pixel():
+@pytest.mark.parametrize("spectrum", ["projected", "raw"])
+def test_dense_tile_equals_patch_classifier_pixel_by_pixel(spectrum):
     torch.manual_seed(0)
     p = 11
-    model = S2FinModel(MODALITIES, 5, patch_size=p, dim=32, spectral_tokens=16, max_patches_per_batch=5).eval()
+    model = S2FinModel(MODALITIES, 5, patch_size=p, dim=32, spectral_tokens=16, max_patches_per_batch=5, spectrum=spectrum).eval()
     tile = _tile(2, (4 + p - 1, 3 + p - 1))  # 2 x 12 pixels in sub-batches of at most 5 patches
     with torch.no_grad():
         dense = model(tile)
@@ -108,11 +109,28 @@ def test_dense_tile_equals_patch_classifier_pixel_by_pixel():
 def test_dense_sub_batches_stay_within_budget():
     model = S2FinModel(MODALITIES, 3, max_patches_per_batch=16).eval()
     sizes = []
-    model.classifier.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    channels = []
+
+    def seen(module, args, out):
+        sizes.append(args[0].shape[0])
+        channels.append(args[0].shape[1])
+
+    model.classifier.optical_stem.register_forward_hook(seen)
     with torch.no_grad():
         out = model(_tile(2, (9 + 10, 13 + 10)))
     assert out.shape == (2, 3, 9, 13)
     assert max(sizes) <= 16 and sum(sizes) == 2 * 9 * 13
+    # the band projection runs on the tile before unfold: patches carry spectral_tokens channels
+    assert set(channels) == {model.classifier.band_projection.out_channels}
+
+
+def test_raw_spectrum_tokens_follow_the_band_count():
+    model = S2FinModel({"hsi": 48, "lidar": 1}, 3, dim=16, spectral_tokens=8, spectrum="raw").eval()
+    assert model.classifier.token_position.shape[1] == 48
+    with torch.no_grad():
+        assert model(_tile(1, (12, 12), {"hsi": 48, "lidar": 1})).shape == (1, 3, 2, 2)
+    with pytest.raises(InputError, match="spectrum="):
+        S2FinModel(MODALITIES, 3, spectrum="pca")
 
 
 def test_a_few_training_steps_reduce_the_loss():
