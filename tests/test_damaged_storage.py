@@ -209,3 +209,24 @@ def test_train_on_a_damaged_label_fails_with_one_line(pristine, tmp_path):
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     one_line_naming(result.stderr, "label")
+
+
+def test_sharded_prediction_blocks_are_checked_and_repaired(tmp_path):
+    """Blocks of 1024 px are shards of 512 px chunks (the default layout, scaled down): one shard per block."""
+    scene = write_scene(labelled_scene(1100, 300, seed=5), tmp_path / "scene.zarr", chunk=512, shard=1024)
+    model = build_pointwise(MODALITIES, len(CLASSES))
+    checkpoint = save_checkpoint(model, ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), {"seed": 0}, list(CLASSES), {}), tmp_path / "ckpt")
+    out = tmp_path / "pred.zarr"
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(scene), "--out", str(out), "--probs"]
+    args += ["--tile", "128", "--overlap", "16", "--block-size", "1024", "--batch-size", "2", "--cluster", "sync"]
+    assert main(args) == 0
+    assert zarr.open_group(out, mode="r")["labels"].shards is not None
+    reference = open_prediction(out).load()
+    damage(out, "labels", (1, 0), "truncate")
+    damage(out, "probs", (0, 0, 0), "overwrite")
+    with pytest.raises(InputError, match=r"shard \((1, 0|0, 0, 0)\) of '(labels|probs)'"):
+        open_prediction(out).load()
+    assert main([*args, "--resume"]) == 0
+    repaired = open_prediction(out).load()
+    for var in ("labels", "probs"):
+        np.testing.assert_array_equal(repaired[var].values, reference[var].values)

@@ -201,6 +201,12 @@ def done_blocks(path: str | os.PathLike) -> np.ndarray:
     return group[MANIFEST][...].astype(bool)
 
 
+def _block_keys(check: storage.ArrayCheck, row: int, col: int) -> list[tuple[int, ...]]:
+    """Key indices of block (row, col) in an output array (one key per block and class chunk)."""
+    lead = np.ndindex(*(-(-n // u) for n, u in zip(check.shape[:-2], check.unit[:-2])))
+    return [(*index, int(row), int(col)) for index in lead]
+
+
 def damaged_blocks(path: str | os.PathLike, done: np.ndarray | None = None) -> list[tuple[int, int]]:
     """Blocks marked done whose ``labels``/``probs`` keys are missing, truncated or fail their checksum.
 
@@ -219,8 +225,7 @@ def damaged_blocks(path: str | os.PathLike, done: np.ndarray | None = None) -> l
             check = checks.get(name)
             if check is None:
                 continue
-            lead = np.ndindex(*(-(-n // u) for n, u in zip(check.shape[:-2], check.unit[:-2])))
-            if any(storage.key_problem(path, check, (*index, int(row), int(col))) for index in lead):
+            if any(storage.key_problem(path, check, index) for index in _block_keys(check, row, col)):
                 damaged.append((int(row), int(col)))
                 break
     return damaged
@@ -229,16 +234,20 @@ def damaged_blocks(path: str | os.PathLike, done: np.ndarray | None = None) -> l
 def pending_blocks(path: str | os.PathLike, grid: TileGrid) -> list[Block]:
     """Blocks to (re)compute, in row-major order: those not marked done, and done ones whose data is damaged.
 
-    A damaged block is first unmarked (and the store marked incomplete), so the
-    store never claims a block it does not hold.
+    A damaged block is first unmarked and its keys removed (and the store
+    marked incomplete), so the store never claims a block it does not hold.
     """
     done = done_blocks(path)
     damaged = damaged_blocks(path, done)
     if damaged:
         group = zarr.open_group(path, mode="r+")
+        checks = storage.checks_for(group)
         for row, col in damaged:
             group[MANIFEST][row, col] = 0
             done[row, col] = False
+            for name in OUTPUTS:  # the block's keys go: a rewrite must not read (merge into) damaged bytes
+                for index in _block_keys(checks[name], row, col) if name in checks else []:
+                    Path(path, storage.chunk_key(name, index)).unlink(missing_ok=True)
         group.attrs["complete"] = False
         storage.consolidate(path)
     return [block for block in grid.blocks() if not done[block]]

@@ -96,7 +96,8 @@ def encoding_for(var: xr.DataArray, chunk: int = CHUNK, shard: int | None = SHAR
             # a shard must hold whole chunks; it may run past the array's edge
             edges = (min(shard, -(-n // chunk) * chunk) for n in var.shape[-2:])
             enc["shards"] = (*((var.shape[0],) if var.ndim == 3 else ()), *edges)
-            enc["chunks"] = (*((var.shape[0],) if var.ndim == 3 else ()), *spatial)
+            # whole chunk edges inside a shard (a side shorter than ``chunk`` would not divide the shard)
+            enc["chunks"] = (*((var.shape[0],) if var.ndim == 3 else ()), chunk, chunk)
     if np.issubdtype(var.dtype, np.floating):
         enc["fill_value"] = np.nan
     return enc
