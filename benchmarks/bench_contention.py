@@ -9,11 +9,12 @@ policy and torch's threads are what the child would get from that
 environment.
 
     python benchmarks/bench_contention.py --repeats 3 --hogs 2
-    python benchmarks/bench_contention.py --variants active,default   # before/after in one run
+    python benchmarks/bench_contention.py --variants before,default   # before/after in one run
 
-Variants: ``default`` (what a user gets), ``active`` / ``passive`` (OpenMP
-told to spin / to sleep while waiting, whatever tilefuse's default;
-``active`` is how torch ran before tilefuse set a default), ``threads1``
+Variants: ``default`` (what a user gets: tilefuse sets OpenMP's wait policy
+to PASSIVE unless the environment sets one), ``before`` (libgomp's own
+default, as before tilefuse set one: spin a while, then sleep), ``active`` /
+``passive`` (OpenMP told to spin / to sleep while waiting), ``threads1``
 (one torch thread).
 """
 
@@ -44,6 +45,7 @@ print(json.dumps({"steps_per_s": [r["samples_per_s"] / 4 for r in records[1:]], 
 
 VARIANTS = {
     "default": ({}, "none"),
+    "before": ({"OMP_WAIT_POLICY": ""}, "none"),  # set but empty: libgomp's own default (spin, then sleep)
     "active": ({"OMP_WAIT_POLICY": "ACTIVE"}, "none"),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "none"),
     "threads1": ({}, "1"),

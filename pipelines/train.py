@@ -155,6 +155,8 @@ def train(
     resume state, ``log.jsonl``, ``curves.png`` and ``metrics.json``.
     ``resume`` continues a stopped run exactly; ``overwrite`` replaces one.
     """
+    import tilefuse.training  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
     import numpy as np
     import torch
 

@@ -27,7 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+# OpenMP threads that wait for work sleep instead of spinning (libgomp reads this when torch loads it;
+# where torch was imported already, or the user set it, it changes nothing). Spinning threads take
+# the cores from their own busy siblings when other processes compete for the CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after the wait policy)
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
