@@ -4,8 +4,11 @@ Each DataLoader worker runs its own stream of the sampler (stream = worker id,
 rotated by ``stream_offset`` on resume) and opens the stores itself, so the
 dataset works with the ``forkserver`` and ``spawn`` start methods. Samples are
 normalised with the band statistics the model is trained with, transformed by
-the same random flip/rotation across every modality and the labels, and cropped
-to the model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
+the same random flip/rotation across every modality and the labels (and, with
+``rescale=(low, high)``, the same random rescale by a factor drawn log-uniformly in
+that range, then a random crop back to the patch size, zero / ignore padded where
+the rescaled patch is smaller: PAD's paper augmentation; patch models only), and
+cropped to the model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
 LongTensor(P - 2 margin, P - 2 margin))``.
 
 Exact resume: a DataLoader over an endless ``IterableDataset`` takes batch
@@ -22,6 +25,7 @@ from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import xarray as xr
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -108,17 +112,30 @@ class PatchDataset(IterableDataset):
         margin: int = 0,
         augment: bool = True,
         state: StreamState | None = None,
+        rescale: tuple[float, float] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        if rescale is not None:
+            low, high = (float(v) for v in rescale)
+            if not 0 < low <= high:
+                raise ValueError(f"rescale must be (low, high) with 0 < low <= high, got {rescale!r}")
+            if margin:
+                raise ValueError("rescale is for patch models (margin 0): it would move a pixel model's centre pixel")
+            rescale = (low, high)
         self.sampler = sampler
         self.band_stats = band_stats
         self.margin = int(margin)
         self.augment = augment
         self.state = state
+        self.rescale = rescale
+        self.seed = int(seed)
 
     def with_state(self, state: StreamState) -> "PatchDataset":
         """The same dataset, continuing from ``state``."""
-        return PatchDataset(self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state)
+        return PatchDataset(
+            self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale, seed=self.seed
+        )
 
     def _stream(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -136,12 +153,43 @@ class PatchDataset(IterableDataset):
             for name, s in self.band_stats.items()
         }
         m = self.margin
-        for sample in self.sampler.iter_stream(stream, streams, start):
+        for position, sample in enumerate(self.sampler.iter_stream(stream, streams, start), start):
             k = sample.dihedral if self.augment else 0
             inputs = {}
             for name in self.sampler.modalities:
                 data = normalise(apply_dihedral(sample.data[name], k), *stats[name])
                 inputs[name] = torch.from_numpy(np.ascontiguousarray(data))
-            label = apply_dihedral(sample.label, k)
-            label = label[m : label.shape[0] - m, m : label.shape[1] - m]
-            yield inputs, torch.from_numpy(label.astype(np.int64))
+            label = torch.from_numpy(np.ascontiguousarray(apply_dihedral(sample.label, k)).astype(np.int64))
+            if self.augment and self.rescale is not None:
+                # drawn from (seed, stream, position): the same sample gets the same rescale on resume
+                rng = np.random.default_rng((self.seed, stream, position))
+                inputs, label = rescale_and_crop(inputs, label, float(np.exp(rng.uniform(*np.log(self.rescale)))), rng)
+            yield inputs, label[m : label.shape[0] - m, m : label.shape[1] - m]
+
+
+def rescale_and_crop(
+    inputs: dict[str, torch.Tensor], label: torch.Tensor, factor: float, rng: np.random.Generator
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rescale (C, P, P) ``inputs`` (bilinear) and (P, P) ``label`` (nearest) by ``factor``, then cut one
+    P x P window at a random place: inside the rescaled patch when it is larger, around it (inputs 0, the
+    normalised band mean; labels IGNORE) when it is smaller."""
+    from tilefuse.scene import IGNORE
+
+    size = label.shape[-1]
+    scaled = max(1, int(round(size * factor)))
+    if scaled == size:
+        return inputs, label
+    grown = {
+        n: F.interpolate(v[None], size=(scaled, scaled), mode="bilinear", align_corners=False)[0] for n, v in inputs.items()
+    }
+    grown_label = F.interpolate(label[None, None].float(), size=(scaled, scaled), mode="nearest")[0, 0].long()
+    if scaled > size:
+        y, x = (int(v) for v in rng.integers(0, scaled - size + 1, size=2))
+        return {n: v[:, y : y + size, x : x + size].contiguous() for n, v in grown.items()}, grown_label[y : y + size, x : x + size].contiguous()
+    y, x = (int(v) for v in rng.integers(0, size - scaled + 1, size=2))
+    out = {n: v.new_zeros(v.shape[0], size, size) for n, v in grown.items()}
+    for n, v in grown.items():
+        out[n][:, y : y + scaled, x : x + scaled] = v
+    out_label = label.new_full((size, size), IGNORE)
+    out_label[y : y + scaled, x : x + scaled] = grown_label
+    return out, out_label
