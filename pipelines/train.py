@@ -47,6 +47,8 @@ class DataOptions:
     window: int = 1024
     patches_per_window: int = 64
     windows_per_round: int = 8
+    rescale: Optional[list[float]] = None
+    """Patch models: random rescale by a factor in [low, high] then crop (PAD's paper: [0.5, 2]); None = off."""
 
     def check(self) -> None:
         """Refuse values no sampler can run with (one line naming the option)."""
@@ -279,10 +281,20 @@ def train(
         context = spec.margin if pixels else data.patch_size // 2
         (run.path / SPLIT_FILE).write_text(json.dumps({"stores": paths, "context": context, **split.to_dict()}))
     fit(
-        net, config, PatchDataset(sampler, band_stats, margin=spec.margin, augment=True), val_data, settings, run,
+        net, config, PatchDataset(sampler, band_stats, margin=spec.margin, augment=True, rescale=_rescale(data, pixels), seed=settings.seed),
+        val_data, settings, run,
         job=job, resume=resume, progress=progress, val_batch_size=max(256, settings.batch_size) if pixels else None,
     )
     return run.path
+
+
+def _rescale(data: DataOptions, pixels: bool) -> tuple[float, float] | None:
+    if data.rescale is None:
+        return None
+    value = data.rescale
+    if pixels or not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in value) or value[0] > value[1]:
+        raise InputError(f"rescale= must be [low, high] with 0 < low <= high, for patch models only; got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 def _parse_hparams(items: list[str] | None) -> dict[str, Any] | None:
