@@ -195,20 +195,22 @@ def test_truncated_shard_never_crashes_predict_in_a_codec(pristine, tmp_path, la
     assert zarr.open_group(out, mode="r").attrs["complete"] is False
 
 
-def test_train_on_a_damaged_label_fails_with_one_line(pristine, tmp_path):
-    """Through DataLoader worker processes (the default), the error stays one line."""
+@pytest.mark.parametrize("name", ["label", "optical"])
+def test_train_on_a_damaged_store_fails_with_one_line(pristine, tmp_path, name):
+    """Labels are read while planning, a modality only inside DataLoader worker processes (the default):
+    either way the error is one line."""
     _, stores, _, _ = pristine
     store = tmp_path / "scene.zarr"
     shutil.copytree(stores["shards"], store)
-    for index in np.ndindex(2, 2):  # every label shard: any patch meets one
-        damage(store, "label", index, "overwrite")
+    for index in np.ndindex(2, 2):  # every shard: any patch meets one
+        damage(store, name, (0,) * (name == "optical") + index, "overwrite")
     tests = str(Path(__file__).parent)
     code = "import sys; sys.path.insert(0, %r); import test_training; from tilefuse.cli import main; sys.exit(main(sys.argv[1:]))" % tests
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["train", "--model", "test-seg", "--store", str(store), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--patch-size", "32", "--quiet"]
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    one_line_naming(result.stderr, "label")
+    one_line_naming(result.stderr, name)
 
 
 def test_sharded_prediction_blocks_are_checked_and_repaired(tmp_path):
