@@ -147,7 +147,7 @@ def create_prediction(
         # compute=False writes metadata and coordinates only; unwritten chunks read as the fill value
         ds.to_zarr(
             tmp, mode="w-", zarr_format=3, encoding=storage.with_checksums(ds, encoding), compute=False, consolidated=False,
-            write_empty_chunks=storage.WRITE_EMPTY["write_empty_chunks"],
+            write_empty_chunks=storage.WRITE_EMPTY_CHUNKS,
         )
         storage.consolidate(tmp)
     return path

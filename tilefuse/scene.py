@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 from tilefuse.errors import InputError
-from tilefuse.storage import FORMAT, FORMAT_ATTR, WRITE_EMPTY, compressors, consolidate, with_checksums
+from tilefuse.storage import FORMAT, FORMAT_ATTR, WRITE_EMPTY_CHUNKS, compressors, consolidate, with_checksums
 
 IGNORE = 255
 """Label value meaning "no label" (scene stores) or "no prediction" (prediction stores)."""
@@ -194,7 +194,7 @@ def write_scene(
     with create(path, "scene", inputs=inputs, overwrite=overwrite, size=size, lock=True) as tmp:
         writer = ds.to_zarr(
             tmp, mode="w-", zarr_format=3, encoding=with_checksums(ds, encoding), compute=False, consolidated=False,
-            write_empty_chunks=WRITE_EMPTY["write_empty_chunks"],
+            write_empty_chunks=WRITE_EMPTY_CHUNKS,
         )
         if progress:
             from dask.diagnostics import ProgressBar

@@ -1,11 +1,11 @@
 """How tilefuse writes and opens zarr arrays: checksummed, complete, consolidated.
 
-Contract (DESIGN.md, "Reads verify"):
+Contract (DESIGN.md, "Data safety": reads verify):
 
 - **Writes.** Every array tilefuse writes ends its codec chain with zarr v3's
   ``crc32c`` codec (:func:`compressors`), inside shards too (the shard index
   carries its own crc32c by zarr's default), and every chunk is written even
-  when it holds only the fill value (:data:`WRITE_EMPTY`). A store written so
+  when it holds only the fill value (:data:`WRITE_EMPTY_CHUNKS`). A store written so
   records ``tilefuse_storage = 1`` (:data:`FORMAT_ATTR`) in its root attrs:
   from then on an absent chunk means a damaged store, never "fill value".
   Prediction stores write their ``labels``/``probs`` block by block: there a
@@ -16,8 +16,12 @@ Contract (DESIGN.md, "Reads verify"):
   chunk (or shard, or chunk inside a shard) *before* zarr decodes it: an absent
   key that the store promises, a crc32c mismatch, a truncated shard or chunk
   raise :class:`~tilefuse.errors.InputError` naming the store, the array, the
-  chunk index and its pixel region. So no codec ever sees damaged bytes, and
-  the error keeps its type through dask (threads, processes, distributed).
+  chunk index and its pixel region, e.g. ``scene.zarr: shard (0, 1, 1) of
+  'optical' (rows 2048:4096, cols 2048:4096) is missing: the store is corrupt,
+  re-ingest it``. So no codec ever sees damaged bytes, and the error keeps its
+  type through dask (threads, distributed workers) and DataLoader workers.
+  :func:`verify_store` and :func:`key_problem` run the same checks over the
+  stored bytes directly (``tilefuse info``, ``predict --resume``'s repair).
   Stores written before this format (no marker) still open; their chunks are
   checked wherever their arrays carry crc32c, and absent chunks read as fill.
 - **Consolidated metadata.** :func:`consolidate` writes zarr v3 consolidated
@@ -45,8 +49,8 @@ from tilefuse.errors import InputError
 FORMAT_ATTR = "tilefuse_storage"
 """Root attr of stores whose every chunk is checksummed and written (value: :data:`FORMAT`)."""
 FORMAT = 1
-WRITE_EMPTY = {"write_empty_chunks": True}
-"""zarr array config of every tilefuse write: chunks equal to the fill value are written too."""
+WRITE_EMPTY_CHUNKS = True
+"""Every tilefuse write stores chunks equal to the fill value too (``to_zarr(write_empty_chunks=...)``, :func:`writing`)."""
 _CRC = 4
 _INDEX_ENTRY = 16
 _EMPTY = 2**64 - 1
@@ -54,7 +58,7 @@ _EMPTY = 2**64 - 1
 
 def writing():
     """Context in which zarr arrays opened for writing write fill-valued chunks too (block writes)."""
-    return zarr.config.set({"array.write_empty_chunks": True})
+    return zarr.config.set({"array.write_empty_chunks": WRITE_EMPTY_CHUNKS})
 
 
 def compressors() -> list:
