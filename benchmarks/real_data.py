@@ -273,8 +273,8 @@ def run_s2fin(ctx: Context) -> dict[str, np.ndarray]:
     import torch
 
     import tilefuse
-    from tilefuse.dataset import PatchDataset
     from tilefuse.sampling import LabelledPixelSampler
+    from tilefuse.scene import normalise
 
     options = s2fin_options(ctx)
     run = tilefuse.train(
@@ -284,22 +284,31 @@ def run_s2fin(ctx: Context) -> dict[str, np.ndarray]:
     model, config = tilefuse.load_checkpoint(run)
     model.eval()
     m = model.spec.margin
+    stats = {n: (np.asarray(v["mean"], np.float32), np.asarray(v["std"], np.float32)) for n, v in config.band_stats.items()}
     out = {}
     for chip, store in ctx.fold.test.items():
-        # the scored pixels' neighbourhoods: every labelled pixel in store order, then pick the scored ones
-        sampler = LabelledPixelSampler([store], ["optical", "sar"], 2 * m + 1, 10**9, per_class=False, repeat=False, allow_fewer=True, seed=0)
+        # the scored pixels' neighbourhoods; the sampler yields them shuffled, each naming its place
         width = tilefuse.open_scene(store).sizes["x"]
+        sampler = LabelledPixelSampler([store], ["optical", "sar"], 2 * m + 1, 10**9, per_class=False, repeat=False, allow_fewer=True, seed=0)
         flat = sampler.pixels[:, 1] * width + sampler.pixels[:, 2]
-        predicted = np.full(int(flat.max()) + 1 if len(flat) else 0, 255, np.int64)
-        wanted = np.isin(flat, ctx.scored[chip])
-        sampler.pixels = sampler.pixels[wanted]
-        labels = []
-        loader = torch.utils.data.DataLoader(PatchDataset(sampler, config.band_stats, margin=m, augment=False), batch_size=256)
-        with torch.no_grad():
-            for inputs, _ in loader:
-                labels.append(model(inputs).argmax(1).reshape(-1))
-        predicted[flat[wanted]] = torch.cat(labels).numpy() if labels else []
-        out[chip] = predicted[ctx.scored[chip]]
+        sampler.pixels = sampler.pixels[np.isin(flat, ctx.scored[chip])]
+        predicted: dict[int, int] = {}
+        batch: list = []
+
+        def flush() -> None:
+            inputs = {n: torch.from_numpy(np.stack([normalise(b.data[n], *stats[n]) for b in batch])) for n in ("optical", "sar")}
+            with torch.no_grad():
+                labels = model(inputs).argmax(1).reshape(-1).tolist()
+            predicted.update({(b.y + m) * width + (b.x + m): label for b, label in zip(batch, labels)})
+            batch.clear()
+
+        for sample in sampler.iter_stream():
+            batch.append(sample)
+            if len(batch) == 256:
+                flush()
+        if batch:
+            flush()
+        out[chip] = np.array([predicted.get(int(i), 255) for i in ctx.scored[chip]])
     return out
 
 
