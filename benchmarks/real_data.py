@@ -18,9 +18,11 @@ Protocols:
 
 The parts are written as cropped GeoTIFFs (rasterio windows) into ``--work``
 and ingested as separate stores, so a model can never read a test pixel while
-training. Everything goes through the public API (``tilefuse.ingest``,
-``tilefuse.train``, ``tilefuse.predict``, ``tilefuse.evaluate``'s confusion
-matrix).
+training. Models go through the public API (``tilefuse.ingest``,
+``tilefuse.train``, ``tilefuse.predict``); every method is scored with
+``tilefuse.metrics.ConfusionMatrix`` (what ``tilefuse.evaluate`` computes) on
+the same pixels, S²Fin's on its labelled-pixel patches (dense S²Fin over a
+whole test part costs minutes on a CPU).
 
 Methods (``--methods``), all scored on the same test pixels (every labelled
 test pixel, or ``--score-pixels`` uniform ones per chip):
