@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -227,3 +228,13 @@ def test_bad_inputs(rasters, tmp_path):
     (tmp_path / "exists.zarr").mkdir()
     with pytest.raises(InputError, match="overwrite=True"):
         from_xarray(tmp_path / "exists.zarr", {"optical": lazy(rasters["optical"][0])})
+
+
+def test_output_onto_a_source_raster_is_refused(rasters):
+    """The files the arrays were opened from are inputs: the output may not be, hold or lie inside them."""
+    source = Path(rasters["optical"][0])
+    before = source.read_bytes()
+    for out in (source, source.parent, source.parent.parent):
+        with pytest.raises(InputError, match="input"):
+            from_xarray(out, {"optical": lazy(source)}, overwrite=True)
+    assert source.read_bytes() == before

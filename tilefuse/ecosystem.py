@@ -350,9 +350,21 @@ def from_xarray(
     from tilefuse.rasters import GDAL_CACHE_BYTES
     from tilefuse.scene import write_scene
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists: choose another output or pass overwrite=True")
     ds = scene_from_xarray(modalities, labels, **options)
+    inputs = _sources([*modalities.values(), labels])
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
-        return write_scene(ds, out, overwrite=overwrite, progress=progress)
+        return write_scene(ds, Path(out), overwrite=overwrite, progress=progress, inputs=inputs)
+
+
+def _sources(items) -> list[str]:
+    """Files the inputs were opened from (xarray and rioxarray keep them in ``encoding["source"]``)."""
+    found: list[str] = []
+    for item in items:
+        if isinstance(item, xr.Dataset):
+            found += _sources(item.data_vars.values())
+        elif isinstance(item, xr.DataArray):
+            source = item.encoding.get("source")
+            found += [source] if isinstance(source, (str, os.PathLike)) else []
+        elif isinstance(item, (list, tuple)):
+            found += _sources(item)
+    return found
