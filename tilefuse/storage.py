@@ -189,23 +189,35 @@ def _parse_key(key: str) -> tuple[str, tuple[int, ...]] | None:
 
 
 def _orphans_quiet(loop) -> None:
-    """On zarr's event loop, drop "Task was destroyed but it is pending" reports.
+    """On zarr's event loop, drop the reports of orphaned sibling reads.
 
     When one chunk read raises (our InputError), zarr's ``asyncio.gather`` of
     the sibling reads is abandoned and asyncio reports each orphaned task when
-    it is collected: noise after the one-line error. Anything else goes to the
-    default handler.
+    it is collected ("Task was destroyed but it is pending"), or when it fails
+    later because the interpreter is shutting zarr's thread pool down ("Task
+    exception was never retrieved"): noise after the one-line error. Anything
+    else goes to the default handler.
     """
     if getattr(loop, "_tilefuse_quiet", False):
         return
 
     def handler(loop, context):
-        if str(context.get("message", "")).startswith("Task was destroyed but it is pending"):
+        message = str(context.get("message", ""))
+        if message.startswith("Task was destroyed but it is pending"):
+            return
+        if message.startswith("Task exception was never retrieved") and _orphan_error(context.get("exception")):
             return
         loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
     loop._tilefuse_quiet = True
+
+
+def _orphan_error(error: BaseException | None) -> bool:
+    """An abandoned sibling read's own failure: another damaged chunk, or zarr's pool already shut at exit."""
+    if isinstance(error, InputError):
+        return True
+    return isinstance(error, RuntimeError) and "after shutdown" in str(error)
 
 
 class VerifiedStore(WrapperStore):
