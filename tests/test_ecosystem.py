@@ -225,9 +225,12 @@ def test_bad_inputs(rasters, tmp_path):
     elsewhere = elsewhere.assign_coords(x=elsewhere.x + 1e7)
     with pytest.raises(InputError, match="does not overlap"):
         scene_from_xarray({"optical": lazy(rasters["optical"][0]), "sar": elsewhere})
-    (tmp_path / "exists.zarr").mkdir()
+    (tmp_path / "foreign.zarr").mkdir()
+    with pytest.raises(InputError, match="never replaced, even with overwrite"):
+        from_xarray(tmp_path / "foreign.zarr", {"optical": lazy(rasters["optical"][0])}, overwrite=True)
+    from_xarray(tmp_path / "ours.zarr", {"optical": lazy(rasters["optical"][0])})
     with pytest.raises(InputError, match="overwrite=True"):
-        from_xarray(tmp_path / "exists.zarr", {"optical": lazy(rasters["optical"][0])})
+        from_xarray(tmp_path / "ours.zarr", {"optical": lazy(rasters["optical"][0])})
 
 
 def test_output_onto_a_source_raster_is_refused(rasters):

@@ -195,7 +195,8 @@ def _orphans_quiet(loop) -> None:
     the sibling reads is abandoned and asyncio reports each orphaned task when
     it is collected ("Task was destroyed but it is pending"), or when it fails
     later because the interpreter is shutting zarr's thread pool down ("Task
-    exception was never retrieved"): noise after the one-line error. Anything
+    exception was never retrieved"; reads never started warn "coroutine ... was
+    never awaited"): noise after the one-line error. Anything
     else goes to the default handler.
     """
     if getattr(loop, "_tilefuse_quiet", False):
@@ -211,6 +212,8 @@ def _orphans_quiet(loop) -> None:
 
     loop.set_exception_handler(handler)
     loop._tilefuse_quiet = True
+    # sibling reads zarr had created but never started are collected unawaited (at exit, say)
+    warnings.filterwarnings("ignore", message=r"coroutine 'concurrent_map\.<locals>\.run' was never awaited", category=RuntimeWarning)
 
 
 def _orphan_error(error: BaseException | None) -> bool:
