@@ -336,6 +336,8 @@ class _WindowWriter:
     def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
         from rasterio.windows import Window
 
+        if self.dataset.closed:  # the store failed elsewhere and the files were closed: nothing to write into
+            raise RuntimeError(f"{self.dataset.name} is closed")
         rows, cols = key[-2:]
         window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
         self.dataset.write(value if self.bands else value[None], window=window)
@@ -396,6 +398,13 @@ def write_geotiffs(
             # one store call: chunks shared by several files (a synthetic scene's layers) are computed once
             from dask.diagnostics import ProgressBar
 
-            with ProgressBar() if progress else contextlib.nullcontext():
-                da.store(sources, targets, lock=threading.Lock())
+            lock = threading.Lock()  # held by every window write, so files never close under one
+            try:
+                with ProgressBar() if progress else contextlib.nullcontext():
+                    da.store(sources, targets, lock=lock)
+            except BaseException:
+                # dask raises while other threads still write: close the files only between their writes
+                with lock:
+                    files.close()
+                raise
     return paths
