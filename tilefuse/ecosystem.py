@@ -44,6 +44,7 @@ from tilefuse.rasters import (
     RasterSource,
     _check_overlap,
     array_onto_grid,
+    parse_crs,
     parse_label_map,
     reference_grid,
     scene_dataset,
@@ -74,17 +75,11 @@ def _spatial_dims(obj: Input, what: str) -> tuple[str, str]:
 
 
 def _crs(obj: Input, what: str, assume_crs):
-    from rasterio.crs import CRS
-    from rasterio.errors import CRSError
-
     crs = obj.rio.crs
     if crs is None:
         if assume_crs is None:
             raise InputError(f"{what} has no CRS: set it with .rio.write_crs('EPSG:...') or pass crs=")
-        try:
-            crs = CRS.from_user_input(assume_crs)
-        except CRSError:
-            raise InputError(f"crs={assume_crs!r} is not a CRS rasterio understands: use e.g. 'EPSG:32632'") from None
+        crs = parse_crs(assume_crs, "crs=")
     return crs
 
 

@@ -181,9 +181,8 @@ def open_source(
     ``assume_crs`` is taken for a raster without a CRS.
     """
     import rasterio
-    from rasterio.crs import CRS
     from rasterio.enums import MaskFlags
-    from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
     path_text, bands = split_bands(str(spec))
     path = Path(path_text)
@@ -210,10 +209,7 @@ def open_source(
         if crs is None:
             if assume_crs is None:
                 raise InputError(f"{what}: {path} has no CRS: pass --crs (e.g. --crs EPSG:32611) to say which it is in")
-            try:
-                crs = CRS.from_user_input(assume_crs)
-            except CRSError:
-                raise InputError(f"--crs {assume_crs!r} is not a CRS rasterio understands: use e.g. EPSG:32632") from None
+            crs = parse_crs(assume_crs)
         if src.transform.is_identity:
             raise InputError(f"{what}: {path} has no geotransform (not georeferenced): georeference it first, e.g. with gdalwarp")
         dtypes = {src.dtypes[b - 1] for b in bands}
@@ -269,19 +265,25 @@ def _footprint(source: RasterSource) -> tuple[float, float, float, float]:
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def reference_grid(source: RasterSource, crs: str | None = None, resolution: float | tuple[float, float] | None = None) -> Grid:
-    """The grid of ``source``, or its extent in ``crs`` and/or at ``resolution`` (north-up)."""
+def parse_crs(value, flag: str = "--crs"):
+    """``value`` (EPSG code, WKT, PROJ string, CRS object) as a rasterio CRS, or one line naming ``flag``."""
     from rasterio.crs import CRS
     from rasterio.errors import CRSError
+
+    try:
+        return CRS.from_user_input(value)
+    except CRSError:
+        raise InputError(f"{flag} {value!r} is not a CRS rasterio understands: use e.g. EPSG:32632") from None
+
+
+def reference_grid(source: RasterSource, crs: str | None = None, resolution: float | tuple[float, float] | None = None) -> Grid:
+    """The grid of ``source``, or its extent in ``crs`` and/or at ``resolution`` (north-up)."""
     from rasterio.warp import calculate_default_transform
 
     t = source.transform
     target = source.crs
     if crs is not None:
-        try:
-            target = CRS.from_user_input(crs)
-        except CRSError:
-            raise InputError(f"--crs {crs!r} is not a CRS rasterio understands: use e.g. EPSG:32632") from None
+        target = parse_crs(crs)
     north_up = t.b == 0 and t.d == 0 and t.a > 0 and t.e < 0
     if target == source.crs and resolution is None and north_up:
         return Grid(source.crs, t, source.width, source.height)
