@@ -22,9 +22,8 @@ from typing import Annotated
 
 import typer
 
+from tilefuse.classes import IGNORE
 from tilefuse.errors import InputError
-
-NODATA = 255
 
 
 def _overview_count(height: int, width: int, smallest: int = 128) -> int:
@@ -61,7 +60,7 @@ def export(
     height, width = labels.shape
     class_names = list(labels.attrs.get("class_names") or ds.attrs.get("class_names", []))
     colormap = {k: (*rgb, 255) for k, rgb in enumerate(class_colors(max(1, len(class_names))))}
-    colormap[NODATA] = (0, 0, 0, 0)
+    colormap[IGNORE] = (0, 0, 0, 0)
 
     size = height * width // 64  # labels compress well; a lower bound
     with output_lock(out, inputs=[prediction]), create(out, "geotiff", inputs=[prediction], overwrite=overwrite, size=size) as tmp:
@@ -77,7 +76,7 @@ def export(
                 "dtype": "uint8",
                 "crs": ds.rio.crs,
                 "transform": ds.rio.transform(),
-                "nodata": NODATA,
+                "nodata": IGNORE,
                 "tiled": True,
                 "blockxsize": blocksize,
                 "blockysize": blocksize,

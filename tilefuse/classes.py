@@ -16,6 +16,10 @@ from typing import Sequence
 
 from tilefuse.errors import InputError
 
+IGNORE = 255
+"""The label value meaning "no class": unlabelled (scene stores), no prediction (prediction stores, GeoTIFF
+nodata), and the index losses and metrics skip. Its one name; ``tilefuse.scene.IGNORE`` is the same object."""
+
 
 def default_class_name(class_id: int) -> str:
     """The name ingest gives a label id it knows no name for."""
@@ -33,8 +37,6 @@ def store_class_names(ds) -> list[str]:
     The highest id comes from the ``class_counts`` ingest records; a store without
     them (written by another tool) is scanned once.
     """
-    from tilefuse.scene import IGNORE
-
     label = ds["label"]
     names = [str(n) for n in (label.attrs.get("class_names") or [])]
     counts = label.attrs.get("class_counts")

@@ -28,11 +28,10 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from tilefuse.classes import IGNORE
 from tilefuse.errors import InputError
 from tilefuse.storage import FORMAT, FORMAT_ATTR, WRITE_EMPTY_CHUNKS, compressors, consolidate, with_checksums
 
-IGNORE = 255
-"""Label value meaning "no label" (scene stores) or "no prediction" (prediction stores)."""
 STORE_KIND = "tilefuse_store"
 CHUNK = 512
 """Spatial chunk edge of every array; a power of two, so chunks nest inside prediction blocks."""

@@ -23,10 +23,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from tilefuse.classes import IGNORE
 from tilefuse.errors import InputError
-
-IGNORE_INDEX = 255
-"""Label value that adds nothing to a loss (the same value as ``tilefuse.scene.IGNORE``)."""
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -37,9 +35,9 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} (B, h, w)")
     target = target.long()
-    if not bool((target != IGNORE_INDEX).any()):
+    if not bool((target != IGNORE).any()):
         return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE)
 
 
 @dataclass(frozen=True)
