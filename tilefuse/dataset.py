@@ -1,8 +1,12 @@
 """Training data as a torch ``IterableDataset`` over a sampler of scene stores.
 
-Each DataLoader worker runs its own stream of the sampler (stream = worker id,
-rotated by ``stream_offset`` on resume) and opens the stores itself, so the
-dataset works with the ``forkserver`` and ``spawn`` start methods. Samples are
+Each DataLoader worker of each rank runs its own stream of the sampler (of
+``world x workers`` streams, :class:`StreamState`; :meth:`PatchDataset.for_rank`
+picks the rank's share) and opens the stores itself, so the dataset works with
+the ``forkserver`` and ``spawn`` start methods. The samplers' streams are
+independent draws of one law (random patches) or disjoint shares of one epoch
+(labelled pixels, validation tiles), so the union over ranks and workers is the
+one-process law. Samples are
 normalised with the band statistics the model is trained with, transformed by
 the same random flip/rotation across every modality and the labels (and, with
 ``rescale=(low, high)``, the same random rescale by a factor drawn log-uniformly in
@@ -13,9 +17,10 @@ LongTensor(P - 2 margin, P - 2 margin))``.
 
 Exact resume: a DataLoader over an endless ``IterableDataset`` takes batch
 ``i`` from worker ``i % workers``, and each worker batches consecutive samples
-of its stream. :meth:`PatchDataset.after` turns "``n`` batches consumed" into
+of its stream. :meth:`StreamState.after` turns "``n`` batches consumed" into
 the per-stream starting points and stream rotation that make a new DataLoader
-continue with exactly the batches an uninterrupted one would have produced.
+continue with exactly the batches an uninterrupted one would have produced,
+on every rank of a job of the same world size and worker count.
 """
 
 from __future__ import annotations
@@ -75,30 +80,51 @@ def apply_dihedral(array: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass
 class StreamState:
-    """Where each sampler stream stands: samples handed out, and which stream worker 0 runs."""
+    """Where each sampler stream stands: samples handed out, and which stream each rank's worker 0 runs.
+
+    A job of ``world`` ranks with ``workers`` DataLoader workers each draws
+    ``streams = world x workers`` streams: rank ``r``'s worker ``w`` runs stream
+    ``r x workers + (w + offset) % workers`` (:meth:`stream`). Every rank consumes
+    the same number of batches, so one ``offset`` serves all ranks.
+    """
 
     streams: int = 1
     start: tuple[int, ...] = (0,)
     offset: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or self.streams < self.world or self.streams % self.world or len(self.start) != self.streams:
+            raise ValueError(f"stream state of {self.streams} streams over {self.world} ranks with {len(self.start)} positions")
+
+    @property
+    def workers(self) -> int:
+        """Streams (DataLoader workers, at least 1) per rank."""
+        return self.streams // self.world
+
+    def stream(self, rank: int, worker: int) -> int:
+        """The stream rank ``rank``'s worker ``worker`` runs."""
+        return rank * self.workers + (worker + self.offset) % self.workers
 
     def after(self, batches: int, batch_size: int) -> "StreamState":
-        """The state once ``batches`` more batches of ``batch_size`` have been consumed."""
+        """The state once every rank has consumed ``batches`` more batches of ``batch_size``."""
         start = list(self.start)
-        for worker in range(self.streams):
-            taken = len(range(worker, batches, self.streams))
-            start[(worker + self.offset) % self.streams] += taken * batch_size
-        return StreamState(self.streams, tuple(start), (self.offset + batches) % self.streams)
+        for rank in range(self.world):
+            for worker in range(self.workers):
+                start[self.stream(rank, worker)] += len(range(worker, batches, self.workers)) * batch_size
+        return StreamState(self.streams, tuple(start), (self.offset + batches) % self.workers, self.world)
 
     def to_dict(self) -> dict:
-        return {"streams": self.streams, "start": list(self.start), "offset": self.offset}
+        return {"streams": self.streams, "start": list(self.start), "offset": self.offset, "world": self.world}
 
     @classmethod
-    def fresh(cls, streams: int) -> "StreamState":
-        return cls(streams, (0,) * streams, 0)
+    def fresh(cls, streams: int, world: int = 1) -> "StreamState":
+        return cls(streams, (0,) * streams, 0, world)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "StreamState":
-        return cls(int(data["streams"]), tuple(int(v) for v in data["start"]), int(data["offset"]))
+        """Inverse of :meth:`to_dict` (a state saved before ranks existed is a world of 1)."""
+        return cls(int(data["streams"]), tuple(int(v) for v in data["start"]), int(data["offset"]), int(data.get("world", 1)))
 
 
 class PatchDataset(IterableDataset):
@@ -114,6 +140,8 @@ class PatchDataset(IterableDataset):
         state: StreamState | None = None,
         rescale: tuple[float, float] | None = None,
         seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         super().__init__()
         if rescale is not None:
@@ -130,21 +158,32 @@ class PatchDataset(IterableDataset):
         self.state = state
         self.rescale = rescale
         self.seed = int(seed)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of {world} ranks")
+        self.rank, self.world = int(rank), int(world)
+
+    def _copy(self, state: StreamState | None, rank: int, world: int) -> "PatchDataset":
+        return PatchDataset(
+            self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale, seed=self.seed,
+            rank=rank, world=world,
+        )
 
     def with_state(self, state: StreamState) -> "PatchDataset":
         """The same dataset, continuing from ``state``."""
-        return PatchDataset(
-            self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale, seed=self.seed
-        )
+        return self._copy(state, self.rank, self.world)
+
+    def for_rank(self, rank: int, world: int) -> "PatchDataset":
+        """The share of rank ``rank`` of ``world``: its workers run streams of ``world x workers`` (:class:`StreamState`)."""
+        return self._copy(self.state, rank, world)
 
     def _stream(self) -> tuple[int, int, int]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        state = self.state or StreamState.fresh(workers)
-        if state.streams != workers:
-            raise RuntimeError(f"dataset state is for {state.streams} streams but runs in {workers} workers")
-        stream = (worker + state.offset) % workers
-        return stream, workers, state.start[stream]
+        state = self.state or StreamState.fresh(workers * self.world, self.world)
+        if state.world != self.world or state.workers != workers:
+            raise RuntimeError(f"dataset state is for {state.world} ranks x {state.workers} workers but runs in {self.world} x {workers}")
+        stream = state.stream(self.rank, worker)
+        return stream, state.streams, state.start[stream]
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         stream, streams, start = self._stream()

@@ -13,6 +13,16 @@ A run directory holds::
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
 Resuming restores weights, optimiser, scheduler, torch RNG and the sampler
 streams, so the losses after a resume equal those of an uninterrupted run.
+
+Data-parallel (:mod:`tilefuse.distributed`): launched by ``torchrun`` or
+``tilefuse train --nproc N``, every rank calls :func:`fit`. Each rank trains a
+DistributedDataParallel replica on ``batch_size`` samples of its own sampler
+streams, so a step is one step over a **global batch of batch_size x world**
+(gradients averaged; the logged loss and samples/s are over all ranks). The
+validation confusion matrix is summed over the ranks' shares of the validation
+set. Rank 0 alone writes the run folder (state with every rank's RNG state,
+log, curves, metrics). A resume is exact for the same world size and worker
+count; another is refused with one line naming both.
 """
 
 from __future__ import annotations
@@ -32,10 +42,12 @@ from typing import Any, Callable
 # the cores from their own busy siblings when other processes compete for the CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402  (after the wait policy)
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from tilefuse import distributed
 from tilefuse.outputs import check_inputs, claim, clean_stale, create, replace_path, temporary_sibling
 from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint
 from tilefuse.dataset import PatchDataset, StreamState
@@ -301,8 +313,12 @@ def _to_device(inputs: dict[str, torch.Tensor], target: torch.Tensor, device: to
 
 
 @torch.no_grad()
-def validate(model: TileModel, loader: DataLoader, device: torch.device, amp: bool = False) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over every batch of ``loader`` (label 255 ignored)."""
+def validate(model: TileModel, loader: DataLoader, device: torch.device, amp: bool = False, group: distributed.Group | None = None) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over every batch of ``loader`` (label 255 ignored), summed over ``group``'s ranks.
+
+    In a job each rank's ``loader`` holds its share of the validation set;
+    ``model`` is the plain module (not DDP), so ranks may run different numbers of batches.
+    """
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(model.spec.num_classes)
@@ -314,6 +330,10 @@ def validate(model: TileModel, loader: DataLoader, device: torch.device, amp: bo
             confusion.update(logits.argmax(dim=1), target)
     finally:
         model.train(was_training)
+    if group is not None and group.active:
+        total = group.sum(np.append(confusion.matrix.ravel(), confusion.unscored))
+        confusion.matrix = total[:-1].reshape(confusion.matrix.shape)
+        confusion.unscored = int(total[-1])
     return confusion
 
 
@@ -321,13 +341,20 @@ def fit(model: TileModel, config: ModelConfig, train_data: PatchDataset, val_dat
     """Train ``model`` for ``settings.steps`` iterations into ``run`` (see :func:`_fit` for ``options``).
 
     torch runs with ``settings.torch_threads`` intra-op threads (default
-    :func:`default_threads`) for the run and gets its previous count back after.
+    :func:`default_threads`, shared by the ranks on this machine in a launched
+    job) for the run and gets its previous count back after. In a job launched by
+    torchrun (``RANK``/``WORLD_SIZE`` set) the rank joins the process group for
+    the run (NCCL on CUDA, gloo on CPU; left again also on error) and trains its
+    share (module docstring).
     """
     settings.check()
+    ranks = distributed.from_env()
+    device = distributed.rank_device(resolve_device(settings.device), ranks)
     threads = torch.get_num_threads()
-    torch.set_num_threads(settings.torch_threads or default_threads())
+    torch.set_num_threads(settings.torch_threads or distributed.rank_threads(default_threads(), ranks))
     try:
-        return _fit(model, config, train_data, val_data, settings, run, **options)
+        with distributed.process_group(ranks, device) as group:
+            return _fit(model, config, train_data, val_data, settings, run, group=group, **options)
     finally:
         torch.set_num_threads(threads)
 
@@ -345,50 +372,69 @@ def _fit(
     progress: bool = True,
     val_batch_size: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    group: distributed.Group | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``settings.steps`` iterations into ``run``; returns the final metrics record.
 
     With ``resume`` the run continues from its saved state exactly: same
     weights, optimiser moments, learning rate, RNG and sampler position.
     ``job`` (JSON) is saved with the state so a resume can check its inputs.
-    ``val_batch_size`` defaults to the training batch size.
+    ``val_batch_size`` defaults to the training batch size. ``on_step`` gets
+    the step and its loss averaged over the ranks. ``group`` is the job's
+    process group (:func:`fit` joins it; None: a job of one).
     """
     from tqdm.auto import tqdm
 
     settings.check()
-    device = resolve_device(settings.device)
+    group = group or distributed.Group(distributed.Ranks(), resolve_device(settings.device))
+    ranks, device, writer = group.ranks, group.device, group.ranks.writer
     amp = settings.amp if settings.amp is not None else device.type == "cuda"
     model.to(device).train()
+    if ranks.rank > 0 and not resume:
+        torch.manual_seed(distributed.rank_seed(settings.seed, ranks.rank))  # ranks draw their own dropout
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     floor = settings.min_lr / settings.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_factor(step, settings.steps, settings.warmup, floor)
     )
-    streams = StreamState.fresh(max(1, settings.workers))
+    workers = max(1, settings.workers)
+    streams = StreamState.fresh(workers * ranks.world, ranks.world)
     step = 0
-    run.path.mkdir(parents=True, exist_ok=True)
+    if writer:
+        run.path.mkdir(parents=True, exist_ok=True)
     if resume:
         trainer = run.read_trainer()
+        saved = StreamState.from_dict(trainer["streams"])
+        if (saved.world, saved.workers) != (ranks.world, workers):
+            raise InputError(
+                f"the run was trained by {saved.world} process(es) x {saved.workers} worker(s), this job is {ranks.world} x {workers}: "
+                f"resume with {saved.world} processes (--nproc / torchrun) and --workers {saved.workers} for an exact resume"
+            )
         tensors = run.load_tensors()
         model.load_state_dict(load_file(str(run.state / WEIGHTS), device=str(device)))
         optimizer.load_state_dict(unflatten_state(trainer["optimizer"], tensors))
         scheduler.load_state_dict(unflatten_state(trainer["scheduler"], tensors))
-        set_rng_state(unflatten_state(trainer["rng"], tensors))
-        streams = StreamState.from_dict(trainer["streams"])
+        rng = unflatten_state(trainer["rng"], tensors)
+        set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng)
+        streams = saved
         step = int(trainer["step"])
-        run.truncate_log(step)
-    if streams.streams != max(1, settings.workers):
-        raise InputError(f"the run was trained with --workers {streams.streams}: resume with the same number for an exact resume")
+        if writer:
+            run.truncate_log(step)
+    net = distributed.wrap(model, group)
 
-    loader = make_loader(train_data.with_state(streams), settings.batch_size, settings.workers, settings.seed, device.type == "cuda")
+    pin = device.type == "cuda"
+    loader = make_loader(train_data.for_rank(ranks.rank, ranks.world).with_state(streams), settings.batch_size, settings.workers, settings.seed, pin)
     val_loader = None
     if val_data is not None:
-        val_loader = make_loader(val_data, val_batch_size or settings.batch_size, settings.workers, settings.seed, device.type == "cuda")
+        val_loader = make_loader(val_data.for_rank(ranks.rank, ranks.world), val_batch_size or settings.batch_size, settings.workers, settings.seed, pin)
     val_every = settings.val_every or settings.checkpoint_every
     num_classes = model.spec.num_classes
     start_step = step
 
     def save(at: int, metrics: dict | None) -> None:
+        rng = _gather_rng(group)  # a collective: every rank, before rank 0 writes
+        if not writer:
+            return
         tensors: dict[str, torch.Tensor] = {}
         trainer = {
             "step": at,
@@ -397,7 +443,7 @@ def _fit(
             "streams": streams.after(at - start_step, settings.batch_size).to_dict(),
             "optimizer": flatten_state(optimizer.state_dict(), tensors, "optimizer"),
             "scheduler": flatten_state(scheduler.state_dict(), tensors, "scheduler"),
-            "rng": flatten_state(rng_state(), tensors, "rng"),
+            "rng": flatten_state(rng, tensors, "rng"),
         }
         config.extra = {**config.extra, "step": at, "steps": settings.steps, **({"val": metrics} if metrics else {})}
         run.save(model, config, trainer, tensors)
@@ -414,15 +460,15 @@ def _fit(
             if labelled.numel() and int(labelled.max()) >= num_classes:
                 raise InputError(f"the labels hold class {int(labelled.max())} but the model has {num_classes} classes: fix the labels' class_names")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = model.compute_loss(inputs, target)
+                loss = net(inputs, target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP: gradients averaged over the ranks here
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            value = float(loss.detach())
+            value = group.mean(float(loss.detach()))
             if on_step is not None:
                 on_step(step, value)
             window_loss, window_count = window_loss + value, window_count + 1
@@ -433,27 +479,43 @@ def _fit(
                     "step": step,
                     "loss": window_loss / window_count,
                     "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": window_count * settings.batch_size / max(elapsed, 1e-9),
+                    "samples_per_s": window_count * settings.batch_size * ranks.world / max(elapsed, 1e-9),
                 }
-                run.append_log(record)
+                if writer:
+                    run.append_log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 window_loss, window_count, clock = 0.0, 0, time.perf_counter()
             if val_loader is not None and (step % val_every == 0 or step == settings.steps):
-                last_val = validate(model, val_loader, device, amp).compute(config.class_names)
-                run.append_log({"step": step, "val": last_val})
+                last_val = validate(model, val_loader, device, amp, group).compute(config.class_names)
+                if writer:
+                    run.append_log({"step": step, "val": last_val})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save(step, last_val)
     finally:
         bar.close()
         del batches
-    summary = {"complete": True, "step": step, "steps": settings.steps, "val": last_val}
-    history = run.read_log()
-    losses = [r["loss"] for r in history if "loss" in r]
-    if losses:
-        summary["final_loss"] = losses[-1]
-    run.metrics.write_text(json.dumps(summary, indent=2))
-    plot_curves(history, run.curves)
-    return summary
+    if writer:
+        summary = {"complete": True, "step": step, "steps": settings.steps, "val": last_val}
+        history = run.read_log()
+        losses = [r["loss"] for r in history if "loss" in r]
+        if losses:
+            summary["final_loss"] = losses[-1]
+        run.metrics.write_text(json.dumps(summary, indent=2))
+        plot_curves(history, run.curves)
+    group.barrier()  # the other ranks return the summary rank 0 wrote
+    return json.loads(run.metrics.read_text())
+
+
+def _gather_rng(group: distributed.Group) -> dict[str, Any] | list[dict[str, Any]]:
+    """This process's RNG state, or in a launched job every rank's (a list by rank, gathered on every rank)."""
+    state = rng_state()
+    if not group.active:
+        return state
+    gathered = {key: group.gather(value) if key == "torch" else [group.gather(t) for t in value] for key, value in state.items()}
+    return [
+        {key: (gathered[key][rank] if key == "torch" else [per[rank] for per in gathered[key]]) for key in state}
+        for rank in range(group.ranks.world)
+    ]
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:

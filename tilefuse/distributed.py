@@ -1,0 +1,274 @@
+"""Data-parallel training over processes and GPUs: a rank's place in the job, its process group, local launch.
+
+A job is ``world`` processes (ranks), started by ``torchrun`` (which sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``) or on one machine by :func:`launch_local` (``tilefuse train
+--nproc N``), which sets the same variables. Where none is set the process is a
+job of one and nothing here touches ``torch.distributed``.
+
+Contract:
+
+- **Backend and device.** NCCL where the rank trains on CUDA, gloo otherwise
+  (:func:`backend_for`); a CUDA rank uses ``cuda:LOCAL_RANK``
+  (:func:`rank_device`).
+- **One writer.** Rank 0 alone creates outputs (run folder, lock, checkpoints,
+  logs, curves); other ranks only read (:attr:`Ranks.writer`). Every rank reads
+  the run folder on resume, so on several machines it lies on a shared filesystem.
+- **No hang.** Collectives time out after :func:`timeout` (``TILEFUSE_DDP_TIMEOUT``
+  seconds, default 600); :func:`process_group` destroys the group when the block
+  ends, also by an error; a peer that dies closes its connections, so the others
+  fail at their next collective instead of waiting. :func:`launch_local` ends
+  every rank as soon as one fails and returns that rank's exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tilefuse.errors import InputError
+
+ENV_TIMEOUT = "TILEFUSE_DDP_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: ``rank`` of ``world``, ``local_rank`` of ``local_world`` on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    launched: bool = False
+    """Started by torchrun or :func:`launch_local` (a process group is set up, also for a world of 1)."""
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes outputs (rank 0 only)."""
+        return self.rank == 0
+
+
+def from_env(env: Mapping[str, str] = os.environ) -> Ranks:
+    """The job this process belongs to, from torchrun's variables (none set: a job of one)."""
+    if "WORLD_SIZE" not in env and "RANK" not in env:
+        return Ranks()
+    try:
+        world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+        local_rank = int(env.get("LOCAL_RANK", rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    except (KeyError, ValueError):
+        raise InputError(
+            f"RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}: set both to whole numbers (torchrun does) or neither"
+        ) from None
+    if not (world >= 1 and 0 <= rank < world and 0 <= local_rank < local_world):
+        raise InputError(f"RANK={rank} does not fit WORLD_SIZE={world} (LOCAL_RANK={local_rank} of {local_world}): launch with torchrun")
+    return Ranks(rank, world, local_rank, local_world, launched=True)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for ranks training on ``device``: NCCL on CUDA, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` for CUDA in a launched job, ``device`` otherwise."""
+    if device.type != "cuda" or not ranks.launched:
+        return device
+    if device.index is not None and ranks.local_world > 1:
+        raise InputError(f"device={str(device)!r} names one GPU for {ranks.local_world} ranks on this machine: pass device='cuda' (rank i takes cuda:LOCAL_RANK)")
+    return device if device.index is not None else torch.device("cuda", ranks.local_rank)
+
+
+def rank_threads(cores: int, ranks: Ranks) -> int:
+    """Default torch threads of a rank: the machine's ``cores`` shared by its ranks (at least 1)."""
+    return max(1, cores // ranks.local_world)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of rank ``rank`` > 0 (dropout and other model noise differ between ranks; rank 0 keeps ``seed``'s stream)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective waits for its peers: ``TILEFUSE_DDP_TIMEOUT`` seconds, default 600."""
+    value = os.environ.get(ENV_TIMEOUT, "")
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise InputError(f"{ENV_TIMEOUT}={value!r} must be a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
+
+
+class Group:
+    """The collectives training needs, over the job's process group (a job of one: identities, no communication)."""
+
+    def __init__(self, ranks: Ranks, device: torch.device) -> None:
+        self.ranks = ranks
+        self.device = device
+        self.active = ranks.launched and dist.is_initialized()
+
+    def sum(self, array: np.ndarray) -> np.ndarray:
+        """Element-wise sum of ``array`` over the ranks (int64 or float64, any shape)."""
+        if not self.active:
+            return array
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        dist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+
+    def mean(self, value: float) -> float:
+        """Mean of a number over the ranks."""
+        return float(self.sum(np.array([value], np.float64))[0]) / self.ranks.world
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape and dtype on all ranks), in rank order, on the CPU."""
+        if not self.active:
+            return [tensor]
+        local = tensor.to(self.device)
+        out = [torch.empty_like(local) for _ in range(self.ranks.world)]
+        dist.all_gather(out, local)
+        return [t.cpu() for t in out]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def process_group(ranks: Ranks, device: torch.device) -> Iterator[Group]:
+    """Join the job's process group for the block (env:// rendezvous; nothing for a job of one); destroyed after, also on error."""
+    if not ranks.launched or dist.is_initialized():
+        yield Group(ranks, device)
+        return
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise InputError(f"{name} is not set: launch with torchrun (or tilefuse train --nproc N), which sets the rendezvous")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend_for(device), rank=ranks.rank, world_size=ranks.world, timeout=timeout(),
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
+    try:
+        yield Group(ranks, device)
+    finally:
+        dist.destroy_process_group()
+
+
+class LossModule(torch.nn.Module):
+    """``model.compute_loss`` as a forward, so DistributedDataParallel sees (and synchronises) the loss computation."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, target):
+        return self.model.compute_loss(inputs, target)
+
+
+def wrap(model: torch.nn.Module, group: Group) -> torch.nn.Module:
+    """The module whose ``(inputs, target)`` forward gives the training loss: DDP-wrapped in a launched job.
+
+    Gradients are averaged over the ranks in backward, so with a per-rank batch
+    of B the step is that of one process over a global batch of B x world.
+    """
+    loss = LossModule(model)
+    if not group.active:
+        return loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(loss, device_ids=[group.device.index] if group.device.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------ local launch
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def rank_env(rank: int, nproc: int, port: int, threads: int | None = None) -> dict[str, str]:
+    """The variables torchrun sets for local rank ``rank`` of ``nproc`` on one machine, rendezvous on loopback ``port``."""
+    env = {
+        "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    }
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1, env: Mapping[str, str] | None = None, grace_s: float = 10.0) -> int:
+    """Run ``command`` as ``nproc`` ranks of one job on this machine; returns the job's exit status.
+
+    Each rank gets torchrun's variables (:func:`rank_env`, rendezvous on a free
+    loopback port) and ``OMP_NUM_THREADS=threads``. Rank 0 writes to this
+    process's stdout/stderr; the other ranks' stderr is kept and printed only
+    when one of them is the first to fail. When a rank fails, the others are
+    stopped (SIGTERM, then SIGKILL after ``grace_s``) and its status is returned
+    (a rank killed by a signal: 128 + the signal number).
+    """
+    if not (isinstance(nproc, int) and nproc >= 1):
+        raise InputError(f"nproc= must be a whole number >= 1, got {nproc!r}")
+    port = free_port()
+    base = {**os.environ, **(env or {})}
+    logs, procs = [], []
+    try:
+        for rank in range(nproc):
+            log = None if rank == 0 else tempfile.TemporaryFile()
+            logs.append(log)
+            procs.append(subprocess.Popen(list(command), env={**base, **rank_env(rank, nproc, port, threads)}, stderr=log))
+        failed = None
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            if failed is None:
+                time.sleep(0.05)
+        if failed is None:
+            failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
+        if failed is None:
+            return 0
+        _stop(procs, grace_s)
+        if failed > 0:
+            logs[failed].seek(0)
+            sys.stderr.write(logs[failed].read().decode(errors="replace"))
+            sys.stderr.flush()
+        code = procs[failed].returncode
+        return 128 - code if code < 0 else code
+    finally:
+        _stop(procs, grace_s)
+        for log in logs:
+            if log is not None:
+                log.close()
+
+
+def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM the running ``procs``, SIGKILL those still running after ``grace_s``."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in running:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
