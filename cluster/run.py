@@ -1,0 +1,466 @@
+"""One owner for a prediction run: options, checks, cluster, determinism record, blocks.
+
+:func:`predict_scene` is the engine behind ``tilefuse predict`` and
+:func:`tilefuse.predict` (both only resolve options and call it). It runs in
+three steps, and nothing is written before the last one starts:
+
+1. :func:`plan_prediction` checks everything that needs no worker: options
+   (:meth:`PredictOptions.check`), the output path, the checkpoint (its
+   weights' header, without loading them), the scene's modalities, the tile
+   geometry and, on ``resume``, the store's settings;
+2. :class:`ClusterRun` owns the cluster side: it opens the client (or borrows
+   the caller's, or none for ``sync``) and closes what it opened, probes every
+   worker's device kind, cores and free memory in one call, fixes torch's
+   threads per worker, checks the :data:`tilefuse.prediction.DETERMINISM`
+   record against a resumed store, registers the model plugin and runs the
+   blocks;
+3. the prediction store is created (or resumed), its pending blocks are run
+   (:func:`tilefuse.cluster.blocks.run_blocks`) and it is marked complete.
+
+Nothing here is O(pixels): planning a 10^5 x 10^5 px scene touches its
+metadata, coordinates and one manifest entry per block.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from tilefuse.errors import InputError
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from tilefuse.checkpoint import ModelConfig
+    from tilefuse.cluster.plugin import ModelSource
+    from tilefuse.grid import Block, TileGrid
+    from tilefuse.inference import BlockJob
+    from tilefuse.tile_model import TileModelSpec
+
+DEFAULT_TILE = 256
+
+
+def _whole(name: str, value: Any, low: int = 1) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise InputError(f"{name}= (--{name.replace('_', '-')}) must be a whole number >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a scene is predicted: tiles, blocks, outputs and the worker's model settings (None: a default)."""
+
+    tile: int = DEFAULT_TILE
+    overlap: int | None = None
+    """px; None: a quarter tile for blending models, 0 for the others."""
+    blend: str = "gaussian"
+    batch_size: int | None = None
+    """None: from the workers' free memory."""
+    block_size: int | None = None
+    """None: :data:`tilefuse.scene.SHARD`, or the store's on ``resume``."""
+    probs: str | None = None
+    """dtype of the ``probs`` output (:data:`tilefuse.prediction.PROBS_DTYPES`), None for labels only."""
+    device: str | None = None
+    precision: str = "fp32"
+    torch_threads: int | None = None
+    """None: an even share of each host's cores per worker (this process's torch threads for ``sync``)."""
+    resume: bool = False
+    overwrite: bool = False
+
+    def check(self) -> "PredictOptions":
+        """Refuse values no run can use, in one line naming the parameter; returns self."""
+        from tilefuse.blending import WINDOWS
+        from tilefuse.inference import PRECISIONS
+        from tilefuse.prediction import PROBS_DTYPES
+        from tilefuse.training import check_device
+
+        if self.blend not in WINDOWS:
+            raise InputError(f"unknown blend= (--blend) {self.blend!r}: choose one of {', '.join(WINDOWS)}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision= (--precision) {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.probs is not None and self.probs not in PROBS_DTYPES:
+            raise InputError(f"unknown probs dtype {self.probs!r}: choose one of {', '.join(PROBS_DTYPES)}")
+        for name in ("tile", "batch_size", "block_size", "torch_threads"):
+            _whole(name, getattr(self, name))
+        overlap = self.overlap
+        if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < self.tile):
+            raise InputError(f"overlap= (--overlap) must be a whole number of px in 0..{self.tile - 1} (below the tile), got {overlap!r}")
+        check_device(self.device)
+        return self
+
+
+def inspect_checkpoint(path: str | Path) -> tuple["ModelConfig", "TileModelSpec", str]:
+    """Config, tile-model spec and hash of a checkpoint, without loading its weights.
+
+    The model is built on the meta device (no memory) and the weights file's
+    header is checked against it, so a missing or unreadable checkpoint fails
+    here, in one line, before any work starts.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from tilefuse.checkpoint import WEIGHTS, checkpoint_hash, read_config
+
+    config = read_config(path)
+    with torch.device("meta"):
+        model = config.build()
+    try:
+        with safe_open(str(Path(path) / WEIGHTS), framework="pt") as weights:
+            stored = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"checkpoint weights {Path(path) / WEIGHTS} are unreadable ({error}): retrain or restore them") from None
+    wanted = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    if stored != wanted:
+        differing = sorted(set(stored) ^ set(wanted)) or sorted(k for k in wanted if stored[k] != wanted[k])
+        raise InputError(f"weights in {path} do not fit model {config.model!r} (first difference: {differing[0]})")
+    return config, model.spec, checkpoint_hash(path)
+
+
+def _band_stats(config: "ModelConfig", scene: "xr.Dataset") -> tuple[tuple, tuple]:
+    """Per-modality (mean, std): the checkpoint's training statistics where it has them, else the store's."""
+    import numpy as np
+
+    from tilefuse.scene import band_stats
+
+    means, stds = [], []
+    for name, bands in config.modalities.items():
+        stats = config.band_stats.get(name)
+        if stats and len(stats.get("mean", [])) == bands and len(stats.get("std", [])) == bands:
+            mean = np.asarray(stats["mean"], np.float32)
+            std = np.asarray(stats["std"], np.float32)
+            std = np.where(std > 0, std, 1.0)
+        else:
+            mean, std = band_stats(scene, name)
+        means.append(tuple(float(v) for v in mean))
+        stds.append(tuple(float(v) for v in std))
+    return tuple(means), tuple(stds)
+
+
+@dataclass
+class PredictionPlan:
+    """Everything a run needs that is known before any worker is asked: checked, nothing written yet."""
+
+    store: Path
+    out: Path
+    checkpoint: Path
+    options: PredictOptions
+    """With ``overlap`` and ``block_size`` resolved."""
+    config: "ModelConfig"
+    spec: "TileModelSpec"
+    grid: "TileGrid"
+    class_names: list[str]
+    settings: dict[str, Any]
+    """The store's :data:`tilefuse.prediction.SETTINGS` (the determinism record is added by :class:`ClusterRun`)."""
+    existing: dict[str, Any] | None
+    """The attrs of the store a ``resume`` continues, None for a new store."""
+    source: "ModelSource"
+    band_mean: tuple
+    band_std: tuple
+    scene: "xr.Dataset" = field(repr=False)
+
+    @property
+    def channels(self) -> int:
+        return sum(self.config.modalities.values())
+
+    @property
+    def tile_pixels(self) -> int:
+        return (self.grid.tile + 2 * self.grid.margin) ** 2
+
+    def job(self, batch_size: int) -> "BlockJob":
+        """The per-block task description (small, the same for every block)."""
+        from tilefuse.inference import BlockJob
+
+        return BlockJob(
+            scene=str(self.store.resolve()),
+            prediction=str(self.out.resolve()),
+            grid=self.grid,
+            modalities=tuple(self.config.modalities),
+            band_mean=self.band_mean,
+            band_std=self.band_std,
+            num_classes=self.spec.num_classes,
+            batch_size=batch_size,
+            blend=self.settings["blend"],
+            probs=self.options.probs,
+        )
+
+
+def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, options: PredictOptions) -> PredictionPlan:
+    """Check the options, output, checkpoint, scene and resume settings of a run; writes nothing (but stale temporaries).
+
+    Raises :class:`InputError` with one line for anything that would make the
+    run fail later.
+    """
+    from tilefuse.classes import default_class_name
+    from tilefuse.cluster.plugin import ModelSource
+    from tilefuse.grid import TileGrid
+    from tilefuse.outputs import claim, clean_stale
+    from tilefuse.prediction import check_resumable, prediction_attrs
+    from tilefuse.scene import SHARD, open_scene, require_modalities
+    from tilefuse.tile_model import available_models
+
+    options.check()
+    store, out, checkpoint = Path(store), Path(out), Path(checkpoint)
+    claim(out, "prediction", inputs=[store, checkpoint], overwrite=options.overwrite, exist_ok=options.resume)
+    clean_stale(out)
+
+    config, spec, digest = inspect_checkpoint(checkpoint)
+    scene = open_scene(store)
+    require_modalities(scene, config.modalities, where=str(store))
+    overlap = options.overlap
+    if overlap is None:
+        overlap = options.tile // 4 if spec.blend else 0
+    if not spec.blend and overlap:
+        raise InputError(f"model {config.model!r} does not blend its tiles (each pixel is computed once): use overlap=0 (--overlap 0)")
+    existing = prediction_attrs(out) if out.exists() and options.resume else None
+    block_size = options.block_size
+    if block_size is None:
+        block_size = int(existing["block_size"]) if existing else SHARD
+    options = replace(options, overlap=overlap, block_size=block_size)
+    grid = TileGrid(scene.sizes["y"], scene.sizes["x"], options.tile, overlap, spec.margin, block_size)
+    class_names = list(config.class_names) or [default_class_name(k) for k in range(spec.num_classes)]
+    if len(class_names) != spec.num_classes:
+        raise InputError(f"checkpoint {checkpoint} names {len(class_names)} classes but its model has {spec.num_classes}")
+    settings = {
+        "model": config.model,
+        "checkpoint_hash": digest,
+        "tile": options.tile,
+        "overlap": overlap,
+        "margin": spec.margin,
+        "blend": options.blend if spec.blend else "none",
+        "block_size": block_size,
+        "probs": options.probs or "none",
+        "height": grid.height,
+        "width": grid.width,
+    }
+    if existing:
+        check_resumable(out, settings)  # the settings; device kind and threads once the workers are known
+    elif out.exists() and not options.overwrite:
+        raise InputError(f"{out} already exists: pass overwrite=True (--overwrite) to replace it or resume=True (--resume) to finish it")
+    mean, std = _band_stats(config, scene)
+
+    builder = available_models()[config.model].builder
+    if getattr(builder, "__module__", "").startswith("tilefuse.models"):
+        builder = None  # workers find built-in models in their own registry
+    source = ModelSource(
+        str(checkpoint.resolve()), digest, config.model, options.device, options.precision, options.torch_threads, builder=builder
+    )
+    return PredictionPlan(store, out, checkpoint, options, config, spec, grid, class_names, settings, existing, source, mean, std, scene)
+
+
+class WorkerInfo(NamedTuple):
+    """What one worker reports before a run (:func:`probe_worker`)."""
+
+    kind: str
+    """Device kind: ``cpu`` or ``cuda:<GPU name>`` (``cuda:none`` where a GPU is asked for but missing)."""
+    device: str
+    """torch device type, or ``cpu-only`` where a GPU is asked for and the worker has none."""
+    cores: int
+    batch_size: int
+    """From the device's free memory (0 on a ``cpu-only`` worker)."""
+    threads: int
+    """torch's threads in the probing thread (what ``sync`` runs with)."""
+
+
+def probe_worker(source: "ModelSource", tile_pixels: int, channels: int) -> WorkerInfo:
+    """Device kind, cores, free-memory batch size and torch threads of the worker (or process) this runs on."""
+    import torch
+
+    from tilefuse.inference import auto_batch_size
+
+    device = torch.device(source.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kind = device.type
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return WorkerInfo("cuda:none", "cpu-only", os.cpu_count() or 1, 0, torch.get_num_threads())
+        try:
+            kind = f"cuda:{torch.cuda.get_device_name(device)}"
+        except (AssertionError, RuntimeError, ValueError) as error:
+            raise InputError(f"device={source.device!r} (--device): no such GPU on this worker ({error})") from None
+    return WorkerInfo(kind, device.type, os.cpu_count() or 1, auto_batch_size(tile_pixels, channels, device), torch.get_num_threads())
+
+
+def _host(address: str) -> str:
+    return address.split("://")[-1].rsplit(":", 1)[0]
+
+
+class ClusterRun:
+    """A prediction run's cluster: client lifetime, worker probe, determinism record, model plugin, blocks.
+
+    Use as a context manager: entering opens the client for ``cluster`` (a spec,
+    or an existing ``distributed.Client``, which is borrowed and left open);
+    leaving closes what was opened and restores this process's torch threads
+    (``sync`` runs set them).
+    """
+
+    def __init__(
+        self,
+        cluster: Any,
+        source: "ModelSource",
+        *,
+        listen: str | None = None,
+        connect_timeout: float | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cluster = cluster
+        self.source = source
+        self.listen = listen
+        self.connect_timeout = connect_timeout
+        self.progress = progress
+        self.client = None
+        self.workers: dict[str, WorkerInfo] = {}
+        self._stack = None
+
+    def __enter__(self) -> "ClusterRun":
+        import contextlib
+
+        import torch
+
+        from tilefuse.cluster.client import CONNECT_TIMEOUT, LOOPBACK, cluster_client
+
+        timeout = CONNECT_TIMEOUT if self.connect_timeout is None else self.connect_timeout
+        with contextlib.ExitStack() as stack:
+            self.client = stack.enter_context(cluster_client(self.cluster, timeout=timeout, listen=self.listen or LOOPBACK))
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            print(f"tilefuse: {message}", file=sys.stderr)
+
+    def probe(self, tile_pixels: int, channels: int) -> dict[str, Any]:
+        """Ask every worker for its device and cores; returns the determinism record, fixes the source's threads.
+
+        Refuses, in one line, a cluster without workers, a GPU device on a
+        worker without one, and fp16 anywhere but on GPUs.
+        """
+        import torch
+
+        from tilefuse.cluster.client import workers_per_host
+
+        source, client = self.source, self.client
+        if client is None:
+            self.workers = {"sync": probe_worker(source, tile_pixels, channels)}
+            hosts: dict[str, int] = {}
+        else:
+            hosts = workers_per_host(client)
+            if not hosts:
+                raise InputError(f"the dask cluster {self.cluster!r} has no workers: start some (dask worker ...)")
+            self.workers = client.run(probe_worker, source, tile_pixels, channels)
+        self.hosts = hosts
+        devices = {info.device for info in self.workers.values()}
+        if "cpu-only" in devices:
+            raise InputError(
+                f"device={source.device!r} (--device) asks for a GPU but {'a worker has' if client else 'this machine has'} none"
+            )
+        if source.precision == "fp16" and devices != {"cuda"}:
+            raise InputError("precision='fp16' (--precision fp16) autocast needs a GPU on every worker: use bf16 or fp32")
+        threads = source.torch_threads
+        if threads is None:
+            # one count for every worker (an even share of its host's cores, the smallest), so it can be recorded
+            if client is None:
+                threads = self.workers["sync"].threads
+            else:
+                threads = min(max(1, info.cores // hosts[_host(address)]) for address, info in self.workers.items())
+            self.source = replace(source, torch_threads=threads)
+        return {
+            "device_kind": ",".join(sorted({info.kind for info in self.workers.values()})),
+            "torch_threads": threads,
+            "torch_version": torch.__version__,
+        }
+
+    @property
+    def batch_size(self) -> int:
+        """The largest batch every probed worker's free memory allows."""
+        return min(info.batch_size for info in self.workers.values())
+
+    def start(self) -> None:
+        """Load the model on every worker (once per worker; restarted workers load it again)."""
+        from tilefuse.cluster.client import dashboard_link
+        from tilefuse.cluster.plugin import ModelPlugin, unset_malloc_trim
+
+        client = self.client
+        if client is None:
+            return
+        if unset_malloc_trim(client):
+            self._say("restarted workers without MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed)")
+        client.register_plugin(ModelPlugin(self.source, self.hosts), name=f"tilefuse-model-{self.source.key}")
+        link = dashboard_link(client)
+        self._say(f"dask dashboard at {link}" if link else "no dask dashboard (install bokeh)")
+
+    def run(self, job: "BlockJob", blocks: "list[Block]", pending: "list[Block]") -> int:
+        """Compute and write ``pending`` blocks; returns the tiles run through the model."""
+        from tilefuse.cluster.blocks import run_blocks
+
+        if not pending:
+            return 0
+        return run_blocks(job, self.source, blocks, pending, client=self.client, progress=self.progress)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a finished run did."""
+
+    out: Path
+    height: int
+    width: int
+    blocks: int
+    """Blocks computed and written by this run (all of them, but on a resume)."""
+    tiles: int
+    """Tiles run through the model by this run."""
+    total_tiles: int
+    batch_size: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"wrote {self.out} ({self.height} x {self.width} px, {self.blocks} blocks, "
+            f"{self.tiles} of {self.total_tiles} tiles run, batch {self.batch_size}) in {self.seconds:.1f} s"
+        )
+
+
+def predict_scene(
+    checkpoint: str | Path,
+    store: str | Path,
+    out: str | Path,
+    options: PredictOptions = PredictOptions(),
+    *,
+    cluster: Any = "sync",
+    listen: str | None = None,
+    connect_timeout: float | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """Predict scene store ``store`` with ``checkpoint`` into prediction store ``out`` (see the module docstring).
+
+    The caller holds the output's lock (:func:`tilefuse.outputs.holds_output`).
+    """
+    from tilefuse.prediction import check_resumable, create_prediction, mark_complete, pending_blocks
+
+    started = time.perf_counter()
+    plan = plan_prediction(checkpoint, store, out, options)
+    with ClusterRun(cluster, plan.source, listen=listen, connect_timeout=connect_timeout, progress=progress) as run:
+        settings = {**plan.settings, **run.probe(plan.tile_pixels, plan.channels)}
+        if plan.existing:
+            check_resumable(plan.out, settings)
+        run.start()
+        batch_size = plan.options.batch_size or run.batch_size
+        if plan.existing is None:
+            inputs = [plan.store, plan.checkpoint]
+            attrs = {**settings, "scene": str(plan.store.resolve()), "checkpoint": str(plan.checkpoint.resolve())}
+            create_prediction(
+                plan.out, plan.scene, plan.grid, class_names=plan.class_names, attrs=attrs, probs=plan.options.probs,
+                overwrite=plan.options.overwrite, inputs=inputs,
+            )  # fmt: skip
+        pending = pending_blocks(plan.out, plan.grid)
+        tiles = run.run(plan.job(batch_size), plan.grid.blocks(), pending)
+    mark_complete(plan.out)
+    grid = plan.grid
+    return RunReport(plan.out, grid.height, grid.width, len(pending), tiles, grid.num_tiles, batch_size, time.perf_counter() - started)
