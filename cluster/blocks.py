@@ -1,20 +1,36 @@
-"""Schedule block tasks: in this process (``sync``) or on a dask cluster, in waves.
+"""Schedule block tasks: in this process (``sync``) or on a dask cluster, in waves, reading ahead.
 
 Per block the graph holds one compute task (:func:`tilefuse.inference.compute_block`),
 up to four tiny tasks that split its sums into the pieces other tasks need
-(own region, right/lower/lower-right spill strips), and one finish task
-(:func:`tilefuse.inference.finish_block`) that waits for the block's own sums
+(own part, right/lower/lower-right spill strips), and one finish task
+(:func:`tilefuse.inference.finish_block`) that waits for the block's own part
 and the strips of its upper, left and upper-left neighbours. Blocks are
 submitted in row-major order and at most ``window`` finish tasks are in flight,
 so the scheduler never holds the graph of a whole country-scale scene and
 memory stays bounded by a few blocks plus one row of spill strips.
+
+Reading overlaps the model. In this process (``sync``) a pool of
+``reader_threads`` threads reads the inputs of the next ``prefetch`` blocks
+(:func:`tilefuse.inference.read_block`) while the model runs the current one.
+On a dask worker the read-ahead comes from its task threads: a compute task
+reads its window without any lock and holds the runner's device lock
+(:attr:`tilefuse.inference.TileRunner.lock`) only to run the model, so a
+worker with ``1 + prefetch`` threads (:func:`task_threads`) reads ``prefetch``
+blocks while it computes one. A reader that fails (a damaged chunk: an
+:class:`~tilefuse.errors.InputError` naming it) fails its block's task, which
+dask retries (:data:`RETRIES`) and then raises. Memory: ``prefetch`` input
+windows more than without. Output: bitwise the same for any prefetch depth
+and reader thread count (reads change when bytes arrive, never the sums).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
@@ -23,11 +39,24 @@ from tqdm.auto import tqdm
 
 from tilefuse.cluster.plugin import ModelSource, load_runner
 from tilefuse.grid import Block
-from tilefuse.inference import BlockJob, BlockSums, compute_block, finish_block
+from tilefuse.errors import InputError
+from tilefuse.inference import BlockJob, BlockOwn, BlockSums, compute_block, finish_block, read_block, run_block
 
 RETRIES = 2
 """Extra attempts of a failed task (a dead worker's tasks are rescheduled by dask on its own)."""
 PIECES = ("own", "right", "down", "corner")
+MAX_PREFETCH = 4
+
+
+def default_prefetch(cores: int | None = None) -> int:
+    """Blocks read ahead by default: one per four cores of a worker, at least 1, at most :data:`MAX_PREFETCH`."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(MAX_PREFETCH, cores // 4))
+
+
+def task_threads(prefetch: int | None = None, cores: int | None = None) -> int:
+    """Task threads a dask worker needs to read ``prefetch`` blocks ahead while it computes one."""
+    return 1 + (default_prefetch(cores) if prefetch is None else prefetch)
 
 
 @dataclass(frozen=True)
@@ -86,19 +115,16 @@ def trim_memory() -> None:
 
 def _compute(job: BlockJob, source: ModelSource, block: Block) -> BlockSums:
     trim_memory()  # the previous block's arrays are gone by now
-    return compute_block(job, block, load_runner(source))
+    return compute_block(job, block, load_runner(source))  # reads unlocked, runs under the device lock
 
 
 def _piece(sums: BlockSums, name: str):
-    if name == "own":
-        return sums.own, sums.tiles
     return getattr(sums, name)
 
 
-def _finish(job: BlockJob, block: Block, own, up, left, up_left) -> int:
-    own_sums, tiles = own
-    finish_block(job, block, own_sums, up, left, up_left)
-    return tiles
+def _finish(job: BlockJob, block: Block, own: BlockOwn, up, left, up_left) -> int:
+    finish_block(job, block, own, up, left, up_left)
+    return own.tiles
 
 
 def run_blocks(
@@ -109,34 +135,63 @@ def run_blocks(
     client=None,
     progress: bool = True,
     window: int | None = None,
+    *,
+    prefetch: int | None = None,
+    reader_threads: int | None = None,
 ) -> int:
     """Compute and write every pending block; returns the number of tiles run through the model.
 
-    ``client`` None runs everything here, in order; otherwise tasks go to the
-    cluster with at most ``window`` blocks in flight (default: one per worker).
+    ``client`` None runs everything here, in order, with ``reader_threads``
+    threads (default ``prefetch``) reading the next ``prefetch`` blocks ahead
+    (default :func:`default_prefetch`; 0 reads each block when its turn comes).
+    Otherwise tasks go to the cluster with at most ``window`` blocks in flight
+    (default: one per task thread of the workers; see the module docstring for
+    how workers read ahead).
     """
+    for name, value, least in (("prefetch", prefetch, 0), ("reader_threads", reader_threads, 1), ("window", window, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise InputError(f"{name}= must be a whole number >= {least}, got {value!r}")
+    prefetch = default_prefetch() if prefetch is None else prefetch
     steps = plan(blocks, pending)
     bar = tqdm(total=len(pending), unit="block", desc="predict", disable=not progress)
     try:
         if client is None:
-            return _run_here(job, source, steps, bar)
+            return _run_here(job, source, steps, bar, prefetch, reader_threads or max(1, prefetch))
         return _run_on_cluster(job, source, steps, bar, client, window)
     finally:
         bar.close()
 
 
-def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar) -> int:
+def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar, prefetch: int, reader_threads: int) -> int:
+    runner = load_runner(source)
     pieces: dict[tuple[Block, str], object] = {}
+    reads: dict[int, object] = {}
     tiles = 0
-    for step in steps:
-        sums = _compute(job, source, step.block)
-        for name in step.keep:
-            pieces[step.block, name] = _piece(sums, name)
-        del sums
-        if step.finish:
-            neighbours = [pieces.pop(key, None) for key in _sources(step.block)]
-            tiles += _finish(job, step.block, pieces.pop((step.block, "own")), *neighbours)
-            bar.update()
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if prefetch:
+            pool = ThreadPoolExecutor(reader_threads, thread_name_prefix="tilefuse-read")
+            # on an error: drop the reads not started, wait for the running ones (no thread outlives the run)
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        for index, step in enumerate(steps):
+            if pool is None:
+                inputs = read_block(job, step.block, runner.pin)
+            else:
+                for ahead in range(index, min(index + 1 + prefetch, len(steps))):
+                    if ahead not in reads:
+                        reads[ahead] = pool.submit(read_block, job, steps[ahead].block, runner.pin)
+                inputs = reads.pop(index).result()  # a reader's InputError (damaged chunk) is raised here
+            trim_memory()  # the previous block's arrays are gone by now
+            with runner.lock:
+                sums = run_block(job, inputs, runner)
+            del inputs
+            for name in step.keep:
+                pieces[step.block, name] = _piece(sums, name)
+            del sums
+            if step.finish:
+                neighbours = [pieces.pop(key, None) for key in _sources(step.block)]
+                tiles += _finish(job, step.block, pieces.pop((step.block, "own")), *neighbours)
+                bar.update()
     return tiles
 
 
@@ -144,8 +199,9 @@ def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, 
     from distributed import as_completed
 
     if window is None:
-        # one block per worker: a worker never starts the next block while holding the last one's sums
-        window = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+        # one block per task thread: a worker reads (nthreads - 1) blocks while it computes one, never more
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        window = max(1, sum(int(info.get("nthreads", 1)) for info in workers))
     run = uuid.uuid4().hex[:8]
     pieces: dict[tuple[Block, str], object] = {}
     finishing = as_completed()

@@ -39,10 +39,15 @@ class ModelSource:
     builder: Callable[..., Any] | None = field(default=None, compare=False)
     """The model's builder, shipped so workers can build models registered only in the client
     process (a notebook, a test module); pickled by reference where importable."""
+    channels_last: bool = False
+    """Feed the model NHWC tensors (see :class:`tilefuse.inference.TileRunner`)."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` (compiles once per worker, on the first batch)."""
 
     @property
     def key(self) -> str:
-        return f"{self.checkpoint_hash[:16]}-{self.device or 'auto'}-{self.precision}"
+        options = "".join(flag for flag, on in (("-cl", self.channels_last), ("-compiled", self.compile)) if on)
+        return f"{self.checkpoint_hash[:16]}-{self.device or 'auto'}-{self.precision}{options}"
 
 
 def load_runner(source: ModelSource):
@@ -64,7 +69,10 @@ def load_runner(source: ModelSource):
                 register_model(source.model)(source.builder)
             device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, _ = load_checkpoint(source.checkpoint, device=device)
-            entry = _RUNNERS[source.key] = (TileRunner(model, device=device, precision=source.precision), source.torch_threads)
+            runner = TileRunner(
+                model, device=device, precision=source.precision, channels_last=source.channels_last, compile=source.compile
+            )
+            entry = _RUNNERS[source.key] = (runner, source.torch_threads)
         runner, threads = entry
         if source.torch_threads:  # the latest explicit setting wins, for later tasks too
             threads = source.torch_threads

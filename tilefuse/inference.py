@@ -1,31 +1,48 @@
 """Block execution: one output block from scene store to prediction store, no cluster knowledge.
 
-A block is computed in two steps, each a plain function a scheduler can run
+A block is computed in three steps, each a plain function a scheduler can run
 anywhere:
 
-1. :func:`compute_block` reads the block's input window (its tiles plus the
-   model margin, reflected at scene edges) from the scene store, normalises it
-   with the band statistics, skips tiles with no valid pixel, runs the rest
-   through the model in fixed-shape batches, and sums their weighted class
-   probabilities over the block's own region and the strips its tiles spill
-   into the right, lower and lower-right neighbours (:class:`BlockSums`; the
-   strips travel compressed, :class:`Strip`).
-2. :func:`finish_block` adds the block's own sums and the strips spilled into
-   it by its upper, left and upper-left neighbours, normalises, masks with
-   ``valid``, and writes ``labels`` (and ``probs``) as one aligned region.
+1. :func:`read_block` (host, any thread: reader threads run it ahead of the
+   model) reads the block's ``valid`` mask, picks the tiles with a valid pixel
+   and reads the raw input window of every modality (its tiles plus the model
+   margin) through :func:`tilefuse.storage.open_group`, so a damaged chunk is
+   an :class:`~tilefuse.errors.InputError` naming it. Nothing touches the model.
+2. :func:`run_block` (the model's device, under :attr:`TileRunner.lock`)
+   moves the raw window to the device (pinned host memory and a non-blocking
+   copy on CUDA), reflects it at scene edges, normalises it with the band
+   statistics, cuts the tiles as views (``unfold``; one gather per batch),
+   runs them in fixed-shape batches, and sums ``softmax * window`` in fixed
+   point into a block accumulator on the device. The block's pixels that no
+   neighbour's tile reaches are final there: their labels (and probs) are
+   finished on the device and only they come back, as uint8 (or the probs
+   dtype). Fixed-point sums come back only where other blocks need them
+   (:class:`BlockSums`): the bands of the block's own region that its upper
+   and left neighbours spill into, and the strips it spills into its right,
+   lower and lower-right neighbours (compressed, :class:`Strip`).
+3. :func:`finish_block` adds, in those bands, the block's sums and the strips
+   spilled into it by its upper, left and upper-left neighbours, finishes them
+   with the same function (:func:`block_outputs`), masks with ``valid``, and
+   writes ``labels`` (and ``probs``) as one aligned region.
 
 Sums are kept in 64-bit fixed point (units of 2^-40): integer addition is
-exact and associative, so the result does not depend on how tiles are grouped
-into blocks, batches or workers, nor on the order blocks finish. Every model
-call sees the same input shape and memory layout (partial batches are padded,
-inputs are C-contiguous), because kernels such as oneDNN's pick their
-algorithm by shape and layout and would otherwise round a tile's output
-differently depending on its batch or block.
+exact and associative, so a pixel's total does not depend on how tiles are
+grouped into blocks, batches or workers, nor on the order blocks finish, and
+labels and probs are one elementwise function of that total wherever they are
+computed (argmax takes the first maximum; probs are float64 quotients, then
+rounded), so finishing a pixel on the device or on the host gives the same
+bits. Every model call sees the same input shape and memory layout (partial
+batches are zero-padded into one persistent buffer), because kernels such as
+oneDNN's pick their algorithm by shape and layout and would otherwise round a
+tile's output differently depending on its batch or block. Reading ahead
+(prefetch depth, reader threads) changes only when bytes are read, never
+which: the output is bitwise the same with or without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
@@ -37,16 +54,18 @@ from numcodecs import Blosc
 from tilefuse import storage
 from tilefuse.blending import tile_weights
 from tilefuse.errors import InputError
-from tilefuse.grid import Block, InputWindow, TileGrid
+from tilefuse.grid import Block, TileGrid
 from tilefuse.prediction import write_block
-from tilefuse.scene import IGNORE, normalise
+from tilefuse.scene import IGNORE
 from tilefuse.tile_model import TileModel
 
 FIXED_POINT = 2.0**40
 """Scale of the fixed-point sums: a weighted probability of 1 is 2^40 units (int64 holds 2^23 overlapping tiles)."""
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
+"""torch dtype of each ``probs`` dtype name."""
 SLAB = 256
-"""Rows processed at a time when normalising inputs and finishing blocks (bounds temporaries)."""
+"""Rows finished at a time (bounds the float64 temporaries of probs, on the device and the host)."""
 ACTIVATION_BYTES_PER_PIXEL = 2048
 """Rough activation memory per input pixel of a tile (512 float32 values), used to pick a batch size."""
 
@@ -114,52 +133,128 @@ _STRIP_CODEC = Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE)
 
 
 @dataclass
-class BlockSums:
-    """Fixed-point sums of one block's tiles: ``(class, y, x)`` int64, None where nothing landed."""
+class BlockOwn:
+    """A block's contribution to its own region (see :func:`incoming`: ``(in_h, in_w)`` bands, ``own_h x own_w`` region).
 
-    own: np.ndarray | None
-    right: Strip | None
-    down: Strip | None
-    corner: Strip | None
+    ``labels``/``probs`` are final for rows ``in_h:`` x cols ``in_w:``; ``top``
+    holds the sums of rows ``:in_h`` (every column), ``left`` those of rows
+    ``in_h:`` x cols ``:in_w``. All None when none of the block's tiles ran.
+    """
+
+    labels: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    top: Strip | None = None
+    left: Strip | None = None
     tiles: int = 0
     """Tiles run through the model."""
 
 
-class TileRunner:
-    """Runs batches of tiles through a model: softmax, window weights, fixed-point scale."""
+@dataclass
+class BlockSums:
+    """What a computed block hands on: its own part, and its spill into the right, lower and lower-right blocks."""
 
-    def __init__(self, model: TileModel, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
+    own: BlockOwn
+    right: Strip | None = None
+    down: Strip | None = None
+    corner: Strip | None = None
+
+    @property
+    def tiles(self) -> int:
+        return self.own.tiles
+
+
+@dataclass
+class BlockInput:
+    """What :func:`read_block` read for one block: host arrays only (pinned where the model runs on CUDA)."""
+
+    block: Block
+    valid: np.ndarray
+    """``valid`` over the block's extent (own region plus spill strips)."""
+    tiles: np.ndarray
+    """``(n, 2)`` row/column indices, in the block's tile grid, of the tiles to run, row-major."""
+    data: dict[str, torch.Tensor]
+    """Raw input window of each modality (the scene region holding it, in the store's dtype)."""
+
+
+def incoming(grid: TileGrid, block: Block) -> tuple[int, int]:
+    """Rows and columns of a block's own region, from its top and left edges, that neighbours' tiles reach.
+
+    The upper (and upper-left) neighbour's tiles reach ``in_h`` rows down into
+    the block, the left (and upper-left) one's ``in_w`` columns across; every
+    other pixel of the block is covered by its own tiles alone.
+    """
+    own_rows, own_cols = grid.block_region(block)
+    in_h = grid.block_extent(Block(block.row - 1, block.col))[0].stop - own_rows.start if block.row else 0
+    in_w = grid.block_extent(Block(block.row, block.col - 1))[1].stop - own_cols.start if block.col else 0
+    return max(0, in_h), max(0, in_w)
+
+
+class TileRunner:
+    """Runs batches of tiles through a model on its device: softmax, window weights, fixed-point scale.
+
+    ``channels_last`` feeds the model NHWC tensors (and converts its weights);
+    ``compile`` wraps it in ``torch.compile``. :attr:`lock` serialises the
+    device phase of blocks run from several threads of one process (dask task
+    threads): the batch buffers are the runner's.
+    """
+
+    def __init__(
+        self,
+        model: TileModel,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        *,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
         if precision not in PRECISIONS:
             raise InputError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
         if precision == "fp16" and self.device.type != "cuda":
-            raise InputError("fp16 autocast needs a GPU: use --precision bf16 or fp32 on a CPU")
-        self.model = model.to(self.device).eval()
+            raise InputError("fp16 autocast needs a GPU: use precision='bf16' or 'fp32' on a CPU")
         self.spec = model.spec
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(self.device).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model, dynamic=False) if compile else model
         self.autocast_dtype = PRECISIONS[precision]
+        self.lock = threading.Lock()
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._weights: dict[tuple, torch.Tensor | None] = {}
+
+    @property
+    def pin(self) -> bool:
+        """Whether host inputs should be pinned (page-locked) for non-blocking copies to the device."""
+        return self.device.type == "cuda"
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def __call__(self, inputs: Mapping[str, np.ndarray], weights: np.ndarray | None, batch_size: int) -> np.ndarray:
-        """``(n, K, T, T)`` int64 ``softmax(logits) * weights * 2^40`` for ``n <= batch_size`` tiles.
+    def weights(self, blend: str, tile: int, overlap: int) -> torch.Tensor | None:
+        """The tile window of :func:`tilefuse.blending.tile_weights` on the device (None for "none"), cached."""
+        key = (blend, tile, overlap)
+        if key not in self._weights:
+            self._weights[key] = None if blend == "none" else torch.tensor(tile_weights(blend, tile, overlap), device=self.device)
+        return self._weights[key]
 
-        The batch is padded to ``batch_size`` so every call has the same shape.
-        """
-        count = len(next(iter(inputs.values())))
-        tensors = {}
-        for name, array in inputs.items():
-            if count < batch_size:
-                array = np.concatenate([array, np.zeros((batch_size - count, *array.shape[1:]), array.dtype)])
-            # C order always: kernels pick their algorithm by memory layout too
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-        height, width = next(iter(tensors.values())).shape[-2:]
+    def buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The persistent float32 input batch of one modality (the same memory and layout for every call)."""
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._buffers[name] = torch.zeros(shape, dtype=torch.float32, device=self.device).to(memory_format=self.memory_format)
+        return buf
+
+    def fixed_point(self, batch: Mapping[str, torch.Tensor], count: int, weights: torch.Tensor | None) -> torch.Tensor:
+        """``(count, K, T, T)`` int64 ``softmax(logits) * weights * 2^40`` on the device, of full, padded batches."""
+        height, width = next(iter(batch.values())).shape[-2:]
         margin = self.spec.margin
-        expected = (batch_size, self.spec.num_classes, height - 2 * margin, width - 2 * margin)
+        size = len(next(iter(batch.values())))
+        expected = (size, self.spec.num_classes, height - 2 * margin, width - 2 * margin)
         with torch.inference_mode(), self._autocast():
-            logits = self.model(tensors)
+            logits = self.model(dict(batch))
             if tuple(logits.shape) != expected:
                 raise InputError(
                     f"the model returned logits of shape {tuple(logits.shape)} for inputs of {height} x {width} px, "
@@ -167,9 +262,21 @@ class TileRunner:
                 )
             probs = torch.softmax(logits[:count].float(), dim=1)
             if weights is not None:
-                probs = probs * torch.tensor(weights, device=self.device)
+                probs = probs * weights
             # truncation to int64 (values >= 0): the same on every device, and summed exactly later
-            return (probs * FIXED_POINT).to(torch.int64).cpu().numpy()
+            return (probs * FIXED_POINT).to(torch.int64)
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], weights: np.ndarray | None, batch_size: int) -> np.ndarray:
+        """:meth:`fixed_point` of ``n <= batch_size`` host tiles, on the host; the batch is padded to ``batch_size``."""
+        count = len(next(iter(inputs.values())))
+        batch = {}
+        for name, array in inputs.items():
+            buf = self.buffer(name, (batch_size, *array.shape[1:]))
+            buf[:count].copy_(torch.from_numpy(np.asarray(array, np.float32)))
+            buf[count:].zero_()
+            batch[name] = buf
+        weights = None if weights is None else torch.tensor(weights, device=self.device)
+        return self.fixed_point(batch, count, weights).cpu().numpy()
 
 
 def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -> np.ndarray:
@@ -191,82 +298,154 @@ def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -
         raise InputError(f"{where}: reading {name!r} failed ({type(error).__name__}: {error}): the store is corrupt, re-ingest it") from None
 
 
-def _tile_inputs(job: BlockJob, group: zarr.Group, window: InputWindow) -> dict[str, np.ndarray]:
-    """Normalised input window of every modality, reflection-padded where it leaves the scene.
+def read_block(job: BlockJob, block: Block, pin: bool = False) -> BlockInput:
+    """Read what :func:`run_block` needs for ``block``: host work only, safe in any thread.
 
-    Normalised in slabs of rows into one float32 buffer, so the temporaries stay small.
+    Only blocks with a tile to run read their input window. ``pin`` copies it
+    into page-locked memory (for non-blocking copies to a GPU).
     """
-    rows, cols = window.read
-    local_rows, local_cols = window.rows - rows.start, window.cols - cols.start
-    plain = not window.needs_padding
-    inputs = {}
-    for name, mean, std in zip(job.modalities, job.band_mean, job.band_std):
-        data = _read(group, name, (slice(None), rows, cols), job.scene)
-        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        out = np.empty((data.shape[0], len(local_rows), len(local_cols)), np.float32)
-        for start in range(0, len(local_rows), SLAB):
-            slab = slice(start, start + SLAB)
-            part = data[:, slab] if plain else data[:, local_rows[slab]][:, :, local_cols]
-            out[:, slab] = normalise(part, mean, std)
-        inputs[name] = out
-    return inputs
-
-
-def compute_block(job: BlockJob, block: Block, runner: TileRunner) -> BlockSums:
-    """Run every tile a block owns and sum its weighted probabilities (see the module docstring)."""
     grid = job.grid
-    tile, margin = grid.tile, grid.margin
+    tile = grid.tile
+    empty = BlockInput(block, np.zeros((0, 0), bool), np.zeros((0, 2), np.int64), {})
     window = grid.input_window(block)
     if window is None:
-        return BlockSums(None, None, None, None)
+        return empty
     group = storage.open_group(job.scene)
-    own_rows, own_cols = grid.block_region(block)
     ext_rows, ext_cols = grid.block_extent(block)
     r0, c0 = ext_rows.start, ext_cols.start
     valid = _read(group, "valid", (ext_rows, ext_cols), job.scene)
     row_origins, col_origins = grid.block_tiles(block)
-    tiles = [
-        (int(r), int(c))
-        for r in row_origins
-        for c in col_origins
-        if valid[r - r0 : r - r0 + tile, c - c0 : c - c0 + tile].any()
-    ]
-    if not tiles:
-        return BlockSums(None, None, None, None)
+    tiles = np.array(
+        [
+            (i, j)
+            for i, r in enumerate(row_origins)
+            for j, c in enumerate(col_origins)
+            if valid[r - r0 : r - r0 + tile, c - c0 : c - c0 + tile].any()
+        ],
+        np.int64,
+    ).reshape(-1, 2)
+    if not len(tiles):
+        return BlockInput(block, valid, tiles, {})
+    data = {}
+    for name in job.modalities:
+        raw = torch.from_numpy(np.ascontiguousarray(_read(group, name, (slice(None), *window.read), job.scene)))
+        data[name] = raw.pin_memory() if pin else raw
+    return BlockInput(block, valid, tiles, data)
 
-    inputs = _tile_inputs(job, group, window)
-    weights = None if job.blend == "none" else tile_weights(job.blend, tile, grid.overlap)
-    size = tile + 2 * margin
-    acc = np.zeros((job.num_classes, ext_rows.stop - r0, ext_cols.stop - c0), np.int64)
-    first_row, first_col = int(row_origins[0]), int(col_origins[0])
+
+def _device_inputs(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> dict[str, torch.Tensor]:
+    """Normalised float32 input window of every modality on the device, reflection-padded where it leaves the scene.
+
+    The same arithmetic as :func:`tilefuse.scene.normalise` (cast, subtract, divide, NaN/inf to 0), in place:
+    this consumes ``inputs.data`` (on a CPU the reader's float32 arrays become the normalised ones).
+    """
+    device = runner.device
+    window = job.grid.input_window(inputs.block)
+    rows, cols = window.read
+    index = None
+    if window.needs_padding:
+        index = (
+            torch.from_numpy(window.rows - rows.start).to(device),
+            torch.from_numpy(window.cols - cols.start).to(device),
+        )
+    out = {}
+    for name, mean, std in zip(job.modalities, job.band_mean, job.band_std):
+        data = inputs.data.pop(name).to(device, non_blocking=True)  # consumed: normalised in place where it can be
+        if index is not None:
+            data = data.index_select(1, index[0]).index_select(2, index[1])
+        data = data.to(torch.float32)
+        data -= torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]
+        data /= torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
+        out[name] = torch.nan_to_num_(data, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
+
+
+def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSums:
+    """Run a block's tiles on the runner's device and finish what can be finished there (module docstring, step 2)."""
+    if not len(inputs.tiles):
+        return BlockSums(BlockOwn())
+    grid, block = job.grid, inputs.block
+    tile, stride, size = grid.tile, grid.stride, grid.tile + 2 * grid.margin
+    device = runner.device
+    own_rows, own_cols = grid.block_region(block)
+    ext_rows, ext_cols = grid.block_extent(block)
+    r0, c0 = ext_rows.start, ext_cols.start
+    row_origins, col_origins = grid.block_tiles(block)
+    dy, dx = int(row_origins[0]) - r0, int(col_origins[0]) - c0
+    # every tile whole: the accumulator runs past the scene edge, where reflected pixels land and are cut off
+    acc = torch.zeros(
+        (job.num_classes, dy + (len(row_origins) - 1) * stride + tile, dx + (len(col_origins) - 1) * stride + tile),
+        dtype=torch.int64,
+        device=device,
+    )
+    windows = _device_inputs(job, inputs, runner)
+    # (rows, cols, C, size, size) views of every tile of the window: no copy
+    views = {name: data.unfold(1, size, stride).unfold(2, size, stride).permute(1, 2, 0, 3, 4) for name, data in windows.items()}
+    weights = runner.weights(job.blend, tile, grid.overlap)
+    tiles = torch.from_numpy(inputs.tiles).to(device)
     for start in range(0, len(tiles), job.batch_size):
-        batch = tiles[start : start + job.batch_size]
-        stacked = {
-            name: np.stack([data[:, r - first_row : r - first_row + size, c - first_col : c - first_col + size] for r, c in batch])
-            for name, data in inputs.items()
-        }
-        sums = runner(stacked, weights, job.batch_size)
-        for (r, c), tile_sums in zip(batch, sums):
-            h, w = min(tile, grid.height - r), min(tile, grid.width - c)
-            acc[:, r - r0 : r - r0 + h, c - c0 : c - c0 + w] += tile_sums[:, :h, :w]
+        chosen = tiles[start : start + job.batch_size]
+        count = len(chosen)
+        batch = {}
+        for name, view in views.items():
+            buf = runner.buffer(name, (job.batch_size, *view.shape[2:]))
+            buf[:count] = view[chosen[:, 0], chosen[:, 1]]  # one gather per batch
+            buf[count:].zero_()
+            batch[name] = buf
+        sums = runner.fixed_point(batch, count, weights)
+        for (i, j), tile_sums in zip(inputs.tiles[start : start + count].tolist(), sums):
+            y, x = dy + i * stride, dx + j * stride
+            acc[:, y : y + tile, x : x + tile] += tile_sums
+    del windows, views, batch, sums
 
     own_h, own_w = own_rows.stop - r0, own_cols.stop - c0
+    ext_h, ext_w = ext_rows.stop - r0, ext_cols.stop - c0
+    in_h, in_w = incoming(grid, block)
+    valid = torch.from_numpy(inputs.valid[in_h:own_h, in_w:own_w]).to(device)
+    labels, probs = _finish_on(acc[:, in_h:own_h, in_w:own_w], valid, job)
 
-    # strips are packed copies; `own` stays a view, so the accumulator lives exactly as long as it
+    def host(part: torch.Tensor) -> Strip | None:
+        return Strip.pack(part.cpu().numpy())
+
     return BlockSums(
-        own=acc[:, :own_h, :own_w],
-        right=Strip.pack(acc[:, :own_h, own_w:]),
-        down=Strip.pack(acc[:, own_h:, :own_w]),
-        corner=Strip.pack(acc[:, own_h:, own_w:]),
-        tiles=len(tiles),
+        BlockOwn(
+            labels=labels.cpu().numpy(),
+            probs=None if probs is None else probs.cpu().numpy(),
+            top=host(acc[:, :in_h, :own_w]),
+            left=host(acc[:, in_h:own_h, :in_w]),
+            tiles=len(inputs.tiles),
+        ),
+        right=host(acc[:, :own_h, own_w:ext_w]),
+        down=host(acc[:, own_h:ext_h, :own_w]),
+        corner=host(acc[:, own_h:ext_h, own_w:ext_w]),
     )
 
 
-def combine(shape: tuple[int, int, int], pieces: list[np.ndarray | None], rows: slice | None = None) -> np.ndarray | None:
-    """Rows ``rows`` of a block's total: its own sums plus its neighbours' spill strips.
+def compute_block(job: BlockJob, block: Block, runner: TileRunner) -> BlockSums:
+    """:func:`read_block` then :func:`run_block` (under the runner's lock), in this thread."""
+    inputs = read_block(job, block, pin=runner.pin)
+    with runner.lock:
+        return run_block(job, inputs, runner)
 
-    Every piece covers the block's top-left corner (the own sums all of it,
-    the strips the top rows, left columns or both); None when nothing landed.
+
+def _finish_on(total: torch.Tensor, valid: torch.Tensor, job: BlockJob) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`block_outputs` of a region's exact totals, in slabs of :data:`SLAB` rows, where ``total`` lives."""
+    labels = torch.empty(valid.shape, dtype=torch.uint8, device=valid.device)
+    probs = None if job.probs is None else torch.empty((job.num_classes, *valid.shape), dtype=TORCH_DTYPES[job.probs], device=valid.device)
+    for start in range(0, valid.shape[0], SLAB):
+        slab = slice(start, start + SLAB)
+        slab_labels, slab_probs = block_outputs(total[:, slab], valid[slab], job.num_classes, job.probs)
+        labels[slab] = slab_labels
+        if probs is not None:
+            probs[:, slab] = slab_probs
+    return labels, probs
+
+
+def combine(shape: tuple[int, int, int], pieces: list[np.ndarray | None], rows: slice | None = None) -> np.ndarray | None:
+    """Rows ``rows`` of a region's total: pieces of sums that each cover its top-left corner.
+
+    Every piece covers the region's top-left corner (the block's own sums all
+    of it, the strips the top rows, left columns or both); None when nothing landed.
     """
     rows = rows or slice(0, shape[1])
     total = None
@@ -275,57 +454,83 @@ def combine(shape: tuple[int, int, int], pieces: list[np.ndarray | None], rows: 
             continue
         if total is None:
             total = np.zeros((shape[0], rows.stop - rows.start, shape[2]), np.int64)
-        part = piece[:, rows]
+        part = piece[:, rows, : shape[2]]
         total[:, : part.shape[1], : part.shape[2]] += part
     return total
 
 
 def block_outputs(
-    total: np.ndarray | None, valid: np.ndarray, num_classes: int, probs: str | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Labels (uint8, argmax, 255 = nodata) and, when ``probs`` names a dtype, class probabilities.
+    total: torch.Tensor | None, valid: torch.Tensor, num_classes: int, probs: str | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Labels (uint8, argmax, 255 = nodata) and, when ``probs`` names a dtype, class probabilities, on ``valid``'s device.
 
-    Probabilities are the class sums divided by their total (exact: the sums
-    are integers), quantised as ``round(255 p)`` for uint8; 0 where nodata.
+    Labels take the first of equal maxima. Probabilities are the class sums
+    divided by their total in float64 (exact inputs: the sums are integers;
+    one correctly rounded division), quantised as ``round(255 p)`` (half to
+    even) for uint8; 0 where nodata. Elementwise IEEE arithmetic, so a CPU
+    and a GPU give the same bits.
     """
-    labels = np.full(valid.shape, IGNORE, np.uint8)
-    out = None if probs is None else np.zeros((num_classes, *valid.shape), probs)
+    labels = torch.full(valid.shape, IGNORE, dtype=torch.uint8, device=valid.device)
+    out = None if probs is None else torch.zeros((num_classes, *valid.shape), dtype=TORCH_DTYPES[probs], device=valid.device)
     if total is None:
         return labels, out
-    norm = total.sum(axis=0)
+    norm = total.sum(dim=0)
     covered = valid & (norm > 0)
-    labels[covered] = np.argmax(total, axis=0)[covered]
+    labels = torch.where(covered, total.argmax(dim=0).to(torch.uint8), labels)
     if out is not None:
-        for k in range(num_classes):
-            p = np.divide(total[k], norm, out=np.zeros(valid.shape), where=covered)
-            out[k] = np.rint(p * 255) if probs == "uint8" else p
+        p = torch.where(covered, total.double() / torch.where(covered, norm, 1).double(), 0.0)
+        # float16 through float32: two correctly rounded steps on every device (a direct cast may round twice on some)
+        out = (p * 255).round().to(torch.uint8) if probs == "uint8" else p.to(torch.float32).to(TORCH_DTYPES[probs])
     return labels, out
 
 
 def finish_block(
     job: BlockJob,
     block: Block,
-    own: np.ndarray | None,
+    own: BlockOwn | None,
     up: Strip | None,
     left: Strip | None,
     up_left: Strip | None,
 ) -> Block:
-    """Combine a block's sums with the strips its upper, left and upper-left neighbours spill into it; write it.
+    """Finish the bands of a block its upper, left and upper-left neighbours spill into; write the block.
 
-    Works in slabs of rows, so the only block-sized arrays are the outputs.
+    The top band (rows ``:in_h``) adds the block's ``top`` sums, the upper
+    strip, the left strip's top rows and the upper-left corner; the left band
+    (rows ``in_h:``, cols ``:in_w``) the block's ``left`` sums and the rest of
+    the left strip. The remaining pixels came finished from :func:`run_block`.
     """
-    rows, cols = job.grid.block_region(block)
-    shape = (job.num_classes, rows.stop - rows.start, cols.stop - cols.start)
-    valid = _read(storage.open_group(job.scene), "valid", (rows, cols), job.scene)
-    pieces = [own, *(None if strip is None else strip.unpack() for strip in (up, left, up_left))]
-    labels = np.empty(shape[1:], np.uint8)
-    probs = None if job.probs is None else np.empty(shape, job.probs)
-    for start in range(0, shape[1], SLAB):
-        slab = slice(start, min(start + SLAB, shape[1]))
-        total = combine(shape, pieces, slab)
-        slab_labels, slab_probs = block_outputs(total, valid[slab], job.num_classes, job.probs)
-        labels[slab] = slab_labels
+    own = own or BlockOwn()
+    grid = job.grid
+    rows, cols = grid.block_region(block)
+    own_h, own_w = rows.stop - rows.start, cols.stop - cols.start
+    in_h, in_w = incoming(grid, block)
+    labels = np.full((own_h, own_w), IGNORE, np.uint8)
+    probs = None if job.probs is None else np.zeros((job.num_classes, own_h, own_w), job.probs)
+    if own.labels is not None:
+        labels[in_h:, in_w:] = own.labels
         if probs is not None:
-            probs[:, slab] = slab_probs
+            probs[:, in_h:, in_w:] = own.probs
+    left_strip = None if left is None else left.unpack()
+    bands = (
+        ((0, in_h, own_w), [own.top, up, left_strip, up_left]),
+        ((in_h, own_h, in_w), [own.left, None if left_strip is None else left_strip[:, in_h:]]),
+    )
+    if in_h or in_w:
+        group = storage.open_group(job.scene)
+    for (first, last, width), pieces in bands:
+        if last <= first or not width:
+            continue
+        pieces = [piece.unpack() if isinstance(piece, Strip) else piece for piece in pieces]
+        shape = (job.num_classes, last - first, width)
+        valid = _read(group, "valid", (slice(rows.start + first, rows.start + last), slice(cols.start, cols.start + width)), job.scene)
+        for start in range(0, shape[1], SLAB):
+            slab = slice(start, min(start + SLAB, shape[1]))
+            total = combine(shape, pieces, slab)
+            slab_labels, slab_probs = block_outputs(
+                None if total is None else torch.from_numpy(total), torch.from_numpy(valid[slab]), job.num_classes, job.probs
+            )
+            labels[first + slab.start : first + slab.stop, :width] = slab_labels.numpy()
+            if probs is not None:
+                probs[:, first + slab.start : first + slab.stop, :width] = slab_probs.numpy()
     write_block(job.prediction, (rows, cols), block, labels, probs)
     return block
