@@ -1,0 +1,315 @@
+"""Training data assembly: scene stores and data options -> model, config, samplers, datasets, split.
+
+One function, :func:`assemble`, shared by ``tilefuse train`` and
+``tilefuse.train`` (``pipelines/train.py`` resolves options, holds the run
+lock and calls it). It opens the stores and checks them (labels, modalities,
+band counts, patch size), merges their class lists, pools the band statistics,
+builds the model (or rebuilds a resumed run's), picks the sampler from the
+model's spec (blended or margin-free models, PAD: random patches; a context
+margin and no blending, S²Fin: labelled pixels per class; ``sampler=``
+overrides), makes the spatially disjoint split (explicit validation stores,
+blocks of the grid, or whole stores; on resume the run's saved split), and the
+training and validation datasets.
+
+Nothing is written: :meth:`TrainingData.save` writes the split file and the
+sampler indexes into the run folder once the caller has created it (under
+data-parallel training, rank 0 only). Given ``run=`` (a resume), the saved
+split and indexes are read from it, so a restart does not read every store's
+``valid`` and ``label`` again; a store changed since is indexed afresh.
+Errors name the Python parameter and its CLI flag (``patch_size= (--patch-size)``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from tilefuse.errors import InputError
+
+
+@dataclass
+class DataOptions:
+    """What the model is fed (the loop's own settings are :class:`tilefuse.training.TrainSettings`)."""
+
+    modalities: Optional[list[str]] = None
+    """Store modalities the model reads, in the model's order (default: all, in store order)."""
+    sampler: str = "auto"
+    """auto | patches | pixels."""
+    patch_size: int = 256
+    pixels_per_class: int = 50
+    allow_fewer: bool = False
+    min_labelled: float = 0.05
+    class_balance: bool = False
+    split: str = "blocks"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    block: int = 0
+    """Split block edge in px; 0: a multiple of the patch size near 512, at most a quarter of the smallest store."""
+    val_pixels: int = 2000
+    """Pixel models: validate on this many labelled pixels drawn uniformly from the validation area."""
+    window: int = 1024
+    patches_per_window: int = 64
+    windows_per_round: int = 8
+    rescale: Optional[list[float]] = None
+    """Patch models: random rescale by a factor in [low, high] then crop (PAD's paper: [0.5, 2]); None = off."""
+
+    def check(self) -> None:
+        """Refuse values no sampler can run with (one line naming the option)."""
+        from tilefuse.training import _require
+
+        whole = lambda low: (lambda v: isinstance(v, int) and v >= low)  # noqa: E731
+        share = lambda v: 0 <= v < 1  # noqa: E731
+        for name in ("patch_size", "pixels_per_class", "val_pixels", "window", "patches_per_window", "windows_per_round"):
+            _require(name, getattr(self, name), "a whole number >= 1", whole(1))
+        _require("block", self.block, "a whole number of px >= 0 (0 = auto)", whole(0))
+        _require("min_labelled", self.min_labelled, "a share in 0..1", lambda v: 0 <= v <= 1)
+        for name in ("val_fraction", "test_fraction"):
+            _require(name, getattr(self, name), "a share in 0..1 (below 1)", share)
+        if self.val_fraction + self.test_fraction >= 1:
+            total = self.val_fraction + self.test_fraction
+            raise InputError(f"val_fraction + test_fraction = {total:g} leaves nothing to train on: lower them")
+        if self.split not in ("blocks", "stores"):
+            raise InputError(f"unknown split= {self.split!r} (--split): use blocks or stores")
+        if self.sampler not in ("auto", "patches", "pixels"):
+            raise InputError(f"unknown sampler= {self.sampler!r} (--sampler): use auto, patches or pixels")
+
+
+@dataclass
+class TrainingData:
+    """Everything :func:`tilefuse.training.fit` needs besides the loop settings and the run folder."""
+
+    model: Any
+    """The :class:`~tilefuse.tile_model.TileModel` (fresh, or rebuilt from a resumed run's config)."""
+    config: Any
+    """Its :class:`~tilefuse.checkpoint.ModelConfig`."""
+    train: Any
+    """Training :class:`~tilefuse.dataset.PatchDataset`."""
+    val: Any = None
+    """Validation dataset, or None."""
+    split: Any = None
+    """The :class:`~tilefuse.sampling.SpatialSplit` of ``stores``, or None."""
+    stores: list[str] = field(default_factory=list)
+    """Training then validation stores (resolved), in the split's order."""
+    context: int = 0
+    """Pixels of input a scored pixel needs around it (the split file's ``context``)."""
+    pixels: bool = False
+    """Whether the labelled-pixel sampler feeds the model (else random patches)."""
+    val_batch_size: int | None = None
+    index: Any = None
+    """The :class:`~tilefuse.sampling.IndexCache` the samplers' indexes went through."""
+
+    def save(self, run: str | os.PathLike) -> None:
+        """Write the split file and the sampler indexes into the (existing) run folder ``run``."""
+        from tilefuse.sampling import INDEX_DIR, save_split
+
+        if self.split is not None:
+            save_split(run, self.split, self.stores, self.context)
+        if self.index is not None:
+            self.index.save(Path(run) / INDEX_DIR)
+
+
+def class_names_of(scenes, paths) -> list[str]:
+    """The merged class list of every store's labels (:func:`tilefuse.classes.merge_class_names`)."""
+    from tilefuse.classes import merge_class_names, store_class_names
+
+    names = merge_class_names([(str(path), store_class_names(ds)) for ds, path in zip(scenes, paths)])
+    if not names:
+        raise InputError(f"no labelled pixels in {', '.join(map(str, paths))}: ingest labels with --labels PATH")
+    return names
+
+
+def default_block(unit: int, smallest: int) -> int:
+    """Split block edge: a multiple of ``unit`` near 512 px, small enough for 4 blocks across the smallest store."""
+    return unit * max(1, min(-(-512 // unit), smallest // (4 * unit)))
+
+
+def labelled_per_block(ds, block: int):
+    """Valid labelled pixels of each ``block x block`` block of a scene (the split's weights)."""
+    from tilefuse.scene import IGNORE
+
+    labelled = ((ds["label"] != IGNORE) & ds["valid"]).astype("int64")
+    return labelled.coarsen(y=block, x=block, boundary="pad").sum().values
+
+
+def rescale_range(data: DataOptions, pixels: bool) -> tuple[float, float] | None:
+    """``data.rescale`` as ``(low, high)``, checked; None when off."""
+    if data.rescale is None:
+        return None
+    value = data.rescale
+    if pixels or not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in value) or value[0] > value[1]:
+        raise InputError(f"rescale= must be [low, high] with 0 < low <= high, for patch models only; got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _split(scenes, paths: list[str], n_train: int, data: DataOptions, pixels: bool, tile: int, seed: int, has_val_stores: bool):
+    """The split of all ``scenes`` (training then validation stores), or None."""
+    import numpy as np
+
+    from tilefuse.sampling import SpatialSplit, spatial_split
+
+    if has_val_stores:
+        edge = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
+        return SpatialSplit(edge, tuple(np.full((1, 1), 0 if i < n_train else 1, np.int8) for i in range(len(scenes))))
+    if data.val_fraction <= 0 and data.test_fraction <= 0:
+        return None
+    if data.split == "stores":
+        block = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
+    else:
+        block = data.block or default_block(32 if pixels else tile, min(min(ds.sizes["y"], ds.sizes["x"]) for ds in scenes))
+    weights = [labelled_per_block(ds, block) for ds in scenes]
+    if not any(w.sum() for w in weights):
+        raise InputError(f"no valid labelled pixels in {', '.join(paths)}: check the labels (255 = none) and the valid mask")
+    return spatial_split(
+        [(ds.sizes["y"], ds.sizes["x"]) for ds in scenes],
+        by=data.split, val=data.val_fraction, test=data.test_fraction, block=block, weights=weights, seed=seed,
+    )
+
+
+def _saved_split(run: Path | None, paths: list[str], scenes):
+    """The split a resumed run saved, when it is for these stores and their shapes (else None)."""
+    from tilefuse.sampling import SPLIT_FILE, load_split
+
+    if run is None or not (run / SPLIT_FILE).is_file():
+        return None
+    saved = load_split(run)
+    shapes_fit = all(
+        a.shape == (-(-ds.sizes["y"] // saved.split.block), -(-ds.sizes["x"] // saved.split.block))
+        for a, ds in zip(saved.split.assignment, scenes)
+    )
+    if saved.stores != paths or len(saved.split.assignment) != len(scenes) or not shapes_fit:
+        return None
+    return saved.split
+
+
+def assemble(
+    model: str,
+    stores: Sequence[str | os.PathLike],
+    *,
+    val_stores: Sequence[str | os.PathLike] = (),
+    data: DataOptions | None = None,
+    hparams: dict[str, Any] | None = None,
+    seed: int = 42,
+    batch_size: int = 8,
+    resumed: Any = None,
+    run: str | os.PathLike | None = None,
+) -> TrainingData:
+    """The model and training data of registered model ``model`` on scene ``stores``.
+
+    ``data`` are the :class:`DataOptions` (checked here); ``hparams`` the
+    model's hyperparameters; ``seed`` fixes the weights, the split and the
+    sampling; ``batch_size`` sizes validation batches of pixel models.
+    ``resumed`` (a :class:`~tilefuse.checkpoint.ModelConfig`) rebuilds a
+    stopped run's model, band counts and statistics instead of fresh ones;
+    ``run`` is its folder, from which the saved split and sampler indexes are
+    read (nothing is written: see :meth:`TrainingData.save`).
+    """
+    import tilefuse.training  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
+
+    import torch
+
+    from tilefuse.checkpoint import ModelConfig
+    from tilefuse.dataset import PatchDataset, pooled_band_stats
+    from tilefuse.sampling import INDEX_DIR, GridPatchSampler, IndexCache, LabelledPixelSampler, RandomPatchSampler, check_patch_fits
+    from tilefuse.scene import band_dim, modalities as store_modalities, open_scene, require_modalities
+    from tilefuse.tile_model import build_model
+
+    data = data or DataOptions()
+    data.check()
+    if not stores:
+        raise InputError("no training store: pass at least one store (--store)")
+    train_paths = [str(Path(p).resolve()) for p in stores]
+    val_paths = [str(Path(p).resolve()) for p in val_stores]
+    paths = train_paths + val_paths
+    hparams = dict(hparams or {})
+    run = None if run is None else Path(run)
+
+    scenes = [open_scene(p) for p in paths]
+    for ds, path in zip(scenes, paths):
+        if "label" not in ds:
+            raise InputError(f"{path} has no labels: ingest it with --labels PATH to train on it")
+    available = store_modalities(scenes[0])
+    names = data.modalities or available
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise InputError(f"{paths[0]} has no modality {missing[0]!r} (it has {', '.join(available)}): check modalities= (--modality)")
+    bands = dict(resumed.modalities) if resumed is not None else {n: int(scenes[0][n].sizes[band_dim(n)]) for n in names}
+    for ds, path in zip(scenes, paths):
+        require_modalities(ds, bands, where=path)
+    class_names = class_names_of(scenes, paths)
+
+    if resumed is not None:
+        if resumed.num_classes != len(class_names):
+            raise InputError(
+                f"the run's model has {resumed.num_classes} classes but the stores have {len(class_names)}: resume with the same stores"
+            )
+        net = resumed.build()
+        band_stats = resumed.band_stats
+    else:
+        torch.manual_seed(seed)
+        net = build_model(model, bands, len(class_names), **hparams)
+        band_stats = pooled_band_stats(scenes[: len(train_paths)], list(bands))
+    spec = net.spec
+    if list(spec.modalities) != list(bands):
+        raise InputError(
+            f"model {model!r} reads modalities {list(spec.modalities)}, the stores give {list(bands)}: pass modalities= (--modality) for each, in order"
+        )
+    pixels = data.sampler == "pixels" or (data.sampler == "auto" and spec.margin > 0 and not spec.blend)
+    if not pixels:
+        for ds, path in zip(scenes, paths):
+            check_patch_fits((ds.sizes["y"], ds.sizes["x"]), data.patch_size, path)
+    # validation tiles of the patch size; pixel models validate on pixels, blocks of 512 px
+    tile = 2 * spec.margin + 1 if pixels else data.patch_size
+    split = _saved_split(run, paths, scenes)
+    if split is None:
+        split = _split(scenes, paths, len(train_paths), data, pixels, tile, seed, bool(val_paths))
+    del scenes  # the samplers read zarr directly
+
+    index = IndexCache(None if run is None else run / INDEX_DIR)
+    modalities = list(bands)
+    if pixels:
+        sampler = LabelledPixelSampler(
+            paths, modalities, 2 * spec.margin + 1, data.pixels_per_class,
+            split=split, allow_fewer=data.allow_fewer, class_names=class_names, window=data.window, seed=seed, index=index,
+        )
+    else:
+        sampler = RandomPatchSampler(
+            paths, modalities, data.patch_size,
+            margin=spec.margin, split=split, min_labelled=data.min_labelled, class_balance=data.class_balance,
+            window=data.window, patches_per_window=data.patches_per_window,
+            windows_per_round=data.windows_per_round, seed=seed, index=index,
+        )
+    val_data = None
+    if split is not None and split.fraction("val") > 0:
+        if pixels:
+            val_sampler = LabelledPixelSampler(
+                paths, modalities, tile, data.val_pixels, per_class=False, repeat=False,
+                split=split, subset="val", allow_fewer=True, window=data.window, seed=seed, index=index,
+            )
+        else:
+            val_sampler = GridPatchSampler(paths, modalities, tile, margin=spec.margin, split=split, subset="val", window=data.window)
+        val_data = PatchDataset(val_sampler, band_stats, margin=spec.margin, augment=False)
+
+    config = ModelConfig(
+        model=model,
+        modalities=dict(spec.modalities),
+        num_classes=spec.num_classes,
+        hparams=hparams,
+        class_names=class_names,
+        band_stats=band_stats,
+        extra={"stores": train_paths, "val_stores": val_paths, "sampler": "pixels" if pixels else "patches"},
+    )
+    train_data = PatchDataset(sampler, band_stats, margin=spec.margin, augment=True, rescale=rescale_range(data, pixels), seed=seed)
+    return TrainingData(
+        model=net,
+        config=config,
+        train=train_data,
+        val=val_data,
+        split=split,
+        stores=paths,
+        context=spec.margin if pixels else data.patch_size // 2,
+        pixels=pixels,
+        val_batch_size=max(256, batch_size) if pixels else None,
+        index=index,
+    )
