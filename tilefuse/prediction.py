@@ -25,8 +25,10 @@ Consolidated metadata is rewritten whenever the attrs change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +105,14 @@ def create_prediction(
     # in memory, so to_zarr(compute=False) writes them now: a verified store holds every coordinate chunk
     coords = {name: scene[name].load() for name in ("y", "x", "spatial_ref") if name in scene.coords}
     ds = xr.Dataset(coords=coords)
-    ds["labels"] = (("y", "x"), da.full((height, width), IGNORE, dtype=np.uint8, chunks=grid.block))
+    # one dask chunk per array: to_zarr(compute=False) writes no data, and a graph of one task per block
+    # would cost seconds to build (and be thrown away) at country scale
+    ds["labels"] = (("y", "x"), da.full((height, width), IGNORE, dtype=np.uint8, chunks=-1))
     ds["labels"].attrs.update(class_names=list(class_names), nodata=IGNORE, grid_mapping="spatial_ref")
     encoding = {"labels": _encoding((height, width), grid.block, IGNORE)}
     if probs is not None:
         shape = (num_classes, height, width)
-        ds["probs"] = (("class", "y", "x"), da.zeros(shape, dtype=probs, chunks=(num_classes, grid.block, grid.block)))
+        ds["probs"] = (("class", "y", "x"), da.zeros(shape, dtype=probs, chunks=-1))
         ds["probs"].attrs.update(
             class_names=list(class_names),
             grid_mapping="spatial_ref",
@@ -117,7 +121,7 @@ def create_prediction(
         )
         encoding["probs"] = _encoding(shape, grid.block, 0)
     block_rows, block_cols = grid.shape_in_blocks
-    ds[MANIFEST] = (("block_y", "block_x"), da.zeros((block_rows, block_cols), dtype=np.uint8, chunks=1))
+    ds[MANIFEST] = (("block_y", "block_x"), da.zeros((block_rows, block_cols), dtype=np.uint8, chunks=-1))
     encoding[MANIFEST] = {"chunks": (1, 1), "fill_value": 0}
     from tilefuse import __version__
 
@@ -187,6 +191,8 @@ def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
 
 OUTPUTS = ("labels", "probs")
 """The arrays written block by block (one key per block: see :func:`store_chunk`)."""
+CHECK_THREADS = 8
+"""Threads that read done blocks' keys to check them on a resume (:func:`damaged_blocks`); memory: one key each."""
 
 
 def _written(done: np.ndarray) -> dict[str, list[tuple[int, int]]]:
@@ -195,10 +201,35 @@ def _written(done: np.ndarray) -> dict[str, list[tuple[int, int]]]:
     return {"labels": blocks, "probs": blocks, MANIFEST: []}
 
 
+def _stored_markers(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the manifest keys present in the store: blocks never marked have none (fill 0)."""
+    rows, cols = [], []
+    top = path / MANIFEST / "c"
+    with os.scandir(top) if top.is_dir() else contextlib.nullcontext(()) as row_dirs:
+        for row_dir in row_dirs:
+            if row_dir.name.isdigit() and row_dir.is_dir():
+                with os.scandir(row_dir.path) as entries:
+                    found = [int(entry.name) for entry in entries if entry.name.isdigit()]
+                rows += [int(row_dir.name)] * len(found)
+                cols += found
+    return np.asarray(rows, np.intp), np.asarray(cols, np.intp)
+
+
 def done_blocks(path: str | os.PathLike) -> np.ndarray:
-    """The completion manifest: a (block rows, block cols) bool array, True where a block is marked written."""
-    group = storage.open_group(path, written={MANIFEST: []}, fix=REPAIR["prediction"])
-    return group[MANIFEST][...].astype(bool)
+    """The completion manifest: a (block rows, block cols) bool array, True where a block is marked written.
+
+    Only the markers present are read (a directory listing finds them), so
+    this costs one small read per written block, not one per block of the scene.
+    """
+    path = Path(path)
+    manifest = storage.open_group(path, written={MANIFEST: []}, fix=REPAIR["prediction"])[MANIFEST]
+    done = np.zeros(manifest.shape, bool)
+    rows, cols = _stored_markers(path)
+    inside = (rows < done.shape[0]) & (cols < done.shape[1])
+    rows, cols = rows[inside], cols[inside]
+    if rows.size:
+        done[rows, cols] = manifest.get_coordinate_selection((rows, cols)).astype(bool)
+    return done
 
 
 def _block_keys(check: storage.ArrayCheck, row: int, col: int) -> list[tuple[int, ...]]:
@@ -218,17 +249,16 @@ def damaged_blocks(path: str | os.PathLike, done: np.ndarray | None = None) -> l
     group = zarr.open_group(path, mode="r")
     if group.attrs.get(storage.FORMAT_ATTR) != storage.FORMAT:
         return []
-    checks = storage.checks_for(group, _written(done))
-    damaged = []
-    for row, col in np.argwhere(done):
-        for name in OUTPUTS:
-            check = checks.get(name)
-            if check is None:
-                continue
-            if any(storage.key_problem(path, check, index) for index in _block_keys(check, row, col)):
-                damaged.append((int(row), int(col)))
-                break
-    return damaged
+    checks = [check for name, check in storage.checks_for(group, _written(done)).items() if name in OUTPUTS]
+
+    def is_damaged(block) -> bool:
+        row, col = block
+        return any(storage.key_problem(path, check, index) for check in checks for index in _block_keys(check, row, col))
+
+    blocks = [(int(row), int(col)) for row, col in np.argwhere(done)]
+    # reading is the cost (a resume reads every done block's bytes once): a few threads overlap it
+    with ThreadPoolExecutor(min(CHECK_THREADS, max(1, len(blocks)))) as pool:
+        return [block for block, bad in zip(blocks, pool.map(is_damaged, blocks)) if bad]
 
 
 def pending_blocks(path: str | os.PathLike, grid: TileGrid) -> list[Block]:
