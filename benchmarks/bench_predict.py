@@ -192,11 +192,12 @@ def monai_child(checkpoint: str, scene: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "baseline_mb": baseline, "pixels": labels.size}))
 
 
-def monai(checkpoint: Path, scene: Path) -> dict:
+def monai(checkpoint: Path, scene: Path, script: str = __file__) -> dict:
+    """Run :func:`monai_child` in a fresh process of ``script`` (a benchmark whose import registers the model)."""
     # dask's nannies export thread and malloc settings into this process's environment: keep them from the peer
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
     result = subprocess.run(
-        [sys.executable, __file__, "--monai-child", str(checkpoint), str(scene)], capture_output=True, text=True, check=True, env=env
+        [sys.executable, script, "--monai-child", str(checkpoint), str(scene)], capture_output=True, text=True, check=True, env=env
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
