@@ -125,14 +125,6 @@ def default_block(unit: int, smallest: int) -> int:
     return unit * max(1, min(-(-512 // unit), smallest // (4 * unit)))
 
 
-def labelled_per_block(ds, block: int):
-    """Valid labelled pixels of each ``block x block`` block of a scene (the split's weights)."""
-    from tilefuse.scene import IGNORE
-
-    labelled = ((ds["label"] != IGNORE) & ds["valid"]).astype("int64")
-    return labelled.coarsen(y=block, x=block, boundary="pad").sum().values
-
-
 def rescale_range(data: DataOptions, pixels: bool) -> tuple[float, float] | None:
     """``data.rescale`` as ``(low, high)``, checked; None when off."""
     if data.rescale is None:
@@ -143,11 +135,11 @@ def rescale_range(data: DataOptions, pixels: bool) -> tuple[float, float] | None
     return float(value[0]), float(value[1])
 
 
-def _split(scenes, paths: list[str], n_train: int, data: DataOptions, pixels: bool, tile: int, seed: int, has_val_stores: bool):
+def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, pixels: bool, tile: int, seed: int, has_val_stores: bool):
     """The split of all ``scenes`` (training then validation stores), or None."""
     import numpy as np
 
-    from tilefuse.sampling import SpatialSplit, spatial_split
+    from tilefuse.sampling import SpatialSplit, labelled_per_block, spatial_split
 
     if has_val_stores:
         edge = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
@@ -158,7 +150,7 @@ def _split(scenes, paths: list[str], n_train: int, data: DataOptions, pixels: bo
         block = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
     else:
         block = data.block or default_block(32 if pixels else tile, min(min(ds.sizes["y"], ds.sizes["x"]) for ds in scenes))
-    weights = [labelled_per_block(ds, block) for ds in scenes]
+    weights = [labelled_per_block(reader, block) for reader in readers]
     if not any(w.sum() for w in weights):
         raise InputError(f"no valid labelled pixels in {', '.join(paths)}: check the labels (255 = none) and the valid mask")
     return spatial_split(
@@ -211,7 +203,15 @@ def assemble(
 
     from tilefuse.checkpoint import ModelConfig
     from tilefuse.dataset import PatchDataset, pooled_band_stats
-    from tilefuse.sampling import INDEX_DIR, GridPatchSampler, IndexCache, LabelledPixelSampler, RandomPatchSampler, check_patch_fits
+    from tilefuse.sampling import (
+        INDEX_DIR,
+        GridPatchSampler,
+        IndexCache,
+        LabelledPixelSampler,
+        RandomPatchSampler,
+        SceneReader,
+        check_patch_fits,
+    )
     from tilefuse.scene import band_dim, modalities as store_modalities, open_scene, require_modalities
     from tilefuse.tile_model import build_model
 
@@ -261,21 +261,22 @@ def assemble(
             check_patch_fits((ds.sizes["y"], ds.sizes["x"]), data.patch_size, path)
     # validation tiles of the patch size; pixel models validate on pixels, blocks of 512 px
     tile = 2 * spec.margin + 1 if pixels else data.patch_size
+    readers = [SceneReader(p) for p in paths]  # one zarr handle per store, shared by the split and the samplers
     split = _saved_split(run, paths, scenes)
     if split is None:
-        split = _split(scenes, paths, len(train_paths), data, pixels, tile, seed, bool(val_paths))
+        split = _split(scenes, readers, paths, len(train_paths), data, pixels, tile, seed, bool(val_paths))
     del scenes  # the samplers read zarr directly
 
     index = IndexCache(None if run is None else run / INDEX_DIR)
     modalities = list(bands)
     if pixels:
         sampler = LabelledPixelSampler(
-            paths, modalities, 2 * spec.margin + 1, data.pixels_per_class,
+            readers, modalities, 2 * spec.margin + 1, data.pixels_per_class,
             split=split, allow_fewer=data.allow_fewer, class_names=class_names, window=data.window, seed=seed, index=index,
         )
     else:
         sampler = RandomPatchSampler(
-            paths, modalities, data.patch_size,
+            readers, modalities, data.patch_size,
             margin=spec.margin, split=split, min_labelled=data.min_labelled, class_balance=data.class_balance,
             window=data.window, patches_per_window=data.patches_per_window,
             windows_per_round=data.windows_per_round, seed=seed, index=index,
@@ -284,11 +285,11 @@ def assemble(
     if split is not None and split.fraction("val") > 0:
         if pixels:
             val_sampler = LabelledPixelSampler(
-                paths, modalities, tile, data.val_pixels, per_class=False, repeat=False,
+                readers, modalities, tile, data.val_pixels, per_class=False, repeat=False,
                 split=split, subset="val", allow_fewer=True, window=data.window, seed=seed, index=index,
             )
         else:
-            val_sampler = GridPatchSampler(paths, modalities, tile, margin=spec.margin, split=split, subset="val", window=data.window)
+            val_sampler = GridPatchSampler(readers, modalities, tile, margin=spec.margin, split=split, subset="val", window=data.window)
         val_data = PatchDataset(val_sampler, band_stats, margin=spec.margin, augment=False)
 
     config = ModelConfig(

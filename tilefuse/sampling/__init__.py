@@ -48,13 +48,23 @@ from tilefuse.sampling.index import INDEX_DIR, IndexCache
 from tilefuse.sampling.labelled_pixels import LabelledPixelSampler
 from tilefuse.sampling.random_patches import RandomPatchSampler
 from tilefuse.sampling.reader import SceneReader, Store, open_readers, store_identity
-from tilefuse.sampling.split import SPLIT_FILE, SUBSETS, SavedSplit, SpatialSplit, load_split, save_split, spatial_split, split_mask
+from tilefuse.sampling.split import (
+    SPLIT_FILE,
+    SUBSETS,
+    SavedSplit,
+    SpatialSplit,
+    labelled_per_block,
+    load_split,
+    save_split,
+    spatial_split,
+    split_mask,
+)
 
 __all__ = [
     "DEFAULT_WINDOW", "INDEX_DIR", "SPLIT_FILE", "SUBSETS",
     "GridPatchSampler", "IndexCache", "LabelledPixelSampler", "RandomPatchSampler", "Sample", "SavedSplit",
     "SceneReader", "SpatialSplit", "Store", "StoreSampler",
     "aligned_window", "box_sums", "centre_classes", "check_patch_fits", "cover_counts", "cut_reflect",
-    "eligible_origins", "grid_origins", "labelled_pixels", "load_split", "masked_label", "open_readers",
+    "eligible_origins", "grid_origins", "labelled_per_block", "labelled_pixels", "load_split", "masked_label", "open_readers",
     "save_split", "spatial_split", "split_mask", "store_identity", "window_blocks", "window_geometry", "window_starts",
 ]

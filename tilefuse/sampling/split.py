@@ -135,6 +135,36 @@ def _block_areas(h: int, w: int, block: int) -> np.ndarray:
 
 
 
+def labelled_per_block(reader, block: int, *, window: int = 2048, threads: int = 4) -> np.ndarray:
+    """Valid labelled pixels of each ``block x block`` block of a store (a split's weights), shape
+    ``(ceil(H / block), ceil(W / block))``; ``reader`` is a :class:`~tilefuse.sampling.reader.SceneReader`
+    (or alike). Reads ``valid`` and ``label`` in chunk-aligned windows of about ``window`` px, so
+    memory stays bounded whatever the store's or the block's size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tilefuse.sampling.geometry import aligned_window, window_blocks
+    from tilefuse.scene import IGNORE
+
+    h, w = reader.shape
+    step = aligned_window(window, min(reader.chunk))
+    out = np.zeros((-(-h // block), -(-w // block)), dtype=np.int64)
+
+    def count(extent):
+        (y0, y1), (x0, x1) = extent
+        arrays = reader.read(y0, y1, x0, x1, ["valid", "label"])
+        labelled = (arrays["valid"] & (arrays["label"] != IGNORE)).astype(np.int64)
+        rows, cols = np.arange(y0, y1) // block, np.arange(x0, x1) // block
+        starts_y, starts_x = np.flatnonzero(np.diff(rows, prepend=-1)), np.flatnonzero(np.diff(cols, prepend=-1))
+        sums = np.add.reduceat(np.add.reduceat(labelled, starts_y, axis=0), starts_x, axis=1)
+        return rows[starts_y], cols[starts_x], sums
+
+    extents = [(ys, xs) for ys in window_blocks(h, step) for xs in window_blocks(w, step)]
+    with ThreadPoolExecutor(max(1, min(threads, len(extents)))) as pool:
+        for rows, cols, sums in pool.map(count, extents):
+            out[rows[:, None], cols[None, :]] += sums
+    return out.astype(np.float64)
+
+
 def touches(split: SpatialSplit | None, subset: str, store: int, y0: int, y1: int, x0: int, x1: int) -> bool:
     """Whether rows ``y0:y1``, columns ``x0:x1`` of a store hold any block of ``subset`` (no I/O)."""
     if split is None:
