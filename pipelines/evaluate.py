@@ -98,24 +98,21 @@ def write_json(data: dict[str, Any], out: str | Path, *, inputs=(), overwrite: b
 
 def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tuple[int, int]):
     """``(rows, cols) -> bool mask`` of the pixels a run's split leaves to ``subset`` in store ``labels``."""
-    from tilefuse.sampling import SUBSETS, SpatialSplit, split_mask
+    from tilefuse.sampling import SPLIT_FILE, SUBSETS, load_split, split_mask
 
     path = Path(split)
-    path = path / "split.json" if path.is_dir() else path
+    path = path / SPLIT_FILE if path.is_dir() else path
     if subset not in SUBSETS:
         raise InputError(f"unknown subset {subset!r}: choose one of {', '.join(SUBSETS)}")
-    try:
-        data = json.loads(path.read_text())
-        layout = SpatialSplit.from_dict(data)
-    except (OSError, ValueError, KeyError) as error:
-        raise InputError(f"{path} is not a training split ({error}): pass a run folder trained with a split") from None
-    stores = [str(Path(p).resolve()) for p in data["stores"]]
+    saved = load_split(path)  # the split file's one reader
+    layout = saved.split
+    stores = [str(Path(p).resolve()) for p in saved.stores]
     if str(Path(labels).resolve()) not in stores:
         raise InputError(f"{labels} is not one of the stores split in {path}: evaluate one of {', '.join(stores)}")
     index = stores.index(str(Path(labels).resolve()))
     if not (layout.assignment[index] == SUBSETS.index(subset)).any():
         raise InputError(f"{path} gives no block of {labels} to {subset!r}: train with --{subset}-fraction > 0 or evaluate another store")
-    context = int(data.get("context", 0))
+    context = saved.context
     return lambda rows, cols: split_mask(layout, index, subset, rows.start, rows.stop, cols.start, cols.stop, shape, context)
 
 
