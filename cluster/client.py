@@ -4,7 +4,8 @@ Specs:
 
 - ``sync``: no cluster; blocks run one after another in this process (debugging, small notebooks);
 - ``local:N`` (``local`` = one worker per core): a ``LocalCluster`` of N worker
-  processes with one thread each; torch gets an even share of the cores per worker;
+  processes; torch gets an even share of the cores per worker, and each worker
+  one task thread that computes plus ``prefetch`` that read the next blocks;
 - ``cuda``: ``dask_cuda.LocalCUDACluster``, one worker per visible GPU (the ``gpu`` extra);
 - ``tcp://host:port`` or a scheduler-file path: an existing cluster (``dask
   scheduler``/``dask worker`` by hand, dask-jobqueue on SLURM/PBS, the dask
@@ -27,7 +28,6 @@ closed port or an address without a port.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, read_json
 
 CONNECT_TIMEOUT = 10.0
 """Seconds a connection to an existing scheduler may take, greeting included."""
@@ -162,25 +162,32 @@ def probe_scheduler(address: str, timeout: float | str = CONNECT_TIMEOUT, what: 
 
 def read_scheduler_file(path: Path) -> str:
     """The scheduler address in a dask scheduler file (JSON with ``"address"``), or :class:`InputError`."""
-    if not path.is_file():
-        raise InputError(f"scheduler file {path} does not exist: start the scheduler with --scheduler-file {path}")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"scheduler file {path} is not JSON ({type(error).__name__}): pass the file `dask scheduler --scheduler-file` wrote") from None
+    fix = "pass the file `dask scheduler --scheduler-file` wrote"
+    info = read_json(path, "scheduler file", fix, missing=f"start the scheduler with --scheduler-file {path}")
     address = info.get("address") if isinstance(info, dict) else None
     if not isinstance(address, str) or "://" not in address:
-        raise InputError(f"scheduler file {path} has no \"address\" of a scheduler: pass the file `dask scheduler --scheduler-file` wrote")
+        raise InputError(f"scheduler file {path} has no \"address\" of a scheduler: {fix}")
     return address
 
 
-def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str = LOOPBACK):
+def _task_threads(prefetch: int | None, workers: int) -> int:
+    """Task threads per worker of a cluster started here: one computes, ``prefetch`` read ahead."""
+    from tilefuse.cluster.blocks import task_threads
+
+    return task_threads(prefetch, cores=max(1, (os.cpu_count() or 1) // workers))
+
+
+def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str = LOOPBACK, prefetch: int | None = None):
     """A ``distributed.Client`` for ``spec`` (see the module docstring), or None for ``sync``.
 
     ``timeout`` (seconds) bounds connecting to an existing scheduler; ``listen``
     is the host a cluster started here binds its scheduler, workers and
     dashboard to (loopback by default; ``"0.0.0.0"`` exposes them on every
-    interface). Closing the client also closes a cluster it started (``local:N``, ``cuda``).
+    interface). Workers started here (``local:N``, ``cuda``) get ``1 + prefetch``
+    task threads, so each reads ``prefetch`` blocks ahead while it computes one
+    (default :func:`tilefuse.cluster.blocks.default_prefetch` of its share of the
+    cores); an existing cluster keeps its workers' threads. Closing the client
+    also closes a cluster it started.
     """
     if not isinstance(spec, str):
         raise InputError(f"bad cluster spec {spec!r}: use {SPECS}")
@@ -196,14 +203,14 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
         with _fast_malloc():
             return Client(
                 n_workers=workers,
-                threads_per_worker=1,
+                threads_per_worker=_task_threads(prefetch, workers),
                 processes=True,
                 host=host,
                 dashboard_address=f"{host}:0",
                 silence_logs=logging.WARNING,
             )
     if spec == "cuda":
-        return _cuda_client(_check_listen(listen))
+        return _cuda_client(_check_listen(listen), prefetch)
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
         return _connect(spec, timeout, what="the server")
     path = Path(spec)
@@ -240,7 +247,7 @@ def _fast_malloc():
     return dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
-def _cuda_client(host: str = LOOPBACK):
+def _cuda_client(host: str = LOOPBACK, prefetch: int | None = None):
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -250,9 +257,10 @@ def _cuda_client(host: str = LOOPBACK):
 
     if not torch.cuda.is_available():
         raise InputError("--cluster cuda: no GPU is visible to torch on this machine; use --cluster local:N")
+    threads = _task_threads(prefetch, torch.cuda.device_count())
     with _fast_malloc():
         cluster = LocalCUDACluster(
-            host=host, threads_per_worker=1, dashboard_address=f"{host}:0", silence_logs=logging.WARNING
+            host=host, threads_per_worker=threads, dashboard_address=f"{host}:0", silence_logs=logging.WARNING
         )
     client = Client(cluster)
     # the Client did not start this cluster, so it would not close it: tie them together
@@ -271,12 +279,12 @@ def close_client(client) -> None:
 
 
 @contextlib.contextmanager
-def cluster_client(spec_or_client, timeout: float | str = CONNECT_TIMEOUT, listen: str = LOOPBACK) -> Iterator:
+def cluster_client(spec_or_client, timeout: float | str = CONNECT_TIMEOUT, listen: str = LOOPBACK, prefetch: int | None = None) -> Iterator:
     """Context manager over :func:`make_client`; an existing Client passes through and stays open."""
     if spec_or_client is None or not isinstance(spec_or_client, str):
         yield spec_or_client
         return
-    client = make_client(spec_or_client, timeout=timeout, listen=listen)
+    client = make_client(spec_or_client, timeout=timeout, listen=listen, prefetch=prefetch)
     try:
         yield client
     finally:

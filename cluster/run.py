@@ -69,6 +69,15 @@ class PredictOptions:
     """None: an even share of each host's cores per worker (this process's torch threads for ``sync``)."""
     resume: bool = False
     overwrite: bool = False
+    channels_last: bool = False
+    """Feed the model NHWC tensors (may change the last bits: recorded, and a resume must match)."""
+    compile: bool = False
+    """``torch.compile`` the model on each worker (likewise recorded)."""
+    prefetch: int | None = None
+    """Blocks whose inputs are read ahead while the model runs (0: none); None:
+    :func:`tilefuse.cluster.blocks.default_prefetch`. Workers started here get ``1 + prefetch`` task threads."""
+    reader_threads: int | None = None
+    """``sync``: threads reading ahead (None: ``prefetch``). Neither changes a bit of the output."""
 
     def check(self) -> "PredictOptions":
         """Refuse values no run can use, in one line naming the parameter; returns self."""
@@ -83,8 +92,12 @@ class PredictOptions:
             raise InputError(f"unknown precision= (--precision) {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.probs is not None and self.probs not in PROBS_DTYPES:
             raise InputError(f"unknown probs dtype {self.probs!r}: choose one of {', '.join(PROBS_DTYPES)}")
-        for name in ("tile", "batch_size", "block_size", "torch_threads"):
+        for name in ("tile", "batch_size", "block_size", "torch_threads", "reader_threads"):
             _whole(name, getattr(self, name))
+        _whole("prefetch", self.prefetch, low=0)
+        for name in ("channels_last", "compile", "resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name}= must be True or False, got {getattr(self, name)!r}")
         overlap = self.overlap
         if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < self.tile):
             raise InputError(f"overlap= (--overlap) must be a whole number of px in 0..{self.tile - 1} (below the tile), got {overlap!r}")
@@ -245,8 +258,9 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     if getattr(builder, "__module__", "").startswith("tilefuse.models"):
         builder = None  # workers find built-in models in their own registry
     source = ModelSource(
-        str(checkpoint.resolve()), digest, config.model, options.device, options.precision, options.torch_threads, builder=builder
-    )
+        str(checkpoint.resolve()), digest, config.model, options.device, options.precision, options.torch_threads,
+        builder=builder, channels_last=options.channels_last, compile=options.compile,
+    )  # fmt: skip
     return PredictionPlan(store, out, checkpoint, options, config, spec, grid, class_names, settings, existing, source, mean, std, scene)
 
 
@@ -287,30 +301,36 @@ def _host(address: str) -> str:
 
 
 class ClusterRun:
-    """A prediction run's cluster: client lifetime, worker probe, determinism record, model plugin, blocks.
+    """A prediction run on a cluster: client lifetime, worker probe, determinism record, model plugin, blocks.
 
     Use as a context manager: entering opens the client for ``cluster`` (a spec,
     or an existing ``distributed.Client``, which is borrowed and left open);
     leaving closes what was opened and restores this process's torch threads
-    (``sync`` runs set them).
+    (``sync`` runs set them). :meth:`prepare` does everything before blocks
+    run (it creates the store last), :meth:`run` runs them.
     """
 
     def __init__(
         self,
-        cluster: Any,
-        source: "ModelSource",
+        plan: PredictionPlan,
+        cluster: Any = "sync",
         *,
         listen: str | None = None,
         connect_timeout: float | None = None,
         progress: bool = True,
     ) -> None:
+        self.plan = plan
         self.cluster = cluster
-        self.source = source
+        self.source = plan.source
+        """The plan's model source, with torch threads fixed once the workers are known."""
         self.listen = listen
         self.connect_timeout = connect_timeout
         self.progress = progress
         self.client = None
         self.workers: dict[str, WorkerInfo] = {}
+        """Worker address (``sync`` in-process) -> what it reported (:meth:`probe`)."""
+        self.hosts: dict[str, int] = {}
+        self.job: "BlockJob | None" = None
         self._stack = None
 
     def __enter__(self) -> "ClusterRun":
@@ -322,7 +342,9 @@ class ClusterRun:
 
         timeout = CONNECT_TIMEOUT if self.connect_timeout is None else self.connect_timeout
         with contextlib.ExitStack() as stack:
-            self.client = stack.enter_context(cluster_client(self.cluster, timeout=timeout, listen=self.listen or LOOPBACK))
+            self.client = stack.enter_context(
+                cluster_client(self.cluster, timeout=timeout, listen=self.listen or LOOPBACK, prefetch=self.plan.options.prefetch)
+            )
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             self._stack = stack.pop_all()
         return self
@@ -336,7 +358,7 @@ class ClusterRun:
         if self.progress:
             print(f"tilefuse: {message}", file=sys.stderr)
 
-    def probe(self, tile_pixels: int, channels: int) -> dict[str, Any]:
+    def probe(self) -> dict[str, Any]:
         """Ask every worker for its device and cores; returns the determinism record, fixes the source's threads.
 
         Refuses, in one line, a cluster without workers, a GPU device on a
@@ -346,16 +368,14 @@ class ClusterRun:
 
         from tilefuse.cluster.client import workers_per_host
 
-        source, client = self.source, self.client
+        source, client, plan = self.source, self.client, self.plan
         if client is None:
-            self.workers = {"sync": probe_worker(source, tile_pixels, channels)}
-            hosts: dict[str, int] = {}
+            self.workers = {"sync": probe_worker(source, plan.tile_pixels, plan.channels)}
         else:
-            hosts = workers_per_host(client)
-            if not hosts:
+            self.hosts = workers_per_host(client)
+            if not self.hosts:
                 raise InputError(f"the dask cluster {self.cluster!r} has no workers: start some (dask worker ...)")
-            self.workers = client.run(probe_worker, source, tile_pixels, channels)
-        self.hosts = hosts
+            self.workers = client.run(probe_worker, source, plan.tile_pixels, plan.channels)
         devices = {info.device for info in self.workers.values()}
         if "cpu-only" in devices:
             raise InputError(
@@ -369,18 +389,16 @@ class ClusterRun:
             if client is None:
                 threads = self.workers["sync"].threads
             else:
-                threads = min(max(1, info.cores // hosts[_host(address)]) for address, info in self.workers.items())
+                threads = min(max(1, info.cores // self.hosts[_host(address)]) for address, info in self.workers.items())
             self.source = replace(source, torch_threads=threads)
         return {
             "device_kind": ",".join(sorted({info.kind for info in self.workers.values()})),
             "torch_threads": threads,
+            "precision": source.precision,
+            "channels_last": source.channels_last,
+            "compile": source.compile,
             "torch_version": torch.__version__,
         }
-
-    @property
-    def batch_size(self) -> int:
-        """The largest batch every probed worker's free memory allows."""
-        return min(info.batch_size for info in self.workers.values())
 
     def start(self) -> None:
         """Load the model on every worker (once per worker; restarted workers load it again)."""
@@ -396,13 +414,40 @@ class ClusterRun:
         link = dashboard_link(client)
         self._say(f"dask dashboard at {link}" if link else "no dask dashboard (install bokeh)")
 
-    def run(self, job: "BlockJob", blocks: "list[Block]", pending: "list[Block]") -> int:
-        """Compute and write ``pending`` blocks; returns the tiles run through the model."""
+    def prepare(self) -> "list[Block]":
+        """Everything before blocks run: probe, resume check, model plugin, then create (or reuse) the store.
+
+        Returns the pending blocks (all of them for a new store; on a resume
+        those not done or damaged) and sets :attr:`job`.
+        """
+        from tilefuse.prediction import check_resumable, create_prediction, pending_blocks
+
+        plan = self.plan
+        settings = {**plan.settings, **self.probe()}
+        if plan.existing:
+            check_resumable(plan.out, settings)
+        self.start()
+        self.job = plan.job(plan.options.batch_size or min(info.batch_size for info in self.workers.values()))
+        if plan.existing is None:
+            inputs = [plan.store, plan.checkpoint]
+            attrs = {**settings, "scene": str(plan.store.resolve()), "checkpoint": str(plan.checkpoint.resolve())}
+            create_prediction(
+                plan.out, plan.scene, plan.grid, class_names=plan.class_names, attrs=attrs, probs=plan.options.probs,
+                overwrite=plan.options.overwrite, inputs=inputs,
+            )  # fmt: skip
+        return pending_blocks(plan.out, plan.grid)
+
+    def run(self, pending: "list[Block]") -> int:
+        """Compute and write ``pending`` blocks (after :meth:`prepare`); returns the tiles run through the model."""
         from tilefuse.cluster.blocks import run_blocks
 
         if not pending:
             return 0
-        return run_blocks(job, self.source, blocks, pending, client=self.client, progress=self.progress)
+        options = self.plan.options
+        return run_blocks(
+            self.job, self.source, self.plan.grid.blocks(), pending, client=self.client, progress=self.progress,
+            prefetch=options.prefetch, reader_threads=options.reader_threads,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -440,27 +485,17 @@ def predict_scene(
 ) -> RunReport:
     """Predict scene store ``store`` with ``checkpoint`` into prediction store ``out`` (see the module docstring).
 
-    The caller holds the output's lock (:func:`tilefuse.outputs.holds_output`).
+    ``cluster`` is a spec (:mod:`tilefuse.cluster.client`) or a ``distributed.Client``;
+    ``listen`` and ``connect_timeout`` are passed to it. The caller holds the
+    output's lock (:func:`tilefuse.outputs.holds_output`).
     """
-    from tilefuse.prediction import check_resumable, create_prediction, mark_complete, pending_blocks
+    from tilefuse.prediction import mark_complete
 
     started = time.perf_counter()
     plan = plan_prediction(checkpoint, store, out, options)
-    with ClusterRun(cluster, plan.source, listen=listen, connect_timeout=connect_timeout, progress=progress) as run:
-        settings = {**plan.settings, **run.probe(plan.tile_pixels, plan.channels)}
-        if plan.existing:
-            check_resumable(plan.out, settings)
-        run.start()
-        batch_size = plan.options.batch_size or run.batch_size
-        if plan.existing is None:
-            inputs = [plan.store, plan.checkpoint]
-            attrs = {**settings, "scene": str(plan.store.resolve()), "checkpoint": str(plan.checkpoint.resolve())}
-            create_prediction(
-                plan.out, plan.scene, plan.grid, class_names=plan.class_names, attrs=attrs, probs=plan.options.probs,
-                overwrite=plan.options.overwrite, inputs=inputs,
-            )  # fmt: skip
-        pending = pending_blocks(plan.out, plan.grid)
-        tiles = run.run(plan.job(batch_size), plan.grid.blocks(), pending)
+    with ClusterRun(plan, cluster, listen=listen, connect_timeout=connect_timeout, progress=progress) as run:
+        pending = run.prepare()
+        tiles = run.run(pending)
     mark_complete(plan.out)
     grid = plan.grid
-    return RunReport(plan.out, grid.height, grid.width, len(pending), tiles, grid.num_tiles, batch_size, time.perf_counter() - started)
+    return RunReport(plan.out, grid.height, grid.width, len(pending), tiles, grid.num_tiles, run.job.batch_size, time.perf_counter() - started)

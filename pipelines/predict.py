@@ -39,6 +39,10 @@ def predict(
     device: str | None = None,
     precision: str = "fp32",
     torch_threads: int | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    prefetch: int | None = None,
+    reader_threads: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     quicklook: str | Path | None = None,
@@ -59,7 +63,11 @@ def predict(
     same whatever the block size, batch size (>= 2), worker count or retries,
     given the same device kind and threads per worker. Both are recorded in
     the store's attrs (``device_kind``, ``torch_threads``) and a ``resume``
-    that would use others is refused. ``listen`` is the host a cluster started
+    that would use others is refused; so are ``precision``, ``channels_last``
+    (NHWC model inputs) and ``compile`` (``torch.compile`` on each worker).
+    ``prefetch`` blocks are read ahead while the model runs (by ``reader_threads``
+    threads in-process; workers started here get ``1 + prefetch`` task threads):
+    neither changes the output. ``listen`` is the host a cluster started
     here listens on (default loopback), ``connect_timeout`` bounds connecting
     to an existing one (seconds). Returns the prediction lazily, with CRS.
     """
@@ -79,6 +87,10 @@ def predict(
         torch_threads=torch_threads,
         resume=resume,
         overwrite=overwrite,
+        channels_last=channels_last,
+        compile=compile,
+        prefetch=prefetch,
+        reader_threads=reader_threads,
     )  # checked by predict_scene, before anything is written
     if quicklook is not None:
         claim(quicklook, "png", inputs=[store, checkpoint, out], overwrite=True, what="quicklook")
@@ -115,6 +127,12 @@ def predict_command(
     torch_threads: Annotated[
         Optional[int], typer.Option(help="torch threads per worker (default: an even share of the cores; fix it for bitwise-reproducible output).")
     ] = None,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Feed the model NHWC tensors (often faster on GPUs).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model on each worker (compiles on the first batch).")] = False,
+    prefetch: Annotated[
+        Optional[int], typer.Option(help="Blocks read ahead while the model runs (0: none; default: 1 per 4 cores of a worker, at most 4).")
+    ] = None,
+    reader_threads: Annotated[Optional[int], typer.Option(help="Threads reading ahead with --cluster sync (default: --prefetch).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted prediction: only unfinished blocks run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing prediction store.")] = False,
     quicklook: Annotated[Optional[Path], typer.Option(help="Also write a quicklook PNG of the labels here.")] = None,
@@ -138,6 +156,10 @@ def predict_command(
         device=device,
         precision=precision,
         torch_threads=torch_threads,
+        channels_last=channels_last,
+        compile=compile,
+        prefetch=prefetch,
+        reader_threads=reader_threads,
         resume=resume,
         overwrite=overwrite,
         quicklook=quicklook,

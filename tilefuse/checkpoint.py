@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, read_json
 from tilefuse.tile_model import TileModel, accepts_hyperparameter, build_model
 
 WEIGHTS = "model.safetensors"
@@ -177,10 +177,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raise InputError(f"checkpoint {path} does not exist: pass a directory written by `tilefuse train`")
     if not config_file.is_file() or not (path / WEIGHTS).is_file():
         raise InputError(f"{path} is not a checkpoint: it needs {CONFIG} and {WEIGHTS} (written by `tilefuse train`)")
-    try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
-        raise InputError(f"checkpoint config {config_file} is unreadable ({error}): retrain or restore it") from None
+    data = read_json(config_file, "checkpoint config", "retrain or restore it")
     return ModelConfig.from_dict(data, source=f"checkpoint config {config_file}")
 
 

@@ -1,4 +1,11 @@
-"""The one exception type that means "the user's input is wrong"."""
+"""The one exception type that means "the user's input is wrong", and reading the JSON files users pass."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 
 class InputError(Exception):
@@ -16,3 +23,20 @@ class InputError(Exception):
             last = text.rstrip().splitlines()[-1]
             text = last.split(f"{type(self).__name__}: ", 1)[-1]
         super().__init__(text, *args)
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str, *, missing: str | None = None) -> Any:
+    """The JSON document in file ``path``; a missing, unreadable or malformed file is one :class:`InputError` line.
+
+    ``what`` names the file in messages (e.g. ``"scheduler file"``), ``fix``
+    says what to pass instead, ``missing`` what to do when the file does not
+    exist (default ``fix``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist: {missing or fix}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = f"{type(error).__name__}: {error}" if isinstance(error, OSError) else f"it is not JSON: {error}"
+        raise InputError(f"{what} {path} is unreadable ({reason}): {fix}") from None

@@ -46,10 +46,18 @@ MANIFEST = "block_done"
 PROBS_DTYPES = ("uint8", "float16", "float32")
 SETTINGS = ("model", "checkpoint_hash", "tile", "overlap", "margin", "blend", "block_size", "probs", "height", "width")
 """Attrs that must match for ``--resume`` to continue a store."""
-DETERMINISM = ("device_kind", "torch_threads")
-"""What bitwise-identical output depends on beyond :data:`SETTINGS`: the device kind of the workers
-(``cpu``, ``cuda:<GPU name>``) and torch's threads per worker (CPU kernels split their sums by it).
-Recorded at creation; a resume that would mix blocks computed otherwise is refused."""
+DETERMINISM = {
+    "device_kind": "workers with {} devices (--cluster/--device)",
+    "torch_threads": "torch_threads={} (--torch-threads {})",
+    "precision": "precision={!r} (--precision {})",
+    "channels_last": "channels_last={} (--channels-last or not)",
+    "compile": "compile={} (--compile or not)",
+}
+"""What bitwise-identical output depends on beyond :data:`SETTINGS`, and how a resume matches it: the
+device kind of the workers (``cpu``, ``cuda:<GPU name>``), torch's threads per worker (CPU kernels split
+their sums by it), the precision and the model's memory layout and compilation (kernels pick their
+algorithms by them). Recorded at creation; a resume that would mix blocks computed otherwise is refused
+(stores made before a key was recorded are not checked for it)."""
 
 
 def store_chunk(block: int) -> int:
@@ -174,9 +182,9 @@ def prediction_attrs(path: str | os.PathLike) -> dict[str, Any]:
 def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
     """Refuse to resume a store made by another checkpoint or with other settings."""
     found = prediction_attrs(path)
-    for key in DETERMINISM:
+    for key, fix in DETERMINISM.items():
         if key in settings and key in found and found[key] != settings[key]:
-            fix = f"--torch-threads {found[key]}" if key == "torch_threads" else f"workers with {found[key]} devices (--cluster/--device)"
+            fix = fix.format(found[key], found[key])
             raise InputError(
                 f"{path} was computed with {key}={found[key]!r} and this run would use {settings[key]!r}, "
                 f"which mixes results that differ in the last bits: resume with {fix}, or pass --overwrite"

@@ -17,7 +17,6 @@ the store equals what ``tilefuse ingest`` writes from the same files.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -26,7 +25,7 @@ from urllib.parse import unquote, urlparse
 
 import xarray as xr
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, read_json
 from tilefuse.rasters import READ_CHUNK, open_source
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -56,12 +55,7 @@ def load_items(path: str | os.PathLike) -> list:
     """The pystac Items of an Item or ItemCollection JSON file, in time order."""
     pystac = _pystac()
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"STAC file {path} does not exist: check the path")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is not a JSON file ({error}): pass a STAC Item or ItemCollection") from None
+    doc = read_json(path, "STAC file", "pass a STAC Item or ItemCollection", missing="check the path")
     kind = doc.get("type") if isinstance(doc, dict) else None
     try:
         if kind == "Feature":
