@@ -77,6 +77,19 @@ def test_torch_threads_apply_in_task_threads(data, client):
     assert client.submit(_threads_in_task, plain, pure=False).result() == 2
 
 
+def test_workers_started_here_get_a_task_thread_per_block_read_ahead(client):
+    from tilefuse.cluster.blocks import task_threads
+    from tilefuse.cluster.client import close_client
+
+    default = task_threads(None, cores=max(1, (os.cpu_count() or 1) // 2))  # the fixture's local:2
+    assert set(client.nthreads().values()) == {default} and default >= 2
+    deep = make_client("local:1", prefetch=2)
+    try:
+        assert list(deep.nthreads().values()) == [3]
+    finally:
+        close_client(deep)
+
+
 @pytest.mark.slow
 def test_a_killed_worker_loses_nothing(tmp_path, data, client):
     _, scene, _, slow, reference = data

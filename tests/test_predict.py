@@ -133,6 +133,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, capsys):
         (checkpoint, scene, ("--cluster", "tcp://127.0.0.1:9")),
         (checkpoint, scene, ("--cluster", str(tmp_path / "gone.json"))),
         (checkpoint, scene, ("--batch-size", 0)),
+        (checkpoint, scene, ("--prefetch", -1)),
+        (checkpoint, scene, ("--reader-threads", 0)),
         *([] if torch.cuda.is_available() else [(checkpoint, scene, ("--precision", "fp16")), (checkpoint, scene, ("--device", "cuda"))]),
     ]
     for args in cases:
@@ -142,6 +144,28 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, capsys):
         assert err.startswith("tilefuse: error:") and "\n" not in err and "Traceback" not in err, err
         assert not out.exists(), f"{args} left an output behind"
     assert _cli(checkpoint, scene, scene) == 2
+
+
+def test_read_ahead_settings_leave_every_bit_and_layout_settings_are_recorded(tmp_path, setup, capsys):
+    _, scene, checkpoint, reference = setup
+    runs = {"no read-ahead": ("--prefetch", 0), "deep": ("--prefetch", 3, "--reader-threads", 2), "one reader": ("--prefetch", 2, "--reader-threads", 1)}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.zarr"
+        assert _cli(checkpoint, scene, out, "--tile", 32, "--overlap", 8, "--block-size", 64, "--batch-size", 2, "--probs", *extra) == 0, name
+        pred = open_prediction(out)
+        assert np.array_equal(pred["labels"].values, reference["labels"].values), name
+        assert np.array_equal(pred["probs"].values, reference["probs"].values), name
+    # channels_last may change the last bits: the store records it, and a resume with the other layout is refused
+    out = tmp_path / "nhwc.zarr"
+    nhwc = tilefuse.predict(checkpoint, scene, out, channels_last=True, probs=True, **SETTINGS)
+    assert nhwc.attrs["channels_last"] is True and nhwc.attrs["compile"] is False and nhwc.attrs["precision"] == "fp32"
+    valid = reference["labels"].values != 255
+    assert (nhwc["labels"].values == reference["labels"].values)[valid].mean() > 0.99
+    capsys.readouterr()
+    assert _cli(checkpoint, scene, out, "--resume", "--tile", 32, "--overlap", 8, "--batch-size", 2, "--probs") == 2
+    err = capsys.readouterr().err
+    assert "channels_last=True" in err and "--channels-last" in err and "\n" not in err.strip()
+    assert _cli(checkpoint, scene, out, "--resume", "--tile", 32, "--overlap", 8, "--batch-size", 2, "--probs", "--channels-last") == 0
 
 
 def test_quicklook_png_of_the_prediction(tmp_path, setup):
