@@ -94,8 +94,14 @@ def datasets(root: Path) -> dict[str, Dataset]:
     }
 
 
-def crop(src: Path, dst: Path, rows: slice) -> Path:
-    """Rows ``rows`` of GeoTIFF ``src`` as GeoTIFF ``dst`` (same georeference, shifted)."""
+def crop(src: Path, dst: Path, rows: slice, standardise: bool = False) -> Path:
+    """Rows ``rows`` of GeoTIFF ``src`` as GeoTIFF ``dst`` (same georeference, shifted).
+
+    ``standardise``: the experiment hook behind ``--normalise per-store``: each band is
+    written as float32 standardised by that part's own valid-pixel mean and std (nodata
+    and NaN become NaN), so the pooled statistics ``tilefuse.train`` computes over such
+    stores are about (0, 1) and each store is, in effect, normalised by its own.
+    """
     import rasterio
     from rasterio.windows import Window
 
@@ -105,19 +111,31 @@ def crop(src: Path, dst: Path, rows: slice) -> Path:
         profile = f.profile | {"height": stop - start, "transform": f.window_transform(window)}
         profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.update(tiled=False)
         data = f.read(window=window)
+        if standardise:
+            values = data.astype(np.float64)
+            if f.nodata is not None and not np.isnan(f.nodata):
+                values[data == f.nodata] = np.nan
+            mean = np.nanmean(values, axis=(1, 2), keepdims=True)
+            std = np.nanstd(values, axis=(1, 2), keepdims=True)
+            data = ((values - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+            profile.update(dtype="float32", nodata=float("nan"))
     dst.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(dst, "w", **profile) as out:
         out.write(data)
     return dst
 
 
-def ingest_part(ds: Dataset, chip: str, part: str, rows: slice, work: Path) -> Path:
+def ingest_part(ds: Dataset, chip: str, part: str, rows: slice, work: Path, normalise: str = "pooled") -> Path:
     import tilefuse
 
-    store = work / ds.name / f"{chip}-{part}.zarr"
+    where = work / ds.name / ("" if normalise == "pooled" else normalise)
+    store = where / f"{chip}-{part}.zarr"
     if store.exists():
         return store
-    files = {key: crop(path, work / ds.name / "tif" / f"{chip}-{part}-{key}.tif", rows) for key, path in ds.chips[chip].items()}
+    files = {
+        key: crop(path, where / "tif" / f"{chip}-{part}-{key}.tif", rows, standardise=normalise == "per-store" and key != "labels")
+        for key, path in ds.chips[chip].items()
+    }
     labels = files.pop("labels")
     return tilefuse.ingest(store, files, labels=labels, label_map=ds.label_map, class_names=ds.class_names)
 
@@ -128,7 +146,7 @@ class Fold:
     test: dict[str, Path]  # chip -> store
 
 
-def folds(ds: Dataset, protocol: str, work: Path, test_rows: int, gap: int) -> list[Fold]:
+def folds(ds: Dataset, protocol: str, work: Path, test_rows: int, gap: int, normalise: str = "pooled") -> list[Fold]:
     import rasterio
 
     if protocol == "same-region":
@@ -136,11 +154,11 @@ def folds(ds: Dataset, protocol: str, work: Path, test_rows: int, gap: int) -> l
         for chip, files in ds.chips.items():
             with rasterio.open(files["labels"]) as f:
                 height = f.height
-            train.append(ingest_part(ds, chip, "train", slice(0, height - test_rows - gap), work))
-            test[chip] = ingest_part(ds, chip, "test", slice(height - test_rows, height), work)
+            train.append(ingest_part(ds, chip, "train", slice(0, height - test_rows - gap), work, normalise))
+            test[chip] = ingest_part(ds, chip, "test", slice(height - test_rows, height), work, normalise)
         return [Fold(train, test)]
     if protocol == "leave-one-out":
-        whole = {chip: ingest_part(ds, chip, "whole", slice(None), work) for chip in ds.chips}
+        whole = {chip: ingest_part(ds, chip, "whole", slice(None), work, normalise) for chip in ds.chips}
         if len(whole) < 2:
             return []
         return [Fold([s for c, s in whole.items() if c != chip], {chip: whole[chip]}) for chip in whole]
@@ -341,6 +359,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--s2fin-option", action="append", default=[])
     parser.add_argument("--s2fin-hparam", action="append", default=[])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--normalise", default="pooled", choices=["pooled", "per-store"],
+        help="pooled: the training stores' pooled band statistics (what tilefuse does); per-store: experiment, "
+        "each part standardised by its own statistics before ingest",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -359,10 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
         k = len(ds.class_names)
         per_chip: dict[str, dict[str, ConfusionMatrix]] = {m: {} for m in methods}
         seconds = {m: 0.0 for m in methods}
-        for i, fold in enumerate(folds(ds, args.protocol, args.work, args.test_rows, args.gap)):
+        for i, fold in enumerate(folds(ds, args.protocol, args.work, args.test_rows, args.gap, args.normalise)):
             scored = {chip: scored_pixels(store, args.score_pixels) for chip, store in fold.test.items()}
             truth = {chip: stacked(store, {m: {"mean": [0.0], "std": [1.0]} for m in ("optical", "sar")})[1][scored[chip]] for chip, store in fold.test.items()}
-            work = args.work / ds.name / f"{args.protocol}-{i}"
+            work = args.work / ds.name / f"{args.protocol}-{i}{'' if args.normalise == 'pooled' else '-' + args.normalise}"
             work.mkdir(parents=True, exist_ok=True)
             ctx = Context(ds, fold, work, scored, args)
             for method in methods:
@@ -383,13 +406,26 @@ def main(argv: list[str] | None = None) -> dict:
                 pooled.merge(per_chip[method][chip])
                 row[chip] = per_chip[method][chip].compute(ds.class_names)
             row["pooled"] = pooled.compute(ds.class_names)
-            results[method] = {"metrics": row, "seconds": seconds[method]}
+            collapsed = [chip for chip in chips if _collapsed(per_chip[method][chip])]
+            results[method] = {"metrics": row, "seconds": seconds[method], "collapsed": collapsed}
             cells = "".join(_cell(row[c]) for c in [*chips, "pooled"])
             print(f"{method:<12}{cells}{seconds[method]:9.0f}")
+        present = [c for c in ds.class_names if any(c in r["metrics"]["pooled"]["per_class"] for r in results.values())]
+        print("pooled IoU per class: " + " ".join(f"{c[:10]:>10}" for c in present))
+        for method, r in results.items():
+            per_class = r["metrics"]["pooled"]["per_class"]
+            ious = " ".join(f"{per_class[c]['iou']:10.3f}" if c in per_class else f"{'-':>10}" for c in present)
+            print(f"{method:<21}{ious}" + (f"   collapsed to one class on {', '.join(r['collapsed'])}" if r["collapsed"] else ""))
         report["datasets"][ds.name] = results
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / f"results-{args.protocol}.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def _collapsed(matrix) -> bool:
+    """True when the scored truth holds several classes and the prediction only one."""
+    m = matrix.matrix
+    return bool((m.sum(axis=1) > 0).sum() > 1 and (m.sum(axis=0) > 0).sum() == 1)
 
 
 def _cell(m: dict) -> str:
