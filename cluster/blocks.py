@@ -11,7 +11,8 @@ memory stays bounded by a few blocks plus one row of spill strips.
 
 Reading overlaps the model. In this process (``sync``) a pool of
 ``reader_threads`` threads reads the inputs of the next ``prefetch`` blocks
-(:func:`tilefuse.inference.read_block`) while the model runs the current one.
+(:func:`tilefuse.inference.read_block`) while the model runs the current one,
+and one writer thread finishes and writes the previous block.
 On a dask worker the read-ahead comes from its task threads: a compute task
 reads its window without any lock and holds the runner's device lock
 (:attr:`tilefuse.inference.TileRunner.lock`) only to run the model, so a
@@ -168,11 +169,14 @@ def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar, prefet
     reads: dict[int, object] = {}
     tiles = 0
     with contextlib.ExitStack() as stack:
-        pool = None
+        pool = writing = None
         if prefetch:
             pool = ThreadPoolExecutor(reader_threads, thread_name_prefix="tilefuse-read")
             # on an error: drop the reads not started, wait for the running ones (no thread outlives the run)
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            # one block is finished and written while the next one computes
+            writer = ThreadPoolExecutor(1, thread_name_prefix="tilefuse-write")
+            stack.callback(writer.shutdown, wait=True)
         for index, step in enumerate(steps):
             if pool is None:
                 inputs = read_block(job, step.block, runner.pin)
@@ -189,9 +193,19 @@ def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar, prefet
                 pieces[step.block, name] = _piece(sums, name)
             del sums
             if step.finish:
-                neighbours = [pieces.pop(key, None) for key in _sources(step.block)]
-                tiles += _finish(job, step.block, pieces.pop((step.block, "own")), *neighbours)
-                bar.update()
+                finish = (job, step.block, pieces.pop((step.block, "own")), *(pieces.pop(key, None) for key in _sources(step.block)))
+                if writing is not None:
+                    tiles += writing.result()
+                    bar.update()
+                if pool is None:
+                    tiles += _finish(*finish)
+                    bar.update()
+                else:
+                    writing = writer.submit(_finish, *finish)
+                del finish
+        if writing is not None:
+            tiles += writing.result()
+            bar.update()
     return tiles
 
 

@@ -110,7 +110,7 @@ def test_a_reader_thread_that_fails_names_the_chunk_and_stops_the_run(tmp_path, 
     named = _damage_a_later_block(scene)
     with pytest.raises(InputError, match=named):
         _predict_with(monkeypatch, tmp_path / "pred.zarr", scene, checkpoint, prefetch=3, reader_threads=2)
-    assert not [t for t in threading.enumerate() if t.name.startswith("tilefuse-read")], "no reader outlives the run"
+    assert not [t for t in threading.enumerate() if t.name.startswith(("tilefuse-read", "tilefuse-write"))], "no reader or writer outlives the run"
 
 
 @pytest.fixture(scope="module")

@@ -233,12 +233,25 @@ class TileRunner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def weights(self, blend: str, tile: int, overlap: int) -> torch.Tensor | None:
-        """The tile window of :func:`tilefuse.blending.tile_weights` on the device (None for "none"), cached."""
+    def weights(self, blend: str, tile: int, overlap: int) -> torch.Tensor:
+        """The tile window of :func:`tilefuse.blending.tile_weights` times 2^40 on the device (2^40 for "none"), cached.
+
+        Scaling by a power of two is exact, so ``p * (w * 2^40)`` equals ``(p * w) * 2^40`` wherever the
+        truncated result is not 0 (only products below 2^-126 could differ, and those truncate to 0 either way).
+        """
         key = (blend, tile, overlap)
         if key not in self._weights:
-            self._weights[key] = None if blend == "none" else torch.tensor(tile_weights(blend, tile, overlap), device=self.device)
+            window = np.ones((1, 1), np.float32) if blend == "none" else tile_weights(blend, tile, overlap)
+            self._weights[key] = torch.tensor(window * np.float32(FIXED_POINT), device=self.device)
         return self._weights[key]
+
+    def accumulator(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zeroed int64 block accumulator of ``shape``, in memory kept from block to block (no fresh pages per block)."""
+        flat = self._buffers.get("accumulator")
+        size = int(np.prod(shape))
+        if flat is None or flat.numel() < size:
+            flat = self._buffers["accumulator"] = torch.empty(size, dtype=torch.int64, device=self.device)
+        return flat[:size].view(shape).zero_()
 
     def buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The persistent float32 input batch of one modality (the same memory and layout for every call)."""
@@ -247,8 +260,11 @@ class TileRunner:
             buf = self._buffers[name] = torch.zeros(shape, dtype=torch.float32, device=self.device).to(memory_format=self.memory_format)
         return buf
 
-    def fixed_point(self, batch: Mapping[str, torch.Tensor], count: int, weights: torch.Tensor | None) -> torch.Tensor:
-        """``(count, K, T, T)`` int64 ``softmax(logits) * weights * 2^40`` on the device, of full, padded batches."""
+    def fixed_point(self, batch: Mapping[str, torch.Tensor], count: int, weights: torch.Tensor) -> torch.Tensor:
+        """``(count, K, T, T)`` int64 ``softmax(logits) * weights`` on the device, of full, padded batches.
+
+        ``weights`` are scaled to fixed point already (:meth:`weights`).
+        """
         height, width = next(iter(batch.values())).shape[-2:]
         margin = self.spec.margin
         size = len(next(iter(batch.values())))
@@ -261,10 +277,8 @@ class TileRunner:
                     f"expected {expected}: check its margin and number of classes"
                 )
             probs = torch.softmax(logits[:count].float(), dim=1)
-            if weights is not None:
-                probs = probs * weights
             # truncation to int64 (values >= 0): the same on every device, and summed exactly later
-            return (probs * FIXED_POINT).to(torch.int64)
+            return probs.mul_(weights).to(torch.int64)
 
     def __call__(self, inputs: Mapping[str, np.ndarray], weights: np.ndarray | None, batch_size: int) -> np.ndarray:
         """:meth:`fixed_point` of ``n <= batch_size`` host tiles, on the host; the batch is padded to ``batch_size``."""
@@ -275,8 +289,8 @@ class TileRunner:
             buf[:count].copy_(torch.from_numpy(np.asarray(array, np.float32)))
             buf[count:].zero_()
             batch[name] = buf
-        weights = None if weights is None else torch.tensor(weights, device=self.device)
-        return self.fixed_point(batch, count, weights).cpu().numpy()
+        scaled = np.float32(FIXED_POINT) * (np.ones((1, 1), np.float32) if weights is None else weights)
+        return self.fixed_point(batch, count, torch.tensor(scaled, device=self.device)).cpu().numpy()
 
 
 def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -> np.ndarray:
@@ -373,10 +387,8 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
     row_origins, col_origins = grid.block_tiles(block)
     dy, dx = int(row_origins[0]) - r0, int(col_origins[0]) - c0
     # every tile whole: the accumulator runs past the scene edge, where reflected pixels land and are cut off
-    acc = torch.zeros(
-        (job.num_classes, dy + (len(row_origins) - 1) * stride + tile, dx + (len(col_origins) - 1) * stride + tile),
-        dtype=torch.int64,
-        device=device,
+    acc = runner.accumulator(
+        (job.num_classes, dy + (len(row_origins) - 1) * stride + tile, dx + (len(col_origins) - 1) * stride + tile)
     )
     windows = _device_inputs(job, inputs, runner)
     # (rows, cols, C, size, size) views of every tile of the window: no copy
@@ -407,6 +419,7 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
     def host(part: torch.Tensor) -> Strip | None:
         return Strip.pack(part.cpu().numpy())
 
+    # everything below is copied out of the accumulator (the runner reuses it for the next block)
     return BlockSums(
         BlockOwn(
             labels=labels.cpu().numpy(),
