@@ -67,10 +67,12 @@ def band_stats(ds: xr.Dataset, modality: str) -> tuple[np.ndarray, np.ndarray]:
 def normalise(data: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Standardise ``(C, ...)`` band data to float32; NaN and inf become 0 (the band mean)."""
     shape = (-1,) + (1,) * (data.ndim - 1)
-    out = data.astype(np.float32)  # the one copy; the rest works in place
-    out -= np.asarray(mean, np.float32).reshape(shape)
+    out = np.empty(data.shape, np.float32)  # C-contiguous whatever the view (a rotated patch): the one copy
+    np.subtract(data, np.asarray(mean, np.float32).reshape(shape), out=out, dtype=np.float32, casting="unsafe")
     out /= np.asarray(std, np.float32).reshape(shape)
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+    if not np.isfinite(out).all():  # one pass where all is finite (the usual case), not three
+        out[~np.isfinite(out)] = 0.0
+    return out
 
 
 def encoding_for(var: xr.DataArray, chunk: int = CHUNK, shard: int | None = SHARD) -> dict:

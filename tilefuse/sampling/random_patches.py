@@ -63,7 +63,8 @@ class RandomPatchSampler(StoreSampler):
     valid), and draws ``patches_per_window`` origins in it with probability
     proportional to ``1 / c`` (by rejection), so every eligible origin of every
     store has the same probability. The round's patches are handed out in a
-    random order. With ``class_balance`` an origin also weighs 1 / (count of
+    random order. A round's windows are decoded by ``threads`` threads at once
+    (as is the index), which changes no draw. With ``class_balance`` an origin also weighs 1 / (count of
     its centre class), so centre classes come out uniform, and only labelled
     centres qualify.
     """
@@ -90,6 +91,7 @@ class RandomPatchSampler(StoreSampler):
         self.patch, self.margin = int(patch), int(margin)
         self.min_labelled, self.class_balance = float(min_labelled), bool(class_balance)
         self.patches_per_window, self.windows_per_round = int(patches_per_window), int(windows_per_round)
+        self.threads = max(1, int(threads))
         if self.patch <= 2 * self.margin:
             raise InputError(f"patch size {patch} leaves no output for a model with margin {margin}: pass a larger patch_size= (--patch-size)")
         self.geometry = [window_geometry(window, self.patch, min(r.chunk)) for r in self.readers]
@@ -221,7 +223,9 @@ class RandomPatchSampler(StoreSampler):
         """The patches of round ``number`` of ``stream``, in the order they are handed out."""
         rng = np.random.default_rng([self.seed, stream, number])
         picks = rng.choice(len(self.weights), size=self.windows_per_round, p=self.weights)
-        decoded = {index: self._prepare(index) for index in dict.fromkeys(picks.tolist())}
+        unique = list(dict.fromkeys(picks.tolist()))
+        with ThreadPoolExecutor(min(self.threads, len(unique))) as pool:  # zarr decodes without the GIL
+            decoded = dict(zip(unique, pool.map(self._prepare, unique)))
         chosen: list[tuple[int, int, int]] = []
         for index in picks.tolist():
             arrays, flat, accept = decoded[index]
