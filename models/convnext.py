@@ -27,7 +27,9 @@ from torch import nn
 from tilefuse.errors import InputError
 from tilefuse.models.layers import DropPath, LayerNorm2d
 
-# name -> (depths, widths), as in the ConvNeXt-V2 paper.
+# name -> (depths, widths): the ConvNeXt-V2 paper's sizes (atto ... large), then two of ours
+# (``micro``, ``zepto``, not in the paper): the same blocks, shallower and narrower, for
+# training from scratch on a CPU and on small chips (a few 10^5 labelled pixels).
 PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
     "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
@@ -36,6 +38,8 @@ PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
     "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
     "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "micro": ((1, 1, 3, 1), (24, 48, 96, 192)),
+    "zepto": ((1, 1, 2, 1), (16, 32, 64, 128)),
 }
 
 

@@ -81,6 +81,9 @@ PRESETS: dict[str, PADPreset] = {
     "nano": PADPreset("nano", 128, 64, 0.1),
     "tiny": PADPreset("tiny", 256, 128, 0.2),
     "paper": PADPreset("large", 256, 128, 0.4),
+    # ours, not in the paper: small encoders and a narrow decoder for small chips on a CPU
+    "micro": PADPreset("micro", 48, 24, 0.05),
+    "zepto": PADPreset("zepto", 32, 16, 0.0),
 }
 
 

@@ -168,7 +168,7 @@ def test_faithful_flag_changes_outputs_but_not_the_weights():
 # --- the model ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["atto", "femto"])
+@pytest.mark.parametrize("preset", ["atto", "femto", "micro", "zepto"])
 @pytest.mark.parametrize("size", [(64, 64), (70, 45), (33, 97)])
 def test_shapes_small_presets_any_size(preset, size):
     modalities = {"s2": 4, "s1": 2}
@@ -276,7 +276,11 @@ def test_bad_configurations_and_inputs_raise_input_error():
 
 
 def test_presets_table_is_consistent():
-    assert set(PRESETS) == {"atto", "femto", "pico", "nano", "tiny", "paper"}
+    assert set(PRESETS) == {"atto", "femto", "pico", "nano", "tiny", "paper", "micro", "zepto"}
+    # our CPU presets are strictly smaller than the paper's smallest ConvNeXt-V2 (atto), in that order
+    with torch.device("meta"):
+        sizes = [build_model("pad", {"optical": 12, "sar": 2}, 9, preset=p).num_parameters() for p in ("zepto", "micro", "atto")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3 and sizes[0] < 1.5e6
     assert PRESETS["paper"].encoder == "large" and PRESETS["paper"].decoder_channels == 256
     assert PRESETS["paper"].aux_channels == 128 and PRESETS["paper"].drop_path == 0.4
 
