@@ -14,7 +14,22 @@ Then whether a 2-worker DataLoader keeps a small PAD training step fed: seconds
 per step with batches from the DataLoader against the same step on one cached
 batch.
 
+``--section path``: the full data path (sampler + PatchDataset) against the
+xarray per-patch read, measured in alternation (one round of the sampler, then
+40 xarray patches, ``--repeats`` times), so the load of a shared machine hits
+both alike; prints the median and the spread of the per-repeat ratios, by wall
+time and by CPU time of the process.
+
+``--section archive``: start-up of training data over archives of N small
+stores (N in ``--archive``; copies of one 256 px store) and over the one large
+store: seconds from the store list to the first batch
+(:func:`tilefuse.training_data.assemble` + one batch), the px of ``valid`` +
+``label`` read (counted at the reader) and px read per second, then the same
+start on a restart that finds the saved index (:meth:`TrainingData.save`).
+
     .venv/bin/python benchmarks/bench_sampling.py [--size 4096] [--store PATH] [--seconds 8]
+    .venv/bin/python benchmarks/bench_sampling.py --section path --repeats 9
+    .venv/bin/python benchmarks/bench_sampling.py --section archive --archive 10 30 100
 """
 
 from __future__ import annotations
@@ -56,7 +71,17 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("/tmp/tilefuse-bench-sampling.zarr"))
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--pad-steps", type=int, default=6)
+    parser.add_argument("--section", choices=["all", "throughput", "path", "archive"], default="all")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--archive", type=int, nargs="+", default=[10, 30, 100])
     args = parser.parse_args()
+    if args.section in ("path", "archive"):
+        path = make_store(args.store, args.size)
+        if args.section == "path":
+            data_path(path, args.repeats)
+        else:
+            archive_startup(path, args.archive)
+        return
 
     import zarr
 
@@ -117,6 +142,99 @@ def main() -> None:
     window, stride = sampler.geometry[0]
     print(f"  (read windows {window} px, stride {stride} px: whole 512 px chunks only; 8 windows per round)")
     feeding(path, sampler_kwargs=dict(min_labelled=0.05, window=1024, patches_per_window=64, windows_per_round=8), stats=stats, steps=args.pad_steps)
+    if args.section == "all":
+        data_path(path, args.repeats)
+        archive_startup(path, args.archive)
+
+
+def data_path(path: Path, repeats: int) -> None:
+    """Full data path (sampler + PatchDataset) vs xarray isel per patch, in alternation; median and spread of ratios."""
+    from tilefuse.dataset import PatchDataset, pooled_band_stats
+    from tilefuse.sampling import RandomPatchSampler
+    from tilefuse.scene import open_scene
+
+    ds = open_scene(path)
+    size = ds.sizes["y"]
+    rng = np.random.default_rng(0)
+
+    def xarray_patch():
+        y, x = rng.integers(0, size - PATCH + 1, size=2)
+        window = {"y": slice(y, y + PATCH), "x": slice(x, x + PATCH)}
+        return ds["optical"].isel(window).values, ds["sar"].isel(window).values
+
+    sampler = RandomPatchSampler([path], ["optical", "sar"], PATCH, min_labelled=0.05, window=1024, patches_per_window=64, windows_per_round=8, seed=0)
+    tensors = iter(PatchDataset(sampler, pooled_band_stats([ds], ["optical", "sar"]), augment=True))
+
+    def timed(read_one, count: int) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(count):
+            read_one()
+        return count / (time.perf_counter() - wall), count / max(time.process_time() - cpu, 1e-9)
+
+    xarray_patch(), next(tensors)  # warm-up
+    wall, cpu = [], []
+    for _ in range(repeats):
+        reference = timed(xarray_patch, 40)
+        full = timed(lambda: next(tensors), sampler.round_size)  # one whole round: its decodes and its patches
+        wall.append(full[0] / reference[0])
+        cpu.append(full[1] / reference[1])
+    print(f"\nfull data path (RandomPatchSampler 64/window + PatchDataset) vs xarray isel per patch, {PATCH} px, {repeats} alternating repeats:")
+    for name, ratios in (("wall time", wall), ("CPU time", cpu)):
+        q = np.percentile(ratios, [0, 25, 50, 75, 100])
+        print(f"  by {name:<9}: median {q[2]:5.1f} x  (quartiles {q[1]:.1f}..{q[3]:.1f}, range {q[0]:.1f}..{q[4]:.1f})")
+
+
+def archive_startup(large: Path, counts: list[int], edge: int = 256) -> None:
+    """Seconds to the first batch over archives of many small stores and one large store, cold and with a saved index."""
+    import shutil
+    import tempfile
+
+    from tilefuse.sampling import SceneReader
+    from tilefuse.scene import write_scene
+    from tilefuse.synthetic import synth_scene
+    from tilefuse.training_data import DataOptions, assemble
+
+    read_px = {"n": 0}
+    original = SceneReader.read
+
+    def counting(self, y0, y1, x0, x1, names):
+        read_px["n"] += (y1 - y0) * (x1 - x0) * sum(name in ("valid", "label") for name in names)
+        return original(self, y0, y1, x0, x1, names)
+
+    SceneReader.read = counting
+
+    def start(stores, run, patch):
+        """(seconds to the first batch, px of valid + label read before sampling began, the training data)."""
+        read_px["n"] = 0
+        t0 = time.perf_counter()
+        data = assemble("pad", stores, data=DataOptions(patch_size=patch), hparams={"preset": "atto"}, seed=0, run=run)
+        index_px = read_px["n"]
+        batch = [sample for sample, _ in zip(data.train, range(8))]
+        assert len(batch) == 8
+        return time.perf_counter() - t0, index_px, data
+
+    root = Path(tempfile.mkdtemp(prefix="tilefuse-bench-archive-"))
+    try:
+        ds = synth_scene(edge, "sar-optical", seed=1, chunk=128).isel(optical_band=slice(0, 3))
+        source = write_scene(ds, root / "source.zarr", chunk=128, shard=None)
+        start([source], None, 64)  # warm-up: imports, first model build
+        print(f"\ntraining data start-up (PAD atto, patches; seconds to the first batch of 8), archives of {edge} px stores (copies):")
+        print("  (Mpx read: valid + label px read by the split and the index, before sampling; restart: with the saved index)")
+        print(f"  {'stores':>10} {'Mpx':>7} {'cold s':>7} {'Mpx read':>9} {'Mpx/s':>7} {'restart s':>10} {'Mpx read':>9}")
+        copies = [Path(shutil.copytree(source, root / f"s{i:04d}.zarr")) for i in range(max(counts))]
+        sets = [(f"{n} x {edge}", copies[:n], 64) for n in sorted(counts)]
+        sets.append((f"1 x {SceneReader(large).shape[0]}", [large], PATCH))
+        for name, stores, patch in sets:
+            run = root / f"run-{len(stores)}-{patch}"
+            run.mkdir()
+            cold_s, cold_px, data = start(stores, None, patch)
+            data.save(run)
+            warm_s, warm_px, _ = start(stores, run, patch)
+            mpx = sum(np.prod(SceneReader(p).shape) for p in stores) / 1e6
+            print(f"  {name:>10} {mpx:7.1f} {cold_s:7.2f} {cold_px / 1e6:9.1f} {cold_px / 1e6 / cold_s:7.1f} {warm_s:10.2f} {warm_px / 1e6:9.1f}")
+    finally:
+        SceneReader.read = original
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def feeding(path: Path, sampler_kwargs: dict, stats: dict, steps: int, batch: int = 4) -> None:

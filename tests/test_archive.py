@@ -138,3 +138,30 @@ def test_a_changed_store_rebuilds_its_index_and_the_law_follows_the_new_labels(f
     assert counts[7] > 0 and counts[7] == pytest.approx(len(centres) / 4, rel=0.3), counts  # 4 balanced classes
     cache.save()
     assert len(list(folder.glob("*.npz"))) == 3, "the stale index is dropped"
+
+
+def test_the_cell_index_equals_weighing_every_window_on_its_own(tmp_path):
+    """The index (one read per cell band) equals the definition: per read window, the eligible origins it
+    holds weighted 1 / cover count, per centre class; with a split, class balance and a margin."""
+    from tilefuse.sampling import SpatialSplit, centre_classes, window_starts
+
+    paths = [write(labelled_scene(h, w, seed=s), tmp_path / f"c{s}.zarr", chunk=16) for s, (h, w) in enumerate([(150, 130), (97, 211)])]
+    rng = np.random.default_rng(0)
+    split = SpatialSplit(24, tuple(rng.integers(0, 2, size=(-(-h // 24), -(-w // 24))).astype(np.int8) for h, w in [(150, 130), (97, 211)]))
+    for patch, window, options in [(16, 48, {}), (12, 64, dict(margin=2, min_labelled=0.3, class_balance=True, split=split)), (17, 16, {})]:
+        sampler = RandomPatchSampler(paths, ["optical"], patch, window=window, **options)
+        expected_windows, expected = [], []
+        for store, reader in enumerate(sampler.readers):
+            (h, w), (edge, stride) = reader.shape, sampler.geometry[store]
+            for y0 in window_starts(h, patch, stride):
+                for x0 in window_starts(w, patch, stride):
+                    extent = (store, y0, min(y0 + edge, h), x0, min(x0 + edge, w))
+                    arrays = reader.read(*extent[1:], ["valid", "label"])
+                    ok = sampler._eligible(extent, arrays)
+                    classes = centre_classes(arrays["valid"], arrays["label"], patch)[ok]
+                    weights = np.bincount(classes, weights=sampler._inverse_cover(*extent)[ok], minlength=256)
+                    if weights.sum() > 0:
+                        expected_windows.append(extent)
+                        expected.append(weights)
+        assert sampler.table.windows.tolist() == [list(e) for e in expected_windows], (patch, window)
+        np.testing.assert_allclose(sampler.table.weights, np.array(expected), rtol=1e-12, atol=1e-12)

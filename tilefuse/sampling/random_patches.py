@@ -98,16 +98,7 @@ class RandomPatchSampler(StoreSampler):
         self.table = self._index(threads, index)
         self.weights = self._window_weights()
 
-    # -- index: one pass over valid + label, weighing eligible origins per window
-    def _window_extents(self, store: int) -> list[tuple[int, int, int, int, int]]:
-        window, stride = self.geometry[store]
-        h, w = self.readers[store].shape
-        return [
-            (store, y0, min(y0 + window, h), x0, min(x0 + window, w))
-            for y0 in window_starts(h, self.patch, stride)
-            for x0 in window_starts(w, self.patch, stride)
-        ]
-
+    # -- index: one pass over valid + label, weighing eligible origins per window (through stride-grid cells)
     def _inverse_cover(self, store: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """1 / cover count of every origin of a window's extent (shape of its origins)."""
         h, w = self.readers[store].shape
@@ -124,14 +115,67 @@ class RandomPatchSampler(StoreSampler):
             ok &= centre_classes(arrays["valid"], arrays["label"], self.patch) != IGNORE
         return ok
 
-    def _weigh(self, extent: tuple[int, int, int, int, int]) -> np.ndarray:
-        store, y0, y1, x0, x1 = extent
+    def _cell_sums(self, store: int, cy0: int, cy1: int, cx0: int, cx1: int) -> np.ndarray:
+        """Eligible origins of the stride-grid cells ``cy0:cy1`` x ``cx0:cx1`` (a cell: ``stride x stride``
+        origins), summed with weight 1 / cover count per quadrant and centre class: ``(rows, cols, 4, 256)``.
+
+        Quadrant ``2 a + b``: ``a`` (``b``) says whether the origin's row (column) in its cell is at
+        least ``r = stride - patch + 1``; a window starting at cell ``i`` holds the whole cell ``i``
+        and the first ``r`` origins of cell ``i + 1`` along each axis. One read of the cells' origins
+        plus the patch (``valid``, ``label``), so every pixel is read about once, not once per
+        overlapping window."""
+        h, w = self.readers[store].shape
+        _, s = self.geometry[store]
+        p, r = self.patch, self.geometry[store][1] - self.patch + 1
+        oy0, oy1, ox0, ox1 = cy0 * s, min(cy1 * s, h - p + 1), cx0 * s, min(cx1 * s, w - p + 1)
+        extent = (store, oy0, oy1 + p - 1, ox0, ox1 + p - 1)
+        shape = (cy1 - cy0, cx1 - cx0, 4, 256)
         if not self.touches(*extent):
-            return np.zeros(256)
-        arrays = self.readers[store].read(y0, y1, x0, x1, ["valid", "label"])
-        ok = self._eligible(extent, arrays)
-        classes = centre_classes(arrays["valid"], arrays["label"], self.patch)[ok]
-        return np.bincount(classes, weights=self._inverse_cover(*extent)[ok], minlength=256)
+            return np.zeros(shape)
+        arrays = self.readers[store].read(*extent[1:], ["valid", "label"])
+        iy, ix = np.nonzero(self._eligible(extent, arrays))
+        classes = centre_classes(arrays["valid"], arrays["label"], p)[iy, ix].astype(np.int64)
+        cell = (iy // s) * shape[1] + ix // s
+        quadrant = 2 * (iy % s >= r) + (ix % s >= r)
+        weight = self._inverse_cover(*extent)[iy, ix]
+        return np.bincount((cell * 4 + quadrant) * 256 + classes, weights=weight, minlength=int(np.prod(shape))).reshape(shape)
+
+    def _store_table(self, store: int, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
+        """One store's index: its windows holding eligible origins (rows of ``y0, y1, x0, x1``) and their
+        weights per centre class, from the cell sums, a band of cell rows at a time (bounded memory)."""
+        h, w = self.readers[store].shape
+        window, s = self.geometry[store]
+        ny, nx = len(window_starts(h, self.patch, s)), len(window_starts(w, self.patch, s))
+        k = max(1, 1024 // s)  # cells per tile edge: tiles of about 1024 px of origins
+
+        def cell_rows():
+            for b0 in range(0, ny, k):
+                b1 = min(b0 + k, ny)
+                tiles = pool.map(lambda c0: self._cell_sums(store, b0, b1, c0, min(c0 + k, nx)), range(0, nx, k))
+                yield from np.concatenate(list(tiles), axis=1)
+
+        def window_row(row: np.ndarray, below: np.ndarray | None) -> np.ndarray:
+            """Windows of one cell row: their own cell, the first r columns of the next cell (quadrants
+            0, 2), the first r rows of the cell below (0, 1) and its next cell's first r x r (0)."""
+            out = row.sum(axis=1)
+            out[:-1] += row[1:, 0] + row[1:, 2]
+            if below is not None:
+                out += below[:, 0] + below[:, 1]
+                out[:-1] += below[1:, 0]
+            return out
+
+        windows, weights, previous = [], [], None
+        rows = cell_rows()
+        for i in range(ny + 1):
+            current = next(rows, None)
+            if previous is not None:
+                row = window_row(previous, current)
+                keep = np.flatnonzero(row.sum(axis=1) > 0)
+                y0 = (i - 1) * s
+                windows.extend((y0, min(y0 + window, h), j * s, min(j * s + window, w)) for j in keep.tolist())
+                weights.append(row[keep])
+            previous = current
+        return {"windows": np.array(windows, dtype=np.int64).reshape(-1, 4), "weights": np.concatenate(weights).reshape(-1, 256)}
 
     def _index_settings(self, store: int) -> dict:
         """What one store's index depends on besides the store (and its split blocks)."""
@@ -146,13 +190,10 @@ class RandomPatchSampler(StoreSampler):
             check_patch_fits(reader.shape, self.patch, path)
         with ThreadPoolExecutor(max(1, threads)) as pool:
 
-            def build(store: int) -> dict[str, np.ndarray]:
-                extents = self._window_extents(store)
-                weights = np.array(list(pool.map(self._weigh, extents))).reshape(-1, 256)
-                keep = weights.sum(axis=1) > 0
-                return {"windows": np.array(extents, dtype=np.int64).reshape(-1, 5)[keep, 1:], "weights": weights[keep]}
-
-            parts = [self.store_index(cache, "patches", store, self._index_settings(store), lambda: build(store)) for store in range(len(self.readers))]
+            parts = [
+                self.store_index(cache, "patches", store, self._index_settings(store), lambda: self._store_table(store, pool))
+                for store in range(len(self.readers))
+            ]
         windows = [np.column_stack([np.full(len(p["windows"]), store, dtype=np.int64), p["windows"]]) for store, p in enumerate(parts)]
         table = _WindowTable(np.concatenate(windows).reshape(-1, 5), np.concatenate([p["weights"] for p in parts]).reshape(-1, 256))
         if not len(table.windows):
