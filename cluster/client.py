@@ -291,12 +291,14 @@ def cluster_client(spec_or_client, timeout: float | str = CONNECT_TIMEOUT, liste
         close_client(client)
 
 
+def host_of(address: str) -> str:
+    """The host of a worker address ``scheme://host:port``."""
+    return address.split("://")[-1].rsplit(":", 1)[0]
+
+
 def workers_per_host(client) -> dict[str, int]:
     """Host -> number of workers on it, from the scheduler's view."""
-    hosts = Counter(
-        address.split("://")[-1].rsplit(":", 1)[0] for address in client.scheduler_info(n_workers=-1)["workers"]
-    )
-    return dict(hosts)
+    return dict(Counter(host_of(address) for address in client.scheduler_info(n_workers=-1)["workers"]))
 
 
 def dashboard_link(client) -> str | None:

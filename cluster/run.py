@@ -1,24 +1,25 @@
 """One owner for a prediction run: options, checks, cluster, determinism record, blocks.
 
 :func:`predict_scene` is the engine behind ``tilefuse predict`` and
-:func:`tilefuse.predict` (both only resolve options and call it). It runs in
-three steps, and nothing is written before the last one starts:
+:func:`tilefuse.predict` (both only resolve options and call it):
 
 1. :func:`plan_prediction` checks everything that needs no worker: options
-   (:meth:`PredictOptions.check`), the output path, the checkpoint (its
+   (:meth:`PredictOptions.check`, once), the output path, the checkpoint (its
    weights' header, without loading them), the scene's modalities, the tile
-   geometry and, on ``resume``, the store's settings;
+   geometry and, on ``resume``, the store's settings; it writes nothing;
 2. :class:`ClusterRun` owns the cluster side: it opens the client (or borrows
-   the caller's, or none for ``sync``) and closes what it opened, probes every
-   worker's device kind, cores and free memory in one call, fixes torch's
-   threads per worker, checks the :data:`tilefuse.prediction.DETERMINISM`
-   record against a resumed store, registers the model plugin and runs the
-   blocks;
-3. the prediction store is created (or resumed), its pending blocks are run
-   (:func:`tilefuse.cluster.blocks.run_blocks`) and it is marked complete.
+   the caller's, or none for ``sync``) and closes what it opened;
+   :meth:`ClusterRun.prepare` probes every worker's device kind, cores and
+   free memory in one call, fixes torch's threads per worker, checks the
+   :data:`tilefuse.prediction.DETERMINISM` record against a resumed store,
+   loads the model on the workers and only then creates the store (bad input
+   leaves nothing behind) and finds the pending blocks;
+3. :meth:`ClusterRun.run` runs them (:func:`tilefuse.cluster.blocks.run_blocks`),
+   and the store is marked complete.
 
 Nothing here is O(pixels): planning a 10^5 x 10^5 px scene touches its
-metadata, coordinates and one manifest entry per block.
+metadata, coordinates and one manifest entry per block
+(``tests/test_country_scale.py``).
 """
 
 from __future__ import annotations
@@ -296,10 +297,6 @@ def probe_worker(source: "ModelSource", tile_pixels: int, channels: int) -> Work
     return WorkerInfo(kind, device.type, os.cpu_count() or 1, auto_batch_size(tile_pixels, channels, device), torch.get_num_threads())
 
 
-def _host(address: str) -> str:
-    return address.split("://")[-1].rsplit(":", 1)[0]
-
-
 class ClusterRun:
     """A prediction run on a cluster: client lifetime, worker probe, determinism record, model plugin, blocks.
 
@@ -366,7 +363,7 @@ class ClusterRun:
         """
         import torch
 
-        from tilefuse.cluster.client import workers_per_host
+        from tilefuse.cluster.client import host_of, workers_per_host
 
         source, client, plan = self.source, self.client, self.plan
         if client is None:
@@ -389,7 +386,7 @@ class ClusterRun:
             if client is None:
                 threads = self.workers["sync"].threads
             else:
-                threads = min(max(1, info.cores // self.hosts[_host(address)]) for address, info in self.workers.items())
+                threads = min(max(1, info.cores // self.hosts[host_of(address)]) for address, info in self.workers.items())
             self.source = replace(source, torch_threads=threads)
         return {
             "device_kind": ",".join(sorted({info.kind for info in self.workers.values()})),
