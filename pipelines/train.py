@@ -67,7 +67,6 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
     return job
 
 
-@holds_output("out", inputs=("stores", "val_stores"))  # one writer per run folder, for the whole training
 def train(
     model: str,
     stores: Sequence[str | Path],
@@ -78,6 +77,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    nproc: int = 1,
     **options: Any,
 ) -> Path:
     """Train registered model ``model`` on scene ``stores`` into run folder ``out``; returns ``out``.
@@ -88,14 +88,38 @@ def train(
     checkpoint at its top level (``tilefuse predict --checkpoint out``), the
     resume state, ``log.jsonl``, ``curves.png`` and ``metrics.json``.
     ``resume`` continues a stopped run exactly; ``overwrite`` replaces one.
+
+    Data-parallel (:mod:`tilefuse.distributed`): ``nproc`` > 1 runs this call in
+    that many processes on this machine (one torch thread each unless
+    ``torch_threads``); under ``torchrun`` every rank calls it. Rank 0 alone
+    holds the run lock and writes the run folder.
     """
+    from tilefuse import distributed
+    from tilefuse.training import _require
+
+    _require("nproc", nproc, "a whole number >= 1", lambda v: isinstance(v, int) and v >= 1)
+    ranks = distributed.from_env()
+    if nproc > 1 and not ranks.launched:
+        kwargs = dict(stores=[str(p) for p in stores], out=str(out), val_stores=[str(p) for p in val_stores], hparams=hparams,
+                      resume=resume, overwrite=overwrite, progress=progress, **options)
+        distributed.launch_call("tilefuse.pipelines.train:train", {"model": model, **kwargs}, nproc)
+        return Path(out)
+    body = _train_locked if ranks.writer else _train
+    return body(model, stores, out, val_stores=val_stores, hparams=hparams, resume=resume, overwrite=overwrite, progress=progress, **options)
+
+
+def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progress, **options) -> Path:
+    """:func:`train` in this process (one rank of a job: rank 0 also writes)."""
     from tilefuse.training import RunDir, TrainSettings, fit  # first: it sets OpenMP's wait policy before torch loads
 
+    from tilefuse import distributed
     from tilefuse.checkpoint import read_config
     from tilefuse.training_data import assemble
 
+    writer = distributed.from_env().writer
     run = RunDir(out)
-    run.check(resume, overwrite, inputs=[stores, val_stores])
+    if writer:
+        run.check(resume, overwrite, inputs=[stores, val_stores])
     if not stores:
         raise InputError("no training store: pass at least one --store")
     train_paths = [str(Path(p).resolve()) for p in stores]
@@ -109,13 +133,17 @@ def train(
         model, train_paths, val_stores=val_paths, data=data, hparams=job["hparams"], seed=settings.seed,
         batch_size=settings.batch_size, resumed=read_config(run.state) if resume else None, run=run.path if resume else None,
     )
-    run.start(resume, overwrite, inputs=[stores, val_stores])  # guarded: replaces only a run folder
-    prepared.save(run.path)  # split file and sampler indexes (one writer: this process holds the run lock)
+    if writer:
+        run.start(resume, overwrite, inputs=[stores, val_stores])  # guarded: replaces only a run folder
+        prepared.save(run.path)  # split file and sampler indexes (one writer: this process holds the run lock)
     fit(
         prepared.model, prepared.config, prepared.train, prepared.val, settings, run,
         job=job, resume=resume, progress=progress, val_batch_size=prepared.val_batch_size,
     )
     return run.path
+
+
+_train_locked = holds_output("out", inputs=("stores", "val_stores"))(_train)  # one writer per run folder, for the whole training
 
 
 def _parse_hparams(items: list[str] | None) -> dict[str, Any] | None:
@@ -167,7 +195,8 @@ def train_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-) -> None:
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (DDP; gloo on CPU, NCCL on GPUs) [1].")] = 1,
+) -> int:
     """Train a model on scene stores, streaming random patches (or labelled pixels) from zarr."""
     options = {
         "steps": steps, "batch_size": batch_size, "patch_size": patch_size, "pixels_per_class": pixels_per_class,
@@ -177,11 +206,17 @@ def train_command(
         "checkpoint_every": checkpoint_every, "val_every": val_every, "log_every": log_every, "workers": workers,
         "seed": seed, "device": device, "amp": amp, "torch_threads": torch_threads,
     }
-    path = train(
-        model, store, out, val_stores=val_store or (), hparams=_parse_hparams(hparam),
-        resume=resume, overwrite=overwrite, progress=not quiet, **options,
-    )
+    from tilefuse.distributed import JobFailed
+
+    try:
+        path = train(
+            model, store, out, val_stores=val_store or (), hparams=_parse_hparams(hparam),
+            resume=resume, overwrite=overwrite, progress=not quiet, nproc=nproc, **options,
+        )
+    except JobFailed as failed:  # the failing rank's message is printed already
+        return failed.code
     summary = json.loads((path / "metrics.json").read_text())
     val = summary.get("val") or {}
     scores = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("overall_accuracy", "mean_iou", "kappa") and v is not None)
     typer.echo(f"trained {summary['step']} steps -> {path}" + (f" (validation: {scores})" if scores else ""))
+    return 0

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
+import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
@@ -93,8 +97,12 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
     return device if device.index is not None else torch.device("cuda", ranks.local_rank)
 
 
-def rank_threads(cores: int, ranks: Ranks) -> int:
-    """Default torch threads of a rank: the machine's ``cores`` shared by its ranks (at least 1)."""
+def rank_threads(cores: int, ranks: Ranks, env: Mapping[str, str] = os.environ) -> int:
+    """Default torch threads of a launched rank: ``OMP_NUM_THREADS`` where set (torchrun sets 1 for
+    several ranks a machine, :func:`launch_local` its ``threads``), else the machine's ``cores`` shared by its ranks."""
+    value = env.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
     return max(1, cores // ranks.local_world)
 
 
@@ -220,55 +228,126 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
     """Run ``command`` as ``nproc`` ranks of one job on this machine; returns the job's exit status.
 
     Each rank gets torchrun's variables (:func:`rank_env`, rendezvous on a free
-    loopback port) and ``OMP_NUM_THREADS=threads``. Rank 0 writes to this
-    process's stdout/stderr; the other ranks' stderr is kept and printed only
-    when one of them is the first to fail. When a rank fails, the others are
-    stopped (SIGTERM, then SIGKILL after ``grace_s``) and its status is returned
-    (a rank killed by a signal: 128 + the signal number).
+    loopback port) and ``OMP_NUM_THREADS=threads``. Rank 0's stdout and stderr
+    are this process's (its stderr passed on line by line); the other ranks'
+    stdout is dropped and their stderr kept. When a rank fails, the others are
+    stopped (SIGTERM, then SIGKILL after ``grace_s``), only the first failing
+    rank's stderr is shown (so an error every rank meets is printed once), and
+    its status is returned (a rank killed by a signal: 128 + the signal number).
     """
     if not (isinstance(nproc, int) and nproc >= 1):
         raise InputError(f"nproc= must be a whole number >= 1, got {nproc!r}")
     port = free_port()
     base = {**os.environ, **(env or {})}
-    logs, procs = [], []
+    exits: queue.Queue[int] = queue.Queue()
+    failing = threading.Event()
+    held: list[bytes] = []  # rank 0's stderr after another rank failed
+    logs: list = []
+    procs: list[subprocess.Popen] = []
+
+    def forward(stream) -> None:
+        for line in iter(stream.readline, b""):
+            if failing.is_set():
+                held.append(line)
+            else:
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+
+    def wait(rank: int) -> None:
+        procs[rank].wait()
+        exits.put(rank)
+
+    readers = []
     try:
         for rank in range(nproc):
-            log = None if rank == 0 else tempfile.TemporaryFile()
+            log = subprocess.PIPE if rank == 0 else tempfile.TemporaryFile()
             logs.append(log)
-            procs.append(subprocess.Popen(list(command), env={**base, **rank_env(rank, nproc, port, threads)}, stderr=log))
+            procs.append(subprocess.Popen(
+                list(command), env={**base, **rank_env(rank, nproc, port, threads)},
+                stdout=None if rank == 0 else subprocess.DEVNULL, stderr=log, start_new_session=True,
+            ))
+        readers.append(threading.Thread(target=forward, args=(procs[0].stderr,), daemon=True))
+        readers += [threading.Thread(target=wait, args=(rank,), daemon=True) for rank in range(nproc)]
+        for thread in readers:
+            thread.start()
         failed = None
-        while failed is None and any(p.poll() is None for p in procs):
-            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-            if failed is None:
-                time.sleep(0.05)
-        if failed is None:
-            failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
+        for _ in range(nproc):
+            rank = exits.get()
+            if procs[rank].returncode != 0:
+                failed = rank
+                failing.set()
+                break
+        _stop(procs, grace_s)
+        readers[0].join(grace_s)  # EOF once the rank and its children are gone
         if failed is None:
             return 0
-        _stop(procs, grace_s)
-        if failed > 0:
+        if failed == 0:
+            out = b"".join(held)
+        else:
             logs[failed].seek(0)
-            sys.stderr.write(logs[failed].read().decode(errors="replace"))
-            sys.stderr.flush()
+            out = logs[failed].read()
+        sys.stderr.buffer.write(out)
+        sys.stderr.flush()
         code = procs[failed].returncode
         return 128 - code if code < 0 else code
     finally:
         _stop(procs, grace_s)
         for log in logs:
-            if log is not None:
+            if log is not subprocess.PIPE:
                 log.close()
 
 
+class JobFailed(RuntimeError):
+    """A job of several processes ended with a failing rank (its stderr was shown); ``code`` is its exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"a rank of the training job exited with status {code} (its message is above)")
+        self.code = code
+
+
+def launch_call(target: str, kwargs: Mapping, nproc: int, *, threads: int | None = 1) -> None:
+    """Call ``target`` (``"module:function"``) with the JSON-ready ``kwargs`` in ``nproc`` ranks on this machine.
+
+    Each rank runs ``python -m tilefuse.distributed`` (:func:`_rank_main`): an
+    :class:`InputError` ends it with one line and status 2, like the CLI. Raises
+    :class:`JobFailed` with the first failing rank's status.
+    """
+    spec = json.dumps({"target": target, "kwargs": dict(kwargs)})
+    code = launch_local([sys.executable, "-m", "tilefuse.distributed", spec], nproc, threads=threads)
+    if code:
+        raise JobFailed(code)
+
+
+def _rank_main(spec: str) -> int:
+    """One rank of :func:`launch_call`."""
+    call = json.loads(spec)
+    module, name = call["target"].split(":")
+    try:
+        getattr(importlib.import_module(module), name)(**call["kwargs"])
+    except InputError as error:
+        print(f"tilefuse: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM the running ``procs``, SIGKILL those still running after ``grace_s``."""
-    running = [p for p in procs if p.poll() is None]
-    for p in running:
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGTERM)
+    """SIGTERM the process group of each of ``procs`` (the rank and what it started: DataLoader workers,
+    their forkserver), SIGKILL those whose rank still runs after ``grace_s``."""
+
+    def signal_group(p: subprocess.Popen, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, sig)
+
+    for p in procs:
+        signal_group(p, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    for p in running:
+    for p in procs:
         try:
             p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            p.kill()
+            signal_group(p, signal.SIGKILL)
             p.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1]))

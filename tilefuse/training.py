@@ -27,6 +27,7 @@ count; another is refused with one line naming both.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -48,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from tilefuse import distributed
-from tilefuse.outputs import check_inputs, claim, clean_stale, create, replace_path, temporary_sibling
+from tilefuse.outputs import _me, check_inputs, claim, clean_stale, create, replace_path, temporary_sibling
 from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
@@ -136,9 +137,27 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _one_thread(_worker_id: int) -> None:
-    """DataLoader workers cut and normalise patches: one torch thread each, not one per core."""
+def _worker_init(owner: tuple[int, float | None], _worker_id: int) -> None:
+    """DataLoader workers cut and normalise patches: one torch thread each, not one per core; and they
+    end when the training process ``owner`` (pid, start time) is gone.
+
+    A forkserver worker's parent is the forkserver, which lives as long as its
+    workers do, so torch's own watchdog (parent pid changed) never fires when
+    the training process is killed (SIGKILL, or a rank stopped by its job): the
+    workers would be left running forever.
+    """
+    import threading
+
+    from tilefuse.outputs import _alive
+
     torch.set_num_threads(1)
+
+    def watch() -> None:
+        while _alive(*owner):
+            time.sleep(2.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="owner-watchdog", daemon=True).start()
 
 
 def cosine_factor(step: int, total: int, warmup: int = 0, floor: float = 0.0) -> float:
@@ -302,7 +321,7 @@ def make_loader(dataset: PatchDataset, batch_size: int, workers: int, seed: int,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=pin,
-        worker_init_fn=_one_thread if workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, _me()) if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -451,7 +470,7 @@ def _fit(
     last_val: dict[str, Any] | None = None
     window_loss, window_count, clock = 0.0, 0, time.perf_counter()
     batches = iter(loader)
-    bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not (progress and writer), dynamic_ncols=True)
     try:
         while step < settings.steps:
             inputs, target = next(batches)
