@@ -328,5 +328,28 @@ def test_an_error_on_one_rank_ends_the_whole_job_with_its_message(store, tmp_pat
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.ENV_TIMEOUT: "120"}
+    return subprocess.run([sys.executable, "-m", "tilefuse.cli", "train", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_nproc_on_the_command_line(store, tmp_path):
+    """``tilefuse train --nproc 2``: an error every rank meets is one line once; a run trains, resumes only with 2."""
+    nolabel = write(labelled_scene(64, 64).drop_vars("label"), tmp_path / "nolabel.zarr")
+    base = ["--model", "pad", "--hparam", "preset=atto", "--patch-size", "32", "--batch-size", "2", "--workers", "0", "--quiet"]
+    bad = _cli(*base, "--nproc", "2", "--store", str(nolabel), "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"tilefuse: error: {nolabel} has no labels: ingest it with --labels PATH to train on it"], bad.stderr
+    assert not (tmp_path / "bad").exists()
+    run = tmp_path / "run"
+    done = _cli(*base, "--nproc", "2", "--store", store, "--out", str(run), "--steps", "2", "--checkpoint-every", "1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("trained 2 steps") and read_config(run).extra["step"] == 2
+    assert not list(tmp_path.glob(".*.lock")), "the run lock was left behind"
+    again = _cli(*base, "--store", store, "--out", str(run), "--steps", "2", "--resume")
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "trained by 2 process(es) x 1 worker(s), this job is 1 x 1" in again.stderr
+
+
 if __name__ == "__main__":
     _rank_main(sys.argv[1])

@@ -232,8 +232,8 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
     are this process's (its stderr passed on line by line); the other ranks'
     stdout is dropped and their stderr kept. When a rank fails, the others are
     stopped (SIGTERM, then SIGKILL after ``grace_s``), only the first failing
-    rank's stderr is shown (so an error every rank meets is printed once), and
-    its status is returned (a rank killed by a signal: 128 + the signal number).
+    rank's stderr is shown, and not where rank 0 printed each of its lines
+    already (so an error every rank meets is printed once), and its status is returned (a rank killed by a signal: 128 + the signal number).
     """
     if not (isinstance(nproc, int) and nproc >= 1):
         raise InputError(f"nproc= must be a whole number >= 1, got {nproc!r}")
@@ -242,6 +242,7 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
     exits: queue.Queue[int] = queue.Queue()
     failing = threading.Event()
     held: list[bytes] = []  # rank 0's stderr after another rank failed
+    shown: set[bytes] = set()  # rank 0's stderr lines passed on
     logs: list = []
     procs: list[subprocess.Popen] = []
 
@@ -250,6 +251,7 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
             if failing.is_set():
                 held.append(line)
             else:
+                shown.add(line.strip())
                 sys.stderr.buffer.write(line)
                 sys.stderr.flush()
 
@@ -286,6 +288,8 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
         else:
             logs[failed].seek(0)
             out = logs[failed].read()
+            if all(line.strip() in shown for line in out.splitlines()):
+                out = b""  # an error every rank met: rank 0 printed it already
         sys.stderr.buffer.write(out)
         sys.stderr.flush()
         code = procs[failed].returncode
