@@ -12,8 +12,14 @@ In one run, on one synthetic store on disk, ``--repeats`` times in alternation
 2. the model's step alone at one thread: forward + backward + AdamW on one
    cached batch, samples/s.
 
-Prints per repeat and the median and spread (min-max) of the N-vs-1 ratio and
-of the 1-rank data path against the model alone.
+On a machine shared with other work the wall-clock ratio says more about the
+load than about DDP, so each configuration also runs a short job, and the CPU
+seconds its ranks spend per sample beyond start-up (long job less short job)
+give the parallel efficiency, CPU per sample of 1 rank over that of N: N x
+efficiency is the speed-up on N free cores.
+
+Prints per repeat and the median and spread (min-max) of the N-vs-1 ratio,
+the efficiency, and the 1-rank data path against the model alone.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_ddp.py [--steps 40] [--repeats 3] [--nproc 2]
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -43,17 +50,29 @@ def make_store(folder: Path, size: int) -> str:
     return str(path)
 
 
-def job_rate(store: str, run: Path, nproc: int, args) -> float:
-    """Median global samples/s of the log windows after the first, of one training job of ``nproc`` ranks."""
+def job(store: str, run: Path, nproc: int, steps: int, args) -> tuple[float, float]:
+    """One training job of ``nproc`` ranks: median global samples/s of its log windows after the first,
+    and the CPU seconds (user + system) of all its ranks, start-up included."""
     kwargs = dict(
         model=args.model, stores=[store], out=str(run), hparams={"preset": args.preset}, overwrite=True, progress=False,
-        steps=args.steps, batch_size=args.batch, patch_size=args.patch, workers=args.workers, log_every=args.log_every,
-        checkpoint_every=args.steps, val_fraction=0.0, torch_threads=1, seed=1,
+        steps=steps, batch_size=args.batch, patch_size=args.patch, workers=args.workers, log_every=args.log_every,
+        checkpoint_every=steps, val_fraction=0.0, torch_threads=1, seed=1,
     )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     distributed.launch_call("tilefuse.pipelines.train:train", kwargs, nproc)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in records if "samples_per_s" in r][1:]
-    return statistics.median(rates)
+    return statistics.median(rates), (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cpu_per_sample(store: str, run: Path, nproc: int, args) -> tuple[float, float]:
+    """samples/s of a ``--steps`` job of ``nproc`` ranks, and its marginal CPU seconds per sample: the CPU of
+    that job less that of a ``--steps // 4`` job, over the samples between (start-up cancels out)."""
+    short = max(args.log_every * 2, args.steps // 4)
+    _, cpu_short = job(store, run, nproc, short, args)
+    rate, cpu_long = job(store, run, nproc, args.steps, args)
+    return rate, (cpu_long - cpu_short) / ((args.steps - short) * args.batch * nproc)
 
 
 def store_bands(store: str) -> tuple[dict[str, int], int]:
@@ -109,17 +128,23 @@ def main() -> None:
         folder = Path(tmp)
         store = make_store(folder, args.size)
         bands, classes = store_bands(store)
-        ones, manys, models = [], [], []
+        ones, manys, models, efficiency = [], [], [], []
         for repeat in range(args.repeats):
-            ones.append(job_rate(store, folder / "one", 1, args))
-            manys.append(job_rate(store, folder / "many", args.nproc, args))
+            one, cpu_one = cpu_per_sample(store, folder / "one", 1, args)
+            many, cpu_many = cpu_per_sample(store, folder / "many", args.nproc, args)
+            ones.append(one)
+            manys.append(many)
+            efficiency.append(cpu_one / cpu_many)
             models.append(model_rate(args, bands, classes))
-            print(f"repeat {repeat}: 1 rank {ones[-1]:.1f} samples/s, {args.nproc} ranks {manys[-1]:.1f} samples/s "
-                  f"(x{manys[-1] / ones[-1]:.2f}), model step alone {models[-1]:.1f} samples/s", flush=True)
+            print(f"repeat {repeat}: 1 rank {one:.1f} samples/s ({1e3 * cpu_one:.0f} CPU ms/sample), {args.nproc} ranks "
+                  f"{many:.1f} samples/s ({1e3 * cpu_many:.0f} CPU ms/sample): x{many / one:.2f} wall, efficiency {efficiency[-1]:.2f}; "
+                  f"model step alone {models[-1]:.1f} samples/s", flush=True)
     scaling = [m / o for m, o in zip(manys, ones)]
     feed = [o / m for o, m in zip(ones, models)]
     print(f"{args.nproc} ranks vs 1 (samples/s, one torch thread each, {args.workers} workers per rank): "
           f"median x{statistics.median(scaling):.2f}, spread x{min(scaling):.2f}-x{max(scaling):.2f} over {args.repeats} repeats")
+    print(f"parallel efficiency (CPU per sample, 1 rank / {args.nproc} ranks): median {statistics.median(efficiency):.2f}, "
+          f"spread {min(efficiency):.2f}-{max(efficiency):.2f}: x{args.nproc * statistics.median(efficiency):.2f} on {args.nproc} free cores")
     print(f"1 rank, full data path vs model step alone: median {statistics.median(feed):.2f}, spread {min(feed):.2f}-{max(feed):.2f}")
 
 

@@ -163,6 +163,56 @@ def test_each_rank_of_the_dataset_runs_its_own_streams(tmp_path):
 # ------------------------------------------------------------------ jobs of processes
 
 
+def _sleeper(folder: Path, fail_rank: int | None = None) -> list[str]:
+    """A rank command that records its pid, then exits 3 (rank ``fail_rank``) or sleeps a minute."""
+    code = (
+        "import os, sys, time; rank = int(os.environ['RANK']); "
+        f"open(os.path.join({str(folder)!r}, str(rank)), 'w').write(str(os.getpid())); "
+        f"sys.exit(3) if rank == {fail_rank!r} else time.sleep(60)"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _pids(folder: Path, n: int, timeout: float = 30.0) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(list(folder.iterdir())) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [int((folder / str(r)).read_text() or 0) for r in range(n)]
+
+
+def test_a_failing_rank_stops_the_others_and_gives_its_status(tmp_path):
+    import psutil
+
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    code = distributed.launch_local(_sleeper(folder, fail_rank=1), 3, grace_s=5)
+    assert code == 3
+    for pid in [int(f.read_text() or 0) for f in folder.iterdir()]:  # a rank stopped before it wrote its pid wrote none
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_terminated_launcher_stops_its_ranks(tmp_path):
+    import time
+
+    import psutil
+
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from tilefuse.distributed import launch_local; "
+        f"sys.exit(launch_local({_sleeper(folder)!r}, 2, grace_s=5))"
+    )])
+    pids = _pids(folder, 2)
+    launcher.terminate()
+    assert launcher.wait(30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(psutil.pid_exists(pid) for pid in pids), "ranks outlived their launcher"
+
+
 class _Pool:
     """A fixed list of fully labelled samples; stream s of n hands out blocks of ``block``: s, s + n, ...
 

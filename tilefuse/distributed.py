@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -198,8 +198,13 @@ def wrap(model: torch.nn.Module, group: Group) -> torch.nn.Module:
     loss = LossModule(model)
     if not group.active:
         return loss
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # depthwise convolutions give weight grads (C, 1, k, k) whose size-1 dim has another stride than the
+    # bucket's: the same memory layout, yet torch warns once per rank that it "may impair performance"
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
     return DistributedDataParallel(loss, device_ids=[group.device.index] if group.device.type == "cuda" else None)
 
 
@@ -260,6 +265,7 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
         exits.put(rank)
 
     readers = []
+    restore = _terminate_as_exit()
     try:
         for rank in range(nproc):
             log = subprocess.PIPE if rank == 0 else tempfile.TemporaryFile()
@@ -296,9 +302,25 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
         return 128 - code if code < 0 else code
     finally:
         _stop(procs, grace_s)
+        restore()
         for log in logs:
             if log is not subprocess.PIPE:
                 log.close()
+
+
+def _terminate_as_exit() -> Callable[[], None]:
+    """Make SIGTERM end this process by SystemExit (so the ranks are stopped too); returns the undo.
+
+    Only in the main thread (where Python delivers signals); elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 class JobFailed(RuntimeError):
