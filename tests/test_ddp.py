@@ -73,7 +73,8 @@ def test_ranks_backend_and_device_follow_torchruns_environment():
     assert distributed.rank_device(torch.device("cuda"), distributed.Ranks()) == torch.device("cuda")
     with pytest.raises(InputError, match="device='cuda'"):
         distributed.rank_device(torch.device("cuda", 0), ranks)
-    assert distributed.rank_threads(16, ranks) == 8 and distributed.rank_threads(1, ranks) == 1
+    assert distributed.rank_threads(16, ranks, env={}) == 8 and distributed.rank_threads(1, ranks, env={}) == 1
+    assert distributed.rank_threads(16, ranks, env={"OMP_NUM_THREADS": "3"}) == 3  # torchrun's and launch_local's setting wins
     seeds = {distributed.rank_seed(42, r) for r in range(1, 9)}
     assert len(seeds) == 8 and distributed.rank_seed(42, 1) == distributed.rank_seed(42, 1)
 
