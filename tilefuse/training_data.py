@@ -22,11 +22,15 @@ Errors name the Python parameter and its CLI flag (``patch_size= (--patch-size)`
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tilefuse.errors import InputError
+
+OPEN_THREADS = 8
+"""Stores opened at once at start-up (an archive of many stores waits mostly on metadata reads)."""
 
 
 @dataclass
@@ -225,7 +229,8 @@ def assemble(
     hparams = dict(hparams or {})
     run = None if run is None else Path(run)
 
-    scenes = [open_scene(p) for p in paths]
+    with ThreadPoolExecutor(OPEN_THREADS) as pool:  # opening is mostly waiting on metadata reads: overlap it
+        scenes = list(pool.map(open_scene, paths))
     for ds, path in zip(scenes, paths):
         if "label" not in ds:
             raise InputError(f"{path} has no labels: ingest it with --labels PATH to train on it")
@@ -262,6 +267,8 @@ def assemble(
     # validation tiles of the patch size; pixel models validate on pixels, blocks of 512 px
     tile = 2 * spec.margin + 1 if pixels else data.patch_size
     readers = [SceneReader(p) for p in paths]  # one zarr handle per store, shared by the split and the samplers
+    with ThreadPoolExecutor(OPEN_THREADS) as pool:
+        list(pool.map(lambda reader: reader.group, readers))
     split = _saved_split(run, paths, scenes)
     if split is None:
         split = _split(scenes, readers, paths, len(train_paths), data, pixels, tile, seed, bool(val_paths))
