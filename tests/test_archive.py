@@ -82,6 +82,7 @@ def test_an_archive_of_100_stores_trains_and_a_restart_reads_no_index(archive, t
     assert reads["n"] > 0
     np.testing.assert_array_equal(again.train.sampler.table.windows, fresh.train.sampler.table.windows)
     np.testing.assert_array_equal(again.train.sampler.table.weights, fresh.train.sampler.table.weights)
+    np.testing.assert_array_equal(again.train.sampler.table.classes, fresh.train.sampler.table.classes)
 
 
 def test_a_saved_index_is_reused_without_reading_and_samples_the_same(few, tmp_path):
@@ -132,7 +133,8 @@ def test_a_changed_store_rebuilds_its_index_and_the_law_follows_the_new_labels(f
     truth = RandomPatchSampler(few, ["optical"], PATCH, **options)
     np.testing.assert_array_equal(after.table.windows, truth.table.windows)
     np.testing.assert_array_equal(after.table.weights, truth.table.weights)
-    assert before.table.weights[:, 7].sum() == 0 and after.table.weights[:, 7].sum() > 0
+    np.testing.assert_array_equal(after.table.classes, truth.table.classes)
+    assert 7 not in before.table.classes and after.table.dense()[:, 7].sum() > 0
     centres = [s.label[PATCH // 2, PATCH // 2] for s, _ in zip(after.iter_stream(0), range(20 * after.round_size))]
     counts = np.bincount(centres, minlength=8)
     assert counts[7] > 0 and counts[7] == pytest.approx(len(centres) / 4, rel=0.3), counts  # 4 balanced classes
@@ -140,9 +142,12 @@ def test_a_changed_store_rebuilds_its_index_and_the_law_follows_the_new_labels(f
     assert len(list(folder.glob("*.npz"))) == 3, "the stale index is dropped"
 
 
-def test_the_cell_index_equals_weighing_every_window_on_its_own(tmp_path):
-    """The index (one read per cell band) equals the definition: per read window, the eligible origins it
-    holds weighted 1 / cover count, per centre class; with a split, class balance and a margin."""
+@pytest.mark.parametrize("tile", [1024, 16, 40])
+def test_the_cell_index_equals_weighing_every_window_on_its_own(tmp_path, monkeypatch, tile):
+    """The index (one read per tile of cells, a band of tiles at a time) equals the definition: per read window,
+    the eligible origins it holds weighted 1 / cover count, per centre class; with a split, class balance and
+    a margin; in one tile, or in many bands and tiles."""
+    monkeypatch.setattr(RandomPatchSampler, "INDEX_TILE", tile)
     from tilefuse.sampling import SpatialSplit, centre_classes, window_starts
 
     paths = [write(labelled_scene(h, w, seed=s), tmp_path / f"c{s}.zarr", chunk=16) for s, (h, w) in enumerate([(150, 130), (97, 211)])]
@@ -164,4 +169,5 @@ def test_the_cell_index_equals_weighing_every_window_on_its_own(tmp_path):
                         expected_windows.append(extent)
                         expected.append(weights)
         assert sampler.table.windows.tolist() == [list(e) for e in expected_windows], (patch, window)
-        np.testing.assert_allclose(sampler.table.weights, np.array(expected), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sampler.table.dense(), np.array(expected), rtol=1e-12, atol=1e-12)
+        assert sampler.table.classes.tolist() == np.flatnonzero(np.array(expected).sum(axis=0)).tolist()

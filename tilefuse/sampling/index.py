@@ -32,7 +32,7 @@ import numpy as np
 
 INDEX_DIR = "index"
 """Folder of the saved indexes inside a run folder."""
-FORMAT = 1
+FORMAT = 2
 """Bumped whenever what an index holds changes: older files then never match."""
 
 
@@ -88,7 +88,7 @@ class IndexCache:
             tmp = temporary_sibling(path)
             try:
                 with open(tmp, "wb") as handle:
-                    np.savez(handle, **arrays)
+                    np.savez_compressed(handle, **arrays)
                 replace_path(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)

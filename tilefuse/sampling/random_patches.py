@@ -48,8 +48,17 @@ class _WindowTable:
 
     windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), dtype=np.int64))
     """(n, 5): store, first/last+1 row, first/last+1 column of the window read."""
-    weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 256)))
-    """(n, 256): sum over eligible origins of 1 / cover count, per centre class (column IGNORE: unlabelled centre)."""
+    classes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """(K,): the centre classes that occur, ascending (IGNORE: an unlabelled centre)."""
+    weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    """(n, K): sum over eligible origins of 1 / cover count, per centre class of ``classes`` (about 8 K bytes
+    per window, not 2 KB: a country-sized store's table stays small)."""
+
+    def dense(self) -> np.ndarray:
+        """``weights`` with one column per label value 0..255, (n, 256)."""
+        out = np.zeros((len(self.weights), 256))
+        out[:, self.classes] = self.weights
+        return out
 
 
 class RandomPatchSampler(StoreSampler):
@@ -68,6 +77,9 @@ class RandomPatchSampler(StoreSampler):
     its centre class), so centre classes come out uniform, and only labelled
     centres qualify.
     """
+
+    INDEX_TILE = 1024
+    """Edge (px of origins) of the tiles the index reads at once, a band of tiles at a time."""
 
     def __init__(
         self,
@@ -146,7 +158,7 @@ class RandomPatchSampler(StoreSampler):
         h, w = self.readers[store].shape
         window, s = self.geometry[store]
         ny, nx = len(window_starts(h, self.patch, s)), len(window_starts(w, self.patch, s))
-        k = max(1, 1024 // s)  # cells per tile edge: tiles of about 1024 px of origins
+        k = max(1, self.INDEX_TILE // s)  # cells per tile edge
 
         def cell_rows():
             for b0 in range(0, ny, k):
@@ -164,18 +176,24 @@ class RandomPatchSampler(StoreSampler):
                 out[:-1] += below[1:, 0]
             return out
 
-        windows, weights, previous = [], [], None
+        windows, entries, previous = [], [], None  # entries: (window, class, weight) of the non-zero weights
         rows = cell_rows()
         for i in range(ny + 1):
             current = next(rows, None)
             if previous is not None:
                 row = window_row(previous, current)
                 keep = np.flatnonzero(row.sum(axis=1) > 0)
+                kept = row[keep]
+                at, label = np.nonzero(kept)
+                entries.append((at + len(windows), label, kept[at, label]))
                 y0 = (i - 1) * s
                 windows.extend((y0, min(y0 + window, h), j * s, min(j * s + window, w)) for j in keep.tolist())
-                weights.append(row[keep])
             previous = current
-        return {"windows": np.array(windows, dtype=np.int64).reshape(-1, 4), "weights": np.concatenate(weights).reshape(-1, 256)}
+        at, label, value = (np.concatenate(parts) for parts in zip(*entries))
+        classes = np.unique(label)
+        weights = np.zeros((len(windows), len(classes)))
+        weights[at, np.searchsorted(classes, label)] = value
+        return {"windows": np.array(windows, dtype=np.int64).reshape(-1, 4), "classes": classes.astype(np.int64), "weights": weights}
 
     def _index_settings(self, store: int) -> dict:
         """What one store's index depends on besides the store (and its split blocks)."""
@@ -195,7 +213,13 @@ class RandomPatchSampler(StoreSampler):
                 for store in range(len(self.readers))
             ]
         windows = [np.column_stack([np.full(len(p["windows"]), store, dtype=np.int64), p["windows"]]) for store, p in enumerate(parts)]
-        table = _WindowTable(np.concatenate(windows).reshape(-1, 5), np.concatenate([p["weights"] for p in parts]).reshape(-1, 256))
+        classes = np.unique(np.concatenate([p["classes"] for p in parts])).astype(np.int64)
+        weights = np.zeros((sum(len(p["weights"]) for p in parts), len(classes)))
+        start = 0
+        for p in parts:
+            weights[start : start + len(p["weights"]), np.searchsorted(classes, p["classes"])] = p["weights"]
+            start += len(p["weights"])
+        table = _WindowTable(np.concatenate(windows).reshape(-1, 5), classes, weights)
         if not len(table.windows):
             what = f"{self.subset} area" if self.split is not None else "stores"
             raise InputError(
@@ -205,11 +229,11 @@ class RandomPatchSampler(StoreSampler):
         return table
 
     def _class_weights(self) -> np.ndarray:
-        """Weight of one origin by its centre class (ones, or 1 / count with class balancing)."""
+        """Weight of one origin by its centre class, per class of the table (ones, or 1 / count with class balancing)."""
         if not self.class_balance:
-            return np.ones(256)
+            return np.ones(len(self.table.classes))
         totals = self.table.weights.sum(axis=0)
-        return np.divide(1.0, totals, out=np.zeros(256), where=totals > 0)
+        return np.divide(1.0, totals, out=np.zeros(len(totals)), where=totals > 0)
 
     def _window_weights(self) -> np.ndarray:
         weight = self.table.weights @ self._class_weights()
@@ -237,7 +261,9 @@ class RandomPatchSampler(StoreSampler):
         ok = self._eligible(extent, arrays)
         weight = self._inverse_cover(*extent)
         if self.class_balance:
-            weight = weight * self._class_weights()[centre_classes(arrays["valid"], arrays["label"], self.patch)]
+            by_label = np.zeros(256)
+            by_label[self.table.classes] = self._class_weights()
+            weight = weight * by_label[centre_classes(arrays["valid"], arrays["label"], self.patch)]
         flat = np.flatnonzero(ok)
         weight = weight.ravel()[flat]
         if not np.isclose(weight.sum(), self.table.weights[index] @ self._class_weights(), rtol=1e-6, atol=0):
