@@ -5,7 +5,7 @@
 1. writes a synthetic SAR + optical scene (``tilefuse synth``) and, unless
    ``--checkpoint`` is given, a small PAD checkpoint with random weights;
 2. starts ``dask scheduler --scheduler-file WORKDIR/scheduler.json`` and
-   ``--workers`` ``dask worker`` processes (one thread each) against it;
+   ``--workers`` ``dask worker`` processes (two task threads each: one runs the model, one reads the next block ahead) against it;
 3. runs ``tilefuse predict --cluster WORKDIR/scheduler.json`` and exports a COG;
 4. stops the scheduler and workers, whatever happened.
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             processes.append(
                 subprocess.Popen(
                     [*DASK, "worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
-                     "--nthreads", "1", "--memory-limit", "4GB", "--death-timeout", "60"],  # fmt: skip
+                     "--nthreads", "2", "--memory-limit", "4GB", "--death-timeout", "60"],  # fmt: skip
                     env=QUIET,
                 )
             )
