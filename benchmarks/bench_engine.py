@@ -203,6 +203,7 @@ def pad_section(args, work: Path, results: dict) -> None:
     print(f"PAD atto, {args.pad_size}^2 px, {tiles} tiles:", flush=True)
     alone = _row(figures, "model_alone", _timed(lambda: model_alone(pad, tiles), args.repeat), megapixels)
     _row(figures, "sync", _timed(lambda: end_to_end(pad, scene, work / "pad.zarr"), args.repeat), megapixels, alone, "= efficiency, target >= 0.95")
+    _row(figures, "sync_prefetch_0", _timed(lambda: end_to_end(pad, scene, work / "pad.zarr", prefetch=0), args.repeat), megapixels, alone, "= efficiency, no read-ahead")
 
 
 def country_section(args, work: Path, results: dict) -> None:

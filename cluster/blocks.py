@@ -49,10 +49,20 @@ PIECES = ("own", "right", "down", "corner")
 MAX_PREFETCH = 4
 
 
-def default_prefetch(cores: int | None = None) -> int:
-    """Blocks read ahead by default: one per four cores of a worker, at least 1, at most :data:`MAX_PREFETCH`."""
+def default_prefetch(cores: int | None = None, device=None) -> int:
+    """Blocks read ahead by default: one per four cores of a worker, at least 1, at most :data:`MAX_PREFETCH`.
+
+    For a model on a CPU ``device`` only as many as the cores torch's threads leave free (often none):
+    a reader thread there takes cores from the model (PAD atto, 2048^2 px, ``sync`` on 2 cores:
+    efficiency 0.74 reading one block ahead, 0.84 without; ``benchmarks/bench_engine.py``).
+    """
     cores = cores or os.cpu_count() or 1
-    return max(1, min(MAX_PREFETCH, cores // 4))
+    depth = max(1, min(MAX_PREFETCH, cores // 4))
+    if device is not None and getattr(device, "type", device) == "cpu":
+        import torch
+
+        depth = min(depth, max(0, cores - torch.get_num_threads()))
+    return depth
 
 
 def task_threads(prefetch: int | None = None, cores: int | None = None) -> int:
@@ -144,7 +154,7 @@ def run_blocks(
 
     ``client`` None runs everything here, in order, with ``reader_threads``
     threads (default ``prefetch``) reading the next ``prefetch`` blocks ahead
-    (default :func:`default_prefetch`; 0 reads each block when its turn comes).
+    (default :func:`default_prefetch` for the model's device; 0 reads each block when its turn comes).
     Otherwise tasks go to the cluster with at most ``window`` blocks in flight
     (default: one per task thread of the workers; see the module docstring for
     how workers read ahead).
@@ -152,19 +162,21 @@ def run_blocks(
     for name, value, least in (("prefetch", prefetch, 0), ("reader_threads", reader_threads, 1), ("window", window, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise InputError(f"{name}= must be a whole number >= {least}, got {value!r}")
-    prefetch = default_prefetch() if prefetch is None else prefetch
     steps = plan(blocks, pending)
     bar = tqdm(total=len(pending), unit="block", desc="predict", disable=not progress)
     try:
         if client is None:
-            return _run_here(job, source, steps, bar, prefetch, reader_threads or max(1, prefetch))
+            return _run_here(job, source, steps, bar, prefetch, reader_threads)
         return _run_on_cluster(job, source, steps, bar, client, window)
     finally:
         bar.close()
 
 
-def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar, prefetch: int, reader_threads: int) -> int:
+def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar, prefetch: int | None, reader_threads: int | None) -> int:
     runner = load_runner(source)
+    if prefetch is None:
+        prefetch = default_prefetch(device=runner.device)
+    reader_threads = reader_threads or max(1, prefetch)
     pieces: dict[tuple[Block, str], object] = {}
     reads: dict[int, object] = {}
     tiles = 0
