@@ -134,6 +134,7 @@ TRAIN_CASES = {
     "block negative": (["--block", "-1"], "block"),
     "pixels per class 0": (["--pixels-per-class", "0"], "pixels_per_class"),
     "log every 0": (["--log-every", "0"], "log_every"),
+    "nproc 0": (["--nproc", "0"], "nproc"),
 }
 
 
