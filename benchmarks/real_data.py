@@ -195,19 +195,51 @@ def scored_pixels(store: Path, count: int | None, seed: int = 0) -> np.ndarray:
 
 
 def fit_pixels(kind: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
-    """A per-pixel classifier: ``logreg`` (multinomial, L2) or ``hgb`` (HistGradientBoosting)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
+    """A per-pixel classifier: ``logreg`` (multinomial, L2) or ``hgb`` (HistGradientBoosting).
 
+    scikit-learn (the ``bench`` extra) fits both; without it ``logreg`` falls back to
+    :func:`fit_logreg_torch`, the same objective minimised by torch's L-BFGS.
+    """
     if len(np.unique(y)) == 1:
         only = y[0]
         return lambda values: np.full(len(values), only)
+    try:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        if kind == "logreg":
+            return fit_logreg_torch(x, y)
+        raise SystemExit(f"method {kind!r} needs scikit-learn: pip install -e .[bench] (or leave {kind!r} out of --methods)")
     if kind == "logreg":
         model = LogisticRegression(max_iter=500, C=1.0)
     else:
         model = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, early_stopping=False, random_state=seed)
     model.fit(x, y)
     return model.predict
+
+
+def fit_logreg_torch(x: np.ndarray, y: np.ndarray, c: float = 1.0, max_iter: int = 500) -> Callable[[np.ndarray], np.ndarray]:
+    """Multinomial logistic regression with scikit-learn's objective, ``C * sum(log loss) + |W|^2 / 2``
+    (intercept not penalised), minimised in float64 by L-BFGS; strictly convex, so the same optimum."""
+    import torch
+
+    classes, target = np.unique(y, return_inverse=True)
+    features = torch.from_numpy(np.asarray(x, np.float64))
+    target = torch.from_numpy(target)
+    weight = torch.zeros(features.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    scale = c * len(target)  # the objective divided by it, for conditioning: same minimiser
+
+    def objective() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(features @ weight + bias, target) + 0.5 * (weight**2).sum() / scale
+        loss.backward()
+        return loss
+
+    optimiser.step(objective)
+    w, b = weight.detach().numpy(), bias.detach().numpy()
+    return lambda values: classes[np.argmax(np.asarray(values, np.float64) @ w + b, axis=1)]
 
 
 # ---- methods: each trains on a fold and returns chip -> predicted labels at the scored pixels --------

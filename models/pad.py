@@ -42,8 +42,9 @@ model reports the mapping in ``spec.roles`` and checkpoints record it.
 
 Our additions, not in the paper: any band count per modality (the stems adapt),
 inputs of any size (zero-padded at the bottom/right to a multiple of 32 and the
-logits cropped back), a guard for 1x1 spectra whose distance maximum is 0, and
-small presets that train on a CPU.
+logits cropped back), a guard for 1x1 spectra whose distance maximum is 0,
+small presets that train on a CPU, and an optional full-resolution head
+(``pixel_head``, :class:`PixelHead`) that adds a per-pixel correction to the logits.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ class UPerHead(nn.Module):
         self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
         self.classifier = _classifier(channels, num_classes, dropout)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The fused decoder map (B, channels, H/4, W/4) the classifier reads."""
         deepest = features[-1]
         pooled = [
             _resize(conv(F.adaptive_avg_pool2d(deepest, scale)), deepest.shape[2:])
@@ -254,7 +256,10 @@ class UPerHead(nn.Module):
         outs = [conv(level) for conv, level in zip(self.fpn, levels[:-1])] + [levels[-1]]
         size = outs[0].shape[2:]
         outs = [outs[0]] + [_resize(o, size) for o in outs[1:]]
-        return self.classifier(self.fpn_bottleneck(torch.cat(outs, dim=1)))
+        return self.fpn_bottleneck(torch.cat(outs, dim=1))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.features(features))
 
 
 class FCNHead(nn.Module):
@@ -267,6 +272,27 @@ class FCNHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.conv(x))
+
+
+class PixelHead(nn.Module):
+    """Full-resolution refinement (ours, not in the paper): a per-pixel correction to the logits.
+
+    Reads the decoder map upsampled to input size, concatenated with the normalised input
+    bands of both modalities at full resolution, through ConvBNReLU(k x k) + ConvBNReLU(1x1)
+    and a 1x1 classifier whose weights start at zero (so a fresh head leaves the logits as
+    they are). This gives PAD at least a per-pixel classifier's view of the pixel values,
+    which the stride-4 decoder map, upsampled bilinearly, lacks.
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, kernel_size: int = 1) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(ConvBNReLU(in_channels, channels, kernel_size), ConvBNReLU(channels, channels, 1))
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features: torch.Tensor, bands: list[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.layers(torch.cat([_resize(features, bands[0].shape[2:]), *bands], dim=1)))
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -302,6 +328,10 @@ class PADModel(TileModel):
 
     ``roles`` (optional) maps ``"optical"`` and ``"active"`` to modality names; by default
     they follow the names (module docstring, "Roles").
+
+    ``pixel_head`` (ours, off by default): add :class:`PixelHead`'s full-resolution
+    correction, ``pixel_head_channels`` wide, first conv ``pixel_head_kernel`` x
+    ``pixel_head_kernel``, to the main logits. Off, the model is exactly the paper's.
     """
 
     def __init__(
@@ -314,6 +344,9 @@ class PADModel(TileModel):
         drop_path: float | None = None,
         faithful_shift: bool = True,
         roles: Mapping[str, str] | Sequence[str] | None = None,
+        pixel_head: bool = False,
+        pixel_head_channels: int = 32,
+        pixel_head_kernel: int = 1,
     ) -> None:
         super().__init__()
         if preset not in PRESETS:
@@ -327,8 +360,18 @@ class PADModel(TileModel):
         self.sar_encoder = ConvNeXt.from_preset(chosen.encoder, modalities[self.sar], drop_path=drop_path)
         widths = self.optical_encoder.widths
         self.fusions = nn.ModuleList(PADBlock(w, faithful_shift) for w in widths)
-        self.decode_head = UPerHead(widths, decoder_channels or chosen.decoder_channels, num_classes)
+        decoder_channels = decoder_channels or chosen.decoder_channels
+        self.decode_head = UPerHead(widths, decoder_channels, num_classes)
         self.aux_head = FCNHead(widths[2], aux_channels or chosen.aux_channels, num_classes)
+        self.pixel_head = None
+        if pixel_head:
+            if not (pixel_head_channels >= 1 and pixel_head_kernel >= 1 and pixel_head_kernel % 2 == 1):
+                raise InputError(
+                    f"pixel_head_channels={pixel_head_channels!r} / pixel_head_kernel={pixel_head_kernel!r}: "
+                    "use a width >= 1 and an odd kernel size (1, 3, ...)"
+                )
+            bands = modalities[self.optical] + modalities[self.sar]
+            self.pixel_head = PixelHead(decoder_channels + bands, int(pixel_head_channels), num_classes, int(pixel_head_kernel))
 
     def _fused_features(self, inputs: Mapping[str, torch.Tensor]):
         check_inputs(inputs, self.spec.modalities)
@@ -339,6 +382,7 @@ class PADModel(TileModel):
         pad = (0, -width % STRIDE, 0, -height % STRIDE)
         if any(pad):
             a, s = F.pad(a, pad), F.pad(s, pad)
+        bands = [a, s]
         fused, amplitudes = [], []
         for i, block in enumerate(self.fusions):
             a = self.optical_encoder.forward_stage(i, a)
@@ -346,25 +390,33 @@ class PADModel(TileModel):
             out, pair = block(a, s)
             fused.append(out)
             amplitudes.append(pair)
-        return fused, amplitudes, (height, width), (height + pad[3], width + pad[1])
+        return fused, amplitudes, bands, (height, width)
 
     @staticmethod
-    def _to_input_size(logits: torch.Tensor, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    def _to_input_size(logits: torch.Tensor, padded: torch.Size, size: tuple[int, int]) -> torch.Tensor:
         return _resize(logits, padded)[:, :, : size[0], : size[1]]
+
+    def _main_logits(self, fused: list[torch.Tensor], bands: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        padded = bands[0].shape[2:]
+        if self.pixel_head is None:
+            return self._to_input_size(self.decode_head(fused), padded, size)
+        features = self.decode_head.features(fused)
+        logits = _resize(self.decode_head.classifier(features), padded) + self.pixel_head(features, bands)
+        return logits[:, :, : size[0], : size[1]]
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, K, H, W) for ``{optical: (B, C_o, H, W), sar: (B, C_s, H, W)}``; any H, W."""
-        fused, _, size, padded = self._fused_features(inputs)
-        return self._to_input_size(self.decode_head(fused), padded, size)
+        fused, _, bands, size = self._fused_features(inputs)
+        return self._main_logits(fused, bands, size)
 
     def forward_train(self, inputs: Mapping[str, torch.Tensor]) -> PADOutputs:
         """Main and auxiliary logits plus the per-stage amplitude pairs, for :func:`pad_loss`."""
         batch = next(iter(inputs.values())).shape[0] if inputs else 0
         if self.training and batch < 2:
             raise InputError("PAD trains on batches of 2 or more (BatchNorm over 1x1 pooled maps): raise the batch size")
-        fused, amplitudes, size, padded = self._fused_features(inputs)
-        logits = self._to_input_size(self.decode_head(fused), padded, size)
-        aux = self._to_input_size(self.aux_head(fused[2]), padded, size)
+        fused, amplitudes, bands, size = self._fused_features(inputs)
+        logits = self._main_logits(fused, bands, size)
+        aux = self._to_input_size(self.aux_head(fused[2]), bands[0].shape[2:], size)
         return PADOutputs(logits, aux, amplitudes)
 
     def compute_loss(self, inputs: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -403,6 +455,7 @@ __all__ = [
     "PhaseSpectrumCorrection",
     "UPerHead",
     "FCNHead",
+    "PixelHead",
     "high_pass_mask",
     "decouple",
     "recouple",

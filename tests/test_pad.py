@@ -335,3 +335,114 @@ def test_branches_follow_the_names_not_the_order(names):
         assert torch.equal(forward_order(x), reverse_order(x))
     with pytest.raises(InputError, match="roles="):
         build_model("pad", {"first": 3, "second": 1}, 3)
+
+
+# --- the full-resolution head (ours, ``pixel_head``) -------------------------------------------
+
+
+def _with_and_without_head(**hparams):
+    torch.manual_seed(0)
+    off = build_model("pad", MODALITIES, 4, preset="zepto", **hparams)
+    torch.manual_seed(0)
+    on = build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True, **hparams)
+    return off, on
+
+
+def test_pixel_head_off_is_the_paper_model_and_a_fresh_head_changes_nothing():
+    off, on = _with_and_without_head()
+    torch.manual_seed(0)
+    default = build_model("pad", MODALITIES, 4, preset="zepto")
+    assert off.pixel_head is None and set(off.state_dict()) == set(default.state_dict())
+    extra = set(on.state_dict()) - set(off.state_dict())
+    assert extra and all(k.startswith("pixel_head.") for k in extra)
+    assert all(torch.equal(v, on.state_dict()[k]) for k, v in off.state_dict().items())  # the head is built last
+    x = _inputs(height=45, width=70)
+    with torch.no_grad():
+        off.eval(), on.eval()
+        # off: the UPerNet logits of the padded (64, 96) input, upsampled bilinearly and cropped
+        expected = F.interpolate(off.decode_head(off._fused_features(x)[0]), size=(64, 96), mode="bilinear")[..., :45, :70]
+        assert torch.equal(off(x), expected)
+        assert torch.equal(on(x), off(x))  # the head's classifier starts at zero
+        on.pixel_head.classifier.weight.normal_()
+        assert not torch.allclose(on(x), off(x))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("size", [(64, 64), (70, 45), (33, 97)])
+def test_pixel_head_output_at_input_size(kernel, size):
+    modalities = {"s2": 4, "s1": 2}
+    model = build_model("pad", modalities, 6, preset="zepto", pixel_head=True, pixel_head_kernel=kernel).train()
+    with torch.no_grad():
+        model.pixel_head.classifier.weight.normal_()
+        outputs = model.forward_train(_inputs(2, *size, modalities=modalities))
+        logits = model.eval()(_inputs(1, *size, modalities=modalities))
+    assert outputs.logits.shape == outputs.aux_logits.shape == (2, 6, *size)
+    assert logits.shape == (1, 6, *size) and torch.isfinite(logits).all()
+    assert model.spec.margin == 0 and model.spec.blend
+
+
+def test_pixel_head_learns_a_pixel_level_pattern_the_stride_4_decoder_cannot():
+    """Labels that flip pixel by pixel with the optical band's sign: the head gets gradients and fits them."""
+    g = torch.Generator().manual_seed(1)
+    x = _inputs(height=32, width=32, seed=2)
+    target = (x["optical"][:, 0] > 0).long()
+    losses = {}
+    for name, model in zip(("off", "on"), _with_and_without_head(drop_path=0.0)):
+        model.train()
+        optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(30):
+            loss = model.compute_loss(x, target)
+            optimiser.zero_grad()
+            loss.backward()
+            if name == "on" and step == 1:  # past the zero-initialised classifier, every head weight learns
+                assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pixel_head.parameters())
+            optimiser.step()
+        with torch.no_grad():  # in training mode: batch statistics, as the loss saw them
+            losses[name] = F.cross_entropy(model.forward_train(x).logits, target).item()
+    assert losses["on"] < 0.7 * losses["off"], losses
+
+
+def test_pixel_head_checkpoint_round_trip_and_bad_settings(tmp_path):
+    from tilefuse.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+
+    hparams = {"preset": "zepto", "pixel_head": True, "pixel_head_channels": 8, "pixel_head_kernel": 3}
+    torch.manual_seed(0)
+    model = build_model("pad", MODALITIES, 4, **hparams).train()
+    x = _inputs(3, 40, 36)
+    with torch.no_grad():
+        model.pixel_head.classifier.weight.normal_()
+        model(x)  # moves the BatchNorm statistics, so buffers must round-trip too
+    path = save_checkpoint(model.eval(), ModelConfig("pad", dict(MODALITIES), 4, hparams), tmp_path / "ckpt")
+    loaded, config = load_checkpoint(path)
+    assert config.hparams == hparams and loaded.pixel_head.classifier.weight.shape == (4, 8, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    for bad in ({"pixel_head_kernel": 2}, {"pixel_head_channels": 0}):
+        with pytest.raises(InputError, match="pixel_head"):
+            build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True, **bad)
+
+
+def test_pixel_head_runs_in_the_engine_blended(tmp_path):
+    import numpy as np
+    from predict_fixtures import CLASSES, MODALITIES as SCENE_MODALITIES, write_test_scene
+
+    import tilefuse
+    from tilefuse.checkpoint import ModelConfig, save_checkpoint
+    from tilefuse.scene import open_scene
+
+    hparams = {"preset": "zepto", "pixel_head": True, "pixel_head_kernel": 3}
+    torch.manual_seed(0)
+    model = build_model("pad", SCENE_MODALITIES, len(CLASSES), **hparams)
+    with torch.no_grad():
+        model.pixel_head.classifier.weight.normal_()
+    config = ModelConfig("pad", dict(SCENE_MODALITIES), len(CLASSES), hparams, CLASSES)
+    checkpoint = save_checkpoint(model.eval(), config, tmp_path / "pad")
+    scene = write_test_scene(tmp_path / "small.zarr", 40, 50, seed=2, nodata=(slice(0, 8), slice(0, 50)))
+    settings = dict(tile=32, overlap=8, block_size=32, batch_size=2, progress=False)
+    pred = tilefuse.predict(checkpoint, scene, tmp_path / "a.zarr", **settings)
+    again = tilefuse.predict(checkpoint, scene, tmp_path / "b.zarr", **settings)
+    valid = open_scene(scene)["valid"].values
+    labels = pred["labels"].values
+    assert pred.attrs["blend"] == "gaussian" and pred.attrs["margin"] == 0
+    assert np.all(labels[~valid] == 255) and np.all(labels[valid] < len(CLASSES))
+    assert np.array_equal(labels, again["labels"].values)  # the engine's bitwise determinism holds
