@@ -291,7 +291,10 @@ def parse_options(items: list[str]) -> dict:
 
 
 def s2fin_options(ctx: Context) -> dict:
-    return {"steps": 300, "batch_size": 32, "lr": 1e-3, "pixels_per_class": ctx.args.pixels_per_class, "allow_fewer": True} | parse_options(ctx.args.s2fin_option)
+    return {
+        "steps": 300, "batch_size": 32, "lr": 1e-3, "pixels_per_class": ctx.args.pixels_per_class, "allow_fewer": True,
+        "torch_threads": ctx.args.threads,
+    } | parse_options(ctx.args.s2fin_option)
 
 
 def s2fin_pixels(ctx: Context) -> np.ndarray:
@@ -310,7 +313,7 @@ def run_pad(ctx: Context) -> dict[str, np.ndarray]:
     import tilefuse
 
     # the best measured CPU schedule on these chips (README, "Results on small real data")
-    defaults = {"steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": True, "rescale": [0.5, 2.0]}
+    defaults = {"steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": True, "rescale": [0.5, 2.0], "torch_threads": ctx.args.threads}
     options = defaults | parse_options(ctx.args.pad_option)
     hparams = {"preset": ctx.args.pad_preset} | parse_options(ctx.args.pad_hparam)
     run = tilefuse.train(
@@ -394,7 +397,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pad-hparam", action="append", default=[])
     parser.add_argument("--s2fin-option", action="append", default=[])
     parser.add_argument("--s2fin-hparam", action="append", default=[])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=2,
+        help="torch threads, training included [2]; on a machine shared with other jobs use 1 (2 can be 10x slower there)",
+    )
     parser.add_argument(
         "--normalise", default="pooled", choices=["pooled", "per-store"],
         help="pooled: the training stores' pooled band statistics (what tilefuse does); per-store: experiment, "
