@@ -179,11 +179,14 @@ def test_block_outputs_are_one_function_of_the_totals_wherever_computed():
     total[:, :3] = total[:1, :3]  # ties: the first class wins
     total[:, 5, :4] = 0  # nothing landed
     valid = rng.random((33, 17)) > 0.1
-    for probs in ("uint8", "float16", "float32"):
+    for probs in (None, "uint8", "float16", "float32"):
         labels, out = inference.block_outputs(torch.from_numpy(total), torch.from_numpy(valid), 5, probs)
         covered = valid & (total.sum(0) > 0)
         expected = np.where(covered, total.argmax(0), 255)
         assert np.array_equal(labels.numpy(), expected) and labels.dtype == torch.uint8
+        if probs is None:
+            assert out is None
+            continue
         p = np.divide(total, total.sum(0), out=np.zeros(total.shape), where=covered)
         if probs == "uint8":
             assert np.array_equal(out.numpy(), np.rint(p * 255).astype(np.uint8))
@@ -213,3 +216,26 @@ def test_engine_settings_are_checked():
             blocks.run_blocks(job, None, [], [], progress=False, **bad)
     assert blocks.task_threads(0) == 1 and blocks.task_threads(2) == 3
     assert 1 <= blocks.default_prefetch(2) <= blocks.default_prefetch(64) <= blocks.MAX_PREFETCH
+
+
+@pytest.mark.parametrize("tile, overlap, rows, cols", [(8, 3, 3, 4), (8, 0, 2, 3), (9, 6, 4, 3), (5, 4, 3, 3)])
+def test_accumulating_fresh_regions_by_assignment_gives_the_sums_of_zero_fill_and_add(tile, overlap, rows, cols):
+    """Every tile of a block in row-major order: assigning what no earlier tile reached equals adding into zeros."""
+    rng = np.random.default_rng(tile * 100 + overlap)
+    stride, margin = tile - overlap, 2
+    shape = (3, margin + (rows - 1) * stride + tile, margin + (cols - 1) * stride + tile)
+    scaled = torch.from_numpy((rng.random((rows, cols, 3, tile, tile)) * 2**40).astype(np.float32))
+    expected = np.zeros(shape, np.int64)
+    acc = torch.full(shape, -(2**62), dtype=torch.int64)  # garbage where nothing is assigned or zeroed
+    acc[:, :margin] = 0
+    acc[:, margin:, :margin] = 0
+    for i in range(rows):
+        for j in range(cols):
+            y, x = margin + i * stride, margin + j * stride
+            expected[:, y : y + tile, x : x + tile] += scaled[i, j].numpy().astype(np.int64)
+            inference.accumulate(acc[:, y:, x:], scaled[i, j], overlap * (i > 0), overlap * (j > 0), fresh=True)
+    assert np.array_equal(acc.numpy(), expected)
+    zeroed = torch.zeros(shape, dtype=torch.int64)
+    for i, j in itertools.product(range(rows), range(cols)):
+        inference.accumulate(zeroed[:, margin + i * stride :, margin + j * stride :], scaled[i, j], 0, 0, fresh=False)
+    assert np.array_equal(zeroed.numpy(), expected)
