@@ -37,8 +37,15 @@ About 0.61 M parameters with the defaults, nearly independent of the band counts
 :class:`S2FinModel` is the dense tile model the engine runs: context margin P//2,
 no blending. A (B, C, T+P-1, T+P-1) tile gives (B, K, T, T) logits, computed by
 cutting every pixel's patch with ``unfold`` in sub-batches of at most
-``max_patches_per_batch`` patches (at least one per batch item), so memory is
-bounded whatever the tile size. The 1x1 band projection is applied to the whole
+``max_patches_per_batch`` patches (at least one), written into one output tensor.
+A sub-batch holds whole tiles while they fit, else rows / columns of a single
+tile, so a tile's logits do not depend on the tiles that share its call. The
+default, 128 patches, keeps every activation near 4 MB: at 2048 patches (the
+old default) each was 63 MB, above glibc's largest mmap threshold (32 MiB), so
+every one was mapped, page-faulted in and unmapped again (48-band tile, one
+thread: 2.5x the CPU time, 55% of it system time; at 64-256 patches the dense
+forward costs what the classifier costs on the same patches cut beforehand).
+The 1x1 band projection is applied to the whole
 tile before ``unfold`` (exact: it is per pixel), so the cut patches carry
 ``spectral_tokens`` channels, not C_o. An input of exactly P x P gives (B, K, 1, 1): the
 training sampler's labelled-pixel batches go through the very same forward, and
@@ -312,10 +319,9 @@ class S2FinClassifier(nn.Module):
 
 
 def unfold_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Every P x P patch of ``x`` (B, C, h, w) as (B * (h-P+1) * (w-P+1), C, P, P), row-major per item."""
-    b, c = x.shape[:2]
-    cols = F.unfold(x, kernel_size=patch_size)  # (B, C*P*P, L)
-    return cols.view(b, c, patch_size, patch_size, -1).permute(0, 4, 1, 2, 3).reshape(-1, c, patch_size, patch_size)
+    """Every P x P patch of ``x`` (B, C, h, w) as (B * (h-P+1) * (w-P+1), C, P, P), row-major per item (one copy)."""
+    p = patch_size
+    return x.unfold(2, p, 1).unfold(3, p, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], p, p)
 
 
 class S2FinModel(TileModel):
@@ -340,7 +346,7 @@ class S2FinModel(TileModel):
         spectral_tokens: int = 32,
         heads: int = 4,
         topk: int = 8,
-        max_patches_per_batch: int = 2048,
+        max_patches_per_batch: int = 128,
         roles: Mapping[str, str] | Sequence[str] | None = None,
         spectrum: str = "projected",
     ) -> None:
@@ -372,21 +378,25 @@ class S2FinModel(TileModel):
         projected = self.classifier.band_projection(o)  # once per tile, then cut: exact, T/C_o of the unfold memory
         c = p // 2
         budget = self.max_patches_per_batch
-        cols_per = max(1, min(width, budget // batch))
-        rows_per = max(1, budget // (batch * cols_per))
-        rows = []
-        for y0 in range(0, height, rows_per):
-            y1 = min(height, y0 + rows_per)
-            pieces = []
-            for x0 in range(0, width, cols_per):
-                x1 = min(width, x0 + cols_per)
-                window = (slice(None), slice(None), slice(y0, y1 + p - 1), slice(x0, x1 + p - 1))
-                centre = o[:, :, y0 + c : y1 + c, x0 + c : x1 + c].permute(0, 2, 3, 1).reshape(-1, o.shape[1])
-                logits = self.classifier.classify(unfold_patches(projected[window], p), centre, unfold_patches(a[window], p))
-                pieces.append(logits.view(batch, y1 - y0, x1 - x0, -1).permute(0, 3, 1, 2))
-            rows.append(torch.cat(pieces, dim=3))
-        return torch.cat(rows, dim=2)
-
+        # whole items while they fit the budget, else rows / columns of one item: a tile's sub-batches, and so
+        # its logits, then do not depend on how many tiles share the call
+        items_per = max(1, min(batch, budget // (height * width)))
+        cols_per = max(1, min(width, budget // items_per))
+        rows_per = max(1, budget // (items_per * cols_per))
+        out = None
+        for b0 in range(0, batch, items_per):
+            b1 = min(batch, b0 + items_per)
+            for y0 in range(0, height, rows_per):
+                y1 = min(height, y0 + rows_per)
+                for x0 in range(0, width, cols_per):
+                    x1 = min(width, x0 + cols_per)
+                    window = (slice(b0, b1), slice(None), slice(y0, y1 + p - 1), slice(x0, x1 + p - 1))
+                    centre = o[b0:b1, :, y0 + c : y1 + c, x0 + c : x1 + c].permute(0, 2, 3, 1).reshape(-1, o.shape[1])
+                    logits = self.classifier.classify(unfold_patches(projected[window], p), centre, unfold_patches(a[window], p))
+                    if out is None:  # the logits' dtype (autocast) decides the output's
+                        out = logits.new_empty(batch, logits.shape[1], height, width)
+                    out[b0:b1, :, y0:y1, x0:x1] = logits.view(b1 - b0, y1 - y0, x1 - x0, -1).permute(0, 3, 1, 2)
+        return out
 
 register_model(
     "s2fin",

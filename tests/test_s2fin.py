@@ -124,6 +124,42 @@ def test_dense_sub_batches_stay_within_budget():
     assert set(channels) == {model.classifier.band_projection.out_channels}
 
 
+def test_a_tiles_logits_do_not_depend_on_the_tiles_sharing_its_call():
+    """Sub-batches never mix tiles bigger than the budget: each tile's logits are bitwise those of the tile alone,
+    whatever the engine's batch size (its bitwise contract)."""
+    torch.manual_seed(0)
+    model = S2FinModel(MODALITIES, 4, dim=16, spectral_tokens=8, max_patches_per_batch=7).eval()
+    tile = _tile(3, (6 + 10, 5 + 10), seed=3)  # 30 patches per tile: sub-batches of 5 patches of one tile
+    with torch.inference_mode():
+        together = model(tile)
+        for i in range(3):
+            assert torch.equal(model({k: v[i : i + 1] for k, v in tile.items()}), together[i : i + 1]), i
+
+
+@pytest.mark.slow
+def test_default_sub_batches_keep_every_tensor_below_the_allocators_mmap_ceiling():
+    """With the default budget no tensor of a dense forward reaches 32 MiB (glibc's largest mmap threshold), so
+    freed activations are reused from the heap instead of being unmapped and page-faulted back every sub-batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.nbytes = max(Largest.nbytes, t.nelement() * t.element_size())
+            return out
+
+    model = S2FinModel({"hsi": 48, "lidar": 1}, 6).eval()
+    tile = _tile(1, (34 + 10, 34 + 10), {"hsi": 48, "lidar": 1})  # 1156 patches: one sub-batch would need 36 MB
+    with torch.inference_mode(), Largest():
+        out = model(tile)
+    assert out.shape == (1, 6, 34, 34)
+    assert 0 < Largest.nbytes < 32 << 20
+
+
 def test_raw_spectrum_tokens_follow_the_band_count():
     model = S2FinModel({"hsi": 48, "lidar": 1}, 3, dim=16, spectral_tokens=8, spectrum="raw").eval()
     assert model.classifier.token_position.shape[1] == 48
