@@ -64,6 +64,7 @@ from torch import nn
 
 from tilefuse.errors import InputError
 from tilefuse.models.layers import ACTIVE, OPTICAL, assign_roles, check_inputs, float32_spectra
+from tilefuse.scene import IGNORE
 from tilefuse.tile_model import TileModel, TileModelSpec, register_model
 
 SPECTRA = ("projected", "raw")
@@ -266,6 +267,7 @@ class S2FinClassifier(nn.Module):
         heads: int = 4,
         topk: int = 8,
         spectrum: str = "projected",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if spectrum not in SPECTRA:
@@ -286,6 +288,7 @@ class S2FinClassifier(nn.Module):
         self.optical_blocks = nn.ModuleList(ResidualConvBlock(dim) for _ in range(3))
         self.active_blocks = nn.ModuleList(ResidualConvBlock(dim) for _ in range(3))
         self.head_norm = nn.LayerNorm(3 * dim)
+        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(3 * dim, num_classes)
 
     @staticmethod
@@ -315,7 +318,7 @@ class S2FinClassifier(nn.Module):
         o, a = self._blocks(1, o, a)
         o, a = self._blocks(2, *self.hfrm(o, a))
         features = torch.cat([tokens.mean(dim=1), o[:, :, c, c], a[:, :, c, c]], dim=1)
-        return self.head(self.head_norm(features))
+        return self.head(self.dropout(self.head_norm(features)))
 
 
 def unfold_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -349,8 +352,13 @@ class S2FinModel(TileModel):
         max_patches_per_batch: int = 128,
         roles: Mapping[str, str] | Sequence[str] | None = None,
         spectrum: str = "projected",
+        dropout: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        for name, value in (("dropout", dropout), ("label_smoothing", label_smoothing)):
+            if not 0 <= value < 1:
+                raise InputError(f"S²Fin {name}= must be in [0, 1), got {value}")
         if patch_size < 3 or patch_size % 2 == 0:
             raise InputError(f"S²Fin patch_size must be odd and >= 3, got {patch_size}")
         if max_patches_per_batch < 1:
@@ -360,9 +368,19 @@ class S2FinModel(TileModel):
         self.spec = TileModelSpec(dict(modalities), int(num_classes), margin=patch_size // 2, blend=False, roles=assigned)
         self.patch_size = patch_size
         self.max_patches_per_batch = max_patches_per_batch
+        self.label_smoothing = float(label_smoothing)
         self.classifier = S2FinClassifier(
-            modalities[self.optical], modalities[self.active], num_classes, patch_size, dim, spectral_tokens, heads, topk, spectrum
+            modalities[self.optical], modalities[self.active], num_classes, patch_size, dim, spectral_tokens, heads, topk, spectrum, dropout
         )
+
+    def compute_loss(self, inputs: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Centre-pixel cross-entropy (255 ignored), with ``label_smoothing`` when set."""
+        if not self.label_smoothing:
+            return super().compute_loss(inputs, target)
+        logits, target = self(inputs), target.long()
+        if not bool((target != IGNORE).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float(), target, ignore_index=IGNORE, label_smoothing=self.label_smoothing)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         check_inputs(inputs, self.spec.modalities)

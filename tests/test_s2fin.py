@@ -199,6 +199,36 @@ def test_ignored_centre_pixels_do_not_count():
         assert torch.allclose(model.compute_loss(batch, target), expected, atol=1e-6)
 
 
+def test_label_smoothing_loss_is_cross_entropy_on_smoothed_targets_over_labelled_centres():
+    torch.manual_seed(0)
+    eps, k = 0.2, 3
+    model = build_model("s2fin", MODALITIES, k, label_smoothing=eps).eval()
+    batch = _tile(4, (11, 11))
+    target = torch.tensor([0, 2, 255, 1])[:, None, None]
+    with torch.no_grad():
+        logp = model(batch)[:, :, 0, 0].log_softmax(1)[[0, 1, 3]]
+        smoothed = torch.full((3, k), eps / k) + (1 - eps) * torch.nn.functional.one_hot(torch.tensor([0, 2, 1]), k)
+        assert torch.allclose(model.compute_loss(batch, target), -(smoothed * logp).sum(1).mean(), atol=1e-6)
+        assert model.compute_loss(batch, torch.full_like(target, 255)) == 0
+
+
+def test_dropout_acts_in_training_only_and_adds_no_weights():
+    torch.manual_seed(0)
+    plain = build_model("s2fin", MODALITIES, 3)
+    dropped = build_model("s2fin", MODALITIES, 3, dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # old checkpoints load
+    dropped.load_state_dict(plain.state_dict())
+    batch = _tile(2, (13, 12))
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(batch), dropped.eval()(batch))
+        dropped.train()
+        assert not torch.equal(dropped(batch), dropped(batch))
+    with pytest.raises(InputError, match="dropout="):
+        build_model("s2fin", MODALITIES, 3, dropout=1.0)
+    with pytest.raises(InputError, match="label_smoothing="):
+        build_model("s2fin", MODALITIES, 3, label_smoothing=-0.1)
+
+
 def test_bf16_autocast_forward_is_finite():
     model = build_model("s2fin", MODALITIES, 3).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
