@@ -49,25 +49,34 @@ PIECES = ("own", "right", "down", "corner")
 MAX_PREFETCH = 4
 
 
-def default_prefetch(cores: int | None = None, device=None) -> int:
+def default_prefetch(cores: int | None = None, device=None, torch_threads: int | None = None) -> int:
     """Blocks read ahead by default: one per four cores of a worker, at least 1, at most :data:`MAX_PREFETCH`.
 
-    For a model on a CPU ``device`` only as many as the cores torch's threads leave free (often none):
-    a reader thread there takes cores from the model (PAD atto, 2048^2 px, ``sync`` on 2 cores:
-    efficiency 0.74 reading one block ahead, 0.84 without; ``benchmarks/bench_engine.py``).
+    For a model on a CPU ``device`` only as many as the cores torch's threads (``torch_threads``, default
+    this process's) leave free, often none: a reader thread there takes cores from the model (PAD atto,
+    2048^2 px, ``sync`` on 2 cores: efficiency 0.74 reading one block ahead, 0.84 without;
+    ``benchmarks/bench_engine.py``).
     """
     cores = cores or os.cpu_count() or 1
     depth = max(1, min(MAX_PREFETCH, cores // 4))
     if device is not None and getattr(device, "type", device) == "cpu":
-        import torch
+        if torch_threads is None:
+            import torch
 
-        depth = min(depth, max(0, cores - torch.get_num_threads()))
+            torch_threads = torch.get_num_threads()
+        depth = min(depth, max(0, cores - torch_threads))
     return depth
 
 
-def task_threads(prefetch: int | None = None, cores: int | None = None) -> int:
-    """Task threads a dask worker needs to read ``prefetch`` blocks ahead while it computes one."""
-    return 1 + (default_prefetch(cores) if prefetch is None else prefetch)
+def task_threads(prefetch: int | None = None, cores: int | None = None, device=None) -> int:
+    """Task threads a dask worker with ``cores`` cores needs to read ``prefetch`` blocks ahead while it computes one.
+
+    By default (``prefetch`` None) a worker whose model runs on a CPU ``device`` with torch on all its
+    cores (the even share workers get) reads nothing ahead: one task thread (the rule ``sync`` follows).
+    """
+    if prefetch is None:
+        prefetch = default_prefetch(cores, device, torch_threads=cores)
+    return 1 + prefetch
 
 
 @dataclass(frozen=True)
@@ -225,9 +234,10 @@ def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, 
     from distributed import as_completed
 
     if window is None:
-        # one block per task thread: a worker reads (nthreads - 1) blocks while it computes one, never more
+        # one block per task thread (a worker reads nthreads - 1 blocks while it computes one) and one queued
+        # per worker, so a worker never waits for the client to submit its next block
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
-        window = max(1, sum(int(info.get("nthreads", 1)) for info in workers))
+        window = max(1, sum(int(info.get("nthreads", 1)) + 1 for info in workers))
     run = uuid.uuid4().hex[:8]
     pieces: dict[tuple[Block, str], object] = {}
     finishing = as_completed()

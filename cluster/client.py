@@ -5,7 +5,8 @@ Specs:
 - ``sync``: no cluster; blocks run one after another in this process (debugging, small notebooks);
 - ``local:N`` (``local`` = one worker per core): a ``LocalCluster`` of N worker
   processes; torch gets an even share of the cores per worker, and each worker
-  one task thread that computes plus ``prefetch`` that read the next blocks;
+  one task thread that computes plus ``prefetch`` that read the next blocks
+  (by default none for CPU workers, whose torch threads take every core of their share);
 - ``cuda``: ``dask_cuda.LocalCUDACluster``, one worker per visible GPU (the ``gpu`` extra);
 - ``tcp://host:port`` or a scheduler-file path: an existing cluster (``dask
   scheduler``/``dask worker`` by hand, dask-jobqueue on SLURM/PBS, the dask
@@ -170,11 +171,12 @@ def read_scheduler_file(path: Path) -> str:
     return address
 
 
-def _task_threads(prefetch: int | None, workers: int) -> int:
-    """Task threads per worker of a cluster started here: one computes, ``prefetch`` read ahead."""
+def _task_threads(prefetch: int | None, workers: int, device: str) -> int:
+    """Task threads per worker of a cluster started here: one computes, ``prefetch`` read ahead
+    (by default none on a CPU, where torch gets every core of the worker's share)."""
     from tilefuse.cluster.blocks import task_threads
 
-    return task_threads(prefetch, cores=max(1, (os.cpu_count() or 1) // workers))
+    return task_threads(prefetch, cores=max(1, (os.cpu_count() or 1) // workers), device=device)
 
 
 def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str = LOOPBACK, prefetch: int | None = None):
@@ -185,8 +187,8 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
     dashboard to (loopback by default; ``"0.0.0.0"`` exposes them on every
     interface). Workers started here (``local:N``, ``cuda``) get ``1 + prefetch``
     task threads, so each reads ``prefetch`` blocks ahead while it computes one
-    (default :func:`tilefuse.cluster.blocks.default_prefetch` of its share of the
-    cores); an existing cluster keeps its workers' threads. Closing the client
+    (default :func:`tilefuse.cluster.blocks.task_threads` of its share of the
+    cores and its device); an existing cluster keeps its workers' threads. Closing the client
     also closes a cluster it started.
     """
     if not isinstance(spec, str):
@@ -203,7 +205,7 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
         with _fast_malloc():
             return Client(
                 n_workers=workers,
-                threads_per_worker=_task_threads(prefetch, workers),
+                threads_per_worker=_task_threads(prefetch, workers, _local_device()),
                 processes=True,
                 host=host,
                 dashboard_address=f"{host}:0",
@@ -217,6 +219,13 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
     if path.suffix == ".json" or path.is_file():
         return _connect(read_scheduler_file(path), timeout, what=f"the scheduler of {path}")
     raise InputError(f"unknown cluster spec {spec!r}: use {SPECS}")
+
+
+def _local_device() -> str:
+    """The device kind of workers started on this machine (:func:`tilefuse.cluster.plugin.load_runner` picks the GPU where one is visible)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _connect(address: str, timeout: float | str, what: str):
@@ -257,7 +266,7 @@ def _cuda_client(host: str = LOOPBACK, prefetch: int | None = None):
 
     if not torch.cuda.is_available():
         raise InputError("--cluster cuda: no GPU is visible to torch on this machine; use --cluster local:N")
-    threads = _task_threads(prefetch, torch.cuda.device_count())
+    threads = _task_threads(prefetch, torch.cuda.device_count(), "cuda")
     with _fast_malloc():
         cluster = LocalCUDACluster(
             host=host, threads_per_worker=threads, dashboard_address=f"{host}:0", silence_logs=logging.WARNING

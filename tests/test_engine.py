@@ -215,6 +215,22 @@ def test_engine_settings_are_checked():
         with pytest.raises(InputError, match=f"{next(iter(bad))}="):
             blocks.run_blocks(job, None, [], [], progress=False, **bad)
     assert blocks.task_threads(0) == 1 and blocks.task_threads(2) == 3
+    assert blocks.task_threads(0, device="cuda") == 1 and blocks.task_threads(2, cores=2, device="cpu") == 3  # explicit wins
+
+
+@pytest.mark.parametrize("cores", [1, 2, 8, 16, 64])
+def test_cpu_workers_read_ahead_only_with_cores_torch_leaves_free(cores):
+    from tilefuse.cluster.client import _task_threads
+
+    # a worker's torch threads take its whole share of the cores: no reader thread competes with them
+    assert blocks.task_threads(None, cores=cores, device="cpu") == 1
+    assert _task_threads(None, 2, "cpu") == 1
+    # a GPU worker reads one block ahead per four cores (at least one)
+    assert blocks.task_threads(None, cores=cores, device="cuda") == 1 + max(1, min(blocks.MAX_PREFETCH, cores // 4))
+    # torch on part of the cores: the rest read ahead
+    assert blocks.default_prefetch(cores, "cpu", torch_threads=max(1, cores // 2)) == min(
+        max(1, min(blocks.MAX_PREFETCH, cores // 4)), cores - max(1, cores // 2)
+    )
     assert 1 <= blocks.default_prefetch(2) <= blocks.default_prefetch(64) <= blocks.MAX_PREFETCH
 
 
