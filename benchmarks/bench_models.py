@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--pad-preset", default="atto", choices=list(PRESETS))
     parser.add_argument("--pad-size", type=int, default=512)
     parser.add_argument("--s2fin-tile", type=int, default=16, help="output pixels per side of an S²Fin tile")
-    parser.add_argument("--max-patches", type=int, default=2048, help="S²Fin sub-batch size (patches)")
+    parser.add_argument("--max-patches", type=int, default=None, help="S²Fin sub-batch size (patches) [the model's default]")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     parser.add_argument("--only", choices=["pad", "s2fin"], default=None)
@@ -91,19 +91,20 @@ def main() -> None:
 
     if args.only in (None, "s2fin"):
         modalities = {"optical": 12, "sar": 2}
-        model = prepare(build_model("s2fin", modalities, 10, max_patches_per_batch=args.max_patches))
-        p, tile = model.patch_size, args.s2fin_tile
+        sizes = {} if args.max_patches is None else {"max_patches_per_batch": args.max_patches}
+        model = prepare(build_model("s2fin", modalities, 10, **sizes))
+        p, tile, chunk = model.patch_size, args.s2fin_tile, model.max_patches_per_batch
         print(
             f"\nS²Fin dense ({model.num_parameters() / 1e6:.2f} M params, P={p}), output tiles {tile}x{tile} "
-            f"(inputs {tile + p - 1}x{tile + p - 1}), sub-batches of {args.max_patches} patches"
+            f"(inputs {tile + p - 1}x{tile + p - 1}), sub-batches of {chunk} patches"
         )
         print(f"{'batch':>5} {'Mpx/s':>8} {'patches Mpx/s':>14} {'dense/patches':>14}")
         for batch in [int(b) for b in args.s2fin_batch_sizes.split(",")]:
             inputs = {name: tensor(batch, bands, tile + p - 1, tile + p - 1) for name, bands in modalities.items()}
             optical, sar = (unfold_patches(inputs[n], p) for n in modalities)
             chunks = [
-                (optical[i : i + args.max_patches], sar[i : i + args.max_patches])
-                for i in range(0, optical.shape[0], args.max_patches)
+                (optical[i : i + chunk], sar[i : i + chunk])
+                for i in range(0, optical.shape[0], chunk)
             ]
             with torch.inference_mode(), autocast:
                 t_model = best_time(lambda: model(inputs), device, args.repeats)
