@@ -1,6 +1,6 @@
 """Benchmark the inference engine's ceiling: how close end to end gets to decoding its inputs.
 
-    python benchmarks/bench_engine.py [--sizes 4096 16384] [--repeat 3] [--country] [--pad-size 1024]
+    python benchmarks/bench_engine.py [--sizes 4096 16384] [--repeat 3] [--country] [--pad-size 1024] [--scenes DIR]
 
 All in one run, on the same scene and tiles (256 px, overlap 64, batch 4, gaussian blending):
 
@@ -9,13 +9,15 @@ All in one run, on the same scene and tiles (256 px, overlap 64, batch 4, gaussi
 2. the near-free model alone (one broadcast multiply, softmax included) on as
    many tiles as the scene has, in full batches;
 3. end to end, scene store to prediction store, with the near-free model:
-   ``sync``, ``local:1`` and ``local:2`` (clusters started beforehand; the
-   run includes checkpoint loading), then runner options on ``sync``
-   (``channels_last``, ``bf16``, ``compile`` with ``--compile``);
+   ``sync`` (its default read-ahead: none on a CPU whose cores torch takes),
+   ``sync`` reading one block ahead, ``local:1`` and ``local:2`` (clusters
+   started beforehand with their default task threads; the run includes
+   checkpoint loading), then runner options on ``sync`` (``channels_last``,
+   ``bf16``, ``compile`` with ``--compile``);
 4. MONAI's ``sliding_window_inference``, same model, whole scene in memory
    (when monai is importable and the scene fits in half the free memory);
 5. PAD (``atto`` preset, random weights) on a ``--pad-size`` scene: model
-   alone / end to end (``sync``), the efficiency;
+   alone / end to end (``sync``, default and reading one block ahead), the efficiency;
 6. ``--country``: a 32,768^2 px scene on ``local:2`` with the near-free
    model: Mpx/s, peak RSS per worker and of the scheduler (slow on a laptop).
 
@@ -24,6 +26,8 @@ engine / I/O floor (target >= 0.5 per worker), local:2 / local:1 (>= 1.6),
 PAD efficiency (>= 0.95), worker peak RSS largest / smallest scene (<= 1.2).
 Timings are the median of ``--repeat`` runs, with their spread (min..max).
 Peak RSS is each process's VmHWM (workers are fresh per cluster).
+Scenes (``random-SIZE.zarr``) are made in ``--workdir`` unless ``--scenes`` names
+a folder that holds them already (it is only read, never deleted).
 """
 
 from __future__ import annotations
@@ -131,10 +135,17 @@ def _row(figures: dict, key: str, seconds: tuple[float, float, float], megapixel
     return rate
 
 
+def _scene(args, size: int, work: Path) -> Path:
+    """The random ``size`` px scene: from ``--scenes`` where it is there, else made in ``work``."""
+    if args.scenes is not None and (args.scenes / f"random-{size}.zarr").exists():
+        return args.scenes / f"random-{size}.zarr"
+    return _random_scene(work / f"random-{size}.zarr", size)
+
+
 def scene_section(args, size: int, work: Path, results: dict) -> None:
     from tilefuse.cluster.client import close_client, make_client
 
-    scene = _random_scene(work / f"random-{size}.zarr", size)
+    scene = _scene(args, size, work)
     free = _checkpoint("bench-free", _modalities(scene), work / "free")
     megapixels = size * size / 1e6
     figures: dict = {"scene_px": size, "tiles": _tiles(size)}
@@ -144,7 +155,7 @@ def scene_section(args, size: int, work: Path, results: dict) -> None:
     _row(figures, "model_alone", _timed(lambda: model_alone(free, figures["tiles"]), args.repeat), megapixels, floor, "of the I/O floor")
     out = work / "pred.zarr"
     _row(figures, "sync", _timed(lambda: end_to_end(free, scene, out), args.repeat), megapixels, floor, "of the I/O floor")
-    _row(figures, "sync_prefetch_0", _timed(lambda: end_to_end(free, scene, out, prefetch=0), args.repeat), megapixels, floor, "of the I/O floor")
+    _row(figures, "sync_prefetch_1", _timed(lambda: end_to_end(free, scene, out, prefetch=1), args.repeat), megapixels, floor, "of the I/O floor")
     rates, peaks = {}, {}
     for workers in (1, 2):
         client = make_client(f"local:{workers}")
@@ -203,14 +214,14 @@ def pad_section(args, work: Path, results: dict) -> None:
     print(f"PAD atto, {args.pad_size}^2 px, {tiles} tiles:", flush=True)
     alone = _row(figures, "model_alone", _timed(lambda: model_alone(pad, tiles), args.repeat), megapixels)
     _row(figures, "sync", _timed(lambda: end_to_end(pad, scene, work / "pad.zarr"), args.repeat), megapixels, alone, "= efficiency, target >= 0.95")
-    _row(figures, "sync_prefetch_0", _timed(lambda: end_to_end(pad, scene, work / "pad.zarr", prefetch=0), args.repeat), megapixels, alone, "= efficiency, no read-ahead")
+    _row(figures, "sync_prefetch_1", _timed(lambda: end_to_end(pad, scene, work / "pad.zarr", prefetch=1), args.repeat), megapixels, alone, "= efficiency, one block read ahead")
 
 
 def country_section(args, work: Path, results: dict) -> None:
     from tilefuse.cluster.client import close_client, make_client
 
     size = args.country_size
-    scene = _random_scene(work / f"random-{size}.zarr", size)
+    scene = _scene(args, size, work)
     free = _checkpoint("bench-free", _modalities(scene), work / "free")
     client = make_client("local:2")
     try:
@@ -238,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--country", action="store_true", help="also the --country-size scene on local:2 (slow here)")
     parser.add_argument("--country-size", type=int, default=32768)
     parser.add_argument("--workdir", type=Path, default=Path("bench-engine"))
+    parser.add_argument("--scenes", type=Path, help="folder of random-SIZE.zarr scenes made beforehand (read only)")
     parser.add_argument("--keep", action="store_true", help="keep the scenes and predictions")
     parser.add_argument("--monai-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -11,9 +11,10 @@ anywhere:
 2. :func:`run_block` (the model's device, under :attr:`TileRunner.lock`)
    moves the raw window to the device (pinned host memory and a non-blocking
    copy on CUDA), reflects it at scene edges, normalises it with the band
-   statistics, cuts the tiles as views (``unfold``; one gather per batch),
-   runs them in fixed-shape batches, and sums ``softmax * window`` in fixed
-   point into a block accumulator on the device. The block's pixels that no
+   statistics, cuts the tiles as views (``unfold``; one copy per tile into
+   the batch buffer), runs them in fixed-shape batches, and sums
+   ``softmax * window`` in fixed point into a block accumulator on the device
+   (:func:`accumulate`). The block's pixels that no
    neighbour's tile reaches are final there: their labels (and probs) are
    finished on the device and only they come back, as uint8 (or the probs
    dtype). Fixed-point sums come back only where other blocks need them
@@ -31,7 +32,13 @@ grouped into blocks, batches or workers, nor on the order blocks finish, and
 labels and probs are one elementwise function of that total wherever they are
 computed (argmax takes the first maximum; probs are float64 quotients, then
 rounded), so finishing a pixel on the device or on the host gives the same
-bits. Every model call sees the same input shape and memory layout (partial
+bits. The accumulator is the engine's main memory traffic (8 bytes per class
+and pixel), so it is touched as little as exactness allows: where every tile
+of a block runs, each tile assigns the truncated sums of the part no earlier
+tile reached and adds only into its top and left overlap bands (``0 + x = x``:
+the same integers as zero-filling and adding everywhere), and labels without
+probs need no class sum (sums are >= 0, so a pixel is covered exactly where its
+largest sum is > 0). Every model call sees the same input shape and memory layout (partial
 batches are zero-padded into one persistent buffer), because kernels such as
 oneDNN's pick their algorithm by shape and layout and would otherwise round a
 tile's output differently depending on its batch or block. Reading ahead
