@@ -327,6 +327,17 @@ def unfold_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.unfold(2, p, 1).unfold(3, p, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], p, p)
 
 
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Rotate the last two axes by 90° x (k % 4), then flip columns if k >= 4 (as the training augmentation)."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def undo_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`dihedral`."""
+    return torch.rot90(x.flip(-1) if k >= 4 else x, -(k % 4), dims=(-2, -1))
+
+
 class S2FinModel(TileModel):
     """Dense S²Fin tile model (our interpretation, see the module docstring): margin P//2, no blending.
 
@@ -338,6 +349,10 @@ class S2FinModel(TileModel):
     (the rule of :func:`tilefuse.models.layers.assign_roles`, as for PAD: ``optical``,
     ``s2``, ``msi``, ``hsi``, ``rgb``... are optical; ``sar``, ``s1``, ``lidar``, ``dsm``,
     ``dem``, ``chm`` active), or pass ``roles={"optical": NAME, "active": NAME}``.
+
+    Options, all off by default: ``dropout`` (before the head) and ``label_smoothing`` (of the
+    centre-pixel loss) for training on few labels; ``tta=True`` averages, outside training, the
+    logits over the 8 flips/rotations of the input (the training augmentation), 8x the cost.
     """
 
     def __init__(
@@ -354,6 +369,7 @@ class S2FinModel(TileModel):
         spectrum: str = "projected",
         dropout: float = 0.0,
         label_smoothing: float = 0.0,
+        tta: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("dropout", dropout), ("label_smoothing", label_smoothing)):
@@ -369,6 +385,7 @@ class S2FinModel(TileModel):
         self.patch_size = patch_size
         self.max_patches_per_batch = max_patches_per_batch
         self.label_smoothing = float(label_smoothing)
+        self.tta = bool(tta)
         self.classifier = S2FinClassifier(
             modalities[self.optical], modalities[self.active], num_classes, patch_size, dim, spectral_tokens, heads, topk, spectrum, dropout
         )
@@ -384,6 +401,16 @@ class S2FinModel(TileModel):
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         check_inputs(inputs, self.spec.modalities)
+        if not self.tta or self.training:
+            return self._dense(inputs)
+        # test-time augmentation: mean logits over the 8 flips/rotations of the input, each turned back
+        total = None
+        for k in range(8):
+            logits = undo_dihedral(self._dense({n: dihedral(x, k) for n, x in inputs.items()}), k)
+            total = logits if total is None else total + logits
+        return total / 8
+
+    def _dense(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         o, a = inputs[self.optical], inputs[self.active]
         p = self.patch_size
         if o.shape[0] != a.shape[0] or o.shape[2:] != a.shape[2:]:

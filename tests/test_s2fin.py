@@ -229,6 +229,32 @@ def test_dropout_acts_in_training_only_and_adds_no_weights():
         build_model("s2fin", MODALITIES, 3, label_smoothing=-0.1)
 
 
+def test_test_time_augmentation_is_equivariant_dense_and_off_in_training():
+    """tta=True: logits of a flipped/rotated tile are the flipped/rotated logits; dense equals per-patch; training
+    sees the plain forward."""
+    from tilefuse.models.s2fin import dihedral
+
+    torch.manual_seed(0)
+    p = 5
+    model = S2FinModel(MODALITIES, 4, patch_size=p, dim=16, spectral_tokens=8, tta=True).eval()
+    tile = _tile(1, (3 + p - 1, 4 + p - 1), seed=5)
+    with torch.no_grad():
+        dense = model(tile)
+        for k in range(8):
+            turned = model({n: dihedral(x, k) for n, x in tile.items()})
+            assert torch.allclose(turned, dihedral(dense, k), atol=1e-5), k
+        patch = {n: x[:, :, 1 : 1 + p, 2 : 2 + p] for n, x in tile.items()}
+        assert torch.allclose(model(patch)[:, :, 0, 0], dense[:, :, 1, 2], atol=1e-5)
+        plain = S2FinModel(MODALITIES, 4, patch_size=p, dim=16, spectral_tokens=8).eval()
+        plain.load_state_dict(model.state_dict())
+        assert not torch.allclose(plain(tile), dense, atol=1e-4)  # it does change the logits
+        model.train(), plain.train()
+        torch.manual_seed(1)
+        trained = model(tile)
+        torch.manual_seed(1)
+        assert torch.equal(trained, plain(tile))
+
+
 def test_bf16_autocast_forward_is_finite():
     model = build_model("s2fin", MODALITIES, 3).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
