@@ -367,11 +367,10 @@ def test_pixel_head_off_is_the_paper_model_and_a_fresh_head_changes_nothing():
         assert not torch.allclose(on(x), off(x))
 
 
-@pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("size", [(64, 64), (70, 45), (33, 97)])
-def test_pixel_head_output_at_input_size(kernel, size):
+def test_pixel_head_output_at_input_size(size):
     modalities = {"s2": 4, "s1": 2}
-    model = build_model("pad", modalities, 6, preset="zepto", pixel_head=True, pixel_head_kernel=kernel).train()
+    model = build_model("pad", modalities, 6, preset="zepto", pixel_head=True, pixel_head_channels=8).train()
     with torch.no_grad():
         model.pixel_head.classifier.weight.normal_()
         outputs = model.forward_train(_inputs(2, *size, modalities=modalities))
@@ -379,6 +378,21 @@ def test_pixel_head_output_at_input_size(kernel, size):
     assert outputs.logits.shape == outputs.aux_logits.shape == (2, 6, *size)
     assert logits.shape == (1, 6, *size) and torch.isfinite(logits).all()
     assert model.spec.margin == 0 and model.spec.blend
+
+
+def test_pixel_head_is_a_1x1_conv_over_the_upsampled_decoder_map_and_the_bands():
+    """Its first conv runs on the decoder map before upsampling: the same function as on the concatenation."""
+    torch.manual_seed(0)
+    model = build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True).eval()
+    head = model.pixel_head
+    with torch.no_grad():
+        head.classifier.weight.normal_()
+        for norm in (head.norm, head.hidden[1]):
+            norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2)
+        features, bands = torch.randn(2, 32, 9, 11), [torch.randn(2, 3, 36, 44), torch.randn(2, 1, 36, 44)]
+        both = torch.cat([F.interpolate(features, size=(36, 44), mode="bilinear"), *bands], dim=1)
+        expected = head.classifier(head.hidden(F.relu(head.norm(F.conv2d(both, head.project.weight)))))
+        torch.testing.assert_close(head(features, bands), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_pixel_head_learns_a_pixel_level_pattern_the_stride_4_decoder_cannot():
@@ -405,7 +419,7 @@ def test_pixel_head_learns_a_pixel_level_pattern_the_stride_4_decoder_cannot():
 def test_pixel_head_checkpoint_round_trip_and_bad_settings(tmp_path):
     from tilefuse.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
 
-    hparams = {"preset": "zepto", "pixel_head": True, "pixel_head_channels": 8, "pixel_head_kernel": 3}
+    hparams = {"preset": "zepto", "pixel_head": True, "pixel_head_channels": 8}
     torch.manual_seed(0)
     model = build_model("pad", MODALITIES, 4, **hparams).train()
     x = _inputs(3, 40, 36)
@@ -417,9 +431,9 @@ def test_pixel_head_checkpoint_round_trip_and_bad_settings(tmp_path):
     assert config.hparams == hparams and loaded.pixel_head.classifier.weight.shape == (4, 8, 1, 1)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    for bad in ({"pixel_head_kernel": 2}, {"pixel_head_channels": 0}):
-        with pytest.raises(InputError, match="pixel_head"):
-            build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True, **bad)
+    for bad in (0, 2.5, True):
+        with pytest.raises(InputError, match="pixel_head_channels"):
+            build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True, pixel_head_channels=bad)
 
 
 def test_pixel_head_runs_in_the_engine_blended(tmp_path):
@@ -430,7 +444,7 @@ def test_pixel_head_runs_in_the_engine_blended(tmp_path):
     from tilefuse.checkpoint import ModelConfig, save_checkpoint
     from tilefuse.scene import open_scene
 
-    hparams = {"preset": "zepto", "pixel_head": True, "pixel_head_kernel": 3}
+    hparams = {"preset": "zepto", "pixel_head": True}
     torch.manual_seed(0)
     model = build_model("pad", SCENE_MODALITIES, len(CLASSES), **hparams)
     with torch.no_grad():
