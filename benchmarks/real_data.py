@@ -28,11 +28,13 @@ Methods (``--methods``), all scored on the same test pixels (every labelled
 test pixel, or ``--score-pixels`` uniform ones per chip):
 
 - ``logreg``, ``hgb``: per-pixel multinomial logistic regression and
-  HistGradientBoosting (scikit-learn, the ``bench`` extra) on the stacked,
-  standardised bands of every labelled training pixel;
-- ``pad``: PAD (``--pad-preset``, default ``micro``; 600 steps, batch 8, patch 96,
-  lr 1e-3, ``class_balance``, ``rescale=[0.5, 2]`` unless ``--pad-option`` says
-  otherwise), tiled inference with ``tilefuse.predict``;
+  HistGradientBoosting (scikit-learn, the ``bench`` extra; without it ``logreg``
+  minimises the same objective with torch) on the stacked, standardised bands of
+  every labelled training pixel;
+- ``pad``: PAD (``--pad-preset``, default ``micro``, with the full-resolution
+  ``pixel_head``; 600 steps, batch 8, patch 96, lr 1e-3, ``rescale=[0.5, 2]``, no
+  class balancing, unless ``--pad-option`` / ``--pad-hparam`` say otherwise),
+  tiled inference with ``tilefuse.predict``;
 - ``s2fin``: S²Fin on ``--pixels-per-class`` labelled pixels per class, with
   ``logreg-few`` and ``hgb-few`` fitted on exactly those pixels.
 
@@ -313,9 +315,9 @@ def run_pad(ctx: Context) -> dict[str, np.ndarray]:
     import tilefuse
 
     # the best measured CPU schedule on these chips (README, "Results on small real data")
-    defaults = {"steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": True, "rescale": [0.5, 2.0], "torch_threads": ctx.args.threads}
+    defaults = {"steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": False, "rescale": [0.5, 2.0], "torch_threads": ctx.args.threads}
     options = defaults | parse_options(ctx.args.pad_option)
-    hparams = {"preset": ctx.args.pad_preset} | parse_options(ctx.args.pad_hparam)
+    hparams = {"preset": ctx.args.pad_preset, "pixel_head": True} | parse_options(ctx.args.pad_hparam)
     run = tilefuse.train(
         "pad", ctx.fold.train, ctx.work / "pad-run", hparams=hparams, val_fraction=0.0, workers=0,
         checkpoint_every=options["steps"], overwrite=True, progress=False, **options,
