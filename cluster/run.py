@@ -76,7 +76,8 @@ class PredictOptions:
     """``torch.compile`` the model on each worker (likewise recorded)."""
     prefetch: int | None = None
     """Blocks whose inputs are read ahead while the model runs (0: none); None:
-    :func:`tilefuse.cluster.blocks.default_prefetch`. Workers started here get ``1 + prefetch`` task threads."""
+    :func:`tilefuse.cluster.blocks.default_prefetch` (none where the model runs on a CPU whose cores torch
+    takes). Workers started here get ``1 + prefetch`` task threads (:func:`tilefuse.cluster.blocks.task_threads`)."""
     reader_threads: int | None = None
     """``sync``: threads reading ahead (None: ``prefetch``). Neither changes a bit of the output."""
 
