@@ -25,8 +25,8 @@ from tilefuse.tile_model import register_model, wrap_module
 
 MODALITIES = {"optical": 3, "sar": 2}
 CLASSES = ["water", "trees", "crops", "built"]
-CALLS = {"forward": 0, "tiles": 0}
-"""Model calls and tiles seen in this process (all-zero padding tiles not counted)."""
+CALLS = {"forward": 0, "tiles": 0, "batches": []}
+"""Model calls, tiles (all-zero padding tiles not counted) and the batch size of each call, in this process."""
 FAIL_AFTER: dict[str, int | None] = {"forward": None}
 """Raise inside forward once this many calls were made in this process (simulates a crash)."""
 
@@ -58,8 +58,9 @@ def write_test_scene(path: Path, h: int, w: int, seed: int = 0, nodata=None, chu
 class PointwiseNet(nn.Module):
     """1x1 convolutions over the concatenated modalities; crops ``margin`` px to mimic a context model."""
 
-    def __init__(self, modalities: dict[str, int], num_classes: int, margin: int = 0, delay: float = 0.0) -> None:
+    def __init__(self, modalities: dict[str, int], num_classes: int, margin: int = 0, delay: float = 0.0, per_tile: bool = False) -> None:
         super().__init__()
+        self.per_tile = per_tile
         self.names = list(modalities)
         self.margin = margin
         self.delay = delay
@@ -71,24 +72,27 @@ class PointwiseNet(nn.Module):
         if FAIL_AFTER["forward"] is not None and CALLS["forward"] >= FAIL_AFTER["forward"]:
             raise RuntimeError("simulated crash")
         CALLS["forward"] += 1
+        CALLS["batches"].append(len(next(iter(inputs.values()))))
         x = torch.cat([inputs[name] for name in self.names], dim=1)
         CALLS["tiles"] += int((x.flatten(1).abs().amax(1) > 0).sum())
         if self.delay:
             time.sleep(self.delay)
-        logits = self.body(x) * 3
+        # per_tile: one tile per call, so a tile's logits never depend on its batch (a 1x1 conv over a
+        # batch is a GEMM whose rounding may follow the batch's shape)
+        logits = torch.cat([self.body(t) for t in x.split(1)]) * 3 if self.per_tile else self.body(x) * 3
         m = self.margin
         return logits[..., m : x.shape[-2] - m, m : x.shape[-1] - m] if m else logits
 
 
 @register_model("test-pointwise", "1x1-conv test model (tests only)")
-def build_pointwise(modalities, num_classes, margin=0, blend=True, delay=0.0, seed=0):
+def build_pointwise(modalities, num_classes, margin=0, blend=True, delay=0.0, seed=0, per_tile=False, batch_invariant=False):
     torch.manual_seed(seed)
-    net = PointwiseNet(dict(modalities), num_classes, margin, delay)
-    return wrap_module(net, modalities, num_classes, margin=margin, blend=blend)
+    net = PointwiseNet(dict(modalities), num_classes, margin, delay, per_tile=per_tile)
+    return wrap_module(net, modalities, num_classes, margin=margin, blend=blend, batch_invariant=batch_invariant)
 
 
 def save_pointwise(path: Path, seed: int = 0, band_stats: dict | None = None, **hparams) -> Path:
-    """A checkpoint of ``test-pointwise`` (hparams: margin, blend, delay)."""
+    """A checkpoint of ``test-pointwise`` (hparams: margin, blend, delay, per_tile, batch_invariant)."""
     hparams = {"seed": seed, **hparams}
     model = build_pointwise(MODALITIES, len(CLASSES), **hparams)
     config = ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), hparams, list(CLASSES), band_stats or {})
@@ -96,7 +100,7 @@ def save_pointwise(path: Path, seed: int = 0, band_stats: dict | None = None, **
 
 
 def reset_calls() -> None:
-    CALLS.update(forward=0, tiles=0)
+    CALLS.update(forward=0, tiles=0, batches=[])
     FAIL_AFTER["forward"] = None
 
 

@@ -93,6 +93,20 @@ def test_output_is_bitwise_identical_across_block_and_batch_sizes(tmp_path, poin
     assert np.array_equal(first["uint8"][0], first["float32"][0])
 
 
+def test_a_batch_invariant_model_runs_partial_batches_unpadded_with_the_same_output(tmp_path):
+    scene = write_test_scene(tmp_path / "scene.zarr", 75, 53, seed=7)
+    runs = {}
+    for invariant in (False, True):  # the same network, run one tile at a time, declared batch-invariant or not
+        checkpoint = save_pointwise(tmp_path / f"ckpt-{invariant}", seed=3, margin=2, blend=False, per_tile=True, batch_invariant=invariant)
+        reset_calls()
+        pred = _predict(tmp_path, checkpoint, scene, f"pred-{invariant}", tile=16, overlap=None, block_size=32, batch_size=3)
+        runs[invariant] = (pred["labels"].values, pred["probs"].values, list(CALLS["batches"]))
+    assert set(runs[False][2]) == {3}, "every batch is padded to one shape"
+    assert 3 in runs[True][2] and set(runs[True][2]) - {3}, "the last batch of a block runs as it is"
+    assert sum(runs[True][2]) == TileGrid(75, 53, 16, 0).num_tiles
+    assert np.array_equal(runs[True][0], runs[False][0]) and np.array_equal(runs[True][1], runs[False][1])
+
+
 def test_nodata_tiles_are_skipped_and_written_255(tmp_path, pointwise):
     h, w = 130, 120
     nodata = (slice(0, 100), slice(0, 120))

@@ -41,7 +41,9 @@ probs need no class sum (sums are >= 0, so a pixel is covered exactly where its
 largest sum is > 0). Every model call sees the same input shape and memory layout (partial
 batches are zero-padded into one persistent buffer), because kernels such as
 oneDNN's pick their algorithm by shape and layout and would otherwise round a
-tile's output differently depending on its batch or block. Reading ahead
+tile's output differently depending on its batch or block; a model whose spec
+says ``batch_invariant`` (its tiles never share a kernel call) runs partial
+batches as they are, since padding would only cost it arithmetic on zeros. Reading ahead
 (prefetch depth, reader threads) changes only when bytes are read, never
 which: the output is bitwise the same with or without it.
 """
@@ -419,7 +421,7 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
             for k, (i, j) in enumerate(chosen):  # a copy per tile: 7x faster than one advanced-index gather on a CPU
                 buf[k].copy_(view[i, j])
             buf[count:].zero_()
-            batch[name] = buf
+            batch[name] = buf[:count] if runner.spec.batch_invariant else buf
         sums = runner.scaled(batch, count, weights)
         for (i, j), tile_sums in zip(chosen, sums):
             accumulate(acc[:, dy + i * stride :, dx + j * stride :], tile_sums, grid.overlap * (i > 0), grid.overlap * (j > 0), dense)

@@ -51,6 +51,10 @@ class TileModelSpec:
     """Input pixels needed beyond the output on each side (0 for PAD, P//2 for S²Fin)."""
     blend: bool = True
     """Blend overlapping tiles (True) or compute each output pixel once (False)."""
+    batch_invariant: bool = False
+    """A tile's logits never depend on the other tiles of its batch, bitwise (S²Fin: its patch sub-batches never mix
+    tiles). The engine then runs a block's last, partial batch as it is; otherwise it zero-pads every batch to one
+    shape, because kernels such as convolutions may round a tile differently in batches of other sizes."""
     roles: dict[str, str] = field(default_factory=dict)
     """Role -> modality name, for models whose inputs play distinct roles (PAD, S²Fin: ``optical``, ``active``).
 
@@ -109,11 +113,12 @@ def wrap_module(
     num_classes: int,
     margin: int = 0,
     blend: bool = True,
+    batch_invariant: bool = False,
 ) -> TileModel:
-    """Wrap a user's ``nn.Module`` (``forward(dict) -> logits``) as a tile model."""
+    """Wrap a user's ``nn.Module`` (``forward(dict) -> logits``) as a tile model (see :class:`TileModelSpec`)."""
     if isinstance(module, TileModel):
         return module
-    return WrappedModule(module, TileModelSpec(dict(modalities), num_classes, margin, blend))
+    return WrappedModule(module, TileModelSpec(dict(modalities), num_classes, margin, blend, batch_invariant=batch_invariant))
 
 
 ModelBuilder = Callable[..., TileModel]
