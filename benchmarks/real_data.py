@@ -312,22 +312,28 @@ def s2fin_pixels(ctx: Context) -> np.ndarray:
 
 
 def run_pad(ctx: Context) -> dict[str, np.ndarray]:
+    """PAD through ``tilefuse.train`` / ``tilefuse.predict``; with ``--pad-seeds A,B,..`` one model per seed,
+    their softmax probabilities averaged (an ensemble)."""
     import tilefuse
 
     # the best measured CPU schedule on these chips (README, "Results on small real data")
     defaults = {"steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": False, "rescale": [0.5, 2.0], "torch_threads": ctx.args.threads}
     options = defaults | parse_options(ctx.args.pad_option)
     hparams = {"preset": ctx.args.pad_preset, "pixel_head": True} | parse_options(ctx.args.pad_hparam)
-    run = tilefuse.train(
-        "pad", ctx.fold.train, ctx.work / "pad-run", hparams=hparams, val_fraction=0.0, workers=0,
-        checkpoint_every=options["steps"], overwrite=True, progress=False, **options,
-    )
-    out = {}
-    for chip, store in ctx.fold.test.items():
-        pred = ctx.work / f"pad-{chip}.zarr"
-        tilefuse.predict(run, store, pred, tile=224, cluster="sync", overwrite=True, progress=False)
-        out[chip] = tilefuse.open_prediction(pred)["labels"].values.ravel()[ctx.scored[chip]]
-    return out
+    seeds = [int(v) for v in ctx.args.pad_seeds.split(",")] if ctx.args.pad_seeds else [options.get("seed")]
+    probs: dict[str, np.ndarray] = {}
+    for seed in seeds:
+        run = tilefuse.train(
+            "pad", ctx.fold.train, ctx.work / "pad-run" / ("" if seed is None else f"seed-{seed}"), hparams=hparams,
+            val_fraction=0.0, workers=0, checkpoint_every=options["steps"], overwrite=True, progress=False,
+            **(options | ({} if seed is None else {"seed": seed})),
+        )
+        for chip, store in ctx.fold.test.items():
+            pred = ctx.work / f"pad-{chip}.zarr"
+            tilefuse.predict(run, store, pred, tile=224, probs="float32", cluster="sync", overwrite=True, progress=False)
+            p = tilefuse.open_prediction(pred)["probs"].values
+            probs[chip] = probs.get(chip, 0) + p.reshape(p.shape[0], -1)[:, ctx.scored[chip]]
+    return {chip: p.argmax(0) for chip, p in probs.items()}
 
 
 def run_s2fin(ctx: Context) -> dict[str, np.ndarray]:
@@ -397,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pad-preset", default="micro", help="PAD preset [micro: ours, 2.3 M parameters; atto is the paper family's smallest]")
     parser.add_argument("--pad-option", action="append", default=[], help="KEY=VALUE training option for PAD (steps=300, lr=...)")
     parser.add_argument("--pad-hparam", action="append", default=[])
+    parser.add_argument("--pad-seeds", default="", help="A,B,...: one PAD model per training seed, softmax averaged [one model]")
     parser.add_argument("--s2fin-option", action="append", default=[])
     parser.add_argument("--s2fin-hparam", action="append", default=[])
     parser.add_argument(
