@@ -38,8 +38,9 @@ About 0.61 M parameters with the defaults, nearly independent of the band counts
 no blending. A (B, C, T+P-1, T+P-1) tile gives (B, K, T, T) logits, computed by
 cutting every pixel's patch with ``unfold`` in sub-batches of at most
 ``max_patches_per_batch`` patches (at least one), written into one output tensor.
-A sub-batch holds whole tiles while they fit, else rows / columns of a single
-tile, so a tile's logits do not depend on the tiles that share its call. The
+A sub-batch holds patches of a single tile (and the band projection runs per
+tile), so a tile's logits do not depend on the tiles that share its call
+(``spec.batch_invariant``: the engine need not pad a partial batch). The
 default, 128 patches, keeps every activation near 4 MB: at 2048 patches (the
 old default) each was 63 MB, above glibc's largest mmap threshold (32 MiB), so
 every one was mapped, page-faulted in and unmapped again (48-band tile, one
@@ -47,8 +48,8 @@ thread: 2.5x the CPU time, 55% of it system time; at 64-256 patches the dense
 forward costs what the classifier costs on the same patches cut beforehand).
 The 1x1 band projection is applied to the whole
 tile before ``unfold`` (exact: it is per pixel), so the cut patches carry
-``spectral_tokens`` channels, not C_o. An input of exactly P x P gives (B, K, 1, 1): the
-training sampler's labelled-pixel batches go through the very same forward, and
+``spectral_tokens`` channels, not C_o. An input of exactly P x P gives (B, K, 1, 1), the
+classifier on the whole batch at once: the training sampler's labelled-pixel batches go through this forward, and
 the default :meth:`TileModel.compute_loss` (cross-entropy, 255 ignored) is the
 centre-pixel loss.
 """
@@ -381,7 +382,7 @@ class S2FinModel(TileModel):
             raise InputError(f"max_patches_per_batch must be >= 1, got {max_patches_per_batch}")
         assigned = assign_roles(modalities, roles, "s2fin")
         self.optical, self.active = assigned[OPTICAL], assigned[ACTIVE]
-        self.spec = TileModelSpec(dict(modalities), int(num_classes), margin=patch_size // 2, blend=False, roles=assigned)
+        self.spec = TileModelSpec(dict(modalities), int(num_classes), margin=patch_size // 2, blend=False, batch_invariant=True, roles=assigned)
         self.patch_size = patch_size
         self.max_patches_per_batch = max_patches_per_batch
         self.label_smoothing = float(label_smoothing)
@@ -420,27 +421,25 @@ class S2FinModel(TileModel):
             raise InputError(f"S²Fin needs inputs of at least {p}x{p} pixels (patch size), got {tuple(o.shape[2:])}")
         if batch == 0:
             return o.new_zeros(0, self.spec.num_classes, height, width)
-        projected = self.classifier.band_projection(o)  # once per tile, then cut: exact, T/C_o of the unfold memory
+        if height * width == 1:  # P x P patches (training, labelled pixels): one batch, as the classifier sees them
+            return self.classifier(o, a)[:, :, None, None]
         c = p // 2
-        budget = self.max_patches_per_batch
-        # whole items while they fit the budget, else rows / columns of one item: a tile's sub-batches, and so
-        # its logits, then do not depend on how many tiles share the call
-        items_per = max(1, min(batch, budget // (height * width)))
-        cols_per = max(1, min(width, budget // items_per))
-        rows_per = max(1, budget // (items_per * cols_per))
+        cols_per = max(1, min(width, self.max_patches_per_batch))
+        rows_per = max(1, self.max_patches_per_batch // cols_per)
         out = None
-        for b0 in range(0, batch, items_per):
-            b1 = min(batch, b0 + items_per)
+        for i in range(batch):  # sub-batches never mix tiles: a tile's logits do not depend on its batch
+            projected = self.classifier.band_projection(o[i : i + 1])  # once per tile, then cut: exact, T/C_o the memory
             for y0 in range(0, height, rows_per):
                 y1 = min(height, y0 + rows_per)
                 for x0 in range(0, width, cols_per):
                     x1 = min(width, x0 + cols_per)
-                    window = (slice(b0, b1), slice(None), slice(y0, y1 + p - 1), slice(x0, x1 + p - 1))
-                    centre = o[b0:b1, :, y0 + c : y1 + c, x0 + c : x1 + c].permute(0, 2, 3, 1).reshape(-1, o.shape[1])
-                    logits = self.classifier.classify(unfold_patches(projected[window], p), centre, unfold_patches(a[window], p))
+                    rows, cols = slice(y0, y1 + p - 1), slice(x0, x1 + p - 1)
+                    centre = o[i, :, y0 + c : y1 + c, x0 + c : x1 + c].permute(1, 2, 0).reshape(-1, o.shape[1])
+                    patches = unfold_patches(projected[:, :, rows, cols], p), unfold_patches(a[i : i + 1, :, rows, cols], p)
+                    logits = self.classifier.classify(patches[0], centre, patches[1])
                     if out is None:  # the logits' dtype (autocast) decides the output's
                         out = logits.new_empty(batch, logits.shape[1], height, width)
-                    out[b0:b1, :, y0:y1, x0:x1] = logits.view(b1 - b0, y1 - y0, x1 - x0, -1).permute(0, 3, 1, 2)
+                    out[i, :, y0:y1, x0:x1] = logits.view(y1 - y0, x1 - x0, -1).permute(2, 0, 1)
         return out
 
 register_model(

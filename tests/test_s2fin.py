@@ -120,6 +120,9 @@ def test_dense_sub_batches_stay_within_budget():
         out = model(_tile(2, (9 + 10, 13 + 10)))
     assert out.shape == (2, 3, 9, 13)
     assert max(sizes) <= 16 and sum(sizes) == 2 * 9 * 13
+    with torch.no_grad():
+        model(_tile(40, (11, 11)))  # P x P patches: the whole batch in one call (BatchNorm sees it in training)
+    assert sizes[-1] == 40
     # the band projection runs on the tile before unfold: patches carry spectral_tokens channels
     assert set(channels) == {model.classifier.band_projection.out_channels}
 
@@ -129,11 +132,13 @@ def test_a_tiles_logits_do_not_depend_on_the_tiles_sharing_its_call():
     whatever the engine's batch size (its bitwise contract)."""
     torch.manual_seed(0)
     model = S2FinModel(MODALITIES, 4, dim=16, spectral_tokens=8, max_patches_per_batch=7).eval()
-    tile = _tile(3, (6 + 10, 5 + 10), seed=3)  # 30 patches per tile: sub-batches of 5 patches of one tile
-    with torch.inference_mode():
-        together = model(tile)
-        for i in range(3):
-            assert torch.equal(model({k: v[i : i + 1] for k, v in tile.items()}), together[i : i + 1]), i
+    assert model.spec.batch_invariant
+    for size in [(6, 5), (2, 3)]:  # 30 patches per tile (sub-batches of 5), 6 (fewer than the budget)
+        tile = _tile(3, (size[0] + 10, size[1] + 10), seed=3)
+        with torch.inference_mode():
+            together = model(tile)
+            for i in range(3):
+                assert torch.equal(model({k: v[i : i + 1] for k, v in tile.items()}), together[i : i + 1]), (size, i)
 
 
 @pytest.mark.slow
