@@ -420,8 +420,11 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
             buf = runner.buffer(name, (job.batch_size, *view.shape[2:]))
             for k, (i, j) in enumerate(chosen):  # a copy per tile: 7x faster than one advanced-index gather on a CPU
                 buf[k].copy_(view[i, j])
-            buf[count:].zero_()
-            batch[name] = buf[:count] if runner.spec.batch_invariant else buf
+            if runner.spec.batch_invariant:
+                batch[name] = buf[:count]
+            else:
+                batch[name] = buf
+                buf[count:].zero_()
         sums = runner.scaled(batch, count, weights)
         for (i, j), tile_sums in zip(chosen, sums):
             accumulate(acc[:, dy + i * stride :, dx + j * stride :], tile_sums, grid.overlap * (i > 0), grid.overlap * (j > 0), dense)

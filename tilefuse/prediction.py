@@ -75,19 +75,11 @@ the scene stores' level, took 8x the CPU time for no smaller output (one 2048^2 
 156 vs 20 ms, 1.71 vs 1.56 MB; of smooth labels 126 vs 100 KB)."""
 
 
-def _compressors() -> list:
-    """:func:`tilefuse.storage.compressors` at :data:`OUTPUT_ZSTD_LEVEL` (crc32c last, as everywhere)."""
-    from zarr.codecs import BloscCodec
-
-    blosc, *rest = storage.compressors()
-    return [BloscCodec(cname=blosc.cname, clevel=OUTPUT_ZSTD_LEVEL, shuffle=blosc.shuffle), *rest]
-
-
 def _encoding(shape: tuple[int, ...], block: int, fill: Any) -> dict:
     chunk = store_chunk(block)
     spatial = shape[-2:]
     lead = (1,) * (len(shape) - 2)
-    enc: dict = {"chunks": (*lead, chunk, chunk), "compressors": _compressors(), "fill_value": fill}
+    enc: dict = {"chunks": (*lead, chunk, chunk), "compressors": storage.compressors(OUTPUT_ZSTD_LEVEL), "fill_value": fill}
     if block > chunk:
         edges = tuple(min(block, -(-n // chunk) * chunk) for n in spatial)
         enc["shards"] = (*shape[:-2], *edges)

@@ -61,9 +61,9 @@ def writing():
     return zarr.config.set({"array.write_empty_chunks": WRITE_EMPTY_CHUNKS})
 
 
-def compressors() -> list:
-    """Blosc zstd with byte shuffle, then crc32c over the compressed bytes: every array's bytes-to-bytes codecs."""
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+def compressors(level: int = 5) -> list:
+    """Blosc zstd at ``level`` with byte shuffle, then crc32c over the compressed bytes: every array's bytes-to-bytes codecs."""
+    return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"), Crc32cCodec()]
 
 
 # ------------------------------------------------------------------ array layout
