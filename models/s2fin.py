@@ -65,8 +65,7 @@ from torch import nn
 
 from tilefuse.errors import InputError
 from tilefuse.models.layers import ACTIVE, OPTICAL, assign_roles, check_inputs, float32_spectra
-from tilefuse.scene import IGNORE
-from tilefuse.tile_model import TileModel, TileModelSpec, register_model
+from tilefuse.tile_model import TileModel, TileModelSpec, masked_cross_entropy, register_model
 
 SPECTRA = ("projected", "raw")
 """What the spectral stream tokenises: the learned band projection of the centre spectrum, or the raw
@@ -393,12 +392,7 @@ class S2FinModel(TileModel):
 
     def compute_loss(self, inputs: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         """Centre-pixel cross-entropy (255 ignored), with ``label_smoothing`` when set."""
-        if not self.label_smoothing:
-            return super().compute_loss(inputs, target)
-        logits, target = self(inputs), target.long()
-        if not bool((target != IGNORE).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), target, ignore_index=IGNORE, label_smoothing=self.label_smoothing)
+        return masked_cross_entropy(self(inputs), target, self.label_smoothing)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         check_inputs(inputs, self.spec.modalities)

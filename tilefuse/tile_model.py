@@ -27,17 +27,18 @@ from tilefuse.classes import IGNORE
 from tilefuse.errors import InputError
 
 
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over the pixels whose label is not 255; 0 (with a graph) when all are ignored.
 
     ``logits`` (B, K, h, w), ``target`` (B, h, w) integer labels. Computed in float32 (AMP-safe).
+    ``label_smoothing`` as in :func:`torch.nn.functional.cross_entropy`.
     """
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} (B, h, w)")
     target = target.long()
     if not bool((target != IGNORE).any()):
         return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE, label_smoothing=label_smoothing)
 
 
 @dataclass(frozen=True)
