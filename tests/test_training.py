@@ -116,6 +116,36 @@ def test_resume_continues_with_the_same_losses(stores, tmp_path, model):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ema_checkpoint_holds_the_average_and_resumes_exactly(stores, tmp_path):
+    from safetensors.torch import load_file
+
+    from tilefuse.training import RAW
+
+    options = dict(steps=12, checkpoint_every=4, lr=5e-3, seed=3, ema_decay=0.9, **FAST)
+    CRASH.update(at=None, count=0)
+    whole = train("test-seg", stores, tmp_path / "whole", **options)
+    CRASH.update(at=7, count=0)  # crash during step 7: resume from step 4's average + raw weights
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train("test-seg", stores, tmp_path / "broken", **options)
+    CRASH.update(at=None, count=0)
+    resumed = train("test-seg", stores, tmp_path / "broken", resume=True, **options)
+    assert [_losses(resumed)[s] for s in range(5, 13)] == [_losses(whole)[s] for s in range(5, 13)]
+    a, b = (load_checkpoint(r)[0].state_dict() for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    raw = {k[len(RAW):]: v for k, v in load_file(str(whole / "state" / "trainer.safetensors")).items() if k.startswith(RAW)}
+    assert set(raw) == set(a) and not torch.equal(raw["head.weight"], a["head.weight"]), "the checkpoint is not the average"
+    plain = load_checkpoint(train("test-seg", stores, tmp_path / "plain", **(options | {"ema_decay": 0.0})))[0].state_dict()
+    assert all(torch.equal(plain[k], raw[k]) for k in plain), "the average changed the training itself"
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, float("nan")])
+def test_ema_decay_out_of_range_is_one_line(stores, tmp_path, value):
+    from tilefuse.errors import InputError
+
+    with pytest.raises(InputError, match=r"ema_decay= \(--ema-decay\) must be a number in \[0, 1\)"):
+        train("test-seg", stores, tmp_path / "run", steps=2, ema_decay=value, **FAST)
+
+
 def _cli(args, capsys):
     code = main(args)
     err = capsys.readouterr().err.strip()

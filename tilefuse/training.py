@@ -5,7 +5,8 @@ A run directory holds::
     model.safetensors, config.json   the latest checkpoint (``tilefuse predict --checkpoint RUN``)
     state/                           everything a resume needs, replaced atomically:
         model.safetensors, config.json   (the same checkpoint)
-        trainer.safetensors              optimiser moments, RNG states
+        trainer.safetensors              optimiser moments, RNG states (and the raw weights when
+                                         ``ema_decay`` > 0: the checkpoint then holds the EMA weights)
         trainer.json                     step, job, optimiser/scheduler scalars, sampler stream state
     log.jsonl                        one JSON object per logged step and per validation
     curves.png, metrics.json         written when the run completes
@@ -13,6 +14,12 @@ A run directory holds::
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
 Resuming restores weights, optimiser, scheduler, torch RNG and the sampler
 streams, so the losses after a resume equal those of an uninterrupted run.
+
+``ema_decay`` > 0 keeps an exponential moving average of the weights (and
+floating buffers), updated after every optimiser step with the decay
+``min(ema_decay, (1 + step) / (10 + step))`` (short runs are not pulled back to
+the initial weights). Validation and every checkpoint use the averaged weights;
+the raw ones go into the trainer state, so a resume stays exact.
 
 Data-parallel (:mod:`tilefuse.distributed`): launched by ``torchrun`` or
 ``tilefuse train --nproc N``, every rank calls :func:`fit`. Each rank trains a
@@ -27,6 +34,7 @@ count; another is refused with one line naming both.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -63,6 +71,8 @@ CURVES = "curves.png"
 METRICS = "metrics.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
+RAW = "raw_weights/"
+"""Prefix of the raw (not averaged) weights in the trainer tensors of a run with ``ema_decay``."""
 
 
 @dataclass
@@ -89,6 +99,8 @@ class TrainSettings:
     """bf16 autocast; None means on for CUDA, off on CPU."""
     torch_threads: int | None = None
     """torch intra-op threads of the training process; None: :func:`default_threads`."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (e.g. 0.99-0.999) for validation and checkpoints; 0 = off."""
 
     def check(self) -> None:
         """Refuse values the loop cannot run with (one line naming the option)."""
@@ -101,6 +113,7 @@ class TrainSettings:
         _require("lr", self.lr, "a number > 0", lambda v: math.isfinite(v) and v > 0)
         for name in ("weight_decay", "grad_clip", "min_lr"):
             _require(name, getattr(self, name), "a number >= 0", lambda v: math.isfinite(v) and v >= 0)
+        _require("ema_decay", self.ema_decay, "a number in [0, 1) (0 = off)", lambda v: 0 <= v < 1)
         check_device(self.device)
 
 
@@ -356,6 +369,35 @@ def validate(model: TileModel, loader: DataLoader, device: torch.device, amp: bo
     return confusion
 
 
+class WeightAverage:
+    """An exponential moving average of a module's floating state (parameters and buffers; others are copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = model
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold the module's current state in after optimiser step ``step`` (1-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for key, value in self.model.state_dict().items():
+            if value.is_floating_point():
+                self.average[key].lerp_(value.detach(), 1 - decay)
+            else:
+                self.average[key].copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The module holds the averaged state inside the block, its own again after."""
+        raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.average)
+        try:
+            yield raw
+        finally:
+            self.model.load_state_dict(raw)
+
+
 def fit(model: TileModel, config: ModelConfig, train_data: PatchDataset, val_data: PatchDataset | None, settings: TrainSettings, run: RunDir, **options: Any) -> dict[str, Any]:
     """Train ``model`` for ``settings.steps`` iterations into ``run`` (see :func:`_fit` for ``options``).
 
@@ -419,6 +461,7 @@ def _fit(
     workers = max(1, settings.workers)
     streams = StreamState.fresh(workers * ranks.world, ranks.world)
     step = 0
+    average = None
     if writer:
         run.path.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -431,6 +474,9 @@ def _fit(
             )
         tensors = run.load_tensors()
         model.load_state_dict(load_file(str(run.state / WEIGHTS), device=str(device)))
+        if settings.ema_decay > 0:  # the checkpoint holds the average, the trainer state the raw weights
+            average = WeightAverage(model, settings.ema_decay)
+            model.load_state_dict({k[len(RAW):]: v.to(device) for k, v in tensors.items() if k.startswith(RAW)})
         optimizer.load_state_dict(unflatten_state(trainer["optimizer"], tensors))
         scheduler.load_state_dict(unflatten_state(trainer["scheduler"], tensors))
         rng = unflatten_state(trainer["rng"], tensors)
@@ -439,6 +485,9 @@ def _fit(
         step = int(trainer["step"])
         if writer:
             run.truncate_log(step)
+    if average is None and settings.ema_decay > 0:
+        average = WeightAverage(model, settings.ema_decay)
+    averaged = average.applied if average is not None else contextlib.nullcontext
     net = distributed.wrap(model, group)
 
     pin = device.type == "cuda"
@@ -465,7 +514,10 @@ def _fit(
             "rng": flatten_state(rng, tensors, "rng"),
         }
         config.extra = {**config.extra, "step": at, "steps": settings.steps, **({"val": metrics} if metrics else {})}
-        run.save(model, config, trainer, tensors)
+        with averaged() as raw:
+            if average is not None:
+                tensors.update({RAW + k: v for k, v in raw.items()})
+            run.save(model, config, trainer, tensors)
 
     last_val: dict[str, Any] | None = None
     window_loss, window_count, clock = 0.0, 0, time.perf_counter()
@@ -487,6 +539,8 @@ def _fit(
             optimizer.step()
             scheduler.step()
             step += 1
+            if average is not None:
+                average.update(step)
             value = group.mean(float(loss.detach()))
             if on_step is not None:
                 on_step(step, value)
@@ -505,7 +559,8 @@ def _fit(
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 window_loss, window_count, clock = 0.0, 0, time.perf_counter()
             if val_loader is not None and (step % val_every == 0 or step == settings.steps):
-                last_val = validate(model, val_loader, device, amp, group).compute(config.class_names)
+                with averaged():
+                    last_val = validate(model, val_loader, device, amp, group).compute(config.class_names)
                 if writer:
                     run.append_log({"step": step, "val": last_val})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
@@ -513,6 +568,8 @@ def _fit(
     finally:
         bar.close()
         del batches
+    if average is not None:  # the caller's model ends as the checkpoint: the averaged weights
+        model.load_state_dict(average.average)
     if writer:
         summary = {"complete": True, "step": step, "steps": settings.steps, "val": last_val}
         history = run.read_log()
