@@ -1,4 +1,5 @@
-"""Small building blocks shared by the models: channel LayerNorm, drop path, conv+BN+ReLU, FFT helpers, input roles.
+"""Small building blocks shared by the models: channel LayerNorm, drop path, conv+BN+ReLU, FFT helpers, input roles,
+flip/rotation test-time augmentation (:func:`dihedral_mean`).
 
 Two-stream fusion models (PAD, S²Fin) give each of their two inputs a role, optical
 or active, by the modality's name or an explicit mapping (:func:`assign_roles`),
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import re
 from contextlib import AbstractContextManager, nullcontext
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,3 +138,24 @@ def check_inputs(inputs: Mapping[str, torch.Tensor], modalities: Mapping[str, in
             raise InputError(
                 f"input {name!r} has shape {tuple(x.shape)}, expected (B, {bands}, H, W): check the band count"
             )
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Rotate the last two axes by 90° x (k % 4), then flip columns if k >= 4 (as the training augmentation)."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def undo_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`dihedral`."""
+    return torch.rot90(x.flip(-1) if k >= 4 else x, -(k % 4), dims=(-2, -1))
+
+
+def dihedral_mean(forward: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Test-time augmentation (a model's ``tta=True``): ``forward``'s logits averaged over the 8 flips/rotations
+    of ``inputs``, each turned back (8x the cost)."""
+    total = None
+    for k in range(8):
+        logits = undo_dihedral(forward({n: dihedral(x, k) for n, x in inputs.items()}), k)
+        total = logits if total is None else total + logits
+    return total / 8

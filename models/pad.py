@@ -59,7 +59,7 @@ from torch import nn
 
 from tilefuse.errors import InputError
 from tilefuse.models.convnext import ConvNeXt, LoadReport, load_convnext_state, read_state_dict
-from tilefuse.models.layers import ACTIVE, OPTICAL, ConvBNReLU, assign_roles, check_inputs, float32_spectra
+from tilefuse.models.layers import ACTIVE, OPTICAL, ConvBNReLU, assign_roles, check_inputs, dihedral_mean, float32_spectra
 from tilefuse.tile_model import TileModel, TileModelSpec, masked_cross_entropy, register_model
 
 STRIDE = 32
@@ -341,7 +341,9 @@ class PADModel(TileModel):
 
     ``pixel_head`` (ours, off by default): add :class:`PixelHead`'s full-resolution
     correction, ``pixel_head_channels`` wide, to the main logits. Off, the model is
-    exactly the paper's.
+    exactly the paper's. ``tta=True`` (ours, off by default, as S²Fin's): outside
+    training, the logits averaged over the 8 flips/rotations of the tile (the training
+    augmentation), 8x the cost.
     """
 
     def __init__(
@@ -356,8 +358,10 @@ class PADModel(TileModel):
         roles: Mapping[str, str] | Sequence[str] | None = None,
         pixel_head: bool = False,
         pixel_head_channels: int = 32,
+        tta: bool = False,
     ) -> None:
         super().__init__()
+        self.tta = bool(tta)
         if preset not in PRESETS:
             raise InputError(f"unknown PAD preset {preset!r}: choose one of {', '.join(PRESETS)}")
         assigned = assign_roles(modalities, roles, "pad")
@@ -412,6 +416,11 @@ class PADModel(TileModel):
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, K, H, W) for ``{optical: (B, C_o, H, W), sar: (B, C_s, H, W)}``; any H, W."""
+        if self.tta and not self.training:
+            return dihedral_mean(self._logits, inputs)
+        return self._logits(inputs)
+
+    def _logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         fused, _, bands, size = self._fused_features(inputs)
         return self._main_logits(fused, bands, size)
 

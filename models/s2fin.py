@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilefuse.errors import InputError
-from tilefuse.models.layers import ACTIVE, OPTICAL, assign_roles, check_inputs, float32_spectra
+from tilefuse.models.layers import ACTIVE, OPTICAL, assign_roles, check_inputs, dihedral_mean, float32_spectra
 from tilefuse.tile_model import TileModel, TileModelSpec, masked_cross_entropy, register_model
 
 SPECTRA = ("projected", "raw")
@@ -327,17 +327,6 @@ def unfold_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.unfold(2, p, 1).unfold(3, p, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], p, p)
 
 
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Rotate the last two axes by 90° x (k % 4), then flip columns if k >= 4 (as the training augmentation)."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
-
-
-def undo_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The inverse of :func:`dihedral`."""
-    return torch.rot90(x.flip(-1) if k >= 4 else x, -(k % 4), dims=(-2, -1))
-
-
 class S2FinModel(TileModel):
     """Dense S²Fin tile model (our interpretation, see the module docstring): margin P//2, no blending.
 
@@ -398,12 +387,7 @@ class S2FinModel(TileModel):
         check_inputs(inputs, self.spec.modalities)
         if not self.tta or self.training:
             return self._dense(inputs)
-        # test-time augmentation: mean logits over the 8 flips/rotations of the input, each turned back
-        total = None
-        for k in range(8):
-            logits = undo_dihedral(self._dense({n: dihedral(x, k) for n, x in inputs.items()}), k)
-            total = logits if total is None else total + logits
-        return total / 8
+        return dihedral_mean(self._dense, inputs)
 
     def _dense(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         o, a = inputs[self.optical], inputs[self.active]

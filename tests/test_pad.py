@@ -460,3 +460,28 @@ def test_pixel_head_runs_in_the_engine_blended(tmp_path):
     assert pred.attrs["blend"] == "gaussian" and pred.attrs["margin"] == 0
     assert np.all(labels[~valid] == 255) and np.all(labels[valid] < len(CLASSES))
     assert np.array_equal(labels, again["labels"].values)  # the engine's bitwise determinism holds
+
+
+def test_test_time_augmentation_is_the_mean_over_the_8_flips_and_off_in_training():
+    """tta=True: eval logits are the mean of the plain model's logits over the 8 flips/rotations, each turned back
+    (so a flipped tile gives the flipped logits); training and the default see the plain forward."""
+    from tilefuse.models.layers import dihedral, undo_dihedral
+
+    torch.manual_seed(0)
+    model = build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True, tta=True).eval()
+    plain = build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True).eval()
+    plain.load_state_dict(model.state_dict())
+    tile = _inputs(1, 40, 56, seed=3)  # not square, not a multiple of the stride
+    with torch.no_grad():
+        mean = model(tile)
+        by_hand = sum(undo_dihedral(plain({n: dihedral(x, k) for n, x in tile.items()}), k) for k in range(8)) / 8
+        assert mean.shape == (1, 4, 40, 56) and torch.allclose(mean, by_hand, atol=1e-5)
+        assert not torch.allclose(mean, plain(tile), atol=1e-4)  # it does change the logits
+        turned = model({n: dihedral(x, 5) for n, x in tile.items()})
+        assert torch.allclose(turned, dihedral(mean, 5), atol=1e-4)
+    model.train(), plain.train()
+    batch, target = _inputs(2, 40, 56, seed=4), torch.zeros(2, 40, 56, dtype=torch.long)
+    torch.manual_seed(1)
+    trained = model.compute_loss(batch, target)
+    torch.manual_seed(1)
+    assert torch.equal(trained, plain.compute_loss(batch, target))

@@ -237,7 +237,7 @@ def test_dropout_acts_in_training_only_and_adds_no_weights():
 def test_test_time_augmentation_is_equivariant_dense_and_off_in_training():
     """tta=True: logits of a flipped/rotated tile are the flipped/rotated logits; dense equals per-patch; training
     sees the plain forward."""
-    from tilefuse.models.s2fin import dihedral
+    from tilefuse.models.layers import dihedral
 
     torch.manual_seed(0)
     p = 5
