@@ -197,6 +197,20 @@ def test_block_outputs_are_one_function_of_the_totals_wherever_computed():
         assert torch.equal(torch.cat(pieces, dim=1), out)
 
 
+@pytest.mark.parametrize("classes", [1, 2, 7, 9, 200])
+def test_first_max_is_max_over_classes_with_the_first_of_equal_maxima(classes):
+    rng = np.random.default_rng(classes)
+    total = rng.integers(0, 4, size=(classes, 41, 23)) * 2**40  # many ties
+    total[:, 30:] = 2**62 - rng.integers(0, 3, size=(classes, 11, 23))  # too large for a key: the plain reduction
+    total[:, 5] = 0
+    total = torch.from_numpy(total)
+    top, labels = inference.first_max(total)
+    expected = total.max(dim=0)
+    assert torch.equal(top, expected.values) and labels.dtype == torch.uint8
+    assert torch.equal(labels, expected.indices.to(torch.uint8))
+    assert np.array_equal(labels.numpy(), total.numpy().argmax(0))
+
+
 def test_channels_last_runner_agrees_and_is_deterministic():
     model = build_pointwise(MODALITIES, 4, seed=1)
     rng = np.random.default_rng(1)

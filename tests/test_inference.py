@@ -53,6 +53,23 @@ def test_tiled_probabilities_equal_whole_image_inference(tmp_path, pointwise, bl
     assert np.array_equal(pred["labels"].values[clear], reference.argmax(0)[clear])
 
 
+@pytest.mark.parametrize("overlap", [20, 27])
+def test_overlaps_beyond_half_a_tile_and_skipped_tiles_keep_the_sums_exact(tmp_path, pointwise, overlap):
+    # stride 12 or 5 < overlap: up to 9 or 49 tiles reach a pixel, three or more tile rows share rows of
+    # the accumulator's band; the nodata corner leaves blocks with skipped tiles (zero-fill and add) after blocks that filled the bands
+    scene = write_test_scene(tmp_path / "scene.zarr", 90, 77, seed=11, nodata=(slice(55, 90), slice(45, 77)))
+    reference = whole_image_probs(pointwise, scene)
+    valid = open_scene(scene)["valid"].values
+    runs = []
+    for block in (32, 64):
+        pred = _predict(tmp_path, pointwise, scene, f"pred-{block}", overlap=overlap, block_size=block, batch_size=3)
+        probs = pred["probs"].values
+        np.testing.assert_allclose(probs[:, valid], reference[:, valid], atol=1e-6, rtol=0)
+        assert np.all(pred["labels"].values[~valid] == 255) and np.all(probs[:, ~valid] == 0)
+        runs.append((pred["labels"].values, probs))
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+
+
 def test_margin_model_without_blending_equals_whole_image(tmp_path):
     checkpoint = save_pointwise(tmp_path / "ctx", seed=3, margin=3, blend=False)
     scene = write_test_scene(tmp_path / "scene.zarr", 75, 53, seed=7)

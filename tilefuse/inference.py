@@ -13,11 +13,12 @@ anywhere:
    copy on CUDA), reflects it at scene edges, normalises it with the band
    statistics, cuts the tiles as views (``unfold``; one copy per tile into
    the batch buffer), runs them in fixed-shape batches, and sums
-   ``softmax * window`` in fixed point into a block accumulator on the device
-   (:func:`accumulate`). The block's pixels that no
-   neighbour's tile reaches are final there: their labels (and probs) are
-   finished on the device and only they come back, as uint8 (or the probs
-   dtype). Fixed-point sums come back only where other blocks need them
+   ``softmax * window`` in fixed point into an accumulator on the device
+   (:func:`accumulate`) that holds one tile row at a time (two bands of
+   ``tile`` rows: rows above the next tile row are final and handed on as
+   they are done). The block's pixels that no
+   neighbour's tile reaches are finished there, on the device, and only
+   their labels (and probs) come back, as uint8 (or the probs dtype). Fixed-point sums come back only where other blocks need them
    (:class:`BlockSums`): the bands of the block's own region that its upper
    and left neighbours spill into, and the strips it spills into its right,
    lower and lower-right neighbours (the last two compressed, :class:`Strip`).
@@ -258,13 +259,13 @@ class TileRunner:
             self._weights[key] = torch.tensor(window * np.float32(FIXED_POINT), device=self.device)
         return self._weights[key]
 
-    def accumulator(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An int64 block accumulator of ``shape`` (not zeroed: :func:`accumulate` does), in memory kept from block to block."""
-        flat = self._buffers.get("accumulator")
+    def bands(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two int64 band accumulators of ``shape`` (not zeroed: :func:`run_block` does), in memory kept from block to block."""
+        flat = self._buffers.get("bands")
         size = int(np.prod(shape))
-        if flat is None or flat.numel() < size:
-            flat = self._buffers["accumulator"] = torch.empty(size, dtype=torch.int64, device=self.device)
-        return flat[:size].view(shape)
+        if flat is None or flat.numel() < 2 * size:
+            flat = self._buffers["bands"] = torch.empty(2 * size, dtype=torch.int64, device=self.device)
+        return flat[:size].view(shape), flat[size : 2 * size].view(shape)
 
     def buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The persistent float32 input batch of one modality (the same memory and layout for every call)."""
@@ -387,31 +388,35 @@ def _device_inputs(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> dic
 
 
 def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSums:
-    """Run a block's tiles on the runner's device and finish what can be finished there (module docstring, step 2)."""
+    """Run a block's tiles on the runner's device and finish what can be finished there (module docstring, step 2).
+
+    Tile rows run top to bottom into a band of sums ``tile`` rows high. Once a
+    tile row is done, the rows above the next one are final (no later tile
+    reaches them): :class:`_BlockSink` takes them, and the band moves down by
+    the stride, keeping its overlap rows. So the device holds two bands, not
+    the whole block, and rows are finished while their sums are still in cache.
+    """
     if not len(inputs.tiles):
         return BlockSums(BlockOwn())
     grid, block = job.grid, inputs.block
     tile, stride, size = grid.tile, grid.stride, grid.tile + 2 * grid.margin
-    device = runner.device
-    own_rows, own_cols = grid.block_region(block)
     ext_rows, ext_cols = grid.block_extent(block)
-    r0, c0 = ext_rows.start, ext_cols.start
     row_origins, col_origins = grid.block_tiles(block)
-    dy, dx = int(row_origins[0]) - r0, int(col_origins[0]) - c0
-    # every tile whole: the accumulator runs past the scene edge, where reflected pixels land and are cut off
-    acc = runner.accumulator(
-        (job.num_classes, dy + (len(row_origins) - 1) * stride + tile, dx + (len(col_origins) - 1) * stride + tile)
-    )
+    dy, dx = int(row_origins[0]) - ext_rows.start, int(col_origins[0]) - ext_cols.start
+    sink = _BlockSink(job, inputs, runner.device)
+    # every tile whole: the band runs past the scene edge, where reflected pixels land and are cut off
+    band, spare = runner.bands((job.num_classes, tile, dx + (len(col_origins) - 1) * stride + tile))
     dense = len(inputs.tiles) == len(row_origins) * len(col_origins)
-    if dense:  # the tiles cover the accumulator but for its first dy rows and dx columns
-        acc[:, :dy].zero_()
-        acc[:, dy:, :dx].zero_()
+    if dense:  # the tiles cover the band but for its first dx columns
+        band[:, :, :dx].zero_()
+        spare[:, :, :dx].zero_()
     else:
-        acc.zero_()
+        band.zero_()
     windows = _device_inputs(job, inputs, runner)
     # (rows, cols, C, size, size) views of every tile of the window: no copy
     views = {name: data.unfold(1, size, stride).unfold(2, size, stride).permute(1, 2, 0, 3, 4) for name, data in windows.items()}
     weights = runner.weights(job.blend, tile, grid.overlap)
+    row = 0  # the tile row the band starts at
     for start in range(0, len(inputs.tiles), job.batch_size):
         chosen = inputs.tiles[start : start + job.batch_size].tolist()
         count = len(chosen)
@@ -427,34 +432,83 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
                 buf[count:].zero_()
         sums = runner.scaled(batch, count, weights)
         for (i, j), tile_sums in zip(chosen, sums):
-            accumulate(acc[:, dy + i * stride :, dx + j * stride :], tile_sums, grid.overlap * (i > 0), grid.overlap * (j > 0), dense)
-    del windows, views, batch, sums
+            while row < i:  # tile row done: hand on the rows above the next one, move the band down
+                sink.rows(dy + row * stride, band[:, :stride])
+                spare[:, : tile - stride].copy_(band[:, stride:])
+                if not dense:
+                    spare[:, tile - stride :].zero_()
+                band, spare = spare, band
+                row += 1
+            accumulate(band[:, :, dx + j * stride :], tile_sums, grid.overlap * (i > 0), grid.overlap * (j > 0), dense)
+    sink.rows(dy + row * stride, band)
+    return sink.sums(len(inputs.tiles))
 
-    own_h, own_w = own_rows.stop - r0, own_cols.stop - c0
-    ext_h, ext_w = ext_rows.stop - r0, ext_cols.stop - c0
-    in_h, in_w = incoming(grid, block)
-    valid = torch.from_numpy(inputs.valid[in_h:own_h, in_w:own_w]).to(device)
-    labels, probs = _finish_on(acc[:, in_h:own_h, in_w:own_w], valid, job)
 
-    def host(part: torch.Tensor) -> np.ndarray | None:
-        return torch.empty(part.shape, dtype=part.dtype).copy_(part).numpy() if part.numel() else None
+class _BlockSink:
+    """Where a block's final rows of sums go, in block pixels (rows and columns from its own region's corner).
 
-    def packed(part: torch.Tensor) -> Strip | None:
-        return Strip.pack(part.cpu().numpy())
+    The parts other blocks need are copied to host arrays (:class:`BlockOwn`'s
+    ``top`` and ``left``, :class:`BlockSums`' strips); the pixels only the
+    block reaches are finished on the device (:func:`block_outputs`). Rows no
+    tile reached keep zero sums, so they finish as nodata, as zero sums do.
+    """
 
-    # everything below is copied out of the accumulator (the runner reuses it for the next block)
-    return BlockSums(
-        BlockOwn(
-            labels=labels.cpu().numpy(),
-            probs=None if probs is None else probs.cpu().numpy(),
-            top=host(acc[:, :in_h, :own_w]),
-            left=host(acc[:, in_h:own_h, :in_w]),
-            tiles=len(inputs.tiles),
-        ),
-        right=host(acc[:, :own_h, own_w:ext_w]),
-        down=packed(acc[:, own_h:ext_h, :own_w]),
-        corner=packed(acc[:, own_h:ext_h, own_w:ext_w]),
-    )
+    def __init__(self, job: BlockJob, inputs: BlockInput, device: torch.device) -> None:
+        grid = job.grid
+        own_rows, own_cols = grid.block_region(inputs.block)
+        ext_rows, ext_cols = grid.block_extent(inputs.block)
+        own_h, own_w = own_rows.stop - own_rows.start, own_cols.stop - own_cols.start
+        ext_h, ext_w = ext_rows.stop - own_rows.start, ext_cols.stop - own_cols.start
+        in_h, in_w = incoming(grid, inputs.block)
+        self.job = job
+        self.parts = {
+            "top": ((0, in_h), (0, own_w)),
+            "left": ((in_h, own_h), (0, in_w)),
+            "right": ((0, own_h), (own_w, ext_w)),
+            "down": ((own_h, ext_h), (0, own_w)),
+            "corner": ((own_h, ext_h), (own_w, ext_w)),
+        }
+        self.host = {
+            name: np.zeros((job.num_classes, rows[1] - rows[0], cols[1] - cols[0]), np.int64)
+            for name, (rows, cols) in self.parts.items()
+        }
+        self.centre = ((in_h, own_h), (in_w, own_w))
+        self.valid = torch.from_numpy(inputs.valid[in_h:own_h, in_w:own_w]).to(device)
+        self.labels = torch.full(self.valid.shape, IGNORE, dtype=torch.uint8, device=device)
+        self.probs = None
+        if job.probs is not None:
+            self.probs = torch.zeros((job.num_classes, *self.valid.shape), dtype=TORCH_DTYPES[job.probs], device=device)
+
+    def rows(self, first: int, sums: torch.Tensor) -> None:
+        """Take the final sums ``(K, n, width)`` of rows ``first:first + n`` (any part past the extent is dropped)."""
+        last = first + sums.shape[1]
+        for name, ((r0, r1), (c0, c1)) in self.parts.items():
+            lo, hi = max(first, r0), min(last, r1)
+            if lo < hi and c0 < c1:
+                torch.from_numpy(self.host[name][:, lo - r0 : hi - r0]).copy_(sums[:, lo - first : hi - first, c0:c1])
+        (r0, r1), (c0, c1) = self.centre
+        for lo in range(max(first, r0), min(last, r1), SLAB):
+            hi = min(lo + SLAB, last, r1)
+            labels, probs = block_outputs(sums[:, lo - first : hi - first, c0:c1], self.valid[lo - r0 : hi - r0], self.job.num_classes, self.job.probs)
+            self.labels[lo - r0 : hi - r0] = labels
+            if probs is not None:
+                self.probs[:, lo - r0 : hi - r0] = probs
+
+    def sums(self, tiles: int) -> BlockSums:
+        """What the block hands on (empty parts as None, the strips that wait a block row packed)."""
+        part = {name: array if array.size else None for name, array in self.host.items()}
+        return BlockSums(
+            BlockOwn(
+                labels=self.labels.cpu().numpy(),
+                probs=None if self.probs is None else self.probs.cpu().numpy(),
+                top=part["top"],
+                left=part["left"],
+                tiles=tiles,
+            ),
+            right=part["right"],
+            down=Strip.pack(self.host["down"]),
+            corner=Strip.pack(self.host["corner"]),
+        )
 
 
 def accumulate(acc: torch.Tensor, scaled: torch.Tensor, top: int, left: int, fresh: bool) -> None:
@@ -484,19 +538,6 @@ def compute_block(job: BlockJob, block: Block, runner: TileRunner) -> BlockSums:
         return run_block(job, inputs, runner)
 
 
-def _finish_on(total: torch.Tensor, valid: torch.Tensor, job: BlockJob) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`block_outputs` of a region's exact totals, in slabs of :data:`SLAB` rows, where ``total`` lives."""
-    labels = torch.empty(valid.shape, dtype=torch.uint8, device=valid.device)
-    probs = None if job.probs is None else torch.empty((job.num_classes, *valid.shape), dtype=TORCH_DTYPES[job.probs], device=valid.device)
-    for start in range(0, valid.shape[0], SLAB):
-        slab = slice(start, start + SLAB)
-        slab_labels, slab_probs = block_outputs(total[:, slab], valid[slab], job.num_classes, job.probs)
-        labels[slab] = slab_labels
-        if probs is not None:
-            probs[:, slab] = slab_probs
-    return labels, probs
-
-
 def combine(shape: tuple[int, int, int], pieces: list[np.ndarray | None], rows: slice | None = None) -> np.ndarray | None:
     """Rows ``rows`` of a region's total: pieces of sums that each cover its top-left corner.
 
@@ -515,6 +556,41 @@ def combine(shape: tuple[int, int, int], pieces: list[np.ndarray | None], rows: 
     return total
 
 
+ARGMAX_ROWS = 16
+"""Rows of sums :func:`first_max` reduces at a time on a CPU (about 2 MB for 7 classes, 2,000 px wide: in cache)."""
+
+
+def first_max(total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest of the sums ``(K, h, w)`` over classes and the first class holding it (uint8), as ``total.max(dim=0)``.
+
+    On a CPU, ``max(dim=0)`` (values and indices) runs at a third of the speed
+    of ``amax``: there the sums are reduced in cache-sized slabs as keys
+    ``sum * 2^b + (2^b - 1 - k)`` (``2^b >= K``), whose maximum holds the
+    largest sum and, among equal sums, the lowest class ``k``: the same
+    integers. Sums too large for the key (never from the engine's fixed
+    point) take ``max(dim=0)``. On other devices ``max(dim=0)`` is fast.
+    """
+    classes = total.shape[0]
+    if total.device.type != "cpu" or not total.numel():
+        top, index = total.max(dim=0)
+        return top, index.to(torch.uint8)
+    bits = max(1, (classes - 1).bit_length())
+    low = (1 << bits) - 1
+    tie = (low - torch.arange(classes, dtype=torch.int64))[:, None, None]
+    top = torch.empty(total.shape[1:], dtype=torch.int64)
+    best = torch.empty(total.shape[1:], dtype=torch.int64)
+    key = torch.empty((classes, min(ARGMAX_ROWS, total.shape[1]), total.shape[2]), dtype=torch.int64)
+    for start in range(0, total.shape[1], ARGMAX_ROWS):
+        part = total[:, start : start + ARGMAX_ROWS]
+        rows = slice(start, start + part.shape[1])
+        if int(torch.amax(part, 0, out=top[rows]).max()) >> (63 - bits):  # too large for a key
+            best[rows] = low - part.max(dim=0).indices
+            continue
+        keys = torch.bitwise_left_shift(part, bits, out=key[:, : part.shape[1]]).add_(tie)
+        torch.amax(keys, 0, out=best[rows])
+    return top, (low - (best & low)).to(torch.uint8)
+
+
 def block_outputs(
     total: torch.Tensor | None, valid: torch.Tensor, num_classes: int, probs: str | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -529,9 +605,7 @@ def block_outputs(
     out = None if probs is None else torch.zeros((num_classes, *valid.shape), dtype=TORCH_DTYPES[probs], device=valid.device)
     if total is None:
         return torch.full(valid.shape, IGNORE, dtype=torch.uint8, device=valid.device), out
-    # max(dim) returns the first of equal maxima (documented), and is 5x faster than argmax over a strided dim on a CPU
-    top, index = total.max(dim=0)
-    labels = index.to(torch.uint8)
+    top, labels = first_max(total)
     # sums are >= 0, so a pixel got something (norm > 0) exactly where its largest sum is > 0
     covered = valid & (top > 0)
     labels.masked_fill_(~covered, IGNORE)
