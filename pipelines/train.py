@@ -171,6 +171,8 @@ def train_command(
     pixels_per_class: Annotated[Optional[int], typer.Option(help="Labelled pixels per class, pixel models [50].")] = None,
     allow_fewer: Annotated[Optional[bool], typer.Option("--allow-fewer", help="Use every pixel of a class with fewer than asked.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of AdamW [1e-4].")] = None,
+    min_lr: Annotated[Optional[float], typer.Option(help="Learning rate the cosine ends at [0].")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="Checkpoint an exponential moving average of the weights with this decay, e.g. 0.99 [0 = off].")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [0.05].")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Linear warm-up iterations [0].")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Gradient norm clip, 0 = off [1.0].")] = None,
@@ -183,6 +185,11 @@ def train_command(
     sampler: Annotated[Optional[str], typer.Option(help="auto|patches|pixels [auto: by the model's margin/blend].")] = None,
     min_labelled: Annotated[Optional[float], typer.Option(help="Minimum labelled share of a random patch [0.05].")] = None,
     class_balance: Annotated[Optional[bool], typer.Option("--class-balance", help="Draw patch centres uniformly over classes.")] = None,
+    rescale: Annotated[Optional[tuple[float, float]], typer.Option(help="Patch models: rescale each patch by a random factor in LOW HIGH, then crop (PAD's paper: 0.5 2) [off].")] = None,
+    val_pixels: Annotated[Optional[int], typer.Option(help="Validation pixels drawn, pixel models [2000].")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Edge in px of the window read at once and cut into samples [1024].")] = None,
+    patches_per_window: Annotated[Optional[int], typer.Option(help="Random patches cut from each window read [64].")] = None,
+    windows_per_round: Annotated[Optional[int], typer.Option(help="Windows whose patches are shuffled together [8].")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps [500].")] = None,
     val_every: Annotated[Optional[int], typer.Option(help="Validate every N steps [0 = at checkpoints].")] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Log every N steps [10].")] = None,
@@ -200,9 +207,11 @@ def train_command(
     """Train a model on scene stores, streaming random patches (or labelled pixels) from zarr."""
     options = {
         "steps": steps, "batch_size": batch_size, "patch_size": patch_size, "pixels_per_class": pixels_per_class,
-        "allow_fewer": allow_fewer, "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
+        "allow_fewer": allow_fewer, "lr": lr, "min_lr": min_lr, "ema_decay": ema_decay, "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
         "val_fraction": val_fraction, "test_fraction": test_fraction, "split": split, "block": block,
         "modalities": modality, "sampler": sampler, "min_labelled": min_labelled, "class_balance": class_balance,
+        "rescale": None if rescale is None else list(rescale), "val_pixels": val_pixels, "window": window,
+        "patches_per_window": patches_per_window, "windows_per_round": windows_per_round,
         "checkpoint_every": checkpoint_every, "val_every": val_every, "log_every": log_every, "workers": workers,
         "seed": seed, "device": device, "amp": amp, "torch_threads": torch_threads,
     }
