@@ -27,17 +27,15 @@ and reader thread count (reads change when bytes arrive, never the sums).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Iterable
 
 from tqdm.auto import tqdm
 
+from tilefuse.cluster.malloc import single_arena, trim_memory
 from tilefuse.cluster.plugin import ModelSource, load_runner
 from tilefuse.grid import Block
 from tilefuse.errors import InputError
@@ -114,25 +112,6 @@ def _sources(block: Block) -> tuple[tuple[Block, str], ...]:
     return ((Block(r - 1, c), "down"), (Block(r, c - 1), "right"), (Block(r - 1, c - 1), "corner"))
 
 
-@lru_cache(maxsize=1)
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def trim_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    glibc keeps freed memory below its mmap threshold in the heap; without a
-    trim between blocks a worker's resident memory creeps up block by block.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 def _compute(job: BlockJob, source: ModelSource, block: Block) -> BlockSums:
     trim_memory()  # the previous block's arrays are gone by now
     return compute_block(job, block, load_runner(source))  # reads unlocked, runs under the device lock
@@ -182,6 +161,7 @@ def run_blocks(
 
 
 def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar, prefetch: int | None, reader_threads: int | None) -> int:
+    single_arena()  # the reader and writer threads below share one malloc arena (tilefuse.cluster.malloc)
     runner = load_runner(source)
     if prefetch is None:
         prefetch = default_prefetch(device=runner.device)

@@ -202,7 +202,9 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
         workers = _local_workers(spec)
         host = _check_listen(listen)
         # a Client given n_workers starts the LocalCluster and closes it with itself
-        with _fast_malloc():
+        from tilefuse.cluster.malloc import spawn_environ
+
+        with spawn_environ():
             return Client(
                 n_workers=workers,
                 threads_per_worker=_task_threads(prefetch, workers, _local_device()),
@@ -245,17 +247,6 @@ def _connect(address: str, timeout: float | str, what: str):
         raise InputError(f"cannot connect to the dask scheduler at {address} ({type(error).__name__}): start it or check the address") from None
 
 
-def _fast_malloc():
-    """Dask config under which nannies spawn workers with glibc's default malloc tuning.
-
-    Dask sets MALLOC_TRIM_THRESHOLD_ for workers, which makes torch about 2x
-    slower on a CPU (see :data:`tilefuse.cluster.plugin.MALLOC_TRIM`).
-    """
-    import dask
-
-    return dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-
-
 def _cuda_client(host: str = LOOPBACK, prefetch: int | None = None):
     try:
         from dask_cuda import LocalCUDACluster
@@ -267,7 +258,9 @@ def _cuda_client(host: str = LOOPBACK, prefetch: int | None = None):
     if not torch.cuda.is_available():
         raise InputError("--cluster cuda: no GPU is visible to torch on this machine; use --cluster local:N")
     threads = _task_threads(prefetch, torch.cuda.device_count(), "cuda")
-    with _fast_malloc():
+    from tilefuse.cluster.malloc import spawn_environ
+
+    with spawn_environ():
         cluster = LocalCUDACluster(
             host=host, threads_per_worker=threads, dashboard_address=f"{host}:0", silence_logs=logging.WARNING
         )

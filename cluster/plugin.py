@@ -14,7 +14,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from distributed import NannyPlugin, WorkerPlugin
+from distributed import WorkerPlugin
+
+from tilefuse.cluster.malloc import single_arena
 
 _RUNNERS: dict[str, tuple[Any, int | None]] = {}
 """key -> (runner, torch threads it was loaded with) in this process."""
@@ -109,37 +111,8 @@ class ModelPlugin(WorkerPlugin):
                 from dataclasses import replace
 
                 source = replace(source, torch_threads=max(1, (os.cpu_count() or 1) // share))
+        single_arena()  # before the task and zarr threads allocate (tilefuse.cluster.malloc)
         load_runner(source)
 
     def teardown(self, worker) -> None:
         release_runner(self.source)
-
-
-MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
-"""Set by dask's nannies for the workers they spawn. Any explicit value turns off glibc's
-dynamic mmap threshold, so every large tensor is a fresh mmap: torch on a CPU runs about 2x slower."""
-
-
-class UnsetMallocTrim(NannyPlugin):
-    """Restarts a nanny's worker without :data:`MALLOC_TRIM` in its environment."""
-
-    name = "tilefuse-unset-malloc-trim"
-    restart = True
-
-    def setup(self, nanny) -> None:
-        nanny.pre_spawn_env.pop(MALLOC_TRIM, None)
-        nanny.env.pop(MALLOC_TRIM, None)
-        os.environ.pop(MALLOC_TRIM, None)  # the nanny exported it to spawn workers
-
-
-def _has_malloc_trim() -> bool:
-    return MALLOC_TRIM in os.environ
-
-
-def unset_malloc_trim(client) -> int:
-    """Restart the workers that run with :data:`MALLOC_TRIM` set; returns how many did."""
-    slow = [address for address, flag in client.run(_has_malloc_trim).items() if flag]
-    if slow:
-        client.register_plugin(UnsetMallocTrim())
-        client.wait_for_workers(len(client.scheduler_info(n_workers=-1)["workers"]))
-    return len(slow)

@@ -401,7 +401,8 @@ class ClusterRun:
     def start(self) -> None:
         """Load the model on every worker (once per worker; restarted workers load it again)."""
         from tilefuse.cluster.client import dashboard_link
-        from tilefuse.cluster.plugin import ModelPlugin, unset_malloc_trim
+        from tilefuse.cluster.malloc import unset_malloc_trim
+        from tilefuse.cluster.plugin import ModelPlugin
 
         client = self.client
         if client is None:

@@ -177,11 +177,12 @@ def test_workers_spawned_with_malloc_trim_are_restarted_without_it():
     from distributed import Client
 
     from tilefuse.cluster.client import close_client
-    from tilefuse.cluster.plugin import _has_malloc_trim, unset_malloc_trim
+    from tilefuse.cluster.malloc import _has_malloc_trim, unset_malloc_trim
 
     ours = make_client("local:1")
     try:
         assert not any(ours.run(_has_malloc_trim).values())
+        assert set(ours.run(os.environ.get, "MALLOC_ARENA_MAX").values()) == {"1"}  # tilefuse.cluster.malloc
     finally:
         close_client(ours)
     with Client(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as theirs:
@@ -189,3 +190,21 @@ def test_workers_spawned_with_malloc_trim_are_restarted_without_it():
         assert unset_malloc_trim(theirs) == 1
         assert not any(theirs.run(_has_malloc_trim).values())
         assert unset_malloc_trim(theirs) == 0
+
+
+def test_one_malloc_arena_unless_the_user_chose(monkeypatch):
+    """Workers tilefuse spawns get MALLOC_ARENA_MAX=1 and blocks run with one arena; a value the user set wins."""
+    import ctypes.util
+
+    import dask
+
+    from tilefuse.cluster.malloc import MALLOC_ARENAS, single_arena, spawn_environ
+
+    monkeypatch.delenv(MALLOC_ARENAS, raising=False)
+    with spawn_environ():
+        assert dask.config.get("distributed.nanny.pre-spawn-environ")[MALLOC_ARENAS] == 1
+    assert single_arena() is (ctypes.util.find_library("c") is not None)
+    monkeypatch.setenv(MALLOC_ARENAS, "4")
+    with spawn_environ():
+        assert MALLOC_ARENAS not in dask.config.get("distributed.nanny.pre-spawn-environ")
+    assert single_arena() is False
