@@ -81,3 +81,36 @@ def test_no_rescale_and_unit_rescale_change_nothing():
 def test_bad_rescale_is_refused(kwargs):
     with pytest.raises(ValueError, match="rescale"):
         PatchDataset(Fake(), STATS, **kwargs)
+
+
+@pytest.mark.parametrize("rescale", [None, (0.5, 2.0)])
+def test_jitter_shifts_each_band_by_one_offset_and_leaves_labels_and_rescale_alone(rescale):
+    plain = _samples(PatchDataset(Fake(), STATS, rescale=rescale, seed=4))
+    shifted = _samples(PatchDataset(Fake(), STATS, rescale=rescale, jitter=0.5, seed=4))
+    again = _samples(PatchDataset(Fake(), STATS, rescale=rescale, jitter=0.5, seed=4))
+    offsets = []
+    for (xa, ya), (xb, yb), (xc, _) in zip(plain, shifted, again):
+        assert torch.equal(ya, yb)  # labels, flips and rescale draws are those of the run without jitter
+        for name in xa:
+            assert torch.equal(xb[name], xc[name])  # deterministic
+            inside = ya != IGNORE  # rescale pads outside the patch with zeros after the shift
+            diff = (xb[name] - xa[name])[:, inside]
+            assert torch.allclose(diff, diff[:, :1].expand_as(diff), atol=1e-5)  # one offset per band
+            offsets += diff[:, 0].tolist()
+    offsets = np.array(offsets)
+    assert 0.35 < offsets.std() < 0.65 and abs(offsets.mean()) < 0.15 and len(set(offsets.round(6))) == len(offsets)
+    off = _samples(PatchDataset(Fake(), STATS, rescale=rescale, jitter=0.5, seed=4, augment=False))
+    assert all(torch.equal(x[n], y[n]) for (x, _), (y, _) in zip(off, _samples(PatchDataset(Fake(), STATS, augment=False))) for n in x)
+
+
+def test_jitter_must_be_a_non_negative_number():
+    with pytest.raises(ValueError, match="jitter"):
+        PatchDataset(Fake(), STATS, jitter=-0.1)
+
+
+def test_negative_jitter_option_is_one_input_error():
+    from tilefuse.errors import InputError
+    from tilefuse.training_data import DataOptions
+
+    with pytest.raises(InputError, match=r"jitter= \(--jitter\) must be a number >= 0"):
+        DataOptions(jitter=-1.0).check()

@@ -11,8 +11,9 @@ normalised with the band statistics the model is trained with, transformed by
 the same random flip/rotation across every modality and the labels (and, with
 ``rescale=(low, high)``, the same random rescale by a factor drawn log-uniformly in
 that range, then a random crop back to the patch size, zero / ignore padded where
-the rescaled patch is smaller: PAD's paper augmentation; patch models only), and
-cropped to the model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
+the rescaled patch is smaller: PAD's paper augmentation; patch models only),
+shifted in brightness with ``jitter=sigma`` (each band of each sample by its
+own offset from N(0, sigma), in standard deviations), and cropped to the model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
 LongTensor(P - 2 margin, P - 2 margin))``.
 
 Exact resume: a DataLoader over an endless ``IterableDataset`` takes batch
@@ -139,6 +140,7 @@ class PatchDataset(IterableDataset):
         augment: bool = True,
         state: StreamState | None = None,
         rescale: tuple[float, float] | None = None,
+        jitter: float = 0.0,
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
@@ -157,6 +159,9 @@ class PatchDataset(IterableDataset):
         self.augment = augment
         self.state = state
         self.rescale = rescale
+        if not jitter >= 0:
+            raise ValueError(f"jitter must be >= 0, got {jitter!r}")
+        self.jitter = float(jitter)
         self.seed = int(seed)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not one of {world} ranks")
@@ -164,7 +169,8 @@ class PatchDataset(IterableDataset):
 
     def _copy(self, state: StreamState | None, rank: int, world: int) -> "PatchDataset":
         return PatchDataset(
-            self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale, seed=self.seed,
+            self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale, jitter=self.jitter,
+            seed=self.seed,
             rank=rank, world=world,
         )
 
@@ -199,6 +205,12 @@ class PatchDataset(IterableDataset):
                 data = normalise(apply_dihedral(sample.data[name], k), *stats[name])
                 inputs[name] = torch.from_numpy(np.ascontiguousarray(data))
             label = torch.from_numpy(np.ascontiguousarray(apply_dihedral(sample.label, k)).astype(np.int64))
+            if self.augment and self.jitter:
+                # its own generator, so the rescale draws stay those of a run without jitter
+                rng = np.random.default_rng((self.seed, stream, position, 1))
+                for name in self.sampler.modalities:
+                    offsets = rng.normal(0.0, self.jitter, size=inputs[name].shape[0]).astype(np.float32)
+                    inputs[name] += torch.from_numpy(offsets)[:, None, None]
             if self.augment and self.rescale is not None:
                 # drawn from (seed, stream, position): the same sample gets the same rescale on resume
                 rng = np.random.default_rng((self.seed, stream, position))

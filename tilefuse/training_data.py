@@ -58,6 +58,9 @@ class DataOptions:
     windows_per_round: int = 8
     rescale: Optional[list[float]] = None
     """Patch models: random rescale by a factor in [low, high] then crop (PAD's paper: [0.5, 2]); None = off."""
+    jitter: float = 0.0
+    """Random brightness: each band of each training sample is shifted by an offset drawn from N(0, jitter), in
+    units of the band's standard deviation (sensors, dates and calibration differ between stores); 0 = off."""
 
     def check(self) -> None:
         """Refuse values no sampler can run with (one line naming the option)."""
@@ -69,6 +72,7 @@ class DataOptions:
             _require(name, getattr(self, name), "a whole number >= 1", whole(1))
         _require("block", self.block, "a whole number of px >= 0 (0 = auto)", whole(0))
         _require("min_labelled", self.min_labelled, "a share in 0..1", lambda v: 0 <= v <= 1)
+        _require("jitter", self.jitter, "a number >= 0 (standard deviations; 0 = off)", lambda v: v >= 0)
         for name in ("val_fraction", "test_fraction"):
             _require(name, getattr(self, name), "a share in 0..1 (below 1)", share)
         if self.val_fraction + self.test_fraction >= 1:
@@ -308,7 +312,7 @@ def assemble(
         band_stats=band_stats,
         extra={"stores": train_paths, "val_stores": val_paths, "sampler": "pixels" if pixels else "patches"},
     )
-    train_data = PatchDataset(sampler, band_stats, margin=spec.margin, augment=True, rescale=rescale_range(data, pixels), seed=seed)
+    train_data = PatchDataset(sampler, band_stats, margin=spec.margin, augment=True, rescale=rescale_range(data, pixels), jitter=data.jitter, seed=seed)
     return TrainingData(
         model=net,
         config=config,
