@@ -206,3 +206,20 @@ def test_strips_round_trip_exactly_and_compressed():
     assert np.array_equal(strip.unpack(), sums[:, 5:, :])
     assert len(strip.data) < sums[:, 5:, :].nbytes / 1.5
     assert Strip.pack(sums[:, :0]) is None
+
+
+def test_windows_read_a_row_of_chunks_at_a_time_equal_one_read(tmp_path):
+    """inference._read fills a window one row of chunks at a time: the same values as zarr's single read."""
+    from tilefuse import storage
+
+    path = write_test_scene(tmp_path / "s.zarr", 70, 50, chunk=16)
+    group = storage.open_group(path)
+    rng = np.random.default_rng(0)
+    for name in ("optical", "sar", "valid"):
+        array = group[name]
+        for _ in range(12):
+            r0, c0 = (int(v) for v in rng.integers(0, [69, 49]))
+            r1, c1 = int(rng.integers(r0 + 1, 71)), int(rng.integers(c0 + 1, 51))
+            region = (*([slice(None)] if array.ndim == 3 else []), slice(r0, r1), slice(c0, c1))
+            got = inference._read(group, name, region, str(path))
+            assert got.dtype == array.dtype and np.array_equal(got, array[region]), (name, region)

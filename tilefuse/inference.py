@@ -318,7 +318,18 @@ def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -
     except KeyError:
         raise InputError(f"{where} has no array {name!r}: the store is incomplete, re-ingest it") from None
     try:
-        return array[region]
+        rows, step = region[-2], array.chunks[-2]
+        start, stop, _ = rows.indices(array.shape[-2])
+        if stop - start <= step:
+            return array[region]
+        # one row of chunks at a time into the result: zarr holds a whole read twice over (a sharded read
+        # decodes into per-shard buffers, then copies), so a 2,368^2 px window of 5 float32 bands peaked at
+        # 2.5x its 107 MiB in one call and at 1.8x so, at the same speed
+        out = np.empty(tuple(len(range(*r.indices(n))) for r, n in zip(region, array.shape)), array.dtype)
+        for first in range(start - start % step, stop, step):
+            part = slice(max(first, start), min(first + step, stop))
+            out[..., part.start - start : part.stop - start, :] = array[(*region[:-2], part, region[-1])]
+        return out
     except InputError:
         raise
     except Exception as error:  # codecs raise many types for corrupt data (stores without checksums)
