@@ -13,7 +13,8 @@ the same random flip/rotation across every modality and the labels (and, with
 that range, then a random crop back to the patch size, zero / ignore padded where
 the rescaled patch is smaller: PAD's paper augmentation; patch models only),
 shifted in brightness with ``jitter=sigma`` (each band of each sample by its
-own offset from N(0, sigma), in standard deviations), and cropped to the model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
+own offset from N(0, sigma), in standard deviations), and cropped to the
+model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
 LongTensor(P - 2 margin, P - 2 margin))``.
 
 Exact resume: a DataLoader over an endless ``IterableDataset`` takes batch
@@ -169,9 +170,8 @@ class PatchDataset(IterableDataset):
 
     def _copy(self, state: StreamState | None, rank: int, world: int) -> "PatchDataset":
         return PatchDataset(
-            self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale, jitter=self.jitter,
-            seed=self.seed,
-            rank=rank, world=world,
+            self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale,
+            jitter=self.jitter, seed=self.seed, rank=rank, world=world,
         )
 
     def with_state(self, state: StreamState) -> "PatchDataset":
