@@ -62,7 +62,7 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
             continue
         section = "data" if key in data_names else "settings"
         if saved and key not in FREE_ON_RESUME and job[section][key] != value:
-            raise InputError(f"--{key.replace('_', '-')} {value} differs from the run's {job[section][key]}: resume with the same value (or start a new run)")
+            raise InputError(f"{key}= (--{key.replace('_', '-')}) {value} differs from the run's {job[section][key]}: resume with the same value (or start a new run)")
         job[section][key] = value
     return job
 

@@ -196,7 +196,7 @@ def test_bad_inputs_exit_2_with_one_line(stores, tmp_path, capsys):
     code, err = _cli(base + ["--store", a, "--store", b, "--out", str(run), "--resume"], capsys)
     assert code == 2 and "same --store list" in err
     code, err = _cli(base + ["--store", a, "--out", str(run), "--resume", "--lr", "0.5"], capsys)
-    assert code == 2 and "--lr 0.5 differs" in err
+    assert code == 2 and "lr= (--lr) 0.5 differs" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before, "a refused command touched the run"
     assert _cli(base + ["--store", a, "--out", str(run), "--overwrite", "--steps", "1"], capsys)[0] == 0
     assert read_config(run).extra["step"] == 1
