@@ -13,7 +13,9 @@ resident memory a function of the block size, not of the scene:
   and 975 / 988 / 976 MB on 8,192^2 with glibc's default, 638 / 634 / 647 and
   804 / 807 / 810 MB with one arena, same speed (4.5-5.7 s and 13.7-17.7 s with
   the default, 4.1-5.4 s and 14.5-15.5 s with one; 2-core machine, two niced
-  trainings running). A variable the user set wins.
+  trainings running). Not yet measured on a many-core GPU box, where many
+  reader threads share the one arena's lock: set ``MALLOC_ARENA_MAX`` there to
+  compare. A variable the user set wins.
 - **No fixed trim threshold** (:data:`MALLOC_TRIM`, :func:`unset_malloc_trim`).
   Dask's nannies set ``MALLOC_TRIM_THRESHOLD_``; any explicit value turns off
   glibc's dynamic mmap threshold, so every large tensor is a fresh mmap and torch
