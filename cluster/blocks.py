@@ -6,8 +6,12 @@ up to four tiny tasks that split its sums into the pieces other tasks need
 (:func:`tilefuse.inference.finish_block`) that waits for the block's own part
 and the strips of its upper, left and upper-left neighbours. Blocks are
 submitted in row-major order and at most ``window`` finish tasks are in flight,
-so the scheduler never holds the graph of a whole country-scale scene and
-memory stays bounded by a few blocks plus one row of spill strips.
+so the scheduler never holds the graph of a whole country-scale scene.
+The strips that wait for the next block row (lower and lower-right) wait on
+disk, in a folder beside the prediction store (:func:`spill_folder`; their
+tasks hand on a :class:`~tilefuse.inference.StripFile`), and each is deleted
+once the block that takes it up is written: memory per worker stays bounded by
+a few blocks, whatever the scene's width.
 
 Reading overlaps the model. In this process (``sync``) a pool of
 ``reader_threads`` threads reads the inputs of the next ``prefetch`` blocks
@@ -28,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -39,7 +45,8 @@ from tilefuse.cluster.malloc import single_arena, trim_memory
 from tilefuse.cluster.plugin import ModelSource, load_runner
 from tilefuse.grid import Block
 from tilefuse.errors import InputError
-from tilefuse.inference import BlockJob, BlockOwn, BlockSums, compute_block, finish_block, read_block, run_block
+from tilefuse.inference import BlockJob, BlockOwn, BlockSums, Strip, compute_block, finish_block, read_block, run_block
+from tilefuse.outputs import clean_stale, temporary_sibling
 
 RETRIES = 2
 """Extra attempts of a failed task (a dead worker's tasks are rescheduled by dask on its own)."""
@@ -112,13 +119,43 @@ def _sources(block: Block) -> tuple[tuple[Block, str], ...]:
     return ((Block(r - 1, c), "down"), (Block(r, c - 1), "right"), (Block(r - 1, c - 1), "corner"))
 
 
+@contextlib.contextmanager
+def spill_folder(prediction: str | os.PathLike) -> Iterator[Path]:
+    """A folder beside ``prediction`` for the strips that wait a block row, removed with what is left in it.
+
+    It is named as the guarded writer's temporaries (:func:`tilefuse.outputs.temporary_sibling`: hidden,
+    naming this process), so one left by a killed run is removed by the next run of that store.
+    """
+    clean_stale(prediction)
+    folder = temporary_sibling(prediction)
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _spill_path(spill: Path, block: Block, name: str) -> str | None:
+    """Where piece ``name`` of ``block`` waits, for the pieces that wait a block row (None for the others)."""
+    return str(spill / f"{block.row}-{block.col}-{name}") if name in ("down", "corner") else None
+
+
+def _taken_up(spill: Path, block: Block) -> list[str]:
+    """The spilled strips ``block``'s finish takes up (its upper and upper-left neighbours'): done with once it is written."""
+    return [_spill_path(spill, source, name) for source, name in _sources(block) if name != "right"]
+
+
 def _compute(job: BlockJob, source: ModelSource, block: Block) -> BlockSums:
     trim_memory()  # the previous block's arrays are gone by now
     return compute_block(job, block, load_runner(source))  # reads unlocked, runs under the device lock
 
 
-def _piece(sums: BlockSums, name: str):
-    return getattr(sums, name)
+def _piece(sums: BlockSums, name: str, path: str | None = None):
+    """Piece ``name`` of a block's sums; a packed strip is saved to ``path`` (when given) and handed on as its file."""
+    piece = getattr(sums, name)
+    if path is not None and isinstance(piece, Strip):
+        return piece.save(path)
+    return piece
 
 
 def _finish(job: BlockJob, block: Block, own: BlockOwn, up, left, up_left) -> int:
@@ -153,14 +190,24 @@ def run_blocks(
     steps = plan(blocks, pending)
     bar = tqdm(total=len(pending), unit="block", desc="predict", disable=not progress)
     try:
-        if client is None:
-            return _run_here(job, source, steps, bar, prefetch, reader_threads)
-        return _run_on_cluster(job, source, steps, bar, client, window)
+        with spill_folder(job.prediction) as spill:
+            if client is None:
+                return _run_here(job, source, steps, bar, spill, prefetch, reader_threads)
+            return _run_on_cluster(job, source, steps, bar, spill, client, window)
     finally:
         bar.close()
 
 
-def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar, prefetch: int | None, reader_threads: int | None) -> int:
+def _written(bar, spill: Path, block: Block) -> None:
+    """After ``block`` is written: count it, and delete the spilled strips it took up."""
+    for path in _taken_up(spill, block):
+        Path(path).unlink(missing_ok=True)
+    bar.update()
+
+
+def _run_here(
+    job: BlockJob, source: ModelSource, steps: list[Step], bar, spill: Path, prefetch: int | None, reader_threads: int | None
+) -> int:
     single_arena()  # the reader and writer threads below share one malloc arena (tilefuse.cluster.malloc)
     runner = load_runner(source)
     if prefetch is None:
@@ -191,26 +238,26 @@ def _run_here(job: BlockJob, source: ModelSource, steps: list[Step], bar, prefet
                 sums = run_block(job, inputs, runner)
             del inputs
             for name in step.keep:
-                pieces[step.block, name] = _piece(sums, name)
+                pieces[step.block, name] = _piece(sums, name, _spill_path(spill, step.block, name))
             del sums
             if step.finish:
                 finish = (job, step.block, pieces.pop((step.block, "own")), *(pieces.pop(key, None) for key in _sources(step.block)))
                 if writing is not None:
-                    tiles += writing.result()
-                    bar.update()
+                    tiles += writing[0].result()
+                    _written(bar, spill, writing[1])
                 if pool is None:
                     tiles += _finish(*finish)
-                    bar.update()
+                    _written(bar, spill, step.block)
                 else:
-                    writing = writer.submit(_finish, *finish)
+                    writing = writer.submit(_finish, *finish), step.block
                 del finish
         if writing is not None:
-            tiles += writing.result()
-            bar.update()
+            tiles += writing[0].result()
+            _written(bar, spill, writing[1])
     return tiles
 
 
-def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, client, window: int | None) -> int:
+def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, spill: Path, client, window: int | None) -> int:
     from distributed import as_completed
 
     if window is None:
@@ -221,14 +268,18 @@ def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, 
     run = uuid.uuid4().hex[:8]
     pieces: dict[tuple[Block, str], object] = {}
     finishing = as_completed()
+    finished: dict[str, Block] = {}  # finish task key -> its block
     in_flight = 0
     tiles = 0
 
     def collect() -> None:
         nonlocal in_flight, tiles
-        tiles += next(finishing).result()
+        future = next(finishing)
+        tiles += future.result()
         in_flight -= 1
-        bar.update()
+        # deleted here, not in the task: dask may run a finish again (its worker died before the result
+        # arrived), and only once the client holds the result is the strip no longer needed
+        _written(bar, spill, finished.pop(future.key))
 
     try:
         for step in steps:
@@ -236,7 +287,7 @@ def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, 
             sums = client.submit(_compute, job, source, step.block, key=f"tilefuse-compute-{run}-{r}-{c}", retries=RETRIES)
             for name in step.keep:
                 pieces[step.block, name] = client.submit(
-                    _piece, sums, name, key=f"tilefuse-{name}-{run}-{r}-{c}", priority=1, retries=RETRIES
+                    _piece, sums, name, _spill_path(spill, step.block, name), key=f"tilefuse-{name}-{run}-{r}-{c}", priority=1, retries=RETRIES
                 )
             del sums
             if step.finish:
@@ -252,6 +303,7 @@ def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, 
                     retries=RETRIES,
                 )
                 finishing.add(future)
+                finished[future.key] = step.block
                 in_flight += 1
             while in_flight >= window:
                 collect()

@@ -1,6 +1,7 @@
 """The engine's pipeline: read-ahead, device-side finishing, reader failures, runner options."""
 
 import itertools
+import os
 import threading
 
 import numpy as np
@@ -269,3 +270,71 @@ def test_accumulating_fresh_regions_by_assignment_gives_the_sums_of_zero_fill_an
     for i, j in itertools.product(range(rows), range(cols)):
         inference.accumulate(zeroed[:, margin + i * stride :, margin + j * stride :], scaled[i, j], 0, 0, fresh=False)
     assert np.array_equal(zeroed.numpy(), expected)
+
+
+def test_strips_that_wait_a_block_row_wait_on_disk_and_go_once_taken_up(tmp_path, data, monkeypatch):
+    """Lower and lower-right strips are handed on as files beside the store, each deleted once the block that
+    takes it up is written, so at most about one block row of them exists; the folder goes with the run."""
+    _, scene, checkpoint = data
+    out = tmp_path / "p.zarr"
+    saved, alive = [], []
+    save, written = inference.Strip.save, blocks._written
+
+    def recording_save(strip, path):
+        saved.append(path)
+        return save(strip, path)
+
+    def counting_written(bar, spill, block):
+        written(bar, spill, block)
+        alive.append(len(list(spill.iterdir())))
+
+    monkeypatch.setattr(inference.Strip, "save", recording_save)
+    monkeypatch.setattr(blocks, "_written", counting_written)
+    pred = tilefuse.predict(checkpoint, scene, out, **{**SETTINGS, "block_size": 32})
+    monkeypatch.undo()
+    reference = tilefuse.predict(checkpoint, scene, tmp_path / "q.zarr", **{**SETTINGS, "block_size": 256})  # one block: no strips
+    assert np.array_equal(pred["labels"].values, reference["labels"].values)
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
+    rows, cols = TileGrid(170, 150, tile=32, overlap=10, block=32).shape_in_blocks
+    row_of_strips = cols + cols - 1
+    assert len(saved) == (rows - 1) * row_of_strips > 2 * row_of_strips, "every lower and lower-right strip went to disk"
+    assert max(alive) <= 2 * row_of_strips, "strips of more than about one block row were kept"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".p.zarr.")], "the spill folder outlived the run"
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "altered"])
+def test_a_damaged_spilled_strip_is_an_error_never_sums(tmp_path, damage):
+    from tilefuse.inference import Strip
+
+    sums = np.arange(3 * 8 * 40, dtype=np.int64).reshape(3, 8, 40) << 30
+    handle = Strip.pack(sums).save(tmp_path / "0-0-down")
+    assert np.array_equal(handle.unpack(), sums)
+    path = tmp_path / "0-0-down"
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(data[:-7])
+    else:
+        path.write_bytes(data[:20] + bytes([data[20] ^ 1]) + data[21:])
+    with pytest.raises(InputError, match=f"spill strip {path}.*(missing|damaged).*--resume"):
+        handle.unpack()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if damage == "missing" else ["0-0-down"]), "no partial files left"
+
+
+def test_a_killed_runs_spill_folder_is_removed_by_the_next_run(tmp_path, data):
+    import subprocess
+    import sys
+
+    from tilefuse.outputs import temporary_sibling
+
+    _, scene, checkpoint = data
+    out = tmp_path / "p.zarr"
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()
+    mine = temporary_sibling(out)
+    dead = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{dead_pid.pid}-"))
+    dead.mkdir()
+    (dead / "0-0-down").write_bytes(b"left by a killed run")
+    tilefuse.predict(checkpoint, scene, out, **SETTINGS)
+    assert not dead.exists()

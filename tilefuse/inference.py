@@ -21,7 +21,8 @@ anywhere:
    their labels (and probs) come back, as uint8 (or the probs dtype). Fixed-point sums come back only where other blocks need them
    (:class:`BlockSums`): the bands of the block's own region that its upper
    and left neighbours spill into, and the strips it spills into its right,
-   lower and lower-right neighbours (the last two compressed, :class:`Strip`).
+   lower and lower-right neighbours (the last two compressed, :class:`Strip`, and
+   saved to disk while they wait a block row, :class:`StripFile`).
 3. :func:`finish_block` adds, in those bands, the block's sums and the strips
    spilled into it by its upper, left and upper-left neighbours, finishes them
    with the same function (:func:`block_outputs`), masks with ``valid``, and
@@ -52,8 +53,11 @@ which: the output is bitwise the same with or without it.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, NamedTuple
 
 import numpy as np
@@ -123,10 +127,10 @@ class Strip(NamedTuple):
 
     Blosc zstd with bit shuffle packs the int64 fixed-point sums about 2.2x
     (29 ms to encode a 2048 x 128 px strip of 7 classes, 15 ms to decode), which
-    keeps that row (the only part of a worker's memory that grows with the
-    scene's width) small. Only the strips that wait for the next block row
-    (``down``, ``corner``) are packed; the others are taken up by the next
-    block's finish and stay plain arrays.
+    keeps that row (the only part of the run that grows with the scene's width)
+    small on disk, where it waits (:meth:`save`). Only the strips that wait for
+    the next block row (``down``, ``corner``) are packed; the others are taken
+    up by the next block's finish and stay plain arrays.
     """
 
     shape: tuple[int, ...]
@@ -140,6 +144,43 @@ class Strip(NamedTuple):
 
     def unpack(self) -> np.ndarray:
         return np.frombuffer(_STRIP_CODEC.decode(self.data), np.int64).reshape(self.shape)
+
+    def save(self, path: str | os.PathLike) -> "StripFile":
+        """Write the packed bytes to ``path`` (whole or not at all: a temporary renamed into place) and
+        return its handle. The folder must exist: a run that removed it (it ended) gets no new file."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:6]}.part")
+        try:
+            tmp.write_bytes(self.data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return StripFile(str(path), self.shape, len(self.data), storage.crc32c(np.frombuffer(self.data, np.uint8)))
+
+
+class StripFile(NamedTuple):
+    """A :class:`Strip` saved to disk while it waits for the next block row: what a task hands on instead.
+
+    A row of strips grows with the scene's width (about 6.7 MB per 2,048 px block of 7 classes, packed), so
+    it waits on disk (:mod:`tilefuse.cluster.blocks` keeps it beside the prediction store) and worker memory
+    does not grow with the scene. The handle is small; the file's size and crc32c make a missing, truncated
+    or altered file an :class:`~tilefuse.errors.InputError`, never sums.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    size: int
+    crc: int
+
+    def unpack(self) -> np.ndarray:
+        try:
+            data = Path(self.path).read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is None or len(data) != self.size or storage.crc32c(np.frombuffer(data, np.uint8)) != self.crc:
+            what = "is missing" if data is None else "is damaged (size or checksum differs)"
+            raise InputError(f"spill strip {self.path} {what}: it was removed or changed while the prediction ran; rerun with --resume")
+        return Strip(self.shape, data).unpack()
 
 
 _STRIP_CODEC = Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE)
@@ -663,7 +704,7 @@ def finish_block(
     for (first, last, width), pieces in bands:
         if last <= first or not width:
             continue
-        pieces = [piece.unpack() if isinstance(piece, Strip) else piece for piece in pieces]
+        pieces = [piece.unpack() if isinstance(piece, (Strip, StripFile)) else piece for piece in pieces]
         shape = (job.num_classes, last - first, width)
         valid = _read(group, "valid", (slice(rows.start + first, rows.start + last), slice(cols.start, cols.start + width)), job.scene)
         for start in range(0, shape[1], SLAB):

@@ -122,7 +122,8 @@ def _check_of(name: str, array: zarr.Array, required: bool | frozenset) -> Array
     )
 
 
-def _crc32c(data: np.ndarray) -> int:
+def crc32c(data: np.ndarray) -> int:
+    """CRC-32C of ``data`` (uint8), as zarr's crc32c codec computes it."""
     try:  # what zarr's crc32c codec uses (zarr >= 3.1); older zarr used the crc32c package
         from google_crc32c import value
     except ImportError:
@@ -131,7 +132,7 @@ def _crc32c(data: np.ndarray) -> int:
 
 
 def _crc_ok(data: np.ndarray) -> bool:
-    return len(data) >= _CRC and _crc32c(data[:-_CRC]) == int.from_bytes(data[-_CRC:].tobytes(), "little")
+    return len(data) >= _CRC and crc32c(data[:-_CRC]) == int.from_bytes(data[-_CRC:].tobytes(), "little")
 
 
 def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
