@@ -1,4 +1,4 @@
-"""PatchDataset's random rescale + crop (PAD's paper augmentation): alignment, range, determinism."""
+"""PatchDataset's augmentations: random rescale + crop (PAD's paper), brightness jitter, modality dropout."""
 
 from __future__ import annotations
 
@@ -114,3 +114,97 @@ def test_negative_jitter_option_is_one_input_error():
 
     with pytest.raises(InputError, match=r"jitter= \(--jitter\) must be a number >= 0"):
         DataOptions(jitter=-1.0).check()
+
+
+class Positional(Fake):
+    """Fake's patches, but sample ``i`` of the stream (its dihedral and values) depends on ``i`` alone, as the
+    real samplers' do, so a stream started at ``start`` continues the whole one exactly."""
+
+    def __init__(self, count: int = 40, modalities=("optical", "sar")):
+        self.count, self.modalities = count, list(modalities)
+
+    def iter_stream(self, stream=0, streams=1, start=0):
+        label = _checkerboard()
+        values = label.astype(np.float32)
+        for i in range(start, self.count):
+            data = {"optical": np.stack([values, values + i]), "sar": (values + 2 * i)[None]}
+            yield Sample(0, 0, 0, {n: data[n] for n in self.modalities}, label, int(np.random.default_rng(i).integers(0, 8)))
+
+
+def _dropped(inputs: dict) -> list[str]:
+    return [n for n, v in inputs.items() if not v.any()]  # Positional's inputs are never all zero otherwise
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"rescale": (0.5, 2.0)}, {"jitter": 0.5}, {"margin": 5}])
+def test_modality_dropout_zeros_one_modality_and_leaves_the_rest_of_the_sample_alone(kwargs):
+    n, p = 1000, 0.3
+    plain = _samples(PatchDataset(Positional(n), STATS, seed=4, **kwargs), n)
+    off = _samples(PatchDataset(Positional(n), STATS, seed=4, modality_dropout=0.0, **kwargs), n)
+    dropped = _samples(PatchDataset(Positional(n), STATS, seed=4, modality_dropout=p, **kwargs), n)
+    again = _samples(PatchDataset(Positional(n), STATS, seed=4, modality_dropout=p, **kwargs), n)
+    other = _samples(PatchDataset(Positional(n), STATS, seed=5, modality_dropout=p, **kwargs), n)
+    which = []
+    for (xa, ya), (xo, yo), (xb, yb), (xc, yc) in zip(plain, off, dropped, again):
+        assert torch.equal(ya, yo) and all(torch.equal(xa[m], xo[m]) for m in xa)  # p = 0: bitwise as before
+        assert torch.equal(ya, yb) and torch.equal(yb, yc)  # labels (flips, rescale) untouched
+        gone = _dropped(xb)
+        assert len(gone) <= 1 and not _dropped(xa)  # never every modality
+        for m in xb:
+            assert torch.equal(xb[m], xc[m])  # deterministic
+            if m in gone:
+                assert torch.equal(xb[m], torch.zeros_like(xa[m]))
+            else:
+                assert torch.equal(xb[m], xa[m])  # the others bitwise those of the run without dropout
+        which += gone
+    share = len(which) / n  # binomial: sd sqrt(0.3 * 0.7 / 1000) = 0.0145
+    assert abs(share - p) < 0.05, share
+    assert 0.35 < which.count("sar") / len(which) < 0.65  # the modality is chosen uniformly
+    assert [_dropped(x) for x, _ in other] != [_dropped(x) for x, _ in dropped]  # another seed, other draws
+
+
+def test_modality_dropout_resumes_exactly_and_is_carried_by_copies():
+    dataset = PatchDataset(Positional(60), STATS, modality_dropout=0.5, rescale=(0.5, 2.0), jitter=0.2, seed=1)
+    whole = _samples(dataset, 60)
+    resumed = dataset.with_state(StreamState(1, (17,), 0))
+    assert resumed.modality_dropout == 0.5 and dataset.for_rank(0, 1).modality_dropout == 0.5
+    tail = _samples(resumed, 60)
+    assert len(tail) == 43 and any(_dropped(x) for x, _ in tail)
+    for (xa, ya), (xb, yb) in zip(whole[17:], tail):
+        assert torch.equal(ya, yb) and all(torch.equal(xa[m], xb[m]) for m in xa)
+
+
+def test_modality_dropout_needs_augment_and_two_modalities():
+    off = _samples(PatchDataset(Positional(200), STATS, modality_dropout=0.9, augment=False), 200)
+    single = _samples(PatchDataset(Positional(200, ["optical"]), STATS, modality_dropout=0.9), 200)
+    assert not any(_dropped(x) for x, _ in off + single)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_modality_dropout_must_be_a_probability_below_one(value):
+    with pytest.raises(ValueError, match="modality_dropout"):
+        PatchDataset(Fake(), STATS, modality_dropout=value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1, 1.0, 1.5, float("nan"), "0.3", True])
+def test_bad_modality_dropout_option_is_one_input_error(value):
+    from tilefuse.errors import InputError
+    from tilefuse.training_data import DataOptions
+
+    with pytest.raises(InputError, match=r"modality_dropout= \(--modality-dropout\) must be a share in 0\.\.1") as error:
+        DataOptions(modality_dropout=value).check()
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_a_resume_refuses_another_modality_dropout():
+    from tilefuse.errors import InputError
+    from tilefuse.pipelines.train import _resolve_job
+
+    saved = _resolve_job("pad", {}, ["a.zarr"], [], {"modality_dropout": 0.3}, None)
+    assert saved["data"]["modality_dropout"] == 0.3
+    assert _resolve_job("pad", None, ["a.zarr"], [], {"modality_dropout": 0.3}, saved)["data"]["modality_dropout"] == 0.3
+    with pytest.raises(InputError, match=r"modality_dropout= \(--modality-dropout\) 0.5 differs from the run's 0.3"):
+        _resolve_job("pad", None, ["a.zarr"], [], {"modality_dropout": 0.5}, saved)
+    older = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "modality_dropout"}}  # a run from before the option
+    assert _resolve_job("pad", None, ["a.zarr"], [], {}, older)["data"]["modality_dropout"] == 0.0
+    with pytest.raises(InputError, match="modality_dropout"):
+        _resolve_job("pad", None, ["a.zarr"], [], {"modality_dropout": 0.3}, older)

@@ -116,6 +116,25 @@ def test_resume_continues_with_the_same_losses(stores, tmp_path, model):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("model", ["test-seg", "test-pixel"])
+def test_modality_dropout_reaches_the_samples_resumes_exactly_and_a_resume_keeps_it(stores, tmp_path, model):
+    from tilefuse.errors import InputError
+
+    options = dict(steps=8, checkpoint_every=4, lr=5e-3, seed=3, pixels_per_class=10, modality_dropout=0.5, **FAST)
+    CRASH.update(at=None, count=0)
+    whole = _losses(train(model, stores, tmp_path / "whole", **options))
+    plain = _losses(train(model, stores, tmp_path / "plain", **{**options, "modality_dropout": 0.0}))
+    assert whole != plain, "modality_dropout did not reach the training samples"
+    CRASH.update(at=6, count=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model, stores, tmp_path / "broken", **options)
+    CRASH.update(at=None, count=0)
+    with pytest.raises(InputError, match=r"modality_dropout= \(--modality-dropout\) 0.2 differs from the run's 0.5"):
+        train(model, stores, tmp_path / "broken", resume=True, **{**options, "modality_dropout": 0.2})
+    resumed = _losses(train(model, stores, tmp_path / "broken", resume=True, **options))
+    assert [resumed[s] for s in range(5, 9)] == [whole[s] for s in range(5, 9)]
+
+
 def test_ema_checkpoint_holds_the_average_and_resumes_exactly(stores, tmp_path):
     from safetensors.torch import load_file
 

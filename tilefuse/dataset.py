@@ -13,7 +13,10 @@ the same random flip/rotation across every modality and the labels (and, with
 that range, then a random crop back to the patch size, zero / ignore padded where
 the rescaled patch is smaller: PAD's paper augmentation; patch models only),
 shifted in brightness with ``jitter=sigma`` (each band of each sample by its
-own offset from N(0, sigma), in standard deviations), and cropped to the
+own offset from N(0, sigma), in standard deviations), with
+``modality_dropout=p`` one modality of a sample, chosen uniformly, replaced by
+zeros (the normalised band mean) with probability p, never every modality (so
+the model learns to classify from each one alone too), and cropped to the
 model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
 LongTensor(P - 2 margin, P - 2 margin))``.
 
@@ -142,6 +145,7 @@ class PatchDataset(IterableDataset):
         state: StreamState | None = None,
         rescale: tuple[float, float] | None = None,
         jitter: float = 0.0,
+        modality_dropout: float = 0.0,
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
@@ -163,6 +167,9 @@ class PatchDataset(IterableDataset):
         if not jitter >= 0:
             raise ValueError(f"jitter must be >= 0, got {jitter!r}")
         self.jitter = float(jitter)
+        if not 0 <= modality_dropout < 1:
+            raise ValueError(f"modality_dropout must be a probability in [0, 1), got {modality_dropout!r}")
+        self.modality_dropout = float(modality_dropout)
         self.seed = int(seed)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not one of {world} ranks")
@@ -171,7 +178,7 @@ class PatchDataset(IterableDataset):
     def _copy(self, state: StreamState | None, rank: int, world: int) -> "PatchDataset":
         return PatchDataset(
             self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale,
-            jitter=self.jitter, seed=self.seed, rank=rank, world=world,
+            jitter=self.jitter, modality_dropout=self.modality_dropout, seed=self.seed, rank=rank, world=world,
         )
 
     def with_state(self, state: StreamState) -> "PatchDataset":
@@ -211,6 +218,11 @@ class PatchDataset(IterableDataset):
                 for name in self.sampler.modalities:
                     offsets = rng.normal(0.0, self.jitter, size=inputs[name].shape[0]).astype(np.float32)
                     inputs[name] += torch.from_numpy(offsets)[:, None, None]
+            if self.augment and self.modality_dropout and len(inputs) > 1:
+                # its own generator too: the flips, rescale and jitter draws stay those of a run without it
+                rng = np.random.default_rng((self.seed, stream, position, 2))
+                if rng.random() < self.modality_dropout:
+                    inputs[self.sampler.modalities[int(rng.integers(len(inputs)))]].zero_()
             if self.augment and self.rescale is not None:
                 # drawn from (seed, stream, position): the same sample gets the same rescale on resume
                 rng = np.random.default_rng((self.seed, stream, position))

@@ -61,6 +61,9 @@ class DataOptions:
     jitter: float = 0.0
     """Random brightness: each band of each training sample is shifted by an offset drawn from N(0, jitter), in
     units of the band's standard deviation (sensors, dates and calibration differ between stores); 0 = off."""
+    modality_dropout: float = 0.0
+    """With this probability one modality of a training sample, chosen uniformly, is replaced by zeros (its
+    normalised band mean), never every modality: the model learns to classify from each alone too; 0 = off."""
 
     def check(self) -> None:
         """Refuse values no sampler can run with (one line naming the option)."""
@@ -73,6 +76,7 @@ class DataOptions:
         _require("block", self.block, "a whole number of px >= 0 (0 = auto)", whole(0))
         _require("min_labelled", self.min_labelled, "a share in 0..1", lambda v: 0 <= v <= 1)
         _require("jitter", self.jitter, "a number >= 0 (standard deviations; 0 = off)", lambda v: v >= 0)
+        _require("modality_dropout", self.modality_dropout, "a share in 0..1 (below 1; 0 = off)", share)
         for name in ("val_fraction", "test_fraction"):
             _require(name, getattr(self, name), "a share in 0..1 (below 1)", share)
         if self.val_fraction + self.test_fraction >= 1:
@@ -312,7 +316,10 @@ def assemble(
         band_stats=band_stats,
         extra={"stores": train_paths, "val_stores": val_paths, "sampler": "pixels" if pixels else "patches"},
     )
-    train_data = PatchDataset(sampler, band_stats, margin=spec.margin, augment=True, rescale=rescale_range(data, pixels), jitter=data.jitter, seed=seed)
+    train_data = PatchDataset(
+        sampler, band_stats, margin=spec.margin, augment=True, rescale=rescale_range(data, pixels),
+        jitter=data.jitter, modality_dropout=data.modality_dropout, seed=seed,
+    )
     return TrainingData(
         model=net,
         config=config,
