@@ -47,14 +47,22 @@ GREETING_LIMIT = 1 << 20
 """Largest first message accepted from a scheduler: dask's greeting is a few hundred bytes."""
 SPECS = "sync, local:N, cuda, tcp://HOST:PORT or a scheduler file"
 DEFAULT_PORT = 8786
+WORKERS_PER_CORE = 4
+"""Most ``local:N`` worker processes per core of this machine: beyond that, N is a typo, not a cluster
+(each worker is a Python process holding a model; thousands would exhaust the machine before any work)."""
+MAX_TIMEOUT = 86400.0
+"""Longest connection timeout accepted, in seconds (a day): beyond that (or inf) it is a typo."""
 
 
 def _local_workers(spec: str) -> int:
+    """Worker processes of ``local[:N]``: N in 1..:data:`WORKERS_PER_CORE` x cores, else :class:`InputError`."""
     count = spec.partition(":")[2]
+    cores = os.cpu_count() or 1
     if not count:
-        return os.cpu_count() or 1
-    if not count.isdigit() or int(count) < 1:
-        raise InputError(f"bad cluster spec {spec!r}: write local:N with N >= 1 worker processes")
+        return cores
+    most = WORKERS_PER_CORE * cores
+    if not count.isdigit() or not 1 <= int(count) <= most:
+        raise InputError(f"bad cluster spec {spec!r}: write local:N with N in 1..{most} worker processes ({cores} cores here)")
     return int(count)
 
 
@@ -67,8 +75,8 @@ def _seconds(timeout: float | str) -> float:
             timeout = parse_timedelta(timeout)
         except (ValueError, KeyError):
             raise InputError(f"bad timeout {timeout!r}: give seconds, e.g. timeout=10") from None
-    if timeout is None or not timeout > 0:
-        raise InputError(f"the connection timeout must be > 0 seconds, got {timeout}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT:
+        raise InputError(f"the connection timeout must be > 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout}: pass e.g. --connect-timeout 10")
     return float(timeout)
 
 
