@@ -135,6 +135,10 @@ TRAIN_CASES = {
     "pixels per class 0": (["--pixels-per-class", "0"], "pixels_per_class"),
     "log every 0": (["--log-every", "0"], "log_every"),
     "nproc 0": (["--nproc", "0"], "nproc"),
+    # beyond what torch and the machine take: a segfault, an OverflowError traceback, processes until it gave up
+    "threads huge": (["--torch-threads", "99999999"], "torch_threads"),
+    "seed beyond 64 bits": (["--seed", str(2**64)], "seed"),
+    "workers huge": (["--workers", "99999"], "workers"),
 }
 
 

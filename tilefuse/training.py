@@ -75,6 +75,14 @@ RAW = "raw_weights/"
 """Prefix of the raw (not averaged) weights in the trainer tensors of a run with ``ema_decay``."""
 
 
+MAX_THREADS = 1024
+"""Most torch threads a process may ask for: more than any machine's cores (torch crashes on huge counts)."""
+MAX_SEED = 2**63 - 1
+"""Largest seed: torch's generators take a signed 64-bit seed."""
+WORKERS_PER_CORE = 4
+"""Most DataLoader worker processes per core: beyond that the number is a typo (each is a process)."""
+
+
 @dataclass
 class TrainSettings:
     """How the loop runs (the data side is the datasets')."""
@@ -107,9 +115,12 @@ class TrainSettings:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             _require(name, getattr(self, name), "a whole number >= 1", lambda v: isinstance(v, int) and v >= 1)
         if self.torch_threads is not None:
-            _require("torch_threads", self.torch_threads, "a whole number >= 1", lambda v: isinstance(v, int) and v >= 1)
-        for name in ("workers", "warmup", "val_every", "seed"):
+            _require("torch_threads", self.torch_threads, f"a whole number in 1..{MAX_THREADS}", lambda v: isinstance(v, int) and 1 <= v <= MAX_THREADS)
+        for name in ("warmup", "val_every"):
             _require(name, getattr(self, name), "a whole number >= 0", lambda v: isinstance(v, int) and v >= 0)
+        _require("seed", self.seed, f"a whole number in 0..{MAX_SEED}", lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED)
+        most = WORKERS_PER_CORE * default_threads()
+        _require("workers", self.workers, f"a whole number in 0..{most} ({WORKERS_PER_CORE} per core)", lambda v: isinstance(v, int) and 0 <= v <= most)
         _require("lr", self.lr, "a number > 0", lambda v: math.isfinite(v) and v > 0)
         for name in ("weight_decay", "grad_clip", "min_lr"):
             _require(name, getattr(self, name), "a number >= 0", lambda v: math.isfinite(v) and v >= 0)
