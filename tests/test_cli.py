@@ -9,6 +9,40 @@ def test_usage_errors_exit_2_with_one_message(capsys):
     assert "No such option" in err and "Traceback" not in err
 
 
+def _numeric_options():
+    """(command, option, values that are not of its type) for every int and float option of every command."""
+    import importlib
+    import typing
+
+    for name, target in sorted(COMMANDS.items()):
+        module, function = target.split(":")
+        hints = typing.get_type_hints(getattr(importlib.import_module(module), function), include_extras=True)
+        for param, hint in hints.items():
+            base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            base = next((t for t in typing.get_args(base) if t is not type(None)), base)  # Optional[int] -> int
+            options = [a for a in typing.get_args(hint)[1:] if type(a).__name__ == "OptionInfo"]
+            if base in (int, float) and options:
+                option = next((d for d in options[0].param_decls or () if d.startswith("--")), "--" + param.replace("_", "-"))
+                yield name, option, ("abc", "") + (("1.5", "nan") if base is int else ())
+
+
+def test_every_usage_error_is_one_line_naming_the_option_and_the_help(capsys):
+    """Click prints three lines (Usage, Try, Error) for a value of the wrong type; the contract is one."""
+    cases = list(_numeric_options())
+    assert len(cases) > 20  # the options are found
+    for command, option, values in cases:
+        for value in values:
+            assert main([command, option, value]) == 2, (command, option, value)
+            err = capsys.readouterr().err
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("tilefuse: error: "), (command, option, value, err)
+            assert option in lines[0] and f"tilefuse {command} --help" in lines[0], lines[0]
+    for argv, words in ((["nosuch"], ("nosuch", "tilefuse --help")), (["train"], ("--model", "tilefuse train --help")), (["synth"], ("out", "synth --help"))):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_help(command, capsys):
     assert main([command, "--help"]) == 0

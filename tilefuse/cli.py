@@ -47,6 +47,19 @@ def _register() -> None:
 _register()
 
 
+def usage_line(error: Exception) -> str:
+    """One line for a usage error of the option parser (a value that is not a number, a missing option, an
+    unknown command): click's message and the ``--help`` of the command it concerns (click prints three lines)."""
+    names = []
+    context = getattr(error, "ctx", None)
+    while context is not None and context.parent is not None:
+        names.append(context.info_name)
+        context = context.parent
+    command = " ".join(["tilefuse", *reversed(names)])
+    message = " ".join(error.format_message().split()).rstrip(".")
+    return f"{message}: see `{command} --help`"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status instead of raising SystemExit."""
     try:
@@ -71,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else (0 if code is None else 1)
     except Exception as error:
         # usage errors; typer vendors its own click, so match by shape, not by class
-        if hasattr(error, "show") and isinstance(getattr(error, "exit_code", None), int):
-            error.show()
+        if hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int):
+            if error.format_message().strip():  # empty: the help was shown instead (no arguments)
+                print(f"tilefuse: error: {usage_line(error)}", file=sys.stderr)
             return error.exit_code
         raise
     if type(result) is int and result:
