@@ -485,3 +485,40 @@ def test_disk_filling_up_while_blocks_are_written_is_one_line(small_tmpfs, tmp_p
     assert code == 2 and one_error(err) and "No space left" in err, err
     assert not out.exists() or prediction_attrs(out)["complete"] is False
     assert not outputs.lock_path(out).exists()
+
+
+@pytest.mark.parametrize("name", ["g", "s.zarr", "run", "pred.zarr"])
+def test_overwrite_never_deletes_what_a_user_put_inside_an_output(world, tmp_path, capsys, name):
+    """Replacing a folder output deletes the folder: one holding anything tilefuse does not write there
+    (a file, a folder, another tilefuse store) is refused whole, for every folder and store kind, and an
+    output holding only its own entries is still replaced."""
+    root, w = world
+    g, s = w["g"], w["s.zarr"]
+    commands = {
+        "g": ["synth", tmp_path / "x.zarr", "--size", "32", "--geotiff", tmp_path / name, "--overwrite"],
+        "s.zarr": ["ingest", tmp_path / name, "-m", f"sar={g}/sar.tif", "--overwrite"],
+        "run": ["train", *TRAIN, "--store", s, "--out", tmp_path / name, "--overwrite"],
+        "pred.zarr": ["predict", "--checkpoint", w["run"], "--store", s, "--out", tmp_path / name, *PREDICT, "--overwrite"],
+    }
+    kind = found_kind(w[name])
+    for extra in ("notes.txt", "mine", "nested.zarr", ".hidden"):
+        out = tmp_path / name
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(tmp_path / "x.zarr", ignore_errors=True)
+        shutil.copytree(w[name], out)
+        if extra == "nested.zarr":
+            shutil.copytree(w["i.zarr"], out / extra)  # a store the user wrote inside it
+        elif extra == "mine":
+            (out / extra).mkdir()
+            (out / extra / "data.bin").write_bytes(b"mine")
+        else:
+            (out / extra).write_text("mine")
+        before = tree(tmp_path)
+        code, err = cli(commands[name], capsys)
+        assert code == 2 and one_error(err) and extra in err and "move it out" in err, (name, extra, err)
+        assert tree(tmp_path) == before, (name, extra)
+        with pytest.raises(InputError, match=extra.replace(".", r"\.")):
+            outputs.claim(out, kind, overwrite=True)
+        assert outputs.claim(out, kind, exist_ok=True) == out.resolve()  # a resume deletes nothing: allowed
+    (out / extra).unlink()  # the last one is a file
+    assert cli(commands[name], capsys)[0] == 0 and found_kind(out) == kind

@@ -12,7 +12,9 @@ Contract (DESIGN.md, "Data safety"):
   JSON files a top-level ``tilefuse_output`` key. An existing path without the
   marker of the kind being written (a scene store when writing a prediction,
   any other file or folder) is refused, ``overwrite=True`` or not. An existing
-  *empty* folder counts as absent for folder kinds.
+  *empty* folder counts as absent for folder kinds. A folder output that holds
+  anything tilefuse does not write there (:func:`foreign_entries`: a user's
+  file, a store written inside a run or GeoTIFF folder) is not replaced either.
 - **Whole or not at all.** :func:`create` yields a hidden temporary sibling
   (``.NAME.tmp-<host>-<pid>-<start>-<random>``) to write into, stamps the
   marker, and renames it into place (:func:`replace_path`). Temporaries and
@@ -262,6 +264,46 @@ def json_document(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, JSON_KEY: "json"}
 
 
+# ------------------------------------------------------------------ contents
+
+RUN_ENTRIES = frozenset(
+    {"state", "model.safetensors", "config.json", "log.jsonl", "curves.png", "metrics.json", "split.json", "index"}
+)
+"""What training writes at the top of a run folder (tilefuse.training, tilefuse.sampling)."""
+_LOCK = re.compile(r"\..+\.lock(\.stale-[0-9a-f]{6})?$")
+_SIDECARS = (".aux.xml", ".ovr", ".msk")
+
+
+def _ours(entry: Path, kind: str) -> bool:
+    """Whether ``entry``, at the top of a ``kind`` output, is something tilefuse writes there."""
+    name = entry.name
+    if name == MARKER_FILE or is_temporary(entry) or _LOCK.match(name):
+        return True
+    if KINDS[kind] == "zarr":  # the group's metadata, and its arrays (never a nested store, never a plain file)
+        return name == "zarr.json" or (entry.is_dir() and (entry / "zarr.json").is_file() and found_kind(entry) is None)
+    if kind == "run":
+        return name in RUN_ENTRIES
+    if kind == "checkpoint":
+        return name in ("config.json", "model.safetensors")
+    if kind == "geotiff-folder":  # its GeoTIFFs (each marked) and GDAL's sidecars of them
+        base = next((name[: -len(s)] for s in _SIDECARS if name.endswith(s)), None)
+        return found_kind(entry) == "geotiff" or (base is not None and found_kind(entry.parent / base) == "geotiff")
+    return True  # demo folders are reused, never deleted: each output inside is guarded itself
+
+
+def foreign_entries(path: str | os.PathLike, kind: str) -> list[Path]:
+    """Entries at the top of the ``kind`` output folder ``path`` that tilefuse does not write there, sorted.
+
+    Replacing the output deletes the whole folder, so :func:`claim` refuses to
+    overwrite one that holds any (a user's notes, a store written inside a run
+    or GeoTIFF folder): those are never deleted, even with overwrite.
+    """
+    try:
+        return sorted(entry for entry in Path(path).iterdir() if not _ours(entry, kind))
+    except OSError:
+        return []
+
+
 # ------------------------------------------------------------------ the guard
 
 
@@ -374,6 +416,13 @@ def claim(
             )
         if not (overwrite or exist_ok):
             raise InputError(f"{path} already exists: choose another output or pass overwrite=True (--overwrite) to replace it")
+        foreign = foreign_entries(target, kind) if overwrite and target.is_dir() else []
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise InputError(
+                f"{what} {path} holds {foreign[0].name}{more}, which tilefuse did not write there: it is never deleted, "
+                "even with overwrite; move it out of the folder or choose another output path"
+            )
     check_space(target, size)
     return target
 
