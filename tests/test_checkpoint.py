@@ -112,6 +112,29 @@ def test_bad_configs_give_input_error(tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("key", ["mean", "std"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "1.0", None, True])
+def test_band_statistics_that_are_no_finite_numbers_give_input_error(tmp_path, key, value):
+    """A NaN or infinite statistic normalised every input to 0 (or inf): a prediction of one class that looks fine."""
+    model, config = _trained_model("s2fin")
+    path = save_checkpoint(model, config, tmp_path / "ckpt")
+    stored = json.loads((path / CONFIG).read_text())
+    for name in stored["band_stats"]:
+        stored["band_stats"][name][key][-1] = value
+        text = json.dumps(stored)  # NaN and Infinity as Python's json writes (and reads) them
+        (path / CONFIG).write_text(text)
+        with pytest.raises(InputError, match="band_stats.*finite"):
+            load_checkpoint(path)
+        stored = json.loads(config.to_json())
+    stored["band_stats"][name]["std"][0] = -1.0
+    (path / CONFIG).write_text(json.dumps(stored))
+    with pytest.raises(InputError, match="std >= 0"):
+        load_checkpoint(path)
+    stored["band_stats"][name]["std"][0] = 0.0  # a constant band: allowed (normalised by 1)
+    (path / CONFIG).write_text(json.dumps(stored))
+    load_checkpoint(path)
+
+
 def test_registered_models_build_from_their_config():
     for name in CASES:
         config = _config(name)

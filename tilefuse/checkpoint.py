@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -100,9 +101,10 @@ def _checked_config(data: Any, source: str) -> dict[str, Any]:
     def count(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
-    def numbers(value: Any, length: int) -> bool:
+    def numbers(value: Any, length: int, least: float = -math.inf) -> bool:
+        """A list of ``length`` finite numbers >= ``least`` (a NaN mean made every input 0: plausible, wrong output)."""
         return isinstance(value, list) and len(value) == length and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= least for v in value
         )
 
     if not isinstance(data, dict):
@@ -136,10 +138,11 @@ def _checked_config(data: Any, source: str) -> dict[str, Any]:
     if "band_stats" in data:
         stats = data["band_stats"]
         if not isinstance(stats, dict) or not all(
-            name in modalities and isinstance(value, dict) and all(numbers(value.get(k), modalities[name]) for k in ("mean", "std"))
+            name in modalities and isinstance(value, dict)
+            and numbers(value.get("mean"), modalities[name]) and numbers(value.get("std"), modalities[name], 0.0)
             for name, value in stats.items()
         ):
-            raise bad("band_stats", 'an object of modality -> {"mean": [...], "std": [...]}, one number per band')
+            raise bad("band_stats", 'an object of modality -> {"mean": [...], "std": [...]}, one finite number per band (std >= 0)')
         args["band_stats"] = {name: dict(value) for name, value in stats.items()}
     if "roles" not in data:
         args["roles"] = sorted(modalities)  # written before roles were recorded: by position, over the sorted names
