@@ -55,8 +55,16 @@ def test_open_scene_errors_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         open_scene(tmp_path / "nope.zarr")
     (tmp_path / "junk.zarr").mkdir()
-    with pytest.raises(InputError, match="not a readable zarr store"):
+    with pytest.raises(InputError, match="not a readable zarr store.*: pass a scene store .*tilefuse ingest"):
         open_scene(tmp_path / "junk.zarr")
+    # every refusal of a path also names the fix: where a store of the expected kind comes from
+    from tilefuse.scene import open_store
+
+    scene = write_scene(make_scene(40, 40), tmp_path / "s.zarr")
+    (tmp_path / "file.tif").write_bytes(b"II*\0")
+    for path, kind in ((scene, "prediction"), (tmp_path / "file.tif", "scene"), (tmp_path / "junk.zarr", "prediction")):
+        with pytest.raises(InputError, match=f"pass a {kind} store \\(written by `tilefuse"):
+            open_store(path, kind)
 
 
 def test_require_modalities_names_the_problem(tmp_path):

@@ -235,6 +235,8 @@ def _record_label_counts(attrs, counts: np.ndarray) -> None:
 
 REPAIR = {"scene": "re-ingest it", "prediction": "recompute it with `tilefuse predict ... --resume`"}
 """What to do about a damaged store of each kind (the end of the error message)."""
+MADE_BY = {"scene": "(written by `tilefuse ingest` or `tilefuse synth`)", "prediction": "(written by `tilefuse predict`)"}
+"""Where a store of each kind comes from (the fix of a message about the wrong path)."""
 
 
 def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Dataset:
@@ -257,11 +259,11 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     except InputError:
         raise
     except Exception as error:  # zarr/xarray raise many types for a broken store
-        raise InputError(f"{path} is not a readable zarr store ({type(error).__name__}: {error})") from None
+        raise InputError(f"{path} is not a readable zarr store ({type(error).__name__}: {error}): pass a {kind} store {MADE_BY.get(kind, '')} or {REPAIR.get(kind, 're-create it')}") from None
     found = ds.attrs.get(STORE_KIND)
     if found != kind:
         what = f"a {found} store" if found else "not a tilefuse store"
-        raise InputError(f"{path} is {what}, expected a {kind} store")
+        raise InputError(f"{path} is {what}, expected a {kind} store: pass a {kind} store {MADE_BY.get(kind, '')}".rstrip())
     import rioxarray  # noqa: F401  (registers the .rio accessor)
 
     return ds
