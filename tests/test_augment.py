@@ -208,3 +208,32 @@ def test_a_resume_refuses_another_modality_dropout():
     assert _resolve_job("pad", None, ["a.zarr"], [], {}, older)["data"]["modality_dropout"] == 0.0
     with pytest.raises(InputError, match="modality_dropout"):
         _resolve_job("pad", None, ["a.zarr"], [], {"modality_dropout": 0.3}, older)
+
+
+def test_noise_fill_drops_the_same_modalities_with_unit_noise():
+    n = 300
+    zeros = _samples(PatchDataset(Positional(n), STATS, seed=6, modality_dropout=0.4), n)
+    noise = _samples(PatchDataset(Positional(n), STATS, seed=6, modality_dropout=0.4, modality_dropout_fill="noise"), n)
+    again = _samples(PatchDataset(Positional(n), STATS, seed=6, modality_dropout=0.4, modality_dropout_fill="noise"), n)
+    filled = []
+    for (xz, yz), (xn, yn), (xa, _) in zip(zeros, noise, again):
+        assert torch.equal(yz, yn) and all(torch.equal(xn[m], xa[m]) for m in xn)
+        for m in xz:
+            if m in _dropped(xz):  # the same draws pick the same sample and modality
+                filled.append(xn[m])
+            else:
+                assert torch.equal(xz[m], xn[m])
+    assert filled
+    values = torch.cat([v.reshape(-1) for v in filled])
+    assert abs(values.mean()) < 0.01 and abs(values.std() - 1) < 0.01
+    assert PatchDataset(Fake(), STATS, modality_dropout_fill="noise").with_state(StreamState(1, (3,), 0)).modality_dropout_fill == "noise"
+
+
+def test_bad_modality_dropout_fill_is_refused():
+    from tilefuse.errors import InputError
+    from tilefuse.training_data import DataOptions
+
+    with pytest.raises(ValueError, match="modality_dropout_fill"):
+        PatchDataset(Fake(), STATS, modality_dropout_fill="mean")
+    with pytest.raises(InputError, match=r"modality_dropout_fill= 'mean' \(--modality-dropout-fill\): use zeros or noise"):
+        DataOptions(modality_dropout_fill="mean").check()

@@ -62,6 +62,7 @@ def test_train_command_reaches_every_training_option(monkeypatch, tmp_path):
         "allow_fewer": (["--allow-fewer"], True), "class_balance": (["--class-balance"], True), "amp": (["--no-amp"], False),
         "sampler": (["--sampler", "patches"], "patches"), "split": (["--split", "stores"], "stores"),
         "device": (["--device", "cpu"], "cpu"), "rescale": (["--rescale", "0.5", "2"], [0.5, 2.0]),
+        "modality_dropout_fill": (["--modality-dropout-fill", "noise"], "noise"),
     }
     names = [f.name for f in (*fields(DataOptions), *fields(TrainSettings))]
     argv = []

@@ -15,8 +15,9 @@ the rescaled patch is smaller: PAD's paper augmentation; patch models only),
 shifted in brightness with ``jitter=sigma`` (each band of each sample by its
 own offset from N(0, sigma), in standard deviations), with
 ``modality_dropout=p`` one modality of a sample, chosen uniformly, replaced by
-zeros (the normalised band mean) with probability p, never every modality (so
-the model learns to classify from each one alone too), and cropped to the
+zeros (the normalised band mean; ``modality_dropout_fill="noise"``: by N(0, 1)
+noise, which carries no information either) with probability p, never every
+modality (so the model learns to classify from each one alone too), and cropped to the
 model's output: ``(inputs: {modality: Tensor(C, P, P)}, target:
 LongTensor(P - 2 margin, P - 2 margin))``.
 
@@ -146,6 +147,7 @@ class PatchDataset(IterableDataset):
         rescale: tuple[float, float] | None = None,
         jitter: float = 0.0,
         modality_dropout: float = 0.0,
+        modality_dropout_fill: str = "zeros",
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
@@ -170,6 +172,9 @@ class PatchDataset(IterableDataset):
         if not 0 <= modality_dropout < 1:
             raise ValueError(f"modality_dropout must be a probability in [0, 1), got {modality_dropout!r}")
         self.modality_dropout = float(modality_dropout)
+        if modality_dropout_fill not in ("zeros", "noise"):
+            raise ValueError(f"modality_dropout_fill must be zeros or noise, got {modality_dropout_fill!r}")
+        self.modality_dropout_fill = modality_dropout_fill
         self.seed = int(seed)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not one of {world} ranks")
@@ -178,7 +183,8 @@ class PatchDataset(IterableDataset):
     def _copy(self, state: StreamState | None, rank: int, world: int) -> "PatchDataset":
         return PatchDataset(
             self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale,
-            jitter=self.jitter, modality_dropout=self.modality_dropout, seed=self.seed, rank=rank, world=world,
+            jitter=self.jitter, modality_dropout=self.modality_dropout,
+            modality_dropout_fill=self.modality_dropout_fill, seed=self.seed, rank=rank, world=world,
         )
 
     def with_state(self, state: StreamState) -> "PatchDataset":
@@ -222,7 +228,11 @@ class PatchDataset(IterableDataset):
                 # its own generator too: the flips, rescale and jitter draws stay those of a run without it
                 rng = np.random.default_rng((self.seed, stream, position, 2))
                 if rng.random() < self.modality_dropout:
-                    inputs[self.sampler.modalities[int(rng.integers(len(inputs)))]].zero_()
+                    dropped = inputs[self.sampler.modalities[int(rng.integers(len(inputs)))]]
+                    if self.modality_dropout_fill == "noise":
+                        dropped.copy_(torch.from_numpy(rng.standard_normal(dropped.shape, dtype=np.float32)))
+                    else:
+                        dropped.zero_()
             if self.augment and self.rescale is not None:
                 # drawn from (seed, stream, position): the same sample gets the same rescale on resume
                 rng = np.random.default_rng((self.seed, stream, position))

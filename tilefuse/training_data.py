@@ -64,6 +64,9 @@ class DataOptions:
     modality_dropout: float = 0.0
     """With this probability one modality of a training sample, chosen uniformly, is replaced by zeros (its
     normalised band mean), never every modality: the model learns to classify from each alone too; 0 = off."""
+    modality_dropout_fill: str = "zeros"
+    """zeros | noise: what replaces a dropped modality (noise: N(0, 1) in normalised units). PAD's ConvNeXt-V2
+    encoders get exploding gradients from an all-zero input (README, "Results on small real data")."""
 
     def check(self) -> None:
         """Refuse values no sampler can run with (one line naming the option)."""
@@ -82,6 +85,8 @@ class DataOptions:
         if self.val_fraction + self.test_fraction >= 1:
             total = self.val_fraction + self.test_fraction
             raise InputError(f"val_fraction + test_fraction = {total:g} leaves nothing to train on: lower them")
+        if self.modality_dropout_fill not in ("zeros", "noise"):
+            raise InputError(f"unknown modality_dropout_fill= {self.modality_dropout_fill!r} (--modality-dropout-fill): use zeros or noise")
         if self.split not in ("blocks", "stores"):
             raise InputError(f"unknown split= {self.split!r} (--split): use blocks or stores")
         if self.sampler not in ("auto", "patches", "pixels"):
@@ -318,7 +323,8 @@ def assemble(
     )
     train_data = PatchDataset(
         sampler, band_stats, margin=spec.margin, augment=True, rescale=rescale_range(data, pixels),
-        jitter=data.jitter, modality_dropout=data.modality_dropout, seed=seed,
+        jitter=data.jitter, modality_dropout=data.modality_dropout,
+        modality_dropout_fill=data.modality_dropout_fill, seed=seed,
     )
     return TrainingData(
         model=net,
