@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from test_sampling import labelled_scene, write
@@ -163,6 +164,20 @@ def test_ema_decay_out_of_range_is_one_line(stores, tmp_path, value):
 
     with pytest.raises(InputError, match=r"ema_decay= \(--ema-decay\) must be a number in \[0, 1\)"):
         train("test-seg", stores, tmp_path / "run", steps=2, ema_decay=value, **FAST)
+
+
+@pytest.mark.parametrize("model", ["test-seg", "test-pixel"])
+def test_a_diverged_training_is_one_line_and_never_checkpoints_nan_weights(stores, tmp_path, model):
+    """A huge learning rate made the loss NaN; the run ended 'complete' with NaN weights, whose prediction looks fine."""
+    from tilefuse.errors import InputError
+
+    CRASH.update(at=None, count=0)
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match=r"training loss became nan at step \d+ .*--lr"):
+        train(model, stores, run, steps=6, checkpoint_every=1, lr=1e30, grad_clip=0.0, **FAST)
+    for weights in run.rglob("*.safetensors"):  # earlier checkpoints (if any) are finite
+        assert all(torch.isfinite(t).all() for t in load_file(str(weights)).values()), weights
+    assert not (run / "metrics.json").exists()  # never marked complete
 
 
 def _cli(args, capsys):

@@ -553,6 +553,11 @@ def _fit(
             if average is not None:
                 average.update(step)
             value = group.mean(float(loss.detach()))
+            if not math.isfinite(value):  # the weights are NaN/inf now: never checkpoint them (every rank sees the mean)
+                raise InputError(
+                    f"the training loss became {value} at step {step} (diverged): lower lr= (--lr, {settings.lr:g}) or clip "
+                    "gradients (--grad-clip), then start again with --overwrite (earlier checkpoints of this run are kept)"
+                )
             if on_step is not None:
                 on_step(step, value)
             window_loss, window_count = window_loss + value, window_count + 1
