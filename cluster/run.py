@@ -43,11 +43,18 @@ if TYPE_CHECKING:
     from tilefuse.tile_model import TileModelSpec
 
 DEFAULT_TILE = 256
+MAX_BLOCK = 32768
+"""Largest block (and so tile) edge in px: a block's input window is held in memory (32,768^2 px of 5 float32
+bands is 21 GB), and larger values are typos that failed deep in zarr or torch."""
+MAX_READ_AHEAD = 16
+"""Most blocks read ahead (``prefetch``): each holds its input window (about 110 MB at 2,048 px and 5 bands),
+and workers get a task thread per block read ahead."""
 
 
-def _whole(name: str, value: Any, low: int = 1) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-        raise InputError(f"{name}= (--{name.replace('_', '-')}) must be a whole number >= {low}, got {value!r}")
+def _whole(name: str, value: Any, low: int = 1, high: int | None = None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high)):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise InputError(f"{name}= (--{name.replace('_', '-')}) must be a whole number {bounds}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class PredictOptions:
     """px; None: a quarter tile for blending models, 0 for the others."""
     blend: str = "gaussian"
     batch_size: int | None = None
-    """None: from the workers' free memory."""
+    """None: from the workers' free memory; never more than the tiles of one block (:attr:`TileGrid.tiles_per_block`)."""
     block_size: int | None = None
     """None: :data:`tilefuse.scene.SHARD`, or the store's on ``resume``."""
     probs: str | None = None
@@ -94,9 +101,14 @@ class PredictOptions:
             raise InputError(f"unknown precision= (--precision) {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.probs is not None and self.probs not in PROBS_DTYPES:
             raise InputError(f"unknown probs dtype {self.probs!r}: choose one of {', '.join(PROBS_DTYPES)}")
-        for name in ("tile", "batch_size", "block_size", "torch_threads", "reader_threads"):
-            _whole(name, getattr(self, name))
-        _whole("prefetch", self.prefetch, low=0)
+        from tilefuse.training import MAX_THREADS
+
+        _whole("batch_size", self.batch_size)
+        for name in ("tile", "block_size"):
+            _whole(name, getattr(self, name), high=MAX_BLOCK)
+        for name in ("torch_threads", "reader_threads"):
+            _whole(name, getattr(self, name), high=MAX_THREADS)
+        _whole("prefetch", self.prefetch, low=0, high=MAX_READ_AHEAD)
         for name in ("channels_last", "compile", "resume", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name}= must be True or False, got {getattr(self, name)!r}")
@@ -426,7 +438,8 @@ class ClusterRun:
         if plan.existing:
             check_resumable(plan.out, settings)
         self.start()
-        self.job = plan.job(plan.options.batch_size or min(info.batch_size for info in self.workers.values()))
+        batch_size = plan.options.batch_size or min(info.batch_size for info in self.workers.values())
+        self.job = plan.job(min(batch_size, plan.grid.tiles_per_block))  # a larger batch would only hold padding
         if plan.existing is None:
             inputs = [plan.store, plan.checkpoint]
             attrs = {**settings, "scene": str(plan.store.resolve()), "checkpoint": str(plan.checkpoint.resolve())}

@@ -139,6 +139,9 @@ TRAIN_CASES = {
     "threads huge": (["--torch-threads", "99999999"], "torch_threads"),
     "seed beyond 64 bits": (["--seed", str(2**64)], "seed"),
     "workers huge": (["--workers", "99999"], "workers"),
+    # DataLoader workers assembled a batch of 10^8 samples for ever; inf shifted every band to inf
+    "batch beyond memory": (["--patch-size", "32", "--batch-size", "99999999"], "quarter of the free memory"),
+    "jitter inf": (["--jitter", "inf"], "jitter"),
 }
 
 

@@ -117,3 +117,13 @@ def test_bad_geometry_is_an_input_error(kwargs, match):
 def test_blocks_are_row_major():
     grid = TileGrid(130, 70, 32, 8, block=64)
     assert grid.blocks() == [Block(r, c) for r in range(3) for c in range(2)]
+
+
+@pytest.mark.parametrize("height,width,tile,overlap,block", [(100, 70, 16, 4, 32), (300, 301, 64, 0, 64), (50, 50, 32, 31, 96), (10, 500, 8, 2, 40)])
+def test_tiles_per_block_bounds_every_block_and_is_reached(height, width, tile, overlap, block):
+    grid = TileGrid(height, width, tile, overlap, block=block)
+    owned = [len(rows) * len(cols) for rows, cols in (grid.block_tiles(b) for b in grid.blocks())]
+    assert 0 < max(owned) <= grid.tiles_per_block <= grid.num_tiles
+    per_edge = -(-block // grid.stride)
+    rows, cols = (min(per_edge - 1, len(origins)) for origins in (grid.row_origins, grid.col_origins))
+    assert max(owned) >= rows * cols, "the bound is tight up to a row and a column"

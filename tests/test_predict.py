@@ -10,6 +10,7 @@ import tilefuse
 from tilefuse.checkpoint import ModelConfig, save_checkpoint
 from tilefuse.cli import main
 from tilefuse.errors import InputError
+from tilefuse.grid import TileGrid
 from tilefuse.prediction import done_blocks, open_prediction
 from tilefuse.scene import normalise, band_stats, open_scene
 from tilefuse.tile_model import build_model
@@ -135,6 +136,12 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, capsys):
         (checkpoint, scene, ("--batch-size", 0)),
         (checkpoint, scene, ("--prefetch", -1)),
         (checkpoint, scene, ("--reader-threads", 0)),
+        # typos that failed deep in zarr or torch (a segfault for the threads) or read the whole scene ahead
+        (checkpoint, scene, ("--block-size", 999_999_999_999)),
+        (checkpoint, scene, ("--tile", 10**6, "--block-size", 10**6)),
+        (checkpoint, scene, ("--torch-threads", 99_999_999)),
+        (checkpoint, scene, ("--reader-threads", 99_999_999)),
+        (checkpoint, scene, ("--prefetch", 10**6)),
         *([] if torch.cuda.is_available() else [(checkpoint, scene, ("--precision", "fp16")), (checkpoint, scene, ("--device", "cuda"))]),
     ]
     for args in cases:
@@ -144,6 +151,16 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, capsys):
         assert err.startswith("tilefuse: error:") and "\n" not in err and "Traceback" not in err, err
         assert not out.exists(), f"{args} left an output behind"
     assert _cli(checkpoint, scene, scene) == 2
+
+
+def test_a_batch_beyond_the_tiles_of_a_block_runs_as_that_many_with_the_same_output(tmp_path, setup, capsys):
+    """batch_size= larger than a block's tiles is cut to them (the rest would only be padding: 10^8 tiles asked
+    for 39 TB); the output is the same bits."""
+    _, scene, checkpoint, reference = setup
+    pred = tilefuse.predict(checkpoint, scene, tmp_path / "big.zarr", probs=True, **{**SETTINGS, "batch_size": 10**8, "progress": True})
+    assert f"batch {TileGrid(150, 130, SETTINGS['tile'], SETTINGS['overlap'], block=SETTINGS['block_size']).tiles_per_block})" in capsys.readouterr().err
+    assert np.array_equal(pred["labels"].values, reference["labels"].values)
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
 
 
 def test_read_ahead_settings_leave_every_bit_and_layout_settings_are_recorded(tmp_path, setup, capsys):

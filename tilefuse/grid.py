@@ -124,6 +124,12 @@ class TileGrid:
         return len(self.row_origins) * len(self.col_origins)
 
     @property
+    def tiles_per_block(self) -> int:
+        """The most tiles one block owns: origins ``stride`` apart along each of its edges, at most the scene's."""
+        per_edge = -(-self.block // self.stride)
+        return min(per_edge, len(self.row_origins)) * min(per_edge, len(self.col_origins))
+
+    @property
     def shape_in_blocks(self) -> tuple[int, int]:
         return -(-self.height // self.block), -(-self.width // self.block)
 

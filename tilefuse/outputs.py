@@ -338,7 +338,8 @@ def _describe(path: Path) -> str:
     return "a folder not written by tilefuse" if path.is_dir() else "a file not written by tilefuse"
 
 
-def _human(n: float) -> str:
+def human_size(n: float) -> str:
+    """``n`` bytes for a message: 1.5 GB."""
     unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -360,7 +361,7 @@ def check_space(path: str | os.PathLike, size: int) -> None:
         return
     if free < size:
         raise InputError(
-            f"not enough free space for {path}: it needs about {_human(size)}, {parent} has {_human(free)} free; "
+            f"not enough free space for {path}: it needs about {human_size(size)}, {parent} has {human_size(free)} free; "
             "free some space or choose another output"
         )
 

@@ -21,6 +21,7 @@ Errors name the Python parameter and its CLI flag (``patch_size= (--patch-size)`
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class DataOptions:
             _require(name, getattr(self, name), "a whole number >= 1", whole(1))
         _require("block", self.block, "a whole number of px >= 0 (0 = auto)", whole(0))
         _require("min_labelled", self.min_labelled, "a share in 0..1", lambda v: 0 <= v <= 1)
-        _require("jitter", self.jitter, "a number >= 0 (standard deviations; 0 = off)", lambda v: v >= 0)
+        _require("jitter", self.jitter, "a number >= 0 (standard deviations; 0 = off)", lambda v: math.isfinite(v) and v >= 0)
         _require("modality_dropout", self.modality_dropout, "a share in 0..1 (below 1; 0 = off)", share)
         for name in ("val_fraction", "test_fraction"):
             _require(name, getattr(self, name), "a share in 0..1 (below 1)", share)
@@ -192,6 +193,21 @@ def _saved_split(run: Path | None, paths: list[str], scenes):
     return saved.split
 
 
+def check_batch_memory(batch_size: int, sample_bytes: int) -> None:
+    """Refuse a batch whose samples alone would take more than a quarter of the free memory (a typo, not a run:
+    DataLoader workers assemble batches for ever before running out)."""
+    import psutil
+
+    from tilefuse.outputs import human_size
+
+    free = psutil.virtual_memory().available
+    if batch_size * sample_bytes > free // 4:
+        raise InputError(
+            f"batch_size= (--batch-size) {batch_size} would hold {human_size(batch_size * sample_bytes)} of samples per batch, "
+            f"more than a quarter of the free memory ({human_size(free)}): lower it"
+        )
+
+
 def assemble(
     model: str,
     stores: Sequence[str | os.PathLike],
@@ -279,6 +295,7 @@ def assemble(
             check_patch_fits((ds.sizes["y"], ds.sizes["x"]), data.patch_size, path)
     # validation tiles of the patch size; pixel models validate on pixels, blocks of 512 px
     tile = 2 * spec.margin + 1 if pixels else data.patch_size
+    check_batch_memory(batch_size, tile * tile * (4 * sum(spec.modalities.values()) + 8))  # float32 bands, int64 label
     readers = [SceneReader(p) for p in paths]  # one zarr handle per store, shared by the split and the samplers
     with ThreadPoolExecutor(OPEN_THREADS) as pool:
         list(pool.map(lambda reader: reader.group, readers))
