@@ -338,3 +338,23 @@ def test_a_killed_runs_spill_folder_is_removed_by_the_next_run(tmp_path, data):
     (dead / "0-0-down").write_bytes(b"left by a killed run")
     tilefuse.predict(checkpoint, scene, out, **SETTINGS)
     assert not dead.exists()
+
+
+def test_a_full_disk_while_strips_wait_is_one_line_and_the_store_resumes(tmp_path, data, monkeypatch):
+    import errno
+
+    _, scene, checkpoint = data
+    out = tmp_path / "p.zarr"
+    save = inference.Strip.save
+
+    def full(strip, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(inference.Strip, "save", full)
+    with pytest.raises(InputError, match="No space left on device"):
+        tilefuse.predict(checkpoint, scene, out, **SETTINGS)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.zarr"], "no spill folder, lock or temporary left"
+    monkeypatch.setattr(inference.Strip, "save", save)
+    resumed = tilefuse.predict(checkpoint, scene, out, **{**SETTINGS, "resume": True})
+    whole = tilefuse.predict(checkpoint, scene, tmp_path / "q.zarr", **SETTINGS)
+    assert np.array_equal(resumed["probs"].values, whole["probs"].values)
