@@ -58,6 +58,28 @@ def test_two_workers_give_bitwise_the_same_store_and_load_the_model_once(tmp_pat
     assert len(pickle.dumps(source)) < 4096
 
 
+@pytest.mark.slow
+def test_on_workers_strips_wait_on_disk_and_go_once_their_block_is_written(tmp_path, data, client, monkeypatch):
+    """Workers save the lower and lower-right strips beside the store and hand on their files; the client deletes
+    each once the block taking it up is written, so about one block row of them exists; the folder goes with the run."""
+    from tilefuse.cluster import blocks
+    from tilefuse.grid import TileGrid
+
+    _, scene, checkpoint, _, reference = data
+    alive, written = [], blocks._written
+
+    def counting_written(bar, spill, block):
+        written(bar, spill, block)
+        alive.append(len(list(spill.iterdir())))
+
+    monkeypatch.setattr(blocks, "_written", counting_written)
+    pred = tilefuse.predict(checkpoint, scene, tmp_path / "two.zarr", cluster=client, progress=False, **{**SETTINGS, "block_size": 32})
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
+    rows, cols = TileGrid(190, 170, 32, 10, block=32).shape_in_blocks
+    assert max(alive) > 0 and max(alive) <= 2 * (2 * cols - 1), alive  # of (rows - 1) * (2 * cols - 1) saved in all
+    assert [p.name for p in tmp_path.iterdir()] == ["two.zarr"]
+
+
 def _threads_in_task(source) -> int:
     from tilefuse.cluster.plugin import load_runner
 
