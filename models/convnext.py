@@ -113,6 +113,7 @@ class ConvNeXt(nn.Module):
         )
         self.norms = nn.ModuleList(LayerNorm2d(w) for w in widths)
         self.apply(_init_weights)
+        _init_stem_bias(self.downsample[0][0])
 
     @classmethod
     def from_preset(cls, name: str, in_channels: int, **kwargs) -> "ConvNeXt":
@@ -138,6 +139,19 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def _init_stem_bias(stem: nn.Conv2d) -> None:
+    """Draw the stem's bias as ``trunc_normal(0.02)``, like the weights, instead of zeros (ours; pretrained
+    weights replace it).
+
+    Where the input is all zeros (nodata pixels, which normalise to 0 in every band, and the zero padding of
+    a patch shrunk by ``rescale``), a zero bias makes the stem's output the zero vector, whose LayerNorm has
+    zero variance: each LayerNorm on the way divides by ``sqrt(eps) = 1e-3`` and the gradient norm of a fresh
+    PAD micro reached 5.9e10 on a patch with a zero quarter (1.4 without one), so gradient clipping shrank every
+    such step to nothing. A bias that differs between channels gives those pixels a normal LayerNorm input.
+    """
+    nn.init.trunc_normal_(stem.bias, std=0.02)
 
 
 # --- loading pretrained weights -------------------------------------------------------------

@@ -215,3 +215,23 @@ def test_loading_rejects_wrong_size_pickles_and_foreign_files(tmp_path):
 
 class _NotATensor:
     """Pickled as a custom class: ``torch.load(weights_only=True)`` must refuse it."""
+
+
+@pytest.mark.parametrize("preset", ["micro", "atto"])
+def test_zero_input_regions_keep_the_gradient_of_a_fresh_encoder_normal(preset):
+    """Nodata pixels and the padding of a patch shrunk by rescale are 0 in every band: a fresh encoder must not
+    turn them into zero-variance LayerNorm inputs (the gradient norm reached 1e10 and clipping stalled training)."""
+    from tilefuse.models.convnext import ConvNeXt
+
+    torch.manual_seed(0)
+    encoder = ConvNeXt.from_preset(preset, 4)
+    x = torch.randn(2, 4, 64, 64)
+
+    def gradient_norm(inputs):
+        encoder.zero_grad()
+        sum(f.square().mean() for f in encoder(inputs)).backward()
+        return float(torch.nn.utils.clip_grad_norm_(encoder.parameters(), float("inf")))
+
+    padded = x.clone()
+    padded[:, :, :40, :40] = 0
+    assert gradient_norm(padded) < 10 * gradient_norm(x)
