@@ -47,15 +47,15 @@ GREETING_LIMIT = 1 << 20
 """Largest first message accepted from a scheduler: dask's greeting is a few hundred bytes."""
 SPECS = "sync, local:N, cuda, tcp://HOST:PORT or a scheduler file"
 DEFAULT_PORT = 8786
-WORKERS_PER_CORE = 4
-"""Most ``local:N`` worker processes per core of this machine: beyond that, N is a typo, not a cluster
-(each worker is a Python process holding a model; thousands would exhaust the machine before any work)."""
 MAX_TIMEOUT = 86400.0
 """Longest connection timeout accepted, in seconds (a day): beyond that (or inf) it is a typo."""
 
 
 def _local_workers(spec: str) -> int:
-    """Worker processes of ``local[:N]``: N in 1..:data:`WORKERS_PER_CORE` x cores, else :class:`InputError`."""
+    """Worker processes of ``local[:N]``: N in 1..:data:`tilefuse.training.WORKERS_PER_CORE` x cores, else
+    :class:`InputError` (each worker is a process holding a model: thousands would exhaust the machine first)."""
+    from tilefuse.training import WORKERS_PER_CORE
+
     count = spec.partition(":")[2]
     cores = os.cpu_count() or 1
     if not count:

@@ -80,7 +80,8 @@ MAX_THREADS = 1024
 MAX_SEED = 2**63 - 1
 """Largest seed: torch's generators take a signed 64-bit seed."""
 WORKERS_PER_CORE = 4
-"""Most DataLoader worker processes per core: beyond that the number is a typo (each is a process)."""
+"""Most worker processes per core (DataLoader workers, ``local:N`` dask workers): beyond that the number is a
+typo (each is a process)."""
 
 
 @dataclass

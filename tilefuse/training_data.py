@@ -66,8 +66,9 @@ class DataOptions:
     """With this probability one modality of a training sample, chosen uniformly, is replaced by zeros (its
     normalised band mean), never every modality: the model learns to classify from each alone too; 0 = off."""
     modality_dropout_fill: str = "zeros"
-    """zeros | noise: what replaces a dropped modality (noise: N(0, 1) in normalised units). PAD's ConvNeXt-V2
-    encoders get exploding gradients from an all-zero input (README, "Results on small real data")."""
+    """zeros | noise: what replaces a dropped modality (noise: N(0, 1) in normalised units). Noise was added
+    while an all-zero input stalled PAD's ConvNeXt-V2 encoders; their drawn stem bias has cured that since
+    (README, "Results on small real data")."""
 
     def check(self) -> None:
         """Refuse values no sampler can run with (one line naming the option)."""
