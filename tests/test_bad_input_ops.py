@@ -142,6 +142,8 @@ TRAIN_CASES = {
     # DataLoader workers assembled a batch of 10^8 samples for ever; inf shifted every band to inf
     "batch beyond memory": (["--patch-size", "32", "--batch-size", "99999999"], "quarter of the free memory"),
     "jitter inf": (["--jitter", "inf"], "jitter"),
+    # the cosine "decayed" upwards from lr to min_lr
+    "min lr above lr": (["--lr", "1e-4", "--min-lr", "1e-3"], "is above lr= (--lr)"),
 }
 
 

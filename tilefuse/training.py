@@ -126,6 +126,8 @@ class TrainSettings:
         for name in ("weight_decay", "grad_clip", "min_lr"):
             _require(name, getattr(self, name), "a number >= 0", lambda v: math.isfinite(v) and v >= 0)
         _require("ema_decay", self.ema_decay, "a number in [0, 1) (0 = off)", lambda v: 0 <= v < 1)
+        if self.min_lr > self.lr:
+            raise InputError(f"min_lr= (--min-lr) {self.min_lr:g} is above lr= (--lr) {self.lr:g}: the cosine decays from lr down to min_lr; lower min_lr")
         check_device(self.device)
 
 
