@@ -31,7 +31,7 @@ def label_counts(ds) -> list[int]:
 
 def describe(ds) -> str:
     """A human-readable summary of a scene Dataset: grid, modalities with band stats, valid, labels, storage."""
-    from tilefuse.scene import IGNORE, band_dim, modalities
+    from tilefuse.scene import IGNORE, band_dim, modalities, stored_band_stats
 
     height, width = ds.sizes["y"], ds.sizes["x"]
     crs = ds.rio.crs
@@ -49,11 +49,12 @@ def describe(ds) -> str:
         bands = [str(b) for b in var[dim].values] if dim in var.coords else []
         shown = ", ".join(bands[:8]) + (f", ... ({len(bands)} bands)" if len(bands) > 8 else "")
         lines.append(f"modality   {name}: {var.sizes[dim]} bands, {var.dtype} [{shown}]")
-        if "band_mean" in var.attrs:
-            n = min(8, len(var.attrs["band_mean"]))
-            more = " ..." if len(var.attrs["band_mean"]) > n else ""
-            lines.append(f"             mean {_fmt(var.attrs['band_mean'][:n])}{more}")
-            lines.append(f"             std  {_fmt(var.attrs['band_std'][:n])}{more}")
+        stats = stored_band_stats(ds, name)  # damaged statistics raise InputError
+        if stats is not None:
+            n = min(8, len(stats[0]))
+            more = " ..." if len(stats[0]) > n else ""
+            lines.append(f"             mean {_fmt(stats[0][:n])}{more}")
+            lines.append(f"             std  {_fmt(stats[1][:n])}{more}")
         lines.append(f"             storage {_storage(var)}")
     counts = ds[modalities(ds)[0]].attrs.get("band_count") if modalities(ds) else None
     if counts:

@@ -232,3 +232,34 @@ def test_sharded_prediction_blocks_are_checked_and_repaired(tmp_path):
     repaired = open_prediction(out).load()
     for var in ("labels", "probs"):
         np.testing.assert_array_equal(repaired[var].values, reference[var].values)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("band_mean", "strings"), ("band_mean", float("nan")), ("band_mean", "short"), ("band_std", -1.0), ("band_std", None), ("band_count", -5)],
+)
+def test_damaged_band_statistics_are_one_line_for_info_train_and_predict(pristine, tmp_path, capsys, key, value):
+    """Band statistics edited to strings, NaN, a negative std or count, or the wrong length are a damaged store:
+    a NaN mean trained on all-zero inputs and wrote a NaN checkpoint, a negative std was pooled as a positive one,
+    strings and a short list were tracebacks."""
+    import test_training  # noqa: F401  (registers test-seg)
+    from tilefuse import storage
+
+    _, stores, checkpoint, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores["chunks"], store)
+    attrs = zarr.open_group(store, mode="r+")["optical"].attrs
+    bands = len(attrs["band_mean"])
+    attrs[key] = {"strings": ["x"] * bands, "short": [0.1] * (bands - 1)}.get(value, [value] * bands)
+    storage.consolidate(store)
+    run = ["train", "--model", "test-seg", "--store", str(store), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+           "--patch-size", "32", "--workers", "0", "--quiet"]
+    # the pristine checkpoint has no band statistics, so predict normalises with the store's
+    commands = [["info", str(store)], run, ["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(tmp_path / "p.zarr"), *PREDICT]]
+    for args in commands:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
+        assert len(lines) == 1 and f"damaged band statistics ({key}" in lines[0] and "re-ingest" in lines[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p.zarr").exists()

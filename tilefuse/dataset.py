@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import xarray as xr
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tilefuse.scene import normalise
+from tilefuse.scene import band_stats, normalise, stored_band_stats
 
 BandStats = dict[str, dict[str, list[float]]]
 """modality -> {"mean": [...], "std": [...]}: the checkpoint config's ``band_stats``."""
@@ -62,14 +62,10 @@ def pooled_band_stats(scenes: Sequence[xr.Dataset], modalities: Sequence[str]) -
     for name in modalities:
         counts, sums, squares = 0.0, 0.0, 0.0
         for ds in scenes:
-            attrs = ds[name].attrs
-            if "band_mean" not in attrs:
-                from tilefuse.scene import band_stats
-
+            stats = stored_band_stats(ds, name)  # damaged statistics raise InputError
+            if stats is None:
                 band_stats(ds, name)  # raises the InputError naming the fix
-            n = np.asarray(attrs.get("band_count", [1] * len(attrs["band_mean"])), dtype=np.float64)
-            mean = np.asarray(attrs["band_mean"], dtype=np.float64)
-            std = np.asarray(attrs["band_std"], dtype=np.float64)
+            mean, std, n = stats
             counts, sums, squares = counts + n, sums + n * mean, squares + n * (std**2 + mean**2)
         total = np.maximum(counts, 1.0)
         mean = sums / total

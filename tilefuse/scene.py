@@ -54,14 +54,41 @@ def modalities(ds: xr.Dataset) -> list[str]:
     return list(names)
 
 
-def band_stats(ds: xr.Dataset, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band (mean, std) of a modality, as float32 arrays; std is never 0."""
+def stored_band_stats(ds: xr.Dataset, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The stored per-band (mean, std, count) of a modality as float64 arrays, or None where it has none.
+
+    Statistics that are not one finite number per band (std and count >= 0)
+    are a damaged store: an InputError (a NaN mean normalised every input to 0,
+    a negative std was pooled as a positive one, a string was a traceback).
+    """
     attrs = ds[modality].attrs
     if "band_mean" not in attrs or "band_std" not in attrs:
+        return None
+    bands = int(ds[modality].sizes[band_dim(modality)])
+    out = []
+    for key, least in (("band_mean", -np.inf), ("band_std", 0.0), ("band_count", 0.0)):
+        value = attrs.get(key, [1] * bands)
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == bands
+            and all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) and np.isfinite(v) and v >= least for v in value)
+        ):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise InputError(
+                f"modality {modality!r} has damaged band statistics ({key} must be {bands} finite numbers"
+                f"{' >= 0' if least == 0 else ''}, got {shown}): the store is corrupt, re-ingest it with `tilefuse ingest`"
+            )
+        out.append(np.asarray(value, dtype=np.float64))
+    return out[0], out[1], out[2]
+
+
+def band_stats(ds: xr.Dataset, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band (mean, std) of a modality, as float32 arrays; std is never 0."""
+    stats = stored_band_stats(ds, modality)
+    if stats is None:
         raise InputError(f"modality {modality!r} has no band statistics: re-ingest the store with `tilefuse ingest`")
-    mean = np.asarray(attrs["band_mean"], dtype=np.float32)
-    std = np.asarray(attrs["band_std"], dtype=np.float32)
-    return mean, np.where(std > 0, std, 1.0).astype(np.float32)
+    mean, std, _ = stats
+    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
 def normalise(data: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
