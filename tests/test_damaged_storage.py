@@ -263,3 +263,34 @@ def test_damaged_band_statistics_are_one_line_for_info_train_and_predict(pristin
         lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
         assert len(lines) == 1 and f"damaged band statistics ({key}" in lines[0] and "re-ingest" in lines[0], err
     assert not (tmp_path / "run").exists() and not (tmp_path / "p.zarr").exists()
+
+
+@pytest.mark.parametrize("name, change", [("optical", "delete"), ("valid", "delete"), ("valid", "float32"), ("valid", "uint8"), ("label", "int16")])
+def test_a_missing_array_or_one_of_another_dtype_is_one_line(pristine, tmp_path, capsys, name, change):
+    """A modality the store lists but no longer holds was a KeyError traceback; a ``valid`` of another dtype a
+    traceback in predict and a silently different mask in training; a label of another dtype was trained on."""
+    import test_training  # noqa: F401  (registers test-seg)
+    from tilefuse import storage
+
+    _, stores, checkpoint, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores["chunks"], store)
+    group = zarr.open_group(store, mode="r+")
+    array = group[name]
+    data, attrs, dims, chunks = array[...], dict(array.attrs), array.metadata.dimension_names, array.chunks
+    del group[name]
+    if change != "delete":
+        retyped = group.create_array(name, shape=data.shape, dtype=change, chunks=chunks, dimension_names=dims)
+        retyped[...] = data.astype(change)
+        retyped.attrs.update(attrs)
+    storage.consolidate(store)
+    run = ["train", "--model", "test-seg", "--store", str(store), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+           "--patch-size", "32", "--workers", "0", "--quiet"]
+    commands = [["info", str(store)], run, ["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(tmp_path / "p.zarr"), *PREDICT]]
+    for args in commands:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
+        assert len(lines) == 1 and repr(name) in lines[0] and "corrupt" in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p.zarr").exists()

@@ -291,9 +291,35 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     if found != kind:
         what = f"a {found} store" if found else "not a tilefuse store"
         raise InputError(f"{path} is {what}, expected a {kind} store: pass a {kind} store {MADE_BY.get(kind, '')}".rstrip())
+    if kind == "scene":
+        problem = _layout_problem(ds)
+        if problem:
+            raise InputError(f"{path}: {problem}: the store is corrupt, re-ingest it")
     import rioxarray  # noqa: F401  (registers the .rio accessor)
 
     return ds
+
+
+def _layout_problem(ds: xr.Dataset) -> str | None:
+    """What breaks the scene store layout (module docstring) in ``ds``'s metadata, or None.
+
+    A modality it lists but does not hold was a KeyError traceback; a ``valid``
+    of another dtype a traceback in predict and a silent mask in training.
+    """
+    for name in modalities(ds):
+        if name not in ds.data_vars:
+            return f"modality {name!r} is listed in its attrs but its array is missing"
+        if ds[name].dims != (band_dim(name), "y", "x"):
+            return f"modality {name!r} has dims {ds[name].dims}, not {(band_dim(name), 'y', 'x')}"
+    wanted = {"valid": np.dtype(bool), "label": np.dtype(np.uint8)}
+    for name, dtype in wanted.items():
+        if name not in ds.data_vars:
+            if name == "valid":
+                return "its array 'valid' is missing"
+            continue
+        if ds[name].dims != ("y", "x") or ds[name].dtype != dtype:
+            return f"its array {name!r} is {ds[name].dtype} {ds[name].dims}, a scene store's is {dtype} ('y', 'x')"
+    return None
 
 
 def open_scene(path: str | os.PathLike) -> xr.Dataset:
