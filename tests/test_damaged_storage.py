@@ -294,3 +294,33 @@ def test_a_missing_array_or_one_of_another_dtype_is_one_line(pristine, tmp_path,
         lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
         assert len(lines) == 1 and repr(name) in lines[0] and "corrupt" in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "p.zarr").exists()
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+@pytest.mark.parametrize("name", ["labels", "probs", "block_done"])
+def test_an_array_whose_metadata_is_gone_is_one_line_and_overwrite_rewrites_it(pristine, tmp_path, capsys, name, how):
+    """Reads go by the consolidated metadata, so a store whose ``NAME/zarr.json`` was deleted or damaged opened:
+    evaluate scored it and ``predict --resume`` ended in a KeyError traceback while writing a block."""
+    _, stores, checkpoint, pred = pristine
+    reference = open_prediction(pred).load()
+    copy = tmp_path / "pred.zarr"
+    shutil.copytree(pred, copy)
+    meta = copy / name / "zarr.json"
+    meta.unlink() if how == "delete" else meta.write_bytes(meta.read_bytes()[:20])
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(copy), "--probs", *PREDICT]
+    for command in (["evaluate", str(copy), "--labels", str(stores["chunks"])], [*args, "--resume"]):
+        capsys.readouterr()
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
+        assert len(lines) == 1 and f"array {name!r}" in lines[0] and "--overwrite" in lines[0] and "Traceback" not in err, err
+    assert main([*args, "--overwrite"]) == 0
+    for var in ("labels", "probs"):
+        np.testing.assert_array_equal(open_prediction(copy)[var].values, reference[var].values)
+
+    scene = tmp_path / "scene.zarr"
+    shutil.copytree(stores["chunks"], scene)
+    (scene / "optical" / "zarr.json").write_text("{")
+    capsys.readouterr()
+    assert main(["info", str(scene)]) == 2
+    assert "array 'optical' (optical/zarr.json) is damaged" in capsys.readouterr().err

@@ -280,7 +280,9 @@ def _ours(entry: Path, kind: str) -> bool:
     if name == MARKER_FILE or is_temporary(entry) or _LOCK.match(name):
         return True
     if KINDS[kind] == "zarr":  # the group's metadata, and its arrays (never a nested store, never a plain file)
-        return name == "zarr.json" or (entry.is_dir() and (entry / "zarr.json").is_file() and found_kind(entry) is None)
+        if name == "zarr.json" or (entry.is_dir() and (entry / "zarr.json").is_file() and found_kind(entry) is None):
+            return True
+        return _damaged_array(entry)
     if kind == "run":
         return name in RUN_ENTRIES
     if kind == "checkpoint":
@@ -289,6 +291,16 @@ def _ours(entry: Path, kind: str) -> bool:
         base = next((name[: -len(s)] for s in _SIDECARS if name.endswith(s)), None)
         return found_kind(entry) == "geotiff" or (base is not None and found_kind(entry.parent / base) == "geotiff")
     return True  # demo folders are reused, never deleted: each output inside is guarded itself
+
+
+def _damaged_array(entry: Path) -> bool:
+    """Whether ``entry`` is an array of the store above it whose own metadata is gone or damaged: named in the
+    store's consolidated metadata and holding nothing but its chunk folder ``c`` and ``zarr.json``."""
+    try:
+        listed = json.loads((entry.parent / "zarr.json").read_text()).get("consolidated_metadata", {}).get("metadata", {})
+        return entry.is_dir() and not entry.is_symlink() and entry.name in listed and {e.name for e in entry.iterdir()} <= {"c", "zarr.json"}
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def foreign_entries(path: str | os.PathLike, kind: str) -> list[Path]:

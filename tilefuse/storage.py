@@ -297,10 +297,33 @@ def checks_for(group: zarr.Group, written: Mapping[str, Collection] | None = Non
     return checks
 
 
+def _check_array_metadata(path: Path, group: zarr.Group) -> None:
+    """Refuse a store whose consolidated metadata lists an array whose own ``zarr.json`` is gone or not JSON.
+
+    Reads go by the consolidated copy, so such a store opened, but writing a
+    block into it (a ``--resume``) was a KeyError traceback.
+    """
+    import json
+
+    for name, _ in group.arrays():
+        meta = path / name / "zarr.json"
+        try:
+            json.loads(meta.read_text())
+        except (OSError, ValueError) as error:
+            state = "missing" if isinstance(error, FileNotFoundError) else "damaged"
+            raise InputError(
+                f"{path}: the metadata of array {name!r} ({name}/zarr.json) is {state}: the store is corrupt and cannot be "
+                "repaired in place, write it again with --overwrite"
+            ) from None
+
+
 def verified_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it", read_only: bool = True) -> VerifiedStore:
     """A :class:`VerifiedStore` over the zarr store at ``path`` (see :func:`checks_for` for ``written``)."""
     path = Path(path)
-    checks = checks_for(_raw_group(path), written)
+    group = _raw_group(path)
+    if _consolidated(path):
+        _check_array_metadata(path, group)
+    checks = checks_for(group, written)
     return VerifiedStore(LocalStore(path, read_only=read_only), checks, str(path), fix)
 
 
