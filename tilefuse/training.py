@@ -274,6 +274,11 @@ class RunDir:
         if resume and overwrite:
             raise InputError("--resume and --overwrite contradict each other: pass one")
         if resume and not self.has_state():
+            if os.path.lexists(self.path):  # a run stopped before its first checkpoint: "without --resume" says "already exists"
+                raise InputError(
+                    f"{self.path} has no training state to resume (the run stopped before its first checkpoint): "
+                    "start it again with --overwrite, or choose another --out"
+                )
             raise InputError(f"{self.path} has no training state to resume: start it without --resume")
         if os.path.lexists(self.path) and not (resume or overwrite):
             raise InputError(f"{self.path} already exists: pass --resume to continue it, --overwrite to replace it, or choose another --out")
