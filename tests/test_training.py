@@ -284,3 +284,16 @@ def test_a_run_stopped_before_its_first_checkpoint_is_restarted_as_the_message_s
     assert code == 2 and len(err.splitlines()) == 1 and "--overwrite" in err, err
     assert _cli(base + ["--overwrite"], capsys)[0] == 0
     assert read_config(run).extra["step"] == 1
+
+
+def test_resuming_a_finished_run_keeps_its_validation_metrics(stores, tmp_path, capsys):
+    """A --resume of a run that had already finished ran no step, so nothing validated, and metrics.json
+    was rewritten with "val": null: the run's validation scores were lost."""
+    run = tmp_path / "run"
+    base = ["train", "--model", "test-seg", "--store", str(stores[0]), "--out", str(run), "--steps", "2", "--batch-size", "2",
+            "--patch-size", "32", "--workers", "0", "--quiet"]
+    assert _cli(base, capsys)[0] == 0
+    before = json.loads((run / "metrics.json").read_text())
+    assert before["val"] and before["val"]["overall_accuracy"] is not None
+    assert _cli(base + ["--resume"], capsys)[0] == 0
+    assert json.loads((run / "metrics.json").read_text()) == before

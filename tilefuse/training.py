@@ -481,6 +481,7 @@ def _fit(
     streams = StreamState.fresh(workers * ranks.world, ranks.world)
     step = 0
     average = None
+    last_val: dict[str, Any] | None = None
     if writer:
         run.path.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -504,6 +505,9 @@ def _fit(
         step = int(trainer["step"])
         if writer:
             run.truncate_log(step)
+            # the last validation up to the saved step: a resume of a finished run (no step left to run, so none
+            # validates) rewrote metrics.json with "val": null
+            last_val = next((r["val"] for r in reversed(run.read_log()) if "val" in r), None)
     if average is None and settings.ema_decay > 0:
         average = WeightAverage(model, settings.ema_decay)
     averaged = average.applied if average is not None else contextlib.nullcontext
@@ -538,7 +542,6 @@ def _fit(
                 tensors.update({RAW + k: v for k, v in raw.items()})
             run.save(model, config, trainer, tensors)
 
-    last_val: dict[str, Any] | None = None
     window_loss, window_count, clock = 0.0, 0, time.perf_counter()
     batches = iter(loader)
     bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not (progress and writer), dynamic_ncols=True)
