@@ -300,13 +300,13 @@ class TileRunner:
             self._weights[key] = torch.tensor(window * np.float32(FIXED_POINT), device=self.device)
         return self._weights[key]
 
-    def bands(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two int64 band accumulators of ``shape`` (not zeroed: :func:`run_block` does), in memory kept from block to block."""
-        flat = self._buffers.get("bands")
+    def band(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The int64 band accumulator of ``shape`` (not zeroed: :func:`run_block` does), in memory kept from block to block."""
+        flat = self._buffers.get("band")
         size = int(np.prod(shape))
-        if flat is None or flat.numel() < 2 * size:
-            flat = self._buffers["bands"] = torch.empty(2 * size, dtype=torch.int64, device=self.device)
-        return flat[:size].view(shape), flat[size : 2 * size].view(shape)
+        if flat is None or flat.numel() < size:
+            flat = self._buffers["band"] = torch.empty(size, dtype=torch.int64, device=self.device)
+        return flat[:size].view(shape)
 
     def buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The persistent float32 input batch of one modality (the same memory and layout for every call)."""
@@ -445,8 +445,9 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
     Tile rows run top to bottom into a band of sums ``tile`` rows high. Once a
     tile row is done, the rows above the next one are final (no later tile
     reaches them): :class:`_BlockSink` takes them, and the band moves down by
-    the stride, keeping its overlap rows. So the device holds two bands, not
-    the whole block, and rows are finished while their sums are still in cache.
+    the stride: its last ``overlap`` rows (the next tile row's top band) are
+    copied to its top. So the device holds one band, not the whole block, and
+    rows are finished while their sums are still in cache.
     """
     if not len(inputs.tiles):
         return BlockSums(BlockOwn())
@@ -457,13 +458,13 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
     dy, dx = int(row_origins[0]) - ext_rows.start, int(col_origins[0]) - ext_cols.start
     sink = _BlockSink(job, inputs, runner.device)
     # every tile whole: the band runs past the scene edge, where reflected pixels land and are cut off
-    band, spare = runner.bands((job.num_classes, tile, dx + (len(col_origins) - 1) * stride + tile))
+    band = runner.band((job.num_classes, tile, dx + (len(col_origins) - 1) * stride + tile))
     dense = len(inputs.tiles) == len(row_origins) * len(col_origins)
     if dense:  # the tiles cover the band but for its first dx columns
         band[:, :, :dx].zero_()
-        spare[:, :, :dx].zero_()
     else:
         band.zero_()
+    kept = tile - stride  # rows a tile row hands on to the next one
     windows = _device_inputs(job, inputs, runner)
     # (rows, cols, C, size, size) views of every tile of the window: no copy
     views = {name: data.unfold(1, size, stride).unfold(2, size, stride).permute(1, 2, 0, 3, 4) for name, data in windows.items()}
@@ -486,10 +487,10 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
         for (i, j), tile_sums in zip(chosen, sums):
             while row < i:  # tile row done: hand on the rows above the next one, move the band down
                 sink.rows(dy + row * stride, band[:, :stride])
-                spare[:, : tile - stride].copy_(band[:, stride:])
+                # rows stride: to :kept (a copy first where they overlap, an overlap above half the tile)
+                band[:, :kept].copy_(band[:, stride:] if kept <= stride else band[:, stride:].clone())
                 if not dense:
-                    spare[:, tile - stride :].zero_()
-                band, spare = spare, band
+                    band[:, kept:].zero_()
                 row += 1
             accumulate(band[:, :, dx + j * stride :], tile_sums, grid.overlap * (i > 0), grid.overlap * (j > 0), dense)
     sink.rows(dy + row * stride, band)
