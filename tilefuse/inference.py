@@ -14,7 +14,7 @@ anywhere:
    statistics, cuts the tiles as views (``unfold``; one copy per tile into
    the batch buffer), runs them in fixed-shape batches, and sums
    ``softmax * window`` in fixed point into an accumulator on the device
-   (:func:`accumulate`) that holds one tile row at a time (two bands of
+   (:func:`accumulate`) that holds one tile row at a time (a band of
    ``tile`` rows: rows above the next tile row are final and handed on as
    they are done). The block's pixels that no
    neighbour's tile reaches are finished there, on the device, and only
