@@ -92,6 +92,9 @@ BAD_INPUTS = {
     "bad resampling": (["-m", "sar={sar}", "--resampling", "sideways"], "unknown --resampling"),
     "bad reference": (["-m", "sar={sar}", "--reference", "optical"], "--reference 'optical' is not a modality"),
     "bad crs": (["-m", "sar={sar}", "--crs", "EPSG:999999"], "--crs 'EPSG:999999' is not a CRS"),
+    # evaluate keys its metrics by class name: two ids named alike lost one class's scores
+    "a class name twice": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,forest,water"], "classes 0 and 2 the same name 'water'"),
+    "an empty class name": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,,crops"], "leave class 1 without a name"),
 }
 
 

@@ -31,6 +31,20 @@ def is_default_name(name: str, class_id: int) -> bool:
     return name in (f"class_{class_id}", f"class {class_id}")
 
 
+def class_names_problem(names) -> str | None:
+    """What is wrong with ``names`` as a class list (None if nothing): not a list of strings, an empty name, or one
+    name for two ids (metrics are keyed by name, so evaluate dropped one of two classes named alike)."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        shown = repr(names) if len(repr(names)) <= 60 else repr(names)[:57] + "..."
+        return f"must be a list of strings, got {shown}"
+    if any(not n.strip() for n in names):
+        return f"leave class {next(k for k, n in enumerate(names) if not n.strip())} without a name (an empty string)"
+    twice = next((n for k, n in enumerate(names) if n in names[:k]), None)
+    if twice is not None:
+        return f"give classes {names.index(twice)} and {names.index(twice, names.index(twice) + 1)} the same name {twice!r}"
+    return None
+
+
 def store_class_names(ds) -> list[str]:
     """Class list of a scene store's ``label``: its ``class_names``, extended with defaults up to its highest id.
 

@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from tilefuse.classes import IGNORE
+from tilefuse.classes import IGNORE, class_names_problem
 from tilefuse.errors import InputError
 from tilefuse.storage import FORMAT, FORMAT_ATTR, WRITE_EMPTY_CHUNKS, compressors, consolidate, with_checksums
 
@@ -195,6 +195,10 @@ def write_scene(
     claim(path, "scene", inputs=inputs, overwrite=overwrite)
     if "valid" not in ds:
         raise ValueError("a scene needs a 'valid' (y, x) mask")
+    if "label" in ds and "class_names" in ds["label"].attrs:
+        problem = class_names_problem(ds["label"].attrs["class_names"])
+        if problem:
+            raise InputError(f"the class names {problem}: give each class id its own non-empty name (--class-names)")
     if ds.rio.crs is None:
         raise InputError("the scene has no CRS: pass --crs (e.g. EPSG:32632)")
     names = [str(n) for n in ds.data_vars if ds[n].dims == (band_dim(str(n)), "y", "x")]
@@ -319,6 +323,10 @@ def _layout_problem(ds: xr.Dataset) -> str | None:
             continue
         if ds[name].dims != ("y", "x") or ds[name].dtype != dtype:
             return f"its array {name!r} is {ds[name].dtype} {ds[name].dims}, a scene store's is {dtype} ('y', 'x')"
+    if "label" in ds.data_vars and "class_names" in ds["label"].attrs:
+        problem = class_names_problem(ds["label"].attrs["class_names"])
+        if problem:
+            return f"the class_names of its array 'label' {problem}"
     return None
 
 
