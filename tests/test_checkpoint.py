@@ -140,3 +140,23 @@ def test_registered_models_build_from_their_config():
         config = _config(name)
         model = build_model(name, config.modalities, config.num_classes, **config.hparams)
         assert model.spec.modalities == config.modalities and model.spec.num_classes == 4
+
+
+def test_a_flipped_byte_in_the_weights_is_refused_and_older_checkpoints_still_load(tmp_path):
+    """safetensors keeps no checksum: a byte flipped inside a tensor loaded silently (a prediction that looks fine).
+    The config records the weights' SHA-256; a checkpoint without it (older) loads as before."""
+    from tilefuse.checkpoint import DIGEST
+
+    model, config = _trained_model("pad")
+    path = save_checkpoint(model, config, tmp_path / "ckpt")
+    load_checkpoint(path)
+    data = bytearray((path / WEIGHTS).read_bytes())
+    data[-1000] ^= 0x01
+    (path / WEIGHTS).write_bytes(bytes(data))
+    for reader in (load_checkpoint, checkpoint_hash):
+        with pytest.raises(InputError, match="do not match the checksum"):
+            reader(path)
+    stored = json.loads((path / CONFIG).read_text())
+    del stored[DIGEST]
+    (path / CONFIG).write_text(json.dumps(stored))
+    load_checkpoint(path)  # no recorded checksum: loads, as before

@@ -297,3 +297,19 @@ def test_resuming_a_finished_run_keeps_its_validation_metrics(stores, tmp_path, 
     assert before["val"] and before["val"]["overall_accuracy"] is not None
     assert _cli(base + ["--resume"], capsys)[0] == 0
     assert json.loads((run / "metrics.json").read_text()) == before
+
+
+def test_resume_refuses_training_state_whose_weights_are_damaged(stores, tmp_path, capsys):
+    """The saved weights a resume continues from are checked against their recorded checksum (a flipped byte trained on)."""
+    run = tmp_path / "run"
+    base = ["train", "--model", "test-seg", "--store", str(stores[0]), "--out", str(run), "--batch-size", "2",
+            "--patch-size", "32", "--workers", "0", "--quiet"]
+    assert _cli(base + ["--steps", "1"], capsys)[0] == 0
+    weights = run / "state" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01
+    weights.write_bytes(bytes(data))
+    before = (run / "metrics.json").read_bytes()
+    code, err = _cli(base + ["--steps", "1", "--resume"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "do not match the checksum" in err, err
+    assert (run / "metrics.json").read_bytes() == before

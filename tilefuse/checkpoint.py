@@ -36,6 +36,9 @@ from tilefuse.tile_model import TileModel, accepts_hyperparameter, build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+DIGEST = "weights_sha256"
+"""config.json key: SHA-256 of the weights file's tensor bytes (after its header); safetensors has no checksum of
+its own, so a flipped byte in a weight loaded silently. Checked where present (older checkpoints have none)."""
 
 
 @dataclass
@@ -168,8 +171,38 @@ def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLi
     size = sum(v.numel() * v.element_size() for v in state.values())
     with create(path, "checkpoint", inputs=inputs, overwrite=True, size=size, what="checkpoint") as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"model": config.model})
-        (tmp / CONFIG).write_text(replace(config, roles=dict(model.spec.roles)).to_json())  # the roles the weights have
+        data = replace(config, roles=dict(model.spec.roles)).to_dict()  # the roles the weights have
+        (tmp / CONFIG).write_text(json.dumps({**data, DIGEST: _weights_digest(tmp / WEIGHTS)}, indent=2, sort_keys=True))
     return path
+
+
+def _weights_digest(weights: Path) -> str:
+    """SHA-256 of the tensor bytes of a safetensors file (everything after its 8-byte length and JSON header)."""
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose weights do not match the checksum its config records (InputError, one line)."""
+    path = Path(path)
+    data = read_json(path / CONFIG, "checkpoint config", "retrain or restore it")
+    recorded = data.get(DIGEST) if isinstance(data, dict) else None
+    if recorded is None:  # written before checksums were recorded
+        return
+    try:
+        found = _weights_digest(path / WEIGHTS)
+    except OSError as error:
+        raise InputError(f"checkpoint weights {path / WEIGHTS} are unreadable ({error}): retrain or restore them") from None
+    if found != recorded:
+        raise InputError(
+            f"checkpoint weights {path / WEIGHTS} do not match the checksum in its {CONFIG} (damaged, or not the weights "
+            "saved with that config): retrain or restore them (a killed training run: resume it)"
+        )
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -193,6 +226,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         state = load_file(str(path / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"checkpoint weights {path / WEIGHTS} are unreadable ({error}): retrain or restore them") from None
+    verify_weights(path)  # a file that parses may still hold a damaged tensor
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -202,7 +236,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def checkpoint_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of a checkpoint's weights and config: identifies what produced a prediction."""
+    """SHA-256 of a checkpoint's weights and config: identifies what produced a prediction.
+
+    Reading every byte anyway, it first checks the weights against their recorded checksum
+    (:func:`verify_weights`), so a damaged checkpoint is refused before a prediction starts.
+    """
+    verify_weights(path)
     digest = hashlib.sha256()
     for name in (WEIGHTS, CONFIG):
         with open(Path(path) / name, "rb") as handle:

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 
 from tilefuse import distributed
 from tilefuse.outputs import _me, check_inputs, claim, clean_stale, create, replace_path, temporary_sibling
-from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint
+from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint, verify_weights
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
 from tilefuse.metrics import ConfusionMatrix
@@ -493,6 +493,7 @@ def _fit(
                 f"resume with {saved.world} processes (--nproc / torchrun) and --workers {saved.workers} for an exact resume"
             )
         tensors = run.load_tensors()
+        verify_weights(run.state)
         model.load_state_dict(load_file(str(run.state / WEIGHTS), device=str(device)))
         if settings.ema_decay > 0:  # the checkpoint holds the average, the trainer state the raw weights
             average = WeightAverage(model, settings.ema_decay)
