@@ -27,7 +27,12 @@ from tilefuse.errors import InputError
 
 
 def _overview_count(height: int, width: int, smallest: int = 128) -> int:
-    """Halvings until the image fits in ``smallest`` px (at least one level, so small files have overviews too)."""
+    """Halvings until the image fits in ``smallest`` px (at least one level, so small files have overviews too).
+
+    A 1 x 1 px image has none: it cannot be halved (GDAL's COG driver fails with "Unknown GDAL Error").
+    """
+    if max(height, width) < 2:
+        return 0
     return max(1, math.ceil(math.log2(max(height, width) / smallest)))
 
 

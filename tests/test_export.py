@@ -56,3 +56,15 @@ def test_export_refuses_to_overwrite_and_bad_inputs(tmp_path, prediction):
     assert main(["export", str(scene), str(tmp_path / "scene.tif")]) == 2, "a scene store is not a prediction"
     assert main(["export", str(tmp_path / "missing.zarr"), str(tmp_path / "x.tif")]) == 2
     assert not (tmp_path / "scene.tif").exists() and not (tmp_path / "x.tif").exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1)])
+def test_one_pixel_and_one_line_scenes_export(tmp_path, shape):
+    """A 1 x 1 px prediction was an "Unknown GDAL Error" traceback: it has no overview to make."""
+    scene = write_test_scene(tmp_path / "scene.zarr", *shape, seed=2)
+    pred = tilefuse.predict(save_pointwise(tmp_path / "pointwise"), scene, tmp_path / "pred.zarr", tile=16, progress=False)
+    out = tmp_path / "labels.tif"
+    assert main(["export", str(tmp_path / "pred.zarr"), str(out)]) == 0
+    with rasterio.open(out) as cog:
+        assert (cog.height, cog.width) == shape
+        assert np.array_equal(cog.read(1), pred["labels"].values)
