@@ -313,3 +313,16 @@ def test_resume_refuses_training_state_whose_weights_are_damaged(stores, tmp_pat
     code, err = _cli(base + ["--steps", "1", "--resume"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "do not match the checksum" in err, err
     assert (run / "metrics.json").read_bytes() == before
+
+
+def test_a_store_given_twice_is_refused(stores, tmp_path, capsys):
+    """A --val-store that is also a --store (here through a symlink) was validated on the pixels it trained on:
+    flattering scores that look like any others; a --store given twice was held out by two different splits."""
+    link = tmp_path / "link.zarr"
+    link.symlink_to(stores[0])
+    base = ["train", "--model", "test-seg", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+            "--patch-size", "32", "--workers", "0", "--quiet"]
+    for extra in (["--store", str(stores[0]), "--val-store", str(link)], ["--store", str(stores[0]), "--store", str(stores[0]) + "/"]):
+        code, err = _cli(base + extra, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "is given twice" in err, err
+        assert not (tmp_path / "run").exists()

@@ -256,6 +256,13 @@ def assemble(
     train_paths = [str(Path(p).resolve()) for p in stores]
     val_paths = [str(Path(p).resolve()) for p in val_stores]
     paths = train_paths + val_paths
+    for k, path in enumerate(paths):  # real paths: a symlink or another spelling of a store is the store
+        if path in paths[:k]:
+            first, again = ("--store" if i < len(train_paths) else "--val-store" for i in (paths.index(path), k))
+            raise InputError(
+                f"store {path} is given twice (as {first} and as {again}): its pixels would be both trained and "
+                "validated on (or held out by two different splits); give each store once"
+            )
     hparams = dict(hparams or {})
     run = None if run is None else Path(run)
 
