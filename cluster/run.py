@@ -224,7 +224,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     from tilefuse.cluster.plugin import ModelSource
     from tilefuse.grid import TileGrid
     from tilefuse.outputs import claim, clean_stale
-    from tilefuse.prediction import check_resumable, prediction_attrs
+    from tilefuse.prediction import SCENE_DIGEST, check_resumable, prediction_attrs, scene_digest
     from tilefuse.scene import SHARD, open_scene, require_modalities
     from tilefuse.tile_model import available_models
 
@@ -261,6 +261,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
         "probs": options.probs or "none",
         "height": grid.height,
         "width": grid.width,
+        SCENE_DIGEST: scene_digest(scene, config.modalities),  # a resume must read the same scene
     }
     if existing:
         check_resumable(out, settings)  # the settings; device kind and threads once the workers are known

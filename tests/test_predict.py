@@ -89,6 +89,30 @@ def test_resume_with_other_settings_or_checkpoint_is_refused(tmp_path, setup):
     assert zarr.open_group(out).attrs.asdict() == before
 
 
+def test_resume_from_another_scene_on_the_same_grid_is_refused(tmp_path, setup):
+    """A partial store resumed with another scene of the same size was finished from it: two scenes' labels, 'complete'."""
+    _, scene, checkpoint, reference = setup
+    out = tmp_path / "pred.zarr"
+    reset_calls()
+    FAIL_AFTER["forward"] = 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tilefuse.predict(checkpoint, scene, out, **SETTINGS)
+    reset_calls()
+    other = write_test_scene(tmp_path / "other.zarr", 150, 130, seed=12, nodata=(slice(0, 20), slice(0, 130)))
+    moved = tmp_path / "moved.zarr"
+    import shutil
+
+    shutil.copytree(scene, moved)
+    before = zarr.open_group(out).attrs.asdict()
+    with pytest.raises(InputError, match="another scene"):
+        tilefuse.predict(checkpoint, other, out, resume=True, **SETTINGS)
+    assert _cli(checkpoint, other, out, "--resume", "--tile", 32, "--overlap", 8, "--block-size", 64) == 2
+    assert zarr.open_group(out).attrs.asdict() == before and not done_blocks(out).all()
+    # the same scene moved elsewhere resumes, to the same bits
+    pred = tilefuse.predict(checkpoint, moved, out, resume=True, **SETTINGS)
+    assert np.array_equal(pred["labels"].values, reference["labels"].values)
+
+
 def test_existing_output_needs_overwrite_or_resume(tmp_path, setup):
     root, scene, checkpoint, reference = setup
     out = tmp_path / "pred.zarr"
