@@ -113,6 +113,28 @@ def test_resume_from_another_scene_on_the_same_grid_is_refused(tmp_path, setup):
     assert np.array_equal(pred["labels"].values, reference["labels"].values)
 
 
+@pytest.mark.parametrize("complete", [False, True])
+def test_a_damaged_manifest_key_is_redone_by_the_resume_the_error_names(tmp_path, setup, capsys, complete):
+    """A garbled block_done key: readers said 'recompute it with --resume', and --resume failed with that same line."""
+    _, scene, checkpoint, reference = setup
+    out = tmp_path / "pred.zarr"
+    tilefuse.predict(checkpoint, scene, out, probs=True, **SETTINGS)
+    if not complete:
+        group = zarr.open_group(out, mode="r+")
+        group["block_done"][2, 1] = 0
+        group.attrs["complete"] = False
+    (out / "block_done" / "c" / "0" / "1").write_bytes(b"garbage")
+    if not complete:
+        assert main(["evaluate", str(out), "--labels", str(scene)]) == 2
+        assert "'block_done'" in capsys.readouterr().err
+    reset_calls()
+    assert _cli(checkpoint, scene, out, "--resume", "--tile", 32, "--overlap", 8, "--block-size", 64, "--batch-size", 2, "--probs") == 0
+    assert CALLS["tiles"] > 0 and done_blocks(out).all()
+    pred = open_prediction(out)
+    assert np.array_equal(pred["labels"].values, reference["labels"].values)
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
+
+
 def test_existing_output_needs_overwrite_or_resume(tmp_path, setup):
     root, scene, checkpoint, reference = setup
     out = tmp_path / "pred.zarr"

@@ -317,25 +317,47 @@ def damaged_blocks(path: str | os.PathLike, done: np.ndarray | None = None) -> l
         return [block for block, bad in zip(blocks, pool.map(is_damaged, blocks)) if bad]
 
 
+def _damaged_markers(path: Path) -> list[tuple[int, int]]:
+    """Blocks whose manifest key is present but missing its checksum or truncated: whether they were written is unknown."""
+    group = zarr.open_group(path, mode="r")
+    if group.attrs.get(storage.FORMAT_ATTR) != storage.FORMAT:
+        return []
+    check = storage.checks_for(group, {MANIFEST: []})[MANIFEST]
+    rows, cols = _stored_markers(path)
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if storage.key_problem(path, check, (int(r), int(c)))]
+
+
+def _unmark(path: Path, blocks: list[tuple[int, int]]) -> None:
+    """Mark ``blocks`` not done (and the store incomplete), removing their keys: the store never claims a block it does not hold."""
+    group = zarr.open_group(path, mode="r+")
+    checks = storage.checks_for(group)
+    for row, col in blocks:
+        group[MANIFEST][row, col] = 0
+        for name in OUTPUTS:  # the block's keys go: a rewrite must not read (merge into) damaged bytes
+            for index in _block_keys(checks[name], row, col) if name in checks else []:
+                Path(path, storage.chunk_key(name, index)).unlink(missing_ok=True)
+    group.attrs["complete"] = False
+    storage.consolidate(path)
+
+
 def pending_blocks(path: str | os.PathLike, grid: TileGrid) -> list[Block]:
     """Blocks to (re)compute, in row-major order: those not marked done, and done ones whose data is damaged.
 
     A damaged block is first unmarked and its keys removed (and the store
-    marked incomplete), so the store never claims a block it does not hold.
+    marked incomplete), so the store never claims a block it does not hold;
+    so is a block whose manifest key itself is damaged (readers refuse such a
+    store, and ``--resume`` is what their message names).
     """
+    path = Path(path)
+    unreadable = _damaged_markers(path)
+    if unreadable:
+        _unmark(path, unreadable)
     done = done_blocks(path)
     damaged = damaged_blocks(path, done)
     if damaged:
-        group = zarr.open_group(path, mode="r+")
-        checks = storage.checks_for(group)
+        _unmark(path, damaged)
         for row, col in damaged:
-            group[MANIFEST][row, col] = 0
             done[row, col] = False
-            for name in OUTPUTS:  # the block's keys go: a rewrite must not read (merge into) damaged bytes
-                for index in _block_keys(checks[name], row, col) if name in checks else []:
-                    Path(path, storage.chunk_key(name, index)).unlink(missing_ok=True)
-        group.attrs["complete"] = False
-        storage.consolidate(path)
     return [block for block in grid.blocks() if not done[block]]
 
 
