@@ -326,3 +326,31 @@ def test_a_store_given_twice_is_refused(stores, tmp_path, capsys):
         code, err = _cli(base + extra, capsys)
         assert code == 2 and len(err.splitlines()) == 1 and "is given twice" in err, err
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut last log line", "bad log line", "trainer.json not an object", "trainer tensors truncated"])
+def test_a_damaged_run_folder_resumes_or_is_one_line(stores, tmp_path, capsys, damage):
+    """A kill while a log record was appended left an unterminated last line, and --resume was a JSONDecodeError
+    traceback; a trainer.json that is JSON but not the saved state, or truncated trainer tensors, were tracebacks."""
+    run = tmp_path / "run"
+    base = ["train", "--model", "test-seg", "--store", str(stores[0]), "--out", str(run), "--steps", "2", "--batch-size", "2",
+            "--patch-size", "32", "--workers", "0", "--quiet", "--log-every", "1"]
+    assert _cli(base, capsys)[0] == 0
+    log = run / "log.jsonl"
+    if damage == "cut last log line":
+        log.write_text(log.read_text() + '{"step": 3, "lo')
+    elif damage == "bad log line":
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text("".join([lines[0], "garbage\n", *lines[1:]]))
+    elif damage == "trainer.json not an object":
+        (run / "state" / "trainer.json").write_text("[1]")
+    else:
+        tensors = run / "state" / "trainer.safetensors"
+        tensors.write_bytes(tensors.read_bytes()[:100])
+    code, err = _cli(base + ["--resume"], capsys)
+    if damage == "cut last log line":
+        assert code == 0, err
+        assert log.read_text().endswith("\n") and '"lo' not in log.read_text().splitlines()[-1]
+    else:
+        assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert ("damaged at line 2" if damage == "bad log line" else "--overwrite") in err, err

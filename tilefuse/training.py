@@ -53,6 +53,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402  (after the wait policy)
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -297,9 +298,13 @@ class RunDir:
 
     def read_trainer(self) -> dict[str, Any]:
         try:
-            return json.loads((self.state / TRAINER_JSON).read_text())
+            trainer = json.loads((self.state / TRAINER_JSON).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"training state in {self.state} is unreadable ({error}): start the run again with --overwrite") from None
+        keys = ("step", "settings", "job", "streams", "optimizer", "scheduler", "rng")
+        if not isinstance(trainer, dict) or not all(key in trainer for key in keys) or not isinstance(trainer["step"], int):
+            raise InputError(f"training state in {self.state} is damaged ({TRAINER_JSON} is not what training saves): start the run again with --overwrite")
+        return trainer
 
     def save(self, model: TileModel, config: ModelConfig, trainer: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Write the state folder atomically, then refresh the top-level checkpoint files."""
@@ -317,16 +322,35 @@ class RunDir:
             replace_path(part, self.path / name)
 
     def load_tensors(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.state / TRAINER_TENSORS))
+        try:
+            return load_file(str(self.state / TRAINER_TENSORS))
+        except (SafetensorError, OSError) as error:
+            raise InputError(f"training state in {self.state} is unreadable ({TRAINER_TENSORS}: {error}): start the run again with --overwrite") from None
 
     def append_log(self, record: dict[str, Any]) -> None:
         with open(self.log, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def read_log(self) -> list[dict[str, Any]]:
+        """The log's records; an unterminated last line (an append cut short by a kill) is left out."""
         if not self.log.is_file():
             return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        text = self.log.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                raise InputError(f"training log {self.log} is damaged at line {number}: delete that line, or start the run again with --overwrite")
+            records.append(record)
+        return records
 
     def truncate_log(self, step: int) -> None:
         """Drop log records after ``step`` (a crashed run may have logged past its last checkpoint)."""
