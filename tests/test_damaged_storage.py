@@ -347,3 +347,54 @@ def test_class_names_edited_to_something_else_than_distinct_names_are_one_line(p
         lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
         assert len(lines) == 1 and "class_names of its array 'label'" in lines[0] and "corrupt" in lines[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("what", ["Task", "_GatheringFuture"])
+def test_abandoned_sibling_reads_stay_quiet_after_the_one_line(caplog, what):
+    """evaluate/predict on a store with a damaged key sometimes printed dozens of lines of
+    '_GatheringFuture exception was never retrieved' tracebacks after the error line (zarr's pool shut at exit)."""
+    import asyncio
+    import logging
+
+    from tilefuse.storage import _orphans_quiet
+
+    loop = asyncio.new_event_loop()
+    try:
+        _orphans_quiet(loop)
+        with caplog.at_level(logging.DEBUG, logger="asyncio"):
+            for error in (RuntimeError("cannot schedule new futures after shutdown"), InputError("chunk (0, 1) of 'block_done' is damaged")):
+                loop.call_exception_handler({"message": f"{what} exception was never retrieved", "exception": error})
+            assert not caplog.records, [r.getMessage() for r in caplog.records]
+            loop.call_exception_handler({"message": f"{what} exception was never retrieved", "exception": ValueError("a bug")})
+            assert len(caplog.records) == 1, "anything else is still reported"
+    finally:
+        loop.close()
+
+
+def test_abandoned_sibling_reads_closed_with_zarr_loop_stay_quiet(monkeypatch):
+    """... or 'Exception ignored in: <coroutine object concurrent_map.<locals>.run>' and a 'Event loop is closed' traceback."""
+    import asyncio
+    import types
+
+    from tilefuse.storage import _orphans_quiet
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)  # what would print them
+
+    def concurrent_map():
+        async def run():
+            return None
+
+        return run()
+
+    coroutine = concurrent_map()
+    loop = asyncio.new_event_loop()
+    try:
+        _orphans_quiet(loop)
+        errors = (RuntimeError("Event loop is closed"), RuntimeError("cannot schedule new futures after shutdown"), ValueError("a bug"))
+        for error in errors:
+            sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=coroutine))
+        assert [r.exc_value for r in reported] == [errors[-1]], "only the orphaned reads' are dropped"
+    finally:
+        coroutine.close()
+        loop.close()

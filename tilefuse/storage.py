@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,8 @@ def _orphans_quiet(loop) -> None:
     the sibling reads is abandoned and asyncio reports each orphaned task when
     it is collected ("Task was destroyed but it is pending"), or when it fails
     later because the interpreter is shutting zarr's thread pool down ("Task
-    exception was never retrieved"; reads never started warn "coroutine ... was
+    exception was never retrieved", and "_GatheringFuture exception was never
+    retrieved" for the gather itself; reads never started warn "coroutine ... was
     never awaited"): noise after the one-line error. Anything
     else goes to the default handler.
     """
@@ -207,7 +209,8 @@ def _orphans_quiet(loop) -> None:
         message = str(context.get("message", ""))
         if message.startswith("Task was destroyed but it is pending"):
             return
-        if message.startswith("Task exception was never retrieved") and _orphan_error(context.get("exception")):
+        # a Task's, or the _GatheringFuture's of the abandoned gather itself
+        if message.endswith("exception was never retrieved") and _orphan_error(context.get("exception")):
             return
         loop.default_exception_handler(context)
 
@@ -215,6 +218,25 @@ def _orphans_quiet(loop) -> None:
     loop._tilefuse_quiet = True
     # sibling reads zarr had created but never started are collected unawaited (at exit, say)
     warnings.filterwarnings("ignore", message=r"coroutine 'concurrent_map\.<locals>\.run' was never awaited", category=RuntimeWarning)
+    # ... or, suspended, are closed once zarr's loop is: "Exception ignored in: <coroutine ...>" and a traceback
+    if not getattr(sys.unraisablehook, "_tilefuse_quiet", False):
+        default = sys.unraisablehook
+
+        def hook(unraisable) -> None:
+            if not _orphan_read(unraisable):
+                default(unraisable)
+
+        hook._tilefuse_quiet = True
+        sys.unraisablehook = hook
+
+
+def _orphan_read(unraisable) -> bool:
+    """An abandoned sibling read of zarr (``concurrent_map``) failing as it is collected after its loop closed."""
+    name = getattr(unraisable.object, "__qualname__", "")
+    error = unraisable.exc_value
+    if not name.endswith("concurrent_map.<locals>.run"):
+        return False
+    return _orphan_error(error) or (isinstance(error, RuntimeError) and "Event loop is closed" in str(error))
 
 
 def _orphan_error(error: BaseException | None) -> bool:
