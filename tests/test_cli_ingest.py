@@ -94,6 +94,8 @@ BAD_INPUTS = {
     "bad crs": (["-m", "sar={sar}", "--crs", "EPSG:999999"], "--crs 'EPSG:999999' is not a CRS"),
     # evaluate keys its metrics by class name: two ids named alike lost one class's scores
     "a class name twice": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,forest,water"], "classes 0 and 2 the same name 'water'"),
+    # a reflectance band given as labels was rounded to a few plausible class ids
+    "labels that are no class ids": (["-m", "sar={sar}", "--labels", "{optical}:1"], "optical.tif holds values that are not class ids"),
     "an empty class name": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,,crops"], "leave class 1 without a name"),
 }
 

@@ -564,10 +564,21 @@ def array_onto_grid(
     return da.Array(graph, name, chunks, dtype=np.float32, meta=np.array((), np.float32))
 
 
-def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """Label values (float, NaN = none) -> uint8 ids: remapped, 255 where none or not in 0..255."""
+def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...], source: str = "the labels") -> np.ndarray:
+    """Label values (float, NaN = none) -> uint8 ids: remapped, 255 where none or not in 0..255.
+
+    A value that is not a whole number means ``source`` is no class map (a reflectance or dB band given as
+    --labels was rounded to a few plausible class ids): InputError.
+    """
     finite = np.isfinite(block)
-    values = np.where(finite, np.rint(block), -1).astype(np.int64)
+    rounded = np.rint(block)
+    fractional = finite & (np.abs(block - rounded) > 1e-3)
+    if fractional.any():
+        raise InputError(
+            f"labels: {source} holds values that are not class ids (e.g. {float(block[fractional][0]):g}): "
+            "pass a raster of whole-number class ids as --labels (PATH:N picks its band)"
+        )
+    values = np.where(finite, rounded, -1).astype(np.int64)
     mapped = values.copy()
     for key, value in mapping:
         mapped[values == key] = value
@@ -676,7 +687,7 @@ def scene_dataset(
     data_vars["valid"] = xr.DataArray(valid, dims=("y", "x"))
     if label is not None:
         values, attrs = label
-        ids = values.map_blocks(_to_labels, mapping=tuple(sorted(label_map.items())), dtype=np.uint8)
+        ids = values.map_blocks(_to_labels, mapping=tuple(sorted(label_map.items())), source=str(attrs.get("source", "the labels")), dtype=np.uint8)
         data_vars["label"] = xr.DataArray(ids, dims=("y", "x"), attrs=attrs)
     ds = xr.Dataset(data_vars, coords=grid.coords(), attrs={"reference": reference})
     return ds.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
