@@ -9,6 +9,7 @@ returns that worker's runner, loading it on first use where no plugin ran
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -90,6 +91,32 @@ def release_runner(source: ModelSource) -> None:
         _RUNNERS.pop(source.key, None)
 
 
+class _ExpectedFailures(logging.Filter):
+    """Drops dask's "Compute Failed" report (a traceback per try) of a tilefuse task that failed on bad input.
+
+    An :class:`~tilefuse.errors.InputError` (a damaged chunk, say) or a full, read-only or over-quota disk
+    reaches the client, which ends in one line naming it; workers started here (``local:N``) share its
+    stderr, where these reports were dozens of lines around that one. Other failures are still reported.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tilefuse.outputs import filesystem_reason
+
+        if not (str(record.msg).startswith("Compute Failed") and isinstance(record.args, tuple) and len(record.args) >= 4):
+            return True
+        key, text = str(record.args[0]), str(record.args[3])
+        if not key.startswith("tilefuse-"):
+            return True
+        return not (text.startswith("InputError(") or filesystem_reason(RuntimeError(text)) is not None)
+
+
+def quiet_expected_failures() -> None:
+    """Install :class:`_ExpectedFailures` on this worker's ``distributed.worker`` logger (once)."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _ExpectedFailures) for f in logger.filters):
+        logger.addFilter(_ExpectedFailures())
+
+
 class ModelPlugin(WorkerPlugin):
     """Loads a checkpoint once per worker, onto that worker's device.
 
@@ -112,6 +139,7 @@ class ModelPlugin(WorkerPlugin):
 
                 source = replace(source, torch_threads=max(1, (os.cpu_count() or 1) // share))
         single_arena()  # before the task and zarr threads allocate (tilefuse.cluster.malloc)
+        quiet_expected_failures()
         load_runner(source)
 
     def teardown(self, worker) -> None:

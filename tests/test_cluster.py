@@ -144,6 +144,43 @@ def test_a_killed_worker_loses_nothing(tmp_path, data, client):
     assert done_blocks(out).all()
 
 
+def _collect_worker_errors(action: str):
+    import logging
+
+    logger = logging.getLogger("distributed.worker")
+    if action == "start":
+        handler = logging.Handler(logging.ERROR)
+        handler.records = []
+        handler.emit = lambda record: handler.records.append(record.getMessage().splitlines()[0] + " " + str(record.args[3] if len(record.args or ()) > 3 else ""))
+        handler._tilefuse_test = True
+        logger.addHandler(handler)
+        return []
+    handler = next(h for h in logger.handlers if getattr(h, "_tilefuse_test", False))
+    logger.removeHandler(handler)
+    return handler.records
+
+
+def test_a_damaged_input_on_workers_is_one_line_without_worker_tracebacks(tmp_path, data, client):
+    """Workers started here share the client's stderr: each try of a task failing on a damaged chunk logged
+    'Compute Failed' and its traceback there (56 lines around the one-line error of tilefuse predict --cluster local:2)."""
+    import shutil
+
+    from tilefuse.storage import chunk_key
+
+    _, scene, checkpoint, _ = data[:4]
+    damaged = tmp_path / "scene.zarr"
+    shutil.copytree(scene, damaged)
+    key = damaged / chunk_key("optical", (0, 1, 1))
+    key.write_bytes(key.read_bytes()[:-8] + b"garbage!")
+    client.run(_collect_worker_errors, "start")
+    try:
+        with pytest.raises(InputError, match="'optical'"):
+            tilefuse.predict(checkpoint, damaged, tmp_path / "pred.zarr", cluster=client, progress=False, **SETTINGS)
+    finally:
+        logged = client.run(_collect_worker_errors, "stop")
+    assert not any(logged.values()), logged
+
+
 def test_cluster_specs_fail_with_one_clear_line(tmp_path):
     with pytest.raises(InputError, match="unknown cluster spec"):
         make_client("yarn://somewhere")
