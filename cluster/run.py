@@ -230,7 +230,8 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
 
     options.check()
     store, out, checkpoint = Path(store), Path(out), Path(checkpoint)
-    claim(out, "prediction", inputs=[store, checkpoint], overwrite=options.overwrite, exist_ok=options.resume)
+    # an existing prediction without --overwrite or --resume is refused below, naming both (a partial one is to be resumed)
+    claim(out, "prediction", inputs=[store, checkpoint], overwrite=options.overwrite, exist_ok=True)
     clean_stale(out)
 
     config, spec, digest = inspect_checkpoint(checkpoint)

@@ -135,11 +135,13 @@ def test_a_damaged_manifest_key_is_redone_by_the_resume_the_error_names(tmp_path
     assert np.array_equal(pred["probs"].values, reference["probs"].values)
 
 
-def test_existing_output_needs_overwrite_or_resume(tmp_path, setup):
+def test_existing_output_needs_overwrite_or_resume(tmp_path, setup, capsys):
     root, scene, checkpoint, reference = setup
     out = tmp_path / "pred.zarr"
     tilefuse.predict(checkpoint, scene, out, **SETTINGS)
+    capsys.readouterr()
     assert _cli(checkpoint, scene, out, "--tile", 32) == 2
+    assert "--resume" in capsys.readouterr().err, "an interrupted run's store is finished with --resume, not replaced"
     assert _cli(checkpoint, scene, out, "--tile", 32, "--overlap", 8, "--block-size", 64, "--overwrite") == 0
     assert np.array_equal(open_prediction(out)["labels"].values, reference["labels"].values)
     not_a_prediction = tmp_path / "keep"
