@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from tilefuse.checkpoint import ModelConfig, save_checkpoint
 from tilefuse.cli import main
 from tilefuse.errors import InputError
 from tilefuse.grid import TileGrid
+from tilefuse.outputs import output_lock
 from tilefuse.prediction import done_blocks, open_prediction
 from tilefuse.scene import normalise, band_stats, open_scene
 from tilefuse.tile_model import build_model
@@ -42,11 +44,14 @@ def test_resume_after_an_interrupted_run_finishes_only_missing_blocks(tmp_path, 
     done = done_blocks(out)
     assert 0 < done.sum() < done.size
     assert zarr.open_group(out).attrs["complete"] is False
-    with pytest.raises(InputError, match="partial prediction"):
+    with pytest.raises(InputError, match=r"partial prediction .*finish it with `tilefuse predict ... --resume`"):
         open_prediction(out)
     with pytest.warns(UserWarning, match="partial prediction"):
         open_prediction(out, allow_partial=True)
     assert main(["export", str(out), str(tmp_path / "partial.tif")]) == 2
+    with output_lock(out):  # a live run still writing it: a --resume would be refused, so the advice is to wait
+        with pytest.raises(InputError, match=rf"partial prediction .*: process {os.getpid()} is writing it, wait for it to finish$"):
+            open_prediction(out)
 
     reset_calls()
     assert _cli(checkpoint, scene, out, "--resume", "--tile", 32, "--overlap", 8, "--batch-size", 2, "--probs") == 0

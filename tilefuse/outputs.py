@@ -556,6 +556,17 @@ def _read_lock(lock: Path) -> dict[str, Any] | None:
         return {}
 
 
+def live_writer(path: str | os.PathLike) -> str | None:
+    """Who holds the lock of output ``path`` while writing it ("process N" or "process N on HOST"), None when
+    no live process does (no lock, or a dead writer's: the store stays as that writer left it)."""
+    holder = _read_lock(lock_path(path))
+    if not holder:
+        return None
+    if holder.get("host") != _host():
+        return f"process {holder['pid']} on {holder.get('host')}"
+    return f"process {holder['pid']}" if _alive(holder["pid"], holder.get("start")) else None
+
+
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Iterator[Path]:
     """Hold the lock of output ``path`` for the block (re-entrant in one thread); yields the lock file.

@@ -398,9 +398,12 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
     ds = open_store(path, "prediction")  # a complete store promises every chunk
     if not ds.attrs.get("complete", False):
         done = done_blocks(path)
+        from tilefuse.outputs import live_writer
+
+        writer = live_writer(path)
         message = (
             f"{path} is a partial prediction ({int(done.sum())} of {done.size} blocks written): "
-            "finish it with `tilefuse predict ... --resume`"
+            + (f"{writer} is writing it, wait for it to finish" if writer else "finish it with `tilefuse predict ... --resume`")
         )
         if not allow_partial:
             raise InputError(message)
