@@ -147,11 +147,19 @@ def inspect_checkpoint(path: str | Path) -> tuple["ModelConfig", "TileModelSpec"
 
 
 def _band_stats(config: "ModelConfig", scene: "xr.Dataset") -> tuple[tuple, tuple]:
-    """Per-modality (mean, std): the checkpoint's training statistics where it has them, else the store's."""
+    """Per-modality (mean, std): the checkpoint's training statistics, or the store's for a checkpoint that has none
+    (a wrapped model saved without them). One that has them for some modalities only is refused: normalising the
+    others by another store's statistics would give plausible, wrong labels."""
     import numpy as np
 
     from tilefuse.scene import band_stats
 
+    missing = [name for name in config.modalities if config.band_stats and name not in config.band_stats]
+    if missing:
+        raise InputError(
+            f"the checkpoint has band statistics for {', '.join(sorted(config.band_stats))} but not for {', '.join(missing)}: "
+            "its config.json is damaged or edited; retrain or restore it"
+        )
     means, stds = [], []
     for name, bands in config.modalities.items():
         stats = config.band_stats.get(name)

@@ -287,3 +287,14 @@ def test_prediction_attrs_record_provenance(setup):
     assert attrs["tilefuse_version"] == tilefuse.__version__
     assert attrs["checkpoint_hash"] == tilefuse.checkpoint.checkpoint_hash(checkpoint)
     assert json.loads(json.dumps(attrs["class_names"])) == CLASSES
+
+
+def test_a_checkpoint_with_band_statistics_for_some_modalities_only_is_refused(tmp_path, setup):
+    _, scene, _, _ = setup
+    stats = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    partial = save_pointwise(tmp_path / "partial", band_stats={"optical": stats})  # "sar" would take the store's
+    with pytest.raises(InputError, match=r"band statistics for optical but not for sar: .*damaged or edited"):
+        tilefuse.predict(partial, scene, tmp_path / "pred.zarr", **SETTINGS)
+    assert not (tmp_path / "pred.zarr").exists()
+    both = save_pointwise(tmp_path / "both", band_stats={"optical": stats, "sar": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}})
+    assert tilefuse.predict(both, scene, tmp_path / "both.zarr", **SETTINGS)["labels"].shape == (150, 130)
