@@ -214,6 +214,31 @@ def test_a_terminated_launcher_stops_its_ranks(tmp_path):
     assert not any(psutil.pid_exists(pid) for pid in pids), "ranks outlived their launcher"
 
 
+def test_a_killed_launcher_stops_its_ranks(tmp_path):
+    """SIGKILL (the OOM killer, a kernel restart) runs no cleanup: the ranks, in sessions of their own, kept
+    training and held the run folder's lock, so a --resume was refused until they finished."""
+    import time
+
+    import psutil
+
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from tilefuse.distributed import launch_local; "
+        f"sys.exit(launch_local({_sleeper(folder)!r}, 2, grace_s=5))"
+    )])
+    pids = _pids(folder, 2)
+    launcher.kill()
+    assert launcher.wait(30) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in pids if psutil.pid_exists(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "ranks outlived their killed launcher"
+
+
 class _Pool:
     """A fixed list of fully labelled samples; stream s of n hands out blocks of ``block``: s, s + n, ...
 

@@ -18,7 +18,8 @@ Contract:
   seconds, default 600); :func:`process_group` destroys the group when the block
   ends, also by an error; a peer that dies closes its connections, so the others
   fail at their next collective instead of waiting. :func:`launch_local` ends
-  every rank as soon as one fails and returns that rank's exit status.
+  every rank as soon as one fails and returns that rank's exit status; a rank
+  gets SIGTERM when its launcher dies, also by SIGKILL.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
         exits.put(rank)
 
     readers = []
+    die_with_launcher = _die_with_launcher()
     restore = _terminate_as_exit()
     try:
         for rank in range(nproc):
@@ -273,6 +275,7 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
             procs.append(subprocess.Popen(
                 list(command), env={**base, **rank_env(rank, nproc, port, threads)},
                 stdout=None if rank == 0 else subprocess.DEVNULL, stderr=log, start_new_session=True,
+                preexec_fn=die_with_launcher,
             ))
         readers.append(threading.Thread(target=forward, args=(procs[0].stderr,), daemon=True))
         readers += [threading.Thread(target=wait, args=(rank,), daemon=True) for rank in range(nproc)]
@@ -306,6 +309,35 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
         for log in logs:
             if log is not subprocess.PIPE:
                 log.close()
+
+
+def _die_with_launcher() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes a rank get SIGTERM when its launcher dies (Linux; elsewhere None).
+
+    A launcher killed by SIGKILL (the OOM killer, a notebook kernel's restart) stops nothing: its ranks,
+    each in a session of its own, went on training and held the run folder's lock. The kernel's
+    parent-death signal is tied to the launching thread, which waits in :func:`launch_local` until the
+    ranks are stopped. libc is looked up here: the forked child only makes the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    launcher = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != launcher:  # the launcher died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _terminate_as_exit() -> Callable[[], None]:
