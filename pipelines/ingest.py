@@ -115,7 +115,7 @@ def ingest_command(
     labels: Annotated[Optional[str], typer.Option(help="Label raster PATH[:BAND], resampled with nearest.")] = None,
     label_map: Annotated[
         Optional[str],
-        typer.Option(help="Remap label values FROM:TO,... e.g. -1:255 (255 = ignore). Values outside 0..255 become 255."),
+        typer.Option(help="Remap label values FROM:TO,... e.g. -1:255 (255 = ignore). Negative values become 255; values above 255 must be remapped."),
     ] = None,
     class_names: Annotated[Optional[str], typer.Option(help="Class names by id, comma-separated (default: from the label raster's tags, else class_<id>).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="Modality whose grid the scene takes [default: the first].")] = None,

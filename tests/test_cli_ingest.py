@@ -37,6 +37,10 @@ def tifs(tmp_path_factory) -> dict[str, Path]:
     complex_profile = dict(profile, dtype="complex64", count=1, nodata=None)
     with rasterio.open(folder / "slc.tif", "w", **complex_profile) as dst:
         dst.write((data[0] + 1j * data[1]).astype(np.complex64)[None])
+    with rasterio.open(paths["label"]) as src:
+        label_profile, label = src.profile, src.read(1)
+    with rasterio.open(folder / "bigids.tif", "w", **dict(label_profile, dtype="int16", nodata=None)) as dst:
+        dst.write(np.where(label == 1, 300, label.astype(np.int16))[None])  # class 1 numbered 300
     (folder / "notes.tif").write_text("not a raster\n")
     return {**paths, **{p.stem: p for p in folder.glob("*.tif")}}
 
@@ -96,6 +100,8 @@ BAD_INPUTS = {
     "a class name twice": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,forest,water"], "classes 0 and 2 the same name 'water'"),
     # a reflectance band given as labels was rounded to a few plausible class ids
     "labels that are no class ids": (["-m", "sar={sar}", "--labels", "{optical}:1"], "optical.tif holds values that are not class ids"),
+    # a class id above 255 became 255 (ignore), like nodata: the whole class was dropped without a word
+    "a label id above 255": (["-m", "sar={sar}", "--labels", "{bigids}"], r"bigids.tif holds class id 300, above 254 .* --label-map 300:ID"),
     "an empty class name": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,,crops"], "leave class 1 without a name"),
 }
 
@@ -113,6 +119,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tifs, tmp_path, c
     assert re.search(message, lines[0]), lines[0]
     assert list(tmp_path.iterdir()) == []  # no store, no temporary
     assert digest(folder) == before
+
+
+def test_label_ids_above_255_ingest_once_remapped(tifs, tmp_path, capsys):
+    code, _, err = run_cli(["ingest", tmp_path / "l.zarr", "-m", f"sar={tifs['sar']}", "--labels", tifs["bigids"], "--label-map", "300:1"], capsys)
+    assert code == 0, err
+    with rasterio.open(tifs["label"]) as src:
+        np.testing.assert_array_equal(open_scene(tmp_path / "l.zarr")["label"].values, src.read(1))
 
 
 def test_existing_output_refused_then_replaced_with_overwrite(tifs, tmp_path, capsys):

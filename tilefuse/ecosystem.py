@@ -268,8 +268,8 @@ def scene_from_xarray(
     (default the first; its first piece), moved to ``crs`` and/or
     ``resolution`` if given (``crs`` is also assumed for inputs without one).
     Modalities are resampled with ``resampling``; ``labels`` (``(y, x)``, no
-    time) with nearest, remapped by ``label_map`` (values outside 0..255
-    become 255 = ignore). ``nodata`` (one value, or one per modality name)
+    time) with nearest, remapped by ``label_map`` (negative values
+    become 255 = ignore, values above 255 are an error). ``nodata`` (one value, or one per modality name)
     overrides the modalities' own nodata values; labels keep theirs.
     """
     if not modalities:

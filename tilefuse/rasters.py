@@ -565,10 +565,11 @@ def array_onto_grid(
 
 
 def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...], source: str = "the labels") -> np.ndarray:
-    """Label values (float, NaN = none) -> uint8 ids: remapped, 255 where none or not in 0..255.
+    """Label values (float, NaN = none) -> uint8 ids: remapped, 255 where none or negative.
 
     A value that is not a whole number means ``source`` is no class map (a reflectance or dB band given as
-    --labels was rounded to a few plausible class ids): InputError.
+    --labels was rounded to a few plausible class ids): InputError; so is an id above 255 that
+    ``mapping`` leaves there.
     """
     finite = np.isfinite(block)
     rounded = np.rint(block)
@@ -582,6 +583,13 @@ def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...], source: 
     mapped = values.copy()
     for key, value in mapping:
         mapped[values == key] = value
+    above = finite & (mapped > IGNORE)
+    if above.any():  # was made 255 (ignore) like nodata: a whole class dropped without a word
+        value = int(values[above][0])
+        raise InputError(
+            f"labels: {source} holds class id {value}, above 254 (a scene's ids are 0..254, 255 = ignore): "
+            f"remap it with --label-map {value}:ID (label_map={{{value}: ID}}), or {value}:255 to ignore it"
+        )
     labels = np.full(block.shape, IGNORE, np.uint8)
     keep = finite & (mapped >= 0) & (mapped <= IGNORE)
     labels[keep] = mapped[keep]
@@ -609,7 +617,7 @@ def ingest_rasters(
     first), moved to ``crs`` and/or ``resolution`` if given; ``crs`` is also
     assumed for rasters that have none. Modalities are resampled with
     ``resampling``, labels with nearest, then remapped by ``label_map``
-    (``{-1: 255}`` or ``"-1:255"``); label values outside 0..255 become 255.
+    (``{-1: 255}`` or ``"-1:255"``); negative label values become 255, values above 255 are an error.
     ``complex_mode="magnitude"`` reads complex rasters as their magnitude.
     A grid of more than ``max_pixels`` pixels (None: no limit) is refused
     before any reading is planned (:func:`check_grid_size`).
@@ -671,7 +679,7 @@ def scene_dataset(
     ``arrays`` maps names to ``(data (bands, y, x) float32 with NaN = no data,
     band names, attrs)``; ``valid`` is where every band of every modality is
     finite. ``label`` is ``(values (y, x) float, NaN = none; attrs)``, turned
-    into uint8 ids remapped by ``label_map`` (255 where none or outside 0..255).
+    into uint8 ids remapped by ``label_map`` (255 where none or negative; above 255: InputError).
     """
     data_vars: dict[str, xr.DataArray] = {}
     valid = None
