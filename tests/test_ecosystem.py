@@ -205,6 +205,20 @@ def test_bands_on_different_grids_are_concatenated(rasters, tmp_path):
     assert ds.sizes["mix_band"] == 5
 
 
+@pytest.mark.parametrize("name", ["optical", "sar"])
+def test_ascending_y_gives_the_scene_of_the_north_up_array(rasters, name):
+    """y ascending (an array flipped, or built south-up): the same pixels on the same grid. The grid was
+    worked out by a reprojection from resolutions the coordinates give (inexact in degrees): 1 px too many,
+    a NaN row, the data half a pixel off."""
+    arr = lazy(rasters[name][0])
+    expected = scene_from_xarray({name: arr})
+    flipped = scene_from_xarray({name: arr.isel(y=slice(None, None, -1))})
+    assert flipped.sizes == expected.sizes
+    np.testing.assert_allclose(flipped.rio.transform()[:6], expected.rio.transform()[:6], rtol=1e-12)
+    for var in (name, "valid"):
+        np.testing.assert_array_equal(flipped[var].values, expected[var].values, err_msg=var)
+
+
 def test_bad_inputs(rasters, tmp_path):
     stack = stacked(rasters["optical"])
     with pytest.raises(InputError, match="3 time steps: pass time="):

@@ -287,6 +287,11 @@ def reference_grid(source: RasterSource, crs: str | None = None, resolution: flo
     north_up = t.b == 0 and t.d == 0 and t.a > 0 and t.e < 0
     if target == source.crs and resolution is None and north_up:
         return Grid(source.crs, t, source.width, source.height)
+    if target == source.crs and resolution is None and t.b == 0 and t.d == 0:
+        # flipped (y ascending, say): the same pixels in north-up order; a reprojection from the
+        # resolution (inexact in degrees) made the grid a pixel larger and moved the data
+        left, top = min(t.c, t.c + t.a * source.width), max(t.f, t.f + t.e * source.height)
+        return Grid(source.crs, Affine(abs(t.a), 0.0, left, 0.0, -abs(t.e), top), source.width, source.height)
     if resolution is None and target == source.crs:
         resolution = (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
     if resolution is not None:
