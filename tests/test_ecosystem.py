@@ -235,6 +235,14 @@ def test_bad_inputs(rasters, tmp_path):
         scene_from_xarray({"valid": lazy(rasters["optical"][0])})
     with pytest.raises(InputError, match="pass an xarray"):
         scene_from_xarray({"optical": rasters["optical"][0]})
+    slc = lazy(rasters["sar"][0]).astype(np.complex64)  # its float32 was its real part, without a word
+    with pytest.raises(InputError, match=r"modality 'sar' holds complex data \(complex64\): pass its amplitude"):
+        scene_from_xarray({"sar": slc})
+    with pytest.raises(InputError, match="holds complex data"):
+        scene_from_xarray({"sar": [lazy(rasters["optical"][0]), per_band(slc, ["vv", "vh"])]})
+    assert np.array_equal(
+        scene_from_xarray({"sar": abs(slc)})["sar"].values, scene_from_xarray({"sar": abs(lazy(rasters["sar"][0]))})["sar"].values, equal_nan=True
+    )
     elsewhere = lazy(rasters["optical"][0]).rio.write_transform(OPTICAL_T * Affine.translation(1e6, 0))
     elsewhere = elsewhere.assign_coords(x=elsewhere.x + 1e7)
     with pytest.raises(InputError, match="does not overlap"):

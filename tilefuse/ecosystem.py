@@ -206,6 +206,11 @@ def _prepare(obj: Input, what: str, *, time, nodata, assume_crs, chunk: int) -> 
         raise InputError(f"{what} is a {type(obj).__name__}: pass an xarray DataArray or Dataset (or a list of them)")
     crs = _crs(obj, what, assume_crs)
     ydim, xdim = _spatial_dims(obj, what)
+    complex_vars = [v for v in (obj.data_vars.values() if isinstance(obj, xr.Dataset) else [obj]) if np.iscomplexobj(v)]
+    if complex_vars:  # float32 of it was its real part, kept without a word
+        raise InputError(
+            f"{what} holds complex data ({complex_vars[0].dtype}): pass its amplitude, e.g. abs(arr) (xarray's abs keeps its CRS)"
+        )
     if obj.sizes[ydim] < 2 or obj.sizes[xdim] < 2:
         raise InputError(f"{what} is {obj.sizes[ydim]} x {obj.sizes[xdim]} px: a scene needs at least 2 x 2")
     transform = _transform(obj, what)
