@@ -424,14 +424,20 @@ class ClusterRun:
         """Load the model on every worker (once per worker; restarted workers load it again)."""
         from tilefuse.cluster.client import dashboard_link
         from tilefuse.cluster.malloc import unset_malloc_trim
-        from tilefuse.cluster.plugin import ModelPlugin
+        from tilefuse.cluster.plugin import ModelPlugin, release_runner
 
         client = self.client
         if client is None:
+            # the model stays for this run only: a notebook predicting with one checkpoint after another
+            # kept every one of them resident (on its GPU, too)
+            self._stack.callback(release_runner, self.source)
             return
         if unset_malloc_trim(client):
             self._say("restarted workers without MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed)")
-        client.register_plugin(ModelPlugin(self.source, self.hosts), name=f"tilefuse-model-{self.source.key}")
+        name = f"tilefuse-model-{self.source.key}"
+        client.register_plugin(ModelPlugin(self.source, self.hosts), name=name)
+        if not isinstance(self.cluster, str):  # a borrowed client's workers outlive the run: take the model back
+            self._stack.callback(_unregister_plugin, client, name)
         link = dashboard_link(client)
         self._say(f"dask dashboard at {link}" if link else "no dask dashboard (install bokeh)")
 
@@ -470,6 +476,14 @@ class ClusterRun:
             self.job, self.source, self.plan.grid.blocks(), pending, client=self.client, progress=self.progress,
             prefetch=options.prefetch, reader_threads=options.reader_threads,
         )  # fmt: skip
+
+
+def _unregister_plugin(client, name: str) -> None:
+    """Remove the model plugin ``name`` from ``client``'s workers (its teardown frees each worker's model)."""
+    import contextlib
+
+    with contextlib.suppress(Exception):  # a closing client or a vanished worker: nothing left to free
+        client.unregister_worker_plugin(name)
 
 
 @dataclass(frozen=True)

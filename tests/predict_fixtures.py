@@ -27,6 +27,8 @@ MODALITIES = {"optical": 3, "sar": 2}
 CLASSES = ["water", "trees", "crops", "built"]
 CALLS = {"forward": 0, "tiles": 0, "batches": []}
 """Model calls, tiles (all-zero padding tiles not counted) and the batch size of each call, in this process."""
+BUILDS = {"count": 0}
+"""Models of ``test-pointwise`` built in this process (a checkpoint loaded, a worker's plugin set up)."""
 FAIL_AFTER: dict[str, int | None] = {"forward": None}
 """Raise inside forward once this many calls were made in this process (simulates a crash)."""
 
@@ -86,6 +88,7 @@ class PointwiseNet(nn.Module):
 
 @register_model("test-pointwise", "1x1-conv test model (tests only)")
 def build_pointwise(modalities, num_classes, margin=0, blend=True, delay=0.0, seed=0, per_tile=False, batch_invariant=False):
+    BUILDS["count"] += 1
     torch.manual_seed(seed)
     net = PointwiseNet(dict(modalities), num_classes, margin, delay, per_tile=per_tile)
     return wrap_module(net, modalities, num_classes, margin=margin, blend=blend, batch_invariant=batch_invariant)

@@ -42,20 +42,39 @@ def client():
 
 @pytest.mark.slow
 def test_two_workers_give_bitwise_the_same_store_and_load_the_model_once(tmp_path, data, client):
+    import predict_fixtures
+
+    from tilefuse.cluster import plugin
+
     _, scene, checkpoint, _, reference = data
+    builds = client.run(lambda: predict_fixtures.BUILDS["count"])
     pred = tilefuse.predict(checkpoint, scene, tmp_path / "two.zarr", cluster=client, progress=False, **SETTINGS)
     assert np.array_equal(pred["labels"].values, reference["labels"].values)
     assert np.array_equal(pred["probs"].values, reference["probs"].values)
 
-    from tilefuse.cluster import plugin
-
-    loaded = client.run(lambda: sorted(plugin._RUNNERS))
-    assert len(loaded) == 2 and all(len(keys) == 1 for keys in loaded.values()), loaded
+    after = client.run(lambda: predict_fixtures.BUILDS["count"])
+    assert len(after) == 2 and all(after[w] - builds.get(w, 0) == 1 for w in after), (builds, after)
+    # the borrowed client's workers no longer hold the model (a notebook's checkpoints piled up there)
+    assert client.run(lambda: sorted(plugin._RUNNERS)) == {w: [] for w in after}
+    assert not [n for n in client.run(lambda dask_worker: list(dask_worker.plugins)).popitem()[1] if n.startswith("tilefuse-model")]
     # what travels with each task is small: paths, geometry, statistics; never weights
     from tilefuse.cluster.plugin import ModelSource
 
     source = ModelSource(str(checkpoint), "0" * 64, "test-pointwise")
     assert len(pickle.dumps(source)) < 4096
+
+
+def test_a_sync_run_leaves_no_model_loaded(tmp_path, data):
+    """In-process runs keep their model for the run only: a notebook predicting with one checkpoint after
+    another kept every one of them (on its GPU, too)."""
+    from tilefuse.cluster import plugin
+
+    _, scene, checkpoint, _, reference = data
+    other = save_pointwise(tmp_path / "other", seed=4)
+    tilefuse.predict(other, scene, tmp_path / "a.zarr", progress=False, **SETTINGS)
+    pred = tilefuse.predict(checkpoint, scene, tmp_path / "b.zarr", progress=False, **SETTINGS)
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
+    assert plugin._RUNNERS == {}
 
 
 @pytest.mark.slow
