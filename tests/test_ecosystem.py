@@ -197,6 +197,18 @@ def test_in_memory_arrays_and_nodata_override(rasters):
         scene_from_xarray({"o": lazy(rasters["optical"][0])}, nodata={"x": 0})
 
 
+@pytest.mark.parametrize("cast", ["int16", "uint8", "bool"])
+def test_an_array_cast_from_float_with_nan_nodata_is_taken(rasters, cast):
+    """``(arr * 100).astype('int16')`` or a threshold of an array whose nodata is NaN keeps that nodata in its
+    attrs, which rioxarray cannot express in the new dtype: a ValueError or OverflowError traceback."""
+    arr = lazy(rasters["sar"][0]).rio.write_nodata(np.nan)
+    cast_arr = (arr > -12) if cast == "bool" else (arr.fillna(0) * 10).astype(cast)
+    ds = scene_from_xarray({"sar": cast_arr})
+    expected = scene_from_xarray({"sar": cast_arr.astype("float32").rio.write_nodata(None)})
+    np.testing.assert_array_equal(ds["sar"].values, expected["sar"].values)
+    assert ds["valid"].values.all()
+
+
 def test_bands_on_different_grids_are_concatenated(rasters, tmp_path):
     ds = scene_from_xarray({"mix": [lazy(rasters["optical"][0]), lazy(rasters["sar"][0])]})
     optical = scene_from_xarray({"o": lazy(rasters["optical"][0])})["o"].values

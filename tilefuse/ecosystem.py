@@ -98,7 +98,10 @@ def _transform(obj: Input, what: str):
 
 def _masked(var: xr.DataArray, nodata: float | None) -> xr.DataArray:
     """float32 with NaN where ``var`` equals its nodata value (``nodata``, else ``var.rio.nodata``)."""
-    value = var.rio.nodata if nodata is None else nodata
+    try:
+        value = var.rio.nodata if nodata is None else nodata
+    except (ValueError, OverflowError):  # rioxarray's: a NaN nodata kept from a float array cast to ints or bools
+        value = None  # a value the dtype cannot hold marks no pixel
     out = var.astype(np.float32)
     if value is not None and not np.isnan(value):
         out = out.where(var != value)
