@@ -41,6 +41,8 @@ def tifs(tmp_path_factory) -> dict[str, Path]:
         label_profile, label = src.profile, src.read(1)
     with rasterio.open(folder / "bigids.tif", "w", **dict(label_profile, dtype="int16", nodata=None)) as dst:
         dst.write(np.where(label == 1, 300, label.astype(np.int16))[None])  # class 1 numbered 300
+    with rasterio.open(folder / "allnan.tif", "w", **dict(profile, nodata=None)) as dst:
+        dst.write(np.full_like(data, np.nan))
     (folder / "notes.tif").write_text("not a raster\n")
     return {**paths, **{p.stem: p for p in folder.glob("*.tif")}}
 
@@ -102,6 +104,8 @@ BAD_INPUTS = {
     "labels that are no class ids": (["-m", "sar={sar}", "--labels", "{optical}:1"], "optical.tif holds values that are not class ids"),
     # a class id above 255 became 255 (ignore), like nodata: the whole class was dropped without a word
     "a label id above 255": (["-m", "sar={sar}", "--labels", "{bigids}"], r"bigids.tif holds class id 300, above 254 .* --label-map 300:ID"),
+    # the store was written, valid False everywhere, band statistics of nothing
+    "a modality without data": (["-m", "sar={sar}", "-m", "optical={allnan}"], "out.zarr: the scene has no valid pixel"),
     "an empty class name": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,,crops"], "leave class 1 without a name"),
 }
 

@@ -235,6 +235,12 @@ def write_scene(
                 _, computed, counts = dask.compute(writer, sums, counts)
         else:
             _, computed, counts = dask.compute(writer, sums, counts)
+        if computed and not any(np.asarray(count).any() for count, _, _ in computed.values()):
+            # a modality that is nodata everywhere (a wrong band or nodata value) left a store of nothing
+            raise InputError(
+                f"{path}: the scene has no valid pixel (nowhere does every modality have data): check each "
+                "modality's nodata value and bands (NaN or nodata everywhere?)"
+            )
         group = zarr.open_group(tmp, mode="r+")
         for name, (count, total, total_sq) in computed.items():
             count = np.asarray(count, dtype=np.float64)
