@@ -409,6 +409,18 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tilefuse.cli", "train", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+def test_bad_input_of_a_job_of_two_raises_its_input_error(tmp_path, capfd):
+    """The Python API's nproc=2 answers bad input like one process: its InputError (it was JobFailed, a
+    RuntimeError saying 'its message is above', the line printed by the rank)."""
+    import tilefuse
+
+    nolabel = write(labelled_scene(64, 64).drop_vars("label"), tmp_path / "nolabel.zarr")
+    with pytest.raises(InputError, match=r"^" + str(nolabel) + " has no labels: ingest it with --labels PATH"):
+        tilefuse.train("pad", [nolabel], tmp_path / "run", hparams={"preset": "atto"}, steps=2, workers=0, progress=False, nproc=2)
+    assert "has no labels" not in capfd.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_train_nproc_on_the_command_line(store, tmp_path):
     """``tilefuse train --nproc 2``: an error every rank meets is one line once; a run trains, resumes only with 2."""

@@ -363,15 +363,26 @@ class JobFailed(RuntimeError):
         self.code = code
 
 
+ENV_ERRORS = "TILEFUSE_RANK_ERRORS"
+"""Folder where a rank of :func:`launch_call` leaves its :class:`InputError` (a file named by its rank)."""
+
+
 def launch_call(target: str, kwargs: Mapping, nproc: int, *, threads: int | None = 1) -> None:
     """Call ``target`` (``"module:function"``) with the JSON-ready ``kwargs`` in ``nproc`` ranks on this machine.
 
-    Each rank runs ``python -m tilefuse.distributed`` (:func:`_rank_main`): an
-    :class:`InputError` ends it with one line and status 2, like the CLI. Raises
+    Each rank runs ``python -m tilefuse.distributed`` (:func:`_rank_main`). A job
+    ended by a rank's :class:`InputError` raises that InputError here, as the
+    call in one process would (the CLI prints it once); other failures raise
     :class:`JobFailed` with the first failing rank's status.
     """
     spec = json.dumps({"target": target, "kwargs": dict(kwargs)})
-    code = launch_local([sys.executable, "-m", "tilefuse.distributed", spec], nproc, threads=threads)
+    with tempfile.TemporaryDirectory(prefix="tilefuse-ranks-") as errors:
+        code = launch_local([sys.executable, "-m", "tilefuse.distributed", spec], nproc, threads=threads, env={ENV_ERRORS: errors})
+        messages = [open(os.path.join(errors, name)).read() for name in sorted(os.listdir(errors), key=int)]
+    if code == 2 and messages:
+        raise InputError(messages[0])
+    for message in dict.fromkeys(messages):  # a rank's error, though another failure ended the job first
+        print(f"tilefuse: error: {message}", file=sys.stderr)
     if code:
         raise JobFailed(code)
 
@@ -383,7 +394,12 @@ def _rank_main(spec: str) -> int:
     try:
         getattr(importlib.import_module(module), name)(**call["kwargs"])
     except InputError as error:
-        print(f"tilefuse: error: {error}", file=sys.stderr)
+        folder = os.environ.get(ENV_ERRORS)
+        if folder:  # the launcher raises it (a notebook gets the InputError, not a RuntimeError and a printed line)
+            with open(os.path.join(folder, os.environ.get("RANK", "0")), "w") as handle:
+                handle.write(str(error))
+        else:
+            print(f"tilefuse: error: {error}", file=sys.stderr)
         return 2
     return 0
 
