@@ -19,7 +19,7 @@ resident memory a function of the block size, not of the scene:
 - **No fixed trim threshold** (:data:`MALLOC_TRIM`, :func:`unset_malloc_trim`).
   Dask's nannies set ``MALLOC_TRIM_THRESHOLD_``; any explicit value turns off
   glibc's dynamic mmap threshold, so every large tensor is a fresh mmap and torch
-  on a CPU runs about 2x slower.
+  on a CPU runs about 2x slower. Workers of a cluster that holds work are not restarted.
 - **A trim between blocks** (:func:`trim_memory`) hands the previous block's
   freed heap back to the OS.
 """
@@ -92,10 +92,22 @@ def _has_malloc_trim() -> bool:
     return MALLOC_TRIM in os.environ
 
 
-def unset_malloc_trim(client) -> int:
-    """Restart the workers that run with :data:`MALLOC_TRIM` set; returns how many did."""
+def _tasks(dask_scheduler) -> int:
+    return len(dask_scheduler.tasks)
+
+
+def unset_malloc_trim(client) -> tuple[int, int]:
+    """Restart the workers that run with :data:`MALLOC_TRIM` set; returns how many were restarted and kept.
+
+    Only a cluster that holds nothing is restarted: a restart drops what its clients hold there (a
+    notebook's scattered data was lost, its persisted results recomputed), so one that holds data
+    or tasks keeps its (slower) workers.
+    """
     slow = [address for address, flag in client.run(_has_malloc_trim).items() if flag]
-    if slow:
-        client.register_plugin(UnsetMallocTrim())
-        client.wait_for_workers(len(client.scheduler_info(n_workers=-1)["workers"]))
-    return len(slow)
+    if not slow:
+        return 0, 0
+    if client.run_on_scheduler(_tasks):
+        return 0, len(slow)
+    client.register_plugin(UnsetMallocTrim())
+    client.wait_for_workers(len(client.scheduler_info(n_workers=-1)["workers"]))
+    return len(slow), 0

@@ -432,8 +432,14 @@ class ClusterRun:
             # kept every one of them resident (on its GPU, too)
             self._stack.callback(release_runner, self.source)
             return
-        if unset_malloc_trim(client):
+        restarted, kept = unset_malloc_trim(client)
+        if restarted:
             self._say("restarted workers without MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed)")
+        if kept:
+            self._say(
+                f"{kept} worker(s) run with MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed), not restarted: "
+                "the cluster holds data or tasks; start its workers without it to predict faster"
+            )
         name = f"tilefuse-model-{self.source.key}"
         client.register_plugin(ModelPlugin(self.source, self.hosts), name=name)
         if not isinstance(self.cluster, str):  # a borrowed client's workers outlive the run: take the model back

@@ -266,9 +266,17 @@ def test_workers_spawned_with_malloc_trim_are_restarted_without_it():
         close_client(ours)
     with Client(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as theirs:
         assert all(theirs.run(_has_malloc_trim).values())
-        assert unset_malloc_trim(theirs) == 1
+        held = theirs.scatter(np.arange(5))  # a notebook's data on its own cluster: lost by a restart
+        assert unset_malloc_trim(theirs) == (0, 1)
+        assert held.result(timeout=30).tolist() == list(range(5))
+        del held
+        for _ in range(600):  # the scheduler forgets the released data
+            if not theirs.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+                break
+            time.sleep(0.05)
+        assert unset_malloc_trim(theirs) == (1, 0)
         assert not any(theirs.run(_has_malloc_trim).values())
-        assert unset_malloc_trim(theirs) == 0
+        assert unset_malloc_trim(theirs) == (0, 0)
 
 
 def test_one_malloc_arena_unless_the_user_chose(monkeypatch):
