@@ -99,6 +99,28 @@ def test_training_learns_and_writes_a_predictable_run(stores, tmp_path):
     assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".tilefuse-output"], "temporary files left behind"
 
 
+def _loader_workers() -> list:
+    """This process's DataLoader workers: the children of its multiprocessing forkserver."""
+    import psutil
+
+    servers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+    return [child for server in servers for child in server.children()]
+
+
+def test_a_stopped_training_stops_its_loader_workers(stores, tmp_path):
+    """An error or a KeyboardInterrupt in the loop: the persistent DataLoader workers (train and validation)
+    stop with it. A notebook keeps the last traceback, whose frames held the loaders, and with them the
+    workers, alive until the next error."""
+    CRASH.update(at=3, count=0)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash") as stopped:  # holds the traceback, as a notebook does
+            train("test-seg", stores, tmp_path / "run", steps=12, checkpoint_every=4, val_every=2, **{**FAST, "workers": 1})
+    finally:
+        CRASH.update(at=None, count=0)
+    assert stopped.value.__traceback__ is not None
+    assert _loader_workers() == []
+
+
 @pytest.mark.parametrize("model", ["test-seg", "test-pixel"])
 def test_resume_continues_with_the_same_losses(stores, tmp_path, model):
     options = dict(steps=12, checkpoint_every=4, lr=5e-3, seed=3, pixels_per_class=10, **FAST)

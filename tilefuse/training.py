@@ -382,6 +382,20 @@ def make_loader(dataset: PatchDataset, batch_size: int, workers: int, seed: int,
     )
 
 
+def _stop_workers(*loaders: DataLoader | None) -> None:
+    """Stop the persistent worker processes of ``loaders`` now.
+
+    They live as long as their loader, and a stopped training's traceback (which a notebook keeps
+    until the next error) holds the loaders in its frames: after a KeyboardInterrupt the workers
+    stayed, holding their batches and open stores. torch offers no public call for this.
+    """
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def _to_device(inputs: dict[str, torch.Tensor], target: torch.Tensor, device: torch.device):
     blocking = device.type != "cuda"
     return {k: v.to(device, non_blocking=not blocking) for k, v in inputs.items()}, target.to(device, non_blocking=not blocking)
@@ -620,6 +634,7 @@ def _fit(
     finally:
         bar.close()
         del batches
+        _stop_workers(loader, val_loader)
     if average is not None:  # the caller's model ends as the checkpoint: the averaged weights
         model.load_state_dict(average.average)
     if writer:
