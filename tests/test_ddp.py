@@ -194,7 +194,11 @@ def test_a_failing_rank_stops_the_others_and_gives_its_status(tmp_path):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_a_terminated_launcher_stops_its_ranks(tmp_path):
+@pytest.mark.parametrize("stop, code", [("terminate", 128 + signal.SIGTERM), ("kill", -signal.SIGKILL)])
+def test_a_stopped_launcher_stops_its_ranks(tmp_path, stop, code):
+    """SIGTERM: the launcher stops its ranks. SIGKILL (the OOM killer, a kernel restart) runs no cleanup: the ranks,
+    in sessions of their own, kept training and held the run folder's lock, so a --resume was refused until they
+    finished; the kernel now ends them with their launcher."""
     import time
 
     import psutil
@@ -206,37 +210,15 @@ def test_a_terminated_launcher_stops_its_ranks(tmp_path):
         f"sys.exit(launch_local({_sleeper(folder)!r}, 2, grace_s=5))"
     )])
     pids = _pids(folder, 2)
-    launcher.terminate()
-    assert launcher.wait(30) == 128 + signal.SIGTERM
-    deadline = time.monotonic() + 10
-    while any(psutil.pid_exists(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(psutil.pid_exists(pid) for pid in pids), "ranks outlived their launcher"
-
-
-def test_a_killed_launcher_stops_its_ranks(tmp_path):
-    """SIGKILL (the OOM killer, a kernel restart) runs no cleanup: the ranks, in sessions of their own, kept
-    training and held the run folder's lock, so a --resume was refused until they finished."""
-    import time
-
-    import psutil
-
-    folder = tmp_path / "pids"
-    folder.mkdir()
-    launcher = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from tilefuse.distributed import launch_local; "
-        f"sys.exit(launch_local({_sleeper(folder)!r}, 2, grace_s=5))"
-    )])
-    pids = _pids(folder, 2)
-    launcher.kill()
-    assert launcher.wait(30) == -signal.SIGKILL
+    getattr(launcher, stop)()
+    assert launcher.wait(30) == code
     deadline = time.monotonic() + 10
     while any(psutil.pid_exists(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     left = [pid for pid in pids if psutil.pid_exists(pid)]
     for pid in left:
         os.kill(pid, signal.SIGKILL)
-    assert not left, "ranks outlived their killed launcher"
+    assert not left, f"ranks outlived their launcher ({stop})"
 
 
 class _Pool:
