@@ -176,33 +176,46 @@ def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLi
     return path
 
 
-def _weights_digest(weights: Path) -> str:
-    """SHA-256 of the tensor bytes of a safetensors file (everything after its 8-byte length and JSON header)."""
+def _weights_digest(weights: Path, whole=None) -> str:
+    """SHA-256 of the tensor bytes of a safetensors file (everything after its 8-byte length and JSON header).
+
+    ``whole``, a hashlib object, is fed every byte of the file on the same pass (:func:`checkpoint_hash`).
+    """
     digest = hashlib.sha256()
+    start, position = None, 0
     with open(weights, "rb") as handle:
-        header = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header)
         for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+            if start is None:
+                start = 8 + int.from_bytes(block[:8], "little")
+            if whole is not None:
+                whole.update(block)
+            if position + len(block) > start:
+                digest.update(block[max(0, start - position) :])
+            position += len(block)
     return digest.hexdigest()
+
+
+def _check_weights(path: Path, config: Any, whole=None) -> None:
+    """Refuse weights that do not match the checksum ``config`` (the parsed config.json) records (InputError);
+    ``whole`` as :func:`_weights_digest`."""
+    recorded = config.get(DIGEST) if isinstance(config, dict) else None
+    if recorded is None and whole is None:  # written before checksums were recorded: nothing to compare
+        return
+    try:
+        found = _weights_digest(path / WEIGHTS, whole)
+    except OSError as error:
+        raise InputError(f"checkpoint weights {path / WEIGHTS} are unreadable ({error}): retrain or restore them") from None
+    if recorded is not None and found != recorded:
+        raise InputError(
+            f"checkpoint weights {path / WEIGHTS} do not match the checksum in its {CONFIG} (damaged, or not the weights "
+            "saved with that config): retrain or restore them (a killed training run: resume it)"
+        )
 
 
 def verify_weights(path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose weights do not match the checksum its config records (InputError, one line)."""
     path = Path(path)
-    data = read_json(path / CONFIG, "checkpoint config", "retrain or restore it")
-    recorded = data.get(DIGEST) if isinstance(data, dict) else None
-    if recorded is None:  # written before checksums were recorded
-        return
-    try:
-        found = _weights_digest(path / WEIGHTS)
-    except OSError as error:
-        raise InputError(f"checkpoint weights {path / WEIGHTS} are unreadable ({error}): retrain or restore them") from None
-    if found != recorded:
-        raise InputError(
-            f"checkpoint weights {path / WEIGHTS} do not match the checksum in its {CONFIG} (damaged, or not the weights "
-            "saved with that config): retrain or restore them (a killed training run: resume it)"
-        )
+    _check_weights(path, read_json(path / CONFIG, "checkpoint config", "retrain or restore it"))
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -238,13 +251,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 def checkpoint_hash(path: str | os.PathLike) -> str:
     """SHA-256 of a checkpoint's weights and config: identifies what produced a prediction.
 
-    Reading every byte anyway, it first checks the weights against their recorded checksum
-    (:func:`verify_weights`), so a damaged checkpoint is refused before a prediction starts.
+    The same pass over the weights checks them against their recorded checksum (:func:`verify_weights`),
+    so a damaged checkpoint is refused before a prediction starts.
     """
-    verify_weights(path)
-    digest = hashlib.sha256()
-    for name in (WEIGHTS, CONFIG):
-        with open(Path(path) / name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    path = Path(path)
+    whole = hashlib.sha256()
+    _check_weights(path, read_json(path / CONFIG, "checkpoint config", "retrain or restore it"), whole)
+    whole.update((path / CONFIG).read_bytes())
+    return whole.hexdigest()
