@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tilefuse.errors import InputError, read_json
+from tilefuse.errors import InputError, clipped, read_json
 from tilefuse.tile_model import TileModel, accepts_hyperparameter, build_model
 
 WEIGHTS = "model.safetensors"
@@ -97,8 +97,7 @@ def _checked_config(data: Any, source: str) -> dict[str, Any]:
     """The constructor arguments of :class:`ModelConfig` from a parsed config.json, checked (see its docstring)."""
 
     def bad(key: str, wanted: str) -> InputError:
-        got = json.dumps(data.get(key)) if isinstance(data, dict) else ""
-        got = got if len(got) <= 60 else got[:57] + "..."
+        got = clipped(json.dumps(data.get(key))) if isinstance(data, dict) else ""
         return InputError(f"{source}: {key!r} must be {wanted}, got {got}: fix that key or restore the config.json `tilefuse train` wrote")
 
     def count(value: Any) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, clipped
 
 IGNORE = 255
 """The label value meaning "no class": unlabelled (scene stores), no prediction (prediction stores, GeoTIFF
@@ -35,8 +35,7 @@ def class_names_problem(names) -> str | None:
     """What is wrong with ``names`` as a class list (None if nothing): not a list of strings, an empty name, or one
     name for two ids (metrics are keyed by name, so evaluate dropped one of two classes named alike)."""
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        shown = repr(names) if len(repr(names)) <= 60 else repr(names)[:57] + "..."
-        return f"must be a list of strings, got {shown}"
+        return f"must be a list of strings, got {clipped(repr(names))}"
     if any(not n.strip() for n in names):
         return f"leave class {next(k for k, n in enumerate(names) if not n.strip())} without a name (an empty string)"
     twice = next((n for k, n in enumerate(names) if n in names[:k]), None)

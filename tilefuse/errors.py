@@ -25,6 +25,11 @@ class InputError(Exception):
         super().__init__(text, *args)
 
 
+def clipped(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters (ending in "..." where cut): a bad value quoted in a one-line message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str, *, missing: str | None = None) -> Any:
     """The JSON document in file ``path``; a missing, unreadable or malformed file is one :class:`InputError` line.
 

@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 from tilefuse.classes import IGNORE, class_names_problem
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, clipped
 from tilefuse.storage import FORMAT, FORMAT_ATTR, WRITE_EMPTY_CHUNKS, compressors, consolidate, with_checksums
 
 STORE_KIND = "tilefuse_store"
@@ -73,10 +73,9 @@ def stored_band_stats(ds: xr.Dataset, modality: str) -> tuple[np.ndarray, np.nda
             and len(value) == bands
             and all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) and np.isfinite(v) and v >= least for v in value)
         ):
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise InputError(
                 f"modality {modality!r} has damaged band statistics ({key} must be {bands} finite numbers"
-                f"{' >= 0' if least == 0 else ''}, got {shown}): the store is corrupt, re-ingest it with `tilefuse ingest`"
+                f"{' >= 0' if least == 0 else ''}, got {clipped(repr(value))}): the store is corrupt, re-ingest it with `tilefuse ingest`"
             )
         out.append(np.asarray(value, dtype=np.float64))
     return out[0], out[1], out[2]
