@@ -107,6 +107,13 @@ BAD_INPUTS = {
     # the store was written, valid False everywhere, band statistics of nothing
     "a modality without data": (["-m", "sar={sar}", "-m", "optical={allnan}"], "out.zarr: the scene has no valid pixel"),
     "an empty class name": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,,crops"], "leave class 1 without a name"),
+    # PATH:2-1 is an empty range, and no band meant every band: the whole raster was ingested without a word
+    "a reversed band range": (["-m", "optical={optical}:3-1"], r"band range 3-1 .* write 1-3"),
+    "a range past the bands": (["-m", "optical={optical}:5-9"], "band 7 is out of range"),
+    # two bands named alike in one modality: a band coordinate with a duplicate, the same data twice
+    "a band twice": (["-m", "optical={optical}:1,2,1"], "band 1 is given twice"),
+    "a band twice in a range": (["-m", "optical={optical}:1-3,2"], "band 2 is given twice"),
+    "labels band twice": (["-m", "sar={sar}", "--labels", "{label}:1,1"], "band 1 is given twice"),
 }
 
 

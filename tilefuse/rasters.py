@@ -113,7 +113,12 @@ def split_bands(spec: str) -> tuple[str, tuple[int, ...] | None]:
     bands: list[int] = []
     for part in match["bands"].split(","):
         first, _, last = part.partition("-")
-        bands.extend(range(int(first), int(last or first) + 1))
+        if int(last or first) < int(first):  # an empty range: no band, which meant every band
+            raise InputError(f"band range {part} in {spec} is reversed: write {last}-{first} (bands are 1-based, ranges low-high)")
+        for band in range(int(first), int(last or first) + 1):
+            if band in bands:
+                raise InputError(f"band {band} is given twice in {spec}: list each band once")
+            bands.append(band)
     return match["path"], tuple(bands)
 
 
