@@ -55,7 +55,7 @@ def ingest(
     """
     import rasterio
 
-    from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_grid_size, check_modality_names, ingest_rasters
+    from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_grid_size, check_label_options, check_modality_names, ingest_rasters
     from tilefuse.scene import write_scene
 
     from tilefuse.outputs import claim
@@ -67,6 +67,7 @@ def ingest(
     claim(out, "scene", inputs=inputs, overwrite=overwrite)
     limit = None if allow_large else (MAX_PIXELS if max_pixels is None else _positive(max_pixels, "max_pixels"))
     check_modality_names(list(modalities))
+    check_label_options(labels if stac is None else labels or label_asset, class_names, label_map)
     if stac is not None:  # STAC input: assets of Items, through tilefuse.ecosystem
         from tilefuse.stac import scene_from_stac
 

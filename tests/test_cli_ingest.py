@@ -114,6 +114,9 @@ BAD_INPUTS = {
     "a band twice": (["-m", "optical={optical}:1,2,1"], "band 1 is given twice"),
     "a band twice in a range": (["-m", "optical={optical}:1-3,2"], "band 2 is given twice"),
     "labels band twice": (["-m", "sar={sar}", "--labels", "{label}:1,1"], "band 1 is given twice"),
+    # label options without labels were dropped without a word
+    "class names without labels": (["-m", "sar={sar}", "--class-names", "water,forest"], "--class-names .* --labels"),
+    "label map without labels": (["-m", "sar={sar}", "--label-map", "-1:255"], "--label-map .* --labels"),
 }
 
 

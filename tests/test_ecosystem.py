@@ -243,7 +243,7 @@ def test_bad_inputs(rasters, tmp_path):
         scene_from_xarray({"optical": xr.DataArray(np.zeros((1, 8, 8)), dims=("band", "y", "x"), coords={"y": np.arange(8.0), "x": np.arange(8.0)})})
     with pytest.raises(InputError, match="reference='hsi'"):
         scene_from_xarray({"optical": lazy(rasters["optical"][0])}, reference="hsi")
-    with pytest.raises(InputError, match="cannot be used"):
+    with pytest.raises(InputError, match="cannot be called 'valid'"):
         scene_from_xarray({"valid": lazy(rasters["optical"][0])})
     with pytest.raises(InputError, match="pass an xarray"):
         scene_from_xarray({"optical": rasters["optical"][0]})
@@ -265,6 +265,27 @@ def test_bad_inputs(rasters, tmp_path):
     from_xarray(tmp_path / "ours.zarr", {"optical": lazy(rasters["optical"][0])})
     with pytest.raises(InputError, match="overwrite=True"):
         from_xarray(tmp_path / "ours.zarr", {"optical": lazy(rasters["optical"][0])})
+
+
+@pytest.mark.parametrize(
+    "names", [["x"], ["spatial_ref"], ["band"], ["optical", "optical_band"], ["optical", "Optical"], ["Label"], ["2nd"], ["a-b"]]
+)
+def test_modality_names_ingest_refuses_are_refused(rasters, tmp_path, names):
+    """The names ingest refuses: 'x' and 'spatial_ref' were ValueError tracebacks, a modality 'optical_band' beside
+    'optical' was dropped from the store without a word (its name is optical's band dimension)."""
+    arrays = {name: lazy(rasters["optical"][0]) for name in names}
+    with pytest.raises(InputError, match="modality"):
+        from_xarray(tmp_path / "s.zarr", arrays)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_label_options_without_labels_are_refused(rasters, tmp_path):
+    optical = {"optical": lazy(rasters["optical"][0])}
+    with pytest.raises(InputError, match="class_names=.*no labels"):
+        from_xarray(tmp_path / "s.zarr", optical, class_names=["water", "forest"])
+    with pytest.raises(InputError, match="label_map=.*no labels"):
+        from_xarray(tmp_path / "s.zarr", optical, label_map={-1: 255})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_onto_a_source_raster_is_refused(rasters):

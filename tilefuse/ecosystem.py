@@ -43,6 +43,8 @@ from tilefuse.rasters import (
     RESAMPLING,
     RasterSource,
     _check_overlap,
+    check_label_options,
+    check_modality_names,
     array_onto_grid,
     parse_crs,
     parse_label_map,
@@ -288,9 +290,8 @@ def scene_from_xarray(
     reference = reference or next(iter(modalities))
     if reference not in modalities:
         raise InputError(f"reference={reference!r} is not a modality (have {', '.join(modalities)})")
-    for name in modalities:
-        if name in ("valid", "label") or not str(name).isidentifier():
-            raise InputError(f"modality name {name!r} cannot be used: choose an identifier other than 'valid' and 'label'")
+    check_modality_names(list(modalities))  # those ingest refuses: reserved ('x', 'spatial_ref'), '*_band', twice
+    check_label_options(labels, class_names, label_map)
     if isinstance(nodata, Mapping):
         unknown = set(nodata) - set(modalities)
         if unknown:

@@ -162,6 +162,15 @@ def check_grid_size(
         )
 
 
+def check_label_options(labels, class_names, label_map) -> None:
+    """Refuse ``class_names`` or ``label_map`` given without ``labels`` (they were dropped without a word)."""
+    if labels is not None:
+        return
+    for value, flag in ((class_names, "--class-names (class_names=)"), (label_map, "--label-map (label_map=)")):
+        if value:
+            raise InputError(f"{flag} applies to the labels, but no labels are given: pass --labels PATH too, or drop it")
+
+
 def parse_label_map(text: str | None) -> dict[int, int]:
     """``"-1:255,3:1"`` -> ``{-1: 255, 3: 1}``; targets must be 0..255 (255 = ignore)."""
     mapping: dict[int, int] = {}
@@ -635,6 +644,7 @@ def ingest_rasters(
     if not modalities:
         raise InputError("no modality given: pass at least one --modality NAME=PATH")
     check_modality_names(list(modalities))
+    check_label_options(labels, class_names, label_map)
     if complex_mode is not None and complex_mode not in COMPLEX_MODES:
         raise InputError(f"unknown --complex {complex_mode!r}: the only choice is 'magnitude'")
     if resampling not in RESAMPLING:
