@@ -95,8 +95,11 @@ def info(store: str | Path, quicklook: str | Path | None = None, verify: bool = 
 
     The quicklook replaces only a quicklook PNG tilefuse wrote (:mod:`tilefuse.outputs`).
     """
+    from tilefuse.outputs import local_path
     from tilefuse.scene import open_scene
 
+    store = local_path(store, "store")  # a URL is refused, ~ is the home folder
+    quicklook = None if quicklook is None else local_path(quicklook, "quicklook", output=True)
     if quicklook is not None:  # checked before any work (never at, inside or around the store)
         from tilefuse.outputs import claim
 

@@ -58,12 +58,13 @@ def ingest(
     from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_grid_size, check_label_options, check_modality_names, ingest_rasters
     from tilefuse.scene import write_scene
 
-    from tilefuse.outputs import claim
+    from tilefuse.outputs import claim, local_path
     from tilefuse.rasters import split_bands
 
-    out = Path(out)
+    out = local_path(out, "output", output=True)  # a URL is refused, ~ is the home folder
+    stac = None if stac is None else local_path(stac, "--stac")
     specs = [stac, labels] if stac is not None else [*modalities.values(), labels]
-    inputs = [split_bands(os.fspath(spec))[0] if spec != stac else spec for spec in specs if spec is not None]
+    inputs = [local_path(split_bands(os.fspath(spec))[0]) if spec is not stac else spec for spec in specs if spec is not None]
     claim(out, "scene", inputs=inputs, overwrite=overwrite)
     limit = None if allow_large else (MAX_PIXELS if max_pixels is None else _positive(max_pixels, "max_pixels"))
     check_modality_names(list(modalities))

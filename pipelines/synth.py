@@ -31,13 +31,14 @@ def synth(
     only a scene store / GeoTIFF folder written by tilefuse, and neither may be
     at, inside or around the other.
     """
-    from tilefuse.outputs import claim
+    from tilefuse.outputs import claim, local_path
     from tilefuse.errors import InputError
     from tilefuse.rasters import check_grid_size
     from tilefuse.scene import write_scene
     from tilefuse.synthetic import synth_scene, write_geotiffs
 
-    out = Path(out)
+    out = local_path(out, "output", output=True)  # a URL is refused, ~ is the home folder
+    geotiff = None if geotiff is None else local_path(geotiff, "GeoTIFF folder", output=True)
     claim(out, "scene", overwrite=overwrite, inputs=[geotiff])
     if geotiff is not None:
         claim(geotiff, "geotiff-folder", overwrite=overwrite, what="GeoTIFF folder")

@@ -319,6 +319,34 @@ def foreign_entries(path: str | os.PathLike, kind: str) -> list[Path]:
 # ------------------------------------------------------------------ the guard
 
 
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):/")
+"""A URL (s3://, gs://, https://, file://...), also as pathlib leaves it (s3:/bucket/...)."""
+
+
+def local_path(path: str | os.PathLike, what: str = "path", *, output: bool = False) -> Path:
+    """``path`` as a local path with ``~`` expanded to the home folder; a URL is one :class:`InputError` line.
+
+    tilefuse reads and writes local paths only: a URL given as an output was
+    written as a local folder named after it (``s3:/bucket/scene.zarr``), and a
+    quoted ``~`` (or one passed to the Python API) made a folder named ``~``.
+    ``what`` names the path in the message; ``output`` says which way it goes.
+    """
+    text = os.fspath(path)
+    match = _URL.match(text)
+    if match:
+        fix = "write it to a local path and copy it there" if output else "download or mount it and pass the local path"
+        raise InputError(f"{what} {text} is a URL ({match['scheme']}://): tilefuse reads and writes local paths only; {fix}")
+    return Path(os.path.expanduser(text))
+
+
+def _check_local(path: str | os.PathLike, what: str) -> None:
+    """Refuse an output path that is a URL, or that starts with a ``~`` its caller did not expand (:func:`local_path`)."""
+    text = os.fspath(path)
+    local_path(text, what, output=True)  # a URL: one line
+    if os.path.expanduser(text) != text:
+        raise InputError(f"{what} {path} starts with ~, which is not expanded here: write the full path ({local_path(path)})")
+
+
 def real_path(path: str | os.PathLike) -> Path:
     """Absolute path with symlinks, ``..`` and trailing slashes resolved (also for paths that do not exist yet)."""
     return Path(os.path.realpath(os.fspath(path)))  # not abspath first: it drops "link/.." lexically
@@ -379,7 +407,9 @@ def check_space(path: str | os.PathLike, size: int) -> None:
 
 
 def check_inputs(path: str | os.PathLike, inputs: Iterable[Any], *, what: str = "output") -> Path:
-    """Refuse an output ``path`` that is, contains or lies inside one of ``inputs`` (real paths); returns its real path."""
+    """Refuse an output ``path`` that is, contains or lies inside one of ``inputs`` (real paths), or that is a URL
+    or starts with an unexpanded ``~`` (:func:`local_path`); returns its real path."""
+    _check_local(path, what)
     target = real_path(path)
     for source in _flatten(inputs):
         real = real_path(source)

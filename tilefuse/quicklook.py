@@ -109,7 +109,9 @@ def save_figure(fig, path: str | os.PathLike, *, inputs=(), overwrite: bool = Tr
     (``overwrite``, the default); any other file or folder at ``path``, or a
     ``path`` at, inside or around one of ``inputs``, is refused.
     """
-    path = Path(path)
+    from tilefuse.outputs import local_path
+
+    path = local_path(path, "quicklook", output=True)  # a URL is refused, ~ is the home folder
     with create(path, "png", inputs=inputs, overwrite=overwrite, what="quicklook") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png", metadata=png_metadata())
     return path

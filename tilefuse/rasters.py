@@ -198,8 +198,10 @@ def open_source(
     from rasterio.enums import MaskFlags
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-    path_text, bands = split_bands(str(spec))
-    path = Path(path_text)
+    from tilefuse.outputs import local_path
+
+    path_text, bands = split_bands(os.fspath(spec))
+    path = local_path(path_text, what)  # a URL is refused, ~ is the home folder
     if not path.exists():
         raise InputError(f"{what}: {path} does not exist: check the path")
     if path.is_dir():

@@ -188,9 +188,9 @@ def write_scene(
     written): ``overwrite`` replaces only a scene store, and ``inputs`` (the
     paths ``ds`` is read from) are never at, inside or around ``path``.
     """
-    from tilefuse.outputs import claim, create
+    from tilefuse.outputs import claim, create, local_path
 
-    path = Path(path)
+    path = local_path(path, "output", output=True)  # a URL is refused, ~ is the home folder
     claim(path, "scene", inputs=inputs, overwrite=overwrite)
     if "valid" not in ds:
         raise ValueError("a scene needs a 'valid' (y, x) mask")
@@ -283,9 +283,9 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     keys a partial store has written (the others read as fill values).
     """
     from tilefuse import storage
-    from tilefuse.outputs import is_temporary
+    from tilefuse.outputs import is_temporary, local_path
 
-    path = Path(path)
+    path = local_path(path, "store")  # a URL is refused, ~ is the home folder
     if is_temporary(path):
         raise InputError(f"{path} is an unfinished temporary of a tilefuse run, not a store: open the finished store")
     if not path.exists():

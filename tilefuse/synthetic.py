@@ -365,9 +365,9 @@ def write_geotiffs(
     """
     import rasterio
 
-    from tilefuse.outputs import create, tiff_tags
+    from tilefuse.outputs import create, local_path, tiff_tags
 
-    directory = Path(directory)
+    directory = local_path(directory, "GeoTIFF folder", output=True)  # a URL is refused, ~ is the home folder
     names = [*modalities(ds), *(["label"] if "label" in ds else [])]
     paths = {name: directory / f"{name}.tif" for name in names}
     transform, crs = ds.rio.transform(), ds.rio.crs

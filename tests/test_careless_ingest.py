@@ -1,0 +1,89 @@
+"""Paths a careless user types for `tilefuse synth | ingest | info`: each is taken as meant, or is one line."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilefuse.cli import main
+from tilefuse.scene import open_scene
+from tilefuse.synthetic import synth_scene, write_geotiffs
+
+
+@pytest.fixture(scope="module")
+def tifs(tmp_path_factory) -> dict[str, Path]:
+    return write_geotiffs(synth_scene((96, 80), seed=4, chunk=64), tmp_path_factory.mktemp("tifs"))
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+
+
+def one_line(code: int, err: str, pattern: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("tilefuse: error: "), (code, err)
+    assert pattern in lines[0], lines[0]
+    return lines[0]
+
+
+URLS = ["s3://bucket/scene.zarr", "gs://bucket/scene.zarr", "file:///tmp/scene.zarr", "https://example.com/scene.zarr", "az://c/s.zarr"]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_a_url_is_one_line_and_nothing_is_written_locally(url, tifs, tmp_path, monkeypatch, capsys):
+    """`tilefuse ingest s3://bucket/scene.zarr` wrote a local folder s3:/bucket/scene.zarr and said 'wrote' (the
+    user believed it was in the bucket); `tilefuse info s3://...` read that local folder."""
+    monkeypatch.chdir(tmp_path)
+    before = tree(tifs["sar"].parent)
+    commands = [
+        ["ingest", url, "-m", f"sar={tifs['sar']}"],
+        ["synth", url, "--size", 32],
+        ["synth", tmp_path / "s.zarr", "--size", 32, "--geotiff", url],
+        ["info", url],
+        ["ingest", tmp_path / "s.zarr", "-m", f"sar={url.replace('.zarr', '.tif')}"],
+        ["ingest", tmp_path / "s.zarr", "-m", f"sar={tifs['sar']}", "--labels", url.replace(".zarr", ".tif")],
+    ]
+    for args in commands:
+        code, _, err = run_cli(args, capsys)
+        one_line(code, err, "is a URL")
+        assert list(tmp_path.iterdir()) == [], args
+    assert tree(tifs["sar"].parent) == before
+
+
+def test_tilde_is_the_home_folder_for_inputs_and_outputs(tifs, tmp_path, monkeypatch, capsys):
+    """A quoted '~/scene.zarr' (or one given to the Python API) made a folder named '~' in the working folder."""
+    import tilefuse
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "in").mkdir(parents=True)
+    work.mkdir()
+    for name in ("sar", "optical", "label"):
+        (home / "in" / f"{name}.tif").write_bytes(tifs[name].read_bytes())
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    args = ["-m", "sar=~/in/sar.tif", "-m", "optical=~/in/optical.tif:1,2,3", "--labels", "~/in/label.tif"]
+    code, out, err = run_cli(["ingest", "~/s.zarr", *args], capsys)
+    assert code == 0, err
+    assert run_cli(["synth", "~/t.zarr", "--size", 40, "--geotiff", "~/g"], capsys)[0] == 0
+    tilefuse.ingest("~/api.zarr", {"sar": "~/in/sar.tif"}, "~/in/label.tif")
+    assert list(work.iterdir()) == []  # no folder '~'
+    assert sorted(p.name for p in home.iterdir()) == ["api.zarr", "g", "in", "s.zarr", "t.zarr"]
+    expected = open_scene(home / "s.zarr")
+    assert open_scene("~/s.zarr")["label"].equals(expected["label"])
+    np.testing.assert_array_equal(open_scene(home / "api.zarr")["sar"].values, expected["sar"].values)
+    code, out, err = run_cli(["info", "~/s.zarr", "--quicklook", "~/q.png"], capsys)
+    assert code == 0 and "optical: 3 bands" in out and (home / "q.png").is_file(), err
+    # an output spelled with ~ is still never an input spelled otherwise
+    for spelling in (f"sar={home}/in/sar.tif", "sar=~/in/../in/sar.tif"):
+        code, _, err = run_cli(["ingest", "~/in/sar.tif", "-m", spelling], capsys)
+        one_line(code, err, "is the input")
+    assert list(work.iterdir()) == []
