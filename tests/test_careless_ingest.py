@@ -87,3 +87,17 @@ def test_tilde_is_the_home_folder_for_inputs_and_outputs(tifs, tmp_path, monkeyp
         code, _, err = run_cli(["ingest", "~/in/sar.tif", "-m", spelling], capsys)
         one_line(code, err, "is the input")
     assert list(work.iterdir()) == []
+
+
+def test_info_on_a_store_being_written_says_so(tifs, tmp_path, capsys):
+    """Until it is complete a store exists only as a hidden temporary: info said 'does not exist: check the path'."""
+    from tilefuse.outputs import output_lock
+
+    out = tmp_path / "s.zarr"
+    with output_lock(out):  # what ingest holds while it writes
+        code, _, err = run_cli(["info", out], capsys)
+        one_line(code, err, "s.zarr is being written by process")
+        with pytest.raises(Exception, match="being written"):
+            open_scene(out)
+    code, _, err = run_cli(["info", out], capsys)
+    one_line(code, err, "does not exist")

@@ -283,12 +283,15 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     keys a partial store has written (the others read as fill values).
     """
     from tilefuse import storage
-    from tilefuse.outputs import is_temporary, local_path
+    from tilefuse.outputs import is_temporary, live_writer, local_path
 
     path = local_path(path, "store")  # a URL is refused, ~ is the home folder
     if is_temporary(path):
         raise InputError(f"{path} is an unfinished temporary of a tilefuse run, not a store: open the finished store")
     if not path.exists():
+        writer = live_writer(path)  # a store is renamed into place once whole: it is being written
+        if writer:
+            raise InputError(f"{path} is being written by {writer}: it appears once complete; wait for it to finish")
         raise InputError(f"{path} does not exist: check the path (create scene stores with `tilefuse ingest`)")
     try:
         ds = storage.open_dataset(path, written=written, fix=REPAIR.get(kind, "re-create it"))
