@@ -101,3 +101,26 @@ def test_info_on_a_store_being_written_says_so(tifs, tmp_path, capsys):
             open_scene(out)
     code, _, err = run_cli(["info", out], capsys)
     one_line(code, err, "does not exist")
+
+
+def test_labels_holding_a_subset_of_the_named_classes_keep_every_name(tmp_path, capsys):
+    """A chip holding classes 1 and 3 of five named ones: every name kept, absent ids counted 0; names for
+    fewer ids than the labels hold are refused (the rest were named class_<id>)."""
+    import rasterio
+
+    profile = dict(driver="GTiff", width=32, height=24, count=1, dtype="uint8", crs="EPSG:32632",
+                   transform=rasterio.Affine(10, 0, 500000, 0, -10, 5000000))  # fmt: skip
+    labels = np.where(np.arange(32)[None, :] < 10, 1, 3).repeat(24, axis=0).astype(np.uint8)
+    with rasterio.open(tmp_path / "l.tif", "w", **profile) as dst:
+        dst.write(labels[None])
+    with rasterio.open(tmp_path / "x.tif", "w", **dict(profile, dtype="float32")) as dst:
+        dst.write(np.ones((1, 24, 32), np.float32))
+    names = "water,trees,grass,crops,built"
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"opt={tmp_path}/x.tif", "--labels", tmp_path / "l.tif", "--class-names", names], capsys)
+    assert code == 0, err
+    attrs = open_scene(tmp_path / "s.zarr")["label"].attrs
+    assert attrs["class_names"] == names.split(",") and attrs["class_counts"] == [0, 240, 0, 528, 0]
+    for short in ("water,trees", "water,trees,grass"):
+        code, _, err = run_cli(["ingest", tmp_path / "t.zarr", "-m", f"opt={tmp_path}/x.tif", "--labels", tmp_path / "l.tif", "--class-names", short], capsys)
+        one_line(code, err, "the labels hold class id")
+        assert not (tmp_path / "t.zarr").exists()

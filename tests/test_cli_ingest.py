@@ -117,6 +117,9 @@ BAD_INPUTS = {
     # label options without labels were dropped without a word
     "class names without labels": (["-m", "sar={sar}", "--class-names", "water,forest"], "--class-names .* --labels"),
     "label map without labels": (["-m", "sar={sar}", "--label-map", "-1:255"], "--label-map .* --labels"),
+    # names for fewer ids than the labels hold: the others were named class_<id> without a word (names meant for
+    # ids 1..K went to ids 0..K-1)
+    "class names for fewer ids": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,forest"], r"class id 2 and more but the 2 class names name ids 0..1 only"),
 }
 
 

@@ -251,9 +251,23 @@ def write_scene(
                 band_count=count.astype(np.int64).tolist(),
             )
         if counts is not None:
+            _check_named(path, ds["label"].attrs.get("class_names"), np.asarray(counts))
             _record_label_counts(group["label"].attrs, np.asarray(counts))
         consolidate(tmp)  # last, once every attr is final
     return path
+
+
+def _check_named(path, names, counts: np.ndarray) -> None:
+    """Refuse class names given for fewer ids than the labels hold: the others were named class_<id> without a
+    word, typically names meant for ids 1..K given to ids 0..K-1 (--class-names names ids from 0)."""
+    present = np.flatnonzero(counts[:IGNORE])
+    if names and present.size and present[-1] >= len(names):
+        unnamed = [int(i) for i in present if i >= len(names)]
+        raise InputError(
+            f"{path}: the labels hold class id {unnamed[0]}{' and more' if len(unnamed) > 1 else ''} but the "
+            f"{len(names)} class names name ids 0..{len(names) - 1} only: give one name per id from 0 to {int(present[-1])} "
+            "(--class-names; ids count from 0, a name for an absent id is fine), or remap the ids with --label-map"
+        )
 
 
 def _record_label_counts(attrs, counts: np.ndarray) -> None:
