@@ -77,3 +77,20 @@ def test_train_command_reaches_every_training_option(monkeypatch, tmp_path):
     (tmp_path / "metrics.json").write_text('{"step": 1}')
     assert main(["train", "--model", "pad", "--store", "s.zarr", "--out", str(tmp_path / "run"), *argv]) == 0
     assert {name: seen.get(name) for name in names} == {name: flags[name][1] for name in names}
+
+
+@pytest.mark.parametrize("odd", ["\n", "\r", "\x1b[2J", "\u2028", "\x85"])
+def test_a_path_with_a_line_break_or_control_character_is_still_one_line(odd, tmp_path, capsys):
+    """The message quotes the path: a newline in it (a script's stray '\\n') printed two lines, an escape
+    sequence reached the terminal."""
+    for argv in (
+        ["info", tmp_path / f"a{odd}b.zarr"],
+        ["ingest", tmp_path / "s.zarr", "-m", f"sar={tmp_path}/a{odd}b.tif"],
+        ["synth", tmp_path / "s.zarr", "--kind", f"x{odd}y"],
+        ["info", tmp_path / "s.zarr", f"--no-such{odd}option"],
+    ):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.endswith("\n"), repr(err)
+        assert all(c.isprintable() for c in err[:-1]), repr(err)
+    assert list(tmp_path.iterdir()) == []

@@ -60,13 +60,20 @@ def usage_line(error: Exception) -> str:
     return f"{message}: see `{command} --help`"
 
 
+def _error(message: str) -> None:
+    """Print ``message`` as the one line ``tilefuse: error: ...`` on stderr: a line break or control character
+    in it (a path quoted in the message) is written escaped, as Python writes it in a string."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    print(f"tilefuse: error: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status instead of raising SystemExit."""
     try:
         # not standalone, so InputError reaches us; typer answers an interrupt by returning 130
         result = app(args=argv, standalone_mode=False)
     except InputError as error:
-        print(f"tilefuse: error: {error}", file=sys.stderr)
+        _error(str(error))
         return 2
     except KeyboardInterrupt:
         print("tilefuse: interrupted", file=sys.stderr)
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if error.errno not in WRITE_ERRNOS:
             raise
-        print(f"tilefuse: error: {write_error(error.filename or 'the output', error.strerror)}", file=sys.stderr)
+        _error(write_error(error.filename or "the output", error.strerror))
         return 2
     except SystemExit as exit_:
         code = exit_.code
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         # usage errors; typer vendors its own click, so match by shape, not by class
         if hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int):
             if error.format_message().strip():  # empty: the help was shown instead (no arguments)
-                print(f"tilefuse: error: {usage_line(error)}", file=sys.stderr)
+                _error(usage_line(error))
             return error.exit_code
         raise
     if type(result) is int and result:
