@@ -124,3 +124,30 @@ def test_labels_holding_a_subset_of_the_named_classes_keep_every_name(tmp_path, 
         code, _, err = run_cli(["ingest", tmp_path / "t.zarr", "-m", f"opt={tmp_path}/x.tif", "--labels", tmp_path / "l.tif", "--class-names", short], capsys)
         one_line(code, err, "the labels hold class id")
         assert not (tmp_path / "t.zarr").exists()
+
+
+@pytest.mark.parametrize("role", ["modality", "labels"])
+def test_a_truncated_input_raster_is_one_line_and_leaves_nothing(role, tifs, tmp_path, capsys):
+    """A GeoTIFF cut short (an interrupted download or copy) opens, then its missing strips failed the read:
+    a RasterioIOError traceback of 40 lines, exit status 1."""
+    import rasterio
+
+    cut = tmp_path / "in" / "cut.tif"
+    cut.parent.mkdir()
+    source = tifs["optical"] if role == "modality" else tifs["label"]
+    with rasterio.open(source) as src:  # uncompressed strips, so the cut leaves a header that opens
+        profile = dict(src.profile, tiled=False, compress=None, blockysize=1)
+        profile.pop("blockxsize", None)
+        with rasterio.open(cut, "w", **profile) as dst:
+            dst.write(src.read())
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with rasterio.open(cut) as src:
+        assert src.count >= 1  # the header is whole
+    before = tree(cut.parent)
+    args = ["-m", f"opt={cut}"] if role == "modality" else ["-m", f"sar={tifs['sar']}", "--labels", cut]
+    code, _, err = run_cli(["ingest", tmp_path / "out" / "s.zarr", *args], capsys)
+    one_line(code, err, "cut.tif cannot be read")
+    assert "damaged or truncated" in err
+    assert tree(cut.parent) == before
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -34,7 +34,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, clipped
 from tilefuse.scene import IGNORE, band_dim
 
 RESAMPLING = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode")
@@ -413,6 +413,7 @@ def _read_block(
 ) -> np.ndarray:
     """One (bands, rows, cols) block of ``source`` on ``grid``: float32, NaN where there is no data."""
     import rasterio
+    from rasterio.errors import RasterioError
     from rasterio.windows import Window
 
     (b0, b1), (r0, r1), (c0, c1) = block_info[None]["array-location"]
@@ -426,18 +427,31 @@ def _read_block(
     if window is None or window[1] <= window[0] or window[3] <= window[2]:
         return out
     top, bottom, left, right = window
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NotGeoreferencedWarning for rasters whose CRS we assume
-        with rasterio.open(source.dataset_name()) as src:
-            window = Window(left, top, right - left, bottom - top)
-            if source.mask_band:
-                data = src.read(indexes, window=window, masked=True).astype(np.float32).filled(np.nan)
-            else:
-                raw = src.read(indexes, window=window)
-                data = raw.astype(np.float32)
-                if source.nodata is not None:
-                    data[raw == source.nodata] = np.nan
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning for rasters whose CRS we assume
+            with rasterio.open(source.dataset_name()) as src:
+                window = Window(left, top, right - left, bottom - top)
+                if source.mask_band:
+                    data = src.read(indexes, window=window, masked=True).astype(np.float32).filled(np.nan)
+                else:
+                    raw = src.read(indexes, window=window)
+                    data = raw.astype(np.float32)
+                    if source.nodata is not None:
+                        data[raw == source.nodata] = np.nan
+    except RasterioError as error:  # a file cut short or damaged since it was opened: its strips or tiles fail
+        raise InputError(
+            f"{source.path} cannot be read (rows {top}..{bottom - 1}: {clipped(_root_message(error), 100)}): "
+            "the file is damaged or truncated; copy or download it again"
+        ) from None
     return _place(data, (top, left), out, (r0, c0), source, grid, resampling, plan)
+
+
+def _root_message(error: BaseException) -> str:
+    """The first line of the innermost cause of ``error`` (GDAL's own words, under rasterio's 'Read failed')."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _place(
