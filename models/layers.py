@@ -128,6 +128,13 @@ def assign_roles(modalities: Mapping[str, int], roles: Mapping[str, str] | Seque
     return {implied[first]: first, (ACTIVE if implied[first] == OPTICAL else OPTICAL): other}
 
 
+def flag(name: str, value: object) -> bool:
+    """A yes/no hyperparameter: only ``True`` or ``False`` (``bool("false")`` is true, so a string is refused)."""
+    if not isinstance(value, bool):
+        raise InputError(f"hyperparameter {name} must be true or false, got {value!r}")
+    return value
+
+
 def check_inputs(inputs: Mapping[str, torch.Tensor], modalities: Mapping[str, int]) -> None:
     """Raise InputError unless ``inputs`` holds a (B, C, H, W) tensor with the declared bands for each modality."""
     for name, bands in modalities.items():

@@ -59,7 +59,7 @@ from torch import nn
 
 from tilefuse.errors import InputError
 from tilefuse.models.convnext import ConvNeXt, LoadReport, load_convnext_state, read_state_dict
-from tilefuse.models.layers import ACTIVE, OPTICAL, ConvBNReLU, assign_roles, check_inputs, dihedral_mean, float32_spectra
+from tilefuse.models.layers import ACTIVE, OPTICAL, ConvBNReLU, assign_roles, check_inputs, dihedral_mean, flag, float32_spectra
 from tilefuse.tile_model import TileModel, TileModelSpec, masked_cross_entropy, register_model
 
 STRIDE = 32
@@ -286,9 +286,15 @@ class PixelHead(nn.Module):
     The first conv is computed without upsampling the decoder map: its decoder part runs
     at the decoder's resolution and is upsampled after (bilinear resizing and a 1x1 conv
     without bias commute), which is the same function at a fraction of the cost.
+
+    ``linear=True`` adds a 1x1 conv with bias from the bands straight to the logits: a
+    per-pixel multinomial logistic regression inside the network, which extrapolates
+    linearly to pixel values outside the training range (where the ReLU layers saturate
+    or switch class abruptly). It is drawn like any conv, so a fresh head with it does
+    change the logits.
     """
 
-    def __init__(self, feature_channels: int, band_channels: int, channels: int, num_classes: int) -> None:
+    def __init__(self, feature_channels: int, band_channels: int, channels: int, num_classes: int, linear: bool = False) -> None:
         super().__init__()
         self.feature_channels = feature_channels
         self.project = nn.Conv2d(feature_channels + band_channels, channels, 1, bias=False)
@@ -297,12 +303,15 @@ class PixelHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
+        self.linear = nn.Conv2d(band_channels, num_classes, 1) if linear else None
 
     def forward(self, features: torch.Tensor, bands: list[torch.Tensor]) -> torch.Tensor:
         weight = self.project.weight
+        stacked = torch.cat(bands, dim=1)
         x = _resize(F.conv2d(features, weight[:, : self.feature_channels]), bands[0].shape[2:])
-        x = x + F.conv2d(torch.cat(bands, dim=1), weight[:, self.feature_channels :])
-        return self.classifier(self.hidden(F.relu(self.norm(x))))
+        x = x + F.conv2d(stacked, weight[:, self.feature_channels :])
+        out = self.classifier(self.hidden(F.relu(self.norm(x))))
+        return out if self.linear is None else out + self.linear(stacked)
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -340,8 +349,9 @@ class PADModel(TileModel):
     they follow the names (module docstring, "Roles").
 
     ``pixel_head`` (ours, off by default): add :class:`PixelHead`'s full-resolution
-    correction, ``pixel_head_channels`` wide, to the main logits. Off, the model is
-    exactly the paper's. ``tta=True`` (ours, off by default, as S²Fin's): outside
+    correction, ``pixel_head_channels`` wide, to the main logits; ``pixel_head_linear``
+    (ours, off by default) adds its linear term from the bands (:class:`PixelHead`). Off,
+    the model is exactly the paper's. ``tta=True`` (ours, off by default, as S²Fin's): outside
     training, the logits averaged over the 8 flips/rotations of the tile (the training
     augmentation), 8x the cost.
     """
@@ -358,10 +368,11 @@ class PADModel(TileModel):
         roles: Mapping[str, str] | Sequence[str] | None = None,
         pixel_head: bool = False,
         pixel_head_channels: int = 32,
+        pixel_head_linear: bool = False,
         tta: bool = False,
     ) -> None:
         super().__init__()
-        self.tta = bool(tta)
+        self.tta = flag("tta", tta)
         if preset not in PRESETS:
             raise InputError(f"unknown PAD preset {preset!r}: choose one of {', '.join(PRESETS)}")
         assigned = assign_roles(modalities, roles, "pad")
@@ -372,16 +383,20 @@ class PADModel(TileModel):
         self.optical_encoder = ConvNeXt.from_preset(chosen.encoder, modalities[self.optical], drop_path=drop_path)
         self.sar_encoder = ConvNeXt.from_preset(chosen.encoder, modalities[self.sar], drop_path=drop_path)
         widths = self.optical_encoder.widths
+        faithful_shift = flag("faithful_shift", faithful_shift)
         self.fusions = nn.ModuleList(PADBlock(w, faithful_shift) for w in widths)
         decoder_channels = decoder_channels or chosen.decoder_channels
         self.decode_head = UPerHead(widths, decoder_channels, num_classes)
         self.aux_head = FCNHead(widths[2], aux_channels or chosen.aux_channels, num_classes)
         self.pixel_head = None
+        pixel_head, pixel_head_linear = flag("pixel_head", pixel_head), flag("pixel_head_linear", pixel_head_linear)
+        if pixel_head_linear and not pixel_head:
+            raise InputError("pixel_head_linear=True needs pixel_head=True: the linear term is part of the pixel head")
         if pixel_head:
             if isinstance(pixel_head_channels, bool) or not (isinstance(pixel_head_channels, int) and pixel_head_channels >= 1):
                 raise InputError(f"pixel_head_channels must be a whole number >= 1, got {pixel_head_channels!r}")
             bands = modalities[self.optical] + modalities[self.sar]
-            self.pixel_head = PixelHead(decoder_channels, bands, pixel_head_channels, num_classes)
+            self.pixel_head = PixelHead(decoder_channels, bands, pixel_head_channels, num_classes, linear=pixel_head_linear)
 
     def _fused_features(self, inputs: Mapping[str, torch.Tensor]):
         check_inputs(inputs, self.spec.modalities)

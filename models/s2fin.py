@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilefuse.errors import InputError
-from tilefuse.models.layers import ACTIVE, OPTICAL, assign_roles, check_inputs, dihedral_mean, float32_spectra
+from tilefuse.models.layers import ACTIVE, OPTICAL, assign_roles, check_inputs, dihedral_mean, flag, float32_spectra
 from tilefuse.tile_model import TileModel, TileModelSpec, masked_cross_entropy, register_model
 
 SPECTRA = ("projected", "raw")
@@ -374,7 +374,7 @@ class S2FinModel(TileModel):
         self.patch_size = patch_size
         self.max_patches_per_batch = max_patches_per_batch
         self.label_smoothing = float(label_smoothing)
-        self.tta = bool(tta)
+        self.tta = flag("tta", tta)
         self.classifier = S2FinClassifier(
             modalities[self.optical], modalities[self.active], num_classes, patch_size, dim, spectral_tokens, heads, topk, spectrum, dropout
         )

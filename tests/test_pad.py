@@ -485,3 +485,39 @@ def test_test_time_augmentation_is_the_mean_over_the_8_flips_and_off_in_training
     trained = model.compute_loss(batch, target)
     torch.manual_seed(1)
     assert torch.equal(trained, plain.compute_loss(batch, target))
+
+
+def test_pixel_head_linear_adds_a_logistic_regression_on_the_bands():
+    """``pixel_head_linear``: the head's output plus a 1x1 conv (with bias) from the concatenated bands."""
+    torch.manual_seed(0)
+    model = build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True, pixel_head_linear=True).eval()
+    head = model.pixel_head
+    assert isinstance(head.linear, torch.nn.Conv2d) and head.linear.weight.shape == (4, 4, 1, 1)
+    assert {k for k in model.state_dict() if k.startswith("pixel_head.linear.")} == {"pixel_head.linear.weight", "pixel_head.linear.bias"}
+    with torch.no_grad():
+        head.classifier.weight.normal_()
+        features, bands = torch.randn(2, 32, 9, 11), [torch.randn(2, 3, 36, 44), torch.randn(2, 1, 36, 44)]
+        linear = head.linear
+        head.linear = None
+        without = head(features, bands)
+        head.linear = linear
+        expected = without + F.conv2d(torch.cat(bands, dim=1), linear.weight, linear.bias)
+        torch.testing.assert_close(head(features, bands), expected)
+        # a pixel far outside the training range moves the logits linearly along the bands
+        x = _inputs(height=32, width=32)
+        base = model(x)
+        shifted = {k: v.clone() for k, v in x.items()}
+        shifted["optical"][:, 0] += 100.0
+        assert not torch.allclose(model(shifted), base)
+    off = build_model("pad", MODALITIES, 4, preset="zepto", pixel_head=True)
+    assert off.pixel_head.linear is None and not any(".linear." in k for k in off.state_dict())
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [{"pixel_head_linear": True}, {"pixel_head": "false"}, {"pixel_head": True, "pixel_head_linear": "yes"}, {"tta": "no"}, {"faithful_shift": 0}],
+)
+def test_yes_no_hyperparameters_take_only_true_or_false(hparams):
+    """``bool("false")`` is true: a string or number for a flag is refused, and the linear term needs the head."""
+    with pytest.raises(InputError, match="pixel_head|true or false"):
+        build_model("pad", MODALITIES, 4, preset="zepto", **hparams)

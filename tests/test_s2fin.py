@@ -316,3 +316,10 @@ def test_engine_output_is_bitwise_the_same_whatever_the_batch_size(tmp_path):
         for b in (2, 3, 4)
     ]
     assert all(np.array_equal(probs[0], p) for p in probs[1:])
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_tta_takes_only_true_or_false(value):
+    """``bool("false")`` is true: a string or number for the flag is refused instead of turning 8x TTA on."""
+    with pytest.raises(InputError, match="tta must be true or false"):
+        S2FinModel(MODALITIES, 4, patch_size=5, dim=16, spectral_tokens=8, tta=value)
