@@ -399,3 +399,19 @@ def test_abandoned_sibling_reads_closed_with_zarr_loop_stay_quiet(monkeypatch):
     finally:
         coroutine.close()
         loop.close()
+
+
+@pytest.mark.parametrize("listed", ["optical", [], ["optical"], ["sar", "sar", "optical"], [1, 2], {"optical": 1}])
+def test_modalities_attr_edited_to_something_else_than_the_held_modalities_is_one_line(pristine, tmp_path, capsys, listed):
+    """The store's list of modalities: a string was read one modality per letter ('o' is missing); [] or a list
+    leaving one out hid a held modality from info, training and prediction without a word."""
+    import test_training  # noqa: F401  (registers test-seg)
+    from tilefuse import storage
+
+    _, stores, checkpoint, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores["chunks"], store)
+    zarr.open_group(store, mode="r+").attrs["modalities"] = listed
+    storage.consolidate(store)
+    for line in _one_line_from_info_train_and_predict(store, checkpoint, tmp_path, capsys):
+        assert "modalities" in line and "corrupt" in line, line

@@ -332,6 +332,16 @@ def _layout_problem(ds: xr.Dataset) -> str | None:
     A modality it lists but does not hold was a KeyError traceback; a ``valid``
     of another dtype a traceback in predict and a silent mask in training.
     """
+    listed = ds.attrs.get("modalities")
+    held = [str(n) for n, v in ds.data_vars.items() if v.dims == (band_dim(str(n)), "y", "x")]
+    if listed is not None:  # stores list their modalities (older ones may not: then the held ones count)
+        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed) or len(set(listed)) != len(listed):
+            return f"its attrs' modalities ({clipped(repr(listed))}) is not a list of distinct names"
+        unlisted = [n for n in held if n not in listed]
+        if unlisted:  # hidden from every reader
+            return f"its array {unlisted[0]!r} is a modality its attrs' modalities {clipped(repr(listed))} leave out"
+    if not modalities(ds):
+        return "it holds no modality"
     for name in modalities(ds):
         if name not in ds.data_vars:
             return f"modality {name!r} is listed in its attrs but its array is missing"
