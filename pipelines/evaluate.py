@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from tilefuse.errors import InputError
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 def evaluate(
@@ -51,9 +54,7 @@ def evaluate(
     if "labels" not in predicted:
         raise InputError(f"{prediction} holds no 'labels': it is not a finished prediction, rerun `tilefuse predict`")
     shape = (scene.sizes["y"], scene.sizes["x"])
-    if (predicted.sizes["y"], predicted.sizes["x"]) != shape or not (
-        np.allclose(predicted["x"].values, scene["x"].values) and np.allclose(predicted["y"].values, scene["y"].values)
-    ):
+    if (predicted.sizes["y"], predicted.sizes["x"]) != shape or not _same_grid(predicted, scene):
         raise InputError(
             f"{prediction} ({predicted.sizes['y']} x {predicted.sizes['x']}) is not on the grid of {labels} "
             f"({shape[0]} x {shape[1]}): evaluate a prediction of that scene"
@@ -80,6 +81,21 @@ def evaluate(
     if split is not None:
         metrics["split"], metrics["subset"] = str(split), subset
     return metrics
+
+
+def _same_grid(a: "xr.Dataset", b: "xr.Dataset") -> bool:
+    """Whether the pixel centres of ``a`` and ``b`` (of one shape) agree to a thousandth of ``b``'s pixel.
+
+    A relative tolerance would not do: 1e-5 of a UTM northing (5e6 m) is 50 m, five 10 m pixels, and a
+    prediction shifted by two rows against its labels was scored as if on their grid.
+    """
+    import numpy as np
+
+    res_x, res_y = (abs(v) for v in b.rio.resolution())
+    return all(
+        np.allclose(a[axis].values, b[axis].values, rtol=0, atol=1e-3 * res)
+        for axis, res in (("x", res_x), ("y", res_y))
+    )
 
 
 def write_json(data: dict[str, Any], out: str | Path, *, inputs=(), overwrite: bool = True) -> Path:

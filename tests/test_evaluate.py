@@ -87,6 +87,20 @@ def test_bad_inputs(scene_and_prediction, tmp_path, capsys):
         evaluate(store, store)
 
 
+@pytest.mark.parametrize("dy, dx", [(1, 0), (2, 0), (-4, 0), (0.5, 0), (0, 1), (0, -2), (1, 1)])
+def test_labels_on_a_grid_shifted_by_any_pixels_are_refused(scene_and_prediction, tmp_path, capsys, dy, dx):
+    """Coordinates were compared with a relative tolerance (1e-5): 50 m of a UTM northing, so labels two 10 m rows
+    off the prediction's grid were scored as if on it. Any shift of a pixel or part of one is another grid."""
+    store, pred, ds, _ = scene_and_prediction
+    shifted = ds.assign_coords(y=ds["y"].values + 10.0 * dy, x=ds["x"].values + 10.0 * dx)
+    other = write(shifted, tmp_path / "shifted.zarr")
+    assert main(["evaluate", str(pred), "--labels", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not on the grid" in err and len(err.splitlines()) == 1, err
+    same = write(ds.assign_coords(y=ds["y"].values + 1e-6, x=ds["x"].values - 1e-6), tmp_path / "same.zarr")  # rounding only
+    assert evaluate(pred, same)["pixels"] == evaluate(pred, store)["pixels"]
+
+
 @pytest.mark.slow
 def test_train_predict_evaluate_end_to_end(tmp_path):
     """A trained checkpoint goes straight into `tilefuse predict`, and evaluate scores its output."""
