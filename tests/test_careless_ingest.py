@@ -151,3 +151,25 @@ def test_a_truncated_input_raster_is_one_line_and_leaves_nothing(role, tifs, tmp
     assert "damaged or truncated" in err
     assert tree(cut.parent) == before
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_store_replaced_while_it_is_read_is_an_error_never_a_mix_of_two_scenes(tmp_path):
+    """ingest/synth --overwrite renames a new store into place while a reader (info, training, predict, a
+    notebook) has the old one open: the reader's later chunks came from the new scene, checksums intact, and
+    two scenes' pixels were read as one without a word."""
+    from tilefuse.errors import InputError
+    from tilefuse.sampling import SceneReader
+    from tilefuse.scene import write_scene
+    from tilefuse import storage
+
+    out = tmp_path / "s.zarr"
+    write_scene(synth_scene(128, seed=1), out, chunk=64, shard=None)
+    old = open_scene(out)
+    group = storage.open_group(out)
+    first = old["optical"][:, :64, :64].values  # read before the replacement: the old scene's
+    write_scene(synth_scene(128, seed=2), out, chunk=64, shard=None, overwrite=True)
+    for read in (lambda: old["optical"].values, lambda: group["optical"][:, 64:, 64:], lambda: old["label"][64:, :].values):
+        with pytest.raises(InputError, match="s.zarr was replaced while it was read"):
+            read()
+    assert np.array_equal(open_scene(out)["optical"].values, synth_scene(128, seed=2)["optical"].values)
+    assert first.shape == (6, 64, 64)

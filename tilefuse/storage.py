@@ -253,16 +253,32 @@ class VerifiedStore(WrapperStore):
     in messages and ``fix`` says what to do about a damaged one.
     """
 
-    def __init__(self, store, checks: Mapping[str, ArrayCheck] | None = None, where: str = "", fix: str = "") -> None:
+    def __init__(
+        self, store, checks: Mapping[str, ArrayCheck] | None = None, where: str = "", fix: str = "", root: Path | None = None
+    ) -> None:
         super().__init__(store)
         self.checks = dict(checks or {})
         self.where = where
         self.fix = fix
+        self.root = root
+        self.identity = store_identity(root) if root is not None else None
 
     def _with_store(self, store):
-        return type(self)(store, self.checks, self.where, self.fix)
+        clone = type(self)(store, self.checks, self.where, self.fix)
+        clone.root, clone.identity = self.root, self.identity
+        return clone
+
+    def check_identity(self) -> None:
+        """Refuse to go on reading a store that another run replaced (renamed a new one into place) since it was
+        opened: its later chunks would come from the new store, checksums intact, mixed with the old one's."""
+        if self.identity is not None and store_identity(self.root) != self.identity:
+            raise InputError(
+                f"{self.where} was replaced while it was read (another run rewrote it, e.g. with --overwrite): "
+                "run the command again once that run has finished"
+            )
 
     def damaged(self, check: ArrayCheck, index: tuple[int, ...], what: str) -> InputError:
+        self.check_identity()  # a key missing or unlike its checksum because the store was replaced meanwhile
         unit = "shard" if check.inner else "chunk"
         region = check.region(index)
         return InputError(
@@ -278,6 +294,7 @@ class VerifiedStore(WrapperStore):
             return value
         index = parsed[1]
         _orphans_quiet(asyncio.get_running_loop())
+        self.check_identity()  # after the read: a chunk of a store renamed into place meanwhile is never taken
         if value is None:
             if check.is_required(index):
                 raise self.damaged(check, index, "missing")
@@ -339,14 +356,26 @@ def _check_array_metadata(path: Path, group: zarr.Group) -> None:
             ) from None
 
 
+def store_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the store folder at ``path`` (None when gone): another store renamed into place differs."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def verified_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it", read_only: bool = True) -> VerifiedStore:
     """A :class:`VerifiedStore` over the zarr store at ``path`` (see :func:`checks_for` for ``written``)."""
     path = Path(path)
+    root = store_identity(path)
     group = _raw_group(path)
     if _consolidated(path):
         _check_array_metadata(path, group)
     checks = checks_for(group, written)
-    return VerifiedStore(LocalStore(path, read_only=read_only), checks, str(path), fix)
+    store = VerifiedStore(LocalStore(path, read_only=read_only), checks, str(path), fix, root=path)
+    store.identity = root  # the store whose metadata was just read
+    return store
 
 
 def open_group(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it") -> zarr.Group:
@@ -382,9 +411,11 @@ def verify_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest
                     raise store.damaged(check, index, "missing")
                 continue
             problem = verify_bytes(np.fromfile(file, dtype=np.uint8), check)
+            store.check_identity()
             if problem:
                 raise store.damaged(check, index, f"damaged ({problem})")
             count += 1
+    store.check_identity()
     return count
 
 
