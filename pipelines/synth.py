@@ -6,6 +6,8 @@ scene itself is :func:`tilefuse.synthetic.synth_scene`.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,7 +33,7 @@ def synth(
     only a scene store / GeoTIFF folder written by tilefuse, and neither may be
     at, inside or around the other.
     """
-    from tilefuse.outputs import claim, local_path
+    from tilefuse.outputs import claim, local_path, output_lock
     from tilefuse.errors import InputError
     from tilefuse.rasters import check_grid_size
     from tilefuse.scene import write_scene
@@ -47,9 +49,19 @@ def synth(
         raise InputError(f"size= (--size) must be a whole number of px >= 1, got {size!r}")
     check_grid_size(width, height, what="the synthetic scene", fix="choose a smaller --size")
     ds = synth_scene(size, kind, seed)
-    if geotiff is not None:
+    if geotiff is None:
+        return write_scene(ds, out, overwrite=overwrite, progress=progress)
+    # both outputs locked for the whole run: a second synth into either is refused before it writes anything
+    # (it wrote its GeoTIFFs, then met the store's lock: a folder of another seed's scene beside the store)
+    with output_lock(out, inputs=[geotiff]), output_lock(geotiff, inputs=[out]):
+        existed = os.path.lexists(geotiff)
         write_geotiffs(ds, geotiff, overwrite=overwrite, progress=progress, inputs=[out])
-    return write_scene(ds, out, overwrite=overwrite, progress=progress)
+        try:
+            return write_scene(ds, out, overwrite=overwrite, progress=progress)
+        except BaseException:
+            if not existed:  # ours, made by this run: no GeoTIFFs of a scene that was not written
+                shutil.rmtree(geotiff, ignore_errors=True)
+            raise
 
 
 def synth_command(

@@ -173,3 +173,39 @@ def test_a_store_replaced_while_it_is_read_is_an_error_never_a_mix_of_two_scenes
             read()
     assert np.array_equal(open_scene(out)["optical"].values, synth_scene(128, seed=2)["optical"].values)
     assert first.shape == (6, 64, 64)
+
+
+def test_synth_into_a_store_being_written_writes_no_geotiffs(tmp_path, capsys, monkeypatch):
+    """Two `synth OUT --geotiff DIR` at once: the one that lost the race for OUT had written its GeoTIFFs (another
+    seed's scene) before meeting OUT's lock; a failed store write left them too."""
+    import threading
+
+    from tilefuse.outputs import output_lock
+
+    out = tmp_path / "s.zarr"
+    held, release = threading.Event(), threading.Event()
+
+    def other_writer():
+        with output_lock(out):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    try:
+        held.wait(30)
+        code, _, err = run_cli(["synth", out, "--size", 48, "--geotiff", tmp_path / "g"], capsys)
+        one_line(code, err, "is being written by process")
+    finally:
+        release.set()
+        thread.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    import tilefuse.scene
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tilefuse.scene, "write_scene", fail)
+    assert run_cli(["synth", out, "--size", 48, "--geotiff", tmp_path / "g"], capsys)[0] == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
