@@ -119,6 +119,8 @@ BAD_INPUTS = {
     "label map without labels": (["-m", "sar={sar}", "--label-map", "-1:255"], "--label-map .* --labels"),
     # names for fewer ids than the labels hold: the others were named class_<id> without a word (names meant for
     # ids 1..K went to ids 0..K-1)
+    # id 255 means ignore: a 256th name made the ignored pixels a class (class_counts[255], the ignore count)
+    "256 class names": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", ",".join(f"c{k}" for k in range(256))], r"name 256 classes, more than 255 \(ids 0\.\.254"),
     "class names for fewer ids": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,forest"], r"class id 2 and more but the 2 class names name ids 0..1 only"),
 }
 

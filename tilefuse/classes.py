@@ -32,10 +32,12 @@ def is_default_name(name: str, class_id: int) -> bool:
 
 
 def class_names_problem(names) -> str | None:
-    """What is wrong with ``names`` as a class list (None if nothing): not a list of strings, an empty name, or one
-    name for two ids (metrics are keyed by name, so evaluate dropped one of two classes named alike)."""
+    """What is wrong with ``names`` as a class list (None if nothing): not a list of strings, more than 255 names,
+    an empty name, or one name for two ids (metrics are keyed by name, so evaluate dropped one of two classes named alike)."""
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         return f"must be a list of strings, got {clipped(repr(names))}"
+    if len(names) > IGNORE:  # ids are 0..254: 255 means ignore, so a 256th name made ignored pixels a class
+        return f"name {len(names)} classes, more than {IGNORE} (ids 0..{IGNORE - 1}; {IGNORE} means ignore)"
     if any(not n.strip() for n in names):
         return f"leave class {next(k for k, n in enumerate(names) if not n.strip())} without a name (an empty string)"
     twice = next((n for k, n in enumerate(names) if n in names[:k]), None)
