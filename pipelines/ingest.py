@@ -59,12 +59,12 @@ def ingest(
     from tilefuse.scene import write_scene
 
     from tilefuse.outputs import claim, local_path
-    from tilefuse.rasters import split_bands
+    from tilefuse.rasters import spec_file
 
     out = local_path(out, "output", output=True)  # a URL is refused, ~ is the home folder
     stac = None if stac is None else local_path(stac, "--stac")
     specs = [stac, labels] if stac is not None else [*modalities.values(), labels]
-    inputs = [local_path(split_bands(os.fspath(spec))[0]) if spec is not stac else spec for spec in specs if spec is not None]
+    inputs = [spec_file(spec) if spec is not stac else spec for spec in specs if spec is not None]
     claim(out, "scene", inputs=inputs, overwrite=overwrite)
     limit = None if allow_large else (MAX_PIXELS if max_pixels is None else _positive(max_pixels, "max_pixels"))
     check_modality_names(list(modalities))
@@ -111,7 +111,7 @@ def ingest_command(
         typer.Option(
             "--modality",
             "-m",
-            help="NAME=PATH[:BANDS], once per modality, e.g. sar=s1.tif or optical=s2.tif:2,3,4,8 (bands 1-based; ranges like 1-4).",
+            help="NAME=PATH[:BANDS], once per modality, e.g. sar=s1.tif or optical=s2.tif:2,3,4,8 (bands 1-based; ranges like 1-4); one variable of a NetCDF/HDF5: sar=NETCDF:s1.nc:vv.",
         ),
     ] = None,
     labels: Annotated[Optional[str], typer.Option(help="Label raster PATH[:BAND], resampled with nearest.")] = None,

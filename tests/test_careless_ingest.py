@@ -209,3 +209,40 @@ def test_synth_into_a_store_being_written_writes_no_geotiffs(tmp_path, capsys, m
     monkeypatch.setattr(tilefuse.scene, "write_scene", fail)
     assert run_cli(["synth", out, "--size", 48, "--geotiff", tmp_path / "g"], capsys)[0] == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _netcdf(path: Path, source: Path, variables: list[str]) -> None:
+    """A NetCDF of ``source``'s first bands, one variable each (as xarray writes a Dataset)."""
+    import rioxarray
+    import xarray as xr
+
+    arr = rioxarray.open_rasterio(source)
+    arr.attrs = {}  # band descriptions: tuples of strings netCDF3 cannot hold
+    ds = xr.Dataset({v: arr.isel(band=k, drop=True).astype("float32") for k, v in enumerate(variables)})
+    ds.rio.write_crs(arr.rio.crs).to_netcdf(path, engine="scipy")
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_a_netcdf_of_several_variables_ingests_one_variable_by_name(tifs, tmp_path, capsys):
+    """DESIGN names NetCDF inputs, but one holding several variables (the usual kind) was refused as 'no raster
+    bands: pass a raster file', and GDAL's name of one variable, NETCDF:file.nc:vv, as 'does not exist'."""
+    nc = tmp_path / "in put" / "s1.nc"
+    nc.parent.mkdir()
+    _netcdf(nc, tifs["sar"], ["vv", "vh"])
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"sar={nc}"], capsys)
+    line = one_line(code, err, "holds 2 variables (vv, vh)")
+    assert f"NETCDF:{nc}:vv" in line
+    assert not (tmp_path / "s.zarr").exists()
+    reference = np.asarray(__import__("rasterio").open(tifs["sar"]).read(), np.float32)
+    for spec in (f"NETCDF:{nc}:vh", f'NETCDF:"{nc}":vh', f"netcdf:{nc}:vh:1"):
+        out = tmp_path / "s.zarr"
+        code, _, err = run_cli(["ingest", out, "-m", f"sar={spec}", "--overwrite"], capsys)
+        assert code == 0, (spec, err)
+        np.testing.assert_array_equal(open_scene(out)["sar"].values[0], reference[1])
+    code, _, err = run_cli(["ingest", tmp_path / "t.zarr", "-m", f"sar=NETCDF:{nc}:hh"], capsys)
+    one_line(code, err, "has no variable 'hh' (it has vv, vh)")
+    code, _, err = run_cli(["ingest", nc.parent / "x.zarr", "-m", f"sar=NETCDF:{nc}:vv"], capsys)  # beside it: fine
+    assert code == 0, err
+    code, _, err = run_cli(["ingest", nc, "-m", f"sar=NETCDF:{nc}:vv", "--overwrite"], capsys)  # onto it: never
+    one_line(code, err, "is the input")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in put", "s.zarr"]

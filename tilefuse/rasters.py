@@ -99,10 +99,16 @@ class RasterSource:
     """Validity comes from a GDAL mask or alpha band rather than a nodata value."""
     class_names: tuple[str, ...] | None = None
     """From a ``class_names`` tag (JSON list), as written by :func:`tilefuse.synthetic.write_geotiffs`."""
+    variable: str | None = None
+    """GDAL's name of one variable of a file of several (NetCDF, HDF5: ``NETCDF:"path":vv``); None: the file."""
+
+    def raster_name(self) -> str:
+        """The raster as GDAL names it: the file, or one variable of it."""
+        return self.variable or str(self.path)
 
     def dataset_name(self) -> str:
-        """What to pass to ``rasterio.open``: the file, or a VRT taking the magnitude of its bands."""
-        return _magnitude_vrt(self) if self.magnitude else str(self.path)
+        """What to pass to ``rasterio.open``: the raster, or a VRT taking the magnitude of its bands."""
+        return _magnitude_vrt(self) if self.magnitude else self.raster_name()
 
 
 def split_bands(spec: str) -> tuple[str, tuple[int, ...] | None]:
@@ -120,6 +126,26 @@ def split_bands(spec: str) -> tuple[str, tuple[int, ...] | None]:
                 raise InputError(f"band {band} is given twice in {spec}: list each band once")
             bands.append(band)
     return match["path"], tuple(bands)
+
+
+SUBDATASET_DRIVERS = ("NETCDF", "HDF5")
+"""GDAL drivers whose files hold several variables, one named as ``DRIVER:PATH:VARIABLE`` (PATH may be quoted)."""
+_SUBDATASET = re.compile(r'^(?P<driver>[A-Za-z0-9_]+):(?:"(?P<quoted>[^"]+)"|(?P<plain>.+)):(?P<variable>[^:/"]+)$')
+
+
+def split_variable(path: str) -> tuple[str, str | None, str | None]:
+    """``'NETCDF:"f.nc":vv'`` or ``"NETCDF:f.nc:vv"`` -> ``("f.nc", "NETCDF", "vv")``; a plain path -> ``(path, None, None)``."""
+    match = _SUBDATASET.match(path)
+    if match is None or match["driver"].upper() not in SUBDATASET_DRIVERS:
+        return path, None, None
+    return match["quoted"] or match["plain"], match["driver"].upper(), match["variable"]
+
+
+def spec_file(spec: str | os.PathLike) -> Path:
+    """The file on disk that the raster spec ``PATH[:BANDS]`` (or ``DRIVER:PATH:VARIABLE[:BANDS]``) reads."""
+    from tilefuse.outputs import local_path
+
+    return local_path(split_variable(split_bands(os.fspath(spec))[0])[0])
 
 
 def parse_modality(spec: str) -> tuple[str, str]:
@@ -201,21 +227,33 @@ def open_source(
     from tilefuse.outputs import local_path
 
     path_text, bands = split_bands(os.fspath(spec))
-    path = local_path(path_text, what)  # a URL is refused, ~ is the home folder
+    file_text, driver, variable = split_variable(path_text)
+    path = local_path(file_text, what)  # a URL is refused, ~ is the home folder
     if not path.exists():
         raise InputError(f"{what}: {path} does not exist: check the path")
     if path.is_dir():
         raise InputError(f"{what}: {path} is a folder, not a raster file")
+    name = f'{driver}:"{path.resolve()}":{variable}' if variable else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
+            src = rasterio.open(name or path)
     except (RasterioIOError, OSError) as error:
+        if variable is not None:
+            found = _variables(path)
+            if found and variable not in found:
+                raise InputError(f"{what}: {path} has no variable {variable!r} (it has {', '.join(found)}): check its name") from None
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InputError(f"{what}: {path} is not a raster GDAL can read ({first}): pass a GeoTIFF/COG") from None
     with src:
         count = src.count
         if count == 0:
+            found = _variables(path)
+            if found:  # a NetCDF/HDF5 of several variables: GDAL reads one at a time
+                raise InputError(
+                    f"{what}: {path} holds {len(found)} variables ({clipped(', '.join(found))}): name one as "
+                    f"{src.driver.upper()}:{path}:{found[0]} (PATH:N then picks bands of it)"
+                )
             raise InputError(f"{what}: {path} has no raster bands: pass a raster file")
         bands = bands or tuple(range(1, count + 1))
         wrong = [b for b in bands if not 1 <= b <= count]
@@ -251,7 +289,21 @@ def open_source(
             nodata=None if src.nodata is None or np.isnan(src.nodata) else float(src.nodata),
             mask_band=bool(flags & {MaskFlags.per_dataset, MaskFlags.alpha}),
             class_names=tuple(json.loads(tag)) if tag else None,
+            variable=name,
         )
+
+
+def _variables(path: Path) -> list[str]:
+    """Names of the variables (GDAL subdatasets) of a NetCDF/HDF5 file ``path``; [] for other files."""
+    import rasterio
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(path) as src:
+                return [sub.rsplit(":", 1)[-1] for sub in src.subdatasets]
+    except Exception:  # unreadable: the caller's message stands
+        return []
 
 
 def _magnitude_vrt(source: RasterSource) -> str:
@@ -262,7 +314,7 @@ def _magnitude_vrt(source: RasterSource) -> str:
     bands = "".join(
         f'<VRTRasterBand dataType="Float32" band="{i}" subClass="VRTDerivedRasterBand">'
         "<PixelFunctionType>mod</PixelFunctionType><SourceTransferType>CFloat64</SourceTransferType>"
-        f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(str(source.path))}</SourceFilename>'
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(source.raster_name())}</SourceFilename>'
         f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
         for i, b in enumerate(source.bands, start=1)
     )
@@ -691,14 +743,14 @@ def ingest_rasters(
         name: (
             read_onto_grid(source, grid, resampling, chunk),
             source.band_names,
-            {"source": str(source.path), "source_bands": list(source.bands)},
+            {"source": source.raster_name(), "source_bands": list(source.bands)},
         )
         for name, source in sources.items()
     }
     label = None
     if label_source is not None:
         names = class_names or label_source.class_names
-        attrs = {"source": str(label_source.path), **({"class_names": list(names)} if names else {})}
+        attrs = {"source": label_source.raster_name(), **({"class_names": list(names)} if names else {})}
         label = (read_onto_grid(label_source, grid, "nearest", chunk)[0], attrs)
     return scene_dataset(grid, arrays, label, mapping, reference)
 
