@@ -71,7 +71,7 @@ def load_runner(source: ModelSource):
             if source.builder is not None and source.model not in available_models():
                 register_model(source.model)(source.builder)
             device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model, _ = load_checkpoint(source.checkpoint, device=device)
+            model, _ = load_checkpoint(source.checkpoint, device=device, expect_hash=source.checkpoint_hash)  # the one the run records
             runner = TileRunner(
                 model, device=device, precision=source.precision, channels_last=source.channels_last, compile=source.compile
             )

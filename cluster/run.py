@@ -129,9 +129,9 @@ def inspect_checkpoint(path: str | Path) -> tuple["ModelConfig", "TileModelSpec"
     import torch
     from safetensors import SafetensorError, safe_open
 
-    from tilefuse.checkpoint import WEIGHTS, checkpoint_hash, read_config
+    from tilefuse.checkpoint import WEIGHTS, read_checkpoint
 
-    config = read_config(path)
+    config, digest = read_checkpoint(path)  # one version of it, whole, even while a training run replaces it
     with torch.device("meta"):
         model = config.build()
     try:
@@ -143,7 +143,7 @@ def inspect_checkpoint(path: str | Path) -> tuple["ModelConfig", "TileModelSpec"
     if stored != wanted:
         differing = sorted(set(stored) ^ set(wanted)) or sorted(k for k in wanted if stored[k] != wanted[k])
         raise InputError(f"weights in {path} do not fit model {config.model!r} (first difference: {differing[0]})")
-    return config, model.spec, checkpoint_hash(path)
+    return config, model.spec, digest
 
 
 def _band_stats(config: "ModelConfig", scene: "xr.Dataset") -> tuple[tuple, tuple]:

@@ -160,3 +160,75 @@ def test_a_flipped_byte_in_the_weights_is_refused_and_older_checkpoints_still_lo
     del stored[DIGEST]
     (path / CONFIG).write_text(json.dumps(stored))
     load_checkpoint(path)  # no recorded checksum: loads, as before
+
+
+@pytest.mark.parametrize("swap", ["weights-then-config", "state-moved-aside"])
+def test_a_checkpoint_replaced_while_it_is_read_is_read_whole(tmp_path, swap):
+    """A training run replaces its run folder's weights, then its config.json, and its state/ folder by moving the old
+    one aside: a reader in between saw new weights with the old config and called them damaged, or found no checkpoint.
+    While a live process writes the run, the reader waits for one whole version; nobody writing, the mismatch is damage."""
+    import os
+    import shutil
+    import threading
+    import time
+
+    from tilefuse.outputs import output_lock
+
+    model, config = _trained_model("pad")
+    old = save_checkpoint(model, config, tmp_path / "old")
+    torch.manual_seed(1)
+    new = save_checkpoint(config.build(), config, tmp_path / "new")
+    run = tmp_path / "run"
+    checkpoint = run if swap == "weights-then-config" else run / "state"
+    wanted = checkpoint_hash(new)
+    weights = load_checkpoint(new)[0].state_dict()
+
+    def replace(name):
+        shutil.copyfile(new / name, tmp_path / "part")
+        os.replace(tmp_path / "part", checkpoint / name)
+
+    def finish():
+        time.sleep(0.4)
+        if swap == "weights-then-config":
+            replace(CONFIG)
+        else:
+            shutil.copytree(new, checkpoint)
+
+    for reader in (checkpoint_hash, load_checkpoint):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(tmp_path / "aside", ignore_errors=True)
+        shutil.copytree(old, checkpoint)
+        with output_lock(run):  # a live writer (this process) holds the run
+            if swap == "weights-then-config":
+                replace(WEIGHTS)
+            else:
+                os.replace(checkpoint, tmp_path / "aside")
+            thread = threading.Thread(target=finish)
+            thread.start()
+            try:
+                got = reader(checkpoint)
+            finally:
+                thread.join()
+        if reader is checkpoint_hash:
+            assert got == wanted
+        else:
+            assert all(torch.equal(got[0].state_dict()[k], v) for k, v in weights.items())
+    # nobody writing it: new weights with the old config are damage, at once
+    shutil.copyfile(new / WEIGHTS, checkpoint / WEIGHTS)
+    shutil.copyfile(old / CONFIG, checkpoint / CONFIG)
+    for reader in (load_checkpoint, checkpoint_hash):
+        started = time.perf_counter()
+        with pytest.raises(InputError, match="do not match the checksum"):
+            reader(checkpoint)
+        assert time.perf_counter() - started < 5
+
+
+def test_a_checkpoint_that_is_not_the_expected_one_is_refused(tmp_path):
+    model, config = _trained_model("s2fin")
+    path = save_checkpoint(model, config, tmp_path / "ckpt")
+    digest = checkpoint_hash(path)
+    load_checkpoint(path, expect_hash=digest)
+    torch.manual_seed(1)
+    save_checkpoint(config.build(), config, path)  # rewritten, e.g. by a training run
+    with pytest.raises(InputError, match="changed after this prediction started"):
+        load_checkpoint(path, expect_hash=digest)

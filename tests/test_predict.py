@@ -298,3 +298,33 @@ def test_a_checkpoint_with_band_statistics_for_some_modalities_only_is_refused(t
     assert not (tmp_path / "pred.zarr").exists()
     both = save_pointwise(tmp_path / "both", band_stats={"optical": stats, "sar": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}})
     assert tilefuse.predict(both, scene, tmp_path / "both.zarr", **SETTINGS)["labels"].shape == (150, 130)
+
+
+@pytest.mark.parametrize("moment", ["before-the-model-loads", "before-the-store-exists"])
+def test_a_checkpoint_rewritten_during_a_run_never_gives_a_complete_store_of_other_weights(tmp_path, setup, monkeypatch, moment):
+    """A training run rewriting the checkpoint while predict runs (--checkpoint RUN during train --resume): the store
+    recorded the hash read at the start and was computed with whatever the workers loaded later; now the workers load
+    the recorded version or the run ends in one line, the store not complete."""
+    from tilefuse.cluster.run import ClusterRun
+
+    _, scene, _, _ = setup
+    checkpoint = save_pointwise(tmp_path / "run", seed=0)
+    versions = {tilefuse.checkpoint.checkpoint_hash(p): p for p in (save_pointwise(tmp_path / f"v{s}", seed=s) for s in (0, 5))}
+    method = "run" if moment == "before-the-model-loads" else "prepare"
+    original = getattr(ClusterRun, method)
+
+    def rewrite_first(self, *args):
+        save_pointwise(checkpoint, seed=5)  # what a training run's next save does
+        return original(self, *args)
+
+    monkeypatch.setattr(ClusterRun, method, rewrite_first)
+    out = tmp_path / "pred.zarr"
+    try:
+        result = tilefuse.predict(checkpoint, scene, out, **SETTINGS)
+    except InputError as error:
+        assert "changed after this prediction started" in str(error)
+        assert not os.path.exists(out) or not zarr.open_group(out).attrs["complete"]
+        return
+    monkeypatch.undo()  # complete: the labels of the version it records
+    reference = tilefuse.predict(versions[result.attrs["checkpoint_hash"]], scene, tmp_path / "ref.zarr", **SETTINGS)
+    assert np.array_equal(result["labels"].values, reference["labels"].values)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -171,50 +172,99 @@ def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLi
     with create(path, "checkpoint", inputs=inputs, overwrite=True, size=size, what="checkpoint") as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"model": config.model})
         data = replace(config, roles=dict(model.spec.roles)).to_dict()  # the roles the weights have
-        (tmp / CONFIG).write_text(json.dumps({**data, DIGEST: _weights_digest(tmp / WEIGHTS)}, indent=2, sort_keys=True))
+        with open(tmp / WEIGHTS, "rb") as weights:
+            digest = _weights_digest(weights)
+        (tmp / CONFIG).write_text(json.dumps({**data, DIGEST: digest}, indent=2, sort_keys=True))
     return path
 
 
-def _weights_digest(weights: Path, whole=None) -> str:
-    """SHA-256 of the tensor bytes of a safetensors file (everything after its 8-byte length and JSON header).
+def _weights_digest(handle, whole=None) -> str:
+    """SHA-256 of the tensor bytes of an open safetensors file (everything after its 8-byte length and JSON header).
 
     ``whole``, a hashlib object, is fed every byte of the file on the same pass (:func:`checkpoint_hash`).
     """
     digest = hashlib.sha256()
     start, position = None, 0
-    with open(weights, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            if start is None:
-                start = 8 + int.from_bytes(block[:8], "little")
-            if whole is not None:
-                whole.update(block)
-            if position + len(block) > start:
-                digest.update(block[max(0, start - position) :])
-            position += len(block)
+    handle.seek(0)
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        if start is None:
+            start = 8 + int.from_bytes(block[:8], "little")
+        if whole is not None:
+            whole.update(block)
+        if position + len(block) > start:
+            digest.update(block[max(0, start - position) :])
+        position += len(block)
     return digest.hexdigest()
 
 
-def _check_weights(path: Path, config: Any, whole=None) -> None:
-    """Refuse weights that do not match the checksum ``config`` (the parsed config.json) records (InputError);
-    ``whole`` as :func:`_weights_digest`."""
-    recorded = config.get(DIGEST) if isinstance(config, dict) else None
-    if recorded is None and whole is None:  # written before checksums were recorded: nothing to compare
-        return
-    try:
-        found = _weights_digest(path / WEIGHTS, whole)
-    except OSError as error:
-        raise InputError(f"checkpoint weights {path / WEIGHTS} are unreadable ({error}): retrain or restore them") from None
-    if recorded is not None and found != recorded:
-        raise InputError(
-            f"checkpoint weights {path / WEIGHTS} do not match the checksum in its {CONFIG} (damaged, or not the weights "
-            "saved with that config): retrain or restore them (a killed training run: resume it)"
-        )
+READ_TRIES = 40
+"""Reads of a checkpoint that changes under them before giving up (about 20 s): a training run replaces its run
+folder's weights and config.json one after the other, and its ``state/`` folder by moving the old one aside."""
+
+
+def _writer(path: Path) -> str | None:
+    """The live process writing checkpoint ``path`` (a run folder, or the ``state/`` folder inside one), if any."""
+    from tilefuse.outputs import live_writer
+
+    return live_writer(path) or live_writer(path.parent)
+
+
+def _read(
+    path: Path, device: str | torch.device | None = None, *, wait: bool = True
+) -> tuple[Any, str, dict[str, torch.Tensor] | None]:
+    """The parsed config.json, :func:`checkpoint_hash` and (with ``device``) the weights of one version of checkpoint ``path``.
+
+    The weights are checked against the checksum the config records. A read that saw either file change
+    (another process replacing the checkpoint), or found the two disagreeing while a live process writes the
+    run (between its two replacements), is read again; a checkpoint nobody writes that disagrees is damaged.
+    ``wait=False``: the caller writes the run itself (a resume), so nothing else changes it.
+    """
+    weights, config_file = path / WEIGHTS, path / CONFIG
+    for attempt in range(READ_TRIES):
+        writer = _writer(path) if wait else None
+        try:
+            raw = config_file.read_bytes()
+            with open(weights, "rb") as handle:
+                inode = os.fstat(handle.fileno()).st_ino
+                state = load_file(str(weights), device=str(device)) if device is not None else None
+                whole = hashlib.sha256()
+                found = _weights_digest(handle, whole)
+            same = os.stat(weights).st_ino == inode and config_file.read_bytes() == raw
+        except FileNotFoundError:
+            if writer is None:
+                read_config(path)  # names what is missing
+                raise
+            same = False  # the state folder, moved aside while its successor moves in
+        except (SafetensorError, OSError, ValueError) as error:
+            if writer is None:
+                raise InputError(f"checkpoint weights {weights} are unreadable ({error}): retrain or restore them") from None
+            same = False
+        if same:
+            try:
+                data = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise InputError(f"checkpoint config {config_file} is unreadable (it is not JSON: {error}): retrain or restore it") from None
+            recorded = data.get(DIGEST) if isinstance(data, dict) else None
+            if recorded is None or found == recorded:
+                whole.update(raw)
+                return data, whole.hexdigest(), state
+            if writer is None:
+                raise InputError(
+                    f"checkpoint weights {weights} do not match the checksum in its {CONFIG} (damaged, or not the weights "
+                    "saved with that config): retrain or restore them (a killed training run: resume it)"
+                )
+        time.sleep(min(0.05 * (attempt + 1), 1.0))
+    raise InputError(
+        f"checkpoint {path} kept changing while it was read ({_writer(path) or 'another process'} is writing it): "
+        "wait for that training to finish, or use a copy of the checkpoint"
+    )
 
 
 def verify_weights(path: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose weights do not match the checksum its config records (InputError, one line)."""
-    path = Path(path)
-    _check_weights(path, read_json(path / CONFIG, "checkpoint config", "retrain or restore it"))
+    """Refuse a checkpoint whose weights do not match the checksum its config records (InputError, one line).
+
+    For the writer of the run that holds it (a training resume): a mismatch is damage, at once."""
+    _read(Path(path), wait=False)
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -229,16 +279,32 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_dict(data, source=f"checkpoint config {config_file}")
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[TileModel, ModelConfig]:
-    """Rebuild the model of checkpoint ``path`` with its weights, in eval mode, on ``device``."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """The config and :func:`checkpoint_hash` of one version of checkpoint ``path`` (read whole even while a
+    training run replaces it), its weights checked against their recorded checksum; weights are not loaded."""
     path = Path(path)
-    config = read_config(path)
+    data, digest, _ = _read(path)
+    return ModelConfig.from_dict(data, source=f"checkpoint config {path / CONFIG}"), digest
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, expect_hash: str | None = None
+) -> tuple[TileModel, ModelConfig]:
+    """Rebuild the model of checkpoint ``path`` with its weights, in eval mode, on ``device``.
+
+    Config and weights come from one version of the checkpoint (see :func:`read_checkpoint`).
+    ``expect_hash``: refuse (InputError) a checkpoint whose :func:`checkpoint_hash` is another, e.g. one
+    rewritten by a training run since a prediction recorded its hash.
+    """
+    path = Path(path)
+    data, digest, state = _read(path, device)
+    if expect_hash is not None and digest != expect_hash:
+        raise InputError(
+            f"checkpoint {path} changed after this prediction started (a training run rewrote it?): "
+            "predict again (--overwrite) once it no longer changes, or from a copy of it"
+        )
+    config = ModelConfig.from_dict(data, source=f"checkpoint config {path / CONFIG}")
     model = config.build()
-    try:
-        state = load_file(str(path / WEIGHTS), device=str(device))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise InputError(f"checkpoint weights {path / WEIGHTS} are unreadable ({error}): retrain or restore them") from None
-    verify_weights(path)  # a file that parses may still hold a damaged tensor
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -253,8 +319,4 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
     The same pass over the weights checks them against their recorded checksum (:func:`verify_weights`),
     so a damaged checkpoint is refused before a prediction starts.
     """
-    path = Path(path)
-    whole = hashlib.sha256()
-    _check_weights(path, read_json(path / CONFIG, "checkpoint config", "retrain or restore it"), whole)
-    whole.update((path / CONFIG).read_bytes())
-    return whole.hexdigest()
+    return read_checkpoint(path)[1]
