@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -376,3 +377,32 @@ def test_a_damaged_run_folder_resumes_or_is_one_line(stores, tmp_path, capsys, d
     else:
         assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert ("damaged at line 2" if damage == "bad log line" else "--overwrite") in err, err
+
+
+@pytest.mark.parametrize("left", ["old config, new weights", "no checkpoint files"])
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
+def test_a_resume_repairs_the_checkpoint_of_a_run_killed_while_copying_it(stores, tmp_path, left, finished):
+    """A save writes state/, then copies its weights and config.json to the run folder one after the other: a kill in
+    between left the run's checkpoint a pair that does not match (predict: 'do not match the checksum ... resume it'),
+    and a resume did not repair it (a finished run's never: no step was left to save)."""
+    from tilefuse.checkpoint import CONFIG, WEIGHTS
+
+    options = dict(steps=3, checkpoint_every=1, lr=5e-3, seed=3, **FAST)
+    run = tmp_path / "run"
+    CRASH.update(at=2, count=0)  # crash in step 2: the checkpoint is step 1's, as the run below wrote it
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train("test-seg", stores, tmp_path / "early", **options)
+    CRASH.update(at=None if finished else 3, count=0)
+    with pytest.raises(RuntimeError, match="simulated crash") if not finished else contextlib.nullcontext():
+        train("test-seg", stores, run, **options)
+    CRASH.update(at=None, count=0)
+    if left == "old config, new weights":
+        (run / CONFIG).write_bytes((tmp_path / "early" / CONFIG).read_bytes())
+    else:
+        (run / CONFIG).unlink()
+        (run / WEIGHTS).unlink()
+    whole = train("test-seg", stores, tmp_path / "whole", **options)
+    train("test-seg", stores, run, resume=True, **options)
+    a, b = load_checkpoint(whole)[0].state_dict(), load_checkpoint(run)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (run / CONFIG).read_bytes() == (whole / CONFIG).read_bytes()

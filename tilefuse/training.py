@@ -295,6 +295,9 @@ class RunDir:
                 pass
         for name in (STATE, WEIGHTS, CONFIG, LOG, CURVES, METRICS):
             clean_stale(self.path / name)
+        top = self.path / CONFIG
+        if resume and not (top.is_file() and top.read_bytes() == (self.state / CONFIG).read_bytes()):
+            self._publish()  # a run killed between saving its state and copying its checkpoint: the state's is the run's
 
     def read_trainer(self) -> dict[str, Any]:
         try:
@@ -316,6 +319,11 @@ class RunDir:
             replace_path(tmp, self.state)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Copy the state's checkpoint to the run folder's top level: weights, then config.json (readers wait for both:
+        :func:`tilefuse.checkpoint.read_checkpoint`)."""
         for name in (WEIGHTS, CONFIG):
             part = temporary_sibling(self.path / name)
             shutil.copyfile(self.state / name, part)
