@@ -246,3 +246,24 @@ def test_a_netcdf_of_several_variables_ingests_one_variable_by_name(tifs, tmp_pa
     code, _, err = run_cli(["ingest", nc, "-m", f"sar=NETCDF:{nc}:vv", "--overwrite"], capsys)  # onto it: never
     one_line(code, err, "is the input")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in put", "s.zarr"]
+
+
+@pytest.mark.parametrize("crs, resolution", [(None, "10"), ("EPSG:4326", "10"), ("EPSG:4326", "30")])
+def test_a_resolution_in_the_wrong_units_is_named(tifs, tmp_path, capsys, crs, resolution):
+    """Metres given for a grid in degrees (10 degrees for a chip of a few km): a grid of 1 x 1 px, refused as 'no
+    valid pixel: check each modality's nodata value and bands', which names the wrong problem and fix."""
+    import rasterio
+
+    source = tifs["sar"]
+    if crs is None:  # a lat/lon raster as the reference
+        source = tmp_path / "in" / "ll.tif"
+        source.parent.mkdir()
+        with rasterio.open(tifs["sar"]) as src:
+            profile = dict(src.profile, crs="EPSG:4326", transform=rasterio.Affine(9e-5, 0, 10.0, 0, -9e-5, 45.0))
+            with rasterio.open(source, "w", **profile) as dst:
+                dst.write(src.read())
+    args = ["-m", f"sar={source}", "--resolution", resolution, *(["--crs", crs] if crs else [])]
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", *args], capsys)
+    one_line(code, err, f"--resolution {resolution} is larger than the reference's whole extent")
+    assert "degree" in err
+    assert not (tmp_path / "s.zarr").exists()

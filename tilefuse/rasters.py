@@ -360,6 +360,7 @@ def reference_grid(source: RasterSource, crs: str | None = None, resolution: flo
         # resolution (inexact in degrees) made the grid a pixel larger and moved the data
         left, top = min(t.c, t.c + t.a * source.width), max(t.f, t.f + t.e * source.height)
         return Grid(source.crs, Affine(abs(t.a), 0.0, left, 0.0, -abs(t.e), top), source.width, source.height)
+    explicit = resolution if resolution is not None and np.isscalar(resolution) else None
     if resolution is None and target == source.crs:
         resolution = (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
     if resolution is not None:
@@ -372,6 +373,17 @@ def reference_grid(source: RasterSource, crs: str | None = None, resolution: flo
         )
     except Exception as error:  # pyproj/GDAL raise several types for impossible transforms
         raise InputError(f"cannot express {source.path.name} in {target}: {error}") from None
+    if explicit is not None and (width < 2 or height < 2) and source.width > 1 and source.height > 1:
+        # typically metres for a grid in degrees: a grid of 1 px, later refused as a scene without valid pixels
+        from rasterio.warp import transform_bounds
+
+        left, bottom, right, top = transform_bounds(source.crs, target, *_footprint(source))
+        extent_x, extent_y = right - left, top - bottom
+        units = "degrees" if target.is_geographic else (target.linear_units or "units of the CRS")
+        raise InputError(
+            f"--resolution {explicit:g} is larger than the reference's whole extent ({extent_x:.3g} x {extent_y:.3g} {units} "
+            f"in {target.to_string()}): give the pixel size in {units}"
+        )
     return Grid(target, transform, int(width), int(height))
 
 
