@@ -208,6 +208,8 @@ def parse_label_map(text: str | None) -> dict[int, int]:
             key = value = None
         if not sep or key is None or not 0 <= value <= IGNORE:
             raise InputError(f"bad --label-map entry {item!r}: write FROM:TO with integers, TO in 0..255 (e.g. -1:255)")
+        if key in mapping:  # the last target won without a word
+            raise InputError(f"bad --label-map: label {key} is mapped twice ({key}:{mapping[key]} and {key}:{value}): give each FROM once")
         mapping[key] = value
     return mapping
 
