@@ -94,3 +94,32 @@ def test_a_path_with_a_line_break_or_control_character_is_still_one_line(odd, tm
         assert len(err.splitlines()) == 1 and err.endswith("\n"), repr(err)
         assert all(c.isprintable() for c in err[:-1]), repr(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def _single_options():
+    """(command, option spelling, nargs) for every option of every command that takes one value (not multiple)."""
+    import typer.main
+
+    from tilefuse.cli import app
+
+    for name, command in sorted(typer.main.get_command(app).commands.items()):
+        for param in command.params:
+            if getattr(param, "param_type_name", "") == "option" and not param.multiple and not param.is_flag:
+                yield name, param.opts[0], param.nargs
+
+
+def test_an_option_given_twice_is_one_line_naming_it(capsys):
+    """click kept the last value without a word: `predict --store a.zarr --store b.zarr` predicted b,
+    `ingest --labels a.tif --labels b.tif` ingested b's labels."""
+    cases = list(_single_options())
+    assert len(cases) > 40
+    for command, option, nargs in cases:
+        first, second = ["1"] * nargs, ["2"] * nargs
+        for argv in ([command, option, *first, option, *second], [command, f"{option}={first[0]}", option, *second] if nargs == 1 else None):
+            if argv is None:
+                continue
+            assert main(argv) == 2, argv
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and f"{option} is given twice" in lines[0] and f"tilefuse {command} --help" in lines[0], (argv, lines)
+    assert main(["info", "s.zarr", "--verify", "--no-verify"]) == 2
+    assert "--no-verify" in capsys.readouterr().err

@@ -60,6 +60,46 @@ def usage_line(error: Exception) -> str:
     return f"{message}: see `{command} --help`"
 
 
+def repeated_option(argv: list[str]) -> str | None:
+    """The line for an option of one value given twice in ``argv`` (or a flag with its opposite), else None.
+
+    click keeps the last value without a word (``predict --store a.zarr --store b.zarr`` predicted b); options
+    taken several times (``--modality``, ``--store`` of train) and a flag repeated as such are fine.
+    """
+    import typer.main
+
+    if not argv:
+        return None
+    command = getattr(typer.main.get_command(app), "commands", {}).get(argv[0])
+    if command is None:
+        return None
+    options = {spelling: param for param in command.params if getattr(param, "param_type_name", "") == "option"
+               for spelling in (*param.opts, *param.secondary_opts)}  # fmt: skip
+    seen: dict[str, tuple[str, list[str]]] = {}
+    tokens = list(argv[1:])
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token == "--":
+            break
+        spelling, has_value, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        param = options.get(spelling)
+        if param is None or param.multiple:
+            if param is not None and not param.is_flag and not has_value:
+                i += param.nargs
+            continue
+        values = [value] if has_value else ([] if param.is_flag else tokens[i : i + param.nargs])
+        if not has_value and not param.is_flag:
+            i += param.nargs
+        if param.name in seen and (not param.is_flag or seen[param.name][0] != spelling):
+            before, shown = seen[param.name], " ".join(values)
+            both = f"{before[0]} {' '.join(before[1])}".strip() + f", then {spelling} {shown}".rstrip()
+            return f"{spelling} is given twice ({both}): give it once: see `tilefuse {argv[0]} --help`"
+        seen[param.name] = (spelling, values)
+    return None
+
+
 def _error(message: str) -> None:
     """Print ``message`` as the one line ``tilefuse: error: ...`` on stderr: a line break or control character
     in it (a path quoted in the message) is written escaped, as Python writes it in a string."""
@@ -69,6 +109,10 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status instead of raising SystemExit."""
+    problem = repeated_option(sys.argv[1:] if argv is None else list(argv))
+    if problem:
+        _error(problem)
+        return 2
     try:
         # not standalone, so InputError reaches us; typer answers an interrupt by returning 130
         result = app(args=argv, standalone_mode=False)
