@@ -211,7 +211,8 @@ def _cli(args, capsys):
 
 def test_bad_inputs_exit_2_with_one_line(stores, tmp_path, capsys):
     a, b = (str(p) for p in stores)
-    base = ["train", "--model", "test-seg", "--steps", "2", "--batch-size", "2", "--patch-size", "32", "--workers", "0", "--quiet"]
+    base = ["train", "--model", "test-seg", "--batch-size", "2", "--workers", "0", "--quiet"]  # an option given twice is refused
+    two = ["--steps", "2", "--patch-size", "32"]
 
     three_sar = write(labelled_scene(64, 64, sar_bands=3), tmp_path / "three.zarr")
     nolabel = write(labelled_scene(64, 64).drop_vars("label"), tmp_path / "nolabel.zarr")
@@ -224,18 +225,18 @@ def test_bad_inputs_exit_2_with_one_line(stores, tmp_path, capsys):
     few = write(few_ds, tmp_path / "few.zarr")
 
     cases = [
-        (base + ["--store", a, "--store", str(three_sar), "--out", str(tmp_path / "r1")], "has 3 bands"),
-        (base + ["--store", a, "--modality", "lidar", "--out", str(tmp_path / "r2")], "no modality 'lidar'"),
-        (base + ["--store", str(nolabel), "--out", str(tmp_path / "r3")], "has no labels"),
-        (base + ["--store", str(empty), "--out", str(tmp_path / "r4")], "no valid labelled pixels"),
+        (base + two + ["--store", a, "--store", str(three_sar), "--out", str(tmp_path / "r1")], "has 3 bands"),
+        (base + two + ["--store", a, "--modality", "lidar", "--out", str(tmp_path / "r2")], "no modality 'lidar'"),
+        (base + two + ["--store", str(nolabel), "--out", str(tmp_path / "r3")], "has no labels"),
+        (base + two + ["--store", str(empty), "--out", str(tmp_path / "r4")], "no valid labelled pixels"),
         (
             ["train", "--model", "test-pixel", "--store", str(few), "--pixels-per-class", "10", "--val-fraction", "0",
              "--workers", "0", "--quiet", "--out", str(tmp_path / "r5")],
             "class 'field' (2) has only 4 labelled pixels",
         ),
-        (base + ["--store", a, "--patch-size", "200", "--out", str(tmp_path / "r6")], "exceeds store"),
-        (base + ["--store", a, "--out", str(tmp_path / "r7"), "--resume"], "no training state to resume"),
-        (base + ["--store", a, "--split", "stores", "--out", str(tmp_path / "r8")], "needs a store"),
+        (base + ["--steps", "2", "--store", a, "--patch-size", "200", "--out", str(tmp_path / "r6")], "exceeds store"),
+        (base + two + ["--store", a, "--out", str(tmp_path / "r7"), "--resume"], "no training state to resume"),
+        (base + two + ["--store", a, "--split", "stores", "--out", str(tmp_path / "r8")], "needs a store"),
     ]
     for args, message in cases:
         code, err = _cli(args, capsys)
@@ -244,18 +245,18 @@ def test_bad_inputs_exit_2_with_one_line(stores, tmp_path, capsys):
         assert not Path(args[args.index("--out") + 1]).exists() or "--resume" in args
 
     run = tmp_path / "run"
-    assert _cli(base + ["--store", a, "--out", str(run)], capsys)[0] == 0
+    assert _cli(base + two + ["--store", a, "--out", str(run)], capsys)[0] == 0
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-    code, err = _cli(base + ["--store", a, "--out", str(run)], capsys)
+    code, err = _cli(base + two + ["--store", a, "--out", str(run)], capsys)
     assert code == 2 and "already exists" in err
-    code, err = _cli(["train", "--model", "test-pixel"] + base[3:] + ["--store", a, "--out", str(run), "--resume"], capsys)
+    code, err = _cli(["train", "--model", "test-pixel"] + base[3:] + two + ["--store", a, "--out", str(run), "--resume"], capsys)
     assert code == 2 and "model 'test-seg', not 'test-pixel'" in err
-    code, err = _cli(base + ["--store", a, "--store", b, "--out", str(run), "--resume"], capsys)
+    code, err = _cli(base + two + ["--store", a, "--store", b, "--out", str(run), "--resume"], capsys)
     assert code == 2 and "same --store list" in err
-    code, err = _cli(base + ["--store", a, "--out", str(run), "--resume", "--lr", "0.5"], capsys)
+    code, err = _cli(base + two + ["--store", a, "--out", str(run), "--resume", "--lr", "0.5"], capsys)
     assert code == 2 and "lr= (--lr) 0.5 differs" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before, "a refused command touched the run"
-    assert _cli(base + ["--store", a, "--out", str(run), "--overwrite", "--steps", "1"], capsys)[0] == 0
+    assert _cli(base + ["--patch-size", "32", "--store", a, "--out", str(run), "--overwrite", "--steps", "1"], capsys)[0] == 0
     assert read_config(run).extra["step"] == 1
 
 
