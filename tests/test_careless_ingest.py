@@ -267,3 +267,25 @@ def test_a_resolution_in_the_wrong_units_is_named(tifs, tmp_path, capsys, crs, r
     one_line(code, err, f"--resolution {resolution} is larger than the reference's whole extent")
     assert "degree" in err
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("tag", ["water,forest,crops", '"water"', '{"0": "water"}', "[0, 1]"])
+def test_a_class_names_tag_that_is_no_list_of_names_is_one_line(tag, tifs, tmp_path, capsys):
+    """A labels raster's class_names tag written by another tool: 'water,forest,crops' was a JSONDecodeError
+    traceback, '"water"' five classes named by its letters, a dict its keys."""
+    import rasterio
+
+    labels = tmp_path / "in" / "labels.tif"
+    labels.parent.mkdir()
+    labels.write_bytes(tifs["label"].read_bytes())
+    with rasterio.open(labels, "r+") as dst:
+        dst.update_tags(class_names=tag)
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"sar={tifs['sar']}", "--labels", labels], capsys)
+    one_line(code, err, "class_names tag of labels.tif is not a JSON list of names")
+    assert not (tmp_path / "s.zarr").exists()
+    with rasterio.open(labels) as src:
+        count = int(src.read(1)[src.read(1) != 255].max()) + 1
+    names = ",".join(f"c{k}" for k in range(count))
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"sar={tifs['sar']}", "--labels", labels, "--class-names", names], capsys)
+    assert code == 0, err
+    assert open_scene(tmp_path / "s.zarr")["label"].attrs["class_names"] == names.split(",")

@@ -97,10 +97,27 @@ class RasterSource:
     """The raster's nodata value (NaN nodata needs no masking: NaN is what we store)."""
     mask_band: bool = False
     """Validity comes from a GDAL mask or alpha band rather than a nodata value."""
-    class_names: tuple[str, ...] | None = None
-    """From a ``class_names`` tag (JSON list), as written by :func:`tilefuse.synthetic.write_geotiffs`."""
+    class_names_tag: str | None = None
+    """The raster's ``class_names`` tag, as written by :func:`tilefuse.synthetic.write_geotiffs` (a JSON list of
+    names); read by :meth:`class_names` only where no names are given."""
     variable: str | None = None
     """GDAL's name of one variable of a file of several (NetCDF, HDF5: ``NETCDF:"path":vv``); None: the file."""
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class names of the ``class_names`` tag, None without one; a tag that is not a JSON list of
+        strings is an InputError (a string was taken one name per letter, a non-JSON tag was a traceback)."""
+        if not self.class_names_tag:
+            return None
+        try:
+            names = json.loads(self.class_names_tag)
+        except ValueError:
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(
+                f"labels: the class_names tag of {self.path.name} is not a JSON list of names "
+                f"({clipped(self.class_names_tag)}): name the classes with --class-names (ids count from 0)"
+            )
+        return tuple(names)
 
     def raster_name(self) -> str:
         """The raster as GDAL names it: the file, or one variable of it."""
@@ -290,7 +307,7 @@ def open_source(
             magnitude=is_complex,
             nodata=None if src.nodata is None or np.isnan(src.nodata) else float(src.nodata),
             mask_band=bool(flags & {MaskFlags.per_dataset, MaskFlags.alpha}),
-            class_names=tuple(json.loads(tag)) if tag else None,
+            class_names_tag=tag or None,
             variable=name,
         )
 
@@ -763,7 +780,7 @@ def ingest_rasters(
     }
     label = None
     if label_source is not None:
-        names = class_names or label_source.class_names
+        names = class_names or label_source.class_names()
         attrs = {"source": label_source.raster_name(), **({"class_names": list(names)} if names else {})}
         label = (read_onto_grid(label_source, grid, "nearest", chunk)[0], attrs)
     return scene_dataset(grid, arrays, label, mapping, reference)
