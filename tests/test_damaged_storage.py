@@ -415,3 +415,31 @@ def test_modalities_attr_edited_to_something_else_than_the_held_modalities_is_on
     storage.consolidate(store)
     for line in _one_line_from_info_train_and_predict(store, checkpoint, tmp_path, capsys):
         assert "modalities" in line and "corrupt" in line, line
+
+
+@pytest.mark.parametrize("edit", ["transform", "no crs"])
+def test_georeferencing_that_disagrees_or_is_gone_is_one_line(pristine, tmp_path, capsys, edit):
+    """A spatial_ref whose GeoTransform disagrees with the x/y coordinates (rioxarray's transform took the pixel
+    size from one, the origin from the other: what info showed and export would write), or which lost its CRS
+    (predictions and COGs without one), was read as it was."""
+    import test_training  # noqa: F401  (registers test-seg)
+    from tilefuse import storage
+
+    _, stores, checkpoint, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores["chunks"], store)
+    attrs = zarr.open_group(store, mode="r+")["spatial_ref"].attrs
+    kept = dict(attrs)
+    if edit == "transform":
+        values = list(open_scene(store).rio.transform().to_gdal())
+        values[1] *= 2  # twice the pixel size: rioxarray takes the size from it, the origin from x/y
+        values[5] *= 2
+        kept["GeoTransform"] = " ".join(repr(v) for v in values)
+    else:
+        kept = {k: v for k, v in kept.items() if k == "GeoTransform"}
+    for key in list(attrs):
+        del attrs[key]
+    attrs.update(kept)
+    storage.consolidate(store)
+    for line in _one_line_from_info_train_and_predict(store, checkpoint, tmp_path, capsys):
+        assert "spatial_ref" in line and "corrupt" in line, line

@@ -317,13 +317,36 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     if found != kind:
         what = f"a {found} store" if found else "not a tilefuse store"
         raise InputError(f"{path} is {what}, expected a {kind} store: pass a {kind} store {MADE_BY.get(kind, '')}".rstrip())
-    if kind == "scene":
-        problem = _layout_problem(ds)
-        if problem:
-            raise InputError(f"{path}: {problem}: the store is corrupt, re-ingest it")
     import rioxarray  # noqa: F401  (registers the .rio accessor)
 
+    problem = _georeference_problem(ds) or (_layout_problem(ds) if kind == "scene" else None)
+    if problem:
+        raise InputError(f"{path}: {problem}: the store is corrupt, {REPAIR.get(kind, 're-create it')}")
     return ds
+
+
+def _georeference_problem(ds: xr.Dataset) -> str | None:
+    """What is wrong with the georeferencing of a store (its ``spatial_ref``), or None: no CRS (predictions and
+    COGs without one), or a GeoTransform that disagrees with the x/y coordinates (export writes by the former)."""
+    if "spatial_ref" not in ds.coords:
+        return "its spatial_ref (CRS and transform) is missing"
+    if ds.rio.crs is None:
+        return "its spatial_ref holds no CRS"
+    if ds.sizes.get("x", 0) < 2 or ds.sizes.get("y", 0) < 2 or "GeoTransform" not in ds["spatial_ref"].attrs:
+        return None
+    try:
+        stored, found = ds.rio.transform(), ds.rio.transform(recalc=True)
+    except Exception as error:  # rioxarray raises several types for coordinates it cannot read
+        return f"its x/y coordinates give no transform ({type(error).__name__})"
+    pixel = max(abs(found.a), abs(found.e))
+    scale_off = max(abs(p - q) for p, q in zip((stored.a, stored.b, stored.d, stored.e), (found.a, found.b, found.d, found.e)))
+    origin_off = max(abs(stored.c - found.c), abs(stored.f - found.f))
+    if scale_off > 1e-6 * pixel or origin_off > 1e-3 * pixel:
+        return (
+            f"its spatial_ref GeoTransform ({clipped(' '.join(f'{v:g}' for v in stored.to_gdal()))}) disagrees with its "
+            f"x/y coordinates ({clipped(' '.join(f'{v:g}' for v in found.to_gdal()))})"
+        )
+    return None
 
 
 def _layout_problem(ds: xr.Dataset) -> str | None:
