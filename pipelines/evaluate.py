@@ -44,9 +44,14 @@ def evaluate(
 
     from tilefuse.classes import merge_class_names, store_class_names
     from tilefuse.metrics import ConfusionMatrix
-    from tilefuse.prediction import open_prediction
+    from tilefuse.prediction import open_prediction, store_path
     from tilefuse.scene import IGNORE, SHARD, iter_chunk_slices, open_scene
 
+    prediction, labels = store_path(prediction, "prediction", "prediction"), store_path(labels, "labels", "scene")
+    if split is not None:
+        from tilefuse.outputs import local_path
+
+        split = local_path(split, "split")  # ~ is the home folder
     predicted = open_prediction(prediction)
     scene = open_scene(labels)
     if "label" not in scene:
@@ -144,8 +149,9 @@ def evaluate_command(
     from tilefuse.metrics import format_metrics
 
     if out is not None:  # checked before any work
-        from tilefuse.outputs import claim
+        from tilefuse.outputs import claim, local_path
 
+        out = local_path(out, "--out", output=True)  # ~ is the home folder (`--out=~/m.json` leaves it to us)
         claim(out, "json", inputs=[prediction, labels, split], overwrite=True, what="--out")
     metrics = evaluate(prediction, labels, split=split, subset=subset, progress=not json_output)
     if out is not None:

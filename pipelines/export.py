@@ -51,12 +51,13 @@ def export(
     from rasterio.windows import Window
     from tqdm.auto import tqdm
 
-    from tilefuse.prediction import open_prediction
+    from tilefuse.prediction import open_prediction, store_path
     from tilefuse.quicklook import class_colors
 
-    from tilefuse.outputs import claim, create, output_lock, temporary_sibling, tiff_tags
+    from tilefuse.outputs import claim, create, local_path, output_lock, temporary_sibling, tiff_tags
 
-    out = Path(out)
+    prediction = store_path(prediction, "prediction", "prediction")
+    out = local_path(out, "out", output=True)  # ~ is the home folder
     claim(out, "geotiff", inputs=[prediction], overwrite=overwrite)
     if blocksize < 16 or blocksize % 16:
         raise InputError(f"--blocksize must be a multiple of 16, got {blocksize}")

@@ -17,13 +17,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from tilefuse.cluster.run import DEFAULT_TILE
-from tilefuse.outputs import holds_output
 
 if TYPE_CHECKING:
     import xarray as xr
 
 
-@holds_output("out", inputs=("store", "checkpoint"))  # one writer per prediction store, across every block
 def predict(
     checkpoint: str | Path,
     store: str | Path,
@@ -72,9 +70,12 @@ def predict(
     to an existing one (seconds). Returns the prediction lazily, with CRS.
     """
     from tilefuse.cluster.run import PredictOptions, predict_scene
-    from tilefuse.outputs import claim
-    from tilefuse.prediction import open_prediction
+    from tilefuse.outputs import claim, local_path, os_errors_as_input, output_lock
+    from tilefuse.prediction import open_prediction, store_path
 
+    store = store_path(store, "store", "scene")  # a path, or the Dataset open_scene returned
+    checkpoint, out = local_path(checkpoint, "checkpoint"), local_path(out, "out", output=True)  # ~ is the home folder
+    quicklook = None if quicklook is None else local_path(quicklook, "quicklook", output=True)
     options = PredictOptions(
         tile=tile,
         overlap=overlap,
@@ -92,17 +93,19 @@ def predict(
         prefetch=prefetch,
         reader_threads=reader_threads,
     )  # checked by predict_scene, before anything is written
-    if quicklook is not None:
-        claim(quicklook, "png", inputs=[store, checkpoint, out], overwrite=True, what="quicklook")
-    report = predict_scene(checkpoint, store, out, options, cluster=cluster, listen=listen, connect_timeout=connect_timeout, progress=progress)
-    if progress:
-        print(f"tilefuse: {report}", file=sys.stderr)
-    prediction = open_prediction(out)
-    if quicklook is not None:
-        from tilefuse.quicklook import quicklook_labels
+    # one writer per prediction store, across every block; a full or read-only disk anywhere is one line
+    with output_lock(out, inputs=[store, checkpoint]), os_errors_as_input(out, storage_only=True):
+        if quicklook is not None:
+            claim(quicklook, "png", inputs=[store, checkpoint, out], overwrite=True, what="quicklook")
+        report = predict_scene(checkpoint, store, out, options, cluster=cluster, listen=listen, connect_timeout=connect_timeout, progress=progress)
+        if progress:
+            print(f"tilefuse: {report}", file=sys.stderr)
+        prediction = open_prediction(out)
+        if quicklook is not None:
+            from tilefuse.quicklook import quicklook_labels
 
-        title = f"{prediction.attrs['model']} prediction of {Path(store).name}"
-        quicklook_labels(prediction["labels"], prediction["labels"].attrs["class_names"], quicklook, title=title, inputs=[store, checkpoint, out])
+            title = f"{prediction.attrs['model']} prediction of {Path(store).name}"
+            quicklook_labels(prediction["labels"], prediction["labels"].attrs["class_names"], quicklook, title=title, inputs=[store, checkpoint, out])
     return prediction
 
 

@@ -12,6 +12,7 @@ indexes are written into the run folder right after it is created.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence
@@ -67,6 +68,13 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
     return job
 
 
+def _many(value: Any) -> bool:
+    """Whether ``value`` is a sequence of stores rather than one store (a path, or a Dataset opened from one)."""
+    import xarray as xr
+
+    return not isinstance(value, (str, os.PathLike, xr.Dataset, xr.DataArray))
+
+
 def train(
     model: str,
     stores: Sequence[str | Path],
@@ -95,8 +103,14 @@ def train(
     holds the run lock and writes the run folder.
     """
     from tilefuse import distributed
+    from tilefuse.outputs import local_path
+    from tilefuse.prediction import store_path
     from tilefuse.training import _require
 
+    # one store may be given as itself (a str was iterated: "a.zarr" trained on stores a, ., z, ...)
+    stores = [store_path(s, "stores", "scene") for s in (stores if _many(stores) else [stores])]
+    val_stores = [store_path(s, "val_stores", "scene") for s in (val_stores if _many(val_stores) else [val_stores])]
+    out = local_path(out, "out", output=True)  # ~ is the home folder
     _require("nproc", nproc, "a whole number >= 1", lambda v: isinstance(v, int) and v >= 1)
     ranks = distributed.from_env()
     if nproc > 1 and not ranks.launched:

@@ -409,4 +409,41 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
             raise InputError(message)
         warnings.warn(message, stacklevel=2)
         ds = open_store(path, "prediction", written=_written(done))  # only done blocks are promised
-    return ds.drop_vars(MANIFEST)
+    ds = ds.drop_vars(MANIFEST)
+    ds.encoding["source"] = str(path)  # what :func:`store_path` takes it back to
+    return ds
+
+
+def store_path(value: Any, param: str, kind: str) -> Any:
+    """A store given to the Python API as a path (``~`` expanded) or as the xarray Dataset tilefuse opened it as.
+
+    ``tilefuse.predict``, ``open_prediction`` (and ``open_scene``, where it records its ``encoding["source"]``)
+    return lazy Datasets a notebook passes on: such a Dataset, unchanged (the same variables and sizes, each still
+    the lazy array read from its store), stands for its store of ``kind`` (``scene`` or ``prediction``). Anything
+    else (a Dataset built, computed or sliced in memory, another object) is one InputError naming ``param``: it
+    was a TypeError traceback, and reading the store behind a changed Dataset would not be what was passed.
+    """
+    from tilefuse.outputs import local_path
+
+    if isinstance(value, (str, os.PathLike)):
+        return local_path(value, param)  # ~ is the home folder, a URL one line
+    source = value.encoding.get("source") if isinstance(value, xr.Dataset) else None
+    if source is not None and os.path.isdir(source):
+        from tilefuse.scene import open_scene
+
+        try:
+            with warnings.catch_warnings():  # a partial prediction: its reader says so
+                warnings.simplefilter("ignore")
+                fresh = open_prediction(source, allow_partial=True) if kind == "prediction" else open_scene(source)
+        except (InputError, OSError):
+            fresh = None
+        if fresh is not None and dict(fresh.sizes) == dict(value.sizes) and set(fresh.variables) == set(value.variables) and all(
+            getattr(value[name].data, "name", None) == getattr(fresh[name].data, "name", 0) for name in fresh.data_vars
+        ):
+            return source
+        raise InputError(f"{param}= is an xarray Dataset changed since it was opened from {source}: pass that store's path{_WRITE[kind]}")
+    what = f"an xarray {type(value).__name__}" if isinstance(value, (xr.Dataset, xr.DataArray)) else f"of type {type(value).__name__}"
+    raise InputError(f"{param}= is {what}, not a path: pass the path of the {kind} store (str or pathlib.Path){_WRITE[kind]}")
+
+
+_WRITE = {"scene": " (data in memory: write it as a scene store with tilefuse.from_xarray first)", "prediction": ""}
