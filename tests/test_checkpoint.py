@@ -232,3 +232,21 @@ def test_a_checkpoint_that_is_not_the_expected_one_is_refused(tmp_path):
     save_checkpoint(config.build(), config, path)  # rewritten, e.g. by a training run
     with pytest.raises(InputError, match="changed after this prediction started"):
         load_checkpoint(path, expect_hash=digest)
+
+
+def test_a_file_of_a_checkpoint_given_for_it_names_its_folder(tmp_path, capsys):
+    """--checkpoint run/model.safetensors (or its config.json, or state/'s) said only that it is not a checkpoint."""
+    from tilefuse.cli import main
+
+    model, config = _trained_model("s2fin")
+    run = save_checkpoint(model, config, tmp_path / "run")
+    save_checkpoint(model, config, run / "state")
+    for path in (run / WEIGHTS, run / CONFIG, run / "state" / WEIGHTS):
+        with pytest.raises(InputError, match=rf"is not a checkpoint: .*pass the folder holding them, {path.parent}\)$"):
+            load_checkpoint(path)
+        args = ["predict", "--checkpoint", str(path), "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "p.zarr")]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"pass the folder holding them, {path.parent}" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(InputError, match=r"written by `tilefuse train`"):
+        load_checkpoint(tmp_path)  # a folder without them

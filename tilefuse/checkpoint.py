@@ -230,15 +230,11 @@ def _read(
                 whole = hashlib.sha256()
                 found = _weights_digest(handle, whole)
             same = os.stat(weights).st_ino == inode and config_file.read_bytes() == raw
-        except FileNotFoundError:
-            if writer is None:
-                read_config(path)  # names what is missing
-                raise
-            same = False  # the state folder, moved aside while its successor moves in
         except (SafetensorError, OSError, ValueError) as error:
             if writer is None:
+                read_config(path)  # a missing checkpoint, a file given for its folder: one line naming it
                 raise InputError(f"checkpoint weights {weights} are unreadable ({error}): retrain or restore them") from None
-            same = False
+            same = False  # e.g. the state folder, moved aside while its successor moves in
         if same:
             try:
                 data = json.loads(raw)
@@ -274,7 +270,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist: pass a directory written by `tilefuse train`")
     if not config_file.is_file() or not (path / WEIGHTS).is_file():
-        raise InputError(f"{path} is not a checkpoint: it needs {CONFIG} and {WEIGHTS} (written by `tilefuse train`)")
+        inside = path.is_file() and (path.parent / CONFIG).is_file() and (path.parent / WEIGHTS).is_file()
+        fix = f"pass the folder holding them, {path.parent}" if inside else "written by `tilefuse train`"
+        raise InputError(f"{path} is not a checkpoint: it needs {CONFIG} and {WEIGHTS} ({fix})")
     data = read_json(config_file, "checkpoint config", "retrain or restore it")
     return ModelConfig.from_dict(data, source=f"checkpoint config {config_file}")
 
