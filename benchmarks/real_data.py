@@ -32,9 +32,11 @@ test pixel, or ``--score-pixels`` uniform ones per chip):
   minimises the same objective with torch) on the stacked, standardised bands of
   every labelled training pixel;
 - ``pad``: PAD (``--pad-preset``, default ``micro``, with the full-resolution
-  ``pixel_head``; 600 steps, batch 8, patch 96, lr 1e-3, ``rescale=[0.5, 2]``, no
-  class balancing, unless ``--pad-option`` / ``--pad-hparam`` say otherwise),
-  tiled inference with ``tilefuse.predict``;
+  ``pixel_head`` and its linear term ``pixel_head_linear``; 600 steps, batch 8,
+  patch 96, lr 1e-3, ``rescale=[0.5, 2]``, no class balancing, unless
+  ``--pad-option`` / ``--pad-hparam`` say otherwise), tiled inference with
+  ``tilefuse.predict``; three models (training seeds 42, 1, 2) whose softmax
+  probabilities are averaged, or one with ``--pad-option seed=N``;
 - ``s2fin``: S²Fin on ``--pixels-per-class`` labelled pixels per class, with
   ``logreg-few`` and ``hgb-few`` fitted on exactly those pixels.
 
@@ -57,6 +59,9 @@ from typing import Callable
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# PAD's default in this script: three models (these training seeds), softmax averaged
+PAD_SEEDS = (42, 1, 2)
 
 # TerraMind LULC codes (ESRI-style, 0 unused) -> contiguous class ids
 TM_CODES = {1: "water", 2: "trees", 3: "flooded_vegetation", 4: "crops", 5: "built_area", 6: "bare_ground", 7: "snow_ice", 8: "clouds", 9: "rangeland"}
@@ -312,21 +317,24 @@ def s2fin_pixels(ctx: Context) -> np.ndarray:
 
 
 def run_pad(ctx: Context) -> dict[str, np.ndarray]:
-    """PAD through ``tilefuse.train`` / ``tilefuse.predict``; with ``--pad-seeds A,B,..`` one model per seed,
-    their softmax probabilities averaged (an ensemble)."""
+    """PAD through ``tilefuse.train`` / ``tilefuse.predict``: one model per training seed (``PAD_SEEDS``,
+    ``--pad-seeds A,B,..`` or ``--pad-option seed=N``), their softmax probabilities averaged (an ensemble)."""
     import tilefuse
 
     # the best measured CPU schedule on these chips (README, "Results on small real data")
     defaults = {"steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": False, "rescale": [0.5, 2.0], "torch_threads": ctx.args.threads}
     options = defaults | parse_options(ctx.args.pad_option)
-    hparams = {"preset": ctx.args.pad_preset, "pixel_head": True} | parse_options(ctx.args.pad_hparam)
-    seeds = [int(v) for v in ctx.args.pad_seeds.split(",")] if ctx.args.pad_seeds else [options.get("seed")]
+    hparams = {"preset": ctx.args.pad_preset, "pixel_head": True, "pixel_head_linear": True} | parse_options(ctx.args.pad_hparam)
+    if ctx.args.pad_seeds:
+        seeds = [int(v) for v in ctx.args.pad_seeds.split(",")]
+    else:  # one model where --pad-option seed=N names it, else the three-seed ensemble
+        seeds = [options["seed"]] if "seed" in options else list(PAD_SEEDS)
     probs: dict[str, np.ndarray] = {}
     for seed in seeds:
         run = tilefuse.train(
-            "pad", ctx.fold.train, ctx.work / "pad-run" / ("" if seed is None else f"seed-{seed}"), hparams=hparams,
+            "pad", ctx.fold.train, ctx.work / "pad-run" / f"seed-{seed}", hparams=hparams,
             val_fraction=0.0, workers=0, checkpoint_every=options["steps"], overwrite=True, progress=False,
-            **(options | ({} if seed is None else {"seed": seed})),
+            **(options | {"seed": seed}),
         )
         for chip, store in ctx.fold.test.items():
             pred = ctx.work / f"pad-{chip}.zarr"
@@ -403,7 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pad-preset", default="micro", help="PAD preset [micro: ours, 2.3 M parameters; atto is the paper family's smallest]")
     parser.add_argument("--pad-option", action="append", default=[], help="KEY=VALUE training option for PAD (steps=300, lr=...)")
     parser.add_argument("--pad-hparam", action="append", default=[])
-    parser.add_argument("--pad-seeds", default="", help="A,B,...: one PAD model per training seed, softmax averaged [one model]")
+    parser.add_argument(
+        "--pad-seeds", default="",
+        help=f"A,B,...: one PAD model per training seed, softmax averaged [{','.join(map(str, PAD_SEEDS))}; one model with --pad-option seed=N]",
+    )
     parser.add_argument("--s2fin-option", action="append", default=[])
     parser.add_argument("--s2fin-hparam", action="append", default=[])
     parser.add_argument(
