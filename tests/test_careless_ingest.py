@@ -289,3 +289,40 @@ def test_a_class_names_tag_that_is_no_list_of_names_is_one_line(tag, tifs, tmp_p
     code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"sar={tifs['sar']}", "--labels", labels, "--class-names", names], capsys)
     assert code == 0, err
     assert open_scene(tmp_path / "s.zarr")["label"].attrs["class_names"] == names.split(",")
+
+
+@pytest.mark.parametrize("appears", ["folder", "file", "store"])
+def test_something_put_at_the_output_while_it_is_written_is_never_deleted(appears, tmp_path, monkeypatch):
+    """The output is checked before the write, then renamed into place at the end: a folder or file put there
+    meanwhile (another tool writing to the same path, a user's copy) was moved aside and deleted."""
+    import tilefuse.scene
+    from tilefuse.errors import InputError
+    from tilefuse.scene import write_scene
+
+    out = tmp_path / "s.zarr"
+    real, done = tilefuse.scene.consolidate, []
+
+    def put_something_there(path):  # the last step before the rename
+        if done:  # once, for the first writer only
+            return real(path)
+        done.append(path)
+        if appears == "folder":
+            out.mkdir()
+            (out / "notes.txt").write_text("mine\n")
+        elif appears == "file":
+            out.write_text("mine\n")
+        else:
+            write_scene(synth_scene(32, seed=9), out)
+        real(path)
+
+    monkeypatch.setattr(tilefuse.scene, "consolidate", put_something_there)
+    with pytest.raises(InputError, match="s.zarr"):
+        write_scene(synth_scene(48, seed=1), out)
+    if appears == "folder":
+        assert (out / "notes.txt").read_text() == "mine\n"
+    elif appears == "file":
+        assert out.read_text() == "mine\n"
+    else:
+        monkeypatch.setattr(tilefuse.scene, "consolidate", real)
+        assert open_scene(out).sizes["x"] == 32  # the other writer's store, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no temporary, no lock

@@ -558,6 +558,9 @@ def create(
                 yield tmp
                 if KINDS[kind] == "folder":
                     mark_folder(tmp, kind)
+                # again at the rename, which may come hours later: a folder or file put at the output meanwhile
+                # (another tool writing there, a user's copy) was moved aside and deleted
+                claim(path, kind, inputs=inputs, overwrite=overwrite, what=what)
                 replace_path(tmp, target)
             finally:
                 if os.path.lexists(tmp):
