@@ -26,6 +26,11 @@ from tilefuse.classes import IGNORE
 from tilefuse.errors import InputError
 
 
+MAX_BLOCKSIZE = 4096
+"""Largest internal tile edge of the GeoTIFF: GDAL holds a tile in memory to write it (4,096^2 px: 16 MB), and
+larger values failed in GDAL ('Write failed', a RasterioIOError traceback) or asked for gigabytes per tile."""
+
+
 def _overview_count(height: int, width: int, smallest: int = 128) -> int:
     """Halvings until the image fits in ``smallest`` px (at least one level, so small files have overviews too).
 
@@ -59,8 +64,8 @@ def export(
     prediction = store_path(prediction, "prediction", "prediction")
     out = local_path(out, "out", output=True)  # ~ is the home folder
     claim(out, "geotiff", inputs=[prediction], overwrite=overwrite)
-    if blocksize < 16 or blocksize % 16:
-        raise InputError(f"--blocksize must be a multiple of 16, got {blocksize}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 16 <= blocksize <= MAX_BLOCKSIZE or blocksize % 16:
+        raise InputError(f"blocksize= (--blocksize) must be a multiple of 16 in 16..{MAX_BLOCKSIZE} px, got {blocksize!r}")
     ds = open_prediction(prediction)
     labels = ds["labels"]
     height, width = labels.shape

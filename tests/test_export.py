@@ -7,6 +7,8 @@ from predict_fixtures import CLASSES, save_pointwise, write_test_scene
 
 import tilefuse
 from tilefuse.cli import main
+from tilefuse.errors import InputError
+from tilefuse.pipelines.export import export
 from tilefuse.quicklook import class_colors
 from tilefuse.scene import open_scene
 
@@ -68,3 +70,18 @@ def test_one_pixel_and_one_line_scenes_export(tmp_path, shape):
     with rasterio.open(out) as cog:
         assert (cog.height, cog.width) == shape
         assert np.array_equal(cog.read(1), pred["labels"].values)
+
+
+@pytest.mark.parametrize("blocksize", ["100000000", "8192", "0", "-16", "24"])
+def test_a_blocksize_gdal_cannot_write_is_one_line(tmp_path, prediction, capsys, blocksize):
+    """--blocksize 100000000 passed the multiple-of-16 check and ended in GDAL's 'Write failed' traceback, nothing written."""
+    root, _, _ = prediction
+    out = tmp_path / "labels.tif"
+    assert main(["export", str(root / "pred.zarr"), str(out), f"--blocksize={blocksize}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "blocksize" in err and "16..4096" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(InputError, match=r"^blocksize= \(--blocksize\)"):
+        export(root / "pred.zarr", out, blocksize=int(blocksize), progress=False)
+    for good in (16, 4096):
+        assert export(root / "pred.zarr", tmp_path / f"{good}.tif", blocksize=good, progress=False).is_file()
