@@ -123,6 +123,8 @@ BAD_INPUTS = {
     "256 class names": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", ",".join(f"c{k}" for k in range(256))], r"name 256 classes, more than 255 \(ids 0\.\.254"),
     # the last of two targets won without a word
     "a label mapped twice": (["-m", "sar={sar}", "--labels", "{label}", "--label-map", "1:2,3:4,1:5"], "label 1 is mapped twice .1:2 and 1:5."),
+    # the array folder is named after it: 'cannot write out.zarr: File name too long: choose another output'
+    "a modality name of 260 characters": (["-m", "s" * 260 + "={sar}"], "is 260 characters long: use a short NAME"),
     "class names for fewer ids": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,forest"], r"class id 2 and more but the 2 class names name ids 0..1 only"),
 }
 

@@ -52,6 +52,8 @@ resolution (0.001 for 10) asks for 10^13 px and more; refusing before any work k
 RESERVED_NAMES = ("x", "y", "valid", "label", "labels", "spatial_ref", "band", "class")
 """Names a store uses itself, so no modality may take them (nor end in ``_band``: band dimensions)."""
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+MAX_NAME = 100
+"""Longest modality name: a store folder (and ``NAME_band``) per modality; 260 characters were 'File name too long'."""
 
 _BANDS_SUFFIX = re.compile(r"^(?P<path>.+):(?P<bands>\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
 
@@ -183,6 +185,8 @@ def check_modality_names(names) -> None:
             raise InputError(
                 f"modality name {name!r} is not a plain name: use letters, digits and _ starting with a letter (e.g. sar, optical)"
             )
+        if len(name) > MAX_NAME:  # its array folder and band dimension are named after it
+            raise InputError(f"modality name {clipped(name, 20)!r} is {len(name)} characters long: use a short NAME (at most {MAX_NAME})")
         if name.lower() in RESERVED_NAMES or name.lower().endswith("_band"):
             raise InputError(f"a modality cannot be called {name!r} (the store uses that name): choose another NAME")
         if name.lower() in seen:
