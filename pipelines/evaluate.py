@@ -43,6 +43,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from tilefuse.classes import merge_class_names, store_class_names
+    from tilefuse.cluster.run import MAX_BLOCK
     from tilefuse.metrics import ConfusionMatrix
     from tilefuse.prediction import open_prediction, store_path
     from tilefuse.scene import IGNORE, SHARD, iter_chunk_slices, open_scene
@@ -52,6 +53,8 @@ def evaluate(
         from tilefuse.outputs import local_path
 
         split = local_path(split, "split")  # ~ is the home folder
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_BLOCK):
+        raise InputError(f"block= must be a whole number of px in 1..{MAX_BLOCK} (rows and columns read at once), got {block!r}")
     predicted = open_prediction(prediction)
     scene = open_scene(labels)
     if "label" not in scene:

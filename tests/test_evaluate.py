@@ -136,3 +136,13 @@ def test_split_limits_scoring_to_held_out_blocks_less_their_context(scene_and_pr
     other = write(labelled_scene(150, 130, seed=5), tmp_path / "other-scene.zarr")
     assert main(["evaluate", str(pred), "--labels", str(other), "--split", str(run)]) == 2
     assert "not one of the stores split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("block", [-5, -1, True, 1.5, "64", 10**6])
+def test_a_block_that_is_not_a_size_is_one_line(scene_and_prediction, block):
+    """block=-5 scored no pixel and returned metrics that looked like any others (pixels 0); 1.5 or '64' were
+    TypeError tracebacks, True read the scene one pixel at a time."""
+    store, pred, _, _ = scene_and_prediction
+    with pytest.raises(InputError, match=r"^block= must be a whole number of px in 1\.\.32768"):
+        evaluate(pred, store, block=block)
+    assert evaluate(pred, store, block=1024) == evaluate(pred, store)
