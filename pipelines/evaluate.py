@@ -25,7 +25,7 @@ def evaluate(
     labels: str | Path,
     *,
     split: str | Path | None = None,
-    subset: str = "test",
+    subset: str | None = None,
     block: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -36,7 +36,8 @@ def evaluate(
     ``unscored_pixels``. The grids must match, and the prediction must be
     complete. ``split`` (a training run folder or its ``split.json``) limits
     scoring to the pixels of ``subset`` whose context (the run's patch or
-    neighbourhood radius) lies wholly in that subset's blocks. Returns a
+    neighbourhood radius) lies wholly in that subset's blocks (``test`` unless
+    given; without ``split`` it is refused, not ignored). Returns a
     JSON-ready dict.
     """
     import numpy as np
@@ -53,6 +54,9 @@ def evaluate(
         from tilefuse.outputs import local_path
 
         split = local_path(split, "split")  # ~ is the home folder
+    if subset is not None and split is None:  # the whole scene would be scored as if it were that subset
+        raise InputError(f"subset={subset!r} (--subset) needs split= (--split RUN): the training run whose held-out blocks to score")
+    subset = subset or "test"
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_BLOCK):
         raise InputError(f"block= must be a whole number of px in 1..{MAX_BLOCK} (rows and columns read at once), got {block!r}")
     predicted = open_prediction(prediction)
@@ -146,7 +150,7 @@ def evaluate_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the metrics to this JSON file.")] = None,
     split: Annotated[Optional[Path], typer.Option("--split", help="Training run (or its split.json): score only its held-out blocks.")] = None,
-    subset: Annotated[str, typer.Option("--subset", help="Which held-out blocks of --split: test or val.")] = "test",
+    subset: Annotated[Optional[str], typer.Option("--subset", help="Which held-out blocks of --split: test or val [test].")] = None,
 ) -> None:
     """Score a prediction against a scene's labels: OA, mIoU, per-class IoU and F1, kappa."""
     from tilefuse.metrics import format_metrics

@@ -146,3 +146,15 @@ def test_a_block_that_is_not_a_size_is_one_line(scene_and_prediction, block):
     with pytest.raises(InputError, match=r"^block= must be a whole number of px in 1\.\.32768"):
         evaluate(pred, store, block=block)
     assert evaluate(pred, store, block=1024) == evaluate(pred, store)
+
+
+def test_a_subset_without_a_split_is_refused_not_ignored(scene_and_prediction, capsys):
+    """--subset val without --split scored the whole scene as if it were the validation blocks."""
+    store, pred, _, _ = scene_and_prediction
+    for subset in ("val", "test", "bogus"):
+        assert main(["evaluate", str(pred), "--labels", str(store), "--subset", subset]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "needs split= (--split RUN)" in err and len(err.splitlines()) == 1, err
+        with pytest.raises(InputError, match=r"needs split="):
+            evaluate(pred, store, subset=subset)
+    assert main(["evaluate", str(pred), "--labels", str(store)]) == 0
