@@ -117,6 +117,14 @@ def test_bad_kind_and_size():
         synth_scene(0)
 
 
+def test_seeds_beyond_63_bits_or_negative_are_refused():
+    """Pixels hash the seed modulo 2^64: seed 2^64 + 1 was seed 1's scene, -1 was 2^64 - 1's."""
+    assert np.array_equal(synth_scene(32, seed=2**63 - 1)["optical"].values, synth_scene(32, seed=2**63 - 1)["optical"].values)
+    for seed in (-1, 2**63, 2**64 + 1, 1.5, True, "1"):
+        with pytest.raises(InputError, match=r"seed= \(--seed\) must be a whole number in 0\.\."):
+            synth_scene(32, seed=seed)
+
+
 def test_geotiffs_and_store_hold_the_same_scene(tmp_path):
     ds = synth_scene((300, 200), seed=9, chunk=128)
     paths = write_geotiffs(ds, tmp_path / "tif")

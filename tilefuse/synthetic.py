@@ -278,6 +278,10 @@ def _render_block(block: np.ndarray, kind: str, seed: int, height: int, width: i
     return np.stack([*layers, classes.astype(np.float32)])
 
 
+MAX_SEED = 2**63 - 1
+"""Largest seed (as training's): the pixels hash it modulo 2^64, so larger ones would repeat smaller ones' scenes."""
+
+
 def synth_scene(
     size: int | tuple[int, int],
     kind: str = "sar-optical",
@@ -294,6 +298,9 @@ def synth_scene(
     """
     if kind not in KINDS:
         raise InputError(f"unknown scene kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        # pixels hash the seed modulo 2^64: seeds 2^64 apart were the same scene (a held-out scene equal to the training one)
+        raise InputError(f"seed= (--seed) must be a whole number in 0..{MAX_SEED}, got {seed!r}")
     height, width = (size, size) if isinstance(size, int) else size
     if height < 1 or width < 1:
         raise InputError(f"scene size must be positive, got {height} x {width}")
