@@ -290,8 +290,18 @@ def close_client(client) -> None:
 
 @contextlib.contextmanager
 def cluster_client(spec_or_client, timeout: float | str = CONNECT_TIMEOUT, listen: str = LOOPBACK, prefetch: int | None = None) -> Iterator:
-    """Context manager over :func:`make_client`; an existing Client passes through and stays open."""
+    """Context manager over :func:`make_client`; an existing Client passes through and stays open.
+
+    Anything else (a number, a LocalCluster rather than its Client...) is one InputError line naming ``cluster=``.
+    """
     if spec_or_client is None or not isinstance(spec_or_client, str):
+        from distributed import Client
+
+        if spec_or_client is not None and not isinstance(spec_or_client, Client):
+            raise InputError(
+                f"cluster= is {type(spec_or_client).__name__}, neither a spec (sync, local:N, cuda, tcp://HOST:PORT, a scheduler "
+                "file) nor a distributed.Client: pass one of those (for a LocalCluster, its Client(cluster))"
+            )
         yield spec_or_client
         return
     client = make_client(spec_or_client, timeout=timeout, listen=listen, prefetch=prefetch)

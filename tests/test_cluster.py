@@ -295,3 +295,13 @@ def test_one_malloc_arena_unless_the_user_chose(monkeypatch):
     with spawn_environ():
         assert MALLOC_ARENAS not in dask.config.get("distributed.nanny.pre-spawn-environ")
     assert single_arena() is False
+
+
+@pytest.mark.parametrize("cluster", [123, 1.5, ["local:2"], {"local": 2}, object()])
+def test_a_cluster_that_is_neither_a_spec_nor_a_client_is_one_line(tmp_path, data, cluster):
+    """cluster=123 (or a list, or a LocalCluster's stand-in) was an AttributeError traceback: 'scheduler_info'."""
+    _, scene, checkpoint, _, _ = data
+    out = tmp_path / "pred.zarr"
+    with pytest.raises(InputError, match=r"^cluster= is \w+, neither a spec .* nor a distributed\.Client"):
+        tilefuse.predict(checkpoint, scene, out, tile=32, cluster=cluster, progress=False)
+    assert not out.exists() and not list(tmp_path.iterdir())
