@@ -112,6 +112,8 @@ class PredictOptions:
         for name in ("channels_last", "compile", "resume", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name}= must be True or False, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:  # the store would be resumed, overwrite ignored
+            raise InputError("resume=True (--resume) and overwrite=True (--overwrite) contradict each other: pass one")
         overlap = self.overlap
         if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < self.tile):
             raise InputError(f"overlap= (--overlap) must be a whole number of px in 0..{self.tile - 1} (below the tile), got {overlap!r}")

@@ -328,3 +328,24 @@ def test_a_checkpoint_rewritten_during_a_run_never_gives_a_complete_store_of_oth
     monkeypatch.undo()  # complete: the labels of the version it records
     reference = tilefuse.predict(versions[result.attrs["checkpoint_hash"]], scene, tmp_path / "ref.zarr", **SETTINGS)
     assert np.array_equal(result["labels"].values, reference["labels"].values)
+
+
+def test_resume_and_overwrite_together_are_refused_and_touch_nothing(tmp_path, setup, capsys):
+    """--resume --overwrite resumed the store and ignored --overwrite (train refuses the pair): which one was meant?"""
+    _, scene, checkpoint, _ = setup
+    out = tmp_path / "pred.zarr"
+    assert _cli(checkpoint, scene, out, "--resume", "--overwrite", "--tile", 32) == 2
+    assert not out.exists()
+    reset_calls()
+    FAIL_AFTER["forward"] = 3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tilefuse.predict(checkpoint, scene, out, **SETTINGS)
+    reset_calls()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert _cli(checkpoint, scene, out, "--resume", "--overwrite", "--tile", 32, "--overlap", 8, "--block-size", 64) == 2
+    err = capsys.readouterr().err.strip()
+    assert "contradict each other" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(InputError, match=r"resume=True \(--resume\) and overwrite=True \(--overwrite\)"):
+        tilefuse.predict(checkpoint, scene, out, resume=True, overwrite=True, **SETTINGS)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
