@@ -37,10 +37,20 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
     """The full job description: defaults, then the saved run (on resume), then ``options``."""
     from tilefuse.training import TrainSettings
 
+    import difflib
+
     data_names, loop_names = _option_names()
     unknown = sorted(set(options) - data_names - loop_names)
     if unknown:
-        raise TypeError(f"unknown training option(s) {unknown}")
+        close = difflib.get_close_matches(unknown[0], sorted(data_names | loop_names), n=1)
+        raise InputError(
+            f"unknown training option {unknown[0]}=" + (f" (did you mean {close[0]}=?)" if close else "")
+            + ": see help(tilefuse.train) and `tilefuse train --help` for the options"
+        )
+    if hparams is not None and not isinstance(hparams, dict):
+        raise InputError(f"hparams= must be a dict of hyperparameter name -> value, got {type(hparams).__name__} {hparams!r:.60}")
+    if isinstance(options.get("modalities"), str):  # one modality, not its letters
+        options = {**options, "modalities": [options["modalities"]]}
     job = {
         "model": model,
         "hparams": dict(hparams or {}),
@@ -108,6 +118,7 @@ def train(
     from tilefuse.training import _require
 
     # one store may be given as itself (a str was iterated: "a.zarr" trained on stores a, ., z, ...)
+    stores, val_stores = ([] if group is None else group for group in (stores, val_stores))
     stores = [store_path(s, "stores", "scene") for s in (stores if _many(stores) else [stores])]
     val_stores = [store_path(s, "val_stores", "scene") for s in (val_stores if _many(val_stores) else [val_stores])]
     out = local_path(out, "out", output=True)  # ~ is the home folder
@@ -135,7 +146,7 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
     if writer:
         run.check(resume, overwrite, inputs=[stores, val_stores])
     if not stores:
-        raise InputError("no training store: pass at least one --store")
+        raise InputError("no training store: pass at least one in stores= (--store)")
     train_paths = [str(Path(p).resolve()) for p in stores]
     val_paths = [str(Path(p).resolve()) for p in val_stores]
     saved = run.read_trainer()["job"] if resume else None

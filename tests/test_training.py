@@ -407,3 +407,28 @@ def test_a_resume_repairs_the_checkpoint_of_a_run_killed_while_copying_it(stores
     a, b = load_checkpoint(whole)[0].state_dict(), load_checkpoint(run)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (run / CONFIG).read_bytes() == (whole / CONFIG).read_bytes()
+
+
+def test_api_arguments_of_the_wrong_shape_are_one_line(stores, tmp_path):
+    """A notebook's slips: hparams='x' (ValueError traceback), stores=None (TypeError), modalities='optical' (read
+    letter by letter: "has no modality 'o'"), a misspelt option (TypeError, no hint). Each is one InputError line naming
+    the parameter; one modality as a string is that modality."""
+    from tilefuse.errors import InputError
+
+    base = dict(steps=1, **FAST)
+    cases = [
+        (dict(hparams="x"), r"^hparams= must be a dict"),
+        (dict(hparams=[("a", 1)]), r"^hparams= must be a dict"),
+        (dict(stores=None), r"no training store: pass at least one in stores= \(--store\)"),
+        (dict(min_lr_=0.1), r"^unknown training option min_lr_= \(did you mean min_lr=\?\)"),
+        (dict(bogus_thing=1), r"^unknown training option bogus_thing=: see help\(tilefuse\.train\)"),
+        (dict(modalities="lidar"), r"has no modality 'lidar'"),
+    ]
+    for change, message in cases:
+        args = {"stores": stores, **base, **change}
+        with pytest.raises(InputError, match=message) as error:
+            train("test-seg", args.pop("stores"), tmp_path / "run", **args)
+        assert "\n" not in str(error.value)
+        assert not (tmp_path / "run").exists()
+    run = train("test-seg", stores, tmp_path / "run", modalities="optical", **base)
+    assert list(read_config(run).modalities) == ["optical"]
