@@ -326,3 +326,22 @@ def test_something_put_at_the_output_while_it_is_written_is_never_deleted(appear
         monkeypatch.setattr(tilefuse.scene, "consolidate", real)
         assert open_scene(out).sizes["x"] == 32  # the other writer's store, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no temporary, no lock
+
+
+def test_an_output_inside_a_tilefuse_store_is_refused(tifs, tmp_path, capsys):
+    """`ingest scene.zarr/new.zarr` (or a quicklook, or GeoTIFFs) was written inside the store: a foreign entry
+    from then on, so --overwrite of the store was refused for ever (and inside an array folder, among its chunks)."""
+    scene = tmp_path / "scene.zarr"
+    assert run_cli(["synth", scene, "--size", 40], capsys)[0] == 0
+    before = tree(scene)
+    for inner in (scene / "new.zarr", scene / "sar" / "new.zarr", scene / "sar" / "c" / "deep" / "new.zarr"):
+        for argv in (
+            ["ingest", inner, "-m", f"sar={tifs['sar']}"],
+            ["synth", inner, "--size", 32],
+            ["synth", tmp_path / "other.zarr", "--size", 32, "--geotiff", inner.with_suffix("")],
+            ["info", scene, "--quicklook", inner.with_suffix(".png")],
+        ):
+            code, _, err = run_cli(argv, capsys)
+            assert str(scene) in one_line(code, err, "lies inside the ")
+    assert tree(scene) == before and sorted(p.name for p in tmp_path.iterdir()) == ["scene.zarr"]
+    assert run_cli(["synth", scene, "--size", 40, "--overwrite", "--seed", 3], capsys)[0] == 0

@@ -443,6 +443,12 @@ def claim(
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     target = check_inputs(path, inputs, what=what)
+    store = next((p for p in target.parents if (p / "zarr.json").is_file() and KINDS.get(found_kind(p) or "") == "zarr"), None)
+    if store is not None:  # it would be a foreign entry of that store for ever (never replaced, even with overwrite)
+        raise InputError(
+            f"{what} {path} lies inside the tilefuse {found_kind(store)} store {store}: a store holds only its own arrays; "
+            "choose a path outside it"
+        )
     ancestor = next(p for p in target.parents if os.path.lexists(p))  # the root always exists
     if not ancestor.is_dir():
         raise InputError(f"{what} {path} cannot be created: {ancestor} is a file, not a folder; choose another output path")
