@@ -250,3 +250,21 @@ def test_a_file_of_a_checkpoint_given_for_it_names_its_folder(tmp_path, capsys):
         assert f"pass the folder holding them, {path.parent}" in err and len(err.splitlines()) == 1, err
     with pytest.raises(InputError, match=r"written by `tilefuse train`"):
         load_checkpoint(tmp_path)  # a folder without them
+
+
+def test_a_run_being_trained_before_its_first_checkpoint_is_named_at_once(tmp_path):
+    """predict --checkpoint RUN of a live training that has saved nothing yet waited half a minute, then said the
+    checkpoint 'kept changing'; it is not a checkpoint yet, and says so within a few seconds."""
+    import time
+
+    from tilefuse.outputs import output_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for checkpoint in (run, run / "state"):
+        with output_lock(run):
+            started = time.perf_counter()
+            for reader in (checkpoint_hash, load_checkpoint):
+                with pytest.raises(InputError, match="does not exist|is not a checkpoint"):
+                    reader(checkpoint)
+            assert time.perf_counter() - started < 6

@@ -202,6 +202,11 @@ READ_TRIES = 40
 folder's weights and config.json one after the other, and its ``state/`` folder by moving the old one aside."""
 
 
+MISSING_TRIES = 5
+"""Reads (under a second) that wait for a missing checkpoint file to appear while a live process writes the run:
+its state folder is gone only for the instant of its replacement; a run before its first save has none."""
+
+
 def _writer(path: Path) -> str | None:
     """The live process writing checkpoint ``path`` (a run folder, or the ``state/`` folder inside one), if any."""
     from tilefuse.outputs import live_writer
@@ -231,8 +236,8 @@ def _read(
                 found = _weights_digest(handle, whole)
             same = os.stat(weights).st_ino == inode and config_file.read_bytes() == raw
         except (SafetensorError, OSError, ValueError) as error:
-            if writer is None:
-                read_config(path)  # a missing checkpoint, a file given for its folder: one line naming it
+            if writer is None or (attempt >= MISSING_TRIES and not (config_file.is_file() and weights.is_file())):
+                read_config(path)  # a missing checkpoint (a run before its first save), a file given for its folder: one line
                 raise InputError(f"checkpoint weights {weights} are unreadable ({error}): retrain or restore them") from None
             same = False  # e.g. the state folder, moved aside while its successor moves in
         if same:
