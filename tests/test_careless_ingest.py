@@ -87,6 +87,10 @@ def test_tilde_is_the_home_folder_for_inputs_and_outputs(tifs, tmp_path, monkeyp
         code, _, err = run_cli(["ingest", "~/in/sar.tif", "-m", spelling], capsys)
         one_line(code, err, "is the input")
     assert list(work.iterdir()) == []
+    for args in (["ingest", "~nosuchuser1/s.zarr", "-m", "sar=~/in/sar.tif"], ["ingest", "x.zarr", "-m", "sar=~nosuchuser1/sar.tif"]):
+        code, _, err = run_cli(args, capsys)
+        one_line(code, err, "there is no user 'nosuchuser1' here to expand ~ to")
+    assert list(work.iterdir()) == []
 
 
 def test_info_on_a_store_being_written_says_so(tifs, tmp_path, capsys):

@@ -336,7 +336,10 @@ def local_path(path: str | os.PathLike, what: str = "path", *, output: bool = Fa
     if match:
         fix = "write it to a local path and copy it there" if output else "download or mount it and pass the local path"
         raise InputError(f"{what} {text} is a URL ({match['scheme']}://): tilefuse reads and writes local paths only; {fix}")
-    return Path(os.path.expanduser(text))
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):  # ~someone unknown here: it would be a folder named '~someone'
+        raise InputError(f"{what} {text}: there is no user {expanded.split(os.sep)[0][1:]!r} here to expand ~ to: write the full path")
+    return Path(expanded)
 
 
 def _check_local(path: str | os.PathLike, what: str) -> None:
