@@ -95,7 +95,7 @@ def ingest(
             max_pixels=limit,
         )
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
-        return write_scene(ds, out, overwrite=overwrite, progress=progress, inputs=inputs)
+        return write_scene(ds, out, overwrite=overwrite, progress=progress, inputs=inputs, require_labelled=True)
 
 
 def _positive(value: int, name: str) -> int:

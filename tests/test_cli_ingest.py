@@ -41,6 +41,8 @@ def tifs(tmp_path_factory) -> dict[str, Path]:
         label_profile, label = src.profile, src.read(1)
     with rasterio.open(folder / "bigids.tif", "w", **dict(label_profile, dtype="int16", nodata=None)) as dst:
         dst.write(np.where(label == 1, 300, label.astype(np.int16))[None])  # class 1 numbered 300
+    with rasterio.open(folder / "unlabelled.tif", "w", **dict(label_profile, dtype="int16", nodata=None)) as dst:
+        dst.write(np.full_like(label, -1, dtype=np.int16)[None])  # every pixel -1: ignore
     with rasterio.open(folder / "allnan.tif", "w", **dict(profile, nodata=None)) as dst:
         dst.write(np.full_like(data, np.nan))
     (folder / "notes.tif").write_text("not a raster\n")
@@ -125,6 +127,9 @@ BAD_INPUTS = {
     "a label mapped twice": (["-m", "sar={sar}", "--labels", "{label}", "--label-map", "1:2,3:4,1:5"], "label 1 is mapped twice .1:2 and 1:5."),
     # the array folder is named after it: 'cannot write out.zarr: File name too long: choose another output'
     "a modality name of 260 characters": (["-m", "s" * 260 + "={sar}"], "is 260 characters long: use a short NAME"),
+    # the store looked complete, its labels all ignore: '0 classes', and training found nothing to learn from
+    "labels without a labelled pixel": (["-m", "sar={sar}", "--labels", "{unlabelled}"], r"unlabelled.tif has no labelled pixel"),
+    "labels all remapped to ignore": (["-m", "sar={sar}", "--labels", "{label}", "--label-map", ",".join(f"{k}:255" for k in range(8))], "has no labelled pixel"),
     "class names for fewer ids": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,forest"], r"class id 2 and more but the 2 class names name ids 0..1 only"),
 }
 

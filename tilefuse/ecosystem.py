@@ -357,7 +357,7 @@ def from_xarray(
     ds = scene_from_xarray(modalities, labels, **options)
     inputs = _sources([*modalities.values(), labels])
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
-        return write_scene(ds, Path(out), overwrite=overwrite, progress=progress, inputs=inputs)
+        return write_scene(ds, Path(out), overwrite=overwrite, progress=progress, inputs=inputs, require_labelled=True)
 
 
 def _sources(items) -> list[str]:

@@ -175,6 +175,7 @@ def write_scene(
     shard: int | None = SHARD,
     progress: bool = False,
     inputs=(),
+    require_labelled: bool = False,
 ) -> Path:
     """Write a scene Dataset (lazy or in memory) to a zarr v3 store, atomically.
 
@@ -186,7 +187,8 @@ def write_scene(
     ``label (y, x)``, with a CRS set through rioxarray. The store is created
     through the guarded writer (:func:`tilefuse.outputs.create`, locked while
     written): ``overwrite`` replaces only a scene store, and ``inputs`` (the
-    paths ``ds`` is read from) are never at, inside or around ``path``.
+    paths ``ds`` is read from) are never at, inside or around ``path``. With ``require_labelled`` (ingest,
+    from_xarray), a ``label`` without a single labelled pixel is an InputError and no store.
     """
     from tilefuse.outputs import claim, create, local_path
 
@@ -249,6 +251,14 @@ def write_scene(
                 band_mean=mean.tolist(),
                 band_std=np.sqrt(np.maximum(var, 0.0)).tolist(),
                 band_count=count.astype(np.int64).tolist(),
+            )
+        if counts is not None and require_labelled and not np.asarray(counts)[:IGNORE].any():
+            # every label pixel ignore (nodata, negative, or mapped to 255): a store that looks complete, '0 classes'
+            source = ds["label"].attrs.get("source", "the labels")
+            raise InputError(
+                f"labels: {Path(str(source)).name if source != 'xarray' else 'the labels'} has no labelled pixel on the "
+                "scene's grid (every one is nodata, negative or 255): check the labels raster, its band (PATH:N) and "
+                "--label-map, or ingest without --labels"
             )
         if counts is not None:
             _check_named(path, ds["label"].attrs.get("class_names"), np.asarray(counts))
