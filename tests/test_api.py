@@ -33,6 +33,7 @@ def test_datasets_tilefuse_opened_stand_for_their_stores_and_anything_else_is_on
     settings = dict(tile=32, overlap=8, progress=False)
     checkpoint = save_pointwise(tmp_path / "pointwise")
     returned = tilefuse.predict(checkpoint, scene, tmp_path / "pred.zarr", **settings)
+    assert tilefuse.open_prediction(returned).identical(returned)
     for prediction in (returned, tilefuse.open_prediction(tmp_path / "pred.zarr"), str(tmp_path / "pred.zarr"), tmp_path / "pred.zarr"):
         out = tilefuse.export(prediction, tmp_path / f"{len(list(tmp_path.glob('*.tif')))}.tif", progress=False)
         with rasterio.open(out) as tif:
@@ -47,6 +48,7 @@ def test_datasets_tilefuse_opened_stand_for_their_stores_and_anything_else_is_on
     for value in changed:
         for call, param in ((lambda v: tilefuse.export(v, tmp_path / "x.tif", progress=False), "prediction"),
                             (lambda v: tilefuse.evaluate(v, labelled), "prediction"),
+                            (tilefuse.open_prediction, "path"),
                             (lambda v: tilefuse.evaluate(tmp_path / "p2.zarr", v), "labels"),
                             (lambda v: tilefuse.predict(checkpoint, v, tmp_path / "x.zarr", **settings), "store")):
             with pytest.raises(InputError, match=rf"^{param}= is ") as error:

@@ -394,7 +394,9 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
     A partial store (a run that stopped before every block was written) is
     refused unless ``allow_partial``, which only warns; unwritten blocks read as 255.
     Reads are verified: a missing or damaged chunk of a written block raises InputError.
+    ``path`` may be a Dataset this returned (:func:`store_path`).
     """
+    path = store_path(path, "path", "prediction")
     ds = open_store(path, "prediction")  # a complete store promises every chunk
     if not ds.attrs.get("complete", False):
         done = done_blocks(path)
