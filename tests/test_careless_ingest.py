@@ -349,3 +349,17 @@ def test_an_output_inside_a_tilefuse_store_is_refused(tifs, tmp_path, capsys):
             assert str(scene) in one_line(code, err, "lies inside the ")
     assert tree(scene) == before and sorted(p.name for p in tmp_path.iterdir()) == ["scene.zarr"]
     assert run_cli(["synth", scene, "--size", 40, "--overwrite", "--seed", 3], capsys)[0] == 0
+
+
+def test_a_pipe_given_as_a_raster_is_one_line_not_a_hang(tifs, tmp_path, capsys):
+    """A named pipe (or a shell's <(...) process substitution) as --modality or --labels: GDAL's open waited
+    for a writer for ever; GDAL needs a file it can seek in."""
+    import os
+
+    fifo = tmp_path / "in" / "s1.tif"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    for args in (["-m", f"sar={fifo}"], ["-m", f"sar={tifs['sar']}", "--labels", fifo]):
+        code, _, err = run_cli(["ingest", tmp_path / "s.zarr", *args], capsys)
+        one_line(code, err, "is not a regular file")
+    assert not (tmp_path / "s.zarr").exists()

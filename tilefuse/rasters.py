@@ -256,6 +256,8 @@ def open_source(
         raise InputError(f"{what}: {path} does not exist: check the path")
     if path.is_dir():
         raise InputError(f"{what}: {path} is a folder, not a raster file")
+    if not path.is_file():  # a named pipe or <(...): GDAL's open waits for a writer, and needs to seek anyway
+        raise InputError(f"{what}: {path} is not a regular file (a pipe or a device): save the raster to a file and pass that")
     name = f'{driver}:"{path.resolve()}":{variable}' if variable else None
     try:
         with warnings.catch_warnings():
