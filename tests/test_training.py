@@ -432,3 +432,26 @@ def test_api_arguments_of_the_wrong_shape_are_one_line(stores, tmp_path):
         assert not (tmp_path / "run").exists()
     run = train("test-seg", stores, tmp_path / "run", modalities="optical", **base)
     assert list(read_config(run).modalities) == ["optical"]
+
+
+@pytest.mark.parametrize(
+    "val",
+    [
+        None,
+        {"overall_accuracy": None, "mean_iou": None, "kappa": None},
+        {"overall_accuracy": 0.5, "mean_iou": 0.25, "kappa": None},
+    ],
+)
+def test_training_curves_plot_without_a_warning(tmp_path, val):
+    """A validation without a score (no labelled pixel in the split) left matplotlib's 'No artists with labels'
+    warning on the command line of every such training; the curves are still written."""
+    import warnings
+
+    from tilefuse.training import plot_curves
+
+    history = [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in (1, 2)] + [{"step": 2, "val": val}]
+    path = tmp_path / "curves.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curves(history, path)
+    assert path.stat().st_size > 0

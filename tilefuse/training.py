@@ -692,7 +692,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
             axes[1].plot(*zip(*points), marker="o", label=label)
     axes[1].set_xlabel("step")
     axes[1].set_ylim(0, 1)
-    if val:
+    if axes[1].lines:  # validations without a score (no labelled pixel in the split) plot nothing
         axes[1].legend(loc="lower right")
     axes[0].set_title("training")
     axes[1].set_title("validation")
