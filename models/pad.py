@@ -44,7 +44,8 @@ Our additions, not in the paper: any band count per modality (the stems adapt),
 inputs of any size (zero-padded at the bottom/right to a multiple of 32 and the
 logits cropped back), a guard for 1x1 spectra whose distance maximum is 0,
 small presets that train on a CPU, and an optional full-resolution head
-(``pixel_head``, :class:`PixelHead`) that adds a per-pixel correction to the logits.
+(``pixel_head``, :class:`PixelHead`) that adds a per-pixel correction to the logits,
+optionally with a linear term from the bands (``pixel_head_linear``).
 """
 
 from __future__ import annotations
