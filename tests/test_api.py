@@ -85,3 +85,34 @@ def test_a_tilde_is_the_home_folder_for_every_path_of_the_api(tmp_path, monkeypa
     assert main(["evaluate", str(home / "p2.zarr"), "--labels", str(home / "labelled.zarr"), "--out=~/m.json"]) == 0
     assert (home / "m.json").is_file() and (home / "run" / "model.safetensors").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_scene_datasets_open_scene_returned_stand_for_their_stores(tmp_path):
+    """open_scene's Dataset is what a notebook explores and passes on: predict(store=), train(stores=) and
+    evaluate(labels=) take it as its store (it was refused: open_scene recorded no source), a changed one is
+    still one line, and a missing store's message names the kind of store and the command that writes it."""
+    import numpy as np
+    import pytest
+    from predict_fixtures import save_pointwise, write_test_scene
+    from test_sampling import labelled_scene, write
+
+    import test_training  # noqa: F401  (registers test-seg)
+    from tilefuse.errors import InputError
+
+    settings = dict(tile=32, overlap=8, progress=False)
+    scene = write_test_scene(tmp_path / "scene.zarr", 48, 40, seed=3)
+    labelled = write(labelled_scene(64, 64), tmp_path / "labelled.zarr")
+    checkpoint = save_pointwise(tmp_path / "pointwise")
+    opened = tilefuse.open_scene(scene)
+    by_dataset = tilefuse.predict(checkpoint, opened, tmp_path / "a.zarr", **settings)["labels"].values
+    by_path = tilefuse.predict(checkpoint, scene, tmp_path / "b.zarr", **settings)["labels"].values
+    assert np.array_equal(by_dataset, by_path)
+    run = tilefuse.train("test-seg", tilefuse.open_scene(labelled), tmp_path / "run", steps=1, batch_size=2, patch_size=32, workers=0, progress=False)
+    tilefuse.predict(run, labelled, tmp_path / "p.zarr", **settings)
+    assert tilefuse.evaluate(tmp_path / "p.zarr", tilefuse.open_scene(labelled)) == tilefuse.evaluate(tmp_path / "p.zarr", labelled)
+    with pytest.raises(InputError, match=r"^store= is an xarray Dataset changed"):
+        tilefuse.predict(checkpoint, opened.isel(x=slice(0, 16)), tmp_path / "x.zarr", **settings)
+    assert not (tmp_path / "x.zarr").exists()
+    for open_, kind in ((tilefuse.open_scene, "a scene store is written by `tilefuse ingest`"), (tilefuse.open_prediction, "a prediction store is written by `tilefuse predict`")):
+        with pytest.raises(InputError, match=rf"does not exist: check the path \({kind}"):
+            open_(tmp_path / "missing.zarr")

@@ -419,7 +419,7 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
 def store_path(value: Any, param: str, kind: str) -> Any:
     """A store given to the Python API as a path (``~`` expanded) or as the xarray Dataset tilefuse opened it as.
 
-    ``tilefuse.predict``, ``open_prediction`` (and ``open_scene``, where it records its ``encoding["source"]``)
+    ``tilefuse.predict``, ``open_prediction`` and ``open_scene`` (each records its store in ``encoding["source"]``)
     return lazy Datasets a notebook passes on: such a Dataset, unchanged (the same variables and sizes, each still
     the lazy array read from its store), stands for its store of ``kind`` (``scene`` or ``prediction``). Anything
     else (a Dataset built, computed or sliced in memory, another object) is one InputError naming ``param``: it

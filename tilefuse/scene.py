@@ -316,7 +316,7 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
         writer = live_writer(path)  # a store is renamed into place once whole: it is being written
         if writer:
             raise InputError(f"{path} is being written by {writer}: it appears once complete; wait for it to finish")
-        raise InputError(f"{path} does not exist: check the path (create scene stores with `tilefuse ingest`)")
+        raise InputError(f"{path} does not exist: check the path (a {kind} store is {MADE_BY.get(kind, 'written by tilefuse')[1:-1]})")
     try:
         ds = storage.open_dataset(path, written=written, fix=REPAIR.get(kind, "re-create it"))
     except InputError:
@@ -332,6 +332,7 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     problem = _georeference_problem(ds) or (_layout_problem(ds) if kind == "scene" else None)
     if problem:
         raise InputError(f"{path}: {problem}: the store is corrupt, {REPAIR.get(kind, 're-create it')}")
+    ds.encoding["source"] = str(path)  # a notebook may pass the Dataset on for its store (prediction.store_path)
     return ds
 
 
