@@ -16,10 +16,14 @@ resident memory a function of the block size, not of the scene:
   trainings running). Not yet measured on a many-core GPU box, where many
   reader threads share the one arena's lock: set ``MALLOC_ARENA_MAX`` there to
   compare. A variable the user set wins.
-- **No fixed trim threshold** (:data:`MALLOC_TRIM`, :func:`unset_malloc_trim`).
+- **No fixed trim threshold** (:data:`MALLOC_TRIM`, :func:`malloc_trim_workers`).
   Dask's nannies set ``MALLOC_TRIM_THRESHOLD_``; any explicit value turns off
   glibc's dynamic mmap threshold, so every large tensor is a fresh mmap and torch
-  on a CPU runs about 2x slower. Workers of a cluster that holds work are not restarted.
+  on a CPU runs about 2x slower. Workers tilefuse starts never get it; the
+  workers of a borrowed cluster (``tcp://``, a scheduler file, a Client) are
+  counted and named, never restarted: a restart is the cluster owner's to make
+  (it dropped another client's state and broke a second prediction on the same
+  cluster mid-setup with a CommClosedError traceback).
 - **A trim between blocks** (:func:`trim_memory`) hands the previous block's
   freed heap back to the OS.
 """
@@ -30,8 +34,6 @@ import ctypes
 import ctypes.util
 import os
 from functools import lru_cache
-
-from distributed import NannyPlugin
 
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
 """Set by dask's nannies for the workers they spawn; tilefuse's workers run without it."""
@@ -76,38 +78,14 @@ def spawn_environ():
     return dask.config.set(settings)
 
 
-class UnsetMallocTrim(NannyPlugin):
-    """Restarts a nanny's worker without :data:`MALLOC_TRIM` in its environment."""
-
-    name = "tilefuse-unset-malloc-trim"
-    restart = True
-
-    def setup(self, nanny) -> None:
-        nanny.pre_spawn_env.pop(MALLOC_TRIM, None)
-        nanny.env.pop(MALLOC_TRIM, None)
-        os.environ.pop(MALLOC_TRIM, None)  # the nanny exported it to spawn workers
-
-
 def _has_malloc_trim() -> bool:
     return MALLOC_TRIM in os.environ
 
 
-def _tasks(dask_scheduler) -> int:
-    return len(dask_scheduler.tasks)
+def malloc_trim_workers(client) -> int:
+    """How many of ``client``'s workers run with :data:`MALLOC_TRIM` set (slower torch on a CPU).
 
-
-def unset_malloc_trim(client) -> tuple[int, int]:
-    """Restart the workers that run with :data:`MALLOC_TRIM` set; returns how many were restarted and kept.
-
-    Only a cluster that holds nothing is restarted: a restart drops what its clients hold there (a
-    notebook's scattered data was lost, its persisted results recomputed), so one that holds data
-    or tasks keeps its (slower) workers.
+    They are left as they are: the cluster is borrowed, and restarting its workers would drop what other
+    clients hold there and break their runs (a second ``tilefuse predict`` on the same cluster).
     """
-    slow = [address for address, flag in client.run(_has_malloc_trim).items() if flag]
-    if not slow:
-        return 0, 0
-    if client.run_on_scheduler(_tasks):
-        return 0, len(slow)
-    client.register_plugin(UnsetMallocTrim())
-    client.wait_for_workers(len(client.scheduler_info(n_workers=-1)["workers"]))
-    return len(slow), 0
+    return sum(1 for flag in client.run(_has_malloc_trim).values() if flag)

@@ -425,7 +425,7 @@ class ClusterRun:
     def start(self) -> None:
         """Load the model on every worker (once per worker; restarted workers load it again)."""
         from tilefuse.cluster.client import dashboard_link
-        from tilefuse.cluster.malloc import unset_malloc_trim
+        from tilefuse.cluster.malloc import malloc_trim_workers
         from tilefuse.cluster.plugin import ModelPlugin, release_runner
 
         client = self.client
@@ -434,13 +434,11 @@ class ClusterRun:
             # kept every one of them resident (on its GPU, too)
             self._stack.callback(release_runner, self.source)
             return
-        restarted, kept = unset_malloc_trim(client)
-        if restarted:
-            self._say("restarted workers without MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed)")
-        if kept:
+        slow = malloc_trim_workers(client)
+        if slow:  # a borrowed cluster: its workers are its owner's to restart
             self._say(
-                f"{kept} worker(s) run with MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed), not restarted: "
-                "the cluster holds data or tasks; start its workers without it to predict faster"
+                f"{slow} worker(s) run with MALLOC_TRIM_THRESHOLD_ (it halves torch's CPU speed); tilefuse never restarts "
+                "a cluster it did not start: start its workers without it (see cluster/slurm.md) to predict faster"
             )
         name = f"tilefuse-model-{self.source.key}"
         client.register_plugin(ModelPlugin(self.source, self.hosts), name=name)
