@@ -492,6 +492,30 @@ def _unregister_plugin(client, name: str) -> None:
         client.unregister_worker_plugin(name)
 
 
+def cluster_failure(error: BaseException, cluster: Any, out: Path | None) -> InputError | None:
+    """The one-line :class:`InputError` for a cluster that went away under a run, or None for other errors.
+
+    A scheduler that died or became unreachable (the client's futures cancelled with
+    ``scheduler-connection-lost``, a closed comm) and a task that kept killing its workers (dask's
+    ``KilledWorker``, e.g. out of memory) ended in distributed's traceback; the blocks written so far are
+    kept and recorded, so the fix is a resume (``out``: the store blocks were being written to, None before).
+    """
+    if cluster is None or cluster == "sync":
+        return None
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    where = cluster if isinstance(cluster, str) else "the dask cluster"
+    then = "run again" if out is None else f"rerun with resume=True (--resume): {out} keeps the blocks written so far"
+    if isinstance(error, KilledWorker):
+        return InputError(f"the workers of {where} died running task {error.task!r}, one after another (out of memory? see their logs): {then}")
+    if isinstance(error, (FutureCancelledError, CommClosedError)):
+        reason = getattr(error, "reason", None) or type(error).__name__
+        return InputError(f"lost the connection to {where} mid-run ({reason}): start its scheduler and workers, then {then}")
+    return None
+
+
 @dataclass(frozen=True)
 class RunReport:
     """What a finished run did."""
@@ -536,8 +560,15 @@ def predict_scene(
     started = time.perf_counter()
     plan = plan_prediction(checkpoint, store, out, options)
     with ClusterRun(plan, cluster, listen=listen, connect_timeout=connect_timeout, progress=progress) as run:
-        pending = run.prepare()
-        tiles = run.run(pending)
+        pending = None
+        try:
+            pending = run.prepare()
+            tiles = run.run(pending)
+        except Exception as error:
+            failure = cluster_failure(error, cluster, None if pending is None else plan.out)
+            if failure is None:
+                raise
+            raise failure from None
     mark_complete(plan.out)
     grid = plan.grid
     return RunReport(plan.out, grid.height, grid.width, len(pending), tiles, grid.num_tiles, run.job.batch_size, time.perf_counter() - started)

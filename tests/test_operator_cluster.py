@@ -117,3 +117,37 @@ def test_two_predictions_at_once_on_a_borrowed_cluster_leave_it_and_its_data_as_
     # the cluster is still up after the runs
     with Client(scheduler_file=str(scheduler_file), timeout="30s") as after:
         assert len(after.scheduler_info(n_workers=-1)["workers"]) == 2
+
+
+@pytest.mark.slow
+def test_a_scheduler_that_dies_mid_run_is_one_line_and_the_store_resumes_bitwise(tmp_path, data, borrowed):
+    """The client's futures were cancelled ('scheduler-connection-lost') and predict ended in distributed's
+    FutureCancelledError / CommClosedError traceback, exit 1."""
+    scene, _, slow, reference = data
+    scheduler_file, processes = borrowed
+    out = tmp_path / "lost.zarr"
+    killed = {}
+
+    def kill_after_first_blocks():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                done = done_blocks(out)
+            except Exception:  # the store is not created yet
+                time.sleep(0.05)
+                continue
+            if done.sum() >= 1:
+                killed["done"] = int(done.sum())
+                os.killpg(processes[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_first_blocks)
+    watcher.start()
+    settings = {**SETTINGS, "block_size": 32}
+    with pytest.raises(InputError, match=r"^lost the connection to .*scheduler\.json mid-run .*rerun with resume=True \(--resume\)") as error:
+        tilefuse.predict(slow, scene, out, cluster=str(scheduler_file), progress=False, **settings)
+    watcher.join()
+    assert killed and "\n" not in str(error.value)
+    assert not done_blocks(out).all()
+    _same(tilefuse.predict(slow, scene, out, resume=True, progress=False, **settings), reference)
