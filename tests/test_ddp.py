@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,35 @@ def test_a_failing_rank_stops_the_others_and_gives_its_status(tmp_path):
     assert code == 3
     for pid in [int(f.read_text() or 0) for f in folder.iterdir()]:  # a rank stopped before it wrote its pid wrote none
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_rank_killed_without_a_word_ends_the_job_in_one_line(tmp_path, capfd, victim):
+    """A rank SIGKILLed (the OOM killer, a user's kill) printed nothing, and the job ended with status 137 and no
+    line at all on stderr: the launcher names the rank and the signal, and what to do."""
+    code = (
+        "import os, signal, time; time.sleep(0.5)\n"
+        f"if int(os.environ['RANK']) == {victim}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "time.sleep(60)"
+    )
+    started = time.monotonic()
+    status = distributed.launch_local([sys.executable, "-c", code], 2, grace_s=5, killed_hint=": rerun it")
+    assert status == 128 + signal.SIGKILL and time.monotonic() - started < 30
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert lines == [f"tilefuse: error: rank {victim} of the 2 processes was killed by SIGKILL (out of memory? or a kill), so the job stopped: rerun it"]
+
+
+@pytest.mark.parametrize("nproc", [4 * (os.cpu_count() or 1) + 1, 1000, 10**9, 2.0, "2"])
+def test_nproc_beyond_what_the_machine_holds_is_one_line_and_starts_nothing(tmp_path, nproc):
+    """--nproc 1000 started a thousand ranks (each a process holding a model) until the machine gave up."""
+    import tilefuse
+
+    store = write(labelled_scene(32, 32), tmp_path / "a.zarr")
+    with pytest.raises(InputError, match=r"^nproc= \(--nproc\) must be a whole number"):
+        tilefuse.train("pad", [store], tmp_path / "run", hparams={"preset": "atto"}, steps=2, workers=0, progress=False, nproc=nproc)
+    with pytest.raises(InputError, match=r"^nproc= \(--nproc\) must be a whole number of processes in 1\.\."):
+        distributed.launch_local([sys.executable, "-c", "pass"], nproc if isinstance(nproc, int) else 10**6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr"]
 
 
 @pytest.mark.parametrize("stop, code", [("terminate", 128 + signal.SIGTERM), ("kill", -signal.SIGKILL)])

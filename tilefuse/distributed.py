@@ -230,7 +230,33 @@ def rank_env(rank: int, nproc: int, port: int, threads: int | None = None) -> di
     return env
 
 
-def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1, env: Mapping[str, str] | None = None, grace_s: float = 10.0) -> int:
+def check_nproc(nproc) -> int:
+    """``nproc`` if it is a whole number of processes this machine can hold: 1..:data:`tilefuse.training.WORKERS_PER_CORE`
+    x cores (each rank is a process holding a model, its optimiser and its DataLoader: --nproc 1000 started
+    processes until the machine gave up), else :class:`InputError` naming it."""
+    from tilefuse.training import WORKERS_PER_CORE
+
+    cores = os.cpu_count() or 1
+    most = WORKERS_PER_CORE * cores
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= most:
+        raise InputError(f"nproc= (--nproc) must be a whole number of processes in 1..{most} ({cores} cores here), got {nproc!r}")
+    return nproc
+
+
+def _killed_line(rank: int, nproc: int, code: int, hint: str) -> bytes:
+    """The one line for a rank that a signal ended without a word (SIGKILL: the OOM killer, a user's kill)."""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    why = " (out of memory? or a kill)" if -code == signal.SIGKILL else ""
+    return f"tilefuse: error: rank {rank} of the {nproc} processes was killed by {name}{why}, so the job stopped{hint}\n".encode()
+
+
+def launch_local(
+    command: Sequence[str], nproc: int, *, threads: int | None = 1, env: Mapping[str, str] | None = None, grace_s: float = 10.0,
+    killed_hint: str = "",
+) -> int:
     """Run ``command`` as ``nproc`` ranks of one job on this machine; returns the job's exit status.
 
     Each rank gets torchrun's variables (:func:`rank_env`, rendezvous on a free
@@ -240,9 +266,9 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
     stopped (SIGTERM, then SIGKILL after ``grace_s``), only the first failing
     rank's stderr is shown, and not where rank 0 printed each of its lines
     already (so an error every rank meets is printed once), and its status is returned (a rank killed by a signal: 128 + the signal number).
+    A rank a signal ended without a word (SIGKILL) gets one line naming it and the signal, then ``killed_hint``.
     """
-    if not (isinstance(nproc, int) and nproc >= 1):
-        raise InputError(f"nproc= must be a whole number >= 1, got {nproc!r}")
+    check_nproc(nproc)
     port = free_port()
     base = {**os.environ, **(env or {})}
     exits: queue.Queue[int] = queue.Queue()
@@ -299,9 +325,11 @@ def launch_local(command: Sequence[str], nproc: int, *, threads: int | None = 1,
             out = logs[failed].read()
             if all(line.strip() in shown for line in out.splitlines()):
                 out = b""  # an error every rank met: rank 0 printed it already
+        code = procs[failed].returncode
+        if code < 0 and not out.strip():  # nothing said: the job ended without a line
+            out = _killed_line(failed, nproc, code, killed_hint)
         sys.stderr.buffer.write(out)
         sys.stderr.flush()
-        code = procs[failed].returncode
         return 128 - code if code < 0 else code
     finally:
         _stop(procs, grace_s)
@@ -377,7 +405,10 @@ def launch_call(target: str, kwargs: Mapping, nproc: int, *, threads: int | None
     """
     spec = json.dumps({"target": target, "kwargs": dict(kwargs)})
     with tempfile.TemporaryDirectory(prefix="tilefuse-ranks-") as errors:
-        code = launch_local([sys.executable, "-m", "tilefuse.distributed", spec], nproc, threads=threads, env={ENV_ERRORS: errors})
+        code = launch_local(
+            [sys.executable, "-m", "tilefuse.distributed", spec], nproc, threads=threads, env={ENV_ERRORS: errors},
+            killed_hint=": rerun with resume=True (--resume) and the same nproc= (--nproc) to go on from its last checkpoint",
+        )
         messages = [open(os.path.join(errors, name)).read() for name in sorted(os.listdir(errors), key=int)]
     if code == 2 and messages:
         raise InputError(messages[0])
