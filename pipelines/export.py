@@ -12,6 +12,7 @@ class names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,6 +42,29 @@ def _overview_count(height: int, width: int, smallest: int = 128) -> int:
     return max(1, math.ceil(math.log2(max(height, width) / smallest)))
 
 
+@contextlib.contextmanager
+def _while_rewritten(prediction: Path):
+    """Name the live writer of ``prediction`` instead of a read error it causes.
+
+    ``tilefuse predict --out P --overwrite`` (or ``--resume``) holds P's lock while it replaces or rewrites P: an
+    export reading P meanwhile met a chunk missing from the new store, or P replaced under it, and called the
+    store damaged ('is missing: the store is corrupt'), the wrong problem and fix. Damage nobody is writing
+    stays an error naming the chunk.
+    """
+    from tilefuse.outputs import live_writer
+
+    try:
+        yield
+    except InputError as error:
+        writer = live_writer(prediction)
+        if writer is None or writer in str(error):  # damage, or a message that names the writer already
+            raise
+        raise InputError(
+            f"{prediction} is being rewritten by {writer} (tilefuse predict --overwrite or --resume): "
+            "wait for it to finish, then export again"
+        ) from None
+
+
 def export(
     prediction: str | os.PathLike,
     out: str | os.PathLike,
@@ -66,7 +90,8 @@ def export(
     claim(out, "geotiff", inputs=[prediction], overwrite=overwrite)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 16 <= blocksize <= MAX_BLOCKSIZE or blocksize % 16:
         raise InputError(f"blocksize= (--blocksize) must be a multiple of 16 in 16..{MAX_BLOCKSIZE} px, got {blocksize!r}")
-    ds = open_prediction(prediction)
+    with _while_rewritten(prediction):
+        ds = open_prediction(prediction)
     labels = ds["labels"]
     height, width = labels.shape
     class_names = list(labels.attrs.get("class_names") or ds.attrs.get("class_names", []))
@@ -102,7 +127,8 @@ def export(
                 dst.set_band_description(1, "class id (255 = nodata)")
                 for start in tqdm(range(0, height, rows), unit="band", desc="export", disable=not progress):
                     stop = min(start + rows, height)
-                    data = np.asarray(labels[start:stop].values, dtype=np.uint8)
+                    with _while_rewritten(prediction):
+                        data = np.asarray(labels[start:stop].values, dtype=np.uint8)
                     dst.write(data, 1, window=Window(0, start, width, stop - start))
             rasterio.shutil.copy(
                 staging,

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -85,3 +86,43 @@ def test_a_blocksize_gdal_cannot_write_is_one_line(tmp_path, prediction, capsys,
         export(root / "pred.zarr", out, blocksize=int(blocksize), progress=False)
     for good in (16, 4096):
         assert export(root / "pred.zarr", tmp_path / f"{good}.tif", blocksize=good, progress=False).is_file()
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbled"])
+def test_export_while_predict_rewrites_the_store_names_the_writer_not_damage(tmp_path, prediction, damage):
+    """tilefuse export P during tilefuse predict --out P --overwrite met chunks missing from the store being
+    rewritten and said 'is missing: the store is corrupt' (the wrong problem and fix); with the store's lock
+    held by a live writer it says who rewrites it. The same damage with no writer stays damage."""
+    import shutil
+    import threading
+
+    from tilefuse.outputs import output_lock
+    from tilefuse.storage import chunk_key
+
+    root, _, _ = prediction
+    store = tmp_path / "pred.zarr"
+    shutil.copytree(root / "pred.zarr", store)
+    key = store / chunk_key("labels", (1, 1))
+    if damage == "missing":
+        key.unlink()
+    elif damage == "garbled":
+        key.write_bytes(key.read_bytes()[:-4] + b"junk")
+    held, release = threading.Event(), threading.Event()
+
+    def writer():  # tilefuse predict --overwrite holds the lock while it replaces the store
+        with output_lock(store):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    held.wait(10)
+    try:
+        with pytest.raises(InputError, match=rf"^{store} is being rewritten by process {os.getpid()} \(tilefuse predict --overwrite or --resume\): wait for it to finish"):
+            export(store, tmp_path / "out.tif", progress=False)
+    finally:
+        release.set()
+        thread.join()
+    assert not (tmp_path / "out.tif").exists()
+    with pytest.raises(InputError, match="the store is corrupt"):  # nobody writes it: damage is damage
+        export(store, tmp_path / "out.tif", progress=False)
