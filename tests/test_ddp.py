@@ -211,6 +211,43 @@ def test_a_rank_killed_without_a_word_ends_the_job_in_one_line(tmp_path, capfd, 
     assert lines == [f"tilefuse: error: rank {victim} of the 2 processes was killed by SIGKILL (out of memory? or a kill), so the job stopped: rerun it"]
 
 
+_JOINER = """
+import json, os, sys, psutil, torch, torch.distributed as dist
+from tilefuse import distributed
+ranks = distributed.from_env()
+port = int(os.environ["MASTER_PORT"])
+served = any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.Process(os.getppid()).net_connections("tcp"))
+with distributed.process_group(ranks, torch.device("cpu")) as group:
+    total = group.sum(torch.tensor([float(sys.argv[1]) + ranks.rank]).numpy())
+open(os.path.join(sys.argv[2], str(ranks.rank)), "w").write(json.dumps({"port": port, "served": served, "total": float(total[0])}))
+"""
+
+
+def test_two_jobs_at_once_rendezvous_on_ports_their_launchers_hold(tmp_path):
+    """The launcher picked a free port, closed it and left rank 0 to bind it seconds later (after importing torch):
+    another job started meanwhile could get or take the same port, failing on 'address already in use' or
+    joining the other job's ranks. The launcher now serves the store on its port for the whole job."""
+    import threading
+
+    results, codes = {}, {}
+
+    def job(name: str, base: float) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        codes[name] = distributed.launch_local([sys.executable, "-c", _JOINER, str(base), str(folder)], 2, grace_s=5)
+        results[name] = [json.loads((folder / str(r)).read_text()) for r in range(2)]
+
+    threads = [threading.Thread(target=job, args=(name, base)) for name, base in (("a", 100.0), ("b", 1000.0))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert codes == {"a": 0, "b": 0}
+    assert [r["total"] for r in results["a"]] == [201.0, 201.0] and [r["total"] for r in results["b"]] == [2001.0, 2001.0]
+    assert all(r["served"] for rs in results.values() for r in rs), results  # rank 0 no longer binds it late
+    assert results["a"][0]["port"] != results["b"][0]["port"]
+
+
 @pytest.mark.parametrize("nproc", [4 * (os.cpu_count() or 1) + 1, 1000, 10**9, 2.0, "2"])
 def test_nproc_beyond_what_the_machine_holds_is_one_line_and_starts_nothing(tmp_path, nproc):
     """--nproc 1000 started a thousand ranks (each a process holding a model) until the machine gave up."""

@@ -212,11 +212,8 @@ def wrap(model: torch.nn.Module, group: Group) -> torch.nn.Module:
 # ------------------------------------------------------------------ local launch
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now (the OS's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
+"""Set to ``True`` (as torchrun does), every rank is a client of a rendezvous store its launcher serves."""
 
 
 def rank_env(rank: int, nproc: int, port: int, threads: int | None = None) -> dict[str, str]:
@@ -259,8 +256,8 @@ def launch_local(
 ) -> int:
     """Run ``command`` as ``nproc`` ranks of one job on this machine; returns the job's exit status.
 
-    Each rank gets torchrun's variables (:func:`rank_env`, rendezvous on a free
-    loopback port) and ``OMP_NUM_THREADS=threads``. Rank 0's stdout and stderr
+    Each rank gets torchrun's variables (:func:`rank_env`, rendezvous on a loopback
+    port this process serves the job's store on, :data:`AGENT_STORE`) and ``OMP_NUM_THREADS=threads``. Rank 0's stdout and stderr
     are this process's (its stderr passed on line by line); the other ranks'
     stdout is dropped and their stderr kept. When a rank fails, the others are
     stopped (SIGTERM, then SIGKILL after ``grace_s``), only the first failing
@@ -269,8 +266,12 @@ def launch_local(
     A rank a signal ended without a word (SIGKILL) gets one line naming it and the signal, then ``killed_hint``.
     """
     check_nproc(nproc)
-    port = free_port()
-    base = {**os.environ, **(env or {})}
+    # the rendezvous store is served from here, on a port the OS gives it and held for the whole job, and every
+    # rank connects to it as torchrun's agent store: a port picked free and bound later by rank 0 could be taken
+    # in between (by another job's rank 0: two trainings at once), failing the job or joining the other's ranks
+    store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=timeout())
+    port = store.port
+    base = {**os.environ, **(env or {}), AGENT_STORE: "True"}
     exits: queue.Queue[int] = queue.Queue()
     failing = threading.Event()
     held: list[bytes] = []  # rank 0's stderr after another rank failed
@@ -333,6 +334,7 @@ def launch_local(
         return 128 - code if code < 0 else code
     finally:
         _stop(procs, grace_s)
+        del store
         restore()
         for log in logs:
             if log is not subprocess.PIPE:
