@@ -44,11 +44,15 @@ def skeleton_scene(path: Path, height: int, width: int) -> Path:
         {**data, "valid": (("y", "x"), lazy(height, width, dtype=bool))},
         coords={"x": 500_000 + 10.0 * np.arange(width) + 5, "y": 4_000_000 - 10.0 * np.arange(height) - 5},
     ).rio.write_crs("EPSG:32632")
+    for name in ds.data_vars:  # as write_scene: spatial_ref is then written as every variable's coordinate
+        ds[name].encoding = {}
     ds.attrs.update({STORE_KIND: "scene", storage.FORMAT_ATTR: storage.FORMAT, "modalities": list(MODALITIES)})
     for name, bands in MODALITIES.items():
         ds[name].attrs.update(band_mean=[0.0] * bands, band_std=[1.0] * bands, band_count=[height * width] * bands)
     encoding = {name: encoding_for(ds[name]) for name in [*MODALITIES, "valid"]}
     ds.to_zarr(path, mode="w-", zarr_format=3, encoding=storage.with_checksums(ds, encoding), compute=False, consolidated=False)
+    with storage.writing():  # a coordinate, read at open: written though it equals the fill value
+        zarr.open_array(path / "spatial_ref", mode="r+")[...] = ds["spatial_ref"].values
     storage.consolidate(path)
     return path
 
