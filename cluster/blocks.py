@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -257,6 +258,36 @@ def _run_here(
     return tiles
 
 
+NO_WORKERS_NOTICE_S = 10.0
+"""Seconds without a single worker before a run on a cluster says that it waits for workers."""
+
+
+def _await_ready(finishing, client, bar, poll_s: float = 0.01) -> None:
+    """Wait until a finish task of ``finishing`` is done; a cluster left without workers (all died or were stopped)
+    is said once, in a line, after :data:`NO_WORKERS_NOTICE_S`: the tasks wait for workers, and without a word the
+    run looked hung for ever. It goes on waiting (an adaptive cluster may be starting workers); an interrupt
+    keeps the blocks written for a resume."""
+    import time
+
+    checked = empty_since = time.monotonic()
+    said = False
+    while not finishing.has_ready():
+        time.sleep(poll_s)
+        now = time.monotonic()
+        if now - checked < 1.0:
+            continue
+        checked = now
+        if client.scheduler_info(n_workers=-1)["workers"]:
+            empty_since, said = now, False
+        elif not said and now - empty_since >= NO_WORKERS_NOTICE_S:
+            said = True
+            bar.write(
+                f"tilefuse: the dask cluster has had no worker for {now - empty_since:.0f} s (they died or were stopped): "
+                "waiting for workers; start some, or stop with Ctrl-C and finish later with --resume",
+                file=sys.stderr,
+            )
+
+
 def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, spill: Path, client, window: int | None) -> int:
     from distributed import as_completed
 
@@ -267,13 +298,14 @@ def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, 
         window = max(1, sum(int(info.get("nthreads", 1)) + 1 for info in workers))
     run = uuid.uuid4().hex[:8]
     pieces: dict[tuple[Block, str], object] = {}
-    finishing = as_completed()
+    finishing = as_completed(loop=client.loop)  # this client's loop: the default client may be another one, closed before this run ends
     finished: dict[str, Block] = {}  # finish task key -> its block
     in_flight = 0
     tiles = 0
 
     def collect() -> None:
         nonlocal in_flight, tiles
+        _await_ready(finishing, client, bar)
         future = next(finishing)
         tiles += future.result()
         in_flight -= 1

@@ -302,6 +302,8 @@ class WorkerInfo(NamedTuple):
     """From the device's free memory (0 on a ``cpu-only`` worker)."""
     threads: int
     """torch's threads in the probing thread (what ``sync`` runs with)."""
+    version: str = ""
+    """The tilefuse version the worker runs."""
 
 
 def probe_worker(source: "ModelSource", tile_pixels: int, channels: int) -> WorkerInfo:
@@ -314,12 +316,52 @@ def probe_worker(source: "ModelSource", tile_pixels: int, channels: int) -> Work
     kind = device.type
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            return WorkerInfo("cuda:none", "cpu-only", os.cpu_count() or 1, 0, torch.get_num_threads())
+            return WorkerInfo("cuda:none", "cpu-only", os.cpu_count() or 1, 0, torch.get_num_threads(), _version())
         try:
             kind = f"cuda:{torch.cuda.get_device_name(device)}"
         except (AssertionError, RuntimeError, ValueError) as error:
             raise InputError(f"device={source.device!r} (--device): no such GPU on this worker ({error})") from None
-    return WorkerInfo(kind, device.type, os.cpu_count() or 1, auto_batch_size(tile_pixels, channels, device), torch.get_num_threads())
+    from tilefuse import __version__
+
+    return WorkerInfo(kind, device.type, os.cpu_count() or 1, auto_batch_size(tile_pixels, channels, device), torch.get_num_threads(), __version__)
+
+
+def _version() -> str:
+    from tilefuse import __version__
+
+    return __version__
+
+
+def _probe_workers(client, cluster: Any, source: "ModelSource", tile_pixels: int, channels: int) -> dict[str, WorkerInfo]:
+    """:func:`probe_worker` on every worker of ``client``; workers that cannot import tilefuse, or run another
+    version of it, are one InputError line (they were distributed's 'ModuleNotFoundError' traceback, or ran
+    blocks with other code than the one recorded in the store)."""
+    where = cluster if isinstance(cluster, str) else "the dask cluster"
+    try:
+        workers = client.run(probe_worker, source, tile_pixels, channels)
+    except InputError:
+        raise
+    except Exception as error:  # client.run re-raises a worker's failure as a bare Exception holding its text
+        import re
+
+        text = str(error)
+        missing = re.search(r"No module named '?([\w.]+)", text)
+        if missing is None:
+            raise
+        module = missing.group(1)
+        fix = (
+            f"install tilefuse {_version()} in the workers' environment" if module.split(".")[0] == "tilefuse"
+            else f"make {module} importable on the workers too (the model or its builder comes from it)"
+        )
+        raise InputError(f"the workers of {where} cannot import {module} ({text.splitlines()[0]}): {fix}") from None
+    ours = _version()
+    others = sorted({info.version for info in workers.values() if info.version != ours})
+    if others:
+        raise InputError(
+            f"the workers of {where} run tilefuse {', '.join(v or 'older than 0.1' for v in others)}, this process {ours}: install the same version on "
+            "the workers (a prediction records one version)"
+        )
+    return workers
 
 
 class ClusterRun:
@@ -397,7 +439,7 @@ class ClusterRun:
             self.hosts = workers_per_host(client)
             if not self.hosts:
                 raise InputError(f"the dask cluster {self.cluster!r} has no workers: start some (dask worker ...)")
-            self.workers = client.run(probe_worker, source, plan.tile_pixels, plan.channels)
+            self.workers = _probe_workers(client, self.cluster, source, plan.tile_pixels, plan.channels)
         devices = {info.device for info in self.workers.values()}
         if "cpu-only" in devices:
             raise InputError(

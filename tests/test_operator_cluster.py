@@ -25,8 +25,8 @@ TESTS = Path(__file__).resolve().parent
 SETTINGS = {"tile": 32, "overlap": 10, "block_size": 64, "batch_size": 2, "torch_threads": 1, "probs": "float32"}
 
 
-def _start(command, env) -> subprocess.Popen:
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _start(command, env, cwd=None) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _end(process: subprocess.Popen) -> None:
@@ -151,3 +151,108 @@ def test_a_scheduler_that_dies_mid_run_is_one_line_and_the_store_resumes_bitwise
     assert killed and "\n" not in str(error.value)
     assert not done_blocks(out).all()
     _same(tilefuse.predict(slow, scene, out, resume=True, progress=False, **settings), reference)
+
+
+@pytest.mark.slow
+def test_a_cluster_left_without_workers_says_so_and_finishes_once_one_joins(tmp_path, data, borrowed, monkeypatch, capfd):
+    """Every worker killed mid-run: the tasks wait for workers and the run looked hung for ever, without a word."""
+    from tilefuse.cluster import blocks
+
+    monkeypatch.setattr(blocks, "NO_WORKERS_NOTICE_S", 1.0)
+    scene, _, slow, reference = data
+    scheduler_file, processes = borrowed
+    out = tmp_path / "orphan.zarr"
+    events = {}
+
+    def kill_then_start_one():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                done = done_blocks(out)
+            except Exception:  # the store is not created yet
+                time.sleep(0.05)
+                continue
+            if done.sum() >= 1:
+                for process in processes[1:]:
+                    os.killpg(process.pid, signal.SIGKILL)
+                events["killed"] = int(done.sum())
+                break
+            time.sleep(0.05)
+        while "no worker" not in events.get("err", "") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            events["err"] = events.get("err", "") + capfd.readouterr().err
+        env = {**os.environ, "PYTHONPATH": str(TESTS)}
+        processes.append(_start([sys.executable, "-m", "dask", "worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
+                                 "--nthreads", "1", "--memory-limit", "2GB"], env))  # fmt: skip
+
+    watcher = threading.Thread(target=kill_then_start_one)
+    watcher.start()
+    settings = {**SETTINGS, "block_size": 32}
+    pred = tilefuse.predict(slow, scene, out, cluster=str(scheduler_file), progress=False, **settings)
+    watcher.join()
+    assert events.get("killed") and "has had no worker for" in events["err"] and "--resume" in events["err"]
+    _same(pred, reference)
+
+
+@pytest.mark.slow
+def test_workers_without_tilefuse_or_with_another_version_are_one_line(tmp_path, data, borrowed, monkeypatch):
+    """Workers whose environment lacks tilefuse ended in distributed's 'ModuleNotFoundError' traceback; workers
+    of another version ran the blocks with other code than the store records."""
+    from distributed import Client
+
+    from tilefuse.cluster import run
+
+    scene, checkpoint, _, _ = data
+    scheduler_file, processes = borrowed
+    monkeypatch.setattr(run, "_version", lambda: "9.9.9")
+    with pytest.raises(InputError, match=r"^the workers of .*scheduler\.json run tilefuse .*, this process 9\.9\.9: install the same version"):
+        tilefuse.predict(checkpoint, scene, tmp_path / "v.zarr", cluster=str(scheduler_file), progress=False, **SETTINGS)
+    monkeypatch.undo()
+    for process in processes[1:]:
+        os.killpg(process.pid, signal.SIGKILL)
+    stub = tmp_path / "stub" / "tilefuse"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tilefuse'\", name='tilefuse')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(TESTS)])}
+    processes.append(_start([sys.executable, "-m", "dask", "worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
+                             "--nthreads", "1", "--memory-limit", "2GB"], env, cwd=tmp_path))  # fmt: skip (not in the checkout)
+    with Client(scheduler_file=str(scheduler_file), timeout="30s") as user:
+        deadline = time.monotonic() + 60
+        while len(user.scheduler_info(n_workers=-1)["workers"]) != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    with pytest.raises(InputError, match=r"^the workers of .*scheduler\.json cannot import tilefuse \(.*\): install tilefuse \S+ in the workers' environment$"):
+        tilefuse.predict(checkpoint, scene, tmp_path / "m.zarr", cluster=str(scheduler_file), progress=False, **SETTINGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scheduler.json", "stub"]  # nothing written
+
+
+@pytest.mark.slow
+def test_a_run_on_one_client_outlives_another_client_of_the_process(tmp_path, data, borrowed):
+    """The run tracked its blocks on the default client's event loop: with two clients in one process (a
+    notebook's, two predictions at once) and the other one made last and closed first, the run's last blocks
+    were done on the cluster and never collected: predict hung for ever."""
+    from distributed import Client
+
+    scene, _, slow, reference = data
+    scheduler_file, _ = borrowed
+    out, result = tmp_path / "mine.zarr", {}
+    with Client(scheduler_file=str(scheduler_file), timeout="30s") as mine:
+        other = Client(scheduler_file=str(scheduler_file), timeout="30s", set_as_default=True)  # the default now
+
+        def run():
+            result["pred"] = tilefuse.predict(slow, scene, out, cluster=mine, progress=False, **{**SETTINGS, "block_size": 32})
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if done_blocks(out).sum() >= 1:
+                    break
+            except Exception:  # the store is not created yet
+                pass
+            time.sleep(0.05)
+        other.close()
+        thread.join(180)
+        assert not thread.is_alive(), "the run hung once the other client closed"
+    _same(result["pred"], reference)
