@@ -126,3 +126,37 @@ def test_export_while_predict_rewrites_the_store_names_the_writer_not_damage(tmp
     assert not (tmp_path / "out.tif").exists()
     with pytest.raises(InputError, match="the store is corrupt"):  # nobody writes it: damage is damage
         export(store, tmp_path / "out.tif", progress=False)
+
+
+def test_a_store_completed_while_it_was_opened_is_read_not_called_partial(tmp_path, prediction, monkeypatch):
+    """open_prediction read complete=False, then its writer marked the store complete and let go of its lock before
+    the lock was looked at: 'partial prediction ... finish it with tilefuse predict ... --resume' for a complete
+    store (an export racing the end of a predict)."""
+    import shutil
+
+    import zarr
+
+    from tilefuse import outputs, storage
+    from tilefuse.prediction import open_prediction
+
+    root, _, _ = prediction
+    store = tmp_path / "pred.zarr"
+    shutil.copytree(root / "pred.zarr", store)
+    zarr.open_group(store, mode="r+").attrs["complete"] = False
+    storage.consolidate(store)
+
+    def writer_finishes_now(path):  # the last instant of a predict: complete, then the lock released
+        zarr.open_group(store, mode="r+").attrs["complete"] = True
+        storage.consolidate(store)
+        return None
+
+    monkeypatch.setattr(outputs, "live_writer", writer_finishes_now)
+    ds = open_prediction(store)
+    assert ds.attrs["complete"] and np.array_equal(ds["labels"].values, open_prediction(root / "pred.zarr")["labels"].values)
+    export(store, tmp_path / "out.tif", progress=False)
+    assert (tmp_path / "out.tif").is_file()
+    monkeypatch.setattr(outputs, "live_writer", lambda path: None)  # nobody finishes it: partial, resume named
+    zarr.open_group(store, mode="r+").attrs["complete"] = False
+    storage.consolidate(store)
+    with pytest.raises(InputError, match=r"is a partial prediction .* finish it with `tilefuse predict \.\.\. --resume`"):
+        open_prediction(store)

@@ -397,12 +397,16 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
     ``path`` may be a Dataset this returned (:func:`store_path`).
     """
     path = store_path(path, "path", "prediction")
+    from tilefuse.outputs import live_writer
+
     ds = open_store(path, "prediction")  # a complete store promises every chunk
+    writer = None
+    if not ds.attrs.get("complete", False):
+        writer = live_writer(path)
+        if writer is None:  # its writer may have completed it and let go of its lock since the open: look again
+            ds = open_store(path, "prediction")
     if not ds.attrs.get("complete", False):
         done = done_blocks(path)
-        from tilefuse.outputs import live_writer
-
-        writer = live_writer(path)
         message = (
             f"{path} is a partial prediction ({int(done.sum())} of {done.size} blocks written): "
             + (f"{writer} is writing it, wait for it to finish" if writer else "finish it with `tilefuse predict ... --resume`")
