@@ -141,16 +141,18 @@ def probe_scheduler(address: str, timeout: float | str = CONNECT_TIMEOUT, what: 
     scheme, host, port = split_address(address)
     seconds = _seconds(timeout)
     fix = f"check the address (a dask scheduler's, e.g. tcp://HOST:{DEFAULT_PORT})"
+    if what != "the server":  # a scheduler file's address: the file may outlive its scheduler
+        fix = "start the scheduler again (it rewrites the file) or pass the file of one that runs"
     deadline = time.monotonic() + seconds
     try:
         sock = socket.create_connection((host, port), timeout=seconds)
     except socket.gaierror:
         raise InputError(f"cannot resolve host {host!r} of {address}: {fix}") from None
     except (TimeoutError, socket.timeout):
-        raise InputError(f"no connection to {address} within {seconds:g} s: start the scheduler or {fix}") from None
+        raise InputError(f"no connection to {_named(address, what)} within {seconds:g} s: {_start_or(fix, what)}") from None
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise InputError(f"cannot connect to {address} ({reason}): start the scheduler or {fix}") from None
+        raise InputError(f"cannot connect to {_named(address, what)} ({reason}): {_start_or(fix, what)}") from None
     with sock:
         try:
             (length,) = struct.unpack("Q", _recv_exact(sock, 8, deadline))
@@ -167,6 +169,14 @@ def probe_scheduler(address: str, timeout: float | str = CONNECT_TIMEOUT, what: 
         else:
             return
     raise InputError(f"{what} at {address} is not a dask scheduler ({reason}): {fix}")
+
+
+def _named(address: str, what: str) -> str:
+    return address if what == "the server" else f"{what} at {address}"
+
+
+def _start_or(fix: str, what: str) -> str:
+    return f"start the scheduler or {fix}" if what == "the server" else f"the file names a scheduler that does not answer: {fix}"
 
 
 def read_scheduler_file(path: Path) -> str:

@@ -212,6 +212,15 @@ def test_cluster_specs_fail_with_one_clear_line(tmp_path):
         make_client("tcp://127.0.0.1:9", timeout="1s")
     with pytest.raises(InputError, match="does not exist"):
         make_client(str(tmp_path / "scheduler.json"))
+    # a scheduler file that outlived its scheduler names the file, not only an address the user never typed
+    stale = tmp_path / "stale.json"
+    stale.write_text('{"address": "tcp://127.0.0.1:9"}')
+    with pytest.raises(InputError, match=rf"^cannot connect to the scheduler of {stale} at tcp://127.0.0.1:9 \(.*\): the file names a scheduler that does not answer: start the scheduler again"):
+        make_client(str(stale), timeout="1s")
+    for text, problem in (("", "not JSON"), ("{", "not JSON"), ("[1]", "no \"address\""), ('{"address": 5}', "no \"address\"")):
+        stale.write_text(text)
+        with pytest.raises(InputError, match=problem):
+            make_client(str(stale), timeout="1s")
     assert make_client("sync") is None
 
 
