@@ -262,20 +262,22 @@ NO_WORKERS_NOTICE_S = 10.0
 """Seconds without a single worker before a run on a cluster says that it waits for workers."""
 
 
-def _await_ready(finishing, client, bar, poll_s: float = 0.01) -> None:
-    """Wait until a finish task of ``finishing`` is done; a cluster left without workers (all died or were stopped)
-    is said once, in a line, after :data:`NO_WORKERS_NOTICE_S`: the tasks wait for workers, and without a word the
-    run looked hung for ever. It goes on waiting (an adaptive cluster may be starting workers); an interrupt
-    keeps the blocks written for a resume."""
+def _next_finished(finishing, client, bar, poll_s: float = 0.01):
+    """The next finish task of ``finishing`` to complete and its result. A cluster left without workers (all died
+    or were stopped) is said once, in a line, after :data:`NO_WORKERS_NOTICE_S`, while waiting for a task and
+    while fetching its result (a result whose worker died is recomputed, which needs a worker): the tasks wait for
+    workers, and without a word the run looked hung for ever. It goes on waiting (an adaptive cluster may be
+    starting workers); an interrupt keeps the blocks written for a resume."""
     import time
 
     checked = empty_since = time.monotonic()
     said = False
-    while not finishing.has_ready():
-        time.sleep(poll_s)
+
+    def check() -> None:
+        nonlocal checked, empty_since, said
         now = time.monotonic()
         if now - checked < 1.0:
-            continue
+            return
         checked = now
         if client.scheduler_info(n_workers=-1)["workers"]:
             empty_since, said = now, False
@@ -286,6 +288,16 @@ def _await_ready(finishing, client, bar, poll_s: float = 0.01) -> None:
                 "waiting for workers; start some, or stop with Ctrl-C and finish later with --resume",
                 file=sys.stderr,
             )
+
+    while not finishing.has_ready():
+        time.sleep(poll_s)
+        check()
+    future = next(finishing)
+    while True:
+        try:
+            return future, future.result(timeout=1.0)
+        except TimeoutError:
+            check()
 
 
 def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, spill: Path, client, window: int | None) -> int:
@@ -305,9 +317,8 @@ def _run_on_cluster(job: BlockJob, source: ModelSource, steps: list[Step], bar, 
 
     def collect() -> None:
         nonlocal in_flight, tiles
-        _await_ready(finishing, client, bar)
-        future = next(finishing)
-        tiles += future.result()
+        future, result = _next_finished(finishing, client, bar)
+        tiles += result
         in_flight -= 1
         # deleted here, not in the task: dask may run a finish again (its worker died before the result
         # arrived), and only once the client holds the result is the strip no longer needed

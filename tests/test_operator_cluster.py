@@ -154,11 +154,6 @@ def test_a_scheduler_that_dies_mid_run_is_one_line_and_the_store_resumes_bitwise
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="flaky: when the workers die while the client gathers a finished block's result, the run waits inside "
-    "distributed's gather ('Couldn't gather 1 keys, rescheduling'), where cluster.blocks._await_ready's notice is "
-    "not given (failed once in a fresh-clone CI run, passes alone); the notice must cover that wait too"
-)
 def test_a_cluster_left_without_workers_says_so_and_finishes_once_one_joins(tmp_path, data, borrowed, monkeypatch, capfd):
     """Every worker killed mid-run: the tasks wait for workers and the run looked hung for ever, without a word."""
     from tilefuse.cluster import blocks
