@@ -109,3 +109,20 @@ def reset_calls() -> None:
 
 def worker_pids(client) -> dict[str, int]:
     return client.run(os.getpid)
+
+
+def wait_for_blocks(out: Path, at_least: int, timeout: float) -> np.ndarray | None:
+    """The completion manifest of the prediction store ``out`` once ``at_least`` of its blocks are done, or None
+    after ``timeout`` seconds: what a test's watcher thread polls while predict runs, to act mid-run."""
+    from tilefuse.prediction import done_blocks
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done = done_blocks(out)
+        except Exception:  # the store is not created yet
+            done = None
+        if done is not None and done.sum() >= at_least:
+            return done
+        time.sleep(0.05)
+    return None

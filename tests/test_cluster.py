@@ -4,13 +4,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from predict_fixtures import build_pointwise, save_pointwise, write_test_scene
+from predict_fixtures import build_pointwise, save_pointwise, wait_for_blocks, write_test_scene
 
 import tilefuse
 from tilefuse.cluster.client import make_client
@@ -140,18 +139,10 @@ def test_a_killed_worker_loses_nothing(tmp_path, data, client):
     killed = {}
 
     def kill_after_first_blocks():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                done = done_blocks(out)
-            except Exception:  # the store is not created yet
-                time.sleep(0.05)
-                continue
-            if done.sum() >= 2:
-                killed["done"], killed["total"] = int(done.sum()), done.size
-                os.kill(pids[0], signal.SIGKILL)
-                return
-            time.sleep(0.05)
+        done = wait_for_blocks(out, 2, timeout=60)
+        if done is not None:
+            killed["done"], killed["total"] = int(done.sum()), done.size
+            os.kill(pids[0], signal.SIGKILL)
 
     watcher = threading.Thread(target=kill_after_first_blocks)
     watcher.start()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from predict_fixtures import save_pointwise, write_test_scene
+from predict_fixtures import save_pointwise, wait_for_blocks, write_test_scene
 
 import tilefuse
 from tilefuse.errors import InputError
@@ -129,18 +129,10 @@ def test_a_scheduler_that_dies_mid_run_is_one_line_and_the_store_resumes_bitwise
     killed = {}
 
     def kill_after_first_blocks():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                done = done_blocks(out)
-            except Exception:  # the store is not created yet
-                time.sleep(0.05)
-                continue
-            if done.sum() >= 1:
-                killed["done"] = int(done.sum())
-                os.killpg(processes[0].pid, signal.SIGKILL)
-                return
-            time.sleep(0.05)
+        done = wait_for_blocks(out, 1, timeout=120)
+        if done is not None:
+            killed["done"] = int(done.sum())
+            os.killpg(processes[0].pid, signal.SIGKILL)
 
     watcher = threading.Thread(target=kill_after_first_blocks)
     watcher.start()
@@ -166,18 +158,11 @@ def test_a_cluster_left_without_workers_says_so_and_finishes_once_one_joins(tmp_
 
     def kill_then_start_one():
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                done = done_blocks(out)
-            except Exception:  # the store is not created yet
-                time.sleep(0.05)
-                continue
-            if done.sum() >= 1:
-                for process in processes[1:]:
-                    os.killpg(process.pid, signal.SIGKILL)
-                events["killed"] = int(done.sum())
-                break
-            time.sleep(0.05)
+        done = wait_for_blocks(out, 1, timeout=120)
+        if done is not None:
+            for process in processes[1:]:
+                os.killpg(process.pid, signal.SIGKILL)
+            events["killed"] = int(done.sum())
         while "no worker" not in events.get("err", "") and time.monotonic() < deadline:
             time.sleep(0.2)
             events["err"] = events.get("err", "") + capfd.readouterr().err
@@ -244,14 +229,7 @@ def test_a_run_on_one_client_outlives_another_client_of_the_process(tmp_path, da
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if done_blocks(out).sum() >= 1:
-                    break
-            except Exception:  # the store is not created yet
-                pass
-            time.sleep(0.05)
+        wait_for_blocks(out, 1, timeout=120)
         other.close()
         thread.join(180)
         assert not thread.is_alive(), "the run hung once the other client closed"
