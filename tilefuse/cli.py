@@ -9,7 +9,11 @@ output from being written (read-only, full, no permission: a safety net behind
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import select
+import stat
 import sys
 
 import typer
@@ -107,8 +111,60 @@ def _error(message: str) -> None:
     print(f"tilefuse: error: {text}", file=sys.stderr)
 
 
+SIGPIPE_STATUS = 141
+"""Exit status when the reader of stdout went away (``tilefuse models | head -1``): 128 + SIGPIPE, what the
+shell reports for any Unix tool a closed pipe ended (``yes | head``), so ``set -o pipefail`` scripts never take a
+cut-off run for a finished one, while plain pipelines ignore it."""
+
+
+def _pipe_probe() -> int | None:
+    """A second descriptor of stdout when it is a pipe, to tell afterwards whether its reader went away (typer
+    and rich answer a closed pipe by exiting 1 without a word, rich after pointing stdout at /dev/null)."""
+    with contextlib.suppress(OSError, ValueError):
+        if stat.S_ISFIFO(os.fstat(1).st_mode):
+            return os.dup(1)
+    return None
+
+
+def _reader_gone(probe: int | None) -> bool:
+    if probe is None:
+        return False
+    poller = select.poll()
+    poller.register(probe, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _stdout_closed() -> int:
+    """End quietly after a write to a closed stdout: later writes (and the interpreter's final flush) go to
+    /dev/null instead of printing a BrokenPipeError."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return SIGPIPE_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status instead of raising SystemExit."""
+    """Run the CLI; returns the exit status instead of raising SystemExit.
+
+    A closed stdout (``tilefuse models | head -1``) ends quietly with :data:`SIGPIPE_STATUS`.
+    """
+    probe = _pipe_probe()
+    try:
+        status = _main(argv)
+        if status == 0:
+            sys.stdout.flush()
+        return _stdout_closed() if status == 1 and _reader_gone(probe) else status
+    except BrokenPipeError:
+        if probe is None or _reader_gone(probe):
+            return _stdout_closed()
+        raise
+    finally:
+        if probe is not None:
+            os.close(probe)
+
+
+def _main(argv: list[str] | None) -> int:
     problem = repeated_option(sys.argv[1:] if argv is None else list(argv))
     if problem:
         _error(problem)
