@@ -62,7 +62,7 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
     if saved:
         if saved["model"] != model:
             raise InputError(f"the run holds a checkpoint of model {saved['model']!r}, not {model!r}: resume with --model {saved['model']} or use another --out")
-        if hparams is not None and dict(hparams) != saved["hparams"]:
+        if hparams is not None and _as_saved(dict(hparams)) != saved["hparams"]:
             raise InputError(f"the run was trained with hyperparameters {saved['hparams']}, not {dict(hparams)}: resume with the same --hparam")
         for key in ("stores", "val_stores"):
             if job[key] != saved[key]:
@@ -72,10 +72,19 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
         if value is None:
             continue
         section = "data" if key in data_names else "settings"
-        if saved and key not in FREE_ON_RESUME and job[section][key] != value:
-            raise InputError(f"{key}= (--{key.replace('_', '-')}) {value} differs from the run's {job[section][key]}: resume with the same value (or start a new run)")
+        if saved and key not in FREE_ON_RESUME and job[section][key] != _as_saved(value):
+            flag = "--modality" if key == "modalities" else f"--{key.replace('_', '-')}"
+            raise InputError(f"{key}= ({flag}) {_as_saved(value)} differs from the run's {job[section][key]}: resume with the same value (or start a new run)")
         job[section][key] = value
     return job
+
+
+def _as_saved(value: Any) -> Any:
+    """``value`` as the run folder's JSON gives it back (a tuple is a list): what a resume compares with."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):  # not JSON: never equal to a saved value, as before
+        return value
 
 
 def _many(value: Any) -> bool:

@@ -1,0 +1,25 @@
+"""tilefuse.train from a notebook: values as Python gives them, resumed as they were given."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_training import FAST, stores  # noqa: F401  (the fixture and the test models)
+from tilefuse.checkpoint import read_config
+from tilefuse.errors import InputError
+from tilefuse.pipelines.train import train
+
+
+def test_a_resume_given_the_same_tuples_continues_and_a_changed_value_is_refused(stores, tmp_path):  # noqa: F811
+    """A notebook passes modalities=("sar", "optical"), rescale=(0.5, 2) and hparams={"widths": (8, 16)} to the first call and the same to the
+    resume: the run folder's JSON holds lists, and the resume was refused ("('sar', 'optical') differs from the run's
+    ['sar', 'optical']"). Values equal as JSON are the same; another value is still refused, naming the option."""
+    options = dict(steps=2, checkpoint_every=1, modalities=("sar", "optical"), rescale=(0.5, 2), hparams={"widths": (8, 16)}, **FAST)
+    run = train("test-seg", stores, tmp_path / "run", **options)
+    assert list(read_config(run).modalities) == ["sar", "optical"]
+    train("test-seg", stores, run, resume=True, **options)  # the same call: continues (nothing left to do)
+    train("test-seg", stores, run, resume=True, **{**options, "modalities": ["sar", "optical"], "rescale": [0.5, 2.0]})
+    with pytest.raises(InputError, match=r"^modalities= \(--modality\) \['optical', 'sar'\] differs from the run's \['sar', 'optical'\]"):
+        train("test-seg", stores, run, resume=True, **{**options, "modalities": ("optical", "sar")})
+    with pytest.raises(InputError, match=r"^rescale= \(--rescale\) \[0.5, 1.5\] differs"):
+        train("test-seg", stores, run, resume=True, **{**options, "rescale": (0.5, 1.5)})
