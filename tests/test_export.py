@@ -160,3 +160,14 @@ def test_a_store_completed_while_it_was_opened_is_read_not_called_partial(tmp_pa
     storage.consolidate(store)
     with pytest.raises(InputError, match=r"is a partial prediction .* finish it with `tilefuse predict \.\.\. --resume`"):
         open_prediction(store)
+
+
+@pytest.mark.parametrize("length", [230, 255])
+def test_a_cog_named_as_long_as_the_filesystem_allows_is_exported_and_replaced(tmp_path, prediction, length):
+    root, _, pred = prediction
+    name = "l" * (length - 4) + ".tif"
+    for overwrite in (False, True):
+        assert export(root / "pred.zarr", tmp_path / name, overwrite=overwrite, progress=False) == tmp_path / name
+    with rasterio.open(tmp_path / name) as cog:
+        assert np.array_equal(cog.read(1), pred["labels"].values)
+    assert os.listdir(tmp_path) == [name]

@@ -17,7 +17,9 @@ Contract (DESIGN.md, "Data safety"):
   file, a store written inside a run or GeoTIFF folder) is not replaced either.
 - **Whole or not at all.** :func:`create` yields a hidden temporary sibling
   (``.NAME.tmp-<host>-<pid>-<start>-<random>``) to write into, stamps the
-  marker, and renames it into place (:func:`replace_path`). Temporaries and
+  marker, and renames it into place (:func:`replace_path`); a NAME longer than
+  :data:`STEM_MAX` bytes is cut and hashed in these sibling names, so any name
+  the filesystem allows works, and a longer one is one line. Temporaries and
   moved-aside old outputs left by a killed process (dead owner, same host) are
   removed on the next run of that output; an old output whose replacement
   never arrived is put back.
@@ -52,7 +54,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import psutil
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, clipped
 
 MARKER_FILE = ".tilefuse-output"
 """Marker of folder outputs (run folders, GeoTIFF folders, demo folders): JSON ``{"kind": ...}``."""
@@ -122,12 +124,27 @@ def _me() -> tuple[int, float | None]:
 # ------------------------------------------------------------------ temporaries
 
 
+STEM_MAX = 200
+"""Bytes of an output's name that its hidden siblings (temporaries, lock) repeat whole; a longer name is cut and
+ends in a hash of the whole (:func:`sibling_stem`), so a sibling (up to 50 bytes more) fits the 255-byte name
+limit of common filesystems whenever the output's own name does."""
+
+
+def sibling_stem(name: str) -> str:
+    """``name`` as the hidden siblings of an output named so repeat it (``.STEM.lock``, ``.STEM.tmp-...``): whole
+    up to :data:`STEM_MAX` bytes, else its first bytes, ``~`` and 16 hex digits of a hash of the whole name."""
+    raw = os.fsencode(name)
+    if len(raw) <= STEM_MAX:
+        return name
+    return f"{raw[: STEM_MAX - 17].decode('utf-8', 'ignore')}~{hashlib.sha1(raw).hexdigest()[:16]}"
+
+
 def temporary_sibling(path: str | os.PathLike, tag: str = "tmp") -> Path:
     """A hidden, unique name next to ``path`` (same filesystem, so a rename is atomic) naming its owner."""
     path = Path(path)
     pid, start = _me()
     owner = f"{_host_tag(_host())}-{pid}-{int((start or 0) * 100):x}"
-    return path.parent / f".{path.name}.{tag}-{owner}-{uuid.uuid4().hex[:6]}"
+    return path.parent / f".{sibling_stem(path.name)}.{tag}-{owner}-{uuid.uuid4().hex[:6]}"
 
 
 def is_temporary(path: str | os.PathLike) -> bool:
@@ -151,7 +168,7 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     removed: list[Path] = []
-    prefix = f".{path.name}."
+    prefix = f".{sibling_stem(path.name)}."
     try:
         siblings = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
     except OSError:
@@ -409,11 +426,39 @@ def check_space(path: str | os.PathLike, size: int) -> None:
         )
 
 
+PATH_SLACK = 64
+"""Bytes an output adds below its path (a store's temporary name and its arrays' chunk keys)."""
+
+
+def _check_length(target: Path, path: str | os.PathLike, what: str) -> None:
+    """Refuse an output whose name (or a folder name above it) is longer than its filesystem allows, or whose path
+    leaves no room for what is written inside it: one line, before a temporary or lock is made."""
+    ancestor = next(p for p in target.parents if os.path.isdir(p))
+    try:
+        name_max, path_max = os.pathconf(ancestor, "PC_NAME_MAX"), os.pathconf(ancestor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in target.parts[len(ancestor.parts) :]:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise InputError(
+                f"{what} {clipped(os.fspath(path), 80)}: the name {clipped(part)} is {size} bytes, more than the {name_max} a name may have "
+                f"on this filesystem: choose a shorter name"
+            )
+    size = len(os.fsencode(target))
+    if size + PATH_SLACK > path_max:
+        raise InputError(
+            f"{what} {clipped(os.fspath(path), 80)} is {size} bytes long as a full path; with what is written inside it, more than the "
+            f"{path_max} a path may have here: choose a shorter name or a folder nearer the root"
+        )
+
+
 def check_inputs(path: str | os.PathLike, inputs: Iterable[Any], *, what: str = "output") -> Path:
     """Refuse an output ``path`` that is, contains or lies inside one of ``inputs`` (real paths), or that is a URL
     or starts with an unexpanded ``~`` (:func:`local_path`); returns its real path."""
     _check_local(path, what)
     target = real_path(path)
+    _check_length(target, path, what)
     for source in _flatten(inputs):
         real = real_path(source)
         if target == real:
@@ -585,7 +630,7 @@ _HELD: dict[tuple[Path, int], int] = {}
 
 def lock_path(path: str | os.PathLike) -> Path:
     target = real_path(path)
-    return target.parent / f".{target.name}.lock"
+    return target.parent / f".{sibling_stem(target.name)}.lock"
 
 
 def _read_lock(lock: Path) -> dict[str, Any] | None:
