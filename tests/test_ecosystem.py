@@ -299,3 +299,46 @@ def test_output_onto_a_source_raster_is_refused(rasters):
         with pytest.raises(InputError, match="input"):
             from_xarray(out, {"optical": lazy(source)}, overwrite=True)
     assert source.read_bytes() == before
+
+
+def test_a_notebooks_slips_are_one_line_naming_the_parameter(rasters, tmp_path):
+    """What a notebook naturally passes by mistake: the array itself or a list instead of {name: array} (a ValueError
+    traceback; a list gave a 'modality name <xarray.DataArray ...>' message of many lines), class_names as one string
+    (its letters became the class names), a label_map entry that is not whole numbers (a float target was truncated,
+    a string key mapped nothing, both without a word), chunk=0 (ZeroDivisionError)."""
+    arr = lazy(rasters["optical"][0])
+    labels = lazy(rasters["label"])
+    cases = [
+        (dict(modalities=arr), r"^modalities= must be a dict of modality name -> DataArray/Dataset, got DataArray"),
+        (dict(modalities=[arr]), r"^modalities= must be a dict of modality name -> DataArray/Dataset, got list"),
+        (dict(labels=labels, class_names="water"), r"^class_names= must be a list of names"),
+        (dict(labels=labels, class_names="water,forest"), r"^class_names= must be a list of names"),
+        (dict(labels=labels, label_map={0: 1.5}), r"^label_map= must map whole-number label values to ids 0\.\.255"),
+        (dict(labels=labels, label_map={"0": 1}), r"^label_map= must map whole-number label values to ids 0\.\.255"),
+        (dict(labels=labels, label_map={0: 256}), r"^label_map= must map whole-number label values to ids 0\.\.255"),
+        (dict(labels=labels, label_map={True: 1}), r"^label_map= must map whole-number label values to ids 0\.\.255"),
+        (dict(labels=labels, label_map=[(0, 1)]), r"^label_map= must be a dict"),
+        (dict(chunk=0), r"^chunk= must be a whole number of px >= 1"),
+        (dict(chunk="512"), r"^chunk= must be a whole number of px >= 1"),
+    ]
+    for change, message in cases:
+        args = {"modalities": {"optical": arr}, **change}
+        with pytest.raises(InputError, match=message) as error:
+            from_xarray(tmp_path / "s.zarr", args.pop("modalities"), **args)
+        assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+    # what the same intent looks like when right
+    ds = scene_from_xarray({"optical": arr}, labels, label_map={np.int64(0): np.uint8(255), 1: 0}, class_names=("a", "b"))
+    counts = np.bincount(ds["label"].values.ravel(), minlength=256)
+    assert counts[1] == 0 and counts[0] > 0  # 1 became 0 and 0 became ignored
+
+
+def test_a_dataset_of_one_variable_per_numbered_band_is_the_dataarray_it_came_from(rasters):
+    """``arr.to_dataset(dim="band")`` (a rioxarray array split per band) names its variables 1, 2, 3 (integers): a
+    KeyError traceback ("No variable named '1'"). It is the scene of the DataArray itself, band names included."""
+    arr = lazy(rasters["optical"][0])
+    whole = scene_from_xarray({"optical": arr})
+    split = scene_from_xarray({"optical": arr.to_dataset(dim="band")}, nodata=0)  # to_dataset drops the nodata attrs
+    assert list(split["optical_band"].values) == list(whole["optical_band"].values) == ["b1", "b2", "b3"]
+    np.testing.assert_array_equal(split["optical"].values, whole["optical"].values)
+    np.testing.assert_array_equal(split["valid"].values, whole["valid"].values)

@@ -114,10 +114,11 @@ def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
     """``obj`` as float32 ``([time,] band, y, x)`` with NaN = no data and string band names."""
     ydim, xdim = _spatial_dims(obj, what)
     if isinstance(obj, xr.Dataset):
-        names = [str(n) for n, v in obj.data_vars.items() if ydim in v.dims and xdim in v.dims]
-        if not names:
+        keys = [n for n, v in obj.data_vars.items() if ydim in v.dims and xdim in v.dims]
+        if not keys:
             raise InputError(f"{what}: the Dataset has no variable with dims ({ydim}, {xdim})")
-        bands = [_masked(obj[n], nodata) for n in names]
+        names = [_band_name(n) for n in keys]
+        bands = [_masked(obj[n], nodata) for n in keys]
         for name, band in zip(names, bands):
             extra = set(band.dims) - {TIME_DIM, ydim, xdim}
             if extra:
@@ -139,7 +140,7 @@ def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
         if isinstance(long_names, (list, tuple)) and len(long_names) == len(values) and all(long_names):
             names = [str(n) for n in long_names]
         else:
-            names = [str(v) if isinstance(v, str) else f"b{v}" for v in values]
+            names = [_band_name(v) for v in values]
         arr = arr.assign_coords(band=np.array(names, dtype=object))
     order = ([TIME_DIM] if TIME_DIM in arr.dims else []) + ["band", ydim, xdim]
     return arr.transpose(*order)
@@ -246,6 +247,26 @@ def _class_names(value) -> list[str] | None:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) and value else None
 
 
+def _label_map(value) -> dict[int, int]:
+    """A ``label_map=`` dict, checked as ``--label-map`` is: whole-number keys, targets 0..255 (a float target was
+    truncated and a string key mapped nothing, without a word)."""
+    if not isinstance(value, Mapping):
+        raise InputError(f"label_map= must be a dict of label value -> id (or a string like '-1:255'), got {type(value).__name__}")
+
+    def whole(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    for key, target in value.items():
+        if not (whole(key) and whole(target) and 0 <= target <= 255):
+            raise InputError(f"label_map= must map whole-number label values to ids 0..255 (255 = ignore), got {key!r}: {target!r}")
+    return {int(k): int(v) for k, v in value.items()}
+
+
+def _band_name(value) -> str:
+    """A band's name from its coordinate or variable name: a string as it is, a number ``b<n>`` (rioxarray's 1, 2, ...)."""
+    return str(value) if isinstance(value, str) else f"b{value}"
+
+
 def _pieces(value, name: str) -> list:
     if isinstance(value, (xr.DataArray, xr.Dataset)):
         return [value]
@@ -282,11 +303,20 @@ def scene_from_xarray(
     become 255 = ignore, values above 255 are an error). ``nodata`` (one value, or one per modality name)
     overrides the modalities' own nodata values; labels keep theirs.
     """
+    if not isinstance(modalities, Mapping):  # the array itself, or a list of arrays
+        raise InputError(
+            f"modalities= must be a dict of modality name -> DataArray/Dataset, got {type(modalities).__name__}: "
+            "pass e.g. {'optical': arr}"
+        )
     if not modalities:
         raise InputError("no modality given: pass at least one name -> DataArray/Dataset")
     if resampling not in RESAMPLING:
         raise InputError(f"unknown resampling={resampling!r}: choose one of {', '.join(RESAMPLING)}")
-    mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise InputError(f"chunk= must be a whole number of px >= 1, got {chunk!r}")
+    if isinstance(class_names, str):  # its letters became the class names
+        raise InputError(f"class_names= must be a list of names, one per class id, got the string {class_names!r}: pass e.g. ['water', 'forest']")
+    mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else _label_map(label_map)
     reference = reference or next(iter(modalities))
     if reference not in modalities:
         raise InputError(f"reference={reference!r} is not a modality (have {', '.join(modalities)})")
