@@ -198,9 +198,12 @@ def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """
     src, dst = Path(src), Path(dst)
     if dst.is_dir() and not dst.is_symlink():
+        here = _cwd() == real_path(dst)  # an output of the same kind run in (claim refuses any other)
         trash = temporary_sibling(dst, "old")
         os.replace(dst, trash)
         os.replace(src, dst)
+        if here:  # follow it: relative paths of the rest of the run resolve in the new folder, not the deleted one
+            os.chdir(dst)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(src, dst)
@@ -372,6 +375,31 @@ def real_path(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.fspath(path)))  # not abspath first: it drops "link/.." lexically
 
 
+def _cwd() -> Path | None:
+    try:
+        return Path(os.getcwd())
+    except OSError:  # deleted under us
+        return None
+
+
+def _check_cwd(target: Path, path: str | os.PathLike, kind: str, what: str) -> None:
+    """Refuse an output that holds the current folder, or is it and is not already a ``kind`` output: replacing it
+    moves aside and deletes the folder the command runs in (an empty one counts as absent for folder kinds)."""
+    here = _cwd()
+    if here is None or not here.is_relative_to(target):
+        return
+    if here != target:
+        raise InputError(
+            f"{what} {path} holds the current folder {here}: replacing it would delete the folder this command runs "
+            "in; choose another output path"
+        )
+    if found_kind(target) != kind:
+        raise InputError(
+            f"{what} {path} is the current folder: it would be replaced under this command, with all it holds; "
+            f"choose another output path (e.g. a new folder inside it)"
+        )
+
+
 def _flatten(inputs: Iterable[Any]) -> list[Path]:
     out: list[Path] = []
     for item in inputs:
@@ -491,6 +519,7 @@ def claim(
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     target = check_inputs(path, inputs, what=what)
+    _check_cwd(target, path, kind, what)
     store = next((p for p in target.parents if (p / "zarr.json").is_file() and KINDS.get(found_kind(p) or "") == "zarr"), None)
     if store is not None:  # it would be a foreign entry of that store for ever (never replaced, even with overwrite)
         raise InputError(

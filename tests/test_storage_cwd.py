@@ -1,0 +1,65 @@
+"""An output that is the current folder, or holds it, is never moved aside or deleted under the command."""
+
+import os
+
+import pytest
+
+from tilefuse import outputs
+from tilefuse.cli import main
+from tilefuse.errors import InputError
+
+
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs)
+
+
+def _one_line(capsys):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("spelling", [".", "./", "../work", "{cwd}"])
+def test_an_empty_current_folder_is_not_replaced_by_a_folder_output(spelling, overwrite, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = spelling.format(cwd=work)
+    assert main(["synth", str(tmp_path / "s.zarr"), "--size", "32", "--geotiff", out, *overwrite]) == 2
+    assert "current folder" in _one_line(capsys)
+    assert os.getcwd() == str(work) and os.path.samefile(".", work), "the folder this command ran in was replaced"
+    assert _tree(tmp_path) == ["work"]
+
+
+def test_a_folder_holding_the_user_files_and_the_current_folder_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    for out in (".", str(tmp_path), "/"):
+        assert main(["synth", "s.zarr", "--size", "32", "--geotiff", out, "--overwrite"]) == 2
+        _one_line(capsys)
+    assert _tree(tmp_path) == before and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_store_holding_the_current_folder_is_not_replaced(tmp_path, monkeypatch, capsys):
+    assert main(["synth", str(tmp_path / "s.zarr"), "--size", "32"]) == 0
+    inner = tmp_path / "s.zarr" / "sar"
+    monkeypatch.chdir(inner)
+    before = _tree(tmp_path)
+    assert main(["synth", "..", "--size", "32", "--overwrite", "--seed", "1"]) == 2
+    assert "current folder" in _one_line(capsys)
+    assert _tree(tmp_path) == before and os.path.samefile(".", inner)
+    with pytest.raises(InputError, match="current folder"):
+        outputs.claim("..", "scene", overwrite=True, what="out=")
+
+
+def test_the_current_folder_that_is_an_output_of_the_same_kind_is_replaced_and_followed(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "tifs"
+    assert main(["synth", str(tmp_path / "a.zarr"), "--size", "32", "--geotiff", str(folder)]) == 0
+    monkeypatch.chdir(folder)
+    # the GeoTIFF folder is written first, then the store by a path relative to the (replaced) current folder
+    assert main(["synth", "../b.zarr", "--size", "32", "--geotiff", ".", "--overwrite", "--seed", "3"]) == 0, capsys.readouterr().err
+    assert outputs.found_kind(tmp_path / "b.zarr") == "scene"
+    assert os.path.samefile(os.getcwd(), folder) and sorted(os.listdir(".")) == sorted(os.listdir(folder))
+    assert outputs.found_kind(".") == "geotiff-folder"
