@@ -9,11 +9,12 @@ returns that worker's runner, loading it on first use where no plugin ran
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from distributed import WorkerPlugin
 
@@ -108,6 +109,27 @@ class _ExpectedFailures(logging.Filter):
         if not key.startswith("tilefuse-"):
             return True
         return not (text.startswith("InputError(") or filesystem_reason(RuntimeError(text)) is not None)
+
+
+class _ReportedDeaths(logging.Filter):
+    """Drops the scheduler's "Task ... marked as failed because N workers died" of a tilefuse task: the run
+    ends in one line naming that task's block (:func:`tilefuse.cluster.run.cluster_failure`), and a cluster
+    started here (``local:N``) has its scheduler in this process, logging on its stderr just above it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("Task %s marked as failed because") and args and str(args[0]).startswith("tilefuse-"))
+
+
+@contextlib.contextmanager
+def quiet_reported_deaths() -> Iterator[None]:
+    """:class:`_ReportedDeaths` on this process's ``distributed.scheduler`` logger for the block."""
+    logger, quiet = logging.getLogger("distributed.scheduler"), _ReportedDeaths()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def quiet_expected_failures() -> None:

@@ -403,9 +403,11 @@ class ClusterRun:
         import torch
 
         from tilefuse.cluster.client import CONNECT_TIMEOUT, LOOPBACK, cluster_client
+        from tilefuse.cluster.plugin import quiet_reported_deaths
 
         timeout = CONNECT_TIMEOUT if self.connect_timeout is None else self.connect_timeout
         with contextlib.ExitStack() as stack:
+            stack.enter_context(quiet_reported_deaths())
             self.client = stack.enter_context(
                 cluster_client(self.cluster, timeout=timeout, listen=self.listen or LOOPBACK, prefetch=self.plan.options.prefetch)
             )
@@ -534,13 +536,28 @@ def _unregister_plugin(client, name: str) -> None:
         client.unregister_worker_plugin(name)
 
 
-def cluster_failure(error: BaseException, cluster: Any, out: Path | None) -> InputError | None:
+def _task_block(key: Any, grid: "TileGrid | None") -> str:
+    """The block a tilefuse task key (``tilefuse-<piece>-<run>-<row>-<col>``, :mod:`tilefuse.cluster.blocks`) works
+    on, with its pixels; other keys as they are."""
+    import re
+
+    match = re.fullmatch(r"tilefuse-[a-z]+-[0-9a-f]+-(\d+)-(\d+)", str(key))
+    if match is None or grid is None:
+        return f"task {key!r}"
+    from tilefuse.grid import Block
+
+    rows, cols = grid.block_region(Block(int(match[1]), int(match[2])))
+    return f"block {match[1]},{match[2]} (rows {rows.start}..{rows.stop - 1}, columns {cols.start}..{cols.stop - 1})"
+
+
+def cluster_failure(error: BaseException, cluster: Any, out: Path | None, grid: "TileGrid | None" = None) -> InputError | None:
     """The one-line :class:`InputError` for a cluster that went away under a run, or None for other errors.
 
     A scheduler that died or became unreachable (the client's futures cancelled with
     ``scheduler-connection-lost``, a closed comm) and a task that kept killing its workers (dask's
-    ``KilledWorker``, e.g. out of memory) ended in distributed's traceback; the blocks written so far are
-    kept and recorded, so the fix is a resume (``out``: the store blocks were being written to, None before).
+    ``KilledWorker``, e.g. out of memory: named by its block of ``grid``) ended in distributed's traceback;
+    the blocks written so far are kept and recorded, so the fix is a resume (``out``: the store blocks were
+    being written to, None before).
     """
     if cluster is None or cluster == "sync":
         return None
@@ -551,7 +568,9 @@ def cluster_failure(error: BaseException, cluster: Any, out: Path | None) -> Inp
     where = cluster if isinstance(cluster, str) else "the dask cluster"
     then = "run again" if out is None else f"rerun with resume=True (--resume): {out} keeps the blocks written so far"
     if isinstance(error, KilledWorker):
-        return InputError(f"the workers of {where} died running task {error.task!r}, one after another (out of memory? see their logs): {then}")
+        return InputError(
+            f"the workers of {where} died running {_task_block(error.task, grid)}, one after another (out of memory? see their logs): {then}"
+        )
     if isinstance(error, (FutureCancelledError, CommClosedError)):
         reason = getattr(error, "reason", None) or type(error).__name__
         return InputError(f"lost the connection to {where} mid-run ({reason}): start its scheduler and workers, then {then}")
@@ -607,7 +626,7 @@ def predict_scene(
             pending = run.prepare()
             tiles = run.run(pending)
         except Exception as error:
-            failure = cluster_failure(error, cluster, None if pending is None else plan.out)
+            failure = cluster_failure(error, cluster, None if pending is None else plan.out, plan.grid)
             if failure is None:
                 raise
             raise failure from None

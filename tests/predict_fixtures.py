@@ -60,8 +60,11 @@ def write_test_scene(path: Path, h: int, w: int, seed: int = 0, nodata=None, chu
 class PointwiseNet(nn.Module):
     """1x1 convolutions over the concatenated modalities; crops ``margin`` px to mimic a context model."""
 
-    def __init__(self, modalities: dict[str, int], num_classes: int, margin: int = 0, delay: float = 0.0, per_tile: bool = False) -> None:
+    def __init__(
+        self, modalities: dict[str, int], num_classes: int, margin: int = 0, delay: float = 0.0, per_tile: bool = False, die: bool = False
+    ) -> None:
         super().__init__()
+        self.die = die
         self.per_tile = per_tile
         self.names = list(modalities)
         self.margin = margin
@@ -73,6 +76,8 @@ class PointwiseNet(nn.Module):
     def forward(self, inputs):
         if FAIL_AFTER["forward"] is not None and CALLS["forward"] >= FAIL_AFTER["forward"]:
             raise RuntimeError("simulated crash")
+        if self.die:  # the process running the model ends at once, as one killed by the OOM killer
+            os._exit(9)
         CALLS["forward"] += 1
         CALLS["batches"].append(len(next(iter(inputs.values()))))
         x = torch.cat([inputs[name] for name in self.names], dim=1)
@@ -87,15 +92,16 @@ class PointwiseNet(nn.Module):
 
 
 @register_model("test-pointwise", "1x1-conv test model (tests only)")
-def build_pointwise(modalities, num_classes, margin=0, blend=True, delay=0.0, seed=0, per_tile=False, batch_invariant=False):
+def build_pointwise(modalities, num_classes, margin=0, blend=True, delay=0.0, seed=0, per_tile=False, batch_invariant=False, die=False):
     BUILDS["count"] += 1
     torch.manual_seed(seed)
-    net = PointwiseNet(dict(modalities), num_classes, margin, delay, per_tile=per_tile)
+    net = PointwiseNet(dict(modalities), num_classes, margin, delay, per_tile=per_tile, die=die)
     return wrap_module(net, modalities, num_classes, margin=margin, blend=blend, batch_invariant=batch_invariant)
 
 
 def save_pointwise(path: Path, seed: int = 0, band_stats: dict | None = None, **hparams) -> Path:
-    """A checkpoint of ``test-pointwise`` (hparams: margin, blend, delay, per_tile, batch_invariant)."""
+    """A checkpoint of ``test-pointwise`` (hparams: margin, blend, delay, per_tile, batch_invariant; die: every
+    forward call ends its process at once, as the OOM killer would)."""
     hparams = {"seed": seed, **hparams}
     model = build_pointwise(MODALITIES, len(CLASSES), **hparams)
     config = ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), hparams, list(CLASSES), band_stats or {})

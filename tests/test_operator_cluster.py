@@ -6,6 +6,7 @@ predictions at once on it give what ``sync`` gives, bit for bit.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,3 +235,36 @@ def test_a_run_on_one_client_outlives_another_client_of_the_process(tmp_path, da
         thread.join(180)
         assert not thread.is_alive(), "the run hung once the other client closed"
     _same(result["pred"], reference)
+
+
+CLI = "import sys; sys.path.insert(0, %r); import predict_fixtures\nfrom tilefuse.cli import main\nif __name__ == '__main__': sys.exit(main(sys.argv[1:]))"
+
+
+def _cli(args, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """``tilefuse ARGS`` in a fresh process that knows the test models (a script, so spawned workers can import its __main__)."""
+    return subprocess.run([sys.executable, "-c", CLI % str(TESTS), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}, **kwargs)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_block_that_keeps_killing_its_workers_is_one_line_naming_it_and_the_store_stays_partial(tmp_path, data):
+    """dask's KilledWorker (a block's task killed every worker that ran it: out of memory) was one line naming a
+    task key ('tilefuse-compute-5b9cb233-0-1'), below the scheduler's own ERROR line saying the same."""
+    scene = data[0]
+    deadly = save_pointwise(tmp_path / "deadly", die=True)  # every forward ends its worker process at once
+    out = tmp_path / "pred.zarr"
+    args = ["predict", "--checkpoint", deadly, "--store", scene, "--out", out, "--tile", 32, "--block-size", 64, "--cluster", "local:1"]
+    # one death is enough (dask's default gives a task three), and no notice of an empty cluster meanwhile
+    result = _cli(args, env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}, timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(
+        rf"tilefuse: error: the workers of local:1 died running block \d,\d \(rows \d+\.\.\d+, columns \d+\.\.\d+\), one after another "
+        rf"\(out of memory\? see their logs\): rerun with resume=True \(--resume\): {re.escape(str(out))} keeps the blocks written so far",
+        errors[0],
+    ), errors
+    assert not done_blocks(out).all()
+    with pytest.raises(InputError, match="partial prediction.*--resume"):
+        open_prediction(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deadly", "pred.zarr"]  # no lock, no spill folder left
