@@ -23,3 +23,23 @@ def test_a_resume_given_the_same_tuples_continues_and_a_changed_value_is_refused
         train("test-seg", stores, run, resume=True, **{**options, "modalities": ("optical", "sar")})
     with pytest.raises(InputError, match=r"^rescale= \(--rescale\) \[0.5, 1.5\] differs"):
         train("test-seg", stores, run, resume=True, **{**options, "rescale": (0.5, 1.5)})
+
+
+def test_a_resume_on_stores_whose_classes_were_renamed_is_refused(stores, tmp_path):  # noqa: F811
+    """A store re-ingested with other names for the same ids (a fixed --class-names or --label-map) kept the class
+    count, so the resume went on training the run's weights for 'water' on what is now 'forest', and the checkpoint
+    took the new names without a word. The run's class list and the stores' must agree on every id."""
+    import xarray as xr
+
+    from tilefuse.scene import write_scene
+
+    options = dict(steps=1, checkpoint_every=1, **FAST)
+    run = train("test-seg", stores, tmp_path / "run", **options)
+    before = (run / "config.json").read_bytes()
+    for store in stores:
+        renamed = xr.open_zarr(store, decode_coords="all").load()
+        renamed["label"].attrs["class_names"] = ["forest", "water", "field"]
+        write_scene(renamed, store, overwrite=True, chunk=64, shard=None)
+    with pytest.raises(InputError, match=r"^class lists conflict: class 0 is 'water' in the run but 'forest' in the stores .*: resume with the stores"):
+        train("test-seg", stores, run, resume=True, **options)
+    assert (run / "config.json").read_bytes() == before

@@ -282,6 +282,11 @@ def assemble(
     class_names = class_names_of(scenes, paths)
 
     if resumed is not None:
+        from tilefuse.classes import merge_class_names
+
+        # a store re-ingested with other names for its ids must not go on training the run's weights under them
+        fix = "resume with the stores the run was trained on, or start a new run"
+        merge_class_names([("the run", list(resumed.class_names)), ("the stores", class_names)], fix=fix)
         if resumed.num_classes != len(class_names):
             raise InputError(
                 f"the run's model has {resumed.num_classes} classes but the stores have {len(class_names)}: resume with the same stores"
