@@ -443,3 +443,66 @@ def test_georeferencing_that_disagrees_or_is_gone_is_one_line(pristine, tmp_path
     storage.consolidate(store)
     for line in _one_line_from_info_train_and_predict(store, checkpoint, tmp_path, capsys):
         assert "spatial_ref" in line and "corrupt" in line, line
+
+
+def _edit_array_metadata(store: Path, name: str, edit) -> None:
+    """Apply ``edit`` to array ``name``'s metadata, in its zarr.json and in the store's consolidated copy alike."""
+    import json
+
+    own = store / name / "zarr.json"
+    meta = json.loads(own.read_text())
+    edit(meta)
+    own.write_text(json.dumps(meta))
+    root = json.loads((store / "zarr.json").read_text())
+    edit(root["consolidated_metadata"]["metadata"][name])
+    (store / "zarr.json").write_text(json.dumps(root))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize(
+    "name, edit",
+    [
+        ("optical", "float64"),
+        ("sar", "float16"),
+        ("valid", "int16"),
+        ("optical", "chunk_shape"),
+        ("optical", "no checksum"),
+    ],
+)
+def test_array_metadata_edited_to_another_dtype_chunk_shape_or_codecs_is_one_line(pristine, tmp_path, capsys, layout, name, edit):
+    """The chunks' bytes intact but the array's metadata (in zarr.json and the consolidated copy alike) saying
+    another dtype size, chunk shape or codec chain: reads ended in a ValueError traceback inside zarr's codecs
+    ("cannot reshape array", "When changing to a larger dtype")."""
+    import test_training  # noqa: F401  (registers test-seg)
+
+    _, stores, checkpoint, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores[layout], store)
+
+    def change(meta):
+        if edit == "chunk_shape":
+            grid = meta["chunk_grid"]["configuration"]
+            target = meta["codecs"][0]["configuration"] if meta["codecs"][0]["name"] == "sharding_indexed" else None
+            if target is not None:
+                target["chunk_shape"] = [n // 2 if i else n for i, n in enumerate(target["chunk_shape"])]
+            else:
+                grid["chunk_shape"] = [n // 2 if i else n for i, n in enumerate(grid["chunk_shape"])]
+        elif edit == "no checksum":
+            chain = meta["codecs"][0]["configuration"]["codecs"] if meta["codecs"][0]["name"] == "sharding_indexed" else meta["codecs"]
+            del chain[-1]
+        else:
+            meta["data_type"] = edit
+            meta["fill_value"] = 0
+
+    _edit_array_metadata(store, name, change)
+    with pytest.raises(InputError, match=f"'{name}'"):
+        open_scene(store).load()
+    run = ["train", "--model", "test-seg", "--store", str(store), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+           "--patch-size", "32", "--workers", "0", "--quiet"]
+    predict = ["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(tmp_path / "p.zarr"), *PREDICT]
+    for args in (["info", str(store)], run, predict):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
+        assert len(lines) == 1 and "Traceback" not in err and repr(name) in lines[0] and "corrupt" in lines[0], err

@@ -42,7 +42,7 @@ from typing import Collection, Iterator, Mapping
 import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-from zarr.codecs import BloscCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.storage import LocalStore, WrapperStore
 
 from tilefuse.errors import InputError
@@ -86,6 +86,9 @@ class ArrayCheck:
     index_checksum: bool = False
     required: bool | frozenset = False
     """True: every key must exist; a frozenset: the keys whose last two indices are in it; False: none."""
+    nbytes: int = 0
+    """Bytes one (inner) chunk decodes to by the array's metadata, when its codecs are bytes, Blosc and crc32c
+    (Blosc's header records the size it was written with); 0: not checked."""
 
     def region(self, index: tuple[int, ...]) -> str:
         spans = [f"{i * u}:{min((i + 1) * u, n)}" for i, u, n in zip(index, self.unit, self.shape)]
@@ -99,6 +102,13 @@ class ArrayCheck:
 
     def keys(self) -> Iterator[tuple[int, ...]]:
         return np.ndindex(*(-(-n // u) for n, u in zip(self.shape, self.unit)))
+
+
+def _decoded_size(chain, chunk_shape, dtype) -> int:
+    """Bytes a chunk of ``chunk_shape`` decodes to through ``chain`` when that is bytes, Blosc, crc32c (else 0)."""
+    if [type(c) for c in chain] != [BytesCodec, BloscCodec, Crc32cCodec] or not isinstance(dtype, np.dtype) or dtype.hasobject:
+        return 0
+    return int(np.prod(chunk_shape, dtype=np.int64)) * dtype.itemsize
 
 
 def _check_of(name: str, array: zarr.Array, required: bool | frozenset) -> ArrayCheck:
@@ -117,10 +127,11 @@ def _check_of(name: str, array: zarr.Array, required: bool | frozenset) -> Array
             index_at_end=sharding.index_location.value == "end",
             index_checksum=any(isinstance(c, Crc32cCodec) for c in sharding.index_codecs),
             required=required,
+            nbytes=_decoded_size(sharding.codecs, sharding.chunk_shape, array.dtype),
         )
-    return ArrayCheck(
-        name, shape, tuple(int(n) for n in array.chunks), checksum=bool(codecs) and isinstance(codecs[-1], Crc32cCodec), required=required
-    )
+    chunks = tuple(int(n) for n in array.chunks)
+    checksum = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+    return ArrayCheck(name, shape, chunks, checksum=checksum, required=required, nbytes=_decoded_size(codecs, chunks, array.dtype))
 
 
 def crc32c(data: np.ndarray) -> int:
@@ -136,6 +147,18 @@ def _crc_ok(data: np.ndarray) -> bool:
     return len(data) >= _CRC and crc32c(data[:-_CRC]) == int.from_bytes(data[-_CRC:].tobytes(), "little")
 
 
+def _chunk_problem(data: np.ndarray, check: ArrayCheck) -> str | None:
+    """Why one stored chunk (its Blosc frame and crc32c) is damaged, or None: a checksum mismatch, or a frame
+    whose recorded size is not what the array's metadata decodes a chunk to (metadata edited: dtype, chunk shape)."""
+    if check.checksum and not _crc_ok(data):
+        return "checksum mismatch"
+    if check.nbytes and len(data) >= 16 + _CRC:
+        size = int.from_bytes(data[4:8].tobytes(), "little")
+        if size != check.nbytes:
+            return f"it holds {size} bytes decoded, its array's metadata (dtype, chunk shape) says {check.nbytes}"
+    return None
+
+
 def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
     """Why the bytes read from one key of ``check``'s array are damaged, or None if they pass.
 
@@ -144,14 +167,14 @@ def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
     """
     data = np.asarray(data, dtype=np.uint8).reshape(-1)
     if not check.inner:
-        return None if not check.checksum or _crc_ok(data) else "checksum mismatch"
+        return _chunk_problem(data, check)
     index_size = check.inner * _INDEX_ENTRY + (_CRC if check.index_checksum else 0)
     if isinstance(byte_range, RangeByteRequest):
         if len(data) != byte_range.end - byte_range.start:
             return f"truncated ({len(data)} of {byte_range.end - byte_range.start} bytes)"
         if byte_range.start == 0 and byte_range.end == index_size and not check.index_at_end:
             return None if not check.index_checksum or _crc_ok(data) else "shard index checksum mismatch"
-        return None if not check.checksum or _crc_ok(data) else "checksum mismatch"
+        return _chunk_problem(data, check)
     if isinstance(byte_range, SuffixByteRequest):
         if len(data) != byte_range.suffix:
             return "truncated"
@@ -169,8 +192,9 @@ def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
             continue
         if offset + length > len(data):
             return "truncated"
-        if check.checksum and not _crc_ok(data[int(offset) : int(offset + length)]):
-            return "checksum mismatch"
+        problem = _chunk_problem(data[int(offset) : int(offset + length)], check)
+        if problem:
+            return problem
     return None
 
 
@@ -333,7 +357,17 @@ def checks_for(group: zarr.Group, written: Mapping[str, Collection] | None = Non
     for name, array in group.arrays():
         required = (frozenset(map(tuple, written[name])) if name in written else True) if promised else False
         checks[name] = _check_of(name, array, required)
+        if promised and not checks[name].checksum:  # its chunks would be read unchecked
+            raise InputError(
+                f"{_where(group)}: the metadata of array {name!r} ({name}/zarr.json) is damaged: its codecs lack the crc32c "
+                "checksum every array of this store is written with; the store is corrupt, write it again with --overwrite"
+            )
     return checks
+
+
+def _where(group: zarr.Group) -> str:
+    root = getattr(group.store, "root", None)
+    return str(root) if root is not None else "the store"
 
 
 def _check_array_metadata(path: Path, group: zarr.Group) -> None:
