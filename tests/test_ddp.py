@@ -488,5 +488,37 @@ def test_train_nproc_on_the_command_line(store, tmp_path):
     assert "trained by 2 process(es) x 1 worker(s), this job is 1 x 1" in again.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, ["tilefuse: interrupted"]), (signal.SIGTERM, 143, [])])
+def test_an_interrupted_job_of_two_gives_back_its_lock_and_leaves_nothing_half_written(store, tmp_path, sig, code, said):
+    """Ctrl-C (or a batch system's SIGTERM) of ``tilefuse train --nproc 2``: the launcher SIGTERMed each rank's
+    whole process group, so rank 0 died at once, mid-checkpoint: its run lock stayed (a --resume on another host
+    was refused), a half-written state folder stayed in the run, and every rank's DataLoader semaphores were
+    reported as 'leaked semaphore objects' by the resource tracker. Each rank now stops and cleans up first."""
+    import psutil
+
+    run = tmp_path / "run"
+    args = ["--model", "pad", "--hparam", "preset=atto", "--patch-size", "32", "--batch-size", "2", "--workers", "1", "--quiet",
+            "--nproc", "2", "--store", store, "--out", str(run), "--steps", "100000", "--checkpoint-every", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.ENV_TIMEOUT: "120"}
+    launcher = subprocess.Popen([sys.executable, "-m", "tilefuse.cli", "train", *args], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "state").is_dir() and time.monotonic() < deadline:  # a checkpoint written: in the loop
+            time.sleep(0.1)
+        ranks = [p.pid for p in psutil.Process(launcher.pid).children()]
+        time.sleep(0.5)  # most likely in the middle of writing the next checkpoint
+        launcher.send_signal(sig)
+        assert launcher.wait(60) == code
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.stderr.read().strip().splitlines() == said
+    assert len(ranks) == 2 and not [pid for pid in ranks if psutil.pid_exists(pid)]
+    assert not list(tmp_path.glob(".*")), "the run lock was left behind"
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".tilefuse-output"]
+    assert read_config(run).extra["step"] >= 1
+
+
 if __name__ == "__main__":
     _rank_main(sys.argv[1])

@@ -294,7 +294,7 @@ def launch_local(
 
     readers = []
     die_with_launcher = _die_with_launcher()
-    restore = _terminate_as_exit()
+    restore = terminate_as_exit()
     try:
         for rank in range(nproc):
             log = subprocess.PIPE if rank == 0 else tempfile.TemporaryFile()
@@ -370,8 +370,11 @@ def _die_with_launcher() -> Callable[[], None] | None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _terminate_as_exit() -> Callable[[], None]:
-    """Make SIGTERM end this process by SystemExit (so the ranks are stopped too); returns the undo.
+def terminate_as_exit() -> Callable[[], None]:
+    """Make SIGTERM end this process by SystemExit(143), so what it holds is given back on the way out (the
+    ranks it launched stopped, an output's lock released, temporaries removed, a dask cluster it started
+    closed): a plain SIGTERM (a batch system's cancel or time limit, ``kill``) ended it at once and left them,
+    a lock that a resumed job on another host was refused by; returns the undo.
 
     Only in the main thread (where Python delivers signals); elsewhere a no-op.
     """
@@ -424,6 +427,7 @@ def _rank_main(spec: str) -> int:
     """One rank of :func:`launch_call`."""
     call = json.loads(spec)
     module, name = call["target"].split(":")
+    terminate_as_exit()  # the launcher stops a rank by SIGTERM: it ends by SystemExit, giving back what it holds
     try:
         getattr(importlib.import_module(module), name)(**call["kwargs"])
     except InputError as error:
@@ -438,15 +442,20 @@ def _rank_main(spec: str) -> int:
 
 
 def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM the process group of each of ``procs`` (the rank and what it started: DataLoader workers,
-    their forkserver), SIGKILL those whose rank still runs after ``grace_s``."""
+    """SIGTERM each rank of ``procs`` still running, which then stops what it started (DataLoader workers, their
+    forkserver) and gives back what it holds (:func:`terminate_as_exit`); SIGKILL the process group of each rank
+    still running after ``grace_s``, and SIGTERM what is left of the group of one that ended (children of a rank
+    that could not stop them). (SIGTERM to the whole group at once killed the rank mid-write, leaving its lock,
+    a half-written checkpoint folder and a 'leaked semaphore objects' warning per rank.)"""
 
     def signal_group(p: subprocess.Popen, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, sig)
 
     for p in procs:
-        signal_group(p, signal.SIGTERM)
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for p in procs:
         try:
@@ -454,6 +463,7 @@ def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
         except subprocess.TimeoutExpired:
             signal_group(p, signal.SIGKILL)
             p.wait()
+        signal_group(p, signal.SIGTERM)
 
 
 if __name__ == "__main__":
