@@ -43,3 +43,26 @@ def test_a_resume_on_stores_whose_classes_were_renamed_is_refused(stores, tmp_pa
     with pytest.raises(InputError, match=r"^class lists conflict: class 0 is 'water' in the run but 'forest' in the stores .*: resume with the stores"):
         train("test-seg", stores, run, resume=True, **options)
     assert (run / "config.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("size", [(120, 120), (150, 100), (40, 40)])
+def test_every_seeds_validation_holds_samples_or_the_split_is_refused(tmp_path, size):
+    """A store not a multiple of the split block has edge blocks narrower than a patch; a validation drawn from
+    edge blocks alone held no whole patch, so the run trained with an empty validation (metrics.json 'pixels': 0)
+    without a word (120 x 120 px, 32 px patches: seeds 5 and 8). Edge blocks narrower than a sample stay in
+    training; a store too small for both is refused, naming val_fraction=."""
+    from test_sampling import labelled_scene, write
+
+    from tilefuse.training_data import DataOptions, assemble
+
+    store = write(labelled_scene(*size, invalid_disk=False), tmp_path / "s.zarr")
+    for model, options in (("test-seg", dict(patch_size=32)), ("test-pixel", dict(pixels_per_class=5, allow_fewer=True))):
+        for seed in range(12):
+            try:
+                data = assemble(model, [store], data=DataOptions(**options), seed=seed)
+            except InputError as error:
+                assert size == (40, 40) and model == "test-seg", error
+                assert "the split leaves nothing to train on: lower val_fraction=" in str(error)
+                continue
+            assert data.val is not None
+            assert next(iter(data.val.sampler.iter_stream()), None) is not None, (model, seed)

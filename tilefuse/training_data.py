@@ -172,10 +172,21 @@ def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, p
     weights = [labelled_per_block(reader, block) for reader in readers]
     if not any(w.sum() for w in weights):
         raise InputError(f"no valid labelled pixels in {', '.join(paths)}: check the labels (255 = none) and the valid mask")
+    # an edge block narrower than a sample holds no validation (or test) sample of its own: a validation of such
+    # blocks alone was empty without a word; they stay in training (weight 0: never held out)
+    edge = min(block, tile)
+    weights = [w * np.outer(_extents(ds.sizes["y"], block) >= edge, _extents(ds.sizes["x"], block) >= edge) for w, ds in zip(weights, scenes)]
     return spatial_split(
         [(ds.sizes["y"], ds.sizes["x"]) for ds in scenes],
         by=data.split, val=data.val_fraction, test=data.test_fraction, block=block, weights=weights, seed=seed,
     )
+
+
+def _extents(size: int, block: int):
+    """Edge in px of each block along an axis of ``size`` px (the last one may be shorter)."""
+    import numpy as np
+
+    return np.minimum(block, size - np.arange(0, size, block))
 
 
 def _saved_split(run: Path | None, paths: list[str], scenes):
