@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
+from tilefuse.errors import InputError
 from tilefuse.outputs import create, png_metadata
 from tilefuse.scene import IGNORE, band_dim, modalities, open_scene
 
@@ -40,6 +41,8 @@ def class_colors(n: int) -> list[tuple[int, int, int]]:
 
 def decimate(obj: xr.DataArray | xr.Dataset, max_size: int = MAX_SIZE) -> xr.DataArray | xr.Dataset:
     """Every n-th pixel along ``y`` and ``x`` so that neither side exceeds ``max_size`` (lazy)."""
+    if isinstance(max_size, (bool, np.bool_)) or not isinstance(max_size, (int, np.integer)) or max_size < 1:
+        raise InputError(f"max_size= must be a whole number of px >= 1 (the picture's longer side), got {max_size!r}")
     step = max(1, -(-max(obj.sizes["y"], obj.sizes["x"]) // max_size))
     return obj.isel(y=slice(None, None, step), x=slice(None, None, step))
 
@@ -72,7 +75,9 @@ def _default_bands(names: Sequence[str]) -> list[int]:
 def _composite(var: xr.DataArray, bands: Sequence[int | str] | None, valid: np.ndarray) -> tuple[np.ndarray, str]:
     dim = var.dims[0]
     names = [str(n) for n in var[dim].values] if dim in var.coords else [str(i) for i in range(var.shape[0])]
-    chosen = [names.index(b) if isinstance(b, str) else int(b) for b in bands] if bands else _default_bands(names)
+    chosen = _default_bands(names) if bands is None else [_band_index(b, names, var.name) for b in ([bands] if isinstance(bands, str) else bands)]
+    if not 1 <= len(chosen) <= 3:
+        raise InputError(f"bands= must name 1 to 3 bands of {var.name}, got {len(chosen)}: red, green, blue (or two, or one drawn grey)")
     data = var.isel({dim: chosen}).values.astype(np.float32)
     if len(chosen) == 2:  # e.g. SAR VV, VH: show the difference as the third channel
         data = np.stack([data[0], data[1], data[0] - data[1]])
@@ -81,6 +86,15 @@ def _composite(var: xr.DataArray, bands: Sequence[int | str] | None, valid: np.n
         rgb = np.repeat(rgb, 3, axis=-1)
     rgb[~valid] = 0.0
     return rgb, ", ".join(names[i] for i in chosen)
+
+
+def _band_index(band, names: Sequence[str], modality) -> int:
+    """Index of ``band`` (a name, or an index counted from 0, negative from the end) among ``names``."""
+    if isinstance(band, str) and band in names:
+        return names.index(band)
+    if isinstance(band, (int, np.integer)) and not isinstance(band, (bool, np.bool_)) and -len(names) <= band < len(names):
+        return int(band) % len(names)
+    raise InputError(f"bands= names band {band!r}, which {modality} does not have (it has {', '.join(names)}): pass names or indices from 0")
 
 
 def _draw_labels(ax, labels: np.ndarray, class_names: Sequence[str]) -> None:
@@ -127,14 +141,22 @@ def _figure(panels: int, shape: tuple[int, int]):
 
 def quicklook_labels(
     labels: xr.DataArray,
-    class_names: Sequence[str],
+    class_names: Sequence[str] | None,
     path: str | os.PathLike,
     *,
     title: str | None = None,
     max_size: int = MAX_SIZE,
     inputs=(),
 ) -> Path:
-    """PNG of a label or prediction map (y, x; 255 = none) with a class legend (``inputs``: see :func:`save_figure`)."""
+    """PNG of a label or prediction map (y, x; 255 = none) with a class legend (``inputs``: see :func:`save_figure`).
+
+    ``class_names`` None: the map's own (its ``class_names`` attr).
+    """
+    if not isinstance(labels, xr.DataArray) or set(labels.dims) != {"y", "x"}:
+        got = f"one of dims {labels.dims}" if isinstance(labels, xr.DataArray) else type(labels).__name__
+        raise InputError(f"labels= must be a (y, x) xarray DataArray, got {got}: pass e.g. open_prediction(path)['labels']")
+    if class_names is None:
+        class_names = labels.attrs.get("class_names") or []
     small = decimate(labels, max_size).values
     fig = _figure(1, small.shape)
     ax = fig.add_subplot(1, 1, 1)
@@ -167,6 +189,8 @@ def quicklook_scene(
     names = modalities(ds)
     if modality is None:
         modality = next((n for n in names if ds[n].sizes[band_dim(n)] >= 3), names[0])
+    elif modality not in names:
+        raise InputError(f"modality={modality!r} is not a modality of the scene (it has {', '.join(names)})")
     small = decimate(ds[[modality, "valid", *(["label"] if "label" in ds else [])]], max_size).compute()
     valid = small["valid"].values.astype(bool)
     rgb, shown = _composite(small[modality], bands, valid)
