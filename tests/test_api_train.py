@@ -66,3 +66,13 @@ def test_every_seeds_validation_holds_samples_or_the_split_is_refused(tmp_path, 
                 continue
             assert data.val is not None
             assert next(iter(data.val.sampler.iter_stream()), None) is not None, (model, seed)
+
+
+@pytest.mark.parametrize("model, options", [("test-seg", dict(patch_size=32, block=7)), ("test-pixel", dict(pixels_per_class=5, block=4))])
+def test_a_split_block_smaller_than_a_sample_is_refused_naming_block(stores, model, options):  # noqa: F811
+    """Held-out blocks smaller than a sample cut every training patch: the run was refused as 'no valid labelled
+    patch ...: lower min_labelled= or patch_size=' (neither helps) or held out blocks that hold no sample."""
+    from tilefuse.training_data import DataOptions, assemble
+
+    with pytest.raises(InputError, match=r"^block= \(--block\) \d+ is smaller than a sample \(\d+ px\)"):
+        assemble(model, stores, data=DataOptions(**options))

@@ -168,14 +168,15 @@ def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, p
     if data.split == "stores":
         block = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
     else:
+        if data.block and data.block < tile:  # held-out blocks would cut every training sample and hold none
+            raise InputError(f"block= (--block) {data.block} is smaller than a sample ({tile} px): pass block >= {tile}, or 0 (auto)")
         block = data.block or default_block(32 if pixels else tile, min(min(ds.sizes["y"], ds.sizes["x"]) for ds in scenes))
     weights = [labelled_per_block(reader, block) for reader in readers]
     if not any(w.sum() for w in weights):
         raise InputError(f"no valid labelled pixels in {', '.join(paths)}: check the labels (255 = none) and the valid mask")
     # an edge block narrower than a sample holds no validation (or test) sample of its own: a validation of such
     # blocks alone was empty without a word; they stay in training (weight 0: never held out)
-    edge = min(block, tile)
-    weights = [w * np.outer(_extents(ds.sizes["y"], block) >= edge, _extents(ds.sizes["x"], block) >= edge) for w, ds in zip(weights, scenes)]
+    weights = [w * np.outer(_extents(ds.sizes["y"], block) >= tile, _extents(ds.sizes["x"], block) >= tile) for w, ds in zip(weights, scenes)]
     return spatial_split(
         [(ds.sizes["y"], ds.sizes["x"]) for ds in scenes],
         by=data.split, val=data.val_fraction, test=data.test_fraction, block=block, weights=weights, seed=seed,
