@@ -363,3 +363,32 @@ def test_a_pipe_given_as_a_raster_is_one_line_not_a_hang(tifs, tmp_path, capsys)
         code, _, err = run_cli(["ingest", tmp_path / "s.zarr", *args], capsys)
         one_line(code, err, "is not a regular file")
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_a_netcdf_whose_coordinates_lack_cf_attributes_names_the_fix(tifs, tmp_path, capsys):
+    """xarray's to_netcdf writes x/y without the CF attributes GDAL reads a grid from: the file (CRS and all) was
+    called 'not georeferenced: georeference it first, e.g. with gdalwarp'; the line now names the missing
+    attributes and both fixes, and each fix ingests the same pixels."""
+    import rioxarray
+    import xarray as xr
+
+    arr = rioxarray.open_rasterio(tifs["sar"]).astype("float32")
+    arr.attrs = {}
+    # as a computation leaves it: plain x/y coordinates, a CRS, no GeoTransform
+    bare = xr.DataArray(arr.values, dims=arr.dims, coords={"y": arr.y.values, "x": arr.x.values}).rio.write_crs(arr.rio.crs)
+    nc = tmp_path / "bare.nc"
+    bare.rename("sar").to_netcdf(nc, engine="scipy")
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"sar={nc}"], capsys)
+    one_line(code, err, "lack the CF attributes")
+    assert "write_coordinate_system" in err and "from_xarray" in err and not (tmp_path / "s.zarr").exists()
+
+    fixed = tmp_path / "fixed.nc"
+    bare.rio.write_coordinate_system().rename("sar").to_netcdf(fixed, engine="scipy")
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"sar={fixed}"], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(open_scene(tmp_path / "s.zarr")["sar"].values, arr.values)
+    import tilefuse
+
+    tilefuse.from_xarray(tmp_path / "x.zarr", {"sar": xr.open_dataset(nc, decode_coords="all")["sar"]})
+    np.testing.assert_array_equal(open_scene(tmp_path / "x.zarr")["sar"].values, arr.values)

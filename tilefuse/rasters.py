@@ -290,6 +290,12 @@ def open_source(
                 raise InputError(f"{what}: {path} has no CRS: pass --crs (e.g. --crs EPSG:32611) to say which it is in")
             crs = parse_crs(assume_crs)
         if src.transform.is_identity:
+            if src.driver in ("netCDF", "HDF5"):  # xarray writes x/y coordinates without the CF attributes GDAL needs
+                raise InputError(
+                    f"{what}: {path} has no grid GDAL can read: its x/y coordinates lack the CF attributes "
+                    "(standard_name, units) that make them the grid; add them (rioxarray: .rio.write_crs(...)"
+                    ".rio.write_coordinate_system() before to_netcdf) or pass the array to tilefuse.from_xarray"
+                )
             raise InputError(f"{what}: {path} has no geotransform (not georeferenced): georeference it first, e.g. with gdalwarp")
         dtypes = {src.dtypes[b - 1] for b in bands}
         is_complex = any(t.startswith("complex") for t in dtypes)
