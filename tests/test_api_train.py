@@ -76,3 +76,10 @@ def test_a_split_block_smaller_than_a_sample_is_refused_naming_block(stores, mod
 
     with pytest.raises(InputError, match=r"^block= \(--block\) \d+ is smaller than a sample \(\d+ px\)"):
         assemble(model, stores, data=DataOptions(**options))
+
+
+def test_resume_and_overwrite_together_name_the_parameters(stores, tmp_path):  # noqa: F811
+    """The Python API names its parameters (the message named only the CLI flags)."""
+    with pytest.raises(InputError, match=r"^resume=True \(--resume\) and overwrite=True \(--overwrite\) contradict each other"):
+        train("test-seg", stores, tmp_path / "run", resume=True, overwrite=True, steps=1, **FAST)
+    assert not (tmp_path / "run").exists()

@@ -273,7 +273,7 @@ class RunDir:
         ``overwrite`` replaces only a run folder tilefuse made.
         """
         if resume and overwrite:
-            raise InputError("--resume and --overwrite contradict each other: pass one")
+            raise InputError("resume=True (--resume) and overwrite=True (--overwrite) contradict each other: pass one")
         if resume and not self.has_state():
             if os.path.lexists(self.path):  # a run stopped before its first checkpoint: "without --resume" says "already exists"
                 raise InputError(
