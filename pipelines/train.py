@@ -61,12 +61,12 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
     }
     if saved:
         if saved["model"] != model:
-            raise InputError(f"the run holds a checkpoint of model {saved['model']!r}, not {model!r}: resume with --model {saved['model']} or use another --out")
+            raise InputError(f"the run holds a checkpoint of model {saved['model']!r}, not {model!r}: resume with model={saved['model']!r} (--model {saved['model']}) or use another out= (--out)")
         if hparams is not None and _as_saved(dict(hparams)) != saved["hparams"]:
-            raise InputError(f"the run was trained with hyperparameters {saved['hparams']}, not {dict(hparams)}: resume with the same --hparam")
+            raise InputError(f"the run was trained with hyperparameters {saved['hparams']}, not {dict(hparams)}: resume with the same hparams= (--hparam)")
         for key in ("stores", "val_stores"):
             if job[key] != saved[key]:
-                raise InputError(f"the run was trained on {key.replace('_', ' ')} {saved[key]}: resume with the same --{key[:-1].replace('_', '-')} list")
+                raise InputError(f"the run was trained on {key.replace('_', ' ')} {saved[key]}: resume with the same {key}= (the same --{key[:-1].replace('_', '-')} list)")
         job = {**job, "hparams": saved["hparams"], "data": {**job["data"], **saved["data"]}, "settings": {**job["settings"], **saved["settings"]}}
     for key, value in options.items():
         if value is None:

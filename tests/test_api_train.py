@@ -83,3 +83,27 @@ def test_resume_and_overwrite_together_name_the_parameters(stores, tmp_path):  #
     with pytest.raises(InputError, match=r"^resume=True \(--resume\) and overwrite=True \(--overwrite\) contradict each other"):
         train("test-seg", stores, tmp_path / "run", resume=True, overwrite=True, steps=1, **FAST)
     assert not (tmp_path / "run").exists()
+
+
+def test_run_folder_refusals_name_the_parameters_to_pass(stores, tmp_path):  # noqa: F811
+    """From Python the fix is a parameter: these named only CLI flags (--resume, --overwrite, --out, --model, --hparam)."""
+    options = dict(steps=1, **FAST)
+    run = train("test-seg", stores, tmp_path / "run", **options)
+    cases = [
+        (dict(), r"already exists: pass resume=True \(--resume\) to continue it, overwrite=True \(--overwrite\) to replace it, or choose another out= \(--out\)$"),
+        (dict(resume=True, model="test-pixel"), r"not 'test-pixel': resume with model='test-seg' \(--model test-seg\) or use another out= \(--out\)$"),
+        (dict(resume=True, hparams={"x": 1}), r": resume with the same hparams= \(--hparam\)$"),
+        (dict(resume=True, stores=stores[:1]), r": resume with the same stores= \(the same --store list\)$"),
+        (dict(resume=True, val_stores=stores[1:], stores=stores[:1]), r": resume with the same stores= \(the same --store list\)$"),
+    ]
+    for change, message in cases:
+        args = {"model": "test-seg", "stores": stores, **options, **change}
+        with pytest.raises(InputError, match=message):
+            train(args.pop("model"), args.pop("stores"), run, **args)
+    with pytest.raises(InputError, match=r"has no training state to resume: start it without resume=True \(--resume\)$"):
+        train("test-seg", stores, tmp_path / "none", resume=True, **options)
+    with pytest.raises(InputError, match=r"start it again with overwrite=True \(--overwrite\), or choose another out= \(--out\)$"):
+        from tilefuse.training import RunDir
+
+        RunDir(tmp_path / "killed").start(resume=False, overwrite=False)  # a run killed before its first checkpoint
+        train("test-seg", stores, tmp_path / "killed", resume=True, **options)

@@ -278,11 +278,11 @@ class RunDir:
             if os.path.lexists(self.path):  # a run stopped before its first checkpoint: "without --resume" says "already exists"
                 raise InputError(
                     f"{self.path} has no training state to resume (the run stopped before its first checkpoint): "
-                    "start it again with --overwrite, or choose another --out"
+                    "start it again with overwrite=True (--overwrite), or choose another out= (--out)"
                 )
-            raise InputError(f"{self.path} has no training state to resume: start it without --resume")
+            raise InputError(f"{self.path} has no training state to resume: start it without resume=True (--resume)")
         if os.path.lexists(self.path) and not (resume or overwrite):
-            raise InputError(f"{self.path} already exists: pass --resume to continue it, --overwrite to replace it, or choose another --out")
+            raise InputError(f"{self.path} already exists: pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to replace it, or choose another out= (--out)")
         if resume:  # a run folder with training state (older runs carry no marker)
             check_inputs(self.path, inputs)
         else:
