@@ -228,20 +228,20 @@ def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
     if SCENE_DIGEST in settings and SCENE_DIGEST in found and found[SCENE_DIGEST] != settings[SCENE_DIGEST]:
         raise InputError(
             f"{path} was computed from another scene ({found.get('scene', 'unknown')}) than this run reads: "
-            "resume it with that scene store (--store), or pass --overwrite"
+            "resume it with that scene store (store=, --store), or pass overwrite=True (--overwrite)"
         )
     for key, fix in DETERMINISM.items():
         if key in settings and key in found and found[key] != settings[key]:
             fix = fix.format(found[key], found[key])
             raise InputError(
                 f"{path} was computed with {key}={found[key]!r} and this run would use {settings[key]!r}, "
-                f"which mixes results that differ in the last bits: resume with {fix}, or pass --overwrite"
+                f"which mixes results that differ in the last bits: resume with {fix}, or pass overwrite=True (--overwrite)"
             )
     for key in SETTINGS:
         if key in settings and found.get(key) != settings[key]:
             raise InputError(
                 f"{path} was made with {key}={found.get(key)!r}, not {settings[key]!r}: "
-                "resume with the same checkpoint and settings, or pass --overwrite"
+                "resume with the same checkpoint and settings, or pass overwrite=True (--overwrite)"
             )
 
 
@@ -409,7 +409,7 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
         done = done_blocks(path)
         message = (
             f"{path} is a partial prediction ({int(done.sum())} of {done.size} blocks written): "
-            + (f"{writer} is writing it, wait for it to finish" if writer else "finish it with `tilefuse predict ... --resume`")
+            + (f"{writer} is writing it, wait for it to finish" if writer else "finish it with `tilefuse predict ... --resume` (Python: tilefuse.predict(..., resume=True))")
         )
         if not allow_partial:
             raise InputError(message)

@@ -1,0 +1,31 @@
+"""Prediction stores from Python: refusals name the parameter a notebook passes, with the flag."""
+
+from __future__ import annotations
+
+import numpy as np
+import rioxarray  # noqa: F401
+import pytest
+import xarray as xr
+
+from tilefuse.errors import InputError
+from tilefuse.grid import TileGrid
+from tilefuse.prediction import SCENE_DIGEST, check_resumable, create_prediction, open_prediction
+
+
+@pytest.fixture
+def store(tmp_path):
+    scene = xr.Dataset(coords={"y": 4e6 - 10.0 * np.arange(64), "x": 5e5 + 10.0 * np.arange(64)}).rio.write_crs("EPSG:32632")
+    grid = TileGrid(64, 64, tile=32, overlap=8, block=64)
+    attrs = {"model": "m", "checkpoint_hash": "h", "blend": "gaussian", "torch_threads": 1, SCENE_DIGEST: "d"}
+    return create_prediction(tmp_path / "p.zarr", scene, grid, class_names=["a", "b"], attrs=attrs)
+
+
+def test_resume_refusals_and_a_partial_store_name_resume_and_overwrite_as_parameters(store):
+    with pytest.raises(InputError, match=r"was made with tile=32, not 16: resume with the same checkpoint and settings, or pass overwrite=True \(--overwrite\)$"):
+        check_resumable(store, {"tile": 16})
+    with pytest.raises(InputError, match=r"from another scene .*: resume it with that scene store \(store=, --store\), or pass overwrite=True \(--overwrite\)$"):
+        check_resumable(store, {SCENE_DIGEST: "other"})
+    with pytest.raises(InputError, match=r"resume with torch_threads=1 \(--torch-threads 1\), or pass overwrite=True \(--overwrite\)$"):
+        check_resumable(store, {"torch_threads": 2})
+    with pytest.raises(InputError, match=r"finish it with `tilefuse predict \.\.\. --resume` \(Python: tilefuse\.predict\(\.\.\., resume=True\)\)$"):
+        open_prediction(store)
