@@ -532,6 +532,11 @@ def claim(
     if not os.access(ancestor, os.W_OK):  # a read-only filesystem or no permission: say so before any work
         reason = "read-only file system" if os.statvfs(ancestor).f_flag & os.ST_RDONLY else "permission denied"
         raise InputError(f"cannot write {path}: {reason} ({ancestor}): choose another output (a writable folder)")
+    if os.path.ismount(target):  # written beside it and renamed into place: a mount point cannot be
+        raise InputError(
+            f"{what} {path} is a mount point: tilefuse writes an output beside its path and renames it into place, "
+            f"which a mount point cannot be; write into a new folder inside it (e.g. {os.path.join(path, 'out')})"
+        )
     exists = os.path.lexists(target) and not (KINDS[kind] == "folder" and _empty_dir(target))
     if exists:
         found = found_kind(target)
