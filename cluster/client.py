@@ -230,6 +230,7 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
                 host=host,
                 dashboard_address=f"{host}:0",
                 silence_logs=logging.WARNING,
+                preload=[__name__],  # dask_setup below, in each worker
             )
     if spec == "cuda":
         return _cuda_client(_check_listen(listen), prefetch)
@@ -239,6 +240,21 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
     if path.suffix == ".json" or path.is_file():
         return _connect(read_scheduler_file(path), timeout, what=f"the scheduler of {path}")
     raise InputError(f"unknown cluster spec {spec!r}: use {SPECS}")
+
+
+def dask_setup(worker) -> None:
+    """Run by each worker of a ``local:N`` cluster as it starts (dask's preload): it ignores SIGINT.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group, workers included: each one
+    died with a KeyboardInterrupt traceback (two dozen lines per worker, around 'tilefuse: interrupted'),
+    and the scheduler warned about the results they lost. The interrupt is the client's to handle: it
+    cancels the blocks and closes the cluster, which stops the workers.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _local_device() -> str:

@@ -98,11 +98,16 @@ class _ExpectedFailures(logging.Filter):
     An :class:`~tilefuse.errors.InputError` (a damaged chunk, say) or a full, read-only or over-quota disk
     reaches the client, which ends in one line naming it; workers started here (``local:N``) share its
     stderr, where these reports were dozens of lines around that one. Other failures are still reported.
+    Also dropped: the "Async instruction for <Task cancelled name=\"execute('tilefuse-...')\"> ended with
+    CancelledError" of a tilefuse task cancelled by an interrupted run (Ctrl-C, SIGTERM).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         from tilefuse.outputs import filesystem_reason
 
+        text = str(record.msg)
+        if text.startswith("Async instruction for") and "execute('tilefuse-" in text and text.endswith("ended with CancelledError"):
+            return False
         if not (str(record.msg).startswith("Compute Failed") and isinstance(record.args, tuple) and len(record.args) >= 4):
             return True
         key, text = str(record.args[0]), str(record.args[3])
@@ -111,32 +116,40 @@ class _ExpectedFailures(logging.Filter):
         return not (text.startswith("InputError(") or filesystem_reason(RuntimeError(text)) is not None)
 
 
-class _ReportedDeaths(logging.Filter):
-    """Drops the scheduler's "Task ... marked as failed because N workers died" of a tilefuse task: the run
-    ends in one line naming that task's block (:func:`tilefuse.cluster.run.cluster_failure`), and a cluster
-    started here (``local:N``) has its scheduler in this process, logging on its stderr just above it."""
+class _ReportedHere(logging.Filter):
+    """Drops what a run says itself, from the scheduler and nannies of a cluster started here (``local:N``: they
+    run in this process and log on its stderr, around the run's one line): the scheduler's "Task ... marked as
+    failed because N workers died" of a tilefuse task (the run names its block,
+    :func:`tilefuse.cluster.run.cluster_failure`), and a nanny's "Worker process still alive after 4.0 seconds,
+    killing" while an interrupted run (Ctrl-C, SIGTERM) closes its cluster."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        return not (str(record.msg).startswith("Task %s marked as failed because") and args and str(args[0]).startswith("tilefuse-"))
+        text = str(record.msg)
+        if text.startswith("Task %s marked as failed because") and args and str(args[0]).startswith("tilefuse-"):
+            return False
+        return not text.startswith("Worker process still alive after")
 
 
 @contextlib.contextmanager
-def quiet_reported_deaths() -> Iterator[None]:
-    """:class:`_ReportedDeaths` on this process's ``distributed.scheduler`` logger for the block."""
-    logger, quiet = logging.getLogger("distributed.scheduler"), _ReportedDeaths()
-    logger.addFilter(quiet)
+def quiet_reported_here() -> Iterator[None]:
+    """:class:`_ReportedHere` on this process's ``distributed.scheduler`` and ``distributed.nanny`` loggers for the block."""
+    loggers, quiet = [logging.getLogger(f"distributed.{name}") for name in ("scheduler", "nanny")], _ReportedHere()
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
         yield
     finally:
-        logger.removeFilter(quiet)
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def quiet_expected_failures() -> None:
-    """Install :class:`_ExpectedFailures` on this worker's ``distributed.worker`` logger (once)."""
-    logger = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, _ExpectedFailures) for f in logger.filters):
-        logger.addFilter(_ExpectedFailures())
+    """Install :class:`_ExpectedFailures` on this worker's ``distributed.worker`` loggers (once)."""
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ExpectedFailures) for f in logger.filters):
+            logger.addFilter(_ExpectedFailures())
 
 
 class ModelPlugin(WorkerPlugin):

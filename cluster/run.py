@@ -257,7 +257,6 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     if block_size is None:
         block_size = int(existing["block_size"]) if existing else SHARD
     options = replace(options, overlap=overlap, block_size=block_size)
-    grid = TileGrid(scene.sizes["y"], scene.sizes["x"], options.tile, overlap, spec.margin, block_size)
     class_names = list(config.class_names) or [default_class_name(k) for k in range(spec.num_classes)]
     if len(class_names) != spec.num_classes:
         raise InputError(f"checkpoint {checkpoint} names {len(class_names)} classes but its model has {spec.num_classes}")
@@ -270,14 +269,17 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
         "blend": options.blend if spec.blend else "none",
         "block_size": block_size,
         "probs": options.probs or "none",
-        "height": grid.height,
-        "width": grid.width,
+        "height": scene.sizes["y"],
+        "width": scene.sizes["x"],
         SCENE_DIGEST: scene_digest(scene, config.modalities),  # a resume must read the same scene
     }
     if existing:
-        check_resumable(out, settings)  # the settings; device kind and threads once the workers are known
+        # the settings (before the grid: a resume without --tile met 'raise --block-size' for the store's blocks);
+        # device kind and threads once the workers are known
+        check_resumable(out, settings)
     elif out.exists() and not options.overwrite:
         raise InputError(f"{out} already exists: pass overwrite=True (--overwrite) to replace it or resume=True (--resume) to finish it")
+    grid = TileGrid(scene.sizes["y"], scene.sizes["x"], options.tile, overlap, spec.margin, block_size)
     mean, std = _band_stats(config, scene)
 
     builder = available_models()[config.model].builder
@@ -403,11 +405,11 @@ class ClusterRun:
         import torch
 
         from tilefuse.cluster.client import CONNECT_TIMEOUT, LOOPBACK, cluster_client
-        from tilefuse.cluster.plugin import quiet_reported_deaths
+        from tilefuse.cluster.plugin import quiet_reported_here
 
         timeout = CONNECT_TIMEOUT if self.connect_timeout is None else self.connect_timeout
         with contextlib.ExitStack() as stack:
-            stack.enter_context(quiet_reported_deaths())
+            stack.enter_context(quiet_reported_here())
             self.client = stack.enter_context(
                 cluster_client(self.cluster, timeout=timeout, listen=self.listen or LOOPBACK, prefetch=self.plan.options.prefetch)
             )

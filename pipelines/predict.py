@@ -70,6 +70,7 @@ def predict(
     to an existing one (seconds). Returns the prediction lazily, with CRS.
     """
     from tilefuse.cluster.run import PredictOptions, predict_scene
+    from tilefuse.distributed import terminating
     from tilefuse.outputs import claim, local_path, os_errors_as_input, output_lock
     from tilefuse.prediction import open_prediction, store_path
 
@@ -93,8 +94,9 @@ def predict(
         prefetch=prefetch,
         reader_threads=reader_threads,
     )  # checked by predict_scene, before anything is written
-    # one writer per prediction store, across every block; a full or read-only disk anywhere is one line
-    with output_lock(out, inputs=[store, checkpoint]), os_errors_as_input(out, storage_only=True):
+    # one writer per prediction store, across every block; a full or read-only disk anywhere is one line;
+    # SIGTERM (a batch system's cancel or time limit) unwinds: lock released, cluster closed, blocks kept for a resume
+    with terminating(), output_lock(out, inputs=[store, checkpoint]), os_errors_as_input(out, storage_only=True):
         if quicklook is not None:
             claim(quicklook, "png", inputs=[store, checkpoint, out], overwrite=True, what="quicklook")
         report = predict_scene(checkpoint, store, out, options, cluster=cluster, listen=listen, connect_timeout=connect_timeout, progress=progress)

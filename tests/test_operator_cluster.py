@@ -268,3 +268,44 @@ def test_a_block_that_keeps_killing_its_workers_is_one_line_naming_it_and_the_st
     with pytest.raises(InputError, match="partial prediction.*--resume"):
         open_prediction(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deadly", "pred.zarr"]  # no lock, no spill folder left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, group, code", [(signal.SIGTERM, False, 128 + signal.SIGTERM), (signal.SIGINT, True, 130)])
+def test_an_interrupted_prediction_on_local_workers_gives_back_everything_and_resumes_bitwise(tmp_path, data, sig, group, code):
+    """SIGTERM (a batch system's cancel or time limit, ``kill``) ended predict at once: its lock stayed (a resume
+    on another host was refused), with its spill folder; Ctrl-C (SIGINT to the terminal's whole process group)
+    left dask's warnings about cancelled tasks and workers killed after 4 s around 'tilefuse: interrupted'."""
+    import psutil
+
+    scene, _, _, reference = data
+    slow = save_pointwise(tmp_path / "slow", delay=0.5)
+    out = tmp_path / "pred.zarr"
+    args = ["predict", "--checkpoint", slow, "--store", scene, "--out", out, "--tile", 32, "--overlap", 10, "--block-size", 32,
+            "--batch-size", 2, "--torch-threads", 1, "--probs", "--probs-dtype", "float32", "--cluster", "local:2"]  # fmt: skip
+    cli = subprocess.Popen([sys.executable, "-c", CLI % str(TESTS), *map(str, args)], stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(TESTS)}, start_new_session=True)  # fmt: skip
+    try:
+        assert wait_for_blocks(out, 1, timeout=180) is not None
+        workers = [p.pid for p in psutil.Process(cli.pid).children(recursive=True)]
+        if group:
+            os.killpg(cli.pid, sig)
+        else:
+            cli.send_signal(sig)
+        assert cli.wait(60) == code
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+    lines = cli.stderr.read().replace("\r", "\n").splitlines()
+    assert not [line for line in lines if re.search(r"WARNING|ERROR|Traceback|leaked", line)], lines
+    assert [line for line in lines if line.startswith("tilefuse: ") and "dashboard" not in line] == (["tilefuse: interrupted"] if code == 130 else [])
+    deadline = time.monotonic() + 20
+    while [pid for pid in workers if psutil.pid_exists(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers and not [pid for pid in workers if psutil.pid_exists(pid)], "worker processes outlived the run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.zarr", "slow"]  # no lock, no spill folder
+    assert not done_blocks(out).all()
+    # a resume that forgets --tile names it (it was 'block size 32 px must be at least the tile size (256 px): raise --block-size')
+    with pytest.raises(InputError, match=r"was made with tile=32, not 256: resume with the same checkpoint and settings"):
+        tilefuse.predict(slow, scene, out, resume=True, progress=False)
+    _same(tilefuse.predict(slow, scene, out, resume=True, progress=False, **{**SETTINGS, "block_size": 32}), reference)

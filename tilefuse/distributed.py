@@ -388,6 +388,16 @@ def terminate_as_exit() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def terminating() -> Iterator[None]:
+    """:func:`terminate_as_exit` for the block."""
+    restore = terminate_as_exit()
+    try:
+        yield
+    finally:
+        restore()
+
+
 class JobFailed(RuntimeError):
     """A job of several processes ended with a failing rank (its stderr was shown); ``code`` is its exit status."""
 
