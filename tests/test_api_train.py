@@ -107,3 +107,12 @@ def test_run_folder_refusals_name_the_parameters_to_pass(stores, tmp_path):  # n
 
         RunDir(tmp_path / "killed").start(resume=False, overwrite=False)  # a run killed before its first checkpoint
         train("test-seg", stores, tmp_path / "killed", resume=True, **options)
+
+
+@pytest.mark.parametrize("modalities", [["optical", "optical"], ["optical", "sar", "optical"], ["optical", 3], [None]])
+def test_a_modality_list_naming_one_twice_or_not_a_name_is_refused(stores, tmp_path, modalities):  # noqa: F811
+    """['optical', 'optical'] trained on optical alone without a word (the list became a dict); a number was a
+    KeyError-like 'has no modality 3' at best."""
+    with pytest.raises(InputError, match=r"^modalities= \(--modality\) must name each store modality once"):
+        train("test-seg", stores, tmp_path / "run", steps=1, modalities=modalities, **FAST)
+    assert not (tmp_path / "run").exists()

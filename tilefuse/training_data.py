@@ -285,6 +285,8 @@ def assemble(
             raise InputError(f"{path} has no labels: ingest it with --labels PATH to train on it")
     available = store_modalities(scenes[0])
     names = data.modalities or available
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):  # a name twice fed it once, silently
+        raise InputError(f"modalities= (--modality) must name each store modality once, in the model's order: got {list(names)} (the store has {', '.join(available)})")
     missing = [n for n in names if n not in available]
     if missing:
         raise InputError(f"{paths[0]} has no modality {missing[0]!r} (it has {', '.join(available)}): check modalities= (--modality)")
