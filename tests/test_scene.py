@@ -74,3 +74,21 @@ def test_require_modalities_names_the_problem(tmp_path):
         require_modalities(ds, {"hsi": 10})
     with pytest.raises(InputError, match="has 2 bands .* expects 4"):
         require_modalities(ds, {"sar": 4})
+
+
+def test_a_file_a_bare_folder_or_a_part_of_a_store_is_named_as_such(tmp_path):
+    """Each was 'not a readable zarr store (GroupNotFoundError: No group found in store LocalStore(...))', or for an
+    array of a store 'ContainsArrayError: An array already exists ...': zarr's words, not what the path is."""
+    scene = write_scene(make_scene(40, 40), tmp_path / "s.zarr")
+    (tmp_path / "in.tif").write_bytes(b"II*\0")
+    (tmp_path / "folder").mkdir()
+    cases = {
+        tmp_path / "in.tif": "is a file, not a scene store .*tilefuse ingest OUT --modality NAME=",
+        tmp_path / "folder": "not a readable zarr store \\(a folder without zarr.json\\): pass a scene store",
+        scene / "optical": f"lies inside the tilefuse scene store {scene}, it is no store itself: pass {scene}",
+        scene / "optical" / "c": f"lies inside the tilefuse scene store {scene}",
+    }
+    for path, message in cases.items():
+        with pytest.raises(InputError, match=message) as raised:
+            open_scene(path)
+        assert "Error:" not in str(raised.value), raised.value

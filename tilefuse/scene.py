@@ -307,7 +307,7 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     keys a partial store has written (the others read as fill values).
     """
     from tilefuse import storage
-    from tilefuse.outputs import is_temporary, live_writer, local_path
+    from tilefuse.outputs import found_kind, is_temporary, live_writer, local_path
 
     path = local_path(path, "store")  # a URL is refused, ~ is the home folder
     if is_temporary(path):
@@ -317,6 +317,15 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
         if writer:
             raise InputError(f"{path} is being written by {writer}: it appears once complete; wait for it to finish")
         raise InputError(f"{path} does not exist: check the path (a {kind} store is {MADE_BY.get(kind, 'written by tilefuse')[1:-1]})")
+    made_by = MADE_BY.get(kind, "")
+    if path.is_file():
+        raster = f"; a raster is made a scene store with `tilefuse ingest OUT --modality NAME={path}`" if kind == "scene" else ""
+        raise InputError(f"{path} is a file, not a {kind} store (a zarr folder): pass a {kind} store {made_by}{raster}")
+    outer = next((p for p in path.parents if found_kind(p) in ("scene", "prediction")), None)
+    if outer is not None:  # an array of a store, or a folder of one
+        raise InputError(f"{path} lies inside the tilefuse {found_kind(outer)} store {outer}, it is no store itself: pass {outer}")
+    if not (path / "zarr.json").is_file():
+        raise InputError(f"{path} is not a readable zarr store (a folder without zarr.json): pass a {kind} store {made_by}")
     try:
         ds = storage.open_dataset(path, written=written, fix=REPAIR.get(kind, "re-create it"))
     except InputError:
