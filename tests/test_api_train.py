@@ -116,3 +116,20 @@ def test_a_modality_list_naming_one_twice_or_not_a_name_is_refused(stores, tmp_p
     with pytest.raises(InputError, match=r"^modalities= \(--modality\) must name each store modality once"):
         train("test-seg", stores, tmp_path / "run", steps=1, modalities=modalities, **FAST)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_on_a_store_of_another_size_is_refused_not_split_afresh(stores, tmp_path):  # noqa: F811
+    """A store re-ingested at another size between a kill and the resume no longer fits the run's split: the
+    resume split the stores afresh without a word, so blocks the run had validated on could be trained on."""
+    from test_sampling import labelled_scene, write
+
+    options = dict(steps=1, checkpoint_every=1, **FAST)
+    run = train("test-seg", stores, tmp_path / "run", **options)
+    split = (run / "split.json").read_bytes()
+    write(labelled_scene(160, 128, seed=0), tmp_path / "bigger.zarr")
+    (tmp_path / "bigger.zarr").rename(tmp_path / "swap.zarr")
+    stores[0].rename(tmp_path / "old.zarr")
+    (tmp_path / "swap.zarr").rename(stores[0])
+    with pytest.raises(InputError, match=r"a\.zarr is 160 x 128 px, no longer the size the run split into \d+ x \d+ blocks of \d+ px: .*start a new run$"):
+        train("test-seg", stores, run, resume=True, **options)
+    assert (run / "split.json").read_bytes() == split

@@ -197,12 +197,16 @@ def _saved_split(run: Path | None, paths: list[str], scenes):
     if run is None or not (run / SPLIT_FILE).is_file():
         return None
     saved = load_split(run)
-    shapes_fit = all(
-        a.shape == (-(-ds.sizes["y"] // saved.split.block), -(-ds.sizes["x"] // saved.split.block))
-        for a, ds in zip(saved.split.assignment, scenes)
-    )
-    if saved.stores != paths or len(saved.split.assignment) != len(scenes) or not shapes_fit:
+    if saved.stores != paths or len(saved.split.assignment) != len(scenes):
         return None
+    block = saved.split.block
+    for a, ds, path in zip(saved.split.assignment, scenes, paths):
+        h, w = ds.sizes["y"], ds.sizes["x"]
+        if a.shape != (-(-h // block), -(-w // block)):  # a split afresh could train on blocks the run validated on
+            raise InputError(
+                f"{path} is {h} x {w} px, no longer the size the run split into {a.shape[0]} x {a.shape[1]} blocks of {block} px: "
+                "it changed since the run started; resume with the store as it was, or start a new run"
+            )
     return saved.split
 
 
