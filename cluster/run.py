@@ -46,6 +46,10 @@ DEFAULT_TILE = 256
 MAX_BLOCK = 32768
 """Largest block (and so tile) edge in px: a block's input window is held in memory (32,768^2 px of 5 float32
 bands is 21 GB), and larger values are typos that failed deep in zarr or torch."""
+MIN_STRIDE = 8
+"""Smallest step between tiles (tile - overlap) in px: each tile is a model call (or a share of a batch) for
+(tile - overlap)^2 new pixels, so --tile 1 (or --overlap tile-1) made one call per pixel or worse: 4 million tiles
+per 2,048 px block, a 512^2 px scene not done in hours where 256 px tiles take seconds."""
 MAX_READ_AHEAD = 16
 """Most blocks read ahead (``prefetch``): each holds its input window (about 110 MB at 2,048 px and 5 bands),
 and workers get a task thread per block read ahead."""
@@ -252,6 +256,15 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
         overlap = options.tile // 4 if spec.blend else 0
     if not spec.blend and overlap:
         raise InputError(f"model {config.model!r} does not blend its tiles (each pixel is computed once): use overlap=0 (--overlap 0)")
+    if options.tile - overlap < MIN_STRIDE:
+        tiles = 1
+        for size in (scene.sizes["y"], scene.sizes["x"]):  # as TileGrid lays them
+            tiles *= 1 if size <= options.tile else -(-(size - options.tile) // max(1, options.tile - overlap)) + 1
+        raise InputError(
+            f"tile={options.tile} (--tile) with overlap={overlap} (--overlap) steps {options.tile - overlap} px from one tile to the next: "
+            f"{tiles:,} tiles through the model for this {scene.sizes['y']} x {scene.sizes['x']} px scene; keep tile - overlap "
+            f">= {MIN_STRIDE} px (e.g. --tile {DEFAULT_TILE} --overlap {DEFAULT_TILE // 4})"
+        )
     existing = prediction_attrs(out) if out.exists() and options.resume else None
     block_size = options.block_size
     if block_size is None:

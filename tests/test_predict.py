@@ -206,6 +206,27 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, capsys):
     assert _cli(checkpoint, scene, scene) == 2
 
 
+@pytest.mark.parametrize("tile, overlap", [(1, None), (1, 0), (3, None), (7, 0), (16, 9), (256, 250), (64, 63)])
+def test_a_tile_step_below_8_px_is_one_line_naming_the_tiles_and_writes_nothing(tmp_path, setup, capsys, tile, overlap):
+    """--tile 1 ran one tile per pixel (4 million per 2,048 px block; a 512^2 px scene not done in hours where
+    256 px tiles take seconds), as did an overlap of all but a pixel of the tile."""
+    _, scene, checkpoint, _ = setup
+    out = tmp_path / "out.zarr"
+    step = tile - (tile // 4 if overlap is None else overlap)
+    with pytest.raises(InputError, match=rf"^tile={tile} \(--tile\) with overlap=\d+ \(--overlap\) steps {step} px from one tile to the next: [\d,]+ tiles through the model for this 150 x 130 px scene; keep tile - overlap >= 8 px"):
+        tilefuse.predict(checkpoint, scene, out, tile=tile, overlap=overlap, progress=False)
+    assert _cli(checkpoint, scene, out, "--tile", tile, *(() if overlap is None else ("--overlap", overlap))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tilefuse: error: tile=") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tile_step_of_8_px_runs(tmp_path, setup):
+    _, scene, checkpoint, reference = setup
+    pred = tilefuse.predict(checkpoint, scene, tmp_path / "pred.zarr", tile=16, overlap=8, block_size=64, batch_size=8, probs=True, progress=False)
+    assert pred.attrs["complete"] and (pred["labels"].values != 255).sum() == (reference["labels"].values != 255).sum()
+
+
 def test_a_batch_beyond_the_tiles_of_a_block_runs_as_that_many_with_the_same_output(tmp_path, setup, capsys):
     """batch_size= larger than a block's tiles is cut to them (the rest would only be padding: 10^8 tiles asked
     for 39 TB); the output is the same bits."""
