@@ -86,7 +86,7 @@ def export(
     from tilefuse.outputs import claim, create, local_path, output_lock, temporary_sibling, tiff_tags
 
     prediction = store_path(prediction, "prediction", "prediction")
-    out = local_path(out, "out", output=True)  # ~ is the home folder
+    out = local_path(out, "out", output=True, file=True)  # ~ is the home folder
     claim(out, "geotiff", inputs=[prediction], overwrite=overwrite)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 16 <= blocksize <= MAX_BLOCKSIZE or blocksize % 16:
         raise InputError(f"blocksize= (--blocksize) must be a multiple of 16 in 16..{MAX_BLOCKSIZE} px, got {blocksize!r}")
@@ -149,7 +149,7 @@ def export(
 
 def export_command(
     prediction: Annotated[Path, typer.Argument(help="Prediction store (from `tilefuse predict`).")],
-    out: Annotated[Path, typer.Argument(help="Cloud Optimized GeoTIFF to write.")],
+    out: Annotated[str, typer.Argument(help="Cloud Optimized GeoTIFF to write.", show_default=False)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
     blocksize: Annotated[int, typer.Option(help="Internal tile edge of the GeoTIFF in px.")] = 512,
 ) -> None:

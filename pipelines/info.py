@@ -99,7 +99,7 @@ def info(store: str | Path, quicklook: str | Path | None = None, verify: bool = 
     from tilefuse.scene import open_scene
 
     store = local_path(store, "store")  # a URL is refused, ~ is the home folder
-    quicklook = None if quicklook is None else local_path(quicklook, "quicklook", output=True)
+    quicklook = None if quicklook is None else local_path(quicklook, "quicklook", output=True, file=True)
     if quicklook is not None:  # checked before any work (never at, inside or around the store)
         from tilefuse.outputs import claim
 
@@ -119,7 +119,7 @@ def info(store: str | Path, quicklook: str | Path | None = None, verify: bool = 
 
 def info_command(
     store: Annotated[Path, typer.Argument(help="Scene store (zarr) to describe.")],
-    quicklook: Annotated[Optional[Path], typer.Option(help="Also write a quicklook PNG (composite + label map) here.")] = None,
+    quicklook: Annotated[Optional[str], typer.Option(help="Also write a quicklook PNG (composite + label map) here.", show_default=False)] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every chunk (presence, size, crc32c) before describing.")] = True,
 ) -> None:
     """Print a scene store's grid, CRS, modalities with band statistics, valid fraction and label classes."""

@@ -171,3 +171,17 @@ def test_a_cog_named_as_long_as_the_filesystem_allows_is_exported_and_replaced(t
     with rasterio.open(tmp_path / name) as cog:
         assert np.array_equal(cog.read(1), pred["labels"].values)
     assert os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("out", ["newdir/", ".", "..", "sub/.."])
+def test_an_output_written_as_a_folder_is_one_line_not_a_file_named_so(tmp_path, prediction, out, monkeypatch, capsys):
+    """`tilefuse export pred.zarr newdir/` wrote a file named newdir (the slash was dropped)."""
+    root, _, _ = prediction
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(root / "pred.zarr"), out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names a folder" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["sub"]
+    with pytest.raises(InputError, match="names a folder"):
+        export(root / "pred.zarr", out)

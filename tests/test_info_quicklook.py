@@ -86,3 +86,13 @@ def test_quicklook_scene_of_a_sar_only_scene(tmp_path):
     picture = imread(path)
     assert picture.shape[1] < 1.5 * picture.shape[0]  # one panel: no labels
     assert picture[..., :3].std() > 0.05
+
+
+def test_a_quicklook_written_as_a_folder_is_one_line(store, tmp_path, capsys):
+    """`--quicklook q/` wrote a PNG file named q."""
+    from tilefuse.cli import main
+
+    assert main(["info", str(store), "--quicklook", str(tmp_path / "q") + "/"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names a folder" in err, err
+    assert not (tmp_path / "q").exists()

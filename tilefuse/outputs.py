@@ -343,15 +343,18 @@ _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):/")
 """A URL (s3://, gs://, https://, file://...), also as pathlib leaves it (s3:/bucket/...)."""
 
 
-def local_path(path: str | os.PathLike, what: str = "path", *, output: bool = False) -> Path:
+def local_path(path: str | os.PathLike, what: str = "path", *, output: bool = False, file: bool = False) -> Path:
     """``path`` as a local path with ``~`` expanded to the home folder; a URL is one :class:`InputError` line.
 
     tilefuse reads and writes local paths only: a URL given as an output was
     written as a local folder named after it (``s3:/bucket/scene.zarr``), and a
     quoted ``~`` (or one passed to the Python API) made a folder named ``~``.
-    ``what`` names the path in the message; ``output`` says which way it goes.
+    ``what`` names the path in the message; ``output`` says which way it goes; ``file``: a file output, so a
+    path written as a folder's (``out/``, ``.``) is refused (a file named ``out`` was written).
     """
     text = os.fspath(path)
+    if file and (text.endswith(os.sep) or Path(text).name in ("", ".", "..")):
+        raise InputError(f"{what} {text} names a folder, but this output is a file: add the file's name (e.g. {os.path.join(text, 'NAME')})")
     match = _URL.match(text)
     if match:
         fix = "write it to a local path and copy it there" if output else "download or mount it and pass the local path"
