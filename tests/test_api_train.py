@@ -133,3 +133,15 @@ def test_a_resume_on_a_store_of_another_size_is_refused_not_split_afresh(stores,
     with pytest.raises(InputError, match=r"a\.zarr is 160 x 128 px, no longer the size the run split into \d+ x \d+ blocks of \d+ px: .*start a new run$"):
         train("test-seg", stores, run, resume=True, **options)
     assert (run / "split.json").read_bytes() == split
+
+
+def test_stores_smaller_than_a_sample_still_split_and_validate(tmp_path):
+    """Pixel models take stores smaller than their neighbourhood (reflect-padded): no block fits a sample, so the
+    split weighs the blocks as they come rather than refusing every store as 'nothing to train on'."""
+    from test_sampling import labelled_scene, write
+
+    from tilefuse.training_data import DataOptions, assemble
+
+    stores = [write(labelled_scene(4, 4, seed=s, invalid_disk=False), tmp_path / f"t{s}.zarr", chunk=4) for s in range(2)]
+    data = assemble("test-pixel", stores, data=DataOptions(pixels_per_class=1, allow_fewer=True), seed=0)
+    assert next(iter(data.val.sampler.iter_stream()), None) is not None

@@ -176,7 +176,8 @@ def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, p
         raise InputError(f"no valid labelled pixels in {', '.join(paths)}: check the labels (255 = none) and the valid mask")
     # an edge block narrower than a sample holds no validation (or test) sample of its own: a validation of such
     # blocks alone was empty without a word; they stay in training (weight 0: never held out)
-    weights = [w * np.outer(_extents(ds.sizes["y"], block) >= tile, _extents(ds.sizes["x"], block) >= tile) for w, ds in zip(weights, scenes)]
+    fitting = [w * np.outer(_extents(ds.sizes["y"], block) >= tile, _extents(ds.sizes["x"], block) >= tile) for w, ds in zip(weights, scenes)]
+    weights = fitting if any(w.sum() for w in fitting) else weights  # stores all smaller than a sample: as they come
     return spatial_split(
         [(ds.sizes["y"], ds.sizes["x"]) for ds in scenes],
         by=data.split, val=data.val_fraction, test=data.test_fraction, block=block, weights=weights, seed=seed,
