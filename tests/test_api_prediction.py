@@ -29,3 +29,19 @@ def test_resume_refusals_and_a_partial_store_name_resume_and_overwrite_as_parame
         check_resumable(store, {"torch_threads": 2})
     with pytest.raises(InputError, match=r"finish it with `tilefuse predict \.\.\. --resume` \(Python: tilefuse\.predict\(\.\.\., resume=True\)\)$"):
         open_prediction(store)
+
+
+def test_a_dataset_of_the_other_kind_of_store_is_named_as_such(store, tmp_path):
+    """A scene Dataset passed where a prediction is expected (and the reverse) was 'an xarray Dataset changed since it
+    was opened from ...: pass that store's path', and that path was then refused as the wrong kind: a loop."""
+    import tilefuse
+    from test_sampling import labelled_scene, write
+
+    scene = tilefuse.open_scene(write(labelled_scene(64, 64), tmp_path / "s.zarr"))
+    with pytest.raises(InputError, match=r"^prediction= is the scene store .*s\.zarr \(opened with open_scene\), not a prediction store"):
+        tilefuse.evaluate(scene, scene)
+    with pytest.raises(InputError, match=r"^path= is the scene store .*s\.zarr \(opened with open_scene\), not a prediction store"):
+        open_prediction(scene)
+    partial = open_prediction(store, allow_partial=True)
+    with pytest.raises(InputError, match=r"^labels= is the prediction store .*p\.zarr \(opened with open_prediction\), not a scene store"):
+        tilefuse.evaluate(store, partial)

@@ -434,6 +434,9 @@ def store_path(value: Any, param: str, kind: str) -> Any:
     if isinstance(value, (str, os.PathLike)):
         return local_path(value, param)  # ~ is the home folder, a URL one line
     source = value.encoding.get("source") if isinstance(value, xr.Dataset) else None
+    found = value.attrs.get(STORE_KIND) if source is not None else None
+    if found in ("scene", "prediction") and found != kind:  # its store would be refused as the wrong kind
+        raise InputError(f"{param}= is the {found} store {source} (opened with open_{found}), not a {kind} store: pass a {kind} store")
     if source is not None and os.path.isdir(source):
         from tilefuse.scene import open_scene
 
