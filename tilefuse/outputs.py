@@ -484,10 +484,23 @@ def _check_length(target: Path, path: str | os.PathLike, what: str) -> None:
         )
 
 
+def _check_links(path: str | os.PathLike, what: str) -> None:
+    """Refuse an output path through a symlink whose target does not exist (a disk not mounted, a folder since
+    removed): its target's folders would be created wherever they fall and the output written there."""
+    here = Path(os.path.abspath(path))
+    for link in (here, *here.parents):
+        if os.path.islink(link) and not os.path.exists(link):
+            raise InputError(
+                f"{what} {path}: {link} is a symlink to {os.readlink(link)}, which does not exist (a disk not mounted?): "
+                "mount or create it, or remove the link"
+            )
+
+
 def check_inputs(path: str | os.PathLike, inputs: Iterable[Any], *, what: str = "output") -> Path:
     """Refuse an output ``path`` that is, contains or lies inside one of ``inputs`` (real paths), or that is a URL
     or starts with an unexpanded ``~`` (:func:`local_path`); returns its real path."""
     _check_local(path, what)
+    _check_links(path, what)
     target = real_path(path)
     _check_length(target, path, what)
     for source in _flatten(inputs):
