@@ -319,6 +319,7 @@ def test_a_notebooks_slips_are_one_line_naming_the_parameter(rasters, tmp_path):
         (dict(labels=labels, label_map={True: 1}), r"^label_map= must map whole-number label values to ids 0\.\.255"),
         (dict(labels=labels, label_map=[(0, 1)]), r"^label_map= must be a dict"),
         (dict(chunk=0), r"^chunk= must be a whole number of px >= 1"),
+        (dict(labels=labels.to_dataset(name="lc")), r"^labels is a Dataset: pass a \(y, x\) xarray DataArray, e\.g\. labels\['lc'\]$"),
         (dict(chunk="512"), r"^chunk= must be a whole number of px >= 1"),
     ]
     for change, message in cases:

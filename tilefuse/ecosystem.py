@@ -356,7 +356,8 @@ def scene_from_xarray(
     label = None
     if labels is not None:
         if not isinstance(labels, xr.DataArray):
-            raise InputError(f"labels is a {type(labels).__name__}: pass a (y, x) xarray DataArray")
+            hint = f", e.g. labels[{next(iter(labels.data_vars))!r}]" if isinstance(labels, xr.Dataset) and labels.data_vars else ""
+            raise InputError(f"labels is a {type(labels).__name__}: pass a (y, x) xarray DataArray{hint}")
         if TIME_DIM in labels.dims:
             raise InputError("labels have a time dimension: pass one (y, x) label map (e.g. labels.isel(time=0))")
         values, source, _ = _prepare(labels, "labels", time=None, nodata=None, assume_crs=crs, chunk=chunk)
