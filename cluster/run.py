@@ -201,6 +201,8 @@ class PredictionPlan:
     band_mean: tuple
     band_std: tuple
     scene: "xr.Dataset" = field(repr=False)
+    scene_id: int | None = None
+    """Inode number of the scene store's folder (:attr:`tilefuse.inference.BlockJob.scene_id`)."""
 
     @property
     def channels(self) -> int:
@@ -225,6 +227,7 @@ class PredictionPlan:
             batch_size=batch_size,
             blend=self.settings["blend"],
             probs=self.options.probs,
+            scene_id=self.scene_id,
         )
 
 
@@ -249,6 +252,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     clean_stale(out)
 
     config, spec, digest = inspect_checkpoint(checkpoint)
+    scene_id = os.stat(store).st_ino if store.exists() else None  # the store this run reads (BlockJob.scene_id)
     scene = open_scene(store)
     require_modalities(scene, config.modalities, where=str(store))
     overlap = options.overlap
@@ -302,7 +306,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
         str(checkpoint.resolve()), digest, config.model, options.device, options.precision, options.torch_threads,
         builder=builder, channels_last=options.channels_last, compile=options.compile,
     )  # fmt: skip
-    return PredictionPlan(store, out, checkpoint, options, config, spec, grid, class_names, settings, existing, source, mean, std, scene)
+    return PredictionPlan(store, out, checkpoint, options, config, spec, grid, class_names, settings, existing, source, mean, std, scene, scene_id)
 
 
 class WorkerInfo(NamedTuple):

@@ -221,6 +221,38 @@ def test_a_tile_step_below_8_px_is_one_line_naming_the_tiles_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("cluster", ["sync", "local:1"])
+def test_a_scene_store_replaced_mid_run_fails_the_run_and_is_never_mixed_into_it(tmp_path, cluster):
+    """ingest/synth --overwrite of the scene while it was predicted: the blocks read after the replacement came
+    from the new scene, among the old scene's blocks, and the store was marked complete (the storage layer
+    catches a replacement during one read only; each block opens the store afresh)."""
+    import threading
+
+    from predict_fixtures import make_scene, wait_for_blocks
+    from tilefuse.scene import write_scene
+
+    scene = write_test_scene(tmp_path / "scene.zarr", 150, 130, seed=1)
+    slow = save_pointwise(tmp_path / "slow", delay=0.3)
+    out = tmp_path / "pred.zarr"
+    swapped = {}
+
+    def swap():
+        if wait_for_blocks(out, 2, timeout=120) is not None:
+            write_scene(make_scene(150, 130, seed=2), scene, chunk=64, shard=None, overwrite=True)
+            swapped["at"] = int(done_blocks(out).sum())
+
+    watcher = threading.Thread(target=swap)
+    watcher.start()
+    try:
+        with pytest.raises(InputError, match=rf"{scene}.* was replaced while"):
+            tilefuse.predict(slow, scene, out, tile=32, overlap=10, block_size=32, batch_size=2, torch_threads=1, cluster=cluster, progress=False)
+    finally:
+        watcher.join()
+    assert swapped and not done_blocks(out).all()
+    with pytest.raises(InputError, match="computed from another scene"):  # what was written came from the old scene
+        tilefuse.predict(slow, scene, out, tile=32, overlap=10, block_size=32, batch_size=2, torch_threads=1, resume=True, progress=False)
+
+
 def test_a_tile_step_of_8_px_runs(tmp_path, setup):
     _, scene, checkpoint, reference = setup
     pred = tilefuse.predict(checkpoint, scene, tmp_path / "pred.zarr", tile=16, overlap=8, block_size=64, batch_size=8, probs=True, progress=False)

@@ -120,6 +120,31 @@ class BlockJob:
     """Window kind of :mod:`tilefuse.blending`, or "none" for models that do not blend."""
     probs: str | None = None
     """dtype of the ``probs`` output, None to write labels only."""
+    scene_id: int | None = None
+    """Inode number of the scene store's folder when the run was planned (None: not checked). A block that
+    finds another folder there (the store replaced mid-run: ``ingest``/``synth --overwrite``) fails
+    (:func:`same_scene`): its pixels, read from the new scene, were written among the old scene's blocks, and
+    the store was marked complete."""
+
+
+def same_scene(job: BlockJob) -> None:
+    """Refuse, in one line, a scene store that is not the one the run planned (:attr:`BlockJob.scene_id`)."""
+    if job.scene_id is None:
+        return
+    try:
+        found = os.stat(job.scene).st_ino
+    except OSError:
+        found = None
+    if found != job.scene_id:
+        raise InputError(
+            f"scene store {job.scene} was {'removed' if found is None else 'replaced'} while this prediction read it "
+            "(its blocks would mix two scenes): predict it again, with --overwrite, once the store is written"
+        )
+
+
+def _scene_group(job: BlockJob) -> zarr.Group:
+    same_scene(job)
+    return storage.open_group(job.scene)
 
 
 class Strip(NamedTuple):
@@ -389,7 +414,7 @@ def read_block(job: BlockJob, block: Block, pin: bool = False) -> BlockInput:
     window = grid.input_window(block)
     if window is None:
         return empty
-    group = storage.open_group(job.scene)
+    group = _scene_group(job)
     ext_rows, ext_cols = grid.block_extent(block)
     r0, c0 = ext_rows.start, ext_cols.start
     valid = _read(group, "valid", (ext_rows, ext_cols), job.scene)
@@ -403,12 +428,11 @@ def read_block(job: BlockJob, block: Block, pin: bool = False) -> BlockInput:
         ],
         np.int64,
     ).reshape(-1, 2)
-    if not len(tiles):
-        return BlockInput(block, valid, tiles, {})
     data = {}
-    for name in job.modalities:
+    for name in job.modalities if len(tiles) else ():
         raw = torch.from_numpy(np.ascontiguousarray(_read(group, name, (slice(None), *window.read), job.scene)))
         data[name] = raw.pin_memory() if pin else raw
+    same_scene(job)  # still the same store once everything is read: nothing came from a replacement
     return BlockInput(block, valid, tiles, data)
 
 
@@ -701,7 +725,7 @@ def finish_block(
         ((in_h, own_h, in_w), [own.left, None if left is None else left[:, in_h:]]),
     )
     if in_h or in_w:
-        group = storage.open_group(job.scene)
+        group = _scene_group(job)
     for (first, last, width), pieces in bands:
         if last <= first or not width:
             continue
@@ -717,5 +741,7 @@ def finish_block(
             labels[first + slab.start : first + slab.stop, :width] = slab_labels.numpy()
             if probs is not None:
                 probs[:, first + slab.start : first + slab.stop, :width] = slab_probs.numpy()
+    if in_h or in_w:
+        same_scene(job)
     write_block(job.prediction, (rows, cols), block, labels, probs)
     return block
