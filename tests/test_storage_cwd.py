@@ -63,3 +63,19 @@ def test_the_current_folder_that_is_an_output_of_the_same_kind_is_replaced_and_f
     assert outputs.found_kind(tmp_path / "b.zarr") == "scene"
     assert os.path.samefile(os.getcwd(), folder) and sorted(os.listdir(".")) == sorted(os.listdir(folder))
     assert outputs.found_kind(".") == "geotiff-folder"
+
+
+def test_a_current_folder_deleted_under_the_shell_is_one_line(tmp_path):
+    """A shell left in a folder that was deleted (or replaced by a run): each command was a FileNotFoundError
+    traceback from os.path.abspath (and `tilefuse models` an oneMKL FATAL ERROR)."""
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = "import os, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]); from tilefuse.cli import main; sys.exit(main(sys.argv[2:]))"
+    for args in (["info", "s.zarr"], ["synth", "s.zarr", "--size", "32"]):
+        gone.mkdir(exist_ok=True)
+        done = subprocess.run([sys.executable, "-c", code, str(gone), *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "current folder no longer exists" in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == []

@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # every relative path (and some libraries' loading) would fail with a traceback
+        _error("the current folder no longer exists (deleted or replaced since this shell entered it): "
+               'cd into an existing folder (e.g. cd "$PWD") and run the command again')
+        return 2
     problem = repeated_option(sys.argv[1:] if argv is None else list(argv))
     if problem:
         _error(problem)
