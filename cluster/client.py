@@ -61,7 +61,7 @@ def _local_workers(spec: str) -> int:
     if not count:
         return cores
     most = WORKERS_PER_CORE * cores
-    if not count.isdigit() or not 1 <= int(count) <= most:
+    if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= most:  # not '²', which int() refuses
         raise InputError(f"bad cluster spec {spec!r}: write local:N with N in 1..{most} worker processes ({cores} cores here)")
     return int(count)
 
@@ -234,12 +234,21 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
             )
     if spec == "cuda":
         return _cuda_client(_check_listen(listen), prefetch)
-    if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
-        return _connect(spec, timeout, what="the server")
-    path = Path(spec)
+    scheme, sep, rest = spec.partition("://")
+    if sep and scheme.lower() in ("tcp", "tls", "ucx", "inproc"):
+        # TCP://HOST:PORT/ as copied from a browser's address bar is the scheduler at HOST:PORT
+        return _connect(f"{scheme.lower()}://{rest.rstrip('/')}", timeout, what="the server")
+    if sep:
+        raise InputError(f"unknown cluster spec {spec!r}: use {SPECS}")
+    from tilefuse.outputs import local_path
+
+    path = local_path(spec, "scheduler file")  # ~ is the home folder (--cluster=~/scheduler.json, or Python)
     if path.suffix == ".json" or path.is_file():
         return _connect(read_scheduler_file(path), timeout, what=f"the scheduler of {path}")
-    raise InputError(f"unknown cluster spec {spec!r}: use {SPECS}")
+    hint = ""
+    if spec.rpartition(":")[2].isdigit() and "/" not in spec:  # HOST:PORT without its scheme
+        hint = f" (a scheduler's address is written tcp://{spec})"
+    raise InputError(f"unknown cluster spec {spec!r}{hint}: use {SPECS}")
 
 
 def dask_setup(worker) -> None:

@@ -215,6 +215,24 @@ def test_cluster_specs_fail_with_one_clear_line(tmp_path):
     assert make_client("sync") is None
 
 
+def test_cluster_specs_as_a_user_types_them(tmp_path, monkeypatch):
+    """A scheduler file under ~ (--cluster=~/scheduler.json, or from Python) was looked up in a folder named '~';
+    TCP:// and an address copied with a trailing slash were an unknown spec / 'no valid port'; HOST:PORT got no
+    hint of its scheme; local:² was a ValueError traceback."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "scheduler.json").write_text('{"address": "tcp://127.0.0.1:9"}')
+    with pytest.raises(InputError, match=rf"^cannot connect to the scheduler of {tmp_path}/scheduler\.json at tcp://127\.0\.0\.1:9 "):
+        make_client("~/scheduler.json", timeout="1s")
+    for spec in ("TCP://127.0.0.1:9", "tcp://127.0.0.1:9/", " Tcp://127.0.0.1:9// "):
+        with pytest.raises(InputError, match=r"^cannot connect to tcp://127\.0\.0\.1:9 \("):
+            make_client(spec, timeout="1s")
+    with pytest.raises(InputError, match=r"unknown cluster spec '127\.0\.0\.1:8786' \(a scheduler's address is written tcp://127\.0\.0\.1:8786\)"):
+        make_client("127.0.0.1:8786")
+    for spec in ("local:²", "local:٣", "local:1e1"):
+        with pytest.raises(InputError, match="write local:N"):
+            make_client(spec)
+
+
 @pytest.mark.slow
 def test_external_cluster_example(tmp_path, data):
     """examples/external_cluster.py: dask scheduler + workers started by hand, predict against the scheduler file."""
