@@ -392,3 +392,43 @@ def test_a_netcdf_whose_coordinates_lack_cf_attributes_names_the_fix(tifs, tmp_p
 
     tilefuse.from_xarray(tmp_path / "x.zarr", {"sar": xr.open_dataset(nc, decode_coords="all")["sar"]})
     np.testing.assert_array_equal(open_scene(tmp_path / "x.zarr")["sar"].values, arr.values)
+
+
+@pytest.mark.parametrize("bands", ["", ":2", ":2,1"])
+def test_each_band_of_a_stack_keeps_its_own_nodata(tmp_path, capsys, bands):
+    """A VRT stacking rasters of different nodata (gdalbuildvrt -separate) has one nodata value per band: only
+    band 1's was applied, so band 2's -9999 was ingested as data in valid pixels (its band_mean -2494.5)."""
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    size, transform = 32, from_origin(500_000, 4_000_000, 10, 10)
+    first = np.full((size, size), 5.0, np.float32)
+    first[:, :8] = 0  # nodata 0: the left strip
+    second = np.full((size, size), 7.0, np.float32)
+    second[:8] = -9999  # nodata -9999: the top strip
+    sources = ""
+    for k, (name, data, nodata) in enumerate((("a.tif", first, 0), ("b.tif", second, -9999)), 1):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", height=size, width=size, count=1, dtype="float32",
+                           crs="EPSG:32632", transform=transform, nodata=nodata) as dst:  # fmt: skip
+            dst.write(data, 1)
+        sources += (f'<VRTRasterBand dataType="Float32" band="{k}"><NoDataValue>{nodata}</NoDataValue><SimpleSource>'
+                    f'<SourceFilename relativeToVRT="1">{name}</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>')  # fmt: skip
+    (tmp_path / "stack.vrt").write_text(
+        f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}"><SRS>{CRS.from_epsg(32632).to_wkt()}</SRS>'
+        f"<GeoTransform>{', '.join(map(str, transform.to_gdal()))}</GeoTransform>{sources}</VRTDataset>"
+    )
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"m={tmp_path / 'stack.vrt'}{bands}"], capsys)
+    assert code == 0, err
+    scene = open_scene(tmp_path / "s.zarr")
+    expected = {"": [5.0, 7.0], ":2": [7.0], ":2,1": [7.0, 5.0]}[bands]
+    valid = np.ones((size, size), bool)
+    if 5.0 in expected:
+        valid[:, :8] = False
+    if 7.0 in expected:
+        valid[:8] = False
+    np.testing.assert_array_equal(scene["valid"].values, valid)
+    values = scene["m"].values
+    for k, value in enumerate(expected):
+        assert (values[k][valid] == value).all()
+    np.testing.assert_allclose(scene["m"].attrs["band_mean"], expected)

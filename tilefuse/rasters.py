@@ -95,8 +95,9 @@ class RasterSource:
     band_names: tuple[str, ...]
     magnitude: bool = False
     """Complex raster read as its magnitude."""
-    nodata: float | None = None
-    """The raster's nodata value (NaN nodata needs no masking: NaN is what we store)."""
+    nodata: tuple[float | None, ...] | None = None
+    """The nodata value of each band read, in ``bands`` order (None: none, or NaN, which needs no masking: NaN is
+    what we store); bands may differ (a VRT stacking rasters, ``gdalbuildvrt -separate``). None: no band has one."""
     mask_band: bool = False
     """Validity comes from a GDAL mask or alpha band rather than a nodata value."""
     class_names_tag: str | None = None
@@ -317,11 +318,17 @@ def open_source(
             height=src.height,
             band_names=names or tuple(f"b{b}" for b in bands),
             magnitude=is_complex,
-            nodata=None if src.nodata is None or np.isnan(src.nodata) else float(src.nodata),
+            nodata=_band_nodata(src, bands),
             mask_band=bool(flags & {MaskFlags.per_dataset, MaskFlags.alpha}),
             class_names_tag=tag or None,
             variable=name,
         )
+
+
+def _band_nodata(src, bands: tuple[int, ...]) -> tuple[float | None, ...] | None:
+    """The nodata value of each of ``bands`` of the open raster ``src`` (:attr:`RasterSource.nodata`)."""
+    values = tuple(None if v is None or np.isnan(v) else float(v) for v in (src.nodatavals[b - 1] for b in bands))
+    return values if any(v is not None for v in values) else None
 
 
 def _variables(path: Path) -> list[str]:
@@ -532,8 +539,9 @@ def _read_block(
                 else:
                     raw = src.read(indexes, window=window)
                     data = raw.astype(np.float32)
-                    if source.nodata is not None:
-                        data[raw == source.nodata] = np.nan
+                    for k, value in enumerate((source.nodata or ())[b0:b1]):
+                        if value is not None:
+                            data[k][raw[k] == value] = np.nan
     except RasterioError as error:  # a file cut short or damaged since it was opened: its strips or tiles fail
         raise InputError(
             f"{source.path} cannot be read (rows {top}..{bottom - 1}: {clipped(_root_message(error), 100)}): "
