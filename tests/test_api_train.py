@@ -145,3 +145,19 @@ def test_stores_smaller_than_a_sample_still_split_and_validate(tmp_path):
     stores = [write(labelled_scene(4, 4, seed=s, invalid_disk=False), tmp_path / f"t{s}.zarr", chunk=4) for s in range(2)]
     data = assemble("test-pixel", stores, data=DataOptions(pixels_per_class=1, allow_fewer=True), seed=0)
     assert next(iter(data.val.sampler.iter_stream()), None) is not None
+
+
+def test_test_fraction_with_validation_stores_holds_out_test_blocks_of_the_training_stores(stores, tmp_path):  # noqa: F811
+    """val_stores= replaced the split, and test_fraction=0.3 was dropped without a word: the blocks the user meant to
+    hold out for testing were trained on (evaluate --split then found no test block)."""
+    import numpy as np
+
+    from tilefuse.training_data import DataOptions, assemble
+
+    data = assemble("test-seg", stores[:1], val_stores=stores[1:], data=DataOptions(patch_size=32, test_fraction=0.3), seed=1)
+    train_store, val_store = data.split.assignment
+    assert (train_store == 2).any() and (train_store == 0).any() and not (train_store == 1).any()
+    assert (val_store == 1).all()
+    assert next(iter(data.val.sampler.iter_stream()), None) is not None
+    plain = assemble("test-seg", stores[:1], val_stores=stores[1:], data=DataOptions(patch_size=32), seed=1)
+    assert not any((a == 2).any() for a in plain.split.assignment) and np.all(plain.split.assignment[1] == 1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -161,6 +161,10 @@ def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, p
     from tilefuse.sampling import SpatialSplit, labelled_per_block, spatial_split
 
     if has_val_stores:
+        if data.test_fraction > 0:  # test blocks of the training stores (it was dropped without a word); the rest validates
+            held = _split(scenes[:n_train], readers[:n_train], paths[:n_train], n_train, replace(data, val_fraction=0.0), pixels, tile, seed, False)
+            blocks = [np.ones((-(-ds.sizes["y"] // held.block), -(-ds.sizes["x"] // held.block)), np.int8) for ds in scenes[n_train:]]
+            return SpatialSplit(held.block, (*held.assignment, *blocks))
         edge = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
         return SpatialSplit(edge, tuple(np.full((1, 1), 0 if i < n_train else 1, np.int8) for i in range(len(scenes))))
     if data.val_fraction <= 0 and data.test_fraction <= 0:
