@@ -92,3 +92,24 @@ def test_a_file_a_bare_folder_or_a_part_of_a_store_is_named_as_such(tmp_path):
         with pytest.raises(InputError, match=message) as raised:
             open_scene(path)
         assert "Error:" not in str(raised.value), raised.value
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"chunk": 0}, {"chunk": -1}, {"chunk": 1.5}, {"chunk": True}, {"chunk": "64"}, {"chunk": 48, "shard": 64}, {"shard": 0},
+     {"chunk": 64, "shard": True}],
+)
+def test_a_chunk_or_shard_a_store_cannot_have_is_one_input_error(tmp_path, settings):
+    """Each was a ZeroDivisionError, a ValueError or TypeError from zarr or dask, or (True) taken for 1 px."""
+    with pytest.raises(InputError, match="chunk=|shard="):
+        write_scene(make_scene(40, 70), tmp_path / "s.zarr", **settings)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_dataset_without_valid_or_modality_is_an_input_error(tmp_path):
+    scene = make_scene(40, 40)
+    with pytest.raises(InputError, match="no 'valid'"):
+        write_scene(scene.drop_vars("valid"), tmp_path / "a.zarr")
+    with pytest.raises(InputError, match="no modality"):
+        write_scene(scene[["valid"]], tmp_path / "b.zarr")
+    assert list(tmp_path.iterdir()) == []

@@ -121,7 +121,9 @@ def encoding_for(var: xr.DataArray, chunk: int = CHUNK, shard: int | None = SHAR
         bands = var.shape[0] if var.ndim == 3 else 1
         if bands * shard * shard * itemsize <= MAX_SHARD_BYTES:
             # a shard must hold whole chunks; it may run past the array's edge
-            edges = (min(shard, -(-n // chunk) * chunk) for n in var.shape[-2:])
+            edges = [min(shard, -(-n // chunk) * chunk) for n in var.shape[-2:]]
+            if any(edge % chunk for edge in edges):
+                raise InputError(f"shard= must be None or a whole number of px, a multiple of chunk= ({chunk}), got {shard!r}")
             enc["shards"] = (*((var.shape[0],) if var.ndim == 3 else ()), *edges)
             # whole chunk edges inside a shard (a side shorter than ``chunk`` would not divide the shard)
             enc["chunks"] = (*((var.shape[0],) if var.ndim == 3 else ()), chunk, chunk)
@@ -193,9 +195,13 @@ def write_scene(
     from tilefuse.outputs import claim, create, local_path
 
     path = local_path(path, "output", output=True)  # a URL is refused, ~ is the home folder
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise InputError(f"chunk= must be a whole number of px >= 1, got {chunk!r}")
+    if shard is not None and (isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or shard < 1):
+        raise InputError(f"shard= must be None or a whole number of px, a multiple of chunk= ({chunk}), got {shard!r}")
     claim(path, "scene", inputs=inputs, overwrite=overwrite)
     if "valid" not in ds:
-        raise ValueError("a scene needs a 'valid' (y, x) mask")
+        raise InputError("the scene Dataset has no 'valid' (y, x) mask: add one (True where every modality has data)")
     if "label" in ds and "class_names" in ds["label"].attrs:
         problem = class_names_problem(ds["label"].attrs["class_names"])
         if problem:
@@ -204,7 +210,7 @@ def write_scene(
         raise InputError("the scene has no CRS: pass --crs (e.g. EPSG:32632)")
     names = [str(n) for n in ds.data_vars if ds[n].dims == (band_dim(str(n)), "y", "x")]
     if not names:
-        raise ValueError("a scene needs at least one (<name>_band, y, x) modality variable")
+        raise InputError("the scene Dataset has no modality: each is a (<name>_band, y, x) variable, e.g. optical (optical_band, y, x)")
 
     ds = ds.copy()
     ds.attrs[STORE_KIND] = "scene"
