@@ -252,18 +252,27 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
 
 
 def dask_setup(worker) -> None:
-    """Run by each worker of a ``local:N`` cluster as it starts (dask's preload): it ignores SIGINT.
+    """Run by each worker of a ``local:N`` cluster as it starts (dask's preload).
 
-    Ctrl-C in a terminal sends SIGINT to the whole foreground process group, workers included: each one
-    died with a KeyboardInterrupt traceback (two dozen lines per worker, around 'tilefuse: interrupted'),
-    and the scheduler warned about the results they lost. The interrupt is the client's to handle: it
-    cancels the blocks and closes the cluster, which stops the workers.
+    - It ignores SIGINT. Ctrl-C in a terminal sends SIGINT to the whole foreground process group, workers
+      included: each one died with a KeyboardInterrupt traceback (two dozen lines per worker, around
+      'tilefuse: interrupted'), and the scheduler warned about the results they lost. The interrupt is the
+      client's to handle: it cancels the blocks and closes the cluster, which stops the workers.
+    - Blosc's decoding lock is a thread lock. numcodecs makes it a ``multiprocessing.Lock`` (a named
+      semaphore this process's resource tracker, shared with the workers, cleans up): a worker killed
+      (out of memory) left it, and the client's exit printed 'resource_tracker: There appear to be 1 leaked
+      semaphore objects' after the run's one line. Within one worker the two are the same lock.
     """
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(ImportError):
+        from numcodecs import blosc
+
+        if getattr(blosc, "_MUTEX_IS_INIT", None) is False:  # numcodecs' lazy lock, not made yet
+            blosc._MUTEX, blosc._MUTEX_IS_INIT = threading.Lock(), True
 
 
 def _local_device() -> str:

@@ -264,6 +264,7 @@ def test_a_block_that_keeps_killing_its_workers_is_one_line_naming_it_and_the_st
         rf"\(out of memory\? see their logs\): rerun with resume=True \(--resume\): {re.escape(str(out))} keeps the blocks written so far",
         errors[0],
     ), errors
+    assert "leaked semaphore" not in result.stderr, result.stderr[-3000:]  # the killed workers' blosc lock
     assert not done_blocks(out).all()
     with pytest.raises(InputError, match="partial prediction.*--resume"):
         open_prediction(out)
