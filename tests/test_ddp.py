@@ -520,5 +520,24 @@ def test_an_interrupted_job_of_two_gives_back_its_lock_and_leaves_nothing_half_w
     assert read_config(run).extra["step"] >= 1
 
 
+def test_sigterm_becomes_an_exit_only_where_it_had_its_default_action():
+    """A SIGTERM ignored by the caller (nohup, a supervisor) was made fatal for the run, and a program's own
+    handler replaced, by the handler that unwinds predict and the launcher."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        for handler in (signal.SIG_IGN, lambda *_: None):
+            signal.signal(signal.SIGTERM, handler)
+            with distributed.terminating():
+                assert signal.getsignal(signal.SIGTERM) is handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with pytest.raises(SystemExit) as stopped:
+            with distributed.terminating():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises in this thread at once
+        assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 if __name__ == "__main__":
     _rank_main(sys.argv[1])

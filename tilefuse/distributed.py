@@ -376,9 +376,10 @@ def terminate_as_exit() -> Callable[[], None]:
     closed): a plain SIGTERM (a batch system's cancel or time limit, ``kill``) ended it at once and left them,
     a lock that a resumed job on another host was refused by; returns the undo.
 
-    Only in the main thread (where Python delivers signals); elsewhere a no-op.
+    Only in the main thread (where Python delivers signals) and where SIGTERM has its default action; elsewhere
+    a no-op: a SIGTERM ignored (``nohup``, a supervisor) stays ignored, and a handler the program set stays its own.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return lambda: None
 
     def terminate(signum, _frame) -> None:
