@@ -89,6 +89,12 @@ def evaluate(
             valid = valid & in_subset(rows, cols)
         confusion.update(predicted["labels"].isel(window).values, np.where(valid, target, IGNORE))
     metrics = confusion.compute(class_names)
+    if in_subset is not None and not metrics["pixels"] + metrics["unscored_pixels"]:  # metrics of nothing read as a score
+        block, context = in_subset.block, in_subset.context
+        raise InputError(
+            f"{split}: no labelled pixel of {labels} in its {subset!r} blocks of {block} px lies {context} px or more inside them "
+            f"(the context a sample needs): train with larger blocks, block= (--block) {2 * block} or more, or evaluate without split="
+        )
     metrics["prediction"], metrics["labels"] = str(prediction), str(labels)
     if split is not None:
         metrics["split"], metrics["subset"] = str(split), subset
@@ -141,7 +147,12 @@ def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tupl
     if not (layout.assignment[index] == SUBSETS.index(subset)).any():
         raise InputError(f"{path} gives no block of {labels} to {subset!r}: train with --{subset}-fraction > 0 or evaluate another store")
     context = saved.context
-    return lambda rows, cols: split_mask(layout, index, subset, rows.start, rows.stop, cols.start, cols.stop, shape, context)
+
+    def mask(rows, cols):
+        return split_mask(layout, index, subset, rows.start, rows.stop, cols.start, cols.stop, shape, context)
+
+    mask.block, mask.context = layout.block, context
+    return mask
 
 
 def evaluate_command(

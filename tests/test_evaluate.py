@@ -158,3 +158,23 @@ def test_a_subset_without_a_split_is_refused_not_ignored(scene_and_prediction, c
         with pytest.raises(InputError, match=r"needs split="):
             evaluate(pred, store, subset=subset)
     assert main(["evaluate", str(pred), "--labels", str(store)]) == 0
+
+
+def test_a_split_whose_held_out_blocks_leave_no_pixel_to_score_is_one_line(scene_and_prediction, tmp_path, capsys):
+    """Blocks as large as the patch (the default block for stores under 8 patches across) hold no pixel whose
+    context (half the patch) lies wholly in them: evaluate --split returned metrics of 0 pixels (OA null), which
+    read like a score. It names the blocks, the context and the fix."""
+    from tilefuse.sampling import spatial_split
+
+    store, pred, _, _ = scene_and_prediction
+    blocks = np.zeros((5, 5), int)
+    blocks[2, 2] = blocks[1, 3] = 2  # test blocks away from the scene's edges, apart: none holds a 33 px neighbourhood
+    blocks[3, 1] = 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps({"stores": [str(store)], "context": 16, "block": 32, "assignment": [blocks.tolist()]}))
+    with pytest.raises(InputError, match=r"no labelled pixel of .*scene\.zarr in its 'test' blocks of 32 px lies 16 px or more inside them .*block= \(--block\)"):
+        evaluate(pred, store, split=run)
+    assert main(["evaluate", str(pred), "--labels", str(store), "--split", str(run), "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--block" in err, err
