@@ -268,3 +268,13 @@ def test_a_run_being_trained_before_its_first_checkpoint_is_named_at_once(tmp_pa
                 with pytest.raises(InputError, match="does not exist|is not a checkpoint"):
                     reader(checkpoint)
             assert time.perf_counter() - started < 6
+
+
+def test_a_checkpoint_path_with_tilde_is_saved_in_the_home_folder_and_loads(tmp_path, monkeypatch):
+    """save_checkpoint("~/ckpt") was refused ('starts with ~, which is not expanded here') where every other
+    path of the API (stores, runs, predictions) expands ~ to the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model, config = _trained_model("pad")
+    path = save_checkpoint(model, config, "~/runs/ckpt")
+    assert path == tmp_path / "runs" / "ckpt" and (path / WEIGHTS).is_file()
+    assert load_checkpoint("~/runs/ckpt")[1].model == config.model

@@ -164,9 +164,9 @@ def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLi
     checkpoint written by tilefuse is replaced; anything else at ``path``, or a
     ``path`` at, inside or around one of ``inputs``, is refused.
     """
-    from tilefuse.outputs import create
+    from tilefuse.outputs import create, local_path
 
-    path = Path(path)
+    path = local_path(path, "checkpoint", output=True)  # ~ is the home folder, as for every other path
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     size = sum(v.numel() * v.element_size() for v in state.values())
     with create(path, "checkpoint", inputs=inputs, overwrite=True, size=size, what="checkpoint") as tmp:
@@ -265,12 +265,18 @@ def verify_weights(path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose weights do not match the checksum its config records (InputError, one line).
 
     For the writer of the run that holds it (a training resume): a mismatch is damage, at once."""
-    _read(Path(path), wait=False)
+    _read(_local(path), wait=False)
+
+
+def _local(path: str | os.PathLike) -> Path:
+    from tilefuse.outputs import local_path
+
+    return local_path(path, "checkpoint")  # ~ is the home folder
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """Read a checkpoint's config without loading weights."""
-    path = Path(path)
+    path = _local(path)
     config_file = path / CONFIG
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist: pass a directory written by `tilefuse train`")
@@ -285,7 +291,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 def read_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     """The config and :func:`checkpoint_hash` of one version of checkpoint ``path`` (read whole even while a
     training run replaces it), its weights checked against their recorded checksum; weights are not loaded."""
-    path = Path(path)
+    path = _local(path)
     data, digest, _ = _read(path)
     return ModelConfig.from_dict(data, source=f"checkpoint config {path / CONFIG}"), digest
 
@@ -299,7 +305,7 @@ def load_checkpoint(
     ``expect_hash``: refuse (InputError) a checkpoint whose :func:`checkpoint_hash` is another, e.g. one
     rewritten by a training run since a prediction recorded its hash.
     """
-    path = Path(path)
+    path = _local(path)
     data, digest, state = _read(path, device)
     if expect_hash is not None and digest != expect_hash:
         raise InputError(
