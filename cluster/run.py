@@ -201,8 +201,8 @@ class PredictionPlan:
     band_mean: tuple
     band_std: tuple
     scene: "xr.Dataset" = field(repr=False)
-    scene_id: int | None = None
-    """Inode number of the scene store's folder (:attr:`tilefuse.inference.BlockJob.scene_id`)."""
+    scene_id: tuple[int, int] | None = None
+    """:func:`tilefuse.inference.scene_identity` of the scene store (:attr:`tilefuse.inference.BlockJob.scene_id`)."""
 
     @property
     def channels(self) -> int:
@@ -240,6 +240,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     from tilefuse.classes import default_class_name
     from tilefuse.cluster.plugin import ModelSource
     from tilefuse.grid import TileGrid
+    from tilefuse.inference import scene_identity
     from tilefuse.outputs import claim, clean_stale
     from tilefuse.prediction import SCENE_DIGEST, check_resumable, prediction_attrs, scene_digest
     from tilefuse.scene import SHARD, open_scene, require_modalities
@@ -252,7 +253,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     clean_stale(out)
 
     config, spec, digest = inspect_checkpoint(checkpoint)
-    scene_id = os.stat(store).st_ino if store.exists() else None  # the store this run reads (BlockJob.scene_id)
+    scene_id = scene_identity(store)  # the store this run reads (BlockJob.scene_id)
     scene = open_scene(store)
     require_modalities(scene, config.modalities, where=str(store))
     overlap = options.overlap

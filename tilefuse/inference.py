@@ -120,22 +120,30 @@ class BlockJob:
     """Window kind of :mod:`tilefuse.blending`, or "none" for models that do not blend."""
     probs: str | None = None
     """dtype of the ``probs`` output, None to write labels only."""
-    scene_id: int | None = None
-    """Inode number of the scene store's folder when the run was planned (None: not checked). A block that
-    finds another folder there (the store replaced mid-run: ``ingest``/``synth --overwrite``) fails
-    (:func:`same_scene`): its pixels, read from the new scene, were written among the old scene's blocks, and
-    the store was marked complete."""
+    scene_id: tuple[int, int] | None = None
+    """:func:`scene_identity` of the scene store when the run was planned (None: not checked). A block that
+    finds another store there (replaced mid-run: ``ingest``/``synth --overwrite``) fails (:func:`same_scene`):
+    its pixels, read from the new scene, were written among the old scene's blocks, and the store was marked
+    complete."""
+
+
+def scene_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(mtime in ns, size) of a store's root ``zarr.json``, None where it has none: a store written anew (renamed
+    into place) has another one. Unlike the folder's inode, the same on every host of a shared filesystem
+    (FUSE and SMB mounts number inodes per client)."""
+    try:
+        info = os.stat(os.path.join(path, "zarr.json"))
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
 
 
 def same_scene(job: BlockJob) -> None:
     """Refuse, in one line, a scene store that is not the one the run planned (:attr:`BlockJob.scene_id`)."""
     if job.scene_id is None:
         return
-    try:
-        found = os.stat(job.scene).st_ino
-    except OSError:
-        found = None
-    if found != job.scene_id:
+    found = scene_identity(job.scene)
+    if found != tuple(job.scene_id):
         raise InputError(
             f"scene store {job.scene} was {'removed' if found is None else 'replaced'} while this prediction read it "
             "(its blocks would mix two scenes): predict it again, with --overwrite, once the store is written"
