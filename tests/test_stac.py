@@ -155,3 +155,19 @@ def test_odc_stac_load_equals_ingest(scenes, tmp_path):
     expected = ingest(tmp_path / "ingest.zarr", {"optical": scenes["optical"][1]})
     ours = tilefuse_from_xarray(tmp_path / "odc.zarr", {"optical": loaded}, time=1)
     assert_same_scene(expected, ours)
+
+
+def test_asset_keys_of_the_wrong_shape_are_one_line(scenes, tmp_path):
+    """From Python: a list instead of {name: keys} was an AttributeError traceback, a key that is not a string
+    ('optical': ['B04', 3]) an AttributeError in .strip, and a dict of keys was taken by its own keys."""
+    from tilefuse.stac import scene_from_stac
+
+    for assets, message in (
+        (["visual"], r"^assets= must be a dict of modality name -> asset keys"),
+        ({"optical": ["B04", 3]}, r"^modality 'optical': asset keys must be strings"),
+        ({"optical": {"B04": 1}}, r"^modality 'optical': asset keys must be strings"),
+        ({"optical": None}, r"^modality 'optical': asset keys must be strings"),
+    ):
+        with pytest.raises(InputError, match=message) as error:
+            scene_from_stac(scenes["one"], assets)
+        assert "\n" not in str(error.value)

@@ -161,6 +161,8 @@ def scene_from_stac(
     """
     from tilefuse.ecosystem import scene_from_xarray
 
+    if not isinstance(assets, Mapping):
+        raise InputError(f"assets= must be a dict of modality name -> asset keys, got {type(assets).__name__}: pass e.g. {{'optical': ['B04', 'B03', 'B02']}}")
     if not assets:
         raise InputError("no modality given: pass at least one --asset NAME=KEY[,KEY...]")
     if labels is not None and label_asset is not None:
@@ -169,6 +171,8 @@ def scene_from_stac(
     base = Path(stac).resolve().parent
     modalities = {}
     for name, keys in assets.items():
+        if not isinstance(keys, str) and not (isinstance(keys, Sequence) and all(isinstance(k, str) for k in keys)):
+            raise InputError(f"modality {name!r}: asset keys must be strings (a list, or one 'B04,B03,B02'), got {keys!r:.80}")
         keys = [k.strip() for k in keys.split(",")] if isinstance(keys, str) else list(keys)
         if not keys or not all(keys):
             raise InputError(f"modality {name!r} names no asset: pass NAME=KEY[,KEY...]")
