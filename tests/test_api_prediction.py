@@ -45,3 +45,23 @@ def test_a_dataset_of_the_other_kind_of_store_is_named_as_such(store, tmp_path):
     partial = open_prediction(store, allow_partial=True)
     with pytest.raises(InputError, match=r"^labels= is the prediction store .*p\.zarr \(opened with open_prediction\), not a scene store"):
         tilefuse.evaluate(store, partial)
+
+
+@pytest.mark.parametrize("bad", ["water", [1, 2], ["a", "a"], ["a", ""], None])
+def test_damaged_class_names_of_a_prediction_are_named_not_used(store, bad):
+    """A prediction's class list edited or damaged ('water', numbers, one name twice) was used as data: evaluate
+    blamed the labels ("class lists conflict: class 0 is 'w' in pred.zarr but 'water' in scene.zarr: evaluate
+    against labels of the classes the model was trained on") and export wrote a legend of 5 classes named w, a, t, e, r."""
+    import zarr
+
+    from tilefuse import storage
+    from tilefuse.grid import Block
+    from tilefuse.prediction import mark_complete, write_block
+
+    write_block(store, (slice(0, 64), slice(0, 64)), Block(0, 0), np.zeros((64, 64), np.uint8))
+    mark_complete(store)
+    assert list(open_prediction(store)["labels"].attrs["class_names"]) == ["a", "b"]
+    zarr.open_group(store, mode="r+")["labels"].attrs["class_names"] = bad
+    storage.consolidate(store)
+    with pytest.raises(InputError, match=r"p\.zarr: the class_names of its array 'labels' .*: the store is corrupt, recompute it with `tilefuse predict \.\.\. --overwrite`"):
+        open_prediction(store)

@@ -37,6 +37,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from tilefuse.classes import class_names_problem
 from tilefuse.errors import InputError
 from tilefuse.grid import Block, TileGrid
 from tilefuse import storage
@@ -400,6 +401,10 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
     from tilefuse.outputs import live_writer
 
     ds = open_store(path, "prediction")  # a complete store promises every chunk
+    for name in OUTPUTS:  # what evaluate, export and quicklooks name the classes by: damaged is never used
+        problem = class_names_problem(ds[name].attrs["class_names"]) if name in ds and "class_names" in ds[name].attrs else None
+        if problem:
+            raise InputError(f"{path}: the class_names of its array {name!r} {problem}: the store is corrupt, recompute it with `tilefuse predict ... --overwrite`")
     writer = None
     if not ds.attrs.get("complete", False):
         writer = live_writer(path)
