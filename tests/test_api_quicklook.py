@@ -54,3 +54,12 @@ def test_a_label_quicklooks_slips_are_one_line_and_class_names_default_to_the_ma
         quicklook_labels(scene["label"], ["a"], tmp_path / "q.png", max_size=-3)
     assert not (tmp_path / "q.png").exists()
     assert quicklook_labels(scene["label"], None, tmp_path / "q.png").is_file()  # the map's own class_names (TypeError before)
+
+
+def test_a_dataset_without_modalities_is_one_line_naming_the_labels_quicklook(tmp_path):
+    """A prediction (or any Dataset with no modality) given to quicklook_scene was an IndexError traceback."""
+    import xarray as xr
+
+    for ds in (xr.Dataset(), xr.Dataset({"labels": (("y", "x"), np.zeros((4, 4), np.uint8))})):
+        with pytest.raises(InputError, match=r"^scene= has no modality to draw .*quicklook_labels"):
+            quicklook_scene(ds, tmp_path / "q.png")

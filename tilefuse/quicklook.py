@@ -187,6 +187,8 @@ def quicklook_scene(
         inputs = [*inputs, scene]
     ds = scene if isinstance(scene, xr.Dataset) else open_scene(scene)
     names = modalities(ds)
+    if not names:  # a prediction, say
+        raise InputError("scene= has no modality to draw (no (band, y, x) array): for a label or prediction map use quicklook_labels")
     if modality is None:
         modality = next((n for n in names if ds[n].sizes[band_dim(n)] >= 3), names[0])
     elif modality not in names:
