@@ -55,20 +55,20 @@ def ingest(
     """
     import rasterio
 
-    from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_grid_size, check_label_options, check_modality_names, ingest_rasters
+    from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_grid_size, check_label_options, check_modalities_given, check_modality_names, ingest_rasters
     from tilefuse.scene import write_scene
 
     from tilefuse.outputs import claim, local_path
     from tilefuse.rasters import spec_file
 
     out = local_path(out, "output", output=True)  # a URL is refused, ~ is the home folder
+    check_modalities_given(modalities, labels, paths=stac is None)
+    check_label_options(labels if stac is None else labels or label_asset, class_names, label_map)
     stac = None if stac is None else local_path(stac, "--stac")
     specs = [stac, labels] if stac is not None else [*modalities.values(), labels]
     inputs = [spec_file(spec) if spec is not stac else spec for spec in specs if spec is not None]
     claim(out, "scene", inputs=inputs, overwrite=overwrite)
     limit = None if allow_large else (MAX_PIXELS if max_pixels is None else _positive(max_pixels, "max_pixels"))
-    check_modality_names(list(modalities))
-    check_label_options(labels if stac is None else labels or label_asset, class_names, label_map)
     if stac is not None:  # STAC input: assets of Items, through tilefuse.ecosystem
         from tilefuse.stac import scene_from_stac
 

@@ -44,7 +44,7 @@ def synth(
     claim(out, "scene", overwrite=overwrite, inputs=[geotiff])
     if geotiff is not None:
         claim(geotiff, "geotiff-folder", overwrite=overwrite, what="GeoTIFF folder")
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = (size, size) if isinstance(size, int) else (tuple(size) if isinstance(size, (tuple, list)) and len(size) == 2 else (size, size))
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in (height, width)):
         raise InputError(f"size= (--size) must be a whole number of px >= 1, got {size!r}")
     check_grid_size(width, height, what="the synthetic scene", fix="choose a smaller --size")

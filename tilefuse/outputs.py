@@ -352,6 +352,8 @@ def local_path(path: str | os.PathLike, what: str = "path", *, output: bool = Fa
     ``what`` names the path in the message; ``output`` says which way it goes; ``file``: a file output, so a
     path written as a folder's (``out/``, ``.``) is refused (a file named ``out`` was written).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{what} must be a path (a str or os.PathLike), got {type(path).__name__} {clipped(repr(path))}")
     text = os.fspath(path)
     if file and (text.endswith(os.sep) or Path(text).name in ("", ".", "..")):
         raise InputError(f"{what} {text} names a folder, but this output is a file: add the file's name (e.g. {os.path.join(text, 'NAME')})")

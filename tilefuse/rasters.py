@@ -210,8 +210,31 @@ def check_grid_size(
         )
 
 
+def check_modalities_given(modalities, labels=None, *, paths: bool = True) -> None:
+    """Refuse ``modalities`` that is not a non-empty mapping of plain names to raster specs (paths, where ``paths``;
+    STAC asset keys otherwise), and ``labels`` that is neither None nor a path (with ``paths``)."""
+    if not isinstance(modalities, Mapping):
+        raise InputError(f"modalities= must map names to raster paths, e.g. {{'sar': 's1.tif'}}, got {type(modalities).__name__}")
+    if not modalities:
+        raise InputError("no modality given: pass at least one --modality NAME=PATH")
+    check_modality_names(list(modalities))
+    if not paths:
+        return
+    for name, spec in modalities.items():
+        if not isinstance(spec, (str, os.PathLike)):
+            raise InputError(f"modality {name!r} must be a raster path (PATH[:BANDS]), got {clipped(repr(spec))}")
+    if labels is not None and not isinstance(labels, (str, os.PathLike)):
+        raise InputError(f"labels= must be a raster path (PATH[:BAND]), got {clipped(repr(labels))}")
+
+
 def check_label_options(labels, class_names, label_map) -> None:
-    """Refuse ``class_names`` or ``label_map`` given without ``labels`` (they were dropped without a word)."""
+    """Refuse ``class_names`` or ``label_map`` given without ``labels`` (they were dropped without a word), and
+    values of the wrong type: class_names a string (read one name per letter), label_map
+    neither ``"FROM:TO,..."`` nor a mapping."""
+    if isinstance(class_names, str):
+        raise InputError(f"class_names= must be a list of names, e.g. ['water', 'trees'], got the string {clipped(repr(class_names))}")
+    if label_map is not None and not isinstance(label_map, (str, Mapping)):
+        raise InputError(f"label_map= must be a mapping {{FROM: TO}} or 'FROM:TO,...', got {clipped(repr(label_map))}")
     if labels is not None:
         return
     for value, flag in ((class_names, "--class-names (class_names=)"), (label_map, "--label-map (label_map=)")):
@@ -229,7 +252,7 @@ def parse_label_map(text: str | None) -> dict[int, int]:
         except ValueError:
             key = value = None
         if not sep or key is None or not 0 <= value <= IGNORE:
-            raise InputError(f"bad --label-map entry {item!r}: write FROM:TO with integers, TO in 0..255 (e.g. -1:255)")
+            raise InputError(f"bad --label-map (label_map=) entry {item!r}: write FROM:TO with integers, TO in 0..255 (e.g. -1:255)")
         if key in mapping:  # the last target won without a word
             raise InputError(f"bad --label-map: label {key} is mapped twice ({key}:{mapping[key]} and {key}:{value}): give each FROM once")
         mapping[key] = value
@@ -399,12 +422,16 @@ def reference_grid(source: RasterSource, crs: str | None = None, resolution: flo
         left, top = min(t.c, t.c + t.a * source.width), max(t.f, t.f + t.e * source.height)
         return Grid(source.crs, Affine(abs(t.a), 0.0, left, 0.0, -abs(t.e), top), source.width, source.height)
     explicit = resolution if resolution is not None and np.isscalar(resolution) else None
+    given = resolution
     if resolution is None and target == source.crs:
         resolution = (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
     if resolution is not None:
-        resolution = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
-        if not all(math.isfinite(r) and r > 0 for r in resolution):
-            raise InputError(f"--resolution must be a positive number, got {resolution}")
+        try:
+            resolution = tuple(float(r) for r in ((resolution, resolution) if np.isscalar(resolution) else resolution))
+        except (TypeError, ValueError):
+            resolution = None
+        if resolution is None or len(resolution) != 2 or not all(math.isfinite(r) and r > 0 for r in resolution):
+            raise InputError(f"--resolution must be a positive number (resolution=: a number or an (x, y) pair), got {given!r}")
     try:
         transform, width, height = calculate_default_transform(
             source.crs, target, source.width, source.height, *_footprint(source), resolution=resolution
@@ -760,15 +787,13 @@ def ingest_rasters(
     A grid of more than ``max_pixels`` pixels (None: no limit) is refused
     before any reading is planned (:func:`check_grid_size`).
     """
-    if not modalities:
-        raise InputError("no modality given: pass at least one --modality NAME=PATH")
-    check_modality_names(list(modalities))
+    check_modalities_given(modalities, labels)
     check_label_options(labels, class_names, label_map)
     if complex_mode is not None and complex_mode not in COMPLEX_MODES:
         raise InputError(f"unknown --complex {complex_mode!r}: the only choice is 'magnitude'")
     if resampling not in RESAMPLING:
         raise InputError(f"unknown --resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
-    mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
+    mapping = parse_label_map(label_map if isinstance(label_map, str) or label_map is None else ",".join(f"{k}:{v}" for k, v in label_map.items()))
     sources = {
         name: open_source(spec, what=f"modality {name!r}", assume_crs=crs, complex_mode=complex_mode)
         for name, spec in modalities.items()

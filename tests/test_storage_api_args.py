@@ -1,0 +1,46 @@
+"""The Python API answers arguments of the wrong type with one InputError naming the parameter."""
+
+import pytest
+
+import tilefuse
+from tilefuse.errors import InputError
+from tilefuse.synthetic import synth_scene
+
+
+@pytest.fixture(scope="module")
+def tifs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    tilefuse.synth(root / "s.zarr", 48, geotiff=root / "g")
+    return root
+
+
+def test_arguments_of_the_wrong_type_are_one_input_error_naming_the_parameter(tifs, tmp_path):
+    """Each was a TypeError/AttributeError/ValueError traceback (os.fspath of None, list.values(), int('x'),
+    unpacking a 1-tuple, math.isfinite('x')), or (class_names='a,b') the string read one name per character."""
+    g = tifs / "g"
+    sar, labels = {"sar": str(g / "sar.tif")}, str(g / "label.tif")
+    out = tmp_path / "i.zarr"
+    calls = {
+        "store": lambda: tilefuse.info(None),
+        "quicklook": lambda: tilefuse.info(tifs / "s.zarr", quicklook=5),
+        "output": lambda: tilefuse.synth(None, 32),
+        "size=": lambda: tilefuse.synth(out, (32,)),
+        "GeoTIFF folder": lambda: tilefuse.write_geotiffs(synth_scene(32), None),
+        "modalities=": lambda: tilefuse.ingest(out, [f"sar={g / 'sar.tif'}"]),
+        "modality 'sar'": lambda: tilefuse.ingest(out, {"sar": None}),
+        "labels=": lambda: tilefuse.ingest(out, sar, labels=5),
+        "resolution=": lambda: tilefuse.ingest(out, sar, resolution="x"),
+        "class_names=": lambda: tilefuse.ingest(out, sar, labels=labels, class_names="a,b"),
+        "label_map=": lambda: tilefuse.ingest(out, sar, labels=labels, label_map={1: "x"}),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InputError, match=name):
+            call()
+    with pytest.raises(InputError, match="modalities="):
+        tilefuse.ingest_rasters(["x"])
+    with pytest.raises(InputError, match="resolution="):
+        tilefuse.ingest(out, sar, resolution=(10, 10, 10))
+    assert list(tmp_path.iterdir()) == []
+    # the right types still work: a label_map mapping, a resolution pair
+    tilefuse.ingest(out, sar, labels=labels, label_map={0: 255}, resolution=(20, 20))
+    assert tilefuse.open_scene(out).sizes["x"] == 24
