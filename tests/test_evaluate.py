@@ -178,3 +178,21 @@ def test_a_split_whose_held_out_blocks_leave_no_pixel_to_score_is_one_line(scene
     assert main(["evaluate", str(pred), "--labels", str(store), "--split", str(run), "--json"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--block" in err, err
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"block": 0}, {"block": -32}, {"block": 1.5}, {"assignment": [[[0, 7], [1, 2]]]}, {"assignment": [[[0, 300], [1, 2]]]}, {"assignment": [[0, 1]]},
+     {"assignment": [[[0, 1], [2]]]}, {"context": -1}, {"stores": "scene.zarr"}],
+)
+def test_a_damaged_split_file_is_one_line_naming_it(scene_and_prediction, tmp_path, damage):
+    """A split file edited or damaged into a block of 0 px (ZeroDivisionError traceback), codes that are no subset
+    (used as data: 7 counted as no subset at all), a ragged or 1-D assignment, a negative context."""
+    store, pred, _, _ = scene_and_prediction
+    run = tmp_path / "run"
+    run.mkdir()
+    good = {"stores": [str(store)], "context": 3, "block": 64, "assignment": [[[0, 2, 1], [2, 0, 0], [0, 1, 2]]]}
+    (run / "split.json").write_text(json.dumps({**good, **damage}))
+    with pytest.raises(InputError, match=r"split\.json is not a training split \(.*\): pass a run folder trained with a split") as error:
+        evaluate(pred, store, split=run)
+    assert "\n" not in str(error.value)

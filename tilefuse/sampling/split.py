@@ -205,6 +205,24 @@ def load_split(path: str | os.PathLike) -> SavedSplit:
     path = path / SPLIT_FILE if path.is_dir() else path
     try:
         data = json.loads(path.read_text())
-        return SavedSplit(SpatialSplit.from_dict(data), [str(s) for s in data["stores"]], int(data.get("context", 0)))
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        saved = SavedSplit(SpatialSplit.from_dict(data), [str(s) for s in data["stores"]], int(data.get("context", 0)))
+        problem = _split_problem(data, saved)
+        if problem:
+            raise ValueError(problem)
+        return saved
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as error:
         raise InputError(f"{path} is not a training split ({error}): pass a run folder trained with a split") from None
+
+
+def _split_problem(data: dict, saved: SavedSplit) -> str | None:
+    """What is wrong with a split file's values (edited or damaged), or None."""
+    if not isinstance(data["block"], int) or isinstance(data["block"], bool) or data["block"] < 1:
+        return f"block {data['block']!r} is not a whole number of px >= 1"
+    if not isinstance(data["stores"], list) or len(saved.stores) != len(saved.split.assignment):
+        return "its stores and assignments differ in number"
+    if saved.context < 0 or data.get("context", 0) != saved.context:
+        return f"context {data.get('context')!r} is not a whole number of px >= 0"
+    for a in saved.split.assignment:
+        if a.ndim != 2 or not np.isin(a, range(len(SUBSETS))).all():
+            return f"an assignment is not a grid of codes 0..{len(SUBSETS) - 1}"
+    return None
