@@ -47,3 +47,12 @@ def test_a_pipe_read_to_the_end_is_a_normal_exit(tmp_path):
     )
     assert (done.returncode, done.stderr) == (0, "")
     assert "pad" in done.stdout
+
+
+def test_a_stdout_closed_from_the_start_is_no_traceback(tmp_path):
+    """`tilefuse models >&-`: Python starts with sys.stdout None; the final flush was an AttributeError traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from tilefuse.cli import main; sys.exit(main(sys.argv[1:]))", "models"],
+        stderr=subprocess.PIPE, cwd=tmp_path, timeout=120, text=True, preexec_fn=lambda: os.close(1),
+    )
+    assert "Traceback" not in done.stderr and done.returncode in (0, 141), (done.returncode, done.stderr)

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = _pipe_probe()
     try:
         status = _main(argv)
-        if status == 0:
+        if status == 0 and sys.stdout is not None:  # None: started with stdout closed (>&-)
             sys.stdout.flush()
         return _stdout_closed() if status == 1 and _reader_gone(probe) else status
     except BrokenPipeError:
