@@ -262,12 +262,19 @@ def dask_setup(worker) -> None:
       semaphore this process's resource tracker, shared with the workers, cleans up): a worker killed
       (out of memory) left it, and the client's exit printed 'resource_tracker: There appear to be 1 leaked
       semaphore objects' after the run's one line. Within one worker the two are the same lock.
+    - A heartbeat that meets the scheduler closed is not reported: the scheduler runs in the client's
+      process, so it is closing (the run ended, or was interrupted), and a worker's 'Failed to communicate
+      with scheduler during heartbeat' with its OSError traceback (a race of the close, seen once in a loaded
+      run) was the last thing on the client's stderr.
     """
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(
+        lambda record: not str(record.msg).startswith("Failed to communicate with scheduler during heartbeat")
+    )
     with contextlib.suppress(ImportError):
         from numcodecs import blosc
 
