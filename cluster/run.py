@@ -261,7 +261,9 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
         overlap = options.tile // 4 if spec.blend else 0
     if not spec.blend and overlap:
         raise InputError(f"model {config.model!r} does not blend its tiles (each pixel is computed once): use overlap=0 (--overlap 0)")
-    if options.tile - overlap < MIN_STRIDE:
+    existing = prediction_attrs(out) if out.exists() and options.resume else None
+    # a store begun with such tiles (before this bound) still resumes, with them only (check_resumable)
+    if options.tile - overlap < MIN_STRIDE and not existing:
         tiles = 1
         for size in (scene.sizes["y"], scene.sizes["x"]):  # as TileGrid lays them
             tiles *= 1 if size <= options.tile else -(-(size - options.tile) // max(1, options.tile - overlap)) + 1
@@ -270,7 +272,6 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
             f"{tiles:,} tiles through the model for this {scene.sizes['y']} x {scene.sizes['x']} px scene; keep tile - overlap "
             f">= {MIN_STRIDE} px (e.g. --tile {DEFAULT_TILE} --overlap {DEFAULT_TILE // 4})"
         )
-    existing = prediction_attrs(out) if out.exists() and options.resume else None
     block_size = options.block_size
     if block_size is None:
         block_size = int(existing["block_size"]) if existing else SHARD

@@ -253,6 +253,27 @@ def test_a_scene_store_replaced_mid_run_fails_the_run_and_is_never_mixed_into_it
         tilefuse.predict(slow, scene, out, tile=32, overlap=10, block_size=32, batch_size=2, torch_threads=1, resume=True, progress=False)
 
 
+def test_a_store_begun_with_a_smaller_tile_step_still_resumes_with_it_only(tmp_path, setup, monkeypatch):
+    from tilefuse.cluster import run
+
+    _, scene, checkpoint, _ = setup
+    out, settings = tmp_path / "old.zarr", {"tile": 16, "overlap": 10, "block_size": 64, "progress": False}
+    monkeypatch.setattr(run, "MIN_STRIDE", 1)  # a store made before the bound
+    reference = tilefuse.predict(checkpoint, scene, tmp_path / "whole.zarr", **settings)
+    reset_calls()
+    FAIL_AFTER["forward"] = 3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tilefuse.predict(checkpoint, scene, out, **settings)
+    reset_calls()
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="steps 6 px"):
+        tilefuse.predict(checkpoint, scene, tmp_path / "new.zarr", **settings)
+    with pytest.raises(InputError, match="was made with overlap=10, not 9"):
+        tilefuse.predict(checkpoint, scene, out, resume=True, **{**settings, "overlap": 9})
+    pred = tilefuse.predict(checkpoint, scene, out, resume=True, **settings)
+    assert np.array_equal(pred["labels"].values, reference["labels"].values)
+
+
 def test_a_tile_step_of_8_px_runs(tmp_path, setup):
     _, scene, checkpoint, reference = setup
     pred = tilefuse.predict(checkpoint, scene, tmp_path / "pred.zarr", tile=16, overlap=8, block_size=64, batch_size=8, probs=True, progress=False)
