@@ -89,7 +89,9 @@ def evaluate(
             valid = valid & in_subset(rows, cols)
         confusion.update(predicted["labels"].isel(window).values, np.where(valid, target, IGNORE))
     metrics = confusion.compute(class_names)
-    if in_subset is not None and not metrics["pixels"] + metrics["unscored_pixels"]:  # metrics of nothing read as a score
+    if in_subset is None and not metrics["pixels"] + metrics["unscored_pixels"]:  # metrics of nothing read as a score
+        raise InputError(f"{labels} has no labelled pixel where it is valid: nothing to score; evaluate against a store with labels there")
+    if in_subset is not None and not metrics["pixels"] + metrics["unscored_pixels"]:
         block, context = in_subset.block, in_subset.context
         raise InputError(
             f"{split}: no labelled pixel of {labels} in its {subset!r} blocks of {block} px lies {context} px or more inside them "

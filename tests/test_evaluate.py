@@ -196,3 +196,15 @@ def test_a_damaged_split_file_is_one_line_naming_it(scene_and_prediction, tmp_pa
     with pytest.raises(InputError, match=r"split\.json is not a training split \(.*\): pass a run folder trained with a split") as error:
         evaluate(pred, store, split=run)
     assert "\n" not in str(error.value)
+
+
+def test_labels_without_a_labelled_valid_pixel_are_one_line_not_metrics_of_nothing(scene_and_prediction, tmp_path):
+    """A labels store whose labels are all 255 where the scene is valid (write_scene writes one) gave metrics of 0
+    pixels (OA null), which read like a score."""
+    store, pred, ds, _ = scene_and_prediction
+    empty = ds.copy()
+    empty["label"] = empty["label"].where(~empty["valid"], IGNORE).astype(np.uint8)
+    empty["label"].attrs["class_names"] = ds["label"].attrs["class_names"]
+    other = write(empty, tmp_path / "unlabelled.zarr")
+    with pytest.raises(InputError, match=r"unlabelled\.zarr has no labelled pixel where it is valid: nothing to score"):
+        evaluate(pred, other)
