@@ -79,3 +79,29 @@ def test_a_current_folder_deleted_under_the_shell_is_one_line(tmp_path):
         done = subprocess.run([sys.executable, "-c", code, str(gone), *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and "current folder no longer exists" in done.stderr, done.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_never_deletes_a_layer_a_user_added_to_a_scene_store(tmp_path, capsys):
+    """An array added to a scene store with zarr (an NDVI layer beside the modalities) was deleted with the
+    store by `synth/ingest --overwrite`, though tilefuse never wrote it."""
+    from tilefuse.scene import open_scene as tilefuse_open
+
+    import numpy as np
+    import zarr
+
+    from tilefuse import storage
+
+    store = tmp_path / "s.zarr"
+    assert main(["synth", str(store), "--size", "32"]) == 0
+    group = zarr.open_group(store, mode="r+")
+    layer = group.create_array("ndvi", shape=(32, 32), dtype="float32", dimension_names=("y", "x"), compressors=storage.compressors())
+    layer[...] = np.ones((32, 32))
+    storage.consolidate(store)
+    assert tilefuse_open(store)["ndvi"].shape == (32, 32)  # still a scene store, the layer read with it
+    before = _tree(store)
+    assert main(["synth", str(store), "--size", "32", "--overwrite", "--seed", "2"]) == 2
+    err = _one_line(capsys)
+    assert "ndvi" in err and "did not write" in err, err
+    assert _tree(store) == before
+    assert main(["synth", str(tmp_path / "t.zarr"), "--size", "32"]) == 0
+    assert main(["synth", str(tmp_path / "t.zarr"), "--size", "32", "--overwrite", "--seed", "2"]) == 0  # its own arrays only

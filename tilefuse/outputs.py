@@ -300,8 +300,10 @@ def _ours(entry: Path, kind: str) -> bool:
     if name == MARKER_FILE or is_temporary(entry) or _LOCK.match(name):
         return True
     if KINDS[kind] == "zarr":  # the group's metadata, and its arrays (never a nested store, never a plain file)
-        if name == "zarr.json" or (entry.is_dir() and (entry / "zarr.json").is_file() and found_kind(entry) is None):
+        if name == "zarr.json":
             return True
+        if entry.is_dir() and (entry / "zarr.json").is_file() and found_kind(entry) is None:
+            return _scene_array(entry) if kind == "scene" else True
         return _damaged_array(entry)
     if kind == "run":
         return name in RUN_ENTRIES
@@ -311,6 +313,19 @@ def _ours(entry: Path, kind: str) -> bool:
         base = next((name[: -len(s)] for s in _SIDECARS if name.endswith(s)), None)
         return found_kind(entry) == "geotiff" or (base is not None and found_kind(entry.parent / base) == "geotiff")
     return True  # demo folders are reused, never deleted: each output inside is guarded itself
+
+
+def _scene_array(entry: Path) -> bool:
+    """Whether array ``entry`` is one a scene store is written with: a modality its attrs list, its band
+    coordinate, ``valid``, ``label``, ``x``, ``y``, ``spatial_ref`` (not a layer a user added, e.g. with
+    ``to_zarr(mode="a")``). A store whose list is missing or damaged counts every array as its own."""
+    try:
+        listed = json.loads((entry.parent / "zarr.json").read_text()).get("attributes", {}).get("modalities")
+    except (OSError, ValueError, AttributeError):
+        return True
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        return True
+    return entry.name in {"valid", "label", "x", "y", "spatial_ref", *listed, *(f"{n}_band" for n in listed)}
 
 
 def _damaged_array(entry: Path) -> bool:
