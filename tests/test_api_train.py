@@ -161,3 +161,18 @@ def test_test_fraction_with_validation_stores_holds_out_test_blocks_of_the_train
     assert next(iter(data.val.sampler.iter_stream()), None) is not None
     plain = assemble("test-seg", stores[:1], val_stores=stores[1:], data=DataOptions(patch_size=32), seed=1)
     assert not any((a == 2).any() for a in plain.split.assignment) and np.all(plain.split.assignment[1] == 1)
+
+
+def test_stores_with_different_modalities_name_the_ones_they_share(stores, tmp_path):  # noqa: F811
+    """The first store's modalities were the default: a second store without one of them was refused with 'ingest it
+    with --modality NAME=PATH or use a model for these modalities', not the modalities= that trains on both."""
+    import numpy as np
+    from test_sampling import labelled_scene, write
+
+    ds = labelled_scene(96, 96, seed=4)
+    ds["dem"] = (("dem_band", "y", "x"), np.ones((1, 96, 96), np.float32))
+    extra = write(ds, tmp_path / "extra.zarr")
+    with pytest.raises(InputError, match=r"b\.zarr has no modality 'dem' .*: pass modalities= \(--modality\) .* every store has \(optical, sar\)"):
+        train("test-seg", [extra, stores[1]], tmp_path / "run", steps=1, **FAST)
+    run = train("test-seg", [extra, stores[1]], tmp_path / "run", steps=1, modalities=["optical", "sar"], **FAST)
+    assert list(read_config(run).modalities) == ["optical", "sar"]

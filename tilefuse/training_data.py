@@ -299,6 +299,16 @@ def assemble(
     missing = [n for n in names if n not in available]
     if missing:
         raise InputError(f"{paths[0]} has no modality {missing[0]!r} (it has {', '.join(available)}): check modalities= (--modality)")
+    if not data.modalities and resumed is None:  # the default, the first store's: another store may lack one
+        have = [store_modalities(ds) for ds in scenes]
+        common = [n for n in available if all(n in h for h in have)]
+        for h, path in zip(have, paths):
+            lacking = [n for n in available if n not in h]
+            if lacking:
+                raise InputError(
+                    f"{path} has no modality {lacking[0]!r} (it has {', '.join(h)}): pass modalities= (--modality) "
+                    f"to train on those every store has ({', '.join(common) or 'none'}), or ingest it there"
+                )
     bands = dict(resumed.modalities) if resumed is not None else {n: int(scenes[0][n].sizes[band_dim(n)]) for n in names}
     for ds, path in zip(scenes, paths):
         require_modalities(ds, bands, where=path)
