@@ -94,8 +94,9 @@ def test_overwrite_never_deletes_a_layer_a_user_added_to_a_scene_store(tmp_path,
     store = tmp_path / "s.zarr"
     assert main(["synth", str(store), "--size", "32"]) == 0
     group = zarr.open_group(store, mode="r+")
-    layer = group.create_array("ndvi", shape=(32, 32), dtype="float32", dimension_names=("y", "x"), compressors=storage.compressors())
-    layer[...] = np.ones((32, 32))
+    # as zarr writes by default: no crc32c, fill-valued chunks not written; tilefuse promises only its own arrays
+    layer = group.create_array("ndvi", shape=(32, 32), chunks=(16, 16), dtype="float32", dimension_names=("y", "x"))
+    layer[:16] = np.ones((16, 32))
     storage.consolidate(store)
     assert tilefuse_open(store)["ndvi"].shape == (32, 32)  # still a scene store, the layer read with it
     before = _tree(store)

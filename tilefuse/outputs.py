@@ -319,13 +319,13 @@ def _scene_array(entry: Path) -> bool:
     """Whether array ``entry`` is one a scene store is written with: a modality its attrs list, its band
     coordinate, ``valid``, ``label``, ``x``, ``y``, ``spatial_ref`` (not a layer a user added, e.g. with
     ``to_zarr(mode="a")``). A store whose list is missing or damaged counts every array as its own."""
+    from tilefuse.storage import scene_arrays
+
     try:
-        listed = json.loads((entry.parent / "zarr.json").read_text()).get("attributes", {}).get("modalities")
+        ours = scene_arrays(json.loads((entry.parent / "zarr.json").read_text()).get("attributes", {}))
     except (OSError, ValueError, AttributeError):
         return True
-    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-        return True
-    return entry.name in {"valid", "label", "x", "y", "spatial_ref", *listed, *(f"{n}_band" for n in listed)}
+    return ours is None or entry.name in ours
 
 
 def _damaged_array(entry: Path) -> bool:

@@ -353,16 +353,28 @@ def checks_for(group: zarr.Group, written: Mapping[str, Collection] | None = Non
     """
     promised = group.attrs.get(FORMAT_ATTR) == FORMAT
     written = written or {}
+    ours = scene_arrays(dict(group.attrs))
     checks = {}
     for name, array in group.arrays():
-        required = (frozenset(map(tuple, written[name])) if name in written else True) if promised else False
+        own = promised and (ours is None or name in ours)  # an array a user added to a scene store is not promised
+        required = (frozenset(map(tuple, written[name])) if name in written else True) if own else False
         checks[name] = _check_of(name, array, required)
-        if promised and not checks[name].checksum:  # its chunks would be read unchecked
+        if own and not checks[name].checksum:  # its chunks would be read unchecked
             raise InputError(
                 f"{_where(group)}: the metadata of array {name!r} ({name}/zarr.json) is damaged: its codecs lack the crc32c "
                 "checksum every array of this store is written with; the store is corrupt, write it again with --overwrite"
             )
     return checks
+
+
+def scene_arrays(attrs: Mapping) -> set[str] | None:
+    """The arrays a scene store with root ``attrs`` is written with (its listed modalities and their band
+    coordinates, ``valid``, ``label``, ``x``, ``y``, ``spatial_ref``); None for another kind of store, or a
+    scene whose list of modalities is missing or damaged (then every array counts as its own)."""
+    listed = attrs.get("modalities") if attrs.get("tilefuse_store") == "scene" else None
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        return None
+    return {"valid", "label", "x", "y", "spatial_ref", *listed, *(f"{n}_band" for n in listed)}
 
 
 def _where(group: zarr.Group) -> str:
