@@ -230,7 +230,8 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
                 host=host,
                 dashboard_address=f"{host}:0",
                 silence_logs=logging.WARNING,
-                preload=[__name__],  # dask_setup below, in each worker
+                # dask_setup below, in each worker, after the user's own preloads (the argument replaces dask's setting)
+                preload=[*_config_list("distributed.worker.preload"), __name__],
             )
     if spec == "cuda":
         return _cuda_client(_check_listen(listen), prefetch)
@@ -249,6 +250,13 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
     if spec.rpartition(":")[2].isdigit() and "/" not in spec:  # HOST:PORT without its scheme
         hint = f" (a scheduler's address is written tcp://{spec})"
     raise InputError(f"unknown cluster spec {spec!r}{hint}: use {SPECS}")
+
+
+def _config_list(key: str) -> list:
+    import dask
+
+    value = dask.config.get(key, None) or []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def dask_setup(worker) -> None:

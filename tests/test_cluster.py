@@ -233,6 +233,25 @@ def test_cluster_specs_as_a_user_types_them(tmp_path, monkeypatch):
             make_client(spec)
 
 
+def test_workers_started_here_run_the_users_preloads_and_ignore_a_terminals_ctrl_c(tmp_path):
+    """tilefuse's own preload (SIGINT ignored: the client handles Ctrl-C) replaced the preloads the user set in
+    dask's config (distributed.worker.preload)."""
+    import dask
+    import distributed  # noqa: F401  (its config defaults first)
+
+    from tilefuse.cluster.client import close_client
+
+    preload = tmp_path / "user_preload.py"
+    preload.write_text("def dask_setup(worker):\n    worker.user_preloaded = True\n")
+    with dask.config.set({"distributed.worker.preload": [str(preload)]}):
+        client = make_client("local:1")
+    try:
+        seen = client.run(lambda dask_worker: (getattr(dask_worker, "user_preloaded", False), signal.getsignal(signal.SIGINT) == signal.SIG_IGN))
+        assert list(seen.values()) == [(True, True)]
+    finally:
+        close_client(client)
+
+
 @pytest.mark.slow
 def test_external_cluster_example(tmp_path, data):
     """examples/external_cluster.py: dask scheduler + workers started by hand, predict against the scheduler file."""
