@@ -96,7 +96,8 @@ def predict(
     )  # checked by predict_scene, before anything is written
     # one writer per prediction store, across every block; a full or read-only disk anywhere is one line;
     # SIGTERM (a batch system's cancel or time limit) unwinds: lock released, cluster closed, blocks kept for a resume
-    with terminating(), output_lock(out, inputs=[store, checkpoint]), os_errors_as_input(out, storage_only=True):
+    stopped = f"stopped by SIGTERM: {out} keeps the blocks written so far; finish it with --resume (Python: resume=True)"
+    with terminating(stopped), output_lock(out, inputs=[store, checkpoint]), os_errors_as_input(out, storage_only=True):
         if quicklook is not None:
             claim(quicklook, "png", inputs=[store, checkpoint, out], overwrite=True, what="quicklook")
         report = predict_scene(checkpoint, store, out, options, cluster=cluster, listen=listen, connect_timeout=connect_timeout, progress=progress)

@@ -299,7 +299,8 @@ def test_an_interrupted_prediction_on_local_workers_gives_back_everything_and_re
             os.killpg(cli.pid, signal.SIGKILL)
     lines = cli.stderr.read().replace("\r", "\n").splitlines()
     assert not [line for line in lines if re.search(r"WARNING|ERROR|Traceback|leaked", line)], lines
-    assert [line for line in lines if line.startswith("tilefuse: ") and "dashboard" not in line] == (["tilefuse: interrupted"] if code == 130 else [])
+    said = ["tilefuse: interrupted"] if code == 130 else [f"tilefuse: stopped by SIGTERM: {out} keeps the blocks written so far; finish it with --resume (Python: resume=True)"]
+    assert [line for line in lines if line.startswith("tilefuse: ") and "dashboard" not in line] == said
     deadline = time.monotonic() + 20
     while [pid for pid in workers if psutil.pid_exists(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -370,7 +370,7 @@ def _die_with_launcher() -> Callable[[], None] | None:
 _PR_SET_PDEATHSIG = 1
 
 
-def terminate_as_exit() -> Callable[[], None]:
+def terminate_as_exit(say: str | None = None) -> Callable[[], None]:
     """Make SIGTERM end this process by SystemExit(143), so what it holds is given back on the way out (the
     ranks it launched stopped, an output's lock released, temporaries removed, a dask cluster it started
     closed): a plain SIGTERM (a batch system's cancel or time limit, ``kill``) ended it at once and left them,
@@ -378,11 +378,14 @@ def terminate_as_exit() -> Callable[[], None]:
 
     Only in the main thread (where Python delivers signals) and where SIGTERM has its default action; elsewhere
     a no-op: a SIGTERM ignored (``nohup``, a supervisor) stays ignored, and a handler the program set stays its own.
+    ``say``: a line printed on stderr (after ``tilefuse: ``) when SIGTERM comes, e.g. what is kept and how to go on.
     """
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return lambda: None
 
     def terminate(signum, _frame) -> None:
+        if say:
+            print(f"\ntilefuse: {say}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -390,9 +393,9 @@ def terminate_as_exit() -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def terminating() -> Iterator[None]:
+def terminating(say: str | None = None) -> Iterator[None]:
     """:func:`terminate_as_exit` for the block."""
-    restore = terminate_as_exit()
+    restore = terminate_as_exit(say)
     try:
         yield
     finally:
