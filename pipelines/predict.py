@@ -70,7 +70,7 @@ def predict(
     to an existing one (seconds). Returns the prediction lazily, with CRS.
     """
     from tilefuse.cluster.run import PredictOptions, predict_scene
-    from tilefuse.distributed import terminating
+    from tilefuse.signals import terminating
     from tilefuse.outputs import claim, local_path, os_errors_as_input, output_lock
     from tilefuse.prediction import open_prediction, store_path
 

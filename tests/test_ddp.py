@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script by t
 
 from test_sampling import CLASSES, _cells, _pooled_chi2, _sampler, _take, labelled_scene, write  # noqa: E402
 from tilefuse import distributed  # noqa: E402
+from tilefuse.signals import terminating  # noqa: E402
 from tilefuse.checkpoint import ModelConfig, load_checkpoint, read_config  # noqa: E402
 from tilefuse.dataset import PatchDataset, StreamState  # noqa: E402
 from tilefuse.errors import InputError  # noqa: E402
@@ -520,6 +521,44 @@ def test_an_interrupted_job_of_two_gives_back_its_lock_and_leaves_nothing_half_w
     assert read_config(run).extra["step"] >= 1
 
 
+def test_a_sigterm_ends_any_command_by_giving_back_what_it_holds(store, tmp_path):
+    """SIGTERM (a batch system's cancel or time limit) killed ``tilefuse train`` in one process at once: its run
+    lock stayed, and a half-written state folder with it. The CLI now unwinds every command on SIGTERM."""
+    run = tmp_path / "run"
+    args = ["--model", "pad", "--hparam", "preset=atto", "--patch-size", "32", "--batch-size", "2", "--workers", "0", "--quiet",
+            "--store", store, "--out", str(run), "--steps", "100000", "--checkpoint-every", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "tilefuse.cli", "train", *args], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "state").is_dir() and time.monotonic() < deadline:  # a checkpoint written: in the loop
+            time.sleep(0.1)
+        time.sleep(0.5)
+        process.terminate()
+        assert process.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in process.stderr.read()
+    assert not list(tmp_path.glob(".*")), "the run lock was left behind"
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".tilefuse-output"]
+    assert read_config(run).extra["step"] >= 1
+
+
+def test_a_nested_terminating_block_says_its_own_line(capfd):
+    """The CLI's outer :func:`terminating` gives way to predict's, which says what the store keeps."""
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as stopped, terminating(), terminating("inner says this"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert capfd.readouterr().err.strip() == "tilefuse: inner says this"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_sigterm_becomes_an_exit_only_where_it_had_its_default_action():
     """A SIGTERM ignored by the caller (nohup, a supervisor) was made fatal for the run, and a program's own
     handler replaced, by the handler that unwinds predict and the launcher."""
@@ -527,11 +566,11 @@ def test_sigterm_becomes_an_exit_only_where_it_had_its_default_action():
     try:
         for handler in (signal.SIG_IGN, lambda *_: None):
             signal.signal(signal.SIGTERM, handler)
-            with distributed.terminating():
+            with terminating():
                 assert signal.getsignal(signal.SIGTERM) is handler
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         with pytest.raises(SystemExit) as stopped:
-            with distributed.terminating():
+            with terminating():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # the handler raises in this thread at once
         assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

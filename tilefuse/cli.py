@@ -19,6 +19,7 @@ import sys
 import typer
 
 from tilefuse.errors import InputError
+from tilefuse.signals import terminating
 
 # command name -> "module:function"; the function carries typer annotations.
 COMMANDS: dict[str, str] = {
@@ -176,8 +177,10 @@ def _main(argv: list[str] | None) -> int:
         _error(problem)
         return 2
     try:
-        # not standalone, so InputError reaches us; typer answers an interrupt by returning 130
-        result = app(args=argv, standalone_mode=False)
+        # not standalone, so InputError reaches us; typer answers an interrupt by returning 130. SIGTERM (a batch
+        # system's cancel or time limit, kill) unwinds like an exit: locks released, temporaries removed
+        with terminating():
+            result = app(args=argv, standalone_mode=False)
     except InputError as error:
         _error(str(error))
         return 2

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from tilefuse.errors import InputError
+from tilefuse.signals import terminate_as_exit, terminating  # noqa: F401 (terminating: the launcher's callers)
 
 ENV_TIMEOUT = "TILEFUSE_DDP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
@@ -368,38 +369,6 @@ def _die_with_launcher() -> Callable[[], None] | None:
 
 
 _PR_SET_PDEATHSIG = 1
-
-
-def terminate_as_exit(say: str | None = None) -> Callable[[], None]:
-    """Make SIGTERM end this process by SystemExit(143), so what it holds is given back on the way out (the
-    ranks it launched stopped, an output's lock released, temporaries removed, a dask cluster it started
-    closed): a plain SIGTERM (a batch system's cancel or time limit, ``kill``) ended it at once and left them,
-    a lock that a resumed job on another host was refused by; returns the undo.
-
-    Only in the main thread (where Python delivers signals) and where SIGTERM has its default action; elsewhere
-    a no-op: a SIGTERM ignored (``nohup``, a supervisor) stays ignored, and a handler the program set stays its own.
-    ``say``: a line printed on stderr (after ``tilefuse: ``) when SIGTERM comes, e.g. what is kept and how to go on.
-    """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return lambda: None
-
-    def terminate(signum, _frame) -> None:
-        if say:
-            print(f"\ntilefuse: {say}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def terminating(say: str | None = None) -> Iterator[None]:
-    """:func:`terminate_as_exit` for the block."""
-    restore = terminate_as_exit(say)
-    try:
-        yield
-    finally:
-        restore()
 
 
 class JobFailed(RuntimeError):

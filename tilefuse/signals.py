@@ -1,0 +1,47 @@
+"""SIGTERM as an exit: what a process holds is given back when a batch system cancels it.
+
+Light on purpose (no torch): the CLI wraps every command in :func:`terminating`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from typing import Callable, Iterator
+
+
+def terminate_as_exit(say: str | None = None) -> Callable[[], None]:
+    """Make SIGTERM end this process by SystemExit(143), so what it holds is given back on the way out (the
+    ranks it launched stopped, an output's lock released, temporaries removed, a dask cluster it started
+    closed): a plain SIGTERM (a batch system's cancel or time limit, ``kill``) ended it at once and left them,
+    a lock that a resumed job on another host was refused by; returns the undo.
+
+    Only in the main thread (where Python delivers signals) and where SIGTERM has its default action or is
+    already ours (an outer :func:`terminating`, the CLI's: a nested one may say more); elsewhere a no-op: a
+    SIGTERM ignored (``nohup``, a supervisor) stays ignored, and a handler the program set stays its own.
+    ``say``: a line printed on stderr (after ``tilefuse: ``) when SIGTERM comes, e.g. what is kept and how to go on.
+    """
+    current = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not (current is signal.SIG_DFL or getattr(current, "tilefuse", False)):
+        return lambda: None
+
+    def terminate(signum, _frame) -> None:
+        if say:
+            print(f"\ntilefuse: {say}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    terminate.tilefuse = True  # type: ignore[attr-defined]
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def terminating(say: str | None = None) -> Iterator[None]:
+    """:func:`terminate_as_exit` for the block."""
+    restore = terminate_as_exit(say)
+    try:
+        yield
+    finally:
+        restore()
