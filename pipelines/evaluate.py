@@ -161,7 +161,7 @@ def evaluate_command(
     prediction: Annotated[Path, typer.Argument(help="Prediction store written by `tilefuse predict`.")],
     labels: Annotated[Path, typer.Option("--labels", help="Scene store whose `label` is the truth.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the metrics to this JSON file.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Also write the metrics to this JSON file.", show_default=False)] = None,
     split: Annotated[Optional[Path], typer.Option("--split", help="Training run (or its split.json): score only its held-out blocks.")] = None,
     subset: Annotated[Optional[str], typer.Option("--subset", help="Which held-out blocks of --split: test or val [test].")] = None,
 ) -> None:
@@ -171,7 +171,7 @@ def evaluate_command(
     if out is not None:  # checked before any work
         from tilefuse.outputs import claim, local_path
 
-        out = local_path(out, "--out", output=True)  # ~ is the home folder (`--out=~/m.json` leaves it to us)
+        out = local_path(out, "--out", output=True, file=True)  # ~ is the home folder (`--out=~/m.json` leaves it to us)
         claim(out, "json", inputs=[prediction, labels, split], overwrite=True, what="--out")
     metrics = evaluate(prediction, labels, split=split, subset=subset, progress=not json_output)
     if out is not None:

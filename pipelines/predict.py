@@ -76,7 +76,7 @@ def predict(
 
     store = store_path(store, "store", "scene")  # a path, or the Dataset open_scene returned
     checkpoint, out = local_path(checkpoint, "checkpoint"), local_path(out, "out", output=True)  # ~ is the home folder
-    quicklook = None if quicklook is None else local_path(quicklook, "quicklook", output=True)
+    quicklook = None if quicklook is None else local_path(quicklook, "quicklook", output=True, file=True)
     options = PredictOptions(
         tile=tile,
         overlap=overlap,
@@ -141,7 +141,7 @@ def predict_command(
     reader_threads: Annotated[Optional[int], typer.Option(help="Threads reading ahead with --cluster sync (default: --prefetch).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted prediction: only unfinished blocks run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing prediction store.")] = False,
-    quicklook: Annotated[Optional[Path], typer.Option(help="Also write a quicklook PNG of the labels here.")] = None,
+    quicklook: Annotated[Optional[str], typer.Option(help="Also write a quicklook PNG of the labels here.", show_default=False)] = None,
     listen: Annotated[
         Optional[str], typer.Option(help="Host that local:N/cuda clusters (scheduler, workers, dashboard) listen on [127.0.0.1; 0.0.0.0 exposes them].")
     ] = None,

@@ -67,6 +67,15 @@ def test_cli_prints_a_table_or_json(scene_and_prediction, capsys, tmp_path):
     assert "mIoU" in table and "forest" in table and "kappa" in table
 
 
+def test_metrics_written_as_a_folder_is_one_line(scene_and_prediction, capsys, tmp_path):
+    """`--out m/` wrote a JSON file named m (the CLI's Path type dropped the slash)."""
+    store, pred, _, _ = scene_and_prediction
+    assert main(["evaluate", str(pred), "--labels", str(store), "--out", str(tmp_path / "m") + "/"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names a folder" in err, err
+    assert not (tmp_path / "m").exists()
+
+
 def test_bad_inputs(scene_and_prediction, tmp_path, capsys):
     store, pred, ds, predicted = scene_and_prediction
     other = write(labelled_scene(150, 131), tmp_path / "other.zarr")

@@ -322,6 +322,16 @@ def test_quicklook_png_of_the_prediction(tmp_path, setup):
     assert image.ndim == 3 and image.shape[0] > 50
 
 
+def test_a_quicklook_written_as_a_folder_is_one_line(tmp_path, setup, capsys):
+    """`--quicklook q/` wrote a PNG file named q (the CLI's Path type dropped the slash)."""
+    _, scene, checkpoint, _ = setup
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(scene), "--out", str(tmp_path / "pred.zarr"), "--tile", "32"]
+    assert main([*args, "--quicklook", str(tmp_path / "q") + "/"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names a folder" in err, err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "pred.zarr").exists()
+
+
 @pytest.mark.slow
 def test_pad_runs_blended(tmp_path, setup):
     _, scene, _, _ = setup
