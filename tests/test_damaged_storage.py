@@ -350,6 +350,29 @@ def test_class_names_edited_to_something_else_than_distinct_names_are_one_line(p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("counts", ["xxxxxxxxxx", [5, -1], [5, 1.5], {"0": 5}, [1] * 300])
+def test_class_counts_edited_to_something_else_than_pixel_counts_are_one_line(pristine, tmp_path, capsys, counts):
+    """The label's class_counts (ingest's pixel count per id) set the class count: a string of 10 letters trained a
+    10-class model, and -1 was a TypeError traceback."""
+    import test_training  # noqa: F401  (registers test-seg)
+    from tilefuse import storage
+
+    _, stores, _, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores["chunks"], store)
+    zarr.open_group(store, mode="r+")["label"].attrs["class_counts"] = counts
+    storage.consolidate(store)
+    run = ["train", "--model", "test-seg", "--store", str(store), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+           "--patch-size", "32", "--workers", "0", "--quiet"]
+    for args in (["info", str(store)], run):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
+        assert len(lines) == 1 and "class_counts of its array 'label'" in lines[0] and "corrupt" in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("what", ["Task", "_GatheringFuture"])
 def test_abandoned_sibling_reads_stay_quiet_after_the_one_line(caplog, what):
     """evaluate/predict on a store with a damaged key sometimes printed dozens of lines of

@@ -408,6 +408,11 @@ def _layout_problem(ds: xr.Dataset) -> str | None:
         problem = class_names_problem(ds["label"].attrs["class_names"])
         if problem:
             return f"the class_names of its array 'label' {problem}"
+    counts = ds["label"].attrs.get("class_counts") if "label" in ds.data_vars else None
+    whole = lambda c: isinstance(c, int) and not isinstance(c, bool) and c >= 0  # noqa: E731
+    if counts is not None and not (isinstance(counts, list) and len(counts) <= IGNORE and all(whole(c) for c in counts)):
+        # the highest id labelled sets the class count: a string of 10 letters trained a 10-class model
+        return f"the class_counts of its array 'label' are not {IGNORE} or fewer pixel counts, got {clipped(repr(counts))}"
     return None
 
 
