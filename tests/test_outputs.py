@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fs_fixtures import tmpfs
 
 from tilefuse import outputs
 from tilefuse.cli import main
@@ -344,15 +345,8 @@ def test_stale_temporaries_are_cleaned_and_never_opened(world, tmp_path, capsys)
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 512 KiB tmpfs (root only), unmounted afterwards."""
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
-    try:
+    with tmpfs(tmp_path / "mnt", "512k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _outputs_look_complete(folder: Path) -> list[str]:

@@ -1,9 +1,9 @@
 """An output that is a mount point: it cannot be renamed into place, so it is refused before any work."""
 
 import os
-import subprocess
 
 import pytest
+from fs_fixtures import tmpfs
 
 from tilefuse import outputs
 from tilefuse.cli import main
@@ -13,15 +13,8 @@ from tilefuse.errors import InputError
 @pytest.fixture
 def mount_point(tmp_path):
     """An empty tmpfs mounted at tmp_path/out (root only), unmounted afterwards."""
-    mount = tmp_path / "out"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
-    try:
+    with tmpfs(tmp_path / "out", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_an_empty_mount_point_as_a_folder_output_is_one_line_before_any_work(mount_point, tmp_path, capsys):
