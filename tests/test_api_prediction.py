@@ -21,7 +21,7 @@ def store(tmp_path):
 
 
 def test_resume_refusals_and_a_partial_store_name_resume_and_overwrite_as_parameters(store):
-    with pytest.raises(InputError, match=r"was made with tile=32, not 16: resume with the same checkpoint and settings, or pass overwrite=True \(--overwrite\)$"):
+    with pytest.raises(InputError, match=r"was made with tile=32, not 16: resume with tile=32 \(--tile 32\), or pass overwrite=True \(--overwrite\)$"):
         check_resumable(store, {"tile": 16})
     with pytest.raises(InputError, match=r"from another scene .*: resume it with that scene store \(store=, --store\), or pass overwrite=True \(--overwrite\)$"):
         check_resumable(store, {SCENE_DIGEST: "other"})

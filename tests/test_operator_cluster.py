@@ -308,6 +308,6 @@ def test_an_interrupted_prediction_on_local_workers_gives_back_everything_and_re
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.zarr", "slow"]  # no lock, no spill folder
     assert not done_blocks(out).all()
     # a resume that forgets --tile names it (it was 'block size 32 px must be at least the tile size (256 px): raise --block-size')
-    with pytest.raises(InputError, match=r"was made with tile=32, not 256: resume with the same checkpoint and settings"):
+    with pytest.raises(InputError, match=r"was made with tile=32, not 256: resume with tile=32 \(--tile 32\)"):
         tilefuse.predict(slow, scene, out, resume=True, progress=False)
     _same(tilefuse.predict(slow, scene, out, resume=True, progress=False, **{**SETTINGS, "block_size": 32}), reference)

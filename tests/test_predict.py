@@ -268,7 +268,7 @@ def test_a_store_begun_with_a_smaller_tile_step_still_resumes_with_it_only(tmp_p
     monkeypatch.undo()
     with pytest.raises(InputError, match="steps 6 px"):
         tilefuse.predict(checkpoint, scene, tmp_path / "new.zarr", **settings)
-    with pytest.raises(InputError, match="was made with overlap=10, not 9"):
+    with pytest.raises(InputError, match=r"was made with overlap=10, not 9: resume with overlap=10 \(--overlap 10\)"):
         tilefuse.predict(checkpoint, scene, out, resume=True, **{**settings, "overlap": 9})
     pred = tilefuse.predict(checkpoint, scene, out, resume=True, **settings)
     assert np.array_equal(pred["labels"].values, reference["labels"].values)
@@ -320,6 +320,20 @@ def test_quicklook_png_of_the_prediction(tmp_path, setup):
     tilefuse.predict(checkpoint, scene, tmp_path / "pred.zarr", quicklook=png, **SETTINGS)
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 50
+
+
+def test_a_refused_resume_names_the_value_to_resume_with(tmp_path, setup):
+    """It said 'resume with the same checkpoint and settings' without saying which value, or which flag, differs."""
+    _, scene, checkpoint, _ = setup
+    with_probs, without = tmp_path / "with.zarr", tmp_path / "without.zarr"
+    tilefuse.predict(checkpoint, scene, with_probs, probs="float16", **SETTINGS)
+    tilefuse.predict(checkpoint, scene, without, **SETTINGS)
+    with pytest.raises(InputError, match=r"resume with probs='float16' \(--probs --probs-dtype float16\), or pass overwrite=True"):
+        tilefuse.predict(checkpoint, scene, with_probs, resume=True, **SETTINGS)
+    with pytest.raises(InputError, match=r"resume with probs=False \(no --probs\), or pass overwrite=True"):
+        tilefuse.predict(checkpoint, scene, without, resume=True, probs=True, **SETTINGS)
+    with pytest.raises(InputError, match=r"resume with block_size=64 \(--block-size 64\), or pass overwrite=True"):
+        tilefuse.predict(checkpoint, scene, without, resume=True, **{**SETTINGS, "block_size": 128})
 
 
 def test_a_quicklook_written_as_a_folder_is_one_line(tmp_path, setup, capsys):

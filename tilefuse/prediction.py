@@ -47,6 +47,20 @@ MANIFEST = "block_done"
 PROBS_DTYPES = ("uint8", "float16", "float32")
 SETTINGS = ("model", "checkpoint_hash", "tile", "overlap", "margin", "blend", "block_size", "probs", "height", "width")
 """Attrs that must match for ``--resume`` to continue a store."""
+RESUME_WITH = {
+    "model": "the checkpoint it was made with (checkpoint=, --checkpoint)",
+    "checkpoint_hash": "the checkpoint it was made with (checkpoint=, --checkpoint)",
+    "margin": "the checkpoint it was made with (checkpoint=, --checkpoint)",
+    "tile": "tile={0} (--tile {0})",
+    "overlap": "overlap={0} (--overlap {0})",
+    "blend": "blend={0!r} (--blend {0})",
+    "block_size": "block_size={0} (--block-size {0})",
+    "height": "the scene store it was made from (store=, --store)",
+    "width": "the scene store it was made from (store=, --store)",
+    "probs": "probs={0!r} (--probs --probs-dtype {0})",
+    "no probs": "probs=False (no --probs)",
+}
+"""How a resume matches each of :data:`SETTINGS`."""
 DETERMINISM = {
     "device_kind": "workers with {} devices (--cluster/--device)",
     "torch_threads": "torch_threads={} (--torch-threads {})",
@@ -240,10 +254,9 @@ def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
             )
     for key in SETTINGS:
         if key in settings and found.get(key) != settings[key]:
-            raise InputError(
-                f"{path} was made with {key}={found.get(key)!r}, not {settings[key]!r}: "
-                "resume with the same checkpoint and settings, or pass overwrite=True (--overwrite)"
-            )
+            fix = RESUME_WITH[key] if key != "probs" else RESUME_WITH["probs" if found.get(key) != "none" else "no probs"]
+            fix = fix.format(found.get(key))
+            raise InputError(f"{path} was made with {key}={found.get(key)!r}, not {settings[key]!r}: resume with {fix}, or pass overwrite=True (--overwrite)")
 
 
 OUTPUTS = ("labels", "probs")
