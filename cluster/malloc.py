@@ -30,10 +30,12 @@ resident memory a function of the block size, not of the scene:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 from functools import lru_cache
+from typing import Iterator
 
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
 """Set by dask's nannies for the workers they spawn; tilefuse's workers run without it."""
@@ -68,14 +70,28 @@ def single_arena() -> bool:
     return bool(libc.mallopt(_M_ARENA_MAX, 1))
 
 
-def spawn_environ():
-    """Dask config under which nannies spawn workers with one malloc arena and no fixed trim threshold."""
+@contextlib.contextmanager
+def spawn_environ() -> Iterator[None]:
+    """Dask config under which nannies spawn workers with one malloc arena and no fixed trim threshold.
+
+    :data:`MALLOC_TRIM` is also out of this process's environment meanwhile: dask's nannies write their
+    pre-spawn variables into the environment of the process that starts them, so a cluster started earlier in
+    the same process (a notebook's own LocalCluster, a test) left it there, and the workers started here
+    inherited it (torch at half speed, reported as a borrowed cluster's). A worker a nanny restarts later
+    inherits the environment of that moment.
+    """
     import dask
 
     settings = {f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None}
     if MALLOC_ARENAS not in os.environ:  # the user's value is inherited as it is
         settings[f"distributed.nanny.pre-spawn-environ.{MALLOC_ARENAS}"] = 1
-    return dask.config.set(settings)
+    left = os.environ.pop(MALLOC_TRIM, None)
+    try:
+        with dask.config.set(settings):
+            yield
+    finally:
+        if left is not None:
+            os.environ[MALLOC_TRIM] = left
 
 
 def _has_malloc_trim() -> bool:

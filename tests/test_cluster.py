@@ -288,24 +288,35 @@ def test_gpu_prediction_agrees_with_the_cpu(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_workers_spawned_here_run_without_malloc_trim_and_others_are_never_restarted():
+def test_workers_spawned_here_run_without_malloc_trim_and_others_are_never_restarted(monkeypatch):
     """Dask's default MALLOC_TRIM_THRESHOLD_ halves torch's CPU speed: our clusters never set it; a cluster we did
-    not start keeps its workers (a restart dropped other clients' state and broke a second run mid-setup)."""
+    not start keeps its workers (a restart dropped other clients' state and broke a second run mid-setup). Dask's
+    nannies leave the variable in the environment of the process that started them, so a notebook's own cluster
+    made the workers tilefuse started next inherit it (and be reported as a borrowed cluster's)."""
     from distributed import Client
 
     from tilefuse.cluster.client import close_client
-    from tilefuse.cluster.malloc import _has_malloc_trim, malloc_trim_workers
+    from tilefuse.cluster.malloc import MALLOC_TRIM, _has_malloc_trim, malloc_trim_workers
 
-    ours = make_client("local:1")
-    try:
-        assert not any(ours.run(_has_malloc_trim).values()) and malloc_trim_workers(ours) == 0
-        assert set(ours.run(os.environ.get, "MALLOC_ARENA_MAX").values()) == {"1"}  # tilefuse.cluster.malloc
-    finally:
-        close_client(ours)
+    monkeypatch.delenv(MALLOC_TRIM, raising=False)  # and what dask leaves there is undone after the test
+
+    def check_ours() -> None:
+        ours = make_client("local:1")
+        try:
+            assert not any(ours.run(_has_malloc_trim).values()) and malloc_trim_workers(ours) == 0
+            assert set(ours.run(os.environ.get, "MALLOC_ARENA_MAX").values()) == {"1"}  # tilefuse.cluster.malloc
+        finally:
+            close_client(ours)
+
+    check_ours()
     with Client(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as theirs:
         pids = theirs.run(os.getpid)
         assert malloc_trim_workers(theirs) == 1
         assert theirs.run(os.getpid) == pids and all(theirs.run(_has_malloc_trim).values())
+    left = os.environ.get(MALLOC_TRIM)
+    assert left is not None  # dask's nanny wrote it into this process's environment
+    check_ours()
+    assert os.environ.get(MALLOC_TRIM) == left  # given back as it was
 
 
 def test_one_malloc_arena_unless_the_user_chose(monkeypatch):
