@@ -264,9 +264,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     existing = prediction_attrs(out) if out.exists() and options.resume else None
     # a store begun with such tiles (before this bound) still resumes, with them only (check_resumable)
     if options.tile - overlap < MIN_STRIDE and not existing:
-        tiles = 1
-        for size in (scene.sizes["y"], scene.sizes["x"]):  # as TileGrid lays them
-            tiles *= 1 if size <= options.tile else -(-(size - options.tile) // max(1, options.tile - overlap)) + 1
+        tiles = TileGrid(scene.sizes["y"], scene.sizes["x"], options.tile, overlap, spec.margin, max(SHARD, options.tile)).num_tiles
         raise InputError(
             f"tile={options.tile} (--tile) with overlap={overlap} (--overlap) steps {options.tile - overlap} px from one tile to the next: "
             f"{tiles:,} tiles through the model for this {scene.sizes['y']} x {scene.sizes['x']} px scene; keep tile - overlap "

@@ -218,6 +218,8 @@ def test_a_tile_step_below_8_px_is_one_line_naming_the_tiles_and_writes_nothing(
     assert _cli(checkpoint, scene, out, "--tile", tile, *(() if overlap is None else ("--overlap", overlap))) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tilefuse: error: tile=") and "\n" not in err
+    if (tile, overlap) == (1, 0):  # one tile per pixel
+        assert f"{150 * 130:,} tiles" in err
     assert list(tmp_path.iterdir()) == []
 
 
