@@ -56,6 +56,16 @@ def test_a_label_quicklooks_slips_are_one_line_and_class_names_default_to_the_ma
     assert quicklook_labels(scene["label"], None, tmp_path / "q.png").is_file()  # the map's own class_names (TypeError before)
 
 
+def test_a_quicklook_path_written_as_a_folder_is_one_line(scene, tmp_path):
+    """quicklook_scene(scene, "q/") wrote a PNG file named q, as the CLI's --quicklook q/ did."""
+    for path in (str(tmp_path / "q") + "/", str(tmp_path) + "/.", tmp_path / ".."):
+        with pytest.raises(InputError, match="names a folder, but this output is a file"):
+            quicklook_scene(scene, path)
+        with pytest.raises(InputError, match="names a folder, but this output is a file"):
+            quicklook_labels(scene["label"], None, path)
+    assert not (tmp_path / "q").exists()
+
+
 def test_a_dataset_without_modalities_is_one_line_naming_the_labels_quicklook(tmp_path):
     """A prediction (or any Dataset with no modality) given to quicklook_scene was an IndexError traceback."""
     import xarray as xr

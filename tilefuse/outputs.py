@@ -370,7 +370,7 @@ def local_path(path: str | os.PathLike, what: str = "path", *, output: bool = Fa
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"{what} must be a path (a str or os.PathLike), got {type(path).__name__} {clipped(repr(path))}")
     text = os.fspath(path)
-    if file and (text.endswith(os.sep) or Path(text).name in ("", ".", "..")):
+    if file and os.path.basename(text) in ("", ".", ".."):  # out/, out/., .. (pathlib drops a trailing / or /.)
         raise InputError(f"{what} {text} names a folder, but this output is a file: add the file's name (e.g. {os.path.join(text, 'NAME')})")
     match = _URL.match(text)
     if match:

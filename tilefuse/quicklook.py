@@ -125,7 +125,7 @@ def save_figure(fig, path: str | os.PathLike, *, inputs=(), overwrite: bool = Tr
     """
     from tilefuse.outputs import local_path
 
-    path = local_path(path, "quicklook", output=True)  # a URL is refused, ~ is the home folder
+    path = local_path(path, "quicklook", output=True, file=True)  # a URL or a folder's path (q/) is refused, ~ is the home folder
     with create(path, "png", inputs=inputs, overwrite=overwrite, what="quicklook") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png", metadata=png_metadata())
     return path
