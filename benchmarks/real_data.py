@@ -257,6 +257,7 @@ class Context:
     fold: Fold
     work: Path
     scored: dict[str, np.ndarray]  # chip -> flat indices
+    truth: dict[str, np.ndarray]  # chip -> labels of the scored pixels
     args: argparse.Namespace
     cache: dict = field(default_factory=dict)
 
@@ -320,6 +321,7 @@ def run_pad(ctx: Context) -> dict[str, np.ndarray]:
     """PAD through ``tilefuse.train`` / ``tilefuse.predict``: one model per training seed (``PAD_SEEDS``,
     ``--pad-seeds A,B,..`` or ``--pad-option seed=N``), their softmax probabilities averaged (an ensemble)."""
     import tilefuse
+    from tilefuse.metrics import ConfusionMatrix
 
     # the best measured CPU schedule on these chips (README, "Results on small real data")
     defaults = {"steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": False, "rescale": [0.5, 2.0], "torch_threads": ctx.args.threads}
@@ -331,6 +333,7 @@ def run_pad(ctx: Context) -> dict[str, np.ndarray]:
         seeds = [options["seed"]] if "seed" in options else list(PAD_SEEDS)
     probs: dict[str, np.ndarray] = {}
     for seed in seeds:
+        alone = ConfusionMatrix(len(ctx.ds.class_names))
         run = tilefuse.train(
             "pad", ctx.fold.train, ctx.work / "pad-run" / f"seed-{seed}", hparams=hparams,
             val_fraction=0.0, workers=0, checkpoint_every=options["steps"], overwrite=True, progress=False,
@@ -339,8 +342,12 @@ def run_pad(ctx: Context) -> dict[str, np.ndarray]:
         for chip, store in ctx.fold.test.items():
             pred = ctx.work / f"pad-{chip}.zarr"
             tilefuse.predict(run, store, pred, tile=224, probs="float32", cluster="sync", overwrite=True, progress=False)
-            p = tilefuse.open_prediction(pred)["probs"].values
-            probs[chip] = probs.get(chip, 0) + p.reshape(p.shape[0], -1)[:, ctx.scored[chip]]
+            p = tilefuse.open_prediction(pred)["probs"].values.reshape(len(ctx.ds.class_names), -1)[:, ctx.scored[chip]]
+            probs[chip] = probs.get(chip, 0) + p
+            alone.update(p.argmax(0), ctx.truth[chip])
+        if len(seeds) > 1:  # each member's own score shows the spread the ensemble averages over
+            m = alone.compute(ctx.ds.class_names)
+            print(f"    pad seed {seed} alone, pooled OA / mIoU / kappa: {m['overall_accuracy']:.3f} / {m['mean_iou']:.3f} / {m['kappa']:.3f}", flush=True)
     return {chip: p.argmax(0) for chip, p in probs.items()}
 
 
@@ -449,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
             truth = {chip: stacked(store, {m: {"mean": [0.0], "std": [1.0]} for m in ("optical", "sar")})[1][scored[chip]] for chip, store in fold.test.items()}
             work = args.work / ds.name / f"{args.protocol}-{i}{'' if args.normalise == 'pooled' else '-' + args.normalise}"
             work.mkdir(parents=True, exist_ok=True)
-            ctx = Context(ds, fold, work, scored, args)
+            ctx = Context(ds, fold, work, scored, truth, args)
             for method in methods:
                 t0 = time.perf_counter()
                 predicted = METHODS[method](ctx)
