@@ -195,6 +195,25 @@ def _parse_hparams(items: list[str] | None) -> dict[str, Any] | None:
     return out
 
 
+def _parse_sigmas(items: list[str] | None) -> dict[str, float] | None:
+    """``--modality-jitter NAME=SIGMA`` items as {name: sigma}."""
+    if items is None:
+        return None
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            sigma = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise InputError(f"--modality-jitter {item!r} is not NAME=SIGMA: write e.g. --modality-jitter sar=0.5")
+        if name in out:
+            raise InputError(f"--modality-jitter names {name!r} twice: give each modality once")
+        out[name] = sigma
+    return out
+
+
 def train_command(
     model: Annotated[str, typer.Option("--model", help="Registered model name (see `tilefuse models`).")],
     store: Annotated[list[Path], typer.Option("--store", help="Scene store to train on (repeat for several).")],
@@ -221,6 +240,7 @@ def train_command(
     class_balance: Annotated[Optional[bool], typer.Option("--class-balance", help="Draw patch centres uniformly over classes.")] = None,
     rescale: Annotated[Optional[tuple[float, float]], typer.Option(help="Patch models: rescale each patch by a random factor in LOW HIGH, then crop (PAD's paper: 0.5 2) [off].")] = None,
     jitter: Annotated[Optional[float], typer.Option(help="Shift each band of each training sample by an offset from N(0, JITTER) standard deviations, e.g. 0.3 [0 = off].")] = None,
+    modality_jitter: Annotated[Optional[list[str]], typer.Option("--modality-jitter", help="NAME=SIGMA: shift every band of modality NAME of each training sample by one offset from N(0, SIGMA) standard deviations, a calibration shift, e.g. sar=0.5 (repeat per modality) [off].")] = None,
     modality_dropout: Annotated[Optional[float], typer.Option(help="With probability P replace one modality of a training sample, chosen uniformly, by zeros (its band mean), e.g. 0.3 [0 = off].", metavar="P")] = None,
     modality_dropout_fill: Annotated[Optional[str], typer.Option(help="What replaces a dropped modality: zeros (its band mean) | noise (N(0, 1) standard deviations) [zeros].")] = None,
     val_pixels: Annotated[Optional[int], typer.Option(help="Validation pixels drawn, pixel models [2000].")] = None,
@@ -247,7 +267,7 @@ def train_command(
         "allow_fewer": allow_fewer, "lr": lr, "min_lr": min_lr, "ema_decay": ema_decay, "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
         "val_fraction": val_fraction, "test_fraction": test_fraction, "split": split, "block": block,
         "modalities": modality, "sampler": sampler, "min_labelled": min_labelled, "class_balance": class_balance,
-        "rescale": None if rescale is None else list(rescale), "jitter": jitter, "modality_dropout": modality_dropout,
+        "rescale": None if rescale is None else list(rescale), "jitter": jitter, "modality_jitter": _parse_sigmas(modality_jitter), "modality_dropout": modality_dropout,
         "modality_dropout_fill": modality_dropout_fill, "val_pixels": val_pixels, "window": window,
         "patches_per_window": patches_per_window, "windows_per_round": windows_per_round,
         "checkpoint_every": checkpoint_every, "val_every": val_every, "log_every": log_every, "workers": workers,

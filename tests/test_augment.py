@@ -173,6 +173,58 @@ def test_modality_dropout_resumes_exactly_and_is_carried_by_copies():
         assert torch.equal(ya, yb) and all(torch.equal(xa[m], xb[m]) for m in xa)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"rescale": (0.5, 2.0)}, {"jitter": 0.3, "modality_dropout": 0.3}])
+def test_modality_jitter_shifts_every_band_of_a_modality_by_one_offset(kwargs):
+    n = 200
+    plain = _samples(PatchDataset(Positional(n), STATS, seed=4, **kwargs), n)
+    shifted = _samples(PatchDataset(Positional(n), STATS, seed=4, modality_jitter={"optical": 0.5}, **kwargs), n)
+    again = _samples(PatchDataset(Positional(n), STATS, seed=4, modality_jitter={"optical": 0.5}, **kwargs), n)
+    other = _samples(PatchDataset(Positional(n), STATS, seed=5, modality_jitter={"optical": 0.5}, **kwargs), n)
+    offsets = []
+    for (xa, ya), (xb, yb), (xc, yc) in zip(plain, shifted, again):
+        assert torch.equal(ya, yb) and torch.equal(yb, yc)  # labels, flips, rescale and dropout draws untouched
+        assert torch.equal(xa["sar"], xb["sar"])  # a modality it does not name is bitwise as before
+        assert torch.equal(xb["optical"], xc["optical"])  # deterministic
+        inside = ya != IGNORE  # rescale pads outside the patch with zeros after the shift
+        diff = (xb["optical"] - xa["optical"])[:, inside]
+        if not xa["optical"].any():  # dropped: zeros whatever the shift
+            continue
+        assert torch.allclose(diff, diff.flatten()[0].expand_as(diff), atol=1e-4)  # one offset for every band and pixel
+        offsets.append(float(diff.flatten()[0]))
+    offsets = np.array(offsets)
+    assert 0.4 < offsets.std() < 0.6 and abs(offsets.mean()) < 0.1, (offsets.std(), offsets.mean())
+    assert [float(x["optical"][0, 0, 0]) for x, _ in other] != [float(x["optical"][0, 0, 0]) for x, _ in shifted]
+    off = _samples(PatchDataset(Positional(n), STATS, seed=4, modality_jitter={"optical": 0.5}, augment=False), n)
+    base = _samples(PatchDataset(Positional(n), STATS, seed=4, augment=False), n)
+    assert all(torch.equal(x[m], y[m]) for (x, _), (y, _) in zip(off, base) for m in x)  # no augmentation, no shift
+
+
+def test_modality_jitter_resumes_exactly_and_is_carried_by_copies():
+    dataset = PatchDataset(Positional(60), STATS, modality_jitter={"sar": 0.5}, rescale=(0.5, 2.0), seed=1)
+    whole = _samples(dataset, 60)
+    resumed = dataset.with_state(StreamState(1, (17,), 0))
+    assert resumed.modality_jitter == {"sar": 0.5} and dataset.for_rank(0, 1).modality_jitter == {"sar": 0.5}
+    tail = _samples(resumed, 60)
+    assert len(tail) == 43
+    for (xa, ya), (xb, yb) in zip(whole[17:], tail):
+        assert torch.equal(ya, yb) and all(torch.equal(xa[m], xb[m]) for m in xa)
+
+
+@pytest.mark.parametrize("value", [{"lidar": 0.5}, {"sar": -0.1}, {"sar": float("nan")}])
+def test_modality_jitter_must_name_a_modality_and_a_sigma(value):
+    with pytest.raises(ValueError, match="modality_jitter"):
+        PatchDataset(Fake(), STATS, modality_jitter=value)
+
+
+@pytest.mark.parametrize("value", [0.5, {"sar": -1}, {"sar": float("inf")}, {"sar": "high"}, {"sar": True}, ["sar", 0.5]])
+def test_bad_modality_jitter_option_is_one_input_error(value):
+    from tilefuse.errors import InputError
+    from tilefuse.training_data import DataOptions
+
+    with pytest.raises(InputError, match=r"modality_jitter= \(--modality-jitter\) must be a dict of modality name -> sigma >= 0"):
+        DataOptions(modality_jitter=value).check()
+
+
 def test_modality_dropout_needs_augment_and_two_modalities():
     off = _samples(PatchDataset(Positional(200), STATS, modality_dropout=0.9, augment=False), 200)
     single = _samples(PatchDataset(Positional(200, ["optical"]), STATS, modality_dropout=0.9), 200)

@@ -142,6 +142,11 @@ TRAIN_CASES = {
     # DataLoader workers assembled a batch of 10^8 samples for ever; inf shifted every band to inf
     "batch beyond memory": (["--patch-size", "32", "--batch-size", "99999999"], "quarter of the free memory"),
     "jitter inf": (["--jitter", "inf"], "jitter"),
+    "modality jitter without a sigma": (["--modality-jitter", "sar"], "is not NAME=SIGMA"),
+    "modality jitter not a number": (["--modality-jitter", "sar=high"], "is not NAME=SIGMA"),
+    "modality jitter twice": (["--modality-jitter", "sar=0.5", "--modality-jitter", "sar=0.3"], "names 'sar' twice"),
+    "modality jitter negative": (["--modality-jitter", "sar=-1"], "modality_jitter= (--modality-jitter) must be"),
+    "modality jitter of a modality the model does not read": (["--modality-jitter", "lidar=0.5"], "names 'lidar', which the model does not read"),
     # the cosine "decayed" upwards from lr to min_lr
     "min lr above lr": (["--lr", "1e-4", "--min-lr", "1e-3"], "is above lr= (--lr)"),
 }

@@ -159,6 +159,24 @@ def test_modality_dropout_reaches_the_samples_resumes_exactly_and_a_resume_keeps
     assert [resumed[s] for s in range(5, 9)] == [whole[s] for s in range(5, 9)]
 
 
+def test_modality_jitter_reaches_the_samples_and_a_resume_keeps_it(stores, tmp_path):
+    from tilefuse.errors import InputError
+
+    options = dict(steps=8, checkpoint_every=4, lr=5e-3, seed=3, modality_jitter={"sar": 0.5}, **FAST)
+    CRASH.update(at=None, count=0)
+    whole = _losses(train("test-seg", stores, tmp_path / "whole", **options))
+    plain = _losses(train("test-seg", stores, tmp_path / "plain", **{**options, "modality_jitter": None}))
+    assert whole != plain, "modality_jitter did not reach the training samples"
+    CRASH.update(at=6, count=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train("test-seg", stores, tmp_path / "broken", **options)
+    CRASH.update(at=None, count=0)
+    with pytest.raises(InputError, match=r"modality_jitter= \(--modality-jitter\) \{'sar': 0.2\} differs from the run's \{'sar': 0.5\}"):
+        train("test-seg", stores, tmp_path / "broken", resume=True, **{**options, "modality_jitter": {"sar": 0.2}})
+    resumed = _losses(train("test-seg", stores, tmp_path / "broken", resume=True, **options))
+    assert [resumed[s] for s in range(5, 9)] == [whole[s] for s in range(5, 9)]
+
+
 def test_ema_checkpoint_holds_the_average_and_resumes_exactly(stores, tmp_path):
     from safetensors.torch import load_file
 

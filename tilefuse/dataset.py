@@ -13,7 +13,10 @@ the same random flip/rotation across every modality and the labels (and, with
 that range, then a random crop back to the patch size, zero / ignore padded where
 the rescaled patch is smaller: PAD's paper augmentation; patch models only),
 shifted in brightness with ``jitter=sigma`` (each band of each sample by its
-own offset from N(0, sigma), in standard deviations), with
+own offset from N(0, sigma), in standard deviations) and with
+``modality_jitter={name: sigma}`` (every band of that modality of a sample by
+one offset from N(0, sigma): a calibration shift, as SAR backscatter moves
+with incidence angle, moisture and processing), with
 ``modality_dropout=p`` one modality of a sample, chosen uniformly, replaced by
 zeros (the normalised band mean; ``modality_dropout_fill="noise"``: by N(0, 1)
 noise, which carries no information either) with probability p, never every
@@ -142,6 +145,7 @@ class PatchDataset(IterableDataset):
         state: StreamState | None = None,
         rescale: tuple[float, float] | None = None,
         jitter: float = 0.0,
+        modality_jitter: Mapping[str, float] | None = None,
         modality_dropout: float = 0.0,
         modality_dropout_fill: str = "zeros",
         seed: int = 0,
@@ -165,6 +169,10 @@ class PatchDataset(IterableDataset):
         if not jitter >= 0:
             raise ValueError(f"jitter must be >= 0, got {jitter!r}")
         self.jitter = float(jitter)
+        self.modality_jitter = {str(n): float(v) for n, v in (modality_jitter or {}).items()}
+        unknown = sorted(set(self.modality_jitter) - set(sampler.modalities))
+        if unknown or not all(v >= 0 for v in self.modality_jitter.values()):
+            raise ValueError(f"modality_jitter must map modalities of {sampler.modalities} to sigmas >= 0, got {modality_jitter!r}")
         if not 0 <= modality_dropout < 1:
             raise ValueError(f"modality_dropout must be a probability in [0, 1), got {modality_dropout!r}")
         self.modality_dropout = float(modality_dropout)
@@ -179,7 +187,7 @@ class PatchDataset(IterableDataset):
     def _copy(self, state: StreamState | None, rank: int, world: int) -> "PatchDataset":
         return PatchDataset(
             self.sampler, self.band_stats, margin=self.margin, augment=self.augment, state=state, rescale=self.rescale,
-            jitter=self.jitter, modality_dropout=self.modality_dropout,
+            jitter=self.jitter, modality_jitter=self.modality_jitter, modality_dropout=self.modality_dropout,
             modality_dropout_fill=self.modality_dropout_fill, seed=self.seed, rank=rank, world=world,
         )
 
@@ -220,6 +228,12 @@ class PatchDataset(IterableDataset):
                 for name in self.sampler.modalities:
                     offsets = rng.normal(0.0, self.jitter, size=inputs[name].shape[0]).astype(np.float32)
                     inputs[name] += torch.from_numpy(offsets)[:, None, None]
+            if self.augment and any(self.modality_jitter.values()):
+                # one offset per modality, drawn in the model's modality order from a generator of its own
+                rng = np.random.default_rng((self.seed, stream, position, 4))
+                for name in self.sampler.modalities:
+                    if name in self.modality_jitter:
+                        inputs[name] += float(rng.normal(0.0, self.modality_jitter[name]))
             if self.augment and self.modality_dropout and len(inputs) > 1:
                 # its own generator too: the flips, rescale and jitter draws stay those of a run without it
                 rng = np.random.default_rng((self.seed, stream, position, 2))
