@@ -33,7 +33,8 @@ test pixel, or ``--score-pixels`` uniform ones per chip):
   every labelled training pixel;
 - ``pad``: PAD (``--pad-preset``, default ``micro``, with the full-resolution
   ``pixel_head`` and its linear term ``pixel_head_linear``; 600 steps, batch 8,
-  patch 96, lr 1e-3, ``rescale=[0.5, 2]``, no class balancing, unless
+  patch 96, lr 1e-3, ``rescale=[0.5, 2]``, ``modality_jitter={"sar": 0.5}``, no
+  class balancing, unless
   ``--pad-option`` / ``--pad-hparam`` say otherwise), tiled inference with
   ``tilefuse.predict``; three models (training seeds 42, 1, 2) whose softmax
   probabilities are averaged, or one with ``--pad-option seed=N``;
@@ -324,7 +325,10 @@ def run_pad(ctx: Context) -> dict[str, np.ndarray]:
     from tilefuse.metrics import ConfusionMatrix
 
     # the best measured CPU schedule on these chips (README, "Results on small real data")
-    defaults = {"steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": False, "rescale": [0.5, 2.0], "torch_threads": ctx.args.threads}
+    defaults = {
+        "steps": 600, "batch_size": 8, "patch_size": 96, "lr": 1e-3, "class_balance": False, "rescale": [0.5, 2.0],
+        "modality_jitter": {"sar": 0.5}, "torch_threads": ctx.args.threads,
+    }
     options = defaults | parse_options(ctx.args.pad_option)
     hparams = {"preset": ctx.args.pad_preset, "pixel_head": True, "pixel_head_linear": True} | parse_options(ctx.args.pad_hparam)
     if ctx.args.pad_seeds:
