@@ -65,7 +65,8 @@ class DataOptions:
     modality_jitter: Optional[dict[str, float]] = None
     """Calibration shift: modality name -> sigma; every band of that modality of a training sample is shifted by one
     offset drawn from N(0, sigma) standard deviations (SAR backscatter moves with incidence angle, moisture and
-    processing; ``{"sar": 0.5}`` helped PAD on real chips, README "Results on small real data"); None = off."""
+    processing; ``{"sar": 0.5}`` helped PAD and ``{"sar": 1.0}`` S²Fin on real chips, README "Results on small real
+    data"); None = off."""
     modality_dropout: float = 0.0
     """With this probability one modality of a training sample, chosen uniformly, is replaced by zeros (its
     normalised band mean), never every modality: the model learns to classify from each alone too; 0 = off."""
