@@ -63,6 +63,7 @@ def test_train_command_reaches_every_training_option(monkeypatch, tmp_path):
         "sampler": (["--sampler", "patches"], "patches"), "split": (["--split", "stores"], "stores"),
         "device": (["--device", "cpu"], "cpu"), "rescale": (["--rescale", "0.5", "2"], [0.5, 2.0]),
         "modality_dropout_fill": (["--modality-dropout-fill", "noise"], "noise"),
+        "modality_jitter": (["--modality-jitter", "sar=0.5", "--modality-jitter", "optical=0.25"], {"sar": 0.5, "optical": 0.25}),
     }
     names = [f.name for f in (*fields(DataOptions), *fields(TrainSettings))]
     argv = []
