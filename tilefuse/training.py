@@ -326,8 +326,11 @@ class RunDir:
         :func:`tilefuse.checkpoint.read_checkpoint`)."""
         for name in (WEIGHTS, CONFIG):
             part = temporary_sibling(self.path / name)
-            shutil.copyfile(self.state / name, part)
-            replace_path(part, self.path / name)
+            try:
+                shutil.copyfile(self.state / name, part)
+                replace_path(part, self.path / name)
+            finally:  # a SIGTERM mid-copy unwinds through here: no temporary is left beside the run's files
+                part.unlink(missing_ok=True)
 
     def load_tensors(self) -> dict[str, torch.Tensor]:
         try:
