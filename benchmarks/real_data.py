@@ -351,8 +351,7 @@ def run_pad(ctx: Context) -> dict[str, np.ndarray]:
             probs[chip] = probs.get(chip, 0) + p
             alone.update(p.argmax(0), ctx.truth[chip])
         if len(seeds) > 1:  # each member's own score shows the spread the ensemble averages over
-            m = alone.compute(ctx.ds.class_names)
-            print(f"    pad seed {seed} alone, pooled OA / mIoU / kappa: {m['overall_accuracy']:.3f} / {m['mean_iou']:.3f} / {m['kappa']:.3f}", flush=True)
+            print(f"    pad seed {seed} alone, pooled OA/mIoU/kappa:{_cell(alone.compute(ctx.ds.class_names))}", flush=True)
     return {chip: p.argmax(0) for chip, p in probs.items()}
 
 
