@@ -107,6 +107,14 @@ def test_run_folder_refusals_name_the_parameters_to_pass(stores, tmp_path):  # n
 
         RunDir(tmp_path / "killed").start(resume=False, overwrite=False)  # a run killed before its first checkpoint
         train("test-seg", stores, tmp_path / "killed", resume=True, **options)
+    # without resume the same folder says so at once, instead of sending the user to --resume first
+    with pytest.raises(InputError, match=r"a run stopped before its first checkpoint \(nothing to resume\): start it again with overwrite=True"):
+        train("test-seg", stores, tmp_path / "killed", **options)
+    (tmp_path / "plain").mkdir()  # a folder tilefuse did not make is no stopped run: the general message
+    with pytest.raises(InputError, match=r"plain already exists: pass resume=True"):
+        train("test-seg", stores, tmp_path / "plain", **options)
+    run2 = train("test-seg", stores, tmp_path / "killed", overwrite=True, **options)
+    assert RunDir(run2).has_state()
 
 
 @pytest.mark.parametrize("modalities", [["optical", "optical"], ["optical", "sar", "optical"], ["optical", 3], [None]])

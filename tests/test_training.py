@@ -313,7 +313,7 @@ def test_cuda_training_with_bf16_autocast(stores, tmp_path):
 
 def test_a_run_stopped_before_its_first_checkpoint_is_restarted_as_the_message_says(stores, tmp_path, capsys):
     """A run killed before its first checkpoint leaves its folder without state: --resume said "start it without
-    --resume", which said "already exists: pass --resume", a loop; the message names --overwrite, which works."""
+    --resume", which said "already exists: pass --resume", a loop; both messages name --overwrite, which works."""
     from tilefuse.training import RunDir
 
     run = tmp_path / "run"
@@ -321,7 +321,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_restarted_as_the_message_s
     base = ["train", "--model", "test-seg", "--store", str(stores[0]), "--out", str(run), "--steps", "1", "--batch-size", "2",
             "--patch-size", "32", "--workers", "0", "--quiet"]
     code, err = _cli(base, capsys)
-    assert code == 2 and "--resume" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "nothing to resume" in err and "--overwrite" in err, err
     code, err = _cli(base + ["--resume"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "--overwrite" in err, err
     assert _cli(base + ["--overwrite"], capsys)[0] == 0

@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from tilefuse import distributed
-from tilefuse.outputs import _me, check_inputs, claim, clean_stale, create, replace_path, temporary_sibling
+from tilefuse.outputs import _me, check_inputs, claim, clean_stale, create, found_kind, replace_path, temporary_sibling
 from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint, verify_weights
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
@@ -282,6 +282,11 @@ class RunDir:
                 )
             raise InputError(f"{self.path} has no training state to resume: start it without resume=True (--resume)")
         if os.path.lexists(self.path) and not (resume or overwrite):
+            if found_kind(self.path) == "run" and not self.has_state():  # --resume would only be refused next
+                raise InputError(
+                    f"{self.path} already exists, a run stopped before its first checkpoint (nothing to resume): "
+                    "start it again with overwrite=True (--overwrite), or choose another out= (--out)"
+                )
             raise InputError(f"{self.path} already exists: pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to replace it, or choose another out= (--out)")
         if resume:  # a run folder with training state (older runs carry no marker)
             check_inputs(self.path, inputs)
