@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, key_values
 
 
 def count_parameters(name: str, modalities: dict[str, int], num_classes: int, **hparams: Any) -> int:
@@ -52,16 +52,6 @@ def describe_models(name: str | None = None, overrides: dict[str, Any] | None = 
     return records
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise InputError(f"--set {text!r} is not KEY=VALUE: write e.g. --set preset=paper")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def models(
     name: Annotated[Optional[str], typer.Argument(help="Show only this model.")] = None,
     set_: Annotated[
@@ -75,7 +65,7 @@ def models(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """List registered models with a description and the parameter count of an example configuration."""
-    overrides = dict(_parse_override(item) for item in set_ or [])
+    overrides = key_values(set_, "--set", "preset=paper") or {}
     records = describe_models(name, overrides)
     if json_output:
         typer.echo(json.dumps(records, indent=2))

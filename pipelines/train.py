@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional, Sequence
 
 import typer
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, key_values
 from tilefuse.outputs import holds_output
 from tilefuse.training_data import DataOptions
 
@@ -180,40 +180,6 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
 _train_locked = holds_output("out", inputs=("stores", "val_stores"))(_train)  # one writer per run folder, for the whole training
 
 
-def _parse_hparams(items: list[str] | None) -> dict[str, Any] | None:
-    if items is None:
-        return None
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--hparam {item!r} is not KEY=VALUE: write e.g. --hparam preset=femto")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _parse_sigmas(items: list[str] | None) -> dict[str, float] | None:
-    """``--modality-jitter NAME=SIGMA`` items as {name: sigma}."""
-    if items is None:
-        return None
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            sigma = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise InputError(f"--modality-jitter {item!r} is not NAME=SIGMA: write e.g. --modality-jitter sar=0.5")
-        if name in out:
-            raise InputError(f"--modality-jitter names {name!r} twice: give each modality once")
-        out[name] = sigma
-    return out
-
-
 def train_command(
     model: Annotated[str, typer.Option("--model", help="Registered model name (see `tilefuse models`).")],
     store: Annotated[list[Path], typer.Option("--store", help="Scene store to train on (repeat for several).")],
@@ -267,7 +233,7 @@ def train_command(
         "allow_fewer": allow_fewer, "lr": lr, "min_lr": min_lr, "ema_decay": ema_decay, "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
         "val_fraction": val_fraction, "test_fraction": test_fraction, "split": split, "block": block,
         "modalities": modality, "sampler": sampler, "min_labelled": min_labelled, "class_balance": class_balance,
-        "rescale": None if rescale is None else list(rescale), "jitter": jitter, "modality_jitter": _parse_sigmas(modality_jitter), "modality_dropout": modality_dropout,
+        "rescale": None if rescale is None else list(rescale), "jitter": jitter, "modality_jitter": key_values(modality_jitter, "--modality-jitter", "sar=0.5", value=float, form="NAME=SIGMA"), "modality_dropout": modality_dropout,
         "modality_dropout_fill": modality_dropout_fill, "val_pixels": val_pixels, "window": window,
         "patches_per_window": patches_per_window, "windows_per_round": windows_per_round,
         "checkpoint_every": checkpoint_every, "val_every": val_every, "log_every": log_every, "workers": workers,
@@ -277,7 +243,7 @@ def train_command(
 
     try:
         path = train(
-            model, store, out, val_stores=val_store or (), hparams=_parse_hparams(hparam),
+            model, store, out, val_stores=val_store or (), hparams=key_values(hparam, "--hparam", "preset=femto"),
             resume=resume, overwrite=overwrite, progress=not quiet, nproc=nproc, **options,
         )
     except JobFailed as failed:  # the failing rank's message is printed already

@@ -145,6 +145,9 @@ TRAIN_CASES = {
     "modality jitter without a sigma": (["--modality-jitter", "sar"], "is not NAME=SIGMA"),
     "modality jitter not a number": (["--modality-jitter", "sar=high"], "is not NAME=SIGMA"),
     "modality jitter twice": (["--modality-jitter", "sar=0.5", "--modality-jitter", "sar=0.3"], "names 'sar' twice"),
+    # a later --hparam of the same name won without a word
+    "hparam twice": (["--hparam", "width=4", "--hparam", "width=8"], "--hparam names 'width' twice"),
+    "hparam without a value": (["--hparam", "width"], "--hparam 'width' is not KEY=VALUE"),
     "modality jitter negative": (["--modality-jitter", "sar=-1"], "modality_jitter= (--modality-jitter) must be"),
     "modality jitter of a modality the model does not read": (["--modality-jitter", "lidar=0.5"], "names 'lidar', which the model does not read"),
     # the cosine "decayed" upwards from lr to min_lr

@@ -58,6 +58,7 @@ def test_overrides_report_the_paper_preset_and_other_bands(capsys):
         (["unet9000"], "unknown model"),
         (["--set", "preset=paper"], "needs a model name"),
         (["pad", "--set", "preset"], "KEY=VALUE"),
+        (["pad", "--set", "preset=paper", "--set", "preset=femto"], "--set names 'preset' twice"),
         (["pad", "--set", "widths=3"], "hyperparameter"),
         (["pad", "--set", "preset=huge"], "preset"),
     ],

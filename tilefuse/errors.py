@@ -1,11 +1,11 @@
-"""The one exception type that means "the user's input is wrong", and reading the JSON files users pass."""
+"""The one exception type that means "the user's input is wrong", and reading the JSON files and KEY=VALUE options users pass."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 
 class InputError(Exception):
@@ -45,3 +45,36 @@ def read_json(path: str | os.PathLike, what: str, fix: str, *, missing: str | No
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         reason = f"{type(error).__name__}: {error}" if isinstance(error, OSError) else f"it is not JSON: {error}"
         raise InputError(f"{what} {path} is unreadable ({reason}): {fix}") from None
+
+
+def json_or_text(text: str) -> Any:
+    """An option value as JSON where it parses (``3``, ``true``, ``[1, 2]``), else the text itself (``femto``)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
+        return text
+
+
+def key_values(
+    items: Sequence[str] | None, option: str, example: str, value: Callable[[str], Any] = json_or_text, form: str = "KEY=VALUE"
+) -> dict[str, Any] | None:
+    """A repeated ``option KEY=VALUE`` as a dict, each VALUE through ``value``; None when it was not given.
+
+    An item that is not KEY=VALUE, whose VALUE ``value`` refuses (``ValueError``), or whose KEY an earlier
+    item gave already is one :class:`InputError` naming ``option`` and a correct ``example``.
+    """
+    if items is None:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        try:
+            parsed = value(text)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise InputError(f"{option} {item!r} is not {form}: write e.g. {option} {example}")
+        if key in out:
+            raise InputError(f"{option} names {key!r} twice: give each once")
+        out[key] = parsed
+    return out
