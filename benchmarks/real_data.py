@@ -294,14 +294,9 @@ def run_pixel_baseline(kind: str, ctx: Context, few: bool = False) -> dict[str, 
 
 
 def parse_options(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    from tilefuse.errors import json_or_text
+
+    return {key: json_or_text(value) for key, _, value in (item.partition("=") for item in items)}
 
 
 def s2fin_options(ctx: Context) -> dict:
@@ -487,7 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
                             per_chip[method][chip] = matrix
                         if method in drawn:
                             drawn[method][d].merge(matrix)
-                    seconds[method] += elapsed if d == 0 else 0.0
+                    if d == 0:
+                        seconds[method] += elapsed
                     print(f"  {ds.name} fold {i} {method}{f' seed {seed}' if len(seeds) > 1 and method in drawn else ''}: {elapsed:.0f} s", flush=True)
         results = {}
         print(f"\n{ds.name}, {args.protocol}: OA / mIoU / kappa (test pixels scored: {args.score_pixels or 'all'})")
