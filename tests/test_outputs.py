@@ -516,3 +516,61 @@ def test_overwrite_never_deletes_what_a_user_put_inside_an_output(world, tmp_pat
         assert outputs.claim(out, kind, exist_ok=True) == out.resolve()  # a resume deletes nothing: allowed
     (out / extra).unlink()  # the last one is a file
     assert cli(commands[name], capsys)[0] == 0 and found_kind(out) == kind
+
+
+def test_a_live_writer_stays_live_when_the_wall_clock_is_set(tmp_path, monkeypatch):
+    """The boot time Linux reports (wall clock minus uptime) moves when the clock is set (NTP, a virtual machine
+    restored from a snapshot); a live writer must not look dead then, or its lock and temporaries are taken."""
+    import threading
+
+    import psutil
+
+    out = tmp_path / "x.zarr"
+    mine = temporary_sibling(out)
+    mine.mkdir()
+    dead = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))
+    dead.mkdir()
+    held, release = threading.Event(), threading.Event()
+
+    def writer():
+        with output_lock(out):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert held.wait(30)
+        booted = psutil.boot_time()
+        for shift in (-7.0, 3600.0):  # the clock set back a little, then forward by an hour
+            if sys.platform.startswith("linux"):
+                monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: booted + shift)
+            monkeypatch.setattr(psutil, "boot_time", lambda: booted + shift)
+            assert outputs.live_writer(out) == f"process {os.getpid()}"
+            with pytest.raises(InputError, match=f"process {os.getpid()}"):
+                with output_lock(out):
+                    pass
+            outputs.clean_stale(out)
+            assert mine.exists() and not dead.exists(), "a live run's temporary is kept, a dead run's removed"
+            assert outputs.process_alive(*outputs.current_process())
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_lock_written_with_a_wall_clock_start_still_names_its_live_writer(tmp_path):
+    """Locks written before start times were counted from boot hold wall-clock seconds since 1970: a run of
+    the earlier release that is still writing is not taken over by this one."""
+    import psutil
+
+    out = tmp_path / "x.zarr"
+    lock = outputs.lock_path(out)
+    started = round(psutil.Process().create_time(), 2)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "start": started, "output": str(out)}
+    lock.write_text(json.dumps(record))
+    with pytest.raises(InputError, match=f"process {os.getpid()}"):
+        with output_lock(out):
+            pass
+    lock.write_text(json.dumps({**record, "pid": _dead_pid()}))
+    with output_lock(out):  # a dead writer's lock of either kind is taken over
+        assert json.loads(lock.read_text())["start"] == outputs.current_process()[1]

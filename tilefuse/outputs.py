@@ -96,25 +96,52 @@ def _host_tag(host: str) -> str:
     return hashlib.sha1(host.encode()).hexdigest()[:6]
 
 
-def _start_time(pid: int) -> float | None:
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and "SC_CLK_TCK" in os.sysconf_names else 100
+_WALL_CLOCK = 1e9
+"""A recorded start time above this is wall-clock seconds since 1970 (written by tilefuse before it recorded
+seconds since boot on Linux); a start since boot reaches it only after 31 years of uptime."""
+
+
+def _start_time(pid: int, *, wall_clock: bool = False) -> float | None:
+    """When process ``pid`` started, None when no such process runs (gone, or a zombie).
+
+    On Linux: seconds since boot, read from ``/proc/PID/stat``, which never
+    changes for a process. psutil's ``create_time`` adds the boot time *of the
+    moment* (``btime``, the wall clock minus the uptime), which moves whenever
+    the wall clock is set (NTP, a virtual machine restored from a snapshot):
+    a live writer then looked dead, and its lock and temporaries were taken.
+    Elsewhere (and with ``wall_clock``): the creation time psutil reports,
+    which those systems store once per process.
+    """
+    if not wall_clock and os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return None if fields[0] == b"Z" else round(int(fields[19]) / _TICKS, 2)
     try:
-        return round(psutil.Process(pid).create_time(), 2)
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else round(process.create_time(), 2)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
 
 
-def _alive(pid: int, start: float | None) -> bool:
-    """Whether process ``pid`` (started at ``start``, if known) still runs on this host."""
-    found = _start_time(pid) if psutil.pid_exists(pid) else None
+def process_alive(pid: int, start: float | None) -> bool:
+    """Whether process ``pid`` (started at ``start`` as :func:`current_process` recorded it, if known) still
+    runs on this host: a process under that pid that started at another time is another process."""
+    legacy = start is not None and start > _WALL_CLOCK and os.path.isdir("/proc/self")
+    found = _start_time(pid, wall_clock=legacy)
     if found is None:
         return False
-    return start is None or abs(found - start) < 0.05
+    return start is None or abs(found - start) < (2.0 if legacy else 0.05)
 
 
 _ME = (os.getpid(), _start_time(os.getpid()))
 
 
-def _me() -> tuple[int, float | None]:
+def current_process() -> tuple[int, float | None]:
+    """(pid, start time) of this process, as locks and temporaries record their owner."""
     global _ME
     if _ME[0] != os.getpid():  # forked
         _ME = (os.getpid(), _start_time(os.getpid()))
@@ -142,7 +169,7 @@ def sibling_stem(name: str) -> str:
 def temporary_sibling(path: str | os.PathLike, tag: str = "tmp") -> Path:
     """A hidden, unique name next to ``path`` (same filesystem, so a rename is atomic) naming its owner."""
     path = Path(path)
-    pid, start = _me()
+    pid, start = current_process()
     owner = f"{_host_tag(_host())}-{pid}-{int((start or 0) * 100):x}"
     return path.parent / f".{sibling_stem(path.name)}.{tag}-{owner}-{uuid.uuid4().hex[:6]}"
 
@@ -178,7 +205,7 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
         match = _TEMP.fullmatch(sibling.name[len(prefix) - 1 :])
         if match is None or match["host"] != here:
             continue
-        if _alive(int(match["pid"]), int(match["start"], 16) / 100 or None):
+        if process_alive(int(match["pid"]), int(match["start"], 16) / 100 or None):
             continue
         if match["tag"] == "old" and not os.path.lexists(path):
             os.replace(sibling, path)
@@ -718,7 +745,7 @@ def live_writer(path: str | os.PathLike) -> str | None:
         return None
     if holder.get("host") != _host():
         return f"process {holder['pid']} on {holder.get('host')}"
-    return f"process {holder['pid']}" if _alive(holder["pid"], holder.get("start")) else None
+    return f"process {holder['pid']}" if process_alive(holder["pid"], holder.get("start")) else None
 
 
 @contextlib.contextmanager
@@ -740,7 +767,7 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
         finally:
             _HELD[key] -= 1
         return
-    pid, start = _me()
+    pid, start = current_process()
     record = json.dumps({"pid": pid, "host": _host(), "start": start, "output": str(real_path(path))})
     with os_errors_as_input(path):
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -756,7 +783,7 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
                         f"{path} is being written by process {holder['pid']} on {holder.get('host')} (lock {lock}): "
                         "wait for it to finish, or delete the lock file if that process is gone"
                     ) from None
-                if holder and _alive(holder["pid"], holder.get("start")):
+                if holder and process_alive(holder["pid"], holder.get("start")):
                     raise InputError(
                         f"{path} is being written by process {holder['pid']} (lock {lock}): "
                         "wait for it to finish or choose another output"

@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from tilefuse import distributed
-from tilefuse.outputs import _me, check_inputs, claim, clean_stale, create, found_kind, replace_path, temporary_sibling
+from tilefuse.outputs import check_inputs, claim, clean_stale, create, current_process, found_kind, process_alive, replace_path, temporary_sibling
 from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint, verify_weights
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
@@ -176,12 +176,10 @@ def _worker_init(owner: tuple[int, float | None], _worker_id: int) -> None:
     """
     import threading
 
-    from tilefuse.outputs import _alive
-
     torch.set_num_threads(1)
 
     def watch() -> None:
-        while _alive(*owner):
+        while process_alive(*owner):
             time.sleep(2.0)
         os._exit(0)
 
@@ -393,7 +391,7 @@ def make_loader(dataset: PatchDataset, batch_size: int, workers: int, seed: int,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=pin,
-        worker_init_fn=functools.partial(_worker_init, _me()) if workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, current_process()) if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
