@@ -558,6 +558,20 @@ def test_a_live_writer_stays_live_when_the_wall_clock_is_set(tmp_path, monkeypat
         thread.join()
 
 
+def test_a_process_that_may_not_be_inspected_counts_as_alive(monkeypatch):
+    """Another user's process, where /proc hides it, cannot be read but answers signal 0 with EPERM."""
+    pid = _dead_pid()
+    assert not outputs.process_alive(pid, 123.0)
+
+    def kill(target, signal_):
+        if target == pid and signal_ == 0:
+            raise PermissionError(1, "Operation not permitted")
+        raise AssertionError("only signal 0 is sent")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert outputs.process_alive(pid, 123.0) and outputs.process_alive(pid, None)
+
+
 def test_a_lock_written_with_a_wall_clock_start_still_names_its_live_writer(tmp_path):
     """Locks written before start times were counted from boot hold wall-clock seconds since 1970: a run of
     the earlier release that is still writing is not taken over by this one."""

@@ -47,6 +47,7 @@ import re
 import shutil
 import socket
 import struct
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -96,7 +97,8 @@ def _host_tag(host: str) -> str:
     return hashlib.sha1(host.encode()).hexdigest()[:6]
 
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and "SC_CLK_TCK" in os.sysconf_names else 100
+_LINUX = sys.platform.startswith("linux")
+_TICKS = os.sysconf("SC_CLK_TCK") if _LINUX else 100
 _WALL_CLOCK = 1e9
 """A recorded start time above this is wall-clock seconds since 1970 (written by tilefuse before it recorded
 seconds since boot on Linux); a start since boot reaches it only after 31 years of uptime."""
@@ -113,7 +115,7 @@ def _start_time(pid: int, *, wall_clock: bool = False) -> float | None:
     Elsewhere (and with ``wall_clock``): the creation time psutil reports,
     which those systems store once per process.
     """
-    if not wall_clock and os.path.isdir("/proc/self"):
+    if _LINUX and not wall_clock:
         try:
             with open(f"/proc/{pid}/stat", "rb") as handle:
                 fields = handle.read().rsplit(b")", 1)[1].split()
@@ -130,11 +132,23 @@ def _start_time(pid: int, *, wall_clock: bool = False) -> float | None:
 def process_alive(pid: int, start: float | None) -> bool:
     """Whether process ``pid`` (started at ``start`` as :func:`current_process` recorded it, if known) still
     runs on this host: a process under that pid that started at another time is another process."""
-    legacy = start is not None and start > _WALL_CLOCK and os.path.isdir("/proc/self")
+    legacy = start is not None and start > _WALL_CLOCK and _LINUX
     found = _start_time(pid, wall_clock=legacy)
     if found is None:
-        return False
+        return _hidden(pid)
     return start is None or abs(found - start) < (2.0 if legacy else 0.05)
+
+
+def _hidden(pid: int) -> bool:
+    """Whether ``pid`` runs but may not be inspected (another user's process where ``/proc`` hides it): counted
+    alive, as taking over its output could lose its work, and refusing only asks the user to check."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return False
 
 
 _ME = (os.getpid(), _start_time(os.getpid()))
