@@ -3,6 +3,7 @@ tilefuse's own output of the same kind, one writer per output, stale temporaries
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -436,13 +437,11 @@ def test_inputs_overlap_whatever_the_spelling(tmp_path, monkeypatch):
             assert refused == overlap, (out, source)
 
 
-def test_locks_nest_in_one_thread_and_exclude_other_threads(tmp_path):
+@contextlib.contextmanager
+def held_by_another_thread(out):
+    """The lock of ``out`` held by a writer thread of this process for the block."""
     import threading
 
-    out = tmp_path / "x.zarr"
-    with output_lock(out), output_lock(out):  # a pipeline's lock, then the store writer's own
-        assert outputs.lock_path(out).exists()
-    assert not outputs.lock_path(out).exists()
     held, release = threading.Event(), threading.Event()
 
     def writer():
@@ -454,12 +453,21 @@ def test_locks_nest_in_one_thread_and_exclude_other_threads(tmp_path):
     thread.start()
     try:
         assert held.wait(30)
-        with pytest.raises(InputError, match=f"process {os.getpid()}"):
-            with output_lock(out):
-                pass
+        yield
     finally:
         release.set()
         thread.join()
+
+
+def test_locks_nest_in_one_thread_and_exclude_other_threads(tmp_path):
+    out = tmp_path / "x.zarr"
+    with output_lock(out), output_lock(out):  # a pipeline's lock, then the store writer's own
+        assert outputs.lock_path(out).exists()
+    assert not outputs.lock_path(out).exists()
+    with held_by_another_thread(out):
+        with pytest.raises(InputError, match=f"process {os.getpid()}"):
+            with output_lock(out):
+                pass
     with output_lock(out):
         pass
 
@@ -521,8 +529,6 @@ def test_overwrite_never_deletes_what_a_user_put_inside_an_output(world, tmp_pat
 def test_a_live_writer_stays_live_when_the_wall_clock_is_set(tmp_path, monkeypatch):
     """The boot time Linux reports (wall clock minus uptime) moves when the clock is set (NTP, a virtual machine
     restored from a snapshot); a live writer must not look dead then, or its lock and temporaries are taken."""
-    import threading
-
     import psutil
 
     out = tmp_path / "x.zarr"
@@ -530,17 +536,7 @@ def test_a_live_writer_stays_live_when_the_wall_clock_is_set(tmp_path, monkeypat
     mine.mkdir()
     dead = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))
     dead.mkdir()
-    held, release = threading.Event(), threading.Event()
-
-    def writer():
-        with output_lock(out):
-            held.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
-        assert held.wait(30)
+    with held_by_another_thread(out):
         booted = psutil.boot_time()
         for shift in (-7.0, 3600.0):  # the clock set back a little, then forward by an hour
             if sys.platform.startswith("linux"):
@@ -553,9 +549,6 @@ def test_a_live_writer_stays_live_when_the_wall_clock_is_set(tmp_path, monkeypat
             outputs.clean_stale(out)
             assert mine.exists() and not dead.exists(), "a live run's temporary is kept, a dead run's removed"
             assert outputs.process_alive(*outputs.current_process())
-    finally:
-        release.set()
-        thread.join()
 
 
 def test_a_process_that_may_not_be_inspected_counts_as_alive(monkeypatch):
