@@ -142,7 +142,9 @@ def process_alive(pid: int, start: float | None) -> bool:
 def _hidden(pid: int) -> bool:
     """Whether ``pid`` runs but may not be inspected (another user's process where ``/proc`` hides it): counted
     alive, as taking over its output could lose its work, and refusing only asks the user to check."""
-    try:
+    if os.name != "posix":  # signal 0 would terminate it on Windows; psutil asks without touching it
+        return psutil.pid_exists(pid)
+    try:  # signal 0 checks, sends nothing; a process we may inspect but could not is a zombie or just ended
         os.kill(pid, 0)
     except PermissionError:
         return True
