@@ -233,8 +233,10 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(world,
     # a lock naming this very pid but another start time (the pid was reused) is stale too
     outputs.lock_path(out).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": 1.0}))
     assert cli(["export", w["pred.zarr"], out, "--overwrite"], capsys)[0] == 0
-    # an unreadable lock is taken over; a live holder on another host is refused
+    # an unreadable lock is taken over once it is old (see the test below); a live holder on another host is refused
     outputs.lock_path(out).write_text("garbage")
+    past = time.time() - 2 * outputs.UNREADABLE_GRACE
+    os.utime(outputs.lock_path(out), (past, past))
     with output_lock(out):
         pass
     outputs.lock_path(out).write_text(json.dumps({"pid": 1, "host": "elsewhere", "start": 1.0}))
@@ -242,6 +244,77 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(world,
         with output_lock(out):
             pass
     outputs.lock_path(out).unlink()
+
+
+def test_a_lock_never_exists_without_its_record(tmp_path):
+    """A second writer that found the lock empty took it over as unreadable while its creator was about to write
+    it: two writers. The lock is now written first and linked into place, so a reader finds it whole or absent."""
+    import threading
+
+    out, lock = tmp_path / "pred.zarr", outputs.lock_path(tmp_path / "pred.zarr")
+    partial, whole, stop = [], [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                text = lock.read_text()
+                try:
+                    whole.append(json.loads(text)["pid"])
+                except ValueError:
+                    partial.append(text)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(2000):
+            with output_lock(out):
+                pass
+    finally:
+        stop.set()
+        reader.join()
+    assert not partial, f"{len(partial)} reads found the lock without its record"
+    assert whole and set(whole) == {os.getpid()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no lock or temporary left behind"
+
+
+def test_a_young_unreadable_lock_is_waited_on_and_an_old_one_taken_over(tmp_path, monkeypatch):
+    """Without hard links (or from an earlier release) a lock is created empty and written just after: a young
+    unreadable lock is re-read until it is UNREADABLE_GRACE seconds old, an old one counts as damaged."""
+    import threading
+
+    monkeypatch.setattr(outputs, "UNREADABLE_GRACE", 0.6)
+    out = tmp_path / "pred.zarr"
+    lock = outputs.lock_path(out)
+    lock.write_text("")
+    pid, start = outputs.current_process()
+    writer = threading.Timer(0.2, lambda: lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "start": start})))
+    writer.start()
+    try:
+        with pytest.raises(InputError, match=f"being written by process {pid}"):
+            with output_lock(out):
+                pass
+    finally:
+        writer.join()
+    lock.write_text("")
+    past = time.time() - 1.0
+    os.utime(lock, (past, past))
+    began = time.monotonic()
+    with output_lock(out):
+        assert json.loads(lock.read_text())["pid"] == pid
+    assert time.monotonic() - began < 0.5 and not lock.exists()
+
+
+def test_a_lock_is_made_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(outputs.os, "link", refuse)
+    out = tmp_path / "pred.zarr"
+    with output_lock(out) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert [p.name for p in tmp_path.iterdir()] == [lock.name], "the record's temporary is removed"
+        assert outputs.live_writer(out) == f"process {os.getpid()}"
+    assert not lock.exists()
 
 
 @pytest.mark.parametrize("command", ["train", "ingest"])

@@ -23,10 +23,11 @@ Contract (DESIGN.md, "Data safety"):
   moved-aside old outputs left by a killed process (dead owner, same host) are
   removed on the next run of that output; an old output whose replacement
   never arrived is put back.
-- **One writer per output.** :func:`output_lock` holds ``.NAME.lock``
-  (created with ``O_CREAT | O_EXCL``; pid, hostname and process start time) for
-  the whole run; a second writer is refused naming the holder, a lock whose
-  process is gone is taken over. Locks are re-entrant within one thread.
+- **One writer per output.** :func:`output_lock` holds ``.NAME.lock`` (pid,
+  hostname and process start time; written under a temporary name and
+  hard-linked into place, so it never exists empty) for the whole run; a
+  second writer is refused naming the holder, a lock whose process is gone is
+  taken over. Locks are re-entrant within one thread.
 - **Free space and filesystem errors.** :func:`claim` refuses an output when the
   filesystem has less free space than the caller's estimate (a lower bound);
   an ``OSError`` of the filesystem (read-only, permission, full, quota, not a
@@ -49,6 +50,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -333,7 +335,7 @@ RUN_ENTRIES = frozenset(
     {"state", "model.safetensors", "config.json", "log.jsonl", "curves.png", "metrics.json", "split.json", "index"}
 )
 """What training writes at the top of a run folder (tilefuse.training, tilefuse.sampling)."""
-_LOCK = re.compile(r"\..+\.lock(\.stale-[0-9a-f]{6})?$")
+_LOCK = re.compile(r"\..+\.lock(\.(stale|new)-[0-9a-f]{6})?$")
 _SIDECARS = (".aux.xml", ".ovr", ".msk")
 
 
@@ -744,6 +746,7 @@ def lock_path(path: str | os.PathLike) -> Path:
 
 
 def _read_lock(lock: Path) -> dict[str, Any] | None:
+    """The lock's record; None without a lock, {} for an unreadable one."""
     try:
         data = json.loads(lock.read_text())
         return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else {}
@@ -751,6 +754,61 @@ def _read_lock(lock: Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError):
         return {}
+
+
+UNREADABLE_GRACE = 2.0
+"""Seconds an unreadable lock is waited on before it counts as damaged and is taken over: on a filesystem
+without hard links a lock is created empty and written just after (:func:`_create_lock`), and an earlier
+release of tilefuse always did so."""
+
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV})
+
+
+def _create_lock(lock: Path, record: str) -> bool:
+    """Create ``lock`` holding ``record`` in one step; False when it exists.
+
+    The record is written under a temporary name and hard-linked into place, so
+    no reader ever finds the lock empty. (Created with ``O_EXCL`` and written
+    after, it was empty for a moment; a second writer reading it then took the
+    "unreadable" lock over, and both wrote the output.) Where the filesystem has
+    no hard links, ``O_EXCL`` and write, and readers give an unreadable lock
+    :data:`UNREADABLE_GRACE` seconds (:func:`_settled_holder`).
+    """
+    new = lock.with_name(f"{lock.name}.new-{uuid.uuid4().hex[:6]}")
+    try:
+        new.write_text(record)
+        os.link(new, lock)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINKS:
+            raise
+    finally:
+        new.unlink(missing_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(record)
+    return True
+
+
+def _settled_holder(lock: Path) -> dict[str, Any] | None:
+    """:func:`_read_lock`, re-read while the lock is unreadable and younger than :data:`UNREADABLE_GRACE`."""
+    for _ in range(int(UNREADABLE_GRACE / 0.05) + 1):
+        holder = _read_lock(lock)
+        if holder != {}:
+            return holder
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            continue  # gone meanwhile: the next read says so
+        if not 0 <= age < UNREADABLE_GRACE:  # old (or the clock moved): damaged
+            return holder
+        time.sleep(0.05)
+    return _read_lock(lock)
 
 
 def live_writer(path: str | os.PathLike) -> str | None:
@@ -788,10 +846,8 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
     with os_errors_as_input(path):
         lock.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_lock(lock)
+            if not _create_lock(lock, record):
+                holder = _settled_holder(lock)
                 if holder is None:
                     continue  # released meanwhile
                 if holder and holder.get("host") != _host():
@@ -815,8 +871,6 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
                         os.link(stale, lock)
                 stale.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(record)
             break
         else:
             raise InputError(f"{path} is being locked and unlocked by other writers (lock {lock}): retry, or choose another output")
