@@ -186,6 +186,12 @@ class Strip(NamedTuple):
         try:
             tmp.write_bytes(self.data)
             os.replace(tmp, path)
+        except FileNotFoundError:
+            if path.parent.is_dir():
+                raise
+            # an InputError, not a crash: a worker still running a piece of a run that failed elsewhere (its folder
+            # already removed) logs no traceback for it (tilefuse.cluster.plugin)
+            raise InputError(f"spill folder {path.parent} is gone: the prediction ended or the folder was removed; rerun with --resume") from None
         finally:
             tmp.unlink(missing_ok=True)
         return StripFile(str(path), self.shape, len(self.data), storage.crc32c(np.frombuffer(self.data, np.uint8)))
