@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -249,8 +250,6 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(world,
 def test_a_lock_never_exists_without_its_record(tmp_path):
     """A second writer that found the lock empty took it over as unreadable while its creator was about to write
     it: two writers. The lock is now written first and linked into place, so a reader finds it whole or absent."""
-    import threading
-
     out, lock = tmp_path / "pred.zarr", outputs.lock_path(tmp_path / "pred.zarr")
     partial, whole, stop = [], [], threading.Event()
 
@@ -280,8 +279,6 @@ def test_a_lock_never_exists_without_its_record(tmp_path):
 def test_a_young_unreadable_lock_is_waited_on_and_an_old_one_taken_over(tmp_path, monkeypatch):
     """Without hard links (or from an earlier release) a lock is created empty and written just after: a young
     unreadable lock is re-read until it is UNREADABLE_GRACE seconds old, an old one counts as damaged."""
-    import threading
-
     monkeypatch.setattr(outputs, "UNREADABLE_GRACE", 0.6)
     out = tmp_path / "pred.zarr"
     lock = outputs.lock_path(out)
@@ -513,8 +510,6 @@ def test_inputs_overlap_whatever_the_spelling(tmp_path, monkeypatch):
 @contextlib.contextmanager
 def held_by_another_thread(out):
     """The lock of ``out`` held by a writer thread of this process for the block."""
-    import threading
-
     held, release = threading.Event(), threading.Event()
 
     def writer():
