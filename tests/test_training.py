@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from pathlib import Path
 
@@ -339,6 +340,29 @@ def test_resuming_a_finished_run_keeps_its_validation_metrics(stores, tmp_path, 
     assert before["val"] and before["val"]["overall_accuracy"] is not None
     assert _cli(base + ["--resume"], capsys)[0] == 0
     assert json.loads((run / "metrics.json").read_text()) == before
+
+
+def test_a_write_of_metrics_cut_short_leaves_the_previous_metrics(stores, tmp_path, capsys, monkeypatch):
+    """metrics.json was written in place: a full disk or a kill mid-write left a truncated file beside a
+    finished run. It is written under a temporary name and moved into place."""
+    run = tmp_path / "run"
+    base = ["train", "--model", "test-seg", "--store", str(stores[0]), "--out", str(run), "--steps", "2", "--batch-size", "2",
+            "--patch-size", "32", "--workers", "0", "--quiet"]
+    assert _cli(base, capsys)[0] == 0
+    before = (run / "metrics.json").read_bytes()
+    write_text = Path.write_text
+
+    def full_disk(self, data, *args, **kwargs):
+        if "metrics.json" in self.name:
+            write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    code, err = _cli(base + ["--resume"], capsys)
+    assert code == 2 and "space" in err, err
+    assert (run / "metrics.json").read_bytes() == before
+    assert [p.name for p in run.iterdir() if "metrics" in p.name] == ["metrics.json"]
 
 
 def test_resume_refuses_training_state_whose_weights_are_damaged(stores, tmp_path, capsys):

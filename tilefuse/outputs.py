@@ -254,6 +254,21 @@ def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         os.replace(src, dst)
 
 
+def write_file(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to the file ``path`` whole or not at all: under a temporary name moved into place, so a
+    kill or a full disk mid-write leaves the previous file (a file a run keeps rewriting: log, metrics, split)."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        replace_path(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------- markers
 
 

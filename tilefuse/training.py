@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from tilefuse import distributed
-from tilefuse.outputs import check_inputs, claim, clean_stale, create, current_process, found_kind, process_alive, replace_path, temporary_sibling
+from tilefuse.outputs import check_inputs, claim, clean_stale, create, current_process, found_kind, process_alive, replace_path, temporary_sibling, write_file
 from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint, verify_weights
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
@@ -369,9 +369,7 @@ class RunDir:
     def truncate_log(self, step: int) -> None:
         """Drop log records after ``step`` (a crashed run may have logged past its last checkpoint)."""
         kept = [r for r in self.read_log() if r.get("step", 0) <= step]
-        tmp = temporary_sibling(self.log)
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        replace_path(tmp, self.log)
+        write_file(self.log, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ------------------------------------------------------------------------ loop
@@ -657,7 +655,7 @@ def _fit(
         losses = [r["loss"] for r in history if "loss" in r]
         if losses:
             summary["final_loss"] = losses[-1]
-        run.metrics.write_text(json.dumps(summary, indent=2))
+        write_file(run.metrics, json.dumps(summary, indent=2))
         plot_curves(history, run.curves)
     group.barrier()  # the other ranks return the summary rank 0 wrote
     return json.loads(run.metrics.read_text())

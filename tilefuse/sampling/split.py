@@ -187,15 +187,10 @@ class SavedSplit:
 
 def save_split(folder: str | os.PathLike, split: SpatialSplit, stores: Sequence[str | os.PathLike], context: int) -> Path:
     """Write the split file into run ``folder`` (replaced atomically); returns its path."""
-    from tilefuse.outputs import replace_path, temporary_sibling
+    from tilefuse.outputs import write_file
 
     path = Path(folder) / SPLIT_FILE
-    tmp = temporary_sibling(path)
-    try:
-        tmp.write_text(json.dumps({"stores": [str(s) for s in stores], "context": int(context), **split.to_dict()}))
-        replace_path(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, json.dumps({"stores": [str(s) for s in stores], "context": int(context), **split.to_dict()}))
     return path
 
 
