@@ -1,3 +1,7 @@
+import errno
+import time
+
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -5,7 +9,7 @@ import rioxarray  # noqa: F401
 import xarray as xr
 
 from tilefuse.errors import InputError
-from tilefuse.scene import band_stats, modalities, open_scene, require_modalities, write_scene
+from tilefuse.scene import band_stats, compute_then_raise, modalities, open_scene, require_modalities, write_scene
 
 
 def make_scene(h=700, w=600, seed=0) -> xr.Dataset:
@@ -113,3 +117,24 @@ def test_a_dataset_without_valid_or_modality_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no modality"):
         write_scene(scene[["valid"]], tmp_path / "b.zarr")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_store_write_raises_only_once_no_chunk_is_still_being_written(tmp_path):
+    """On dask's threaded scheduler the first failing chunk write (a full disk) was raised while other threads
+    still wrote theirs: those landed after the temporary store had been removed and recreated it (a hidden,
+    half-written store left behind, 2 of 120 tries on a full tmpfs)."""
+    late = tmp_path / "late-chunk"
+
+    def slow_write():
+        time.sleep(0.5)
+        late.write_text("chunk")
+
+    def full_disk():
+        time.sleep(0.05)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with dask.config.set(num_workers=2), pytest.raises(OSError, match="No space"):
+        compute_then_raise(dask.delayed(slow_write)(), dask.delayed(full_disk)())
+    assert late.exists(), "the error was raised while a chunk was still being written"
+    with dask.config.set(scheduler="sync"):  # other schedulers run as configured
+        assert compute_then_raise(dask.delayed(lambda: 3)()) == (3,)

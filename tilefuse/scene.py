@@ -18,12 +18,15 @@ reader sees a half-written store.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
 import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
 import xarray as xr
 import zarr
@@ -168,6 +171,27 @@ def count_labels(label: da.Array) -> da.Array:
     return blocks.sum(axis=(0, 1))
 
 
+def compute_then_raise(*collections):
+    """``dask.compute``, where a failed task's error is raised only once no other task still runs.
+
+    On dask's threaded scheduler the first error is raised at once while the
+    other threads finish their chunk writes; those landed after the caller had
+    removed the temporary store, and recreated it (a full disk left a
+    half-written hidden store behind). Here the threads run in a pool of this
+    call's own, shut down (waiting) before anything is raised. Other schedulers
+    (a distributed client, ``scheduler="sync"``) run as configured.
+    """
+    from dask.base import get_scheduler
+
+    if get_scheduler(collections=[c for c in collections if dask.is_dask_collection(c)]) is not dask.threaded.get:
+        return dask.compute(*collections)
+    pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or os.cpu_count())
+    try:
+        return dask.compute(*collections, pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_scene(
     ds: xr.Dataset,
     path: str | os.PathLike,
@@ -235,13 +259,12 @@ def write_scene(
             tmp, mode="w-", zarr_format=3, encoding=with_checksums(ds, encoding), compute=False, consolidated=False,
             write_empty_chunks=WRITE_EMPTY_CHUNKS,
         )
-        if progress:
-            from dask.diagnostics import ProgressBar
+        with contextlib.ExitStack() as stack:
+            if progress:
+                from dask.diagnostics import ProgressBar
 
-            with ProgressBar():
-                _, computed, counts = dask.compute(writer, sums, counts)
-        else:
-            _, computed, counts = dask.compute(writer, sums, counts)
+                stack.enter_context(ProgressBar())
+            _, computed, counts = compute_then_raise(writer, sums, counts)
         if computed and not any(np.asarray(count).any() for count, _, _ in computed.values()):
             # a modality that is nodata everywhere (a wrong band or nodata value) left a store of nothing
             raise InputError(
