@@ -314,6 +314,27 @@ def test_a_lock_is_made_on_a_filesystem_without_hard_links(tmp_path, monkeypatch
     assert not lock.exists()
 
 
+def test_copies_of_a_lock_left_by_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    """A writer killed between writing its lock's record and linking it into place (``.new-``), or between
+    moving a dead writer's lock aside and removing it (``.stale-``), left that copy for ever."""
+    out = tmp_path / "pred.zarr"
+    lock = outputs.lock_path(out)
+    record = {"pid": os.getpid(), "host": outputs._host(), "start": outputs.current_process()[1], "output": str(out)}
+    dead = {**record, "pid": _dead_pid()}
+    copies = {
+        "new-0a0a0a": (dead, 0), "stale-0b0b0b": (dead, 0), "new-0c0c0c": (None, 10),  # removed
+        "new-1a1a1a": (record, 0), "stale-1b1b1b": ({**dead, "host": "elsewhere"}, 0), "new-1c1c1c": (None, 0),  # kept
+    }
+    for suffix, (content, age) in copies.items():
+        path = lock.with_name(f"{lock.name}.{suffix}")
+        path.write_text("" if content is None else json.dumps(content))
+        os.utime(path, (time.time() - age,) * 2)
+    with output_lock(out):
+        pass
+    left = sorted(p.name[len(lock.name) + 1 :] for p in tmp_path.iterdir())
+    assert left == ["new-1a1a1a", "new-1c1c1c", "stale-1b1b1b"]
+
+
 @pytest.mark.parametrize("command", ["train", "ingest"])
 def test_a_writer_holds_its_lock_for_the_whole_run(command, world, tmp_path, capsys, monkeypatch):
     """While train / ingest run, their output's lock exists and names this process; afterwards it is gone."""

@@ -826,6 +826,25 @@ def _settled_holder(lock: Path) -> dict[str, Any] | None:
     return _read_lock(lock)
 
 
+def _remove_dead_lock_copies(lock: Path) -> None:
+    """Remove the ``.new-`` and ``.stale-`` copies of ``lock`` that a writer killed mid-acquisition left: those
+    naming a dead process on this host, and unreadable ones older than :data:`UNREADABLE_GRACE`."""
+    copy = re.compile(re.escape(lock.name) + r"\.(new|stale)-[0-9a-f]{6}")
+    for path in lock.parent.iterdir():
+        if not copy.fullmatch(path.name):
+            continue
+        holder = _read_lock(path)
+        try:
+            if holder == {}:
+                dead = not 0 <= time.time() - path.stat().st_mtime < UNREADABLE_GRACE
+            else:
+                dead = holder is not None and holder.get("host") == _host() and not process_alive(holder["pid"], holder.get("start"))
+            if dead:
+                path.unlink(missing_ok=True)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+
+
 def live_writer(path: str | os.PathLike) -> str | None:
     """Who holds the lock of output ``path`` while writing it ("process N" or "process N on HOST"), None when
     no live process does (no lock, or a dead writer's: the store stays as that writer left it)."""
@@ -889,6 +908,7 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
             break
         else:
             raise InputError(f"{path} is being locked and unlocked by other writers (lock {lock}): retry, or choose another output")
+        _remove_dead_lock_copies(lock)
     _HELD[key] = 1
     try:
         yield lock
