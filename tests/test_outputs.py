@@ -193,6 +193,30 @@ def test_overwrite_replaces_only_an_output_of_the_same_kind(world, tmp_path, cap
     assert not [p for p in tmp_path.iterdir() if outputs.is_temporary(p) or p.name.endswith(".lock")]
 
 
+def test_overwriting_a_geotiff_folder_never_deletes_a_tiff_it_did_not_write(world, tmp_path, capsys):
+    """A GeoTIFF folder counted every tilefuse-marked GeoTIFF in it as its own: `synth --geotiff DIR
+    --overwrite` deleted a COG that `export` had written into DIR, and a user's copy of one of its files."""
+    _, w = world
+    g = tmp_path / "g"
+    synth = ["synth", tmp_path / "g.zarr", "--size", "32", "--geotiff", g, "--overwrite"]
+    assert cli(synth, capsys)[0] == 0
+    for extra in ("export", "copy"):
+        if extra == "export":
+            assert cli(["export", w["pred.zarr"], g / "prediction.tif"], capsys)[0] == 0
+            added = g / "prediction.tif"
+        else:
+            added = g / "sar_copy.tif"
+            shutil.copyfile(g / "sar.tif", added)
+        before = tree(tmp_path)
+        code, err = cli(synth, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and added.name in err, err
+        assert tree(tmp_path) == before
+        added.unlink()
+    (g / "sar.tif.aux.xml").write_text("<PAMDataset/>")  # GDAL's sidecar of one of its files is its own
+    assert cli(synth, capsys)[0] == 0 and sorted(p.name for p in g.iterdir() if not p.name.startswith(".")) == [
+        "label.tif", "optical.tif", "sar.tif"]
+
+
 def test_evaluate_out_creates_missing_folders_and_synth_geotiff_onto_a_file_is_refused(world, tmp_path, capsys):
     _, w = world
     out = tmp_path / "missing" / "dir" / "m.json"

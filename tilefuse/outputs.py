@@ -325,8 +325,21 @@ def found_kind(path: str | os.PathLike) -> str | None:
 
 
 def mark_folder(path: str | os.PathLike, kind: str) -> None:
-    """Stamp folder output ``path`` as tilefuse's ``kind``."""
-    (Path(path) / MARKER_FILE).write_text(json.dumps({"kind": kind}) + "\n")
+    """Stamp folder output ``path`` as tilefuse's ``kind``; a GeoTIFF folder's marker also lists the files
+    written into it, so a later overwrite deletes only those (:func:`_ours`)."""
+    record: dict[str, Any] = {"kind": kind}
+    if kind == "geotiff-folder":
+        record["files"] = sorted(entry.name for entry in Path(path).iterdir() if entry.name != MARKER_FILE)
+    (Path(path) / MARKER_FILE).write_text(json.dumps(record) + "\n")
+
+
+def _marked_files(folder: Path) -> list[str] | None:
+    """The files a GeoTIFF folder's marker lists; None where it lists none (an earlier release's)."""
+    try:
+        files = json.loads((folder / MARKER_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if isinstance(files, list) else None
 
 
 def png_metadata() -> dict[str, str]:
@@ -369,9 +382,11 @@ def _ours(entry: Path, kind: str) -> bool:
         return name in RUN_ENTRIES
     if kind == "checkpoint":
         return name in ("config.json", "model.safetensors")
-    if kind == "geotiff-folder":  # its GeoTIFFs (each marked) and GDAL's sidecars of them
-        base = next((name[: -len(s)] for s in _SIDECARS if name.endswith(s)), None)
-        return found_kind(entry) == "geotiff" or (base is not None and found_kind(entry.parent / base) == "geotiff")
+    if kind == "geotiff-folder":  # the GeoTIFFs its marker lists (each marked) and GDAL's sidecars of them
+        base = next((name[: -len(s)] for s in _SIDECARS if name.endswith(s)), name)
+        listed = _marked_files(entry.parent)
+        # not a COG exported into the folder, nor a user's copy of one of its files: both carry the marker too
+        return (listed is None or base in listed) and found_kind(entry.parent / base) == "geotiff"
     return True  # demo folders are reused, never deleted: each output inside is guarded itself
 
 
