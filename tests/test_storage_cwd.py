@@ -106,3 +106,25 @@ def test_overwrite_never_deletes_a_layer_a_user_added_to_a_scene_store(tmp_path,
     assert _tree(store) == before
     assert main(["synth", str(tmp_path / "t.zarr"), "--size", "32"]) == 0
     assert main(["synth", str(tmp_path / "t.zarr"), "--size", "32", "--overwrite", "--seed", "2"]) == 0  # its own arrays only
+
+
+def test_overwrite_never_deletes_a_label_array_a_user_added_to_an_unlabelled_store(tmp_path, capsys):
+    """A `label` array added to a store ingested without labels counted as the store's own (every scene's
+    `label` did), so `ingest --overwrite` deleted the user's labels without a word."""
+    import numpy as np
+    import zarr
+
+    g = tmp_path / "g"
+    assert main(["synth", str(tmp_path / "g.zarr"), "--size", "32", "--geotiff", str(g)]) == 0
+    store = tmp_path / "s.zarr"
+    ingest = ["ingest", str(store), "-m", f"optical={g}/optical.tif", "-m", f"sar={g}/sar.tif"]
+    assert main(ingest) == 0
+    zarr.open_group(store, mode="r+").create_array("label", shape=(32, 32), dtype="uint8")[:] = np.full((32, 32), 3, np.uint8)
+    before = _tree(store)
+    assert main([*ingest, "--overwrite"]) == 2
+    err = _one_line(capsys)
+    assert "label" in err and "did not write" in err, err
+    assert _tree(store) == before
+    labelled = tmp_path / "l.zarr"  # a store ingested with labels is replaced, its labels its own
+    assert main([*ingest[:1], str(labelled), *ingest[2:], "--labels", f"{g}/label.tif"]) == 0
+    assert main([*ingest[:1], str(labelled), *ingest[2:], "--labels", f"{g}/label.tif", "--overwrite"]) == 0

@@ -369,12 +369,14 @@ def checks_for(group: zarr.Group, written: Mapping[str, Collection] | None = Non
 
 def scene_arrays(attrs: Mapping) -> set[str] | None:
     """The arrays a scene store with root ``attrs`` is written with (its listed modalities and their band
-    coordinates, ``valid``, ``label``, ``x``, ``y``, ``spatial_ref``); None for another kind of store, or a
-    scene whose list of modalities is missing or damaged (then every array counts as its own)."""
+    coordinates, ``valid``, ``x``, ``y``, ``spatial_ref``, and ``label`` unless ``labelled`` says it was written
+    without: stores of earlier releases lack that attr); None for another kind of store, or a scene whose list
+    of modalities is missing or damaged (then every array counts as its own)."""
     listed = attrs.get("modalities") if attrs.get("tilefuse_store") == "scene" else None
     if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
         return None
-    return {"valid", "label", "x", "y", "spatial_ref", *listed, *(f"{n}_band" for n in listed)}
+    label = ["label"] if attrs.get("labelled", True) is not False else []
+    return {"valid", *label, "x", "y", "spatial_ref", *listed, *(f"{n}_band" for n in listed)}
 
 
 def _where(group: zarr.Group) -> str:
