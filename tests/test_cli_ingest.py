@@ -41,6 +41,8 @@ def tifs(tmp_path_factory) -> dict[str, Path]:
         label_profile, label = src.profile, src.read(1)
     with rasterio.open(folder / "bigids.tif", "w", **dict(label_profile, dtype="int16", nodata=None)) as dst:
         dst.write(np.where(label == 1, 300, label.astype(np.int16))[None])  # class 1 numbered 300
+    with rasterio.open(folder / "infids.tif", "w", **dict(label_profile, dtype="float32", nodata=None)) as dst:
+        dst.write(np.where(label == 1, np.inf, label.astype(np.float32))[None])  # class 1 made +inf
     with rasterio.open(folder / "unlabelled.tif", "w", **dict(label_profile, dtype="int16", nodata=None)) as dst:
         dst.write(np.full_like(label, -1, dtype=np.int16)[None])  # every pixel -1: ignore
     with rasterio.open(folder / "allnan.tif", "w", **dict(profile, nodata=None)) as dst:
@@ -106,6 +108,8 @@ BAD_INPUTS = {
     "labels that are no class ids": (["-m", "sar={sar}", "--labels", "{optical}:1"], "optical.tif holds values that are not class ids"),
     # a class id above 255 became 255 (ignore), like nodata: the whole class was dropped without a word
     "a label id above 255": (["-m", "sar={sar}", "--labels", "{bigids}"], r"bigids.tif holds class id 300, above 254 .* --label-map 300:ID"),
+    # +inf became 255 (ignore) without a word, with numpy's 'invalid value' warnings on stderr
+    "a label of +inf": (["-m", "sar={sar}", "--labels", "{infids}"], r"infids.tif holds \+inf, not a class id"),
     # the store was written, valid False everywhere, band statistics of nothing
     "a modality without data": (["-m", "sar={sar}", "-m", "optical={allnan}"], "out.zarr: the scene has no valid pixel"),
     "an empty class name": (["-m", "sar={sar}", "--labels", "{label}", "--class-names", "water,,crops"], "leave class 1 without a name"),

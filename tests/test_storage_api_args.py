@@ -40,6 +40,9 @@ def test_arguments_of_the_wrong_type_are_one_input_error_naming_the_parameter(ti
         tilefuse.ingest_rasters(["x"])
     with pytest.raises(InputError, match="resolution="):
         tilefuse.ingest(out, sar, resolution=(10, 10, 10))
+    for flag in (True, (True, 10)):  # True was read as 1.0: a 10 m scene written at 1 m, 100 times the pixels
+        with pytest.raises(InputError, match="resolution="):
+            tilefuse.ingest(out, sar, resolution=flag)
     assert list(tmp_path.iterdir()) == []
     # the right types still work: a label_map mapping, a resolution pair
     tilefuse.ingest(out, sar, labels=labels, label_map={0: 255}, resolution=(20, 20))

@@ -427,7 +427,8 @@ def reference_grid(source: RasterSource, crs: str | None = None, resolution: flo
         resolution = (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
     if resolution is not None:
         try:
-            resolution = tuple(float(r) for r in ((resolution, resolution) if np.isscalar(resolution) else resolution))
+            pair = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
+            resolution = None if any(isinstance(r, (bool, np.bool_)) for r in pair) else tuple(float(r) for r in pair)
         except (TypeError, ValueError):
             resolution = None
         if resolution is None or len(resolution) != 2 or not all(math.isfinite(r) and r > 0 for r in resolution):
@@ -737,8 +738,12 @@ def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...], source: 
     ``mapping`` leaves there.
     """
     finite = np.isfinite(block)
+    if np.isposinf(block).any():  # above every id, like 300 (and -inf is negative: none, like -1)
+        raise InputError(
+            f"labels: {source} holds +inf, not a class id: give those pixels the raster's nodata value, or a class id 0..254"
+        )
     rounded = np.rint(block)
-    fractional = finite & (np.abs(block - rounded) > 1e-3)
+    fractional = finite & (np.abs(np.subtract(block, rounded, out=np.zeros_like(block), where=finite)) > 1e-3)
     if fractional.any():
         raise InputError(
             f"labels: {source} holds values that are not class ids (e.g. {float(block[fractional][0]):g}): "
