@@ -32,7 +32,7 @@ import xarray as xr
 from affine import Affine
 
 from tilefuse.errors import InputError
-from tilefuse.scene import IGNORE, band_dim, modalities
+from tilefuse.scene import IGNORE, band_dim, compute_then_raise, modalities
 
 CLASS_NAMES = ("water", "forest", "cropland", "urban", "bare", "grassland")
 WATER, FOREST, CROPLAND, URBAN, BARE, GRASSLAND = range(len(CLASS_NAMES))
@@ -405,13 +405,8 @@ def write_geotiffs(
             # one store call: chunks shared by several files (a synthetic scene's layers) are computed once
             from dask.diagnostics import ProgressBar
 
-            lock = threading.Lock()  # held by every window write, so files never close under one
-            try:
-                with ProgressBar() if progress else contextlib.nullcontext():
-                    da.store(sources, targets, lock=lock)
-            except BaseException:
-                # dask raises while other threads still write: close the files only between their writes
-                with lock:
-                    files.close()
-                raise
+            # one write at a time (a GDAL dataset is not thread-safe); an error is raised once no write still
+            # runs, so the files close, and the folder goes, after the last one
+            with ProgressBar() if progress else contextlib.nullcontext():
+                compute_then_raise(da.store(sources, targets, lock=threading.Lock(), compute=False))
     return paths
