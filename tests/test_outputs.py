@@ -338,6 +338,19 @@ def test_a_lock_is_made_on_a_filesystem_without_hard_links(tmp_path, monkeypatch
     assert not lock.exists()
 
 
+def test_an_interrupt_as_the_lock_appears_leaves_no_lock(tmp_path, monkeypatch):
+    """Ctrl-C just after the lock was made and before the block that releases it began left the lock."""
+
+    def interrupted(lock):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "_remove_dead_lock_copies", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with output_lock(tmp_path / "pred.zarr"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_copies_of_a_lock_left_by_killed_writers_are_removed_and_live_ones_kept(tmp_path):
     """A writer killed between writing its lock's record and linking it into place (``.new-``), or between
     moving a dead writer's lock aside and removing it (``.stale-``), left that copy for ever."""

@@ -199,10 +199,13 @@ def is_temporary(path: str | os.PathLike) -> bool:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except IsADirectoryError:  # made a folder meanwhile (a write still in flight: _remove_late_writes)
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def clean_stale(path: str | os.PathLike) -> list[Path]:
@@ -758,9 +761,28 @@ def create(
                 # (another tool writing there, a user's copy) was moved aside and deleted
                 claim(path, kind, inputs=inputs, overwrite=overwrite, what=what)
                 replace_path(tmp, target)
-            finally:
-                if os.path.lexists(tmp):
-                    _remove(tmp)
+            except BaseException as error:
+                _remove(tmp)
+                if not isinstance(error, Exception):
+                    _remove_late_writes(tmp)
+                raise
+
+
+def _remove_late_writes(tmp: Path, settle: float = 0.15, limit: float = 2.0) -> None:
+    """Remove ``tmp`` again while writes still land in it, until none has for ``settle`` seconds.
+
+    An interrupt (Ctrl-C, SIGTERM) stops the main thread, not a write already
+    in flight: zarr's IO thread finishes a metadata or chunk write after the
+    temporary was removed and recreates it (a hidden half-written store was
+    left after about one early Ctrl-C of ingest in four).
+    """
+    deadline = time.monotonic() + limit
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < settle and time.monotonic() < deadline:
+        time.sleep(0.03)
+        if os.path.lexists(tmp):
+            _remove(tmp)
+            quiet_since = time.monotonic()
 
 
 # ------------------------------------------------------------------------ locks
@@ -892,44 +914,46 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
         return
     pid, start = current_process()
     record = json.dumps({"pid": pid, "host": _host(), "start": start, "output": str(real_path(path))})
-    with os_errors_as_input(path):
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            if not _create_lock(lock, record):
-                holder = _settled_holder(lock)
-                if holder is None:
-                    continue  # released meanwhile
-                if holder and holder.get("host") != _host():
-                    raise InputError(
-                        f"{path} is being written by process {holder['pid']} on {holder.get('host')} (lock {lock}): "
-                        "wait for it to finish, or delete the lock file if that process is gone"
-                    ) from None
-                if holder and process_alive(holder["pid"], holder.get("start")):
-                    raise InputError(
-                        f"{path} is being written by process {holder['pid']} (lock {lock}): "
-                        "wait for it to finish or choose another output"
-                    ) from None
-                # a dead writer's (or an unreadable) lock: take it over
-                stale = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:6]}")
-                try:
-                    os.replace(lock, stale)
-                except FileNotFoundError:
+    created = False  # (another thread of this process may hold the lock: same record, not ours to remove)
+    try:  # from here on, an interrupt (Ctrl-C as the lock appears) also removes the lock we made
+        with os_errors_as_input(path):
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(3):
+                created = _create_lock(lock, record)
+                if not created:
+                    holder = _settled_holder(lock)
+                    if holder is None:
+                        continue  # released meanwhile
+                    if holder and holder.get("host") != _host():
+                        raise InputError(
+                            f"{path} is being written by process {holder['pid']} on {holder.get('host')} (lock {lock}): "
+                            "wait for it to finish, or delete the lock file if that process is gone"
+                        ) from None
+                    if holder and process_alive(holder["pid"], holder.get("start")):
+                        raise InputError(
+                            f"{path} is being written by process {holder['pid']} (lock {lock}): "
+                            "wait for it to finish or choose another output"
+                        ) from None
+                    # a dead writer's (or an unreadable) lock: take it over
+                    stale = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:6]}")
+                    try:
+                        os.replace(lock, stale)
+                    except FileNotFoundError:
+                        continue
+                    if _read_lock(stale) != holder:  # another writer took it over first: give its lock back
+                        with contextlib.suppress(OSError):
+                            os.link(stale, lock)
+                    stale.unlink(missing_ok=True)
                     continue
-                if _read_lock(stale) != holder:  # another writer took it over first: give its lock back
-                    with contextlib.suppress(OSError):
-                        os.link(stale, lock)
-                stale.unlink(missing_ok=True)
-                continue
-            break
-        else:
-            raise InputError(f"{path} is being locked and unlocked by other writers (lock {lock}): retry, or choose another output")
-        _remove_dead_lock_copies(lock)
-    _HELD[key] = 1
-    try:
+                break
+            else:
+                raise InputError(f"{path} is being locked and unlocked by other writers (lock {lock}): retry, or choose another output")
+            _remove_dead_lock_copies(lock)
+        _HELD[key] = 1
         yield lock
     finally:
-        del _HELD[key]
-        if _read_lock(lock) == json.loads(record):
+        _HELD.pop(key, None)
+        if created and _read_lock(lock) == json.loads(record):
             lock.unlink(missing_ok=True)
 
 

@@ -12,6 +12,10 @@ import threading
 from typing import Callable, Iterator
 
 
+stopping = threading.Event()
+"""Set once SIGTERM came (:func:`terminate_as_exit`): the console script then drops libraries' shutdown noise."""
+
+
 def terminate_as_exit(say: str | None = None) -> Callable[[], None]:
     """Make SIGTERM end this process by SystemExit(143), so what it holds is given back on the way out (the
     ranks it launched stopped, an output's lock released, temporaries removed, a dask cluster it started
@@ -28,6 +32,7 @@ def terminate_as_exit(say: str | None = None) -> Callable[[], None]:
         return lambda: None
 
     def terminate(signum, _frame) -> None:
+        stopping.set()
         if say:
             print(f"\ntilefuse: {say}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
