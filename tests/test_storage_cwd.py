@@ -128,3 +128,33 @@ def test_overwrite_never_deletes_a_label_array_a_user_added_to_an_unlabelled_sto
     labelled = tmp_path / "l.zarr"  # a store ingested with labels is replaced, its labels its own
     assert main([*ingest[:1], str(labelled), *ingest[2:], "--labels", f"{g}/label.tif"]) == 0
     assert main([*ingest[:1], str(labelled), *ingest[2:], "--labels", f"{g}/label.tif", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("through", ["path", "symlink"])
+def test_lazy_datasets_opened_by_a_relative_path_read_the_same_store_after_a_chdir(through, tmp_path, monkeypatch):
+    """A notebook opened a store by a relative path, then changed folder (os.chdir): every later read of the lazy
+    Dataset (open_scene, open_prediction, tilefuse.predict's) was a false 'was replaced while it was read', the
+    store's path being stat'ed (and read) again relative to the new folder. A real replacement is still refused."""
+    import numpy as np
+    from predict_fixtures import make_scene, save_pointwise, write_test_scene
+
+    import tilefuse
+    from tilefuse.scene import write_scene
+
+    (tmp_path / "elsewhere").mkdir()
+    write_test_scene(tmp_path / "data" / "s.zarr", 48, 40, seed=1)
+    (tmp_path / "s.zarr").symlink_to(tmp_path / "data" / "s.zarr")
+    checkpoint = save_pointwise(tmp_path / "pointwise")
+    monkeypatch.chdir(tmp_path)
+    name = "s.zarr" if through == "symlink" else "data/s.zarr"
+    scene = tilefuse.open_scene(name)
+    predicted = tilefuse.predict(checkpoint, name, "p.zarr", tile=32, overlap=8, progress=False)
+    opened = tilefuse.open_prediction("p.zarr")
+    first = scene["optical"][:, :8, :8].values, predicted["labels"].values, opened["labels"][8:, 8:].values
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert np.array_equal(scene["optical"][:, :8, :8].values, first[0])
+    assert np.array_equal(predicted["labels"].values, first[1])
+    assert np.array_equal(opened["labels"][8:, 8:].values, first[2])
+    write_scene(make_scene(48, 40, seed=2), tmp_path / name, chunk=64, shard=None, overwrite=True)  # a real replacement
+    with pytest.raises(InputError, match=rf"^{name} was replaced while it was read"):
+        scene["optical"][:, 8:, 8:].values

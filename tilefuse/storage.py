@@ -414,14 +414,23 @@ def store_identity(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def verified_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it", read_only: bool = True) -> VerifiedStore:
-    """A :class:`VerifiedStore` over the zarr store at ``path`` (see :func:`checks_for` for ``written``)."""
+    """A :class:`VerifiedStore` over the zarr store at ``path`` (see :func:`checks_for` for ``written``).
+
+    The store is read, and its identity checked (os.stat) on every read, by ``path`` resolved once here
+    (:func:`tilefuse.outputs.real_path`): a relative path kept as given named another folder once the process
+    changed folder (``os.chdir`` in a notebook holding a lazy Dataset), and every later read was a false "was
+    replaced". Messages keep ``path`` as given.
+    """
+    from tilefuse.outputs import real_path
+
     path = Path(path)
-    root = store_identity(path)
+    real = real_path(path)
+    root = store_identity(real)
     group = _raw_group(path)
     if _consolidated(path):
         _check_array_metadata(path, group)
     checks = checks_for(group, written)
-    store = VerifiedStore(LocalStore(path, read_only=read_only), checks, str(path), fix, root=path)
+    store = VerifiedStore(LocalStore(real, read_only=read_only), checks, str(path), fix, root=real)
     store.identity = root  # the store whose metadata was just read
     return store
 
