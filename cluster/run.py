@@ -242,7 +242,8 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     from tilefuse.grid import TileGrid
     from tilefuse.inference import scene_identity
     from tilefuse.outputs import claim, clean_stale
-    from tilefuse.prediction import SCENE_DIGEST, check_resumable, prediction_attrs, scene_digest
+    from tilefuse.prediction import SCENE_DIGEST, check_resumable, prediction_attrs
+    from tilefuse.scene import scene_digest
     from tilefuse.scene import SHARD, open_scene, require_modalities
     from tilefuse.tile_model import available_models
 

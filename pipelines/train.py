@@ -24,7 +24,9 @@ from tilefuse.outputs import holds_output
 from tilefuse.training_data import DataOptions
 
 FREE_ON_RESUME = {"device", "amp", "checkpoint_every", "val_every", "log_every", "torch_threads"}
-"""Options a resume may change without changing what is computed."""
+"""Options a resume may give anew: how often it saves, validates and logs, and how it computes (device, AMP,
+threads), which the engine checks as resolved (``auto`` is the same device kind), refusing a change
+(:func:`tilefuse.training.fit`)."""
 
 
 def _option_names() -> tuple[set[str], set[str]]:
@@ -167,6 +169,15 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
         model, train_paths, val_stores=val_paths, data=data, hparams=job["hparams"], seed=settings.seed,
         batch_size=settings.batch_size, resumed=read_config(run.state) if resume else None, run=run.path if resume else None,
     )
+    # after assemble, whose checks name what changed in a store (its classes, its size) where they can
+    job["scene_digests"] = _scene_digests([*train_paths, *val_paths])
+    if saved and "scene_digests" in saved:  # runs saved before they were recorded are not checked
+        for path, was, now in zip([*train_paths, *val_paths], saved["scene_digests"], job["scene_digests"]):
+            if was != now:
+                raise InputError(
+                    f"{path} is not the scene store the run was trained on (replaced since: its grid, bands, band "
+                    "statistics or labels differ): resume with that store, or start a new run"
+                )
     if writer:
         run.start(resume, overwrite, inputs=[stores, val_stores])  # guarded: replaces only a run folder
         prepared.save(run.path)  # split file and sampler indexes (one writer: this process holds the run lock)
@@ -175,6 +186,17 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
         job=job, resume=resume, progress=progress, val_batch_size=prepared.val_batch_size,
     )
     return run.path
+
+
+def _scene_digests(paths: list[str]) -> list[str]:
+    """:func:`tilefuse.scene.scene_digest` of each store, labels included: a resume must read the same scenes."""
+    from tilefuse.scene import modalities, open_scene, scene_digest
+
+    digests = []
+    for path in paths:
+        scene = open_scene(path)
+        digests.append(scene_digest(scene, modalities(scene), labels=True))
+    return digests
 
 
 _train_locked = holds_output("out", inputs=("stores", "val_stores"))(_train)  # one writer per run folder, for the whole training

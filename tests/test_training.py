@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -420,6 +421,58 @@ def test_a_damaged_run_folder_resumes_or_is_one_line(stores, tmp_path, capsys, d
     else:
         assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert ("damaged at line 2" if damage == "bad log line" else "--overwrite") in err, err
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["a bit of the optimiser state", "the step", "a band mean of the state's config"])
+def test_a_resume_refuses_training_state_that_does_not_match_its_checksums(stores, tmp_path, capsys, damage):
+    """Only the weights carried a checksum: a flipped bit in the optimiser moments, a step edited past the
+    run's end (a run then said complete at step 25 of 20, holding the step-5 model), or a band mean changed in
+    the state's config.json were trained on, or published, as data."""
+    run = tmp_path / "run"
+    base = ["train", "--model", "test-seg", "--store", str(stores[0]), "--out", str(run), "--steps", "2", "--batch-size", "2",
+            "--patch-size", "32", "--workers", "0", "--quiet"]
+    assert _cli(base, capsys)[0] == 0
+    state = run / "state"
+    if damage == "a bit of the optimiser state":
+        _flip_last_byte(state / "trainer.safetensors")
+    elif damage == "the step":
+        text = (state / "trainer.json").read_text()
+        assert '"step": 2,' in text
+        (state / "trainer.json").write_text(text.replace('"step": 2,', '"step": 3,', 1))
+    else:
+        config = json.loads((state / "config.json").read_text())
+        name = next(iter(config["band_stats"]))
+        config["band_stats"][name]["mean"][0] += 1.0
+        (state / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, err = _cli(base + ["--resume"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "damaged" in err and "--overwrite" in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_refuses_another_computation_or_a_replaced_store(stores, tmp_path, capsys):
+    """A resume with --amp or other --torch-threads, or on a store replaced since (another scene at the same
+    path), trained on without a word: the run no longer matched an uninterrupted one."""
+    run = tmp_path / "run"
+    store = tmp_path / "s.zarr"
+    shutil.copytree(stores[0], store)
+    base = ["train", "--model", "test-seg", "--store", str(store), "--out", str(run), "--steps", "2", "--batch-size", "2",
+            "--patch-size", "32", "--workers", "0", "--quiet", "--device", "cpu"]
+    assert _cli(base + ["--torch-threads", "1"], capsys)[0] == 0
+    for change, said in ((["--torch-threads", "2"], "torch_threads=2"), (["--torch-threads", "1", "--amp"], "amp=True")):
+        code, err = _cli(base + change + ["--resume"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and said in err and "--torch-threads 1" in err, err
+    assert _cli(base + ["--torch-threads", "1", "--resume"], capsys)[0] == 0
+    shutil.rmtree(store)
+    write(labelled_scene(128, 128, seed=5), store)  # another scene of the same size, same path
+    code, err = _cli(base + ["--torch-threads", "1", "--resume"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "not the scene store the run was trained on" in err, err
 
 
 @pytest.mark.parametrize("left", ["old config, new weights", "no checkpoint files"])

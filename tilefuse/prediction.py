@@ -204,35 +204,6 @@ SCENE_DIGEST = "scene_digest"
 """Attr identifying the scene a prediction was computed from (:func:`scene_digest`); a resume must read the same one."""
 
 
-def scene_digest(scene: xr.Dataset, names) -> str:
-    """A fingerprint of what a prediction reads of a scene store, from its metadata alone (no pixel is read).
-
-    The grid (size, first and last coordinates, CRS) and, per modality in ``names`` (those the model reads), its
-    dtype, band count and the band statistics computed over every valid pixel
-    at ingest: the same for the same scene wherever it is moved or re-ingested
-    to, different for another scene on the same grid (another date, another seed).
-    """
-    import hashlib
-    import json
-
-    from tilefuse.scene import stored_band_stats
-
-    def ends(name: str) -> list[float]:
-        values = scene[name].values
-        return [float(values[0]), float(values[-1])] if values.size else []
-
-    record: dict[str, Any] = {
-        "size": [int(scene.sizes["y"]), int(scene.sizes["x"])],
-        "y": ends("y"),
-        "x": ends("x"),
-        "crs": str(scene["spatial_ref"].attrs.get("crs_wkt", "")) if "spatial_ref" in scene.coords else "",
-    }
-    for name in names:
-        stats = stored_band_stats(scene, name)
-        record[name] = [str(scene[name].dtype), int(scene[name].shape[0]), [v.tolist() for v in stats] if stats else None]
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
 def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
     """Refuse to resume a store made by another checkpoint, from another scene or with other settings.
 

@@ -22,7 +22,7 @@ import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import dask
 import dask.array as da
@@ -438,6 +438,37 @@ def _layout_problem(ds: xr.Dataset) -> str | None:
         # the highest id labelled sets the class count: a string of 10 letters trained a 10-class model
         return f"the class_counts of its array 'label' are not {IGNORE} or fewer pixel counts, got {clipped(repr(counts))}"
     return None
+
+
+def scene_digest(scene: xr.Dataset, names, *, labels: bool = False) -> str:
+    """A fingerprint of what a prediction (or training) reads of a scene store, from its metadata alone (no pixel is read).
+
+    The grid (size, first and last coordinates, CRS) and, per modality in ``names`` (those the model reads), its
+    dtype, band count and the band statistics computed over every valid pixel
+    at ingest: the same for the same scene wherever it is moved or re-ingested
+    to, different for another scene on the same grid (another date, another seed).
+    ``labels``: also the label's class names and counts (what training reads; a prediction's digest leaves them
+    out, so stores ingested with and without labels give one).
+    """
+    import hashlib
+    import json
+
+    def ends(name: str) -> list[float]:
+        values = scene[name].values
+        return [float(values[0]), float(values[-1])] if values.size else []
+
+    record: dict[str, Any] = {
+        "size": [int(scene.sizes["y"]), int(scene.sizes["x"])],
+        "y": ends("y"),
+        "x": ends("x"),
+        "crs": str(scene["spatial_ref"].attrs.get("crs_wkt", "")) if "spatial_ref" in scene.coords else "",
+    }
+    for name in names:
+        stats = stored_band_stats(scene, name)
+        record[name] = [str(scene[name].dtype), int(scene[name].shape[0]), [v.tolist() for v in stats] if stats else None]
+    if labels and "label" in scene:
+        record["label"] = {key: scene["label"].attrs.get(key) for key in ("class_names", "class_counts", "ignore_count")}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def open_scene(path: str | os.PathLike) -> xr.Dataset:

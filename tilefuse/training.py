@@ -7,7 +7,8 @@ A run directory holds::
         model.safetensors, config.json   (the same checkpoint)
         trainer.safetensors              optimiser moments, RNG states (and the raw weights when
                                          ``ema_decay`` > 0: the checkpoint then holds the EMA weights)
-        trainer.json                     step, job, optimiser/scheduler scalars, sampler stream state
+        trainer.json                     step, job, optimiser/scheduler scalars, sampler stream state, the
+                                         computation (device kind, AMP, threads), checksums of the other files
     log.jsonl                        one JSON object per logged step and per validation
     curves.png, metrics.json         written when the run completes
 
@@ -28,14 +29,16 @@ streams, so a step is one step over a **global batch of batch_size x world**
 (gradients averaged; the logged loss and samples/s are over all ranks). The
 validation confusion matrix is summed over the ranks' shares of the validation
 set. Rank 0 alone writes the run folder (state with every rank's RNG state,
-log, curves, metrics). A resume is exact for the same world size and worker
-count; another is refused with one line naming both.
+log, curves, metrics). A resume is exact for the same world size, worker
+count, device kind, AMP and torch threads; another is refused with one line
+naming both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -72,6 +75,10 @@ CURVES = "curves.png"
 METRICS = "metrics.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
+STATE_FILES = "file_sha256"
+"""Key of ``trainer.json`` listing the SHA-256 of the state's other files (the weights carry their own)."""
+STATE_DIGEST = "sha256"
+"""Key of ``trainer.json`` holding the SHA-256 of the rest of it (:func:`_json_digest`)."""
 RAW = "raw_weights/"
 """Prefix of the raw (not averaged) weights in the trainer tensors of a run with ``ema_decay``."""
 
@@ -303,21 +310,35 @@ class RunDir:
             self._publish()  # a run killed between saving its state and copying its checkpoint: the state's is the run's
 
     def read_trainer(self) -> dict[str, Any]:
+        """``trainer.json``, checked: it and the state files it lists match the checksums saved with them (the
+        weights are checked by their own, :func:`tilefuse.checkpoint.verify_weights`). A state saved before
+        checksums were recorded is read as it is."""
+        damaged = f"training state in {self.state} is damaged ({{}}): start the run again with --overwrite"
         try:
             trainer = json.loads((self.state / TRAINER_JSON).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"training state in {self.state} is unreadable ({error}): start the run again with --overwrite") from None
         keys = ("step", "settings", "job", "streams", "optimizer", "scheduler", "rng")
         if not isinstance(trainer, dict) or not all(key in trainer for key in keys) or not isinstance(trainer["step"], int):
-            raise InputError(f"training state in {self.state} is damaged ({TRAINER_JSON} is not what training saves): start the run again with --overwrite")
+            raise InputError(damaged.format(f"{TRAINER_JSON} is not what training saves"))
+        if STATE_DIGEST in trainer:
+            digests = trainer.get(STATE_FILES)
+            if trainer[STATE_DIGEST] != _json_digest(trainer) or not isinstance(digests, dict):
+                raise InputError(damaged.format(f"{TRAINER_JSON} does not match its checksum"))
+            for name, digest in digests.items():
+                if _file_digest(self.state / str(name)) != digest:
+                    raise InputError(damaged.format(f"{name} does not match the checksum in {TRAINER_JSON}"))
         return trainer
 
     def save(self, model: TileModel, config: ModelConfig, trainer: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Write the state folder atomically, then refresh the top-level checkpoint files."""
+        """Write the state folder atomically, then refresh the top-level checkpoint files. ``trainer.json``
+        records checksums of itself and of the state's other files but the weights (:meth:`read_trainer`)."""
         tmp = temporary_sibling(self.state)
         try:
             save_checkpoint(model, config, tmp)
             save_file(tensors, str(tmp / TRAINER_TENSORS))
+            trainer = {**trainer, STATE_FILES: {name: _file_digest(tmp / name) for name in (TRAINER_TENSORS, CONFIG)}}
+            trainer[STATE_DIGEST] = _json_digest(trainer)
             (tmp / TRAINER_JSON).write_text(json.dumps(trainer, indent=1))
             replace_path(tmp, self.state)
         finally:
@@ -370,6 +391,30 @@ class RunDir:
         """Drop log records after ``step`` (a crashed run may have logged past its last checkpoint)."""
         kept = [r for r in self.read_log() if r.get("step", 0) <= step]
         write_file(self.log, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _compute_params(compute: dict[str, Any]) -> str:
+    """A run's computation as parameters: ``device=cpu, amp=False, torch_threads=2``."""
+    return f"device={compute.get('device')}, amp={compute.get('amp')}, torch_threads={compute.get('threads')}"
+
+
+def _compute_options(compute: dict[str, Any]) -> str:
+    """A run's computation as the options that give it: ``--device cpu --no-amp --torch-threads 2``."""
+    return f"--device {compute.get('device')} {'--amp' if compute.get('amp') else '--no-amp'} --torch-threads {compute.get('threads')}"
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _json_digest(record: dict[str, Any]) -> str:
+    """SHA-256 of ``record`` without its :data:`STATE_DIGEST` key, keys sorted (JSON floats read back exactly)."""
+    rest = {key: value for key, value in record.items() if key != STATE_DIGEST}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------ loop
@@ -519,6 +564,8 @@ def _fit(
     group = group or distributed.Group(distributed.Ranks(), resolve_device(settings.device))
     ranks, device, writer = group.ranks, group.device, group.ranks.writer
     amp = settings.amp if settings.amp is not None else device.type == "cuda"
+    # what decides the float results beyond the job: a resume that changes it would not continue bitwise
+    compute = {"device": device.type, "amp": amp, "threads": torch.get_num_threads()}
     model.to(device).train()
     if ranks.rank > 0 and not resume:
         torch.manual_seed(distributed.rank_seed(settings.seed, ranks.rank))  # ranks draw their own dropout
@@ -541,6 +588,12 @@ def _fit(
             raise InputError(
                 f"the run was trained by {saved.world} process(es) x {saved.workers} worker(s), this job is {ranks.world} x {workers}: "
                 f"resume with {saved.world} processes (--nproc / torchrun) and --workers {saved.workers} for an exact resume"
+            )
+        computed = trainer.get("compute")
+        if computed is not None and computed != compute:  # a run saved before this was recorded is not checked
+            raise InputError(
+                f"the run was trained with {_compute_params(computed)}, this job has {_compute_params(compute)}: "
+                f"resume with the same ({_compute_options(computed)}) for an exact resume, or start a new run"
             )
         tensors = run.load_tensors()
         verify_weights(run.state)
@@ -586,6 +639,7 @@ def _fit(
             "optimizer": flatten_state(optimizer.state_dict(), tensors, "optimizer"),
             "scheduler": flatten_state(scheduler.state_dict(), tensors, "scheduler"),
             "rng": flatten_state(rng, tensors, "rng"),
+            "compute": compute,
         }
         config.extra = {**config.extra, "step": at, "steps": settings.steps, **({"val": metrics} if metrics else {})}
         with averaged() as raw:
