@@ -139,6 +139,7 @@ def test_lazy_datasets_opened_by_a_relative_path_read_the_same_store_after_a_chd
     from predict_fixtures import make_scene, save_pointwise, write_test_scene
 
     import tilefuse
+    from tilefuse.prediction import store_path
     from tilefuse.scene import write_scene
 
     (tmp_path / "elsewhere").mkdir()
@@ -155,6 +156,10 @@ def test_lazy_datasets_opened_by_a_relative_path_read_the_same_store_after_a_chd
     assert np.array_equal(scene["optical"][:, :8, :8].values, first[0])
     assert np.array_equal(predicted["labels"].values, first[1])
     assert np.array_equal(opened["labels"][8:, 8:].values, first[2])
+    # passed on for their stores: they recorded the path as given, and were refused ("not a path") from here
+    again = tilefuse.predict(checkpoint, scene, tmp_path / "p2.zarr", tile=32, overlap=8, progress=False)
+    assert np.array_equal(again["labels"].values, first[1])
+    assert store_path(opened, "prediction", "prediction") == str(tmp_path / "p.zarr")
     write_scene(make_scene(48, 40, seed=2), tmp_path / name, chunk=64, shard=None, overwrite=True)  # a real replacement
     with pytest.raises(InputError, match=rf"^{name} was replaced while it was read"):
         scene["optical"][:, 8:, 8:].values

@@ -405,7 +405,7 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
         warnings.warn(message, stacklevel=2)
         ds = open_store(path, "prediction", written=_written(done))  # only done blocks are promised
     ds = ds.drop_vars(MANIFEST)
-    ds.encoding["source"] = str(path)  # what :func:`store_path` takes it back to
+    ds.encoding["source"] = os.path.abspath(path)  # what :func:`store_path` takes it back to, also after a chdir
     return ds
 
 

@@ -371,7 +371,7 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     problem = _georeference_problem(ds) or (_layout_problem(ds) if kind == "scene" else None)
     if problem:
         raise InputError(f"{path}: {problem}: the store is corrupt, {REPAIR.get(kind, 're-create it')}")
-    ds.encoding["source"] = str(path)  # a notebook may pass the Dataset on for its store (prediction.store_path)
+    ds.encoding["source"] = os.path.abspath(path)  # a notebook may pass the Dataset on (prediction.store_path), also after a chdir
     return ds
 
 

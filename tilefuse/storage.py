@@ -287,6 +287,12 @@ class VerifiedStore(WrapperStore):
         self.root = root
         self.identity = store_identity(root) if root is not None else None
 
+    def __dask_tokenize__(self):
+        """The store as resolved, not as named: a Dataset reopened by its absolute path (a notebook passing it
+        on after a chdir, :func:`tilefuse.prediction.store_path`) has the same dask names as one opened by a
+        relative path."""
+        return (type(self).__name__, str(self.root if self.root is not None else self.where), self.identity)
+
     def _with_store(self, store):
         clone = type(self)(store, self.checks, self.where, self.fix)
         clone.root, clone.identity = self.root, self.identity
