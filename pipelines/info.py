@@ -107,9 +107,12 @@ def info(store: str | Path, quicklook: str | Path | None = None, verify: bool = 
     ds = open_scene(store)
     text = describe(ds)
     if verify:
-        from tilefuse.storage import verify_store
+        from tilefuse.storage import FORMAT, FORMAT_ATTR, verify_store
 
-        text += f"\nintegrity  {verify_store(store)} chunks verified"
+        if ds.attrs.get(FORMAT_ATTR) == FORMAT:
+            text += f"\nintegrity  {verify_store(store)} chunks verified"
+        else:  # nothing promised: a missing chunk reads as fill values, and no chunk carries a checksum
+            text += "\nintegrity  not verifiable: written without tilefuse's checksums (an earlier release); ingest it again to check it"
     if quicklook is not None:
         from tilefuse.quicklook import quicklook_scene
 

@@ -96,3 +96,26 @@ def test_a_quicklook_written_as_a_folder_is_one_line(store, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "names a folder" in err, err
     assert not (tmp_path / "q").exists()
+
+
+def test_a_quicklook_named_for_another_format_is_one_line(store, tmp_path, capsys):
+    """`--quicklook q.jpg` wrote PNG bytes under a .jpg name."""
+    from tilefuse.cli import main
+
+    assert main(["info", str(store), "--quicklook", str(tmp_path / "q.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name it q.png" in err, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".q", "q"))], "nothing written"
+    assert main(["info", str(store), "--quicklook", str(tmp_path / "Q.PNG")]) == 0
+
+
+def test_info_says_when_a_store_carries_no_checksums(store, tmp_path):
+    """A store of an earlier release (no checksums, nothing promised): a removed chunk read as fill values, and
+    info still said 'N chunks verified'."""
+    from tilefuse.storage import FORMAT_ATTR
+
+    assert "chunks verified" in info(store)
+    copy = write_scene(open_scene(store), tmp_path / "old.zarr")
+    del zarr.open_group(copy, mode="r+").attrs[FORMAT_ATTR]
+    text = info(copy)
+    assert "chunks verified" not in text and "not verifiable" in text, text

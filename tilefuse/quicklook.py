@@ -127,6 +127,8 @@ def save_figure(fig, path: str | os.PathLike, *, inputs=(), overwrite: bool = Tr
 
     path = local_path(path, "quicklook", output=True, file=True)  # a URL or a folder's path (q/) is refused, ~ is the home folder
     with create(path, "png", inputs=inputs, overwrite=overwrite, what="quicklook") as tmp:
+        if path.suffix and path.suffix.lower() != ".png":  # PNG bytes under a .jpg name: viewers refuse or misread it
+            raise InputError(f"quicklook {path} would be a PNG named {path.suffix}: name it {path.with_suffix('.png').name}")
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png", metadata=png_metadata())
     return path
 
