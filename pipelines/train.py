@@ -21,6 +21,7 @@ import typer
 
 from tilefuse.errors import InputError, key_values
 from tilefuse.outputs import holds_output
+from tilefuse.signals import terminating
 from tilefuse.training_data import DataOptions
 
 FREE_ON_RESUME = {"device", "amp", "checkpoint_every", "val_every", "log_every", "torch_threads"}
@@ -135,13 +136,16 @@ def train(
     out = local_path(out, "out", output=True)  # ~ is the home folder
     _require("nproc", nproc, "a whole number >= 1", lambda v: isinstance(v, int) and v >= 1)
     ranks = distributed.from_env()
-    if nproc > 1 and not ranks.launched:
-        kwargs = dict(stores=[str(p) for p in stores], out=str(out), val_stores=[str(p) for p in val_stores], hparams=hparams,
-                      resume=resume, overwrite=overwrite, progress=progress, **options)
-        distributed.launch_call("tilefuse.pipelines.train:train", {"model": model, **kwargs}, nproc)
-        return Path(out)
-    body = _train_locked if ranks.writer else _train
-    return body(model, stores, out, val_stores=val_stores, hparams=hparams, resume=resume, overwrite=overwrite, progress=progress, **options)
+    # SIGTERM (a batch system's cancel or time limit) unwinds: lock released, ranks stopped, last checkpoint kept
+    stopped = f"stopped by SIGTERM: {out} keeps its last checkpoint; continue it with --resume (Python: resume=True)"
+    with terminating(stopped if ranks.writer else None):
+        if nproc > 1 and not ranks.launched:
+            kwargs = dict(stores=[str(p) for p in stores], out=str(out), val_stores=[str(p) for p in val_stores], hparams=hparams,
+                          resume=resume, overwrite=overwrite, progress=progress, **options)
+            distributed.launch_call("tilefuse.pipelines.train:train", {"model": model, **kwargs}, nproc)
+            return Path(out)
+        body = _train_locked if ranks.writer else _train
+        return body(model, stores, out, val_stores=val_stores, hparams=hparams, resume=resume, overwrite=overwrite, progress=progress, **options)
 
 
 def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progress, **options) -> Path:

@@ -539,7 +539,8 @@ def test_a_sigterm_ends_any_command_by_giving_back_what_it_holds(store, tmp_path
     finally:
         if process.poll() is None:
             process.kill()
-    assert "Traceback" not in process.stderr.read()
+    said = f"tilefuse: stopped by SIGTERM: {run} keeps its last checkpoint; continue it with --resume (Python: resume=True)"
+    assert process.stderr.read().strip().splitlines() == [said]  # one line: no traceback, no shutdown noise
     assert not list(tmp_path.glob(".*")), "the run lock was left behind"
     assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".tilefuse-output"]
     assert read_config(run).extra["step"] >= 1
