@@ -400,7 +400,8 @@ def _compute_params(compute: dict[str, Any]) -> str:
 
 def _compute_options(compute: dict[str, Any]) -> str:
     """A run's computation as the options that give it: ``--device cpu --no-amp --torch-threads 2``."""
-    return f"--device {compute.get('device')} {'--amp' if compute.get('amp') else '--no-amp'} --torch-threads {compute.get('threads')}"
+    threads = f" --torch-threads {compute['threads']}" if compute.get("threads") is not None else ""
+    return f"--device {compute.get('device')} {'--amp' if compute.get('amp') else '--no-amp'}{threads}"
 
 
 def _file_digest(path: Path) -> str | None:
@@ -564,8 +565,9 @@ def _fit(
     group = group or distributed.Group(distributed.Ranks(), resolve_device(settings.device))
     ranks, device, writer = group.ranks, group.device, group.ranks.writer
     amp = settings.amp if settings.amp is not None else device.type == "cuda"
-    # what decides the float results beyond the job: a resume that changes it would not continue bitwise
-    compute = {"device": device.type, "amp": amp, "threads": torch.get_num_threads()}
+    # what decides the float results beyond the job: a resume that changes it would not continue bitwise (the
+    # threads only on a CPU: a GPU run resumed on a node with other cores computes the same)
+    compute = {"device": device.type, "amp": amp, "threads": torch.get_num_threads() if device.type == "cpu" else None}
     model.to(device).train()
     if ranks.rank > 0 and not resume:
         torch.manual_seed(distributed.rank_seed(settings.seed, ranks.rank))  # ranks draw their own dropout
