@@ -192,6 +192,46 @@ def test_model_output_of_the_wrong_shape_is_an_input_error():
         runner(inputs, None, 2)
 
 
+def test_a_model_that_returns_no_tensor_is_an_input_error():
+    from tilefuse.inference import TileRunner
+    from tilefuse.tile_model import wrap_module
+
+    class Pair(torch.nn.Module):  # e.g. (logits, aux) from a user's network
+        def forward(self, inputs):
+            return inputs["optical"][:, :4], inputs["sar"]
+
+    runner = TileRunner(wrap_module(Pair(), {"optical": 4, "sar": 2}, 4))
+    inputs = {"optical": np.zeros((1, 4, 16, 16), np.float32), "sar": np.zeros((1, 2, 16, 16), np.float32)}
+    with pytest.raises(InputError, match=r"returned a tuple, not a tensor of logits, .*expected \(2, 4, 16, 16\)"):
+        runner(inputs, None, 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_an_error_not_a_complete_store_of_nodata(tmp_path, bad, monkeypatch):
+    """NaN or inf logits (a diverged checkpoint) have a NaN softmax: every such pixel was written as nodata (255)
+    in a store marked complete, without a word. A few bad pixels in one tile are enough to refuse the run."""
+    from predict_fixtures import PointwiseNet
+
+    scene = write_test_scene(tmp_path / "s.zarr", 40, 48, seed=3)
+    checkpoint = save_pointwise(tmp_path / "ck")
+    forward = PointwiseNet.forward
+
+    def poisoned(self, inputs):  # one logit of the first tile of every batch
+        logits = forward(self, inputs).clone()
+        logits[0, 0, 3, 5] = bad
+        return logits
+
+    monkeypatch.setattr(PointwiseNet, "forward", poisoned)
+    with pytest.raises(InputError, match=r"non-finite logits \(NaN or inf\) for block"):
+        tilefuse.predict(checkpoint, scene, tmp_path / "p.zarr", tile=32, overlap=8, cluster="sync", progress=False)
+    with pytest.raises(InputError, match="partial prediction"):
+        tilefuse.open_prediction(tmp_path / "p.zarr")
+    runner = inference.TileRunner(load_checkpoint(checkpoint)[0])
+    inputs = {"optical": np.zeros((1, 3, 16, 16), np.float32), "sar": np.zeros((1, 2, 16, 16), np.float32)}
+    with pytest.raises(InputError, match="non-finite logits"):
+        runner(inputs, None, 2)
+
+
 def test_auto_batch_size_is_bounded_and_shrinks_with_the_tile():
     from tilefuse.inference import auto_batch_size
 

@@ -354,11 +354,13 @@ class TileRunner:
             buf = self._buffers[name] = torch.zeros(shape, dtype=torch.float32, device=self.device).to(memory_format=self.memory_format)
         return buf
 
-    def scaled(self, batch: Mapping[str, torch.Tensor], count: int, weights: torch.Tensor) -> torch.Tensor:
+    def scaled(self, batch: Mapping[str, torch.Tensor], count: int, weights: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         """``(count, K, T, T)`` float32 ``softmax(logits) * weights`` on the device, of full, padded batches.
 
         ``weights`` are scaled to fixed point already (:meth:`weights`); truncating the result to int64
-        (:func:`accumulate`) gives the fixed-point sums.
+        (:func:`accumulate`) gives the fixed-point sums. ``finite`` (a bool scalar on the device) is and-ed
+        with whether every logit of the ``count`` tiles is finite; the caller checks it once its results
+        come to the host (:func:`check_finite`), so a GPU is not synchronised per batch.
         """
         height, width = next(iter(batch.values())).shape[-2:]
         margin = self.spec.margin
@@ -366,11 +368,13 @@ class TileRunner:
         expected = (size, self.spec.num_classes, height - 2 * margin, width - 2 * margin)
         with torch.inference_mode(), self._autocast():
             logits = self.model(dict(batch))
-            if tuple(logits.shape) != expected:
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+                found = f"logits of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}, not a tensor of logits,"
                 raise InputError(
-                    f"the model returned logits of shape {tuple(logits.shape)} for inputs of {height} x {width} px, "
+                    f"the model returned {found} for inputs of {height} x {width} px, "
                     f"expected {expected}: check its margin and number of classes"
                 )
+            finite &= torch.isfinite(logits[:count]).all()
             return torch.softmax(logits[:count].float(), dim=1).mul_(weights)
 
     def __call__(self, inputs: Mapping[str, np.ndarray], weights: np.ndarray | None, batch_size: int) -> np.ndarray:
@@ -383,7 +387,20 @@ class TileRunner:
             buf[count:].zero_()
             batch[name] = buf
         scaled = np.float32(FIXED_POINT) * (np.ones((1, 1), np.float32) if weights is None else weights)
-        return self.scaled(batch, count, torch.tensor(scaled, device=self.device)).to(torch.int64).cpu().numpy()
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        sums = self.scaled(batch, count, torch.tensor(scaled, device=self.device), finite).to(torch.int64).cpu().numpy()
+        check_finite(finite, f"{count} tiles")
+        return sums
+
+
+def check_finite(finite: torch.Tensor, where: str) -> None:
+    """Refuse the results of a model that returned NaN or inf (:meth:`TileRunner.scaled`): their softmax is NaN,
+    and the pixels were written as nodata in a store that looked complete."""
+    if not bool(finite):
+        raise InputError(
+            f"the model returned non-finite logits (NaN or inf) for {where}: check the model and its checkpoint "
+            "(weights of a diverged training, or a layer that overflows at this precision)"
+        )
 
 
 def _read(group: zarr.Group, name: str, region: tuple[slice, ...], where: str) -> np.ndarray:
@@ -507,6 +524,7 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
     # (rows, cols, C, size, size) views of every tile of the window: no copy
     views = {name: data.unfold(1, size, stride).unfold(2, size, stride).permute(1, 2, 0, 3, 4) for name, data in windows.items()}
     weights = runner.weights(job.blend, tile, grid.overlap)
+    finite = torch.ones((), dtype=torch.bool, device=runner.device)
     row = 0  # the tile row the band starts at
     for start in range(0, len(inputs.tiles), job.batch_size):
         chosen = inputs.tiles[start : start + job.batch_size].tolist()
@@ -521,7 +539,7 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
             else:
                 batch[name] = buf
                 buf[count:].zero_()
-        sums = runner.scaled(batch, count, weights)
+        sums = runner.scaled(batch, count, weights, finite)
         for (i, j), tile_sums in zip(chosen, sums):
             while row < i:  # tile row done: hand on the rows above the next one, move the band down
                 sink.rows(dy + row * stride, band[:, :stride])
@@ -532,6 +550,7 @@ def run_block(job: BlockJob, inputs: BlockInput, runner: TileRunner) -> BlockSum
                 row += 1
             accumulate(band[:, :, dx + j * stride :], tile_sums, grid.overlap * (i > 0), grid.overlap * (j > 0), dense)
     sink.rows(dy + row * stride, band)
+    check_finite(finite, f"block {tuple(block)}")
     return sink.sums(len(inputs.tiles))
 
 
