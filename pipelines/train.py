@@ -52,6 +52,14 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
         )
     if hparams is not None and not isinstance(hparams, dict):
         raise InputError(f"hparams= must be a dict of hyperparameter name -> value, got {type(hparams).__name__} {hparams!r:.60}")
+    for key, value in (hparams or {}).items():  # saved in the checkpoint's JSON: refused after training, as a TypeError
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise InputError(
+                f"hyperparameter {key}={value!s:.40} is of type {type(value).__name__}, which a checkpoint (JSON) cannot hold: "
+                "pass a plain number, string, bool, list or dict (e.g. int(x) for a numpy integer)"
+            ) from None
     if isinstance(options.get("modalities"), str):  # one modality, not its letters
         options = {**options, "modalities": [options["modalities"]]}
     job = {

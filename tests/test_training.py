@@ -518,6 +518,8 @@ def test_api_arguments_of_the_wrong_shape_are_one_line(stores, tmp_path):
         (dict(min_lr_=0.1), r"^unknown training option min_lr_= \(did you mean min_lr=\?\)"),
         (dict(bogus_thing=1), r"^unknown training option bogus_thing=: see help\(tilefuse\.train\)"),
         (dict(modalities="lidar"), r"has no modality 'lidar'"),
+        # saved as JSON in the checkpoint: a TypeError once every step had run, and no checkpoint
+        (dict(hparams={"width": np.int64(8)}), r"^hyperparameter width=8 is of type int64, which a checkpoint \(JSON\) cannot hold"),
     ]
     for change, message in cases:
         args = {"stores": stores, **base, **change}
