@@ -278,3 +278,42 @@ def test_a_checkpoint_path_with_tilde_is_saved_in_the_home_folder_and_loads(tmp_
     path = save_checkpoint(model, config, "~/runs/ckpt")
     assert path == tmp_path / "runs" / "ckpt" and (path / WEIGHTS).is_file()
     assert load_checkpoint("~/runs/ckpt")[1].model == config.model
+
+
+class _Tied(torch.nn.Module):
+    """One 3x3 conv applied twice (tied weights), as users' networks share layers."""
+
+    def __init__(self, modalities, num_classes):
+        super().__init__()
+        self.names = list(modalities)
+        self.stem = torch.nn.Conv2d(sum(modalities.values()), num_classes, 1)
+        self.block = torch.nn.Conv2d(num_classes, num_classes, 3, padding=1)
+        self.blocks = torch.nn.Sequential(self.block, torch.nn.ReLU(), self.block)
+
+    def forward(self, inputs):
+        return self.blocks(self.stem(torch.cat([inputs[n] for n in self.names], 1)))
+
+
+def _build_tied(modalities, num_classes):
+    from tilefuse.tile_model import wrap_module
+
+    return wrap_module(_Tied(dict(modalities), num_classes), modalities, num_classes)
+
+
+def test_a_model_with_tied_weights_checkpoints_and_reloads_tied(tmp_path):
+    """safetensors refuses shared memory: a user's model that used one layer twice trained to its end, then
+    failed at its first checkpoint ('Some tensors share memory')."""
+    from tilefuse.tile_model import _REGISTRY, register_model
+
+    register_model("test-tied")(_build_tied)
+    try:
+        torch.manual_seed(0)
+        model = _build_tied({"optical": 3}, 4)
+        config = ModelConfig("test-tied", {"optical": 3}, 4, {}, ["a", "b", "c", "d"])
+        save_checkpoint(model, config, tmp_path / "ck")
+        loaded, _ = load_checkpoint(tmp_path / "ck")
+        inputs = {"optical": torch.randn(1, 3, 8, 8)}
+        assert torch.equal(loaded(inputs), model(inputs))
+        assert loaded.module.blocks[0].weight is loaded.module.blocks[2].weight  # still one layer
+    finally:
+        _REGISTRY.pop("test-tied", None)

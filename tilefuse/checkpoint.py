@@ -157,6 +157,19 @@ def _checked_config(data: Any, source: str) -> dict[str, Any]:
     return args
 
 
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with a copy of each one whose memory an earlier one already holds: safetensors refuses to
+    save shared memory, so a model with tied weights (one layer used twice) trained to its end and then failed
+    to checkpoint. Loading fills both names of a tied weight with the same values."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen and tensor.numel() else tensor
+        seen.add(storage)
+    return out
+
+
 def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLike, *, inputs=()) -> Path:
     """Write ``model``'s weights and ``config`` to directory ``path``, atomically (temp dir + rename).
 
@@ -167,7 +180,7 @@ def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLi
     from tilefuse.outputs import create, local_path
 
     path = local_path(path, "checkpoint", output=True)  # ~ is the home folder, as for every other path
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = unshared({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     size = sum(v.numel() * v.element_size() for v in state.values())
     with create(path, "checkpoint", inputs=inputs, overwrite=True, size=size, what="checkpoint") as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"model": config.model})

@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader
 
 from tilefuse import distributed
 from tilefuse.outputs import check_inputs, claim, clean_stale, create, current_process, found_kind, process_alive, replace_path, temporary_sibling, write_file
-from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint, verify_weights
+from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint, unshared, verify_weights
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
 from tilefuse.metrics import ConfusionMatrix
@@ -336,7 +336,7 @@ class RunDir:
         tmp = temporary_sibling(self.state)
         try:
             save_checkpoint(model, config, tmp)
-            save_file(tensors, str(tmp / TRAINER_TENSORS))
+            save_file(unshared(tensors), str(tmp / TRAINER_TENSORS))
             trainer = {**trainer, STATE_FILES: {name: _file_digest(tmp / name) for name in (TRAINER_TENSORS, CONFIG)}}
             trainer[STATE_DIGEST] = _json_digest(trainer)
             (tmp / TRAINER_JSON).write_text(json.dumps(trainer, indent=1))
