@@ -10,12 +10,17 @@ computed once. Any ``torch.nn.Module`` with that forward can be wrapped with
 Concrete models live in ``tilefuse.models`` and register themselves with
 :func:`register_model`; the engine only ever looks them up by name. Third-party
 packages can register theirs through the ``tilefuse.models`` entry-point group.
+A name belongs to its first builder: built-ins and plug-ins load before any other
+registration, and another builder under a taken name is refused (re-running a
+notebook cell re-registers the same builder, which replaces the old one).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import numbers
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
@@ -64,17 +69,57 @@ class TileModelSpec:
     """
 
     def __post_init__(self) -> None:
-        if not self.modalities:
-            raise ValueError("a tile model needs at least one input modality")
-        if any(name not in self.modalities for name in self.roles.values()):
-            raise ValueError(f"roles {self.roles} name modalities the model does not read ({list(self.modalities)})")
-        if any(int(c) < 1 for c in self.modalities.values()):
-            raise ValueError(f"band counts must be >= 1, got {self.modalities}")
-        if self.num_classes < 1 or self.margin < 0:
-            raise ValueError("num_classes must be >= 1 and margin >= 0")
+        """Refuse, as one :class:`InputError` naming the field, what the engine would trip over later.
+
+        A float margin or class count broke tensor indexing deep in a run, and a non-bool ``blend`` was read as true.
+        Whole numbers are stored as plain ``int`` (numpy integers are accepted), so the spec stays JSON-ready.
+        """
+        names = self.modalities
+        if not isinstance(names, Mapping) or not names or not all(isinstance(name, str) and name for name in names):
+            raise InputError(f"modalities must name at least one input modality, as {{name: band count}}, got {names!r}")
+        for name, bands in names.items():
+            _require_whole(f"modalities[{name!r}] (its band count)", bands, 1)
+        _require_whole("num_classes", self.num_classes, 1)
+        _require_whole("margin", self.margin, 0)
+        for flag in ("blend", "batch_invariant"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InputError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.roles, Mapping) or any(name not in names for name in self.roles.values()):
+            raise InputError(f"roles {self.roles!r} must map each role to a modality the model reads ({list(names)})")
+        object.__setattr__(self, "modalities", {name: int(bands) for name, bands in names.items()})
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+        object.__setattr__(self, "margin", int(self.margin))
+        object.__setattr__(self, "roles", dict(self.roles))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _require_whole(name: str, value: Any, least: int) -> None:
+    """InputError unless ``value`` is a whole number >= ``least`` (an int or numpy integer; a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise InputError(f"{name} must be a whole number >= {least}, got {value!r}")
+
+
+def _checked_logits(logits: Any, inputs: Mapping[str, torch.Tensor], target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``logits`` if it is a tensor (B, num_classes, h, w) matching ``target`` (B, h, w), else one InputError line.
+
+    A user's model returning a tuple, another class count or another size (ignoring its margin, downsampling)
+    otherwise ends in a raw IndexError or ValueError inside the loss; prediction says the same in one line.
+    """
+    expected = (target.shape[0], num_classes, *target.shape[1:])
+    height, width = next(iter(inputs.values())).shape[-2:]
+    if not isinstance(logits, torch.Tensor):
+        raise InputError(
+            f"the model returned a {type(logits).__name__}, not logits, for inputs of {height} x {width} px, expected a Tensor of "
+            f"shape {expected}: make its forward return the logits alone (override compute_loss to use more outputs)"
+        )
+    if tuple(logits.shape) != expected:
+        raise InputError(
+            f"the model returned logits of shape {tuple(logits.shape)} for inputs of {height} x {width} px, "
+            f"expected {expected}: check its margin and number of classes"
+        )
+    return logits
 
 
 class TileModel(nn.Module):
@@ -91,9 +136,10 @@ class TileModel(nn.Module):
     def compute_loss(self, inputs: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         """Scalar training loss; ``target`` (B, h, w) matches the logits' size (input minus 2*margin), 255 = ignore.
 
-        Default: :func:`masked_cross_entropy` on ``forward``. Models with auxiliary losses override it.
+        Default: :func:`masked_cross_entropy` on ``forward``, whose output must be logits of the target's size
+        (InputError otherwise). Models with auxiliary losses override it.
         """
-        return masked_cross_entropy(self(inputs), target)
+        return masked_cross_entropy(_checked_logits(self(inputs), inputs, target, self.spec.num_classes), target)
 
 
 class WrappedModule(TileModel):
@@ -119,7 +165,7 @@ def wrap_module(
     """Wrap a user's ``nn.Module`` (``forward(dict) -> logits``) as a tile model (see :class:`TileModelSpec`)."""
     if isinstance(module, TileModel):
         return module
-    return WrappedModule(module, TileModelSpec(dict(modalities), num_classes, margin, blend, batch_invariant=batch_invariant))
+    return WrappedModule(module, TileModelSpec(modalities, num_classes, margin, blend, batch_invariant=batch_invariant))
 
 
 ModelBuilder = Callable[..., TileModel]
@@ -133,17 +179,35 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+_BROKEN: dict[str, str] = {}
+"""Entry-point name -> why that plug-in failed to load: what building a model of that name says."""
 _loaded = False
+
+
+def _origin(builder: ModelBuilder) -> str:
+    """Where ``builder`` is defined, ``module.qualname``: the same for a notebook cell run again."""
+    return f"{getattr(builder, '__module__', None)}.{getattr(builder, '__qualname__', type(builder).__qualname__)}"
 
 
 def register_model(name: str, description: str = "", **defaults: Any) -> Callable[[ModelBuilder], ModelBuilder]:
     """Register ``builder(modalities, num_classes, **hparams) -> TileModel`` under ``name``.
 
+    The built-in models and plug-ins are loaded first, so import order never decides which model a name
+    means: a name taken by another builder is an :class:`InputError` naming where that one comes from. The
+    same builder again (same module and qualified name, as from a re-run notebook cell) replaces itself.
     ``defaults`` are example hyperparameters/modalities used by ``tilefuse models``
     to report a parameter count; they are not applied when building.
     """
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
+        # built-ins register while tilefuse.models imports: loading from there would recurse, or show plug-ins a half-made package
+        if not (getattr(builder, "__module__", None) or "").startswith("tilefuse.models."):
+            _load_registry()
+        taken = _REGISTRY.get(name)
+        if taken is not None and _origin(taken.builder) != _origin(builder):
+            raise InputError(
+                f"model name {name!r} is registered already, by {_origin(taken.builder)}: register {_origin(builder)} under another name"
+            )
         _REGISTRY[name] = _Entry(builder, description or (builder.__doc__ or "").strip().split("\n")[0], defaults)
         return builder
 
@@ -151,13 +215,26 @@ def register_model(name: str, description: str = "", **defaults: Any) -> Callabl
 
 
 def _load_registry() -> None:
+    """Import the built-in models, then each ``tilefuse.models`` entry-point plug-in on its own; once per process.
+
+    ``_loaded`` is set first, so the registrations these imports make do not load again. A plug-in whose
+    import fails is one warning and an entry in ``_BROKEN``, not a traceback: one broken package must not
+    break every command nor hide the plug-ins after it. Building its model says why it is missing.
+    """
     global _loaded
     if _loaded:
         return
     _loaded = True
     importlib.import_module("tilefuse.models")
+    _BROKEN.clear()
     for entry_point in entry_points(group="tilefuse.models"):
-        entry_point.load()
+        try:
+            entry_point.load()
+        except Exception as error:
+            reason = ": ".join([type(error).__name__, *str(error).strip().splitlines()[:1]])
+            module = entry_point.value.partition(":")[0]
+            _BROKEN[entry_point.name] = f"plug-in {entry_point.name!r} (module {module}) failed to load: {reason}"
+            warnings.warn(f"{_BROKEN[entry_point.name]}; its models are unavailable", stacklevel=2)
 
 
 def available_models() -> dict[str, _Entry]:
@@ -184,10 +261,20 @@ def accepts_hyperparameter(name: str, key: str) -> bool:
 
 
 def build_model(name: str, modalities: Mapping[str, int], num_classes: int, **hparams: Any) -> TileModel:
-    """Build a registered model; unknown names raise :class:`InputError` listing the known ones."""
+    """Build a registered model; an unknown name, hyperparameter or a builder's non-model is an :class:`InputError`.
+
+    An unknown name is also how a checkpoint of a user's model loads where that model is not registered,
+    so the message says how to register it besides listing the known ones.
+    """
     models = available_models()
+    if name not in models and name in _BROKEN:
+        raise InputError(f"model {name!r} is unavailable: {_BROKEN[name]}; fix or reinstall that package")
     if name not in models:
-        raise InputError(f"unknown model {name!r}: choose one of {', '.join(models)} (see `tilefuse models`)")
+        raise InputError(
+            f"unknown model {name!r}: choose one of {', '.join(models)} (see `tilefuse models`), or, for your own model, import "
+            f"the module that calls tilefuse.register_model({name!r}) first, or install the package that provides it through "
+            "the `tilefuse.models` entry point"
+        )
     builder = models[name].builder
     accepted = _hyperparameters(builder)
     unknown = sorted(set(hparams) - accepted) if accepted is not None else []
@@ -195,5 +282,8 @@ def build_model(name: str, modalities: Mapping[str, int], num_classes: int, **hp
         raise InputError(f"unknown {name} hyperparameter(s) {unknown}: choose from {sorted(accepted)}")
     model = builder(dict(modalities), num_classes, **hparams)
     if not isinstance(model, TileModel):
-        raise TypeError(f"builder of {name!r} returned {type(model).__name__}, not a TileModel")
+        raise InputError(
+            f"the builder of model {name!r} ({_origin(builder)}) returned a {type(model).__name__}, not a TileModel: "
+            "return tilefuse.wrap_module(module, modalities, num_classes, margin=...) from it"
+        )
     return model
