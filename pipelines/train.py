@@ -146,7 +146,7 @@ def train(
     ranks = distributed.from_env()
     # SIGTERM (a batch system's cancel or time limit) unwinds: lock released, ranks stopped, last checkpoint kept
     stopped = f"stopped by SIGTERM: {out} keeps its last checkpoint; continue it with --resume (Python: resume=True)"
-    with terminating(stopped if ranks.writer else None):
+    with terminating(stopped if not ranks.launched else None):  # the process the user started (ranks are stopped by it)
         if nproc > 1 and not ranks.launched:
             kwargs = dict(stores=[str(p) for p in stores], out=str(out), val_stores=[str(p) for p in val_stores], hparams=hparams,
                           resume=resume, overwrite=overwrite, progress=progress, **options)

@@ -490,7 +490,7 @@ def test_train_nproc_on_the_command_line(store, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, ["tilefuse: interrupted"]), (signal.SIGTERM, 143, [])])
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, ["tilefuse: interrupted"]), (signal.SIGTERM, 143, ["tilefuse: stopped by SIGTERM: {run} keeps its last checkpoint; continue it with --resume (Python: resume=True)"])])
 def test_an_interrupted_job_of_two_gives_back_its_lock_and_leaves_nothing_half_written(store, tmp_path, sig, code, said):
     """Ctrl-C (or a batch system's SIGTERM) of ``tilefuse train --nproc 2``: the launcher SIGTERMed each rank's
     whole process group, so rank 0 died at once, mid-checkpoint: its run lock stayed (a --resume on another host
@@ -514,7 +514,7 @@ def test_an_interrupted_job_of_two_gives_back_its_lock_and_leaves_nothing_half_w
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.stderr.read().strip().splitlines() == said
+    assert launcher.stderr.read().strip().splitlines() == [line.format(run=run) for line in said]
     assert len(ranks) == 2 and not [pid for pid in ranks if psutil.pid_exists(pid)]
     assert not list(tmp_path.glob(".*")), "the run lock was left behind"
     assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".tilefuse-output"]

@@ -31,6 +31,8 @@ def terminate_as_exit(say: str | None = None) -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread() or not (current is signal.SIG_DFL or getattr(current, "tilefuse", False)):
         return lambda: None
 
+    say = say or getattr(current, "say", None)  # a nested block that says nothing keeps the outer one's line
+
     def terminate(signum, _frame) -> None:
         stopping.set()
         if say:
@@ -38,6 +40,7 @@ def terminate_as_exit(say: str | None = None) -> Callable[[], None]:
         raise SystemExit(128 + signum)
 
     terminate.tilefuse = True  # type: ignore[attr-defined]
+    terminate.say = say  # type: ignore[attr-defined]
     previous = signal.signal(signal.SIGTERM, terminate)
     return lambda: signal.signal(signal.SIGTERM, previous)
 
