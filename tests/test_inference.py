@@ -202,7 +202,7 @@ def test_a_model_that_returns_no_tensor_is_an_input_error():
 
     runner = TileRunner(wrap_module(Pair(), {"optical": 4, "sar": 2}, 4))
     inputs = {"optical": np.zeros((1, 4, 16, 16), np.float32), "sar": np.zeros((1, 2, 16, 16), np.float32)}
-    with pytest.raises(InputError, match=r"returned a tuple, not a tensor of logits, .*expected \(2, 4, 16, 16\)"):
+    with pytest.raises(InputError, match=r"returned a tuple, not logits, .*expected a Tensor of shape \(2, 4, 16, 16\)"):
         runner(inputs, None, 2)
 
 

@@ -71,7 +71,7 @@ from tilefuse.errors import InputError
 from tilefuse.grid import Block, TileGrid
 from tilefuse.prediction import write_block
 from tilefuse.scene import IGNORE
-from tilefuse.tile_model import TileModel
+from tilefuse.tile_model import TileModel, check_logits
 
 FIXED_POINT = 2.0**40
 """Scale of the fixed-point sums: a weighted probability of 1 is 2^40 units (int64 holds 2^23 overlapping tiles)."""
@@ -367,13 +367,7 @@ class TileRunner:
         size = len(next(iter(batch.values())))
         expected = (size, self.spec.num_classes, height - 2 * margin, width - 2 * margin)
         with torch.inference_mode(), self._autocast():
-            logits = self.model(dict(batch))
-            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
-                found = f"logits of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}, not a tensor of logits,"
-                raise InputError(
-                    f"the model returned {found} for inputs of {height} x {width} px, "
-                    f"expected {expected}: check its margin and number of classes"
-                )
+            logits = check_logits(self.model(dict(batch)), expected, height, width)
             finite &= torch.isfinite(logits[:count]).all()
             return torch.softmax(logits[:count].float(), dim=1).mul_(weights)
 

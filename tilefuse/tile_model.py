@@ -101,23 +101,21 @@ def _require_whole(name: str, value: Any, least: int) -> None:
         raise InputError(f"{name} must be a whole number >= {least}, got {value!r}")
 
 
-def _checked_logits(logits: Any, inputs: Mapping[str, torch.Tensor], target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``logits`` if it is a tensor (B, num_classes, h, w) matching ``target`` (B, h, w), else one InputError line.
-
-    A user's model returning a tuple, another class count or another size (ignoring its margin, downsampling)
-    otherwise ends in a raw IndexError or ValueError inside the loss; prediction says the same in one line.
+def check_logits(logits: Any, expected: tuple[int, ...], height: int, width: int) -> torch.Tensor:
+    """``logits`` if it is a tensor of shape ``expected`` (B, K, h, w), else one InputError line; the inputs were
+    ``height`` x ``width`` px. Training (:meth:`TileModel.compute_loss`) and prediction check a model's output
+    here: a user's model returning a tuple, another class count or another size (ignoring its margin,
+    downsampling) otherwise ends in a raw IndexError, ValueError or AttributeError far from the cause.
     """
-    expected = (target.shape[0], num_classes, *target.shape[1:])
-    height, width = next(iter(inputs.values())).shape[-2:]
     if not isinstance(logits, torch.Tensor):
         raise InputError(
             f"the model returned a {type(logits).__name__}, not logits, for inputs of {height} x {width} px, expected a Tensor of "
             f"shape {expected}: make its forward return the logits alone (override compute_loss to use more outputs)"
         )
-    if tuple(logits.shape) != expected:
+    if tuple(logits.shape) != tuple(expected):
         raise InputError(
             f"the model returned logits of shape {tuple(logits.shape)} for inputs of {height} x {width} px, "
-            f"expected {expected}: check its margin and number of classes"
+            f"expected {tuple(expected)}: check its margin and number of classes"
         )
     return logits
 
@@ -139,7 +137,9 @@ class TileModel(nn.Module):
         Default: :func:`masked_cross_entropy` on ``forward``, whose output must be logits of the target's size
         (InputError otherwise). Models with auxiliary losses override it.
         """
-        return masked_cross_entropy(_checked_logits(self(inputs), inputs, target, self.spec.num_classes), target)
+        height, width = next(iter(inputs.values())).shape[-2:]
+        expected = (target.shape[0], self.spec.num_classes, *target.shape[1:])
+        return masked_cross_entropy(check_logits(self(inputs), expected, height, width), target)
 
 
 class WrappedModule(TileModel):
