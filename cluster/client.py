@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from tilefuse.errors import InputError, read_json
+from tilefuse.errors import InputError, clipped, read_json
 
 CONNECT_TIMEOUT = 10.0
 """Seconds a connection to an existing scheduler may take, greeting included."""
@@ -312,6 +312,11 @@ def _connect(address: str, timeout: float | str, what: str):
             return Client(address, timeout=f"{seconds}s")
     except (OSError, TimeoutError) as error:
         raise InputError(f"cannot connect to the dask scheduler at {address} ({type(error).__name__}): start it or check the address") from None
+    except (TypeError, ValueError) as error:  # tls:// without its certificates, an inproc:// of another process, no ucx
+        raise InputError(
+            f"cannot connect to the dask scheduler at {address} ({type(error).__name__}: {clipped(str(error))}): "
+            "tilefuse connects over plain tcp://; for tls://, ucx:// or inproc:// make the Client yourself and pass it as cluster="
+        ) from None
 
 
 def _cuda_client(host: str = LOOPBACK, prefetch: int | None = None):
@@ -376,8 +381,18 @@ def host_of(address: str) -> str:
 
 
 def workers_per_host(client) -> dict[str, int]:
-    """Host -> number of workers on it, from the scheduler's view."""
-    return dict(Counter(host_of(address) for address in client.scheduler_info(n_workers=-1)["workers"]))
+    """Host -> number of workers on it, from the scheduler's view (the first thing asked of a user's Client: a
+    closed one, or one whose cluster was closed, is one line here, not a RuntimeError or KeyError)."""
+    try:
+        if client.status in ("closing", "closed"):
+            raise RuntimeError("the client is closed")
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    except Exception as error:
+        raise InputError(
+            f"the dask Client passed as cluster= cannot reach its scheduler ({type(error).__name__}: {clipped(str(error))}): "
+            "pass an open Client of a running cluster, or a spec such as local:2"
+        ) from None
+    return dict(Counter(host_of(address) for address in workers))
 
 
 def dashboard_link(client) -> str | None:

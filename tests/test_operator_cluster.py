@@ -316,3 +316,22 @@ def test_an_interrupted_prediction_on_local_workers_gives_back_everything_and_re
     with pytest.raises(InputError, match=r"was made with tile=32, not 256: resume with tile=32 \(--tile 32\)"):
         tilefuse.predict(slow, scene, out, resume=True, progress=False)
     _same(tilefuse.predict(slow, scene, out, resume=True, progress=False, **{**SETTINGS, "block_size": 32}), reference)
+
+
+def test_a_closed_client_or_a_scheme_tilefuse_cannot_open_is_one_line(tmp_path, data):
+    """A user's Client closed before predict (or whose cluster was closed) was a RuntimeError ('IOLoop is
+    closed') or KeyError ('workers'); a tls:// scheduler (dask-jobqueue with security=), ucx:// or another
+    process's inproc:// address were TypeError/ValueError tracebacks. Nothing is written either way."""
+    from distributed import Client
+
+    scene, checkpoint, _, _ = data
+    client = Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
+    client.close()
+    with pytest.raises(InputError, match=r"^the dask Client passed as cluster= cannot reach its scheduler .*pass an open Client"):
+        tilefuse.predict(checkpoint, scene, tmp_path / "p.zarr", cluster=client, progress=False, **SETTINGS)
+    (tmp_path / "tls.json").write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    for spec in ("tls://127.0.0.1:8786", str(tmp_path / "tls.json")):
+        with pytest.raises(InputError, match=r"^cannot connect to the dask scheduler at .*make the Client yourself"):
+            tilefuse.predict(checkpoint, scene, tmp_path / "p.zarr", cluster=spec, connect_timeout=3, progress=False, **SETTINGS)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["tls.json"], left
