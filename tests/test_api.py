@@ -112,6 +112,11 @@ def test_scene_datasets_open_scene_returned_stand_for_their_stores(tmp_path):
     assert tilefuse.evaluate(tmp_path / "p.zarr", tilefuse.open_scene(labelled)) == tilefuse.evaluate(tmp_path / "p.zarr", labelled)
     with pytest.raises(InputError, match=r"^store= is an xarray Dataset changed"):
         tilefuse.predict(checkpoint, opened.isel(x=slice(0, 16)), tmp_path / "x.zarr", **settings)
+    import xarray as xr
+
+    plain = xr.open_zarr(scene, decode_coords="all")  # unchanged, but its reads are not verified: was "changed"
+    with pytest.raises(InputError, match=r"^store= is an xarray Dataset opened from .* by plain xarray.*tilefuse\.open_scene"):
+        tilefuse.predict(checkpoint, plain, tmp_path / "x.zarr", **settings)
     assert not (tmp_path / "x.zarr").exists()
     for open_, kind in ((tilefuse.open_scene, "a scene store is written by `tilefuse ingest`"), (tilefuse.open_prediction, "a prediction store is written by `tilefuse predict`")):
         with pytest.raises(InputError, match=rf"does not exist: check the path \({kind}"):

@@ -191,6 +191,16 @@ def test_predict_refuses_bad_numbers_devices_and_clusters(case, inputs, tmp_path
     _refused(args, inputs, tmp_path, capsys, match)
 
 
+def test_a_scheduler_file_that_is_a_folder_says_so(inputs, tmp_path, capsys):
+    """It said the folder "does not exist"."""
+    folder = tmp_path / "sched" / "scheduler.json"
+    folder.mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["predict", "--checkpoint", inputs.checkpoint, "--store", inputs.store, "--out", out / "p.zarr", "--cluster", folder]
+    _refused(args, inputs, out, capsys, "scheduler.json is a folder, not a file")
+
+
 # determinism record ----------------------------------------------------------------------------------
 
 SMALL = {"tile": 32, "overlap": 8, "block_size": 64, "batch_size": 2, "progress": False}

@@ -38,6 +38,8 @@ def read_json(path: str | os.PathLike, what: str, fix: str, *, missing: str | No
     exist (default ``fix``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file: {fix}")
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist: {missing or fix}")
     try:

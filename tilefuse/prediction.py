@@ -406,6 +406,7 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
         ds = open_store(path, "prediction", written=_written(done))  # only done blocks are promised
     ds = ds.drop_vars(MANIFEST)
     ds.encoding["source"] = os.path.abspath(path)  # what :func:`store_path` takes it back to, also after a chdir
+    ds.encoding["opened_by"] = "tilefuse"  # (drop_vars keeps no encoding)
     return ds
 
 
@@ -439,6 +440,11 @@ def store_path(value: Any, param: str, kind: str) -> Any:
             getattr(value[name].data, "name", None) == getattr(fresh[name].data, "name", 0) for name in fresh.data_vars
         ):
             return source
+        if value.encoding.get("opened_by") != "tilefuse":
+            raise InputError(
+                f"{param}= is an xarray Dataset opened from {source} by plain xarray, whose reads are not verified: "
+                f"pass that store's path, or the Dataset tilefuse.open_{kind} returns"
+            )
         raise InputError(f"{param}= is an xarray Dataset changed since it was opened from {source}: pass that store's path{_WRITE[kind]}")
     what = f"an xarray {type(value).__name__}" if isinstance(value, (xr.Dataset, xr.DataArray)) else f"of type {type(value).__name__}"
     raise InputError(f"{param}= is {what}, not a path: pass the path of the {kind} store (str or pathlib.Path){_WRITE[kind]}")

@@ -372,6 +372,7 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     if problem:
         raise InputError(f"{path}: {problem}: the store is corrupt, {REPAIR.get(kind, 're-create it')}")
     ds.encoding["source"] = os.path.abspath(path)  # a notebook may pass the Dataset on (prediction.store_path), also after a chdir
+    ds.encoding["opened_by"] = "tilefuse"  # not plain xarray.open_zarr, whose reads are not verified
     return ds
 
 
