@@ -121,20 +121,35 @@ class _ReportedHere(logging.Filter):
     run in this process and log on its stderr, around the run's one line): the scheduler's "Task ... marked as
     failed because N workers died" of a tilefuse task (the run names its block,
     :func:`tilefuse.cluster.run.cluster_failure`), and a nanny's "Worker process still alive after 4.0 seconds,
-    killing" while an interrupted run (Ctrl-C, SIGTERM) closes its cluster."""
+    killing" while an interrupted run (Ctrl-C, SIGTERM) closes its cluster; and a client's reports of its scheduler
+    lost mid-run (tracebacks of the closed connection, "Failed to reconnect ... closing client"), which the run
+    names in its one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         text = str(record.msg)
         if text.startswith("Task %s marked as failed because") and args and str(args[0]).startswith("tilefuse-"):
             return False
+        if record.name == "distributed.client" and (text.startswith("Failed to reconnect to scheduler") or _connection_lost(record)):
+            return False  # the scheduler lost mid-run: the run says so in its one line, naming --resume
         return not text.startswith("Worker process still alive after")
+
+
+def _connection_lost(record: logging.LogRecord) -> bool:
+    """A client's report (with traceback) of its scheduler connection closing or refused, or of what that cancelled."""
+    import asyncio
+
+    from distributed.comm import CommClosedError
+
+    error = record.exc_info[1] if record.exc_info else None
+    return isinstance(error, (CommClosedError, ConnectionError, asyncio.CancelledError))
 
 
 @contextlib.contextmanager
 def quiet_reported_here() -> Iterator[None]:
-    """:class:`_ReportedHere` on this process's ``distributed.scheduler`` and ``distributed.nanny`` loggers for the block."""
-    loggers, quiet = [logging.getLogger(f"distributed.{name}") for name in ("scheduler", "nanny")], _ReportedHere()
+    """:class:`_ReportedHere` on this process's ``distributed.scheduler``, ``distributed.nanny`` and
+    ``distributed.client`` loggers for the block."""
+    loggers, quiet = [logging.getLogger(f"distributed.{name}") for name in ("scheduler", "nanny", "client")], _ReportedHere()
     for logger in loggers:
         logger.addFilter(quiet)
     try:
