@@ -163,3 +163,20 @@ def test_lazy_datasets_opened_by_a_relative_path_read_the_same_store_after_a_chd
     write_scene(make_scene(48, 40, seed=2), tmp_path / name, chunk=64, shard=None, overwrite=True)  # a real replacement
     with pytest.raises(InputError, match=rf"^{name} was replaced while it was read"):
         scene["optical"][:, 8:, 8:].values
+
+
+def test_a_store_is_tokenized_by_where_it_is_and_what_it_promises(tmp_path, monkeypatch):
+    """Dask names of a lazy Dataset come from its store's token: the same store by a relative or an absolute path
+    gives one name (so a Dataset can be passed on after a chdir); other promises (a partial prediction opened
+    before and after a resume wrote more blocks) give another, or dask would read one for both."""
+    from dask.base import tokenize
+    from predict_fixtures import write_test_scene
+
+    from tilefuse.storage import verified_store
+
+    write_test_scene(tmp_path / "s.zarr", 32, 32, seed=1)
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = verified_store("s.zarr"), verified_store(tmp_path / "s.zarr")
+    assert tokenize(relative) == tokenize(absolute)
+    partial = verified_store("s.zarr", written={"optical": [(0, 0)]})
+    assert tokenize(partial) != tokenize(relative)

@@ -290,8 +290,10 @@ class VerifiedStore(WrapperStore):
     def __dask_tokenize__(self):
         """The store as resolved, not as named: a Dataset reopened by its absolute path (a notebook passing it
         on after a chdir, :func:`tilefuse.prediction.store_path`) has the same dask names as one opened by a
-        relative path."""
-        return (type(self).__name__, str(self.root if self.root is not None else self.where), self.identity)
+        relative path. What it promises is part of it: a partial prediction opened before and after a resume
+        wrote more blocks must not share names (dask would read one for both)."""
+        promised = sorted((name, sorted(c.required) if isinstance(c.required, frozenset) else c.required) for name, c in self.checks.items())
+        return (type(self).__name__, str(self.root if self.root is not None else self.where), self.identity, promised)
 
     def _with_store(self, store):
         clone = type(self)(store, self.checks, self.where, self.fix)
