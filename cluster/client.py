@@ -307,13 +307,19 @@ def _connect(address: str, timeout: float | str, what: str):
         probe_scheduler(address, seconds, what)
     elif not address.startswith("inproc://"):
         split_address(address)
+    # a Client makes itself dask's default scheduler before it connects, and a failed one stays so: every later
+    # dask computation of the process (an ingest in the same notebook) then went to a client that never was
+    default = {key: dask.config.config[key] for key in ("scheduler", "shuffle") if key in dask.config.config}
     try:
         with dask.config.set({"distributed.comm.timeouts.connect": f"{seconds}s"}):
             return Client(address, timeout=f"{seconds}s")
-    except (OSError, TimeoutError) as error:
-        raise InputError(f"cannot connect to the dask scheduler at {address} ({type(error).__name__}): start it or check the address") from None
-    except (TypeError, ValueError) as error:  # tls:// without its certificates, an inproc:// of another process, no ucx
-        raise InputError(
+    except (OSError, TimeoutError, TypeError, ValueError) as error:
+        for key in ("scheduler", "shuffle"):
+            dask.config.config.pop(key, None)
+        dask.config.config.update(default)
+        if isinstance(error, (OSError, TimeoutError)):
+            raise InputError(f"cannot connect to the dask scheduler at {address} ({type(error).__name__}): start it or check the address") from None
+        raise InputError(  # tls:// without its certificates, an inproc:// of another process, no ucx
             f"cannot connect to the dask scheduler at {address} ({type(error).__name__}: {clipped(str(error))}): "
             "tilefuse connects over plain tcp://; for tls://, ucx:// or inproc:// make the Client yourself and pass it as cluster="
         ) from None

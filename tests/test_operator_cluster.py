@@ -338,3 +338,6 @@ def test_a_closed_client_or_a_scheme_tilefuse_cannot_open_is_one_line(tmp_path, 
             tilefuse.predict(checkpoint, scene, tmp_path / "p.zarr", cluster=spec, connect_timeout=3, progress=False, **SETTINGS)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["tls.json"], left
+    import dask
+
+    assert dask.config.get("scheduler", None) is None, "a failed Client stayed dask's default scheduler"
