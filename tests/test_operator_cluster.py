@@ -324,20 +324,32 @@ def test_an_interrupted_prediction_on_local_workers_gives_back_everything_and_re
 def test_a_closed_client_or_a_scheme_tilefuse_cannot_open_is_one_line(tmp_path, data):
     """A user's Client closed before predict (or whose cluster was closed) was a RuntimeError ('IOLoop is
     closed') or KeyError ('workers'); a tls:// scheduler (dask-jobqueue with security=), ucx:// or another
-    process's inproc:// address were TypeError/ValueError tracebacks. Nothing is written either way."""
-    from distributed import Client
-
+    process's inproc:// address were TypeError/ValueError tracebacks. Nothing is written either way, and a
+    failed Client does not stay dask's default scheduler. In a process of its own: Clients are process-wide state."""
     scene, checkpoint, _, _ = data
-    client = Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
-    client.close()
-    with pytest.raises(InputError, match=r"^the dask Client passed as cluster= cannot reach its scheduler .*pass an open Client"):
-        tilefuse.predict(checkpoint, scene, tmp_path / "p.zarr", cluster=client, progress=False, **SETTINGS)
     (tmp_path / "tls.json").write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
-    for spec in ("tls://127.0.0.1:8786", str(tmp_path / "tls.json")):
-        with pytest.raises(InputError, match=r"^cannot connect to the dask scheduler at .*make the Client yourself"):
-            tilefuse.predict(checkpoint, scene, tmp_path / "p.zarr", cluster=spec, connect_timeout=3, progress=False, **SETTINGS)
+    code = f"""
+import dask, json, sys
+sys.path.insert(0, {str(TESTS)!r})
+import predict_fixtures  # registers test-pointwise
+import tilefuse
+from distributed import Client
+settings = json.loads(sys.argv[1])
+said = []
+client = Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
+client.close()
+for cluster in (client, "tls://127.0.0.1:8786", {str(tmp_path / "tls.json")!r}):
+    try:
+        tilefuse.predict({str(checkpoint)!r}, {str(scene)!r}, {str(tmp_path / "p.zarr")!r}, cluster=cluster, connect_timeout=3, progress=False, **settings)
+    except tilefuse.InputError as error:
+        said.append(str(error))
+print(json.dumps([said, dask.config.get("scheduler", None)]))
+"""
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(SETTINGS)], capture_output=True, text=True, timeout=300)
+    said, scheduler = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(said) == 3, (said, done.stderr[-2000:])
+    assert re.match(r"the dask Client passed as cluster= cannot reach its scheduler .*pass an open Client", said[0]), said[0]
+    assert all(re.match(r"cannot connect to the dask scheduler at .*make the Client yourself", line) for line in said[1:]), said
+    assert scheduler is None, "a failed Client stayed dask's default scheduler"
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["tls.json"], left
-    import dask
-
-    assert dask.config.get("scheduler", None) is None, "a failed Client stayed dask's default scheduler"
