@@ -619,6 +619,18 @@ class RunReport:
         )
 
 
+def unfinished_training(config: "ModelConfig", checkpoint: Path) -> str | None:
+    """A note where ``checkpoint`` was saved before its training run reached its last step (a run still going, or one
+    stopped early): legitimate to predict with, but rarely what a user means to map with."""
+    step, steps = config.extra.get("step"), config.extra.get("steps")
+    if not (isinstance(step, int) and isinstance(steps, int) and step < steps):
+        return None
+    return (
+        f"note: checkpoint {checkpoint} holds step {step} of {steps} of a training run that has not finished "
+        "(finish its training with resume=True (--resume), then predict again with overwrite=True (--overwrite))"
+    )
+
+
 def predict_scene(
     checkpoint: str | Path,
     store: str | Path,
@@ -641,6 +653,9 @@ def predict_scene(
     started = time.perf_counter()
     plan = plan_prediction(checkpoint, store, out, options)
     with ClusterRun(plan, cluster, listen=listen, connect_timeout=connect_timeout, progress=progress) as run:
+        note = unfinished_training(plan.config, plan.checkpoint)
+        if note:
+            run._say(note)
         pending = None
         try:
             pending = run.prepare()

@@ -449,3 +449,22 @@ def test_resume_and_overwrite_together_are_refused_and_touch_nothing(tmp_path, s
     with pytest.raises(InputError, match=r"resume=True \(--resume\) and overwrite=True \(--overwrite\)"):
         tilefuse.predict(checkpoint, scene, out, resume=True, overwrite=True, **SETTINGS)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_a_checkpoint_of_an_unfinished_training_run_is_predicted_with_a_note(tmp_path, setup, capsys):
+    """A run's checkpoint at step 2 of 4 (a run still going, or stopped) predicts as asked, with one note saying so;
+    a finished run's checkpoint gets none."""
+    from predict_fixtures import build_pointwise
+
+    _, scene, _, reference = setup
+    model = build_pointwise(MODALITIES, len(CLASSES), seed=0)
+    for step, noted in ((2, True), (4, False)):
+        config = ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), {"seed": 0}, list(CLASSES), extra={"step": step, "steps": 4})
+        run = save_checkpoint(model, config, tmp_path / f"run-{step}")
+        capsys.readouterr()
+        assert _cli(run, scene, tmp_path / f"pred-{step}.zarr", "--tile", 32, "--overlap", 8, "--block-size", 64) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if "has not finished" in line]
+        assert len(notes) == (1 if noted else 0), notes
+        if noted:
+            assert "step 2 of 4" in notes[0] and "--resume" in notes[0]
+        assert np.array_equal(open_prediction(tmp_path / f"pred-{step}.zarr")["labels"].values, reference["labels"].values)
