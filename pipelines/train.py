@@ -182,7 +182,7 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
         batch_size=settings.batch_size, resumed=read_config(run.state) if resume else None, run=run.path if resume else None,
     )
     # after assemble, whose checks name what changed in a store (its classes, its size) where they can
-    job["scene_digests"] = _scene_digests([*train_paths, *val_paths])
+    job["scene_digests"] = prepared.digests
     if saved and "scene_digests" in saved:  # runs saved before they were recorded are not checked
         for path, was, now in zip([*train_paths, *val_paths], saved["scene_digests"], job["scene_digests"]):
             if was != now:
@@ -198,17 +198,6 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
         job=job, resume=resume, progress=progress, val_batch_size=prepared.val_batch_size,
     )
     return run.path
-
-
-def _scene_digests(paths: list[str]) -> list[str]:
-    """:func:`tilefuse.scene.scene_digest` of each store, labels included: a resume must read the same scenes."""
-    from tilefuse.scene import modalities, open_scene, scene_digest
-
-    digests = []
-    for path in paths:
-        scene = open_scene(path)
-        digests.append(scene_digest(scene, modalities(scene), labels=True))
-    return digests
 
 
 _train_locked = holds_output("out", inputs=("stores", "val_stores"))(_train)  # one writer per run folder, for the whole training

@@ -128,6 +128,8 @@ class TrainingData:
     val_batch_size: int | None = None
     index: Any = None
     """The :class:`~tilefuse.sampling.IndexCache` the samplers' indexes went through."""
+    digests: list[str] = field(default_factory=list)
+    """:func:`~tilefuse.scene.scene_digest` of each of ``stores``, labels included (a resume must read the same scenes)."""
 
     def save(self, run: str | os.PathLike) -> None:
         """Write the split file and the sampler indexes into the (existing) run folder ``run``."""
@@ -277,7 +279,7 @@ def assemble(
         SceneReader,
         check_patch_fits,
     )
-    from tilefuse.scene import band_dim, modalities as store_modalities, open_scene, require_modalities
+    from tilefuse.scene import band_dim, modalities as store_modalities, open_scene, require_modalities, scene_digest
     from tilefuse.tile_model import build_model
 
     data = data or DataOptions()
@@ -361,6 +363,7 @@ def assemble(
     split = _saved_split(run, paths, scenes)
     if split is None:
         split = _split(scenes, readers, paths, len(train_paths), data, pixels, tile, seed, bool(val_paths))
+    digests = [scene_digest(ds, store_modalities(ds), labels=True) for ds in scenes]
     del scenes  # the samplers read zarr directly
 
     index = IndexCache(None if run is None else run / INDEX_DIR)
@@ -413,4 +416,5 @@ def assemble(
         pixels=pixels,
         val_batch_size=max(256, batch_size) if pixels else None,
         index=index,
+        digests=digests,
     )
