@@ -560,6 +560,24 @@ def test_a_nested_terminating_block_says_its_own_line(capfd):
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_the_sigterm_line_comes_after_what_the_block_prints_while_it_unwinds(capfd):
+    """``train --nproc 2`` without --quiet: the launcher said its line as the signal came, and rank 0's progress
+    bar, redrawn as the rank stopped, came after it. The line is now said once the block has unwound."""
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit), terminating("the run keeps its last checkpoint"), terminating():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                print("train:  33%|###       | 2/6", file=sys.stderr, flush=True)  # a rank's bar, closed as it stops
+        lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+        assert lines == ["train:  33%|###       | 2/6", "tilefuse: the run keeps its last checkpoint"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_sigterm_becomes_an_exit_only_where_it_had_its_default_action():
     """A SIGTERM ignored by the caller (nohup, a supervisor) was made fatal for the run, and a program's own
     handler replaced, by the handler that unwinds predict and the launcher."""

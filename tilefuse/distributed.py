@@ -335,6 +335,8 @@ def launch_local(
         return 128 - code if code < 0 else code
     finally:
         _stop(procs, grace_s)
+        if readers:  # rank 0's last lines (its progress bar closed as it stopped) before the caller's
+            readers[0].join(grace_s)
         del store
         restore()
         for log in logs:

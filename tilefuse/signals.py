@@ -16,40 +16,41 @@ stopping = threading.Event()
 """Set once SIGTERM came (:func:`terminate_as_exit`): the console script then drops libraries' shutdown noise."""
 
 
-def terminate_as_exit(say: str | None = None) -> Callable[[], None]:
+def terminate_as_exit() -> Callable[[], None]:
     """Make SIGTERM end this process by SystemExit(143), so what it holds is given back on the way out (the
     ranks it launched stopped, an output's lock released, temporaries removed, a dask cluster it started
     closed): a plain SIGTERM (a batch system's cancel or time limit, ``kill``) ended it at once and left them,
     a lock that a resumed job on another host was refused by; returns the undo.
 
     Only in the main thread (where Python delivers signals) and where SIGTERM has its default action or is
-    already ours (an outer :func:`terminating`, the CLI's: a nested one may say more); elsewhere a no-op: a
-    SIGTERM ignored (``nohup``, a supervisor) stays ignored, and a handler the program set stays its own.
-    ``say``: a line printed on stderr (after ``tilefuse: ``) when SIGTERM comes, e.g. what is kept and how to go on.
+    already ours (an outer :func:`terminating`, the CLI's); elsewhere a no-op: a SIGTERM ignored (``nohup``,
+    a supervisor) stays ignored, and a handler the program set stays its own.
     """
     current = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or not (current is signal.SIG_DFL or getattr(current, "tilefuse", False)):
         return lambda: None
 
-    say = say or getattr(current, "say", None)  # a nested block that says nothing keeps the outer one's line
-
     def terminate(signum, _frame) -> None:
         stopping.set()
-        if say:
-            print(f"\ntilefuse: {say}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     terminate.tilefuse = True  # type: ignore[attr-defined]
-    terminate.say = say  # type: ignore[attr-defined]
     previous = signal.signal(signal.SIGTERM, terminate)
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
 def terminating(say: str | None = None) -> Iterator[None]:
-    """:func:`terminate_as_exit` for the block."""
-    restore = terminate_as_exit(say)
+    """:func:`terminate_as_exit` for the block. ``say``: a line printed on stderr (after ``tilefuse: ``) when
+    SIGTERM ended the block, e.g. what is kept and how to go on; printed once the block has unwound (ranks
+    stopped, lock released, their last output flushed), so it is the command's last line. A nested block that
+    says nothing leaves the line to the outer one."""
+    restore = terminate_as_exit()
     try:
         yield
+    except SystemExit:
+        if say and stopping.is_set():
+            print(f"\ntilefuse: {say}", file=sys.stderr, flush=True)
+        raise
     finally:
         restore()
