@@ -521,11 +521,13 @@ class ClusterRun:
 
         plan = self.plan
         settings = {**plan.settings, **self.probe()}
+        batch_size = self._batch_size()
+        if not plan.spec.batch_invariant:  # a tile's bits follow its batch's shape: part of the determinism record
+            settings["batch_size"] = batch_size
         if plan.existing:
             check_resumable(plan.out, settings)
         self.start()
-        batch_size = plan.options.batch_size or min(info.batch_size for info in self.workers.values())
-        self.job = plan.job(min(batch_size, plan.grid.tiles_per_block))  # a larger batch would only hold padding
+        self.job = plan.job(batch_size)
         if plan.existing is None:
             inputs = [plan.store, plan.checkpoint]
             attrs = {**settings, "scene": str(plan.store.resolve()), "checkpoint": str(plan.checkpoint.resolve())}
@@ -534,6 +536,15 @@ class ClusterRun:
                 overwrite=plan.options.overwrite, inputs=inputs,
             )  # fmt: skip
         return pending_blocks(plan.out, plan.grid)
+
+    def _batch_size(self) -> int:
+        """Tiles per model call: ``batch_size`` as asked, else the one a resumed store was computed with, else the
+        largest every worker's free memory allows; at most a block's tiles (a larger batch would only hold padding)."""
+        plan = self.plan
+        recorded = (plan.existing or {}).get("batch_size")
+        asked = plan.options.batch_size or (recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None)
+        batch_size = asked or min(info.batch_size for info in self.workers.values())
+        return min(batch_size, plan.grid.tiles_per_block)
 
     def run(self, pending: "list[Block]") -> int:
         """Compute and write ``pending`` blocks (after :meth:`prepare`); returns the tiles run through the model."""

@@ -58,11 +58,12 @@ def predict(
     is a spec (sync, local:N, cuda, tcp://..., scheduler file) or an existing
     ``distributed.Client``. ``torch_threads`` fixes torch's threads per worker
     (default: an even share of each host's cores); the output is bitwise the
-    same whatever the block size, batch size (>= 2), worker count or retries,
-    given the same device kind and threads per worker. Both are recorded in
-    the store's attrs (``device_kind``, ``torch_threads``) and a ``resume``
-    that would use others is refused; so are ``precision``, ``channels_last``
-    (NHWC model inputs) and ``compile`` (``torch.compile`` on each worker).
+    same whatever the block size, worker count or retries, given the same
+    device kind, threads per worker and ``batch_size``. They are recorded in
+    the store's attrs (``device_kind``, ``torch_threads``, ``batch_size``) and a
+    ``resume`` that would use others is refused (without ``batch_size`` it takes
+    the store's); so are ``precision``, ``channels_last`` (NHWC model inputs)
+    and ``compile`` (``torch.compile`` on each worker).
     ``prefetch`` blocks are read ahead while the model runs (by ``reader_threads``
     threads in-process; workers started here get ``1 + prefetch`` task threads):
     neither changes the output. ``listen`` is the host a cluster started

@@ -61,10 +61,12 @@ class PointwiseNet(nn.Module):
     """1x1 convolutions over the concatenated modalities; crops ``margin`` px to mimic a context model."""
 
     def __init__(
-        self, modalities: dict[str, int], num_classes: int, margin: int = 0, delay: float = 0.0, per_tile: bool = False, die: bool = False
+        self, modalities: dict[str, int], num_classes: int, margin: int = 0, delay: float = 0.0, per_tile: bool = False, die: bool = False,
+        batch_shift: float = 0.0,
     ) -> None:
         super().__init__()
         self.die = die
+        self.batch_shift = batch_shift
         self.per_tile = per_tile
         self.names = list(modalities)
         self.margin = margin
@@ -87,20 +89,24 @@ class PointwiseNet(nn.Module):
         # per_tile: one tile per call, so a tile's logits never depend on its batch (a 1x1 conv over a
         # batch is a GEMM whose rounding may follow the batch's shape)
         logits = torch.cat([self.body(t) for t in x.split(1)]) * 3 if self.per_tile else self.body(x) * 3
+        if self.batch_shift:  # class 0's logit follows the batch size, as a kernel's rounding may (exaggerated)
+            logits = torch.cat([logits[:, :1] + self.batch_shift * len(x), logits[:, 1:]], dim=1)
         m = self.margin
         return logits[..., m : x.shape[-2] - m, m : x.shape[-1] - m] if m else logits
 
 
 @register_model("test-pointwise", "1x1-conv test model (tests only)")
-def build_pointwise(modalities, num_classes, margin=0, blend=True, delay=0.0, seed=0, per_tile=False, batch_invariant=False, die=False):
+def build_pointwise(
+    modalities, num_classes, margin=0, blend=True, delay=0.0, seed=0, per_tile=False, batch_invariant=False, die=False, batch_shift=0.0
+):
     BUILDS["count"] += 1
     torch.manual_seed(seed)
-    net = PointwiseNet(dict(modalities), num_classes, margin, delay, per_tile=per_tile, die=die)
+    net = PointwiseNet(dict(modalities), num_classes, margin, delay, per_tile=per_tile, die=die, batch_shift=batch_shift)
     return wrap_module(net, modalities, num_classes, margin=margin, blend=blend, batch_invariant=batch_invariant)
 
 
 def save_pointwise(path: Path, seed: int = 0, band_stats: dict | None = None, **hparams) -> Path:
-    """A checkpoint of ``test-pointwise`` (hparams: margin, blend, delay, per_tile, batch_invariant; die: every
+    """A checkpoint of ``test-pointwise`` (hparams: margin, blend, delay, per_tile, batch_invariant, batch_shift; die: every
     forward call ends its process at once, as the OOM killer would)."""
     hparams = {"seed": seed, **hparams}
     model = build_pointwise(MODALITIES, len(CLASSES), **hparams)

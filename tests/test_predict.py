@@ -468,3 +468,38 @@ def test_a_checkpoint_of_an_unfinished_training_run_is_predicted_with_a_note(tmp
         if noted:
             assert "step 2 of 4" in notes[0] and "--resume" in notes[0]
         assert np.array_equal(open_prediction(tmp_path / f"pred-{step}.zarr")["labels"].values, reference["labels"].values)
+
+
+def test_a_resume_keeps_the_batch_size_the_store_was_computed_with(tmp_path, setup):
+    """A tile's bits may follow its batch's shape (PAD micro: 9,240 of a scene's float32 probabilities differed
+    between batch 2 and 3). A resume took the batch size from the free memory of the day, or from --batch-size,
+    and mixed blocks computed both ways. The store records it; a resume without one takes it, another is refused."""
+    _, scene, _, _ = setup
+    checkpoint = save_pointwise(tmp_path / "shifted", batch_shift=0.01)
+    settings = {**SETTINGS, "batch_size": 2}
+    reference = tilefuse.predict(checkpoint, scene, tmp_path / "reference.zarr", probs="float32", **settings)
+    other = tilefuse.predict(checkpoint, scene, tmp_path / "other.zarr", probs="float32", **{**settings, "batch_size": 3})
+    assert not np.array_equal(reference["probs"].values, other["probs"].values), "the test model must follow its batch size"
+    assert reference.attrs["batch_size"] == 2
+
+    out = tmp_path / "pred.zarr"
+    reset_calls()
+    FAIL_AFTER["forward"] = 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tilefuse.predict(checkpoint, scene, out, probs="float32", **settings)
+    FAIL_AFTER["forward"] = None
+    with pytest.raises(InputError, match=r"batch_size=2 .*resume with batch_size=2 \(--batch-size 2\)"):
+        tilefuse.predict(checkpoint, scene, out, probs="float32", resume=True, **{**settings, "batch_size": 3})
+    reset_calls()
+    pred = tilefuse.predict(checkpoint, scene, out, probs="float32", resume=True, **{**settings, "batch_size": None})
+    assert CALLS["batches"] and set(CALLS["batches"]) == {2}
+    assert np.array_equal(pred["probs"].values, reference["probs"].values)
+
+    # a batch-invariant model records none: any batch size resumes it
+    invariant = save_pointwise(tmp_path / "invariant", per_tile=True, batch_invariant=True)
+    FAIL_AFTER["forward"] = 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tilefuse.predict(invariant, scene, tmp_path / "inv.zarr", **settings)
+    FAIL_AFTER["forward"] = None
+    assert "batch_size" not in zarr.open_group(tmp_path / "inv.zarr").attrs
+    tilefuse.predict(invariant, scene, tmp_path / "inv.zarr", resume=True, **{**settings, "batch_size": 3})

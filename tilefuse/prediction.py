@@ -67,12 +67,14 @@ DETERMINISM = {
     "precision": "precision={!r} (--precision {})",
     "channels_last": "channels_last={} (--channels-last or not)",
     "compile": "compile={} (--compile or not)",
+    "batch_size": "batch_size={} (--batch-size {})",
 }
 """What bitwise-identical output depends on beyond :data:`SETTINGS`, and how a resume matches it: the
 device kind of the workers (``cpu``, ``cuda:<GPU name>``), torch's threads per worker (CPU kernels split
-their sums by it), the precision and the model's memory layout and compilation (kernels pick their
-algorithms by them). Recorded at creation; a resume that would mix blocks computed otherwise is refused
-(stores made before a key was recorded are not checked for it)."""
+their sums by it), the precision, the model's memory layout and compilation, and the batch size (kernels
+pick their algorithms by them; not recorded for a ``batch_invariant`` model). Recorded at creation; a
+resume that would mix blocks computed otherwise is refused (stores made before a key was recorded are
+not checked for it), and one that does not name a batch size takes the recorded one."""
 
 
 def store_chunk(block: int) -> int:
