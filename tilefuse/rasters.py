@@ -607,20 +607,38 @@ def _place(
         row, col = plan.offset
         out[:, top + row - r0 : top + row - r0 + data.shape[1], left + col - c0 : left + col - c0 + data.shape[2]] = data
         return out
-    reproject(
-        data,
-        out,
-        src_transform=source.transform @ Affine.translation(left, top),
-        src_crs=source.crs,
-        src_nodata=np.nan,
-        dst_transform=grid.transform @ Affine.translation(c0, r0),
-        dst_crs=grid.crs,
-        dst_nodata=np.nan,
-        resampling=Resampling[resampling],
-        XSCALE=plan.scale[0],
-        YSCALE=plan.scale[1],
-    )
+    for bands in _same_holes(data):
+        # GDAL's warper masks a source pixel only where every band of the call has no data; a NaN in some bands
+        # of it was taken as a value, and bilinear or average spread it over each output pixel it touched (an RGB
+        # with 0.07 % nodata lost 11 % of its pixels at 10x coarser). Bands with the same holes warp together.
+        part = out if len(bands) == len(out) else np.ascontiguousarray(out[bands])
+        reproject(
+            data if part is out else data[bands],
+            part,
+            src_transform=source.transform @ Affine.translation(left, top),
+            src_crs=source.crs,
+            src_nodata=np.nan,
+            dst_transform=grid.transform @ Affine.translation(c0, r0),
+            dst_crs=grid.crs,
+            dst_nodata=np.nan,
+            resampling=Resampling[resampling],
+            XSCALE=plan.scale[0],
+            YSCALE=plan.scale[1],
+        )
+        if part is not out:
+            out[bands] = part
     return out
+
+
+def _same_holes(data: np.ndarray) -> list[list[int]]:
+    """The bands of ``data`` (bands, rows, cols) grouped by where they are NaN, in band order."""
+    holes = np.isnan(data)
+    if not holes.any() or (holes == holes[:1]).all():
+        return [list(range(len(data)))]
+    groups: dict[bytes, list[int]] = {}
+    for k, band in enumerate(holes):
+        groups.setdefault(np.packbits(band).tobytes(), []).append(k)
+    return list(groups.values())
 
 
 def read_onto_grid(
