@@ -139,11 +139,12 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tifs, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tifs, tmp_path, capfd):
+    """(capfd: what GDAL or PROJ print themselves counts too; --crs EPSG:999999 printed PROJ's 'crs not found' first.)"""
     args, message = BAD_INPUTS[case]
     folder = tifs["sar"].parent
     before = digest(folder)
-    code, out, err = run_cli(["ingest", tmp_path / "out.zarr", *[a.format(**tifs) for a in args]], capsys)
+    code, out, err = run_cli(["ingest", tmp_path / "out.zarr", *[a.format(**tifs) for a in args]], capfd)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tilefuse: error: "), err

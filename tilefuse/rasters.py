@@ -396,11 +396,13 @@ def _footprint(source: RasterSource) -> tuple[float, float, float, float]:
 
 def parse_crs(value, flag: str = "--crs"):
     """``value`` (EPSG code, WKT, PROJ string, CRS object) as a rasterio CRS, or one line naming ``flag``."""
+    import rasterio
     from rasterio.crs import CRS
     from rasterio.errors import CRSError
 
     try:
-        return CRS.from_user_input(value)
+        with rasterio.Env(CPL_LOG="/dev/null"):  # PROJ's own "crs not found" line on stderr, before ours
+            return CRS.from_user_input(value)
     except CRSError:
         raise InputError(f"{flag} {value!r} is not a CRS rasterio understands: use e.g. EPSG:32632") from None
 
