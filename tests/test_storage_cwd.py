@@ -180,3 +180,35 @@ def test_a_store_is_tokenized_by_where_it_is_and_what_it_promises(tmp_path, monk
     assert tokenize(relative) == tokenize(absolute)
     partial = verified_store("s.zarr", written={"optical": [(0, 0)]})
     assert tokenize(partial) != tokenize(relative)
+
+
+def test_overwrite_never_deletes_an_array_a_user_added_to_a_prediction_store(tmp_path, capsys):
+    """An `entropy` layer added to a prediction store with zarr made `evaluate` call the store corrupt and advise
+    --overwrite, and `predict --overwrite` then deleted the layer without a word (only scene stores listed their
+    own arrays). A prediction store's layers are now the user's too: read beside it, never deleted."""
+    import numpy as np
+    import zarr
+    from predict_fixtures import save_pointwise, write_test_scene
+
+    from tilefuse import storage
+    from tilefuse.prediction import open_prediction
+
+    scene = write_test_scene(tmp_path / "scene.zarr", 40, 40)
+    checkpoint = save_pointwise(tmp_path / "ckpt")
+    pred = tmp_path / "p.zarr"
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(scene), "--out", str(pred), "--tile", "32", "--probs"]
+    assert main(args) == 0
+    layer = zarr.open_group(pred, mode="r+").create_array("entropy", shape=(40, 40), chunks=(20, 20), dtype="float32", dimension_names=("y", "x"))
+    layer[:20] = np.ones((20, 40))
+    storage.consolidate(pred)
+    capsys.readouterr()
+    assert main(["evaluate", str(pred), "--labels", str(scene)]) in (0, 2)
+    assert "corrupt" not in capsys.readouterr().err
+    assert open_prediction(pred)["entropy"].shape == (40, 40)
+    before = _tree(pred)
+    assert main([*args, "--overwrite"]) == 2
+    err = _one_line(capsys)
+    assert "entropy" in err and "did not write" in err, err
+    assert _tree(pred) == before
+    assert main([*args[:6], str(tmp_path / "q.zarr"), *args[7:]]) == 0
+    assert main([*args[:6], str(tmp_path / "q.zarr"), *args[7:], "--overwrite"]) == 0  # its own arrays only

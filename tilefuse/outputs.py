@@ -379,7 +379,7 @@ def _ours(entry: Path, kind: str) -> bool:
         if name == "zarr.json":
             return True
         if entry.is_dir() and (entry / "zarr.json").is_file() and found_kind(entry) is None:
-            return _scene_array(entry) if kind == "scene" else True
+            return _own_array(entry)
         return _damaged_array(entry)
     if kind == "run":
         return name in RUN_ENTRIES
@@ -393,14 +393,13 @@ def _ours(entry: Path, kind: str) -> bool:
     return True  # demo folders are reused, never deleted: each output inside is guarded itself
 
 
-def _scene_array(entry: Path) -> bool:
-    """Whether array ``entry`` is one a scene store is written with: a modality its attrs list, its band
-    coordinate, ``valid``, ``label``, ``x``, ``y``, ``spatial_ref`` (not a layer a user added, e.g. with
-    ``to_zarr(mode="a")``). A store whose list is missing or damaged counts every array as its own."""
-    from tilefuse.storage import scene_arrays
+def _own_array(entry: Path) -> bool:
+    """Whether array ``entry`` is one its store is written with (:func:`tilefuse.storage.own_arrays`), not a
+    layer a user added. A store whose list is missing or damaged counts every array as its own."""
+    from tilefuse.storage import own_arrays
 
     try:
-        ours = scene_arrays(json.loads((entry.parent / "zarr.json").read_text()).get("attributes", {}))
+        ours = own_arrays(json.loads((entry.parent / "zarr.json").read_text()).get("attributes", {}))
     except (OSError, ValueError, AttributeError):
         return True
     return ours is None or entry.name in ours

@@ -240,7 +240,7 @@ def write_scene(
     ds.attrs[STORE_KIND] = "scene"
     ds.attrs[FORMAT_ATTR] = FORMAT  # every chunk written and checksummed (tilefuse.storage)
     ds.attrs["modalities"] = names
-    ds.attrs["labelled"] = "label" in ds  # a label array added later is the user's (tilefuse.storage.scene_arrays)
+    ds.attrs["labelled"] = "label" in ds  # a label array added later is the user's (tilefuse.storage.own_arrays)
     from tilefuse import __version__
 
     ds.attrs["tilefuse_version"] = __version__

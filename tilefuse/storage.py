@@ -361,10 +361,10 @@ def checks_for(group: zarr.Group, written: Mapping[str, Collection] | None = Non
     """
     promised = group.attrs.get(FORMAT_ATTR) == FORMAT
     written = written or {}
-    ours = scene_arrays(dict(group.attrs))
+    ours = own_arrays(dict(group.attrs))
     checks = {}
     for name, array in group.arrays():
-        own = promised and (ours is None or name in ours)  # an array a user added to a scene store is not promised
+        own = promised and (ours is None or name in ours)  # an array a user added to a store is not promised
         required = (frozenset(map(tuple, written[name])) if name in written else True) if own else False
         checks[name] = _check_of(name, array, required)
         if own and not checks[name].checksum:  # its chunks would be read unchecked
@@ -375,12 +375,19 @@ def checks_for(group: zarr.Group, written: Mapping[str, Collection] | None = Non
     return checks
 
 
-def scene_arrays(attrs: Mapping) -> set[str] | None:
-    """The arrays a scene store with root ``attrs`` is written with (its listed modalities and their band
-    coordinates, ``valid``, ``x``, ``y``, ``spatial_ref``, and ``label`` unless ``labelled`` says it was written
-    without: stores of earlier releases lack that attr); None for another kind of store, or a scene whose list
+def own_arrays(attrs: Mapping) -> set[str] | None:
+    """The arrays a tilefuse store with root ``attrs`` is written with: a scene store's listed modalities and
+    their band coordinates, ``valid``, ``x``, ``y``, ``spatial_ref``, and ``label`` unless ``labelled`` says it
+    was written without (stores of earlier releases lack that attr); a prediction store's ``labels``, ``probs``,
+    its block manifest and coordinates. Anything else in the store is a layer a user added (e.g. with zarr or
+    ``to_zarr(mode="a")``): never promised, never deleted. None for another kind of store, or a scene whose list
     of modalities is missing or damaged (then every array counts as its own)."""
-    listed = attrs.get("modalities") if attrs.get("tilefuse_store") == "scene" else None
+    kind = attrs.get("tilefuse_store")
+    if kind == "prediction":
+        from tilefuse.prediction import MANIFEST, OUTPUTS
+
+        return {*OUTPUTS, MANIFEST, "x", "y", "spatial_ref"}
+    listed = attrs.get("modalities") if kind == "scene" else None
     if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
         return None
     label = ["label"] if attrs.get("labelled", True) is not False else []
