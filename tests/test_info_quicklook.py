@@ -119,3 +119,33 @@ def test_info_says_when_a_store_carries_no_checksums(store, tmp_path):
     del zarr.open_group(copy, mode="r+").attrs[FORMAT_ATTR]
     text = info(copy)
     assert "chunks verified" not in text and "not verifiable" in text, text
+
+
+def test_a_quicklook_or_metrics_file_never_replaces_what_a_run_folder_holds(store, tmp_path, capsys):
+    """`info --quicklook RUN/curves.png` (or predict's) replaced a run's training curves: they carried the
+    quicklook's marker, so they counted as the quicklook's own earlier file. A run's files are the run's: a
+    quicklook or an `evaluate --out` there is refused, and a resumed run still rewrites its curves."""
+    import hashlib
+
+    import tilefuse
+    from tilefuse.cli import main
+
+    run = tilefuse.train("pad", store, tmp_path / "run", steps=2, batch_size=2, patch_size=32, hparams={"preset": "micro"},
+                         workers=0, val_fraction=0.0, progress=False)  # fmt: skip
+
+    def files():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
+
+    before = files()
+    for args in (["info", str(store), "--quicklook", str(run / "curves.png")],
+                 ["info", str(store), "--quicklook", str(run / "metrics.json")]):  # fmt: skip
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"part of the tilefuse run folder {run}" in err, err
+    assert files() == before
+    (run / "curves.png").unlink()  # a resume of the finished run writes its curves again, over its own file too
+    for _ in range(2):
+        tilefuse.train("pad", store, run, steps=2, batch_size=2, patch_size=32, hparams={"preset": "micro"},
+                       workers=0, val_fraction=0.0, progress=False, resume=True)  # fmt: skip
+        assert imread(run / "curves.png").ndim == 3
+    assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]

@@ -516,7 +516,14 @@ def _empty_dir(path: Path) -> bool:
         return False
 
 
+def _run_entry(path: Path) -> bool:
+    """Whether ``path`` is something training writes at the top of a run folder (:data:`RUN_ENTRIES`)."""
+    return path.name in RUN_ENTRIES and found_kind(path.parent) == "run"
+
+
 def _describe(path: Path) -> str:
+    if _run_entry(path):
+        return f"part of the tilefuse run folder {path.parent}"
     kind = found_kind(path)
     if kind:
         return f"a tilefuse {kind}"
@@ -649,7 +656,7 @@ def claim(
         )
     exists = os.path.lexists(target) and not (KINDS[kind] == "folder" and _empty_dir(target))
     if exists:
-        found = found_kind(target)
+        found = None if _run_entry(target) else found_kind(target)  # a run's curves.png is no quicklook to replace
         if found != kind:
             raise InputError(
                 f"{what} {path} exists and is {_describe(target)}, not a tilefuse {kind}: "

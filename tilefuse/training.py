@@ -731,9 +731,11 @@ def _gather_rng(group: distributed.Group) -> dict[str, Any] | list[dict[str, Any
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss and learning rate per step, and validation OA / mIoU, as a PNG (matplotlib Agg)."""
+    import io
+
     from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
-    from tilefuse.quicklook import save_figure
+    from tilefuse.outputs import png_metadata
 
     train = [r for r in history if "loss" in r]
     val = [r for r in history if r.get("val")]
@@ -757,4 +759,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     axes[0].set_title("training")
     axes[1].set_title("validation")
     fig.tight_layout()
-    save_figure(fig, path)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=100, format="png", metadata=png_metadata())
+    write_file(path, image.getvalue())  # part of the run folder, like its log and metrics: no output of its own
