@@ -274,6 +274,9 @@ def dask_setup(worker) -> None:
       process, so it is closing (the run ended, or was interrupted), and a worker's 'Failed to communicate
       with scheduler during heartbeat' with its OSError traceback (a race of the close, seen once in a loaded
       run) was the last thing on the client's stderr.
+    - A model that cannot load for bad input (the checkpoint rewritten since the run recorded its hash) is not
+      reported with a traceback (:func:`tilefuse.cluster.plugin.quiet_refused_setup`): the error reaches the
+      client, whose run ends in one line naming it.
     """
     import signal
     import threading
@@ -283,6 +286,9 @@ def dask_setup(worker) -> None:
     logging.getLogger("distributed.worker").addFilter(
         lambda record: not str(record.msg).startswith("Failed to communicate with scheduler during heartbeat")
     )
+    from tilefuse.cluster.plugin import quiet_refused_setup
+
+    quiet_refused_setup()
     with contextlib.suppress(ImportError):
         from numcodecs import blosc
 

@@ -2,9 +2,16 @@
 
 Tasks carry a :class:`ModelSource` (a checkpoint path, its hash and device
 options: a few hundred bytes), never a model. The plugin loads the checkpoint
-once when a worker starts (and again on a restarted worker); :func:`get_runner`
+once when a worker starts (and again on a restarted worker); :func:`load_runner`
 returns that worker's runner, loading it on first use where no plugin ran
-(the in-process ``sync`` mode).
+(the in-process ``sync`` mode loads it before the store is created,
+:meth:`tilefuse.cluster.run.ClusterRun.start`).
+
+A model that cannot load for bad input fails the plugin's setup: the error goes
+back to the client (``register_plugin``), whose run ends in one line. Workers
+started here (``local:N``) also drop dask's "failed to setup" report of it
+(:func:`quiet_refused_setup`), which shared the run's stderr; a borrowed
+cluster's workers log it as usual.
 """
 
 from __future__ import annotations
@@ -157,6 +164,32 @@ def quiet_reported_here() -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
+
+
+class _RefusedSetup(logging.Filter):
+    """Drops a worker's "Worker plugin tilefuse-model-... failed to setup" report (with its traceback) of a model
+    that could not load for bad input: an :class:`~tilefuse.errors.InputError` (the checkpoint rewritten since the
+    run recorded its hash, say) or a full, read-only or over-quota disk. The error goes back to the client, whose
+    run ends in one line naming it; the workers of a cluster started here (``local:N``) share its stderr, where
+    this was a traceback per worker around that line. Other failures are still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tilefuse.errors import InputError
+        from tilefuse.outputs import filesystem_reason
+
+        args = record.args if isinstance(record.args, tuple) else ()
+        if not (str(record.msg).startswith("Worker plugin %s failed to setup") and args and str(args[0]).startswith("tilefuse-model-")):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, InputError) or (error is not None and filesystem_reason(error) is not None))
+
+
+def quiet_refused_setup() -> None:
+    """Install :class:`_RefusedSetup` on this process's ``distributed.worker`` logger (once): for the workers of a
+    cluster started here (:func:`tilefuse.cluster.client.dask_setup`); a borrowed cluster's worker logs keep it."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _RefusedSetup) for f in logger.filters):
+        logger.addFilter(_RefusedSetup())
 
 
 def quiet_expected_failures() -> None:

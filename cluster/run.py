@@ -490,13 +490,15 @@ class ClusterRun:
         """Load the model on every worker (once per worker; restarted workers load it again)."""
         from tilefuse.cluster.client import dashboard_link
         from tilefuse.cluster.malloc import malloc_trim_workers
-        from tilefuse.cluster.plugin import ModelPlugin, release_runner
+        from tilefuse.cluster.plugin import ModelPlugin, load_runner, release_runner
 
         client = self.client
         if client is None:
             # the model stays for this run only: a notebook predicting with one checkpoint after another
             # kept every one of them resident (on its GPU, too)
             self._stack.callback(release_runner, self.source)
+            # loaded now, as on workers: a checkpoint that no longer loads (rewritten since the plan) leaves no store
+            load_runner(self.source)
             return
         slow = malloc_trim_workers(client)
         if slow:  # a borrowed cluster: its workers are its owner's to restart

@@ -353,3 +353,45 @@ print(json.dumps([said, dask.config.get("scheduler", None)]))
     assert scheduler is None, "a failed Client stayed dask's default scheduler"
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["tls.json"], left
+
+
+REWRITTEN = """import sys; sys.path.insert(0, %r); import predict_fixtures
+from pathlib import Path
+import tilefuse.cluster.run as run
+from tilefuse.cli import main
+planned = run.inspect_checkpoint
+def inspect_then_retrain(path):  # a training run rewrites the checkpoint once the plan has recorded its hash
+    found = planned(path)
+    predict_fixtures.save_pointwise(Path(path), seed=1)
+    return found
+run.inspect_checkpoint = inspect_then_retrain
+if __name__ == '__main__': sys.exit(main(sys.argv[1:]))"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["local:2", "sync", "borrowed"])
+def test_a_checkpoint_rewritten_under_a_prediction_is_one_line_and_leaves_no_store(tmp_path, cluster, request):
+    """A training run that rewrote the checkpoint between the plan (which records its hash) and the workers'
+    model loading was refused in one line, but each worker of local:N also printed dask's 'Worker plugin ...
+    failed to setup' ERROR with the InputError's traceback on the run's stderr; and the line said
+    'predict again (--overwrite)' though no store was left to overwrite. ``sync`` created the store before its
+    first block loaded the model, so it left one. A borrowed cluster's workers log on their own (not ours to
+    silence): the run still ends in the one line."""
+    scene = write_test_scene(tmp_path / "scene.zarr", 64, 64, seed=2)
+    checkpoint = save_pointwise(tmp_path / "ckpt")
+    out = tmp_path / "pred.zarr"
+    if cluster == "borrowed":
+        cluster = str(request.getfixturevalue("borrowed")[0])
+    args = ["predict", "--checkpoint", checkpoint, "--store", scene, "--out", out, "--tile", 32, "--block-size", 32,
+            "--batch-size", 2, "--torch-threads", 1, "--cluster", cluster]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", REWRITTEN % str(TESTS), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(TESTS)}, timeout=240)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert all(line.startswith("tilefuse: ") for line in lines), done.stderr[-3000:]  # notes: dashboard, MALLOC_TRIM_THRESHOLD_
+    assert [line for line in lines if re.search("error|traceback", line, re.I)] == [
+        f"tilefuse: error: checkpoint {checkpoint} changed after this prediction started (a training run rewrote it?): "
+        "predict again once it no longer changes, or from a copy of it"
+    ], done.stderr[-3000:]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "scheduler.json") == ["ckpt", "scene.zarr"]

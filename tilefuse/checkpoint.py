@@ -323,7 +323,7 @@ def load_checkpoint(
     if expect_hash is not None and digest != expect_hash:
         raise InputError(
             f"checkpoint {path} changed after this prediction started (a training run rewrote it?): "
-            "predict again (--overwrite) once it no longer changes, or from a copy of it"
+            "predict again once it no longer changes, or from a copy of it"
         )
     config = ModelConfig.from_dict(data, source=f"checkpoint config {path / CONFIG}")
     model = config.build()
