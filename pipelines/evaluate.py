@@ -8,6 +8,7 @@ per-class IoU and F1, and Cohen's kappa.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -132,6 +133,18 @@ def write_json(data: dict[str, Any], out: str | Path, *, inputs=(), overwrite: b
     return Path(out)
 
 
+def _recorded_split_sha256(path: Path) -> str | None:
+    """The SHA-256 the training run holding split file ``path`` recorded for it (``split_sha256`` of the job in
+    its ``state/trainer.json``: :meth:`tilefuse.training.RunDir.check_split`, which a resume applies), or None: a
+    split file outside a run folder, or a run saved before it was recorded. Read here without the training engine
+    (and torch)."""
+    try:
+        digest = json.loads((path.parent / "state" / "trainer.json").read_text())["job"]["split_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digest if isinstance(digest, str) else None
+
+
 def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tuple[int, int]):
     """``(rows, cols) -> bool mask`` of the pixels a run's split leaves to ``subset`` in store ``labels``."""
     from tilefuse.sampling import SPLIT_FILE, SUBSETS, load_split, split_mask
@@ -141,6 +154,12 @@ def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tupl
     if subset not in SUBSETS:
         raise InputError(f"unknown subset {subset!r}: choose one of {', '.join(SUBSETS)}")
     saved = load_split(path)  # the split file's one reader
+    recorded = _recorded_split_sha256(path)
+    if recorded is not None and hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+        raise InputError(
+            f"{path} is not the split its run was trained with (edited since: its SHA-256 differs from the one in the run's "
+            "state/trainer.json): restore it, or delete it and resume the run (train --resume) to have it rebuilt"
+        )
     layout = saved.split
     stores = [str(Path(p).resolve()) for p in saved.stores]
     if str(Path(labels).resolve()) not in stores:

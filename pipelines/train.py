@@ -162,6 +162,7 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
 
     from tilefuse import distributed
     from tilefuse.checkpoint import read_config
+    from tilefuse.sampling import SPLIT_FILE, split_sha256
     from tilefuse.training_data import assemble
 
     writer = distributed.from_env().writer
@@ -173,6 +174,8 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
     train_paths = [str(Path(p).resolve()) for p in stores]
     val_paths = [str(Path(p).resolve()) for p in val_stores]
     saved = run.read_trainer()["job"] if resume else None
+    if saved and "split_sha256" in saved:  # runs saved before it was recorded are not checked
+        run.check_split(saved["split_sha256"])  # before the split file is read
     job = _resolve_job(model, hparams, train_paths, val_paths, options, saved)
     data = DataOptions(**job["data"])
     settings = TrainSettings(**job["settings"])
@@ -190,6 +193,13 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
                     f"{path} is not the scene store the run was trained on (replaced since: its grid, bands, band "
                     "statistics or labels differ): resume with that store, or start a new run"
                 )
+    # the split the run trained with: the file found was checked above; one rebuilt for a deleted file must be it
+    job["split_sha256"] = split_sha256(prepared.split, prepared.stores, prepared.context)
+    if saved and "split_sha256" in saved and job["split_sha256"] != saved["split_sha256"]:
+        raise InputError(
+            f"{run.path / SPLIT_FILE} was deleted and the split rebuilt in its place is not the one the run was trained "
+            "with: restore the file, or start a new run with overwrite=True (--overwrite)"
+        )
     if writer:
         run.start(resume, overwrite, inputs=[stores, val_stores])  # guarded: replaces only a run folder
         prepared.save(run.path)  # split file and sampler indexes (one writer: this process holds the run lock)

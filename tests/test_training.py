@@ -475,6 +475,80 @@ def test_a_resume_refuses_another_computation_or_a_replaced_store(stores, tmp_pa
     assert code == 2 and len(err.splitlines()) == 1 and "not the scene store the run was trained on" in err, err
 
 
+def _split_edits(split: dict):
+    """Every edit of a split file's content that is still a split: each block given to each other subset, the stores
+    in another order, another block size, another context."""
+    for store, grid in enumerate(split["assignment"]):
+        for (y, x), code in np.ndenumerate(np.asarray(grid)):
+            for other in {0, 1, 2} - {code}:
+                edited = json.loads(json.dumps(split))
+                edited["assignment"][store][y][x] = other
+                yield edited
+    yield {**split, "stores": split["stores"][::-1], "assignment": split["assignment"][::-1]}
+    yield {**split, "block": split["block"] // 2}
+    yield {**split, "context": split["context"] + 1}
+
+
+def test_a_resume_refuses_an_edited_split_and_rebuilds_a_deleted_one(stores, tmp_path, monkeypatch):
+    """split.json, edited between a stop and --resume (still valid JSON, other held-out blocks), was trained on
+    without a word: the run trained on blocks it had held out and validated on another split (OA 0.84, not 0.48),
+    and evaluate --split RUN scored it. Any edit of its content is refused now, by train --resume before anything
+    is trained or written, and by evaluate; the file untouched, or deleted and rebuilt as it was, resumes. A
+    rebuilt split that is not the run's is refused."""
+    import tilefuse.training_data
+    from test_evaluate import write_prediction
+    from tilefuse.errors import InputError
+    from tilefuse.pipelines.evaluate import evaluate
+    from tilefuse.sampling import spatial_split
+    from tilefuse.scene import open_scene
+
+    options = dict(steps=4, checkpoint_every=1, block=64, **FAST)
+    run = tmp_path / "run"
+    split_file = run / "split.json"
+    CRASH.update(at=3, count=0)  # state saved at step 2
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train("test-seg", stores, run, **options)
+    finally:
+        CRASH.update(at=None, count=0)
+    original = split_file.read_bytes()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    edits = list(_split_edits(json.loads(original)))
+    assert len(edits) > 10
+    for edited in edits:
+        split_file.write_text(json.dumps(edited))
+        with pytest.raises(InputError, match=r"split\.json is not the split the run was trained with .*--overwrite\)$") as error:
+            train("test-seg", stores, run, resume=True, **options)
+        assert "\n" not in str(error.value)
+    split_file.write_bytes(original)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing trained or written
+
+    split_file.unlink()
+    other = spatial_split([(128, 128), (96, 128)], block=64, val=0.5, seed=7)
+    with monkeypatch.context() as patch:  # a rebuilt split that is not the run's (the split is seeded: made up here)
+        patch.setattr(tilefuse.training_data, "_split", lambda *args, **kwargs: other)
+        with pytest.raises(InputError, match=r"split\.json was deleted and the split rebuilt in its place is not the one the run was trained with"):
+            train("test-seg", stores, run, resume=True, **options)
+    assert not split_file.exists()
+    CRASH.update(at=2, count=0)  # deleted: rebuilt as it was, and resumed (state saved at step 3)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train("test-seg", stores, run, resume=True, **options)
+    finally:
+        CRASH.update(at=None, count=0)
+    assert split_file.read_bytes() == original
+    train("test-seg", stores, run, resume=True, **options)  # untouched: resumes (with the digest a resume recorded)
+    assert json.loads((run / "metrics.json").read_text())["complete"] and split_file.read_bytes() == original
+
+    scene = open_scene(stores[0])
+    pred = write_prediction(scene, np.zeros((scene.sizes["y"], scene.sizes["x"]), np.uint8), tmp_path / "pred.zarr")
+    assert evaluate(pred, stores[0], split=run, subset="train")["pixels"] > 0
+    for edited in edits[:3] + edits[-3:]:
+        split_file.write_text(json.dumps(edited))
+        with pytest.raises(InputError, match=r"split\.json is not the split its run was trained with .*train --resume"):
+            evaluate(pred, stores[0], split=run, subset="train")
+
+
 @pytest.mark.parametrize("left", ["old config, new weights", "no checkpoint files"])
 @pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
 def test_a_resume_repairs_the_checkpoint_of_a_run_killed_while_copying_it(stores, tmp_path, left, finished):

@@ -9,6 +9,9 @@ A run directory holds::
                                          ``ema_decay`` > 0: the checkpoint then holds the EMA weights)
         trainer.json                     step, job, optimiser/scheduler scalars, sampler stream state, the
                                          computation (device kind, AMP, threads), checksums of the other files
+    split.json, index/               the split and the sampler indexes (:meth:`tilefuse.training_data.TrainingData.save`);
+                                     the job in trainer.json records the split file's SHA-256, so a resume
+                                     refuses an edited split file (:meth:`RunDir.check_split`)
     log.jsonl                        one JSON object per logged step and per validation
     curves.png, metrics.json         written when the run completes
 
@@ -66,6 +69,7 @@ from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint, u
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
 from tilefuse.metrics import ConfusionMatrix
+from tilefuse.sampling import SPLIT_FILE
 from tilefuse.scene import IGNORE
 from tilefuse.tile_model import TileModel
 
@@ -329,6 +333,22 @@ class RunDir:
                 if _file_digest(self.state / str(name)) != digest:
                     raise InputError(damaged.format(f"{name} does not match the checksum in {TRAINER_JSON}"))
         return trainer
+
+    def check_split(self, recorded: str | None) -> None:
+        """Refuse a resume on a split file that is not the run's: one whose SHA-256 is not the one the run recorded
+        (``recorded``, :func:`tilefuse.sampling.split_sha256`; its bytes, so a reformatted file is refused too).
+
+        Checked before the file is read: an edited file that is still a split was trained on without a word
+        (blocks the run had held out became training blocks, and validation, like ``evaluate --split RUN``,
+        scored another split), and one edited to another block size was refused as a store that had changed. A
+        deleted file is rebuilt from the stores and the seed; the caller checks that the split rebuilt is the run's.
+        """
+        path = self.path / SPLIT_FILE
+        if path.is_file() and _file_digest(path) != recorded:
+            raise InputError(
+                f"{path} is not the split the run was trained with (edited since: its SHA-256 differs from the one in "
+                f"{STATE}/{TRAINER_JSON}): restore it, or delete it to have it rebuilt, or start a new run with overwrite=True (--overwrite)"
+            )
 
     def save(self, model: TileModel, config: ModelConfig, trainer: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Write the state folder atomically, then refresh the top-level checkpoint files. ``trainer.json``

@@ -58,6 +58,7 @@ from tilefuse.sampling.split import (
     save_split,
     spatial_split,
     split_mask,
+    split_sha256,
 )
 
 __all__ = [
@@ -66,5 +67,5 @@ __all__ = [
     "SceneReader", "SpatialSplit", "Store", "StoreSampler",
     "aligned_window", "box_sums", "centre_classes", "check_patch_fits", "cover_counts", "cut_reflect",
     "eligible_origins", "grid_origins", "labelled_per_block", "labelled_pixels", "load_split", "masked_label", "open_readers",
-    "save_split", "spatial_split", "split_mask", "store_identity", "window_blocks", "window_geometry", "window_starts",
+    "save_split", "spatial_split", "split_mask", "split_sha256", "store_identity", "window_blocks", "window_geometry", "window_starts",
 ]

@@ -9,11 +9,14 @@ on without leakage (``tilefuse evaluate --split``).
 
 The split file (:data:`SPLIT_FILE` in a run folder: the stores, the context
 of a sample around its pixel, and the block assignment) has one owner:
-:func:`save_split` writes it (atomically), :func:`load_split` reads it.
+:func:`save_split` writes it (atomically), :func:`load_split` reads it;
+:func:`split_sha256` is the SHA-256 of the file written for a split, which a
+run records to recognise an edited file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -190,8 +193,26 @@ def save_split(folder: str | os.PathLike, split: SpatialSplit, stores: Sequence[
     from tilefuse.outputs import write_file
 
     path = Path(folder) / SPLIT_FILE
-    write_file(path, json.dumps({"stores": [str(s) for s in stores], "context": int(context), **split.to_dict()}))
+    write_file(path, _split_text(split, stores, context))
     return path
+
+
+def split_sha256(split: SpatialSplit | None, stores: Sequence[str | os.PathLike], context: int) -> str | None:
+    """SHA-256 of the split file :func:`save_split` writes for ``split`` (None for no split).
+
+    A run records it, so that the split file found in the run folder later (a
+    resume, ``tilefuse evaluate --split RUN``) can be checked by the SHA-256 of
+    its bytes: an edited file that is still a split is otherwise read as the
+    run's own.
+    """
+    if split is None:
+        return None
+    return hashlib.sha256(_split_text(split, stores, context).encode()).hexdigest()
+
+
+def _split_text(split: SpatialSplit, stores: Sequence[str | os.PathLike], context: int) -> str:
+    """The split file's text (ASCII: JSON escapes the rest), the same for the same split."""
+    return json.dumps({"stores": [str(s) for s in stores], "context": int(context), **split.to_dict()})
 
 
 def load_split(path: str | os.PathLike) -> SavedSplit:
