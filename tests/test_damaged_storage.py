@@ -511,3 +511,31 @@ def test_array_metadata_edited_to_another_dtype_chunk_shape_or_codecs_is_one_lin
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if "|" not in line and line.strip()]
         assert len(lines) == 1 and "Traceback" not in err and repr(name) in lines[0] and "corrupt" in lines[0], err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux /proc to make a read fail")
+@pytest.mark.parametrize("which", ["scene", "prediction"])
+def test_a_key_the_filesystem_refuses_to_read_is_one_line_naming_it(pristine, tmp_path, capsys, which):
+    """A chunk the filesystem would not read (chmod 000, a disk's I/O error) was 'cannot write ...: choose another
+    output' from info, evaluate, export and train (the guarded writer took every EACCES for a write), or an I/O
+    error's traceback. It is one line naming the array and the chunk. (A symlink to /proc/self/mem: reading it from
+    its start is EIO, for root too, whom chmod 000 does not stop.)"""
+    _, stores, checkpoint, pred = pristine
+    source, name = (stores["chunks"], "optical") if which == "scene" else (pred, "labels")
+    store = tmp_path / source.name
+    shutil.copytree(source, store)
+    index = _key_index(store, name)
+    key = store / chunk_key(name, index)
+    key.unlink()
+    key.symlink_to("/proc/self/mem")
+    if which == "scene":
+        commands = [["info", str(store)], ["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(tmp_path / "p.zarr"), *PREDICT]]
+    else:
+        commands = [["evaluate", str(store), "--labels", str(stores["chunks"])], ["export", str(store), str(tmp_path / "p.tif")]]
+    for args in commands:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        lines = [line for line in capsys.readouterr().err.splitlines() if "|" not in line and line.strip()]
+        assert len(lines) == 1 and "cannot be read" in lines[0] and f"chunk {index} of {name!r}" in lines[0], (args, lines)
+        assert "cannot write" not in lines[0]
+    assert not (tmp_path / "p.tif").exists()

@@ -32,6 +32,7 @@ Contract (DESIGN.md, "Data safety": reads verify):
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 import warnings
@@ -319,8 +320,11 @@ class VerifiedStore(WrapperStore):
         )
 
     async def get(self, key, prototype, byte_range=None):
-        value = await self._store.get(key, prototype, byte_range)
         parsed = _parse_key(key)
+        try:
+            value = await self._store.get(key, prototype, byte_range)
+        except OSError as error:  # not a failed write: the guarded writer's "cannot write ... choose another output" misled
+            raise self.unreadable(key, parsed, error) from None
         check = self.checks.get(parsed[0]) if parsed else None
         if check is None:
             return value
@@ -335,6 +339,15 @@ class VerifiedStore(WrapperStore):
         if problem:
             raise self.damaged(check, index, f"damaged ({problem})")
         return value
+
+    def unreadable(self, key: str, parsed, error: OSError) -> InputError:
+        """The one line for a key the filesystem refuses to read (no permission, an I/O error)."""
+        check = self.checks.get(parsed[0]) if parsed else None
+        what = f"{'shard' if check.inner else 'chunk'} {parsed[1]} of {check.name!r}" if check else key
+        reason = error.strerror or type(error).__name__
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return InputError(f"{self.where}: {what} ({key}) cannot be read: {reason}; fix its permissions (chmod, or ask its owner)")
+        return InputError(f"{self.where}: {what} ({key}) cannot be read: {reason}; the disk or store is damaged, {self.fix}")
 
     async def get_partial_values(self, prototype, key_ranges):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
@@ -482,7 +495,11 @@ def verify_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest
                 if check.is_required(index):
                     raise store.damaged(check, index, "missing")
                 continue
-            problem = verify_bytes(np.fromfile(file, dtype=np.uint8), check)
+            try:
+                data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
+            except OSError as error:
+                raise store.unreadable(chunk_key(name, index), (name, index), error) from None
+            problem = verify_bytes(data, check)
             store.check_identity()
             if problem:
                 raise store.damaged(check, index, f"damaged ({problem})")
@@ -496,7 +513,11 @@ def key_problem(path: str | os.PathLike, check: ArrayCheck, index: tuple[int, ..
     file = Path(path, chunk_key(check.name, index))
     if not file.is_file():
         return "missing"
-    problem = verify_bytes(np.fromfile(file, dtype=np.uint8), check)
+    try:
+        data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
+    except OSError as error:
+        return f"unreadable ({error.strerror or type(error).__name__})"
+    problem = verify_bytes(data, check)
     return f"damaged ({problem})" if problem else None
 
 
