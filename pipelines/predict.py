@@ -102,9 +102,9 @@ def predict(
         if quicklook is not None:
             claim(quicklook, "png", inputs=[store, checkpoint, out], overwrite=True, what="quicklook")
         report = predict_scene(checkpoint, store, out, options, cluster=cluster, listen=listen, connect_timeout=connect_timeout, progress=progress)
+        prediction = open_prediction(out)  # first: a store it cannot open is not reported as written
         if progress:
             print(f"tilefuse: {report}", file=sys.stderr)
-        prediction = open_prediction(out)
         if quicklook is not None:
             from tilefuse.quicklook import quicklook_labels
 

@@ -539,3 +539,43 @@ def test_a_key_the_filesystem_refuses_to_read_is_one_line_naming_it(pristine, tm
         assert len(lines) == 1 and "cannot be read" in lines[0] and f"chunk {index} of {name!r}" in lines[0], (args, lines)
         assert "cannot write" not in lines[0]
     assert not (tmp_path / "p.tif").exists()
+
+
+@pytest.mark.parametrize("name", ["x", "y"])
+def test_a_damaged_prediction_coordinate_advises_what_repairs_it(pristine, tmp_path, capsys, name):
+    """A prediction's missing `x` chunk was 'recompute it with --resume'; the resume rewrote no block, said
+    'wrote p.zarr (0 blocks)' and then the same advice. Only its blocks are recomputed by a resume: a damaged
+    coordinate advises --overwrite, the resume says one line, and --overwrite repairs it."""
+    _, stores, checkpoint, pred = pristine
+    store = tmp_path / "pred.zarr"
+    shutil.copytree(pred, store)
+    (store / chunk_key(name, (0,) * zarr.open_group(store, mode="r")[name].ndim)).unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(store), "--labels", str(stores["chunks"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"of {name!r} is missing" in err and "--overwrite" in err and "--resume" not in err, err
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(store), "--probs", *PREDICT]
+    assert main([*args, "--resume"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "|" not in line and line.strip()]
+    assert len(lines) == 1 and "--overwrite" in lines[0], lines
+    assert main([*args, "--overwrite"]) == 0
+    assert open_prediction(store)["labels"].equals(open_prediction(pred)["labels"])
+
+
+def test_a_prediction_whose_root_metadata_is_damaged_says_to_remove_it(pristine, tmp_path, capsys):
+    """A truncated root zarr.json: evaluate advised --resume, and both --resume and --overwrite refused the store
+    as 'a folder not written by tilefuse' (its marker is in that file): no message said what would help."""
+    _, stores, checkpoint, pred = pristine
+    store = tmp_path / "pred.zarr"
+    shutil.copytree(pred, store)
+    (store / "zarr.json").write_bytes((store / "zarr.json").read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["evaluate", str(store), "--labels", str(stores["chunks"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "zarr.json is damaged" in err and "remove it yourself" in err, err
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(store), *PREDICT]
+    for option in ("--resume", "--overwrite"):
+        assert main([*args, option]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "zarr.json is damaged" in err and "never replaced" in err, err
+    assert (store / "labels").is_dir(), "never deleted"

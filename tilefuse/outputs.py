@@ -527,7 +527,19 @@ def _describe(path: Path) -> str:
     kind = found_kind(path)
     if kind:
         return f"a tilefuse {kind}"
+    if path.is_dir() and (path / "zarr.json").is_file() and _unparsable(path / "zarr.json"):
+        return "a zarr store whose zarr.json is damaged (tilefuse cannot tell it wrote it: remove it yourself if it did)"
     return "a folder not written by tilefuse" if path.is_dir() else "a file not written by tilefuse"
+
+
+def _unparsable(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+    except ValueError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def human_size(n: float) -> str:

@@ -19,6 +19,8 @@ reader sees a half-written store.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -325,6 +327,18 @@ def _record_label_counts(attrs, counts: np.ndarray) -> None:
 
 REPAIR = {"scene": "re-ingest it", "prediction": "recompute it with `tilefuse predict ... --resume`"}
 """What to do about a damaged store of each kind (the end of the error message)."""
+
+
+def repair(kind: str, array: str | None = None) -> str:
+    """What to do about a damaged store of ``kind``, or about its array ``array``: a resume recomputes a
+    prediction's blocks (its outputs and their manifest), not its coordinates (it advised ``--resume``, which
+    wrote nothing and advised it again)."""
+    if kind == "prediction" and array is not None:
+        from tilefuse.prediction import MANIFEST, OUTPUTS
+
+        if array not in (*OUTPUTS, MANIFEST):
+            return "recompute it with `tilefuse predict ... --overwrite`"
+    return REPAIR.get(kind, "re-create it")
 MADE_BY = {"scene": "(written by `tilefuse ingest` or `tilefuse synth`)", "prediction": "(written by `tilefuse predict`)"}
 """Where a store of each kind comes from (the fix of a message about the wrong path)."""
 
@@ -357,11 +371,19 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     if not (path / "zarr.json").is_file():
         raise InputError(f"{path} is not a readable zarr store (a folder without zarr.json): pass a {kind} store {made_by}")
     try:
-        ds = storage.open_dataset(path, written=written, fix=REPAIR.get(kind, "re-create it"))
+        json.loads((path / "zarr.json").read_bytes())
+    except ValueError as error:  # its kind is unknown: --overwrite refuses it and --resume cannot read it
+        raise InputError(
+            f"{path}: its metadata file zarr.json is damaged ({clipped(str(error), 60)}): tilefuse can no longer tell the "
+            f"store is its own, so it never replaces it, even with --overwrite: remove it yourself, then "
+            f"{'ingest it again' if kind == 'scene' else 'predict it again'}"
+        ) from None
+    try:
+        ds = storage.open_dataset(path, written=written, fix=functools.partial(repair, kind))
     except InputError:
         raise
     except Exception as error:  # zarr/xarray raise many types for a broken store
-        raise InputError(f"{path} is not a readable zarr store ({type(error).__name__}: {error}): pass a {kind} store {MADE_BY.get(kind, '')} or {REPAIR.get(kind, 're-create it')}") from None
+        raise InputError(f"{path} is not a readable zarr store ({type(error).__name__}: {error}): pass a {kind} store {MADE_BY.get(kind, '')} or {repair(kind)}") from None
     found = ds.attrs.get(STORE_KIND)
     if found != kind:
         what = f"a {found} store" if found else "not a tilefuse store"
@@ -370,7 +392,7 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
 
     problem = _georeference_problem(ds) or (_layout_problem(ds) if kind == "scene" else None)
     if problem:
-        raise InputError(f"{path}: {problem}: the store is corrupt, {REPAIR.get(kind, 're-create it')}")
+        raise InputError(f"{path}: {problem}: the store is corrupt, {repair(kind)}")
     ds.encoding["source"] = os.path.abspath(path)  # a notebook may pass the Dataset on (prediction.store_path), also after a chdir
     ds.encoding["opened_by"] = "tilefuse"  # not plain xarray.open_zarr, whose reads are not verified
     return ds

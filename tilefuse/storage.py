@@ -38,7 +38,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterator, Mapping
+from typing import Callable, Collection, Iterator, Mapping, Union
 
 import numpy as np
 import zarr
@@ -271,15 +271,20 @@ def _orphan_error(error: BaseException | None) -> bool:
     return isinstance(error, RuntimeError) and "after shutdown" in str(error)
 
 
+Fix = Union[str, Callable[[str], str]]
+"""What to do about a damaged store: a text, or a function of the damaged array's name."""
+
+
 class VerifiedStore(WrapperStore):
     """A zarr store that hands out only intact chunks: missing or damaged ones raise InputError.
 
     ``checks`` maps array names to :class:`ArrayCheck`; ``where`` names the store
-    in messages and ``fix`` says what to do about a damaged one.
+    in messages and ``fix`` says what to do about a damaged one (a text, or a function of the array's name:
+    a resume rewrites a prediction's blocks, not its coordinates).
     """
 
     def __init__(
-        self, store, checks: Mapping[str, ArrayCheck] | None = None, where: str = "", fix: str = "", root: Path | None = None
+        self, store, checks: Mapping[str, ArrayCheck] | None = None, where: str = "", fix: Fix = "", root: Path | None = None
     ) -> None:
         super().__init__(store)
         self.checks = dict(checks or {})
@@ -316,7 +321,7 @@ class VerifiedStore(WrapperStore):
         region = check.region(index)
         return InputError(
             f"{self.where}: {unit} {index} of {check.name!r}{f' ({region})' if region else ''} is {what}: "
-            f"the store is corrupt, {self.fix}"
+            f"the store is corrupt, {self.fix_for(check.name)}"
         )
 
     async def get(self, key, prototype, byte_range=None):
@@ -347,7 +352,11 @@ class VerifiedStore(WrapperStore):
         reason = error.strerror or type(error).__name__
         if error.errno in (errno.EACCES, errno.EPERM):
             return InputError(f"{self.where}: {what} ({key}) cannot be read: {reason}; fix its permissions (chmod, or ask its owner)")
-        return InputError(f"{self.where}: {what} ({key}) cannot be read: {reason}; the disk or store is damaged, {self.fix}")
+        return InputError(f"{self.where}: {what} ({key}) cannot be read: {reason}; the disk or store is damaged, {self.fix_for(parsed[0] if parsed else '')}")
+
+    def fix_for(self, name: str) -> str:
+        """What to do about a damaged key of array ``name``."""
+        return self.fix(name) if callable(self.fix) else self.fix
 
     async def get_partial_values(self, prototype, key_ranges):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
@@ -441,7 +450,7 @@ def store_identity(path: str | os.PathLike) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def verified_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it", read_only: bool = True) -> VerifiedStore:
+def verified_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it", read_only: bool = True) -> VerifiedStore:
     """A :class:`VerifiedStore` over the zarr store at ``path`` (see :func:`checks_for` for ``written``).
 
     The store is read, and its identity checked (os.stat) on every read, by ``path`` resolved once here
@@ -463,13 +472,13 @@ def verified_store(path: str | os.PathLike, *, written=None, fix: str = "re-inge
     return store
 
 
-def open_group(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it") -> zarr.Group:
+def open_group(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it") -> zarr.Group:
     """Open the zarr group at ``path`` for reading through a :class:`VerifiedStore`."""
     path = Path(path)
     return zarr.open_group(verified_store(path, written=written, fix=fix), mode="r", zarr_format=3, use_consolidated=_consolidated(path))
 
 
-def open_dataset(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it"):
+def open_dataset(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it"):
     """Open the store at ``path`` lazily as an xarray Dataset (CRS decoded) through a :class:`VerifiedStore`."""
     import xarray as xr
 
@@ -478,7 +487,7 @@ def open_dataset(path: str | os.PathLike, *, written=None, fix: str = "re-ingest
     return xr.open_zarr(store, decode_coords="all", consolidated=_consolidated(path), zarr_format=3)
 
 
-def verify_store(path: str | os.PathLike, *, written=None, fix: str = "re-ingest it", names: Collection[str] | None = None) -> int:
+def verify_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it", names: Collection[str] | None = None) -> int:
     """Check every key the store promises (all of them, or those of ``names``) without decoding; returns how many.
 
     Reads each key's bytes once and checks presence, size and crc32c; the first
