@@ -579,3 +579,23 @@ def test_a_prediction_whose_root_metadata_is_damaged_says_to_remove_it(pristine,
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "zarr.json is damaged" in err and "never replaced" in err, err
     assert (store / "labels").is_dir(), "never deleted"
+
+
+@pytest.mark.parametrize("name", ["label", "optical"])  # (a `valid` of the same shape has the same metadata: not caught)
+def test_an_array_folder_copied_in_from_another_store_is_one_line(pristine, tmp_path, capsys, name):
+    """`rm -r s.zarr/label; cp -r other.zarr/label s.zarr/label`: every chunk intact with its checksum, so info
+    printed the old class counts (from the store's record) and train trained on the other scene's labels. The
+    array's own metadata disagrees with the store's record of it: one line, from every reader."""
+    _, _, checkpoint, _ = pristine
+    first, second = (write_scene(labelled_scene(128, 96, seed=s), tmp_path / f"{s}.zarr", chunk=64) for s in (5, 6))
+    shutil.rmtree(first / name)
+    shutil.copytree(second / name, first / name)
+    capsys.readouterr()
+    for args in (["info", str(first)], ["predict", "--checkpoint", str(checkpoint), "--store", str(first), "--out", str(tmp_path / "p.zarr"), *PREDICT]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"array {name!r} is not the one the store was written with" in err, err
+    with pytest.raises(InputError, match="not the one the store was written with"):
+        SceneReader(first).read(0, 64, 0, 64, [name])
+    assert main(["synth", str(tmp_path / "u.zarr"), "--size", "32"]) == 0  # an untouched store opens
+    assert main(["info", str(tmp_path / "u.zarr")]) == 0

@@ -422,23 +422,37 @@ def _where(group: zarr.Group) -> str:
 
 
 def _check_array_metadata(path: Path, group: zarr.Group) -> None:
-    """Refuse a store whose consolidated metadata lists an array whose own ``zarr.json`` is gone or not JSON.
+    """Refuse a store whose consolidated metadata lists an array whose own ``zarr.json`` is gone, not JSON, or
+    (for an array tilefuse wrote) not the one recorded.
 
     Reads go by the consolidated copy, so such a store opened, but writing a
-    block into it (a ``--resume``) was a KeyError traceback.
+    block into it (a ``--resume``) was a KeyError traceback; and an array folder
+    copied in from another store (its chunks intact, each with its checksum) was
+    read, trained on and scored without a word.
     """
     import json
 
+    try:
+        listed = json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = {}
+    ours = own_arrays(dict(group.attrs))
     for name, _ in group.arrays():
         meta = path / name / "zarr.json"
         try:
-            json.loads(meta.read_text())
+            own = json.loads(meta.read_text())
         except (OSError, ValueError) as error:
             state = "missing" if isinstance(error, FileNotFoundError) else "damaged"
             raise InputError(
                 f"{path}: the metadata of array {name!r} ({name}/zarr.json) is {state}: the store is corrupt and cannot be "
                 "repaired in place, write it again with --overwrite"
             ) from None
+        if (ours is None or name in ours) and name in listed and own != listed[name]:
+            raise InputError(
+                f"{path}: array {name!r} is not the one the store was written with: its metadata ({name}/zarr.json) differs "
+                "from the store's record of it (a folder copied in from another store, or edited): restore it, or write "
+                "the store again with --overwrite"
+            )
 
 
 def store_identity(path: str | os.PathLike) -> tuple[int, int] | None:
