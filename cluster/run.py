@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, printable
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -442,7 +442,7 @@ class ClusterRun:
 
     def _say(self, message: str) -> None:
         if self.progress:
-            print(f"tilefuse: {message}", file=sys.stderr)
+            print(printable(f"tilefuse: {message}"), file=sys.stderr)
 
     def probe(self) -> dict[str, Any]:
         """Ask every worker for its device and cores; returns the determinism record, fixes the source's threads.

@@ -24,7 +24,7 @@ from typing import Annotated
 import typer
 
 from tilefuse.classes import IGNORE
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, printable
 
 
 MAX_BLOCKSIZE = 4096
@@ -143,7 +143,7 @@ def export(
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if progress:
-        print(f"tilefuse: wrote {out} ({height} x {width} px, {len(class_names)} classes)", file=sys.stderr)
+        print(printable(f"tilefuse: wrote {out} ({height} x {width} px, {len(class_names)} classes)"), file=sys.stderr)
     return out
 
 

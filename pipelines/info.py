@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from tilefuse.errors import printable
+
 
 def _fmt(values, digits: int = 4) -> str:
     return "[" + ", ".join(f"{v:.{digits}g}" for v in values) + "]"
@@ -128,4 +130,4 @@ def info_command(
     """Print a scene store's grid, CRS, modalities with band statistics, valid fraction and label classes."""
     typer.echo(info(store, quicklook, verify))
     if quicklook is not None:
-        typer.echo(f"quicklook  {quicklook}")
+        typer.echo(printable(f"quicklook  {quicklook}"))

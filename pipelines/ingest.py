@@ -15,7 +15,7 @@ from typing import Annotated, Mapping, Optional
 
 import typer
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, printable
 
 
 def ingest(
@@ -176,4 +176,4 @@ def ingest_command(
         progress=True,
         **stac_options,
     )
-    typer.echo(f"wrote {path}")
+    typer.echo(printable(f"wrote {path}"))

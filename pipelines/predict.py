@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from tilefuse.cluster.run import DEFAULT_TILE
+from tilefuse.errors import printable
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -104,7 +105,7 @@ def predict(
         report = predict_scene(checkpoint, store, out, options, cluster=cluster, listen=listen, connect_timeout=connect_timeout, progress=progress)
         prediction = open_prediction(out)  # first: a store it cannot open is not reported as written
         if progress:
-            print(f"tilefuse: {report}", file=sys.stderr)
+            print(printable(f"tilefuse: {report}"), file=sys.stderr)
         if quicklook is not None:
             from tilefuse.quicklook import quicklook_labels
 

@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from tilefuse.errors import printable
+
 
 
 def synth(
@@ -74,4 +76,4 @@ def synth_command(
 ) -> None:
     """Generate a synthetic multimodal scene with land-cover labels, lazily chunk by chunk."""
     path = synth(out, size, kind, seed, geotiff=geotiff, overwrite=overwrite, progress=True)
-    typer.echo(f"wrote {path}" + (f" and GeoTIFFs in {geotiff}" if geotiff else ""))
+    typer.echo(printable(f"wrote {path}" + (f" and GeoTIFFs in {geotiff}" if geotiff else "")))

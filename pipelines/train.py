@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional, Sequence
 
 import typer
 
-from tilefuse.errors import InputError, key_values
+from tilefuse.errors import InputError, key_values, printable
 from tilefuse.outputs import holds_output
 from tilefuse.signals import terminating
 from tilefuse.training_data import DataOptions
@@ -284,5 +284,5 @@ def train_command(
     summary = json.loads((path / "metrics.json").read_text())
     val = summary.get("val") or {}
     scores = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("overall_accuracy", "mean_iou", "kappa") and v is not None)
-    typer.echo(f"trained {summary['step']} steps -> {path}" + (f" (validation: {scores})" if scores else ""))
+    typer.echo(printable(f"trained {summary['step']} steps -> {path}" + (f" (validation: {scores})" if scores else "")))
     return 0

@@ -97,6 +97,20 @@ def test_a_path_with_a_line_break_or_control_character_is_still_one_line(odd, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("odd", ["\n", "\x1b[2J"])
+def test_a_written_path_with_a_line_break_or_control_character_is_reported_in_one_line(odd, tmp_path, capsys):
+    """'wrote a<newline>b.zarr' split the success line in two (error lines were escaped already)."""
+    store = tmp_path / f"a{odd}b.zarr"
+    assert main(["synth", str(store), "--size", "16"]) == 0
+    assert main(["export", str(store), str(tmp_path / f"c{odd}d.tif")]) == 2  # a scene is no prediction: one line
+    assert main(["info", str(store), "--quicklook", str(tmp_path / f"q{odd}.png")]) == 0
+    captured = capsys.readouterr()
+    for stream in (captured.out, captured.err):
+        for line in stream.splitlines():
+            assert all(c.isprintable() for c in line), repr(line)
+    assert "wrote " in captured.out and repr(odd)[1:-1] in captured.out, captured.out
+
+
 def _single_options():
     """(command, option spelling, nargs) for every option of every command that takes one value (not multiple)."""
     import typer.main

@@ -20,7 +20,7 @@ import warnings
 
 import typer
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, printable
 from tilefuse.signals import stopping, terminating
 
 # command name -> "module:function"; the function carries typer annotations.
@@ -110,8 +110,7 @@ def repeated_option(argv: list[str]) -> str | None:
 def _error(message: str) -> None:
     """Print ``message`` as the one line ``tilefuse: error: ...`` on stderr: a line break or control character
     in it (a path quoted in the message) is written escaped, as Python writes it in a string."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-    print(f"tilefuse: error: {text}", file=sys.stderr)
+    print(f"tilefuse: error: {printable(message)}", file=sys.stderr)
 
 
 SIGPIPE_STATUS = 141

@@ -25,6 +25,12 @@ class InputError(Exception):
         super().__init__(text, *args)
 
 
+def printable(text: str) -> str:
+    """``text`` for one line of output: a line break or control character in it (in a path a user typed) is
+    written escaped, as Python writes it in a string, so it never breaks the line or moves the cursor."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def clipped(text: str, limit: int = 60) -> str:
     """``text`` cut to ``limit`` characters (ending in "..." where cut): a bad value quoted in a one-line message."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
