@@ -294,7 +294,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     if existing:
         # the settings (before the grid: a resume without --tile met 'raise --block-size' for the store's blocks);
         # device kind and threads once the workers are known
-        check_resumable(out, settings)
+        check_resumable(out, settings, str(store.resolve()))
     elif out.exists() and not options.overwrite:
         raise InputError(f"{out} already exists: pass overwrite=True (--overwrite) to replace it or resume=True (--resume) to finish it")
     grid = TileGrid(scene.sizes["y"], scene.sizes["x"], options.tile, overlap, spec.margin, block_size)
@@ -527,7 +527,7 @@ class ClusterRun:
         if not plan.spec.batch_invariant:  # a tile's bits follow its batch's shape: part of the determinism record
             settings["batch_size"] = batch_size
         if plan.existing:
-            check_resumable(plan.out, settings)
+            check_resumable(plan.out, settings, str(plan.store.resolve()))
         self.start()
         self.job = plan.job(batch_size)
         if plan.existing is None:

@@ -503,3 +503,20 @@ def test_a_resume_keeps_the_batch_size_the_store_was_computed_with(tmp_path, set
     FAIL_AFTER["forward"] = None
     assert "batch_size" not in zarr.open_group(tmp_path / "inv.zarr").attrs
     tilefuse.predict(invariant, scene, tmp_path / "inv.zarr", resume=True, **{**settings, "batch_size": 3})
+
+
+def test_a_resume_from_a_scene_replaced_at_the_same_path_says_it_was_replaced(tmp_path, setup):
+    """It said 'computed from another scene (PATH) than this run reads', naming the very path the user gave."""
+    import shutil
+
+    _, scene, checkpoint, _ = setup
+    store, out = tmp_path / "s.zarr", tmp_path / "pred.zarr"
+    shutil.copytree(scene, store)
+    FAIL_AFTER["forward"] = 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tilefuse.predict(checkpoint, store, out, **SETTINGS)
+    FAIL_AFTER["forward"] = None
+    shutil.rmtree(store)
+    write_test_scene(store, 150, 130, seed=12, nodata=(slice(0, 20), slice(0, 130)))
+    with pytest.raises(InputError, match=rf"scene store at {store.resolve()}, which was replaced since"):
+        tilefuse.predict(checkpoint, store, out, resume=True, **SETTINGS)

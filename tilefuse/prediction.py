@@ -206,14 +206,20 @@ SCENE_DIGEST = "scene_digest"
 """Attr identifying the scene a prediction was computed from (:func:`scene_digest`); a resume must read the same one."""
 
 
-def check_resumable(path: str | os.PathLike, settings: dict[str, Any]) -> None:
+def check_resumable(path: str | os.PathLike, settings: dict[str, Any], scene: str | None = None) -> None:
     """Refuse to resume a store made by another checkpoint, from another scene or with other settings.
 
     The scene is compared by :data:`SCENE_DIGEST` where both the store and ``settings`` carry one (stores
-    made before it was recorded are not checked for it).
+    made before it was recorded are not checked for it); ``scene`` is the resolved path of the store the run
+    reads, to tell a store replaced at the same path from another path.
     """
     found = prediction_attrs(path)
     if SCENE_DIGEST in settings and SCENE_DIGEST in found and found[SCENE_DIGEST] != settings[SCENE_DIGEST]:
+        if scene is not None and found.get("scene") == scene:
+            raise InputError(
+                f"{path} was computed from the scene store at {scene}, which was replaced since (another scene is there "
+                "now): resume it with the scene it was computed from, or pass overwrite=True (--overwrite)"
+            )
         raise InputError(
             f"{path} was computed from another scene ({found.get('scene', 'unknown')}) than this run reads: "
             "resume it with that scene store (store=, --store), or pass overwrite=True (--overwrite)"
