@@ -8,6 +8,7 @@ import xarray as xr
 import zarr
 from matplotlib.image import imread
 
+from tilefuse import storage
 from tilefuse.pipelines.info import describe, info, label_counts
 from tilefuse.quicklook import class_colors, decimate, quicklook_labels, quicklook_scene
 from tilefuse.scene import open_scene, write_scene
@@ -38,6 +39,7 @@ def test_label_counts_without_stored_counts(store, tmp_path):
     copy = write_scene(ds, tmp_path / "old.zarr")
     attrs = zarr.open_group(copy, mode="r+")["label"].attrs
     del attrs["class_counts"]  # as in a store written before counts were recorded
+    storage.consolidate(copy)  # (and recorded in the store's consolidated metadata, as such a store was written)
     assert label_counts(open_scene(copy)) == expected
 
 

@@ -251,7 +251,7 @@ def test_a_scene_store_replaced_mid_run_fails_the_run_and_is_never_mixed_into_it
     finally:
         watcher.join()
     assert swapped and not done_blocks(out).all()
-    with pytest.raises(InputError, match="computed from another scene"):  # what was written came from the old scene
+    with pytest.raises(InputError, match="which was replaced since"):  # what was written came from the old scene
         tilefuse.predict(slow, scene, out, tile=32, overlap=10, block_size=32, batch_size=2, torch_threads=1, resume=True, progress=False)
 
 

@@ -451,7 +451,7 @@ def _check_array_metadata(path: Path, group: zarr.Group) -> None:
             raise InputError(
                 f"{path}: array {name!r} is not the one the store was written with: its metadata ({name}/zarr.json) differs "
                 "from the store's record of it (a folder copied in from another store, or edited): restore it, or write "
-                "the store again with --overwrite"
+                "the store again with --overwrite (an edit you meant: record it with zarr.consolidate_metadata)"
             )
 
 
