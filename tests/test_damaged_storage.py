@@ -599,3 +599,21 @@ def test_an_array_folder_copied_in_from_another_store_is_one_line(pristine, tmp_
         SceneReader(first).read(0, 64, 0, 64, [name])
     assert main(["synth", str(tmp_path / "u.zarr"), "--size", "32"]) == 0  # an untouched store opens
     assert main(["info", str(tmp_path / "u.zarr")]) == 0
+
+
+def test_a_folder_in_place_of_a_prediction_chunk_is_one_line_naming_it(pristine, tmp_path, capsys):
+    """A resume over a chunk replaced by a folder said 'cannot write ...: Is a directory: ... or fix its
+    permissions': there was no permission to fix, and the folder (not tilefuse's) is never deleted."""
+    _, stores, checkpoint, pred = pristine
+    store = tmp_path / "pred.zarr"
+    shutil.copytree(pred, store)
+    key = store / chunk_key("labels", (1, 1))
+    key.unlink()
+    key.mkdir()
+    (key / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(store), "--probs", *PREDICT]
+    assert main([*args, "--resume"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "|" not in line and line.strip()]
+    assert len(lines) == 1 and "a folder is in the way" in lines[0] and "permissions" not in lines[0], lines
+    assert (key / "notes.txt").read_text() == "mine"

@@ -185,3 +185,23 @@ def test_an_output_written_as_a_folder_is_one_line_not_a_file_named_so(tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["sub"]
     with pytest.raises(InputError, match="names a folder"):
         export(root / "pred.zarr", out)
+
+
+def test_export_overwrite_never_replaces_a_geotiff_of_a_synth_geotiff_folder(tmp_path, prediction, capsys):
+    """synth's GeoTIFFs carry the same marker as export's COGs: `export --overwrite TIFS/optical.tif` replaced the
+    6-band input raster with a 1-band prediction, and the folder's marker still listed it. A GeoTIFF a folder lists
+    is the folder's; a COG exported into the folder beside them stays export's to replace."""
+    import hashlib
+
+    root, _, _ = prediction
+    tifs = tmp_path / "tifs"
+    assert main(["synth", str(tmp_path / "s.zarr"), "--size", "32", "--geotiff", str(tifs)]) == 0
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tifs.iterdir()}
+    capsys.readouterr()
+    for name in ("optical.tif", "label.tif"):
+        assert main(["export", str(root / "pred.zarr"), str(tifs / name), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"part of the tilefuse GeoTIFF folder {tifs}" in err, err
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tifs.iterdir()} == digest
+    assert main(["export", str(root / "pred.zarr"), str(tifs / "pred.tif")]) == 0
+    assert main(["export", str(root / "pred.zarr"), str(tifs / "pred.tif"), "--overwrite"]) == 0

@@ -516,14 +516,23 @@ def _empty_dir(path: Path) -> bool:
         return False
 
 
-def _run_entry(path: Path) -> bool:
-    """Whether ``path`` is something training writes at the top of a run folder (:data:`RUN_ENTRIES`)."""
-    return path.name in RUN_ENTRIES and found_kind(path.parent) == "run"
+def _part_of(path: Path) -> str | None:
+    """The kind of tilefuse folder output ``path`` belongs to, or None: a file training writes at the top of a run
+    folder (:data:`RUN_ENTRIES`), or a GeoTIFF a GeoTIFF folder's marker lists. Such a file is never replaced as
+    an output of its own (a run's curves by a quicklook, synth's optical.tif by an export: both carry a marker)."""
+    kind = found_kind(path.parent)
+    if kind == "run" and path.name in RUN_ENTRIES:
+        return kind
+    if kind == "geotiff-folder":
+        listed = _marked_files(path.parent)
+        return kind if (path.name in listed if listed is not None else found_kind(path) == "geotiff") else None
+    return None
 
 
 def _describe(path: Path) -> str:
-    if _run_entry(path):
-        return f"part of the tilefuse run folder {path.parent}"
+    part = _part_of(path)
+    if part:
+        return f"part of the tilefuse {'run folder' if part == 'run' else 'GeoTIFF folder'} {path.parent}"
     kind = found_kind(path)
     if kind:
         return f"a tilefuse {kind}"
@@ -668,7 +677,7 @@ def claim(
         )
     exists = os.path.lexists(target) and not (KINDS[kind] == "folder" and _empty_dir(target))
     if exists:
-        found = None if _run_entry(target) else found_kind(target)  # a run's curves.png is no quicklook to replace
+        found = None if _part_of(target) else found_kind(target)  # a run's curves.png is no quicklook to replace
         if found != kind:
             raise InputError(
                 f"{what} {path} exists and is {_describe(target)}, not a tilefuse {kind}: "
@@ -689,6 +698,8 @@ def claim(
 
 def write_error(path: str | os.PathLike, reason: str) -> str:
     """The one line for a filesystem that refuses to write ``path`` (also the CLI's safety net)."""
+    if reason == os.strerror(errno.EISDIR):  # a folder where a file goes (a store's chunk replaced by one): no permission to fix
+        return f"cannot write {path}: a folder is in the way ({reason}): move it out of the way, or choose another output"
     return f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space) or fix its permissions"
 
 
