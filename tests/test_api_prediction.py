@@ -65,3 +65,30 @@ def test_damaged_class_names_of_a_prediction_are_named_not_used(store, bad):
     storage.consolidate(store)
     with pytest.raises(InputError, match=r"p\.zarr: the class_names of its array 'labels' .*: the store is corrupt, recompute it with `tilefuse predict \.\.\. --overwrite`"):
         open_prediction(store)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda ds: ds.assign_coords(x=ds.x + 5000),
+        lambda ds: ds.rio.write_crs("EPSG:32633"),
+        lambda ds: ds.assign_coords(optical_band=[f"band {k}" for k in range(ds.sizes["optical_band"])]),
+        lambda ds: ds.assign(label=ds["label"].assign_attrs(class_names=[f"c{k}" for k in range(len(ds["label"].attrs["class_names"]))])),
+        lambda ds: ds.assign_attrs(note="mine"),
+    ],
+    ids=["x shifted", "crs", "band names", "class names", "attrs"],
+)
+def test_a_dataset_whose_coordinates_or_attrs_changed_in_memory_is_not_taken_for_its_store(tmp_path, change):
+    """A scene Dataset with its x shifted by 5 km or another CRS written over it was predicted as its store, and
+    the prediction had the store's grid: the Dataset passed was not what was computed. It is one InputError; the
+    unchanged Dataset still stands for its store."""
+    import tilefuse
+    from test_sampling import labelled_scene, write
+
+    from tilefuse.prediction import store_path
+
+    path = write(labelled_scene(64, 64), tmp_path / "s.zarr")
+    scene = tilefuse.open_scene(path)
+    assert store_path(scene, "store", "scene") == str(path)
+    with pytest.raises(InputError, match=r"^store= is an xarray Dataset changed since it was opened from"):
+        store_path(change(scene), "store", "scene")

@@ -444,9 +444,7 @@ def store_path(value: Any, param: str, kind: str) -> Any:
                 fresh = open_prediction(source, allow_partial=True) if kind == "prediction" else open_scene(source)
         except (InputError, OSError):
             fresh = None
-        if fresh is not None and dict(fresh.sizes) == dict(value.sizes) and set(fresh.variables) == set(value.variables) and all(
-            getattr(value[name].data, "name", None) == getattr(fresh[name].data, "name", 0) for name in fresh.data_vars
-        ):
+        if fresh is not None and _unchanged(value, fresh):
             return source
         if value.encoding.get("opened_by") != "tilefuse":
             raise InputError(
@@ -456,6 +454,25 @@ def store_path(value: Any, param: str, kind: str) -> Any:
         raise InputError(f"{param}= is an xarray Dataset changed since it was opened from {source}: pass that store's path{_WRITE[kind]}")
     what = f"an xarray {type(value).__name__}" if isinstance(value, (xr.Dataset, xr.DataArray)) else f"of type {type(value).__name__}"
     raise InputError(f"{param}= is {what}, not a path: pass the path of the {kind} store (str or pathlib.Path){_WRITE[kind]}")
+
+
+def _unchanged(value: xr.Dataset, fresh: xr.Dataset) -> bool:
+    """Whether ``value`` is still the Dataset its store opens as: the same variables and sizes, each data variable
+    still the lazy array read from the store (its dask name), and the same coordinates and attrs (a shifted ``x``,
+    a CRS written over ``spatial_ref``, renamed bands or class names were taken for the store's own, which the
+    run then read). Nothing is read or computed."""
+    if dict(fresh.sizes) != dict(value.sizes) or set(fresh.variables) != set(value.variables):
+        return False
+    if any(getattr(value[name].data, "name", None) != getattr(fresh[name].data, "name", 0) for name in fresh.data_vars):
+        return False
+    if not _same_attrs(value.attrs, fresh.attrs) or any(not _same_attrs(value[n].attrs, fresh[n].attrs) for n in fresh.variables):
+        return False
+    return all(value[name].variable.equals(fresh[name].variable) for name in fresh.coords)  # in memory: indexes, bands, CRS
+
+
+def _same_attrs(a: dict, b: dict) -> bool:
+    """``a == b`` for attrs that may hold numpy arrays (xarray's own comparison, on empty variables)."""
+    return xr.Variable((), 0, attrs=a).identical(xr.Variable((), 0, attrs=b))
 
 
 _WRITE = {"scene": " (data in memory: write it as a scene store with tilefuse.from_xarray first)", "prediction": ""}
