@@ -144,7 +144,7 @@ def export(
             shutil.rmtree(work, ignore_errors=True)
     if progress:
         print(printable(f"tilefuse: wrote {out} ({height} x {width} px, {len(class_names)} classes)"), file=sys.stderr)
-    return out
+    return Path(os.path.abspath(out))  # a notebook keeps it across os.chdir
 
 
 def export_command(

@@ -159,7 +159,7 @@ def ingest_command(
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise InputError(f"modality {duplicate!r} is given twice: give each {flag} a distinct NAME")
-    path = ingest(
+    ingest(
         out,
         dict(pairs),
         labels,
@@ -176,4 +176,4 @@ def ingest_command(
         progress=True,
         **stac_options,
     )
-    typer.echo(printable(f"wrote {path}"))
+    typer.echo(printable(f"wrote {out}"))

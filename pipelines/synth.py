@@ -75,5 +75,5 @@ def synth_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store (and GeoTIFFs).")] = False,
 ) -> None:
     """Generate a synthetic multimodal scene with land-cover labels, lazily chunk by chunk."""
-    path = synth(out, size, kind, seed, geotiff=geotiff, overwrite=overwrite, progress=True)
-    typer.echo(printable(f"wrote {path}" + (f" and GeoTIFFs in {geotiff}" if geotiff else "")))
+    synth(out, size, kind, seed, geotiff=geotiff, overwrite=overwrite, progress=True)
+    typer.echo(printable(f"wrote {out}" + (f" and GeoTIFFs in {geotiff}" if geotiff else "")))

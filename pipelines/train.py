@@ -151,9 +151,10 @@ def train(
             kwargs = dict(stores=[str(p) for p in stores], out=str(out), val_stores=[str(p) for p in val_stores], hparams=hparams,
                           resume=resume, overwrite=overwrite, progress=progress, **options)
             distributed.launch_call("tilefuse.pipelines.train:train", {"model": model, **kwargs}, nproc)
-            return Path(out)
-        body = _train_locked if ranks.writer else _train
-        return body(model, stores, out, val_stores=val_stores, hparams=hparams, resume=resume, overwrite=overwrite, progress=progress, **options)
+        else:
+            body = _train_locked if ranks.writer else _train
+            body(model, stores, out, val_stores=val_stores, hparams=hparams, resume=resume, overwrite=overwrite, progress=progress, **options)
+        return Path(os.path.abspath(out))  # a notebook keeps it across os.chdir
 
 
 def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progress, **options) -> Path:
@@ -284,5 +285,5 @@ def train_command(
     summary = json.loads((path / "metrics.json").read_text())
     val = summary.get("val") or {}
     scores = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("overall_accuracy", "mean_iou", "kappa") and v is not None)
-    typer.echo(printable(f"trained {summary['step']} steps -> {path}" + (f" (validation: {scores})" if scores else "")))
+    typer.echo(printable(f"trained {summary['step']} steps -> {out}" + (f" (validation: {scores})" if scores else "")))
     return 0

@@ -212,3 +212,19 @@ def test_overwrite_never_deletes_an_array_a_user_added_to_a_prediction_store(tmp
     assert _tree(pred) == before
     assert main([*args[:6], str(tmp_path / "q.zarr"), *args[7:]]) == 0
     assert main([*args[:6], str(tmp_path / "q.zarr"), *args[7:], "--overwrite"]) == 0  # its own arrays only
+
+
+def test_paths_the_api_returns_are_absolute_and_survive_a_chdir(tmp_path, monkeypatch):
+    """synth, export (and ingest, from_xarray, train) returned the path as typed: after os.chdir into another
+    project, open_scene(store) silently read that project's scene.zarr."""
+    import tilefuse
+
+    for project in ("a", "b"):
+        (tmp_path / project).mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    tilefuse.synth("scene.zarr", 32, seed=1)
+    monkeypatch.chdir(tmp_path / "a")
+    store = tilefuse.synth("scene.zarr", 32, seed=2)
+    assert store.is_absolute() and store == tmp_path / "a" / "scene.zarr"
+    monkeypatch.chdir(tmp_path / "b")
+    assert tilefuse.open_scene(store).encoding["source"] == str(tmp_path / "a" / "scene.zarr")

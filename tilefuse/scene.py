@@ -296,7 +296,7 @@ def write_scene(
             _check_named(path, ds["label"].attrs.get("class_names"), np.asarray(counts))
             _record_label_counts(group["label"].attrs, np.asarray(counts))
         consolidate(tmp)  # last, once every attr is final
-    return path
+    return Path(os.path.abspath(path))  # a notebook keeps it across os.chdir
 
 
 def _check_named(path, names, counts: np.ndarray) -> None:
