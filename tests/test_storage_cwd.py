@@ -228,3 +228,33 @@ def test_paths_the_api_returns_are_absolute_and_survive_a_chdir(tmp_path, monkey
     assert store.is_absolute() and store == tmp_path / "a" / "scene.zarr"
     monkeypatch.chdir(tmp_path / "b")
     assert tilefuse.open_scene(store).encoding["source"] == str(tmp_path / "a" / "scene.zarr")
+
+
+def test_a_store_replaced_into_the_same_inode_is_still_told_from_the_one_opened(tmp_path, monkeypatch):
+    """A store replaced twice can get its first folder's freed inode back: a Dataset opened before then read the
+    new store's chunks (same shapes, checksums intact) under the old one's coordinates and attrs, without a word.
+    (The filesystem's inode reuse is forced here by reporting one inode for the store folder.)"""
+    import os as os_module
+
+    import numpy as np
+
+    import tilefuse
+    from tilefuse import storage
+
+    store = tmp_path / "s.zarr"
+    real_stat = os_module.stat
+
+    def same_inode(path, *args, **kwargs):
+        info = real_stat(path, *args, **kwargs)
+        if os_module.path.abspath(path) == str(store):
+            return os_module.stat_result((info.st_mode, 4242, 7, *tuple(info)[3:]))  # inode 4242, device 7, always
+        return info
+
+    monkeypatch.setattr(storage.os, "stat", same_inode)
+    tilefuse.synth(store, 32, seed=1)
+    opened = tilefuse.open_scene(store)
+    first = opened["optical"][:, :8, :8].values
+    tilefuse.synth(store, 32, seed=2, overwrite=True)
+    with pytest.raises(InputError, match="was replaced while it was read"):
+        opened["optical"][:, 8:16, 8:16].values
+    assert not np.array_equal(first, tilefuse.open_scene(store)["optical"][:, :8, :8].values)

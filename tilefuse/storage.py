@@ -455,13 +455,20 @@ def _check_array_metadata(path: Path, group: zarr.Group) -> None:
             )
 
 
-def store_identity(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(device, inode) of the store folder at ``path`` (None when gone): another store renamed into place differs."""
+def store_identity(path: str | os.PathLike) -> tuple[int, int, int | None] | None:
+    """(device, inode) of the store folder at ``path`` and the time its ``x`` coordinate was written (None when
+    gone): another store renamed into place differs. The inode alone did not tell: a store replaced twice could get
+    its first folder's freed inode back, and a Dataset opened before read the new store's chunks (same shapes,
+    checksums intact) under the old one's coordinates. The coordinate's metadata is written once, at creation."""
     try:
         info = os.stat(path)
     except OSError:
         return None
-    return info.st_dev, info.st_ino
+    try:
+        written = os.stat(os.path.join(path, "x", "zarr.json")).st_mtime_ns
+    except OSError:
+        written = None
+    return info.st_dev, info.st_ino, written
 
 
 def verified_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it", read_only: bool = True) -> VerifiedStore:
