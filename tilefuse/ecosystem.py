@@ -10,7 +10,19 @@ What people hold after a STAC search or opening COGs, per modality:
   e.g. Sentinel-2's 10 m and 20 m bands).
 
 Each input's ``nodata`` (rioxarray's ``rio.nodata``, or ``nodata=``) and NaN
-become "no data". A ``time`` dimension is reduced by the user's choice before
+become "no data".
+
+Band names: a Dataset's are its variable names; a DataArray's are its band
+coordinate where that holds strings (they move with any selection), else the
+``long_name`` attr read as rioxarray writes it, one name per band of the file
+in file order, taken through the band coordinate's 1-based band numbers
+(``arr.isel(band=[5, 4, 3])`` keeps each name on its band, as ingest of
+``PATH:6,5,4`` does; an attr with one name per band of the array is taken in
+array order where the coordinate holds no such numbers); else ``b<n>``. A
+name never lands on another band: what cannot be matched falls back to
+``b<n>``.
+
+A ``time`` dimension is reduced by the user's choice before
 anything is resampled: one step (an index, or a date), or per pixel the
 ``"median"`` / ``"mean"`` of the valid steps, or the ``"first"`` / ``"last"``
 step in time order where every band is valid. Everything is then put on the
@@ -110,6 +122,25 @@ def _masked(var: xr.DataArray, nodata: float | None) -> xr.DataArray:
     return out
 
 
+def _per_band(value, bands, count: int) -> list | None:
+    """A per-band attribute (``long_name``: one entry per band) for the ``count`` bands of
+    an array whose band coordinate holds ``bands`` (None: it has none), or None where it cannot be matched.
+
+    rioxarray keeps such attributes as the file has them, one entry per band of the file in file order, and
+    they do not follow a selection (``isel(band=[2, 1, 0])``); its band coordinate does: it holds the 1-based
+    numbers of the file's bands the array still has. So where every band is a whole number within the list,
+    band ``n`` takes entry ``n - 1``; otherwise (names, wavelengths, no coordinate) an attribute with one entry
+    per band of the array is taken in array order."""
+    if value is None or isinstance(value, (str, bytes)) or np.ndim(value) != 1:
+        return None
+    entries = list(np.asarray(value, dtype=object))
+    if bands is not None:
+        whole = all(isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) for b in bands)
+        if whole and all(1 <= int(b) <= len(entries) for b in bands):
+            return [entries[int(b) - 1] for b in bands]
+    return entries if len(entries) == count else None
+
+
 def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
     """``obj`` as float32 ``([time,] band, y, x)`` with NaN = no data and string band names."""
     ydim, xdim = _spatial_dims(obj, what)
@@ -126,21 +157,29 @@ def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
         arr = xr.concat(bands, dim="band", coords="minimal", compat="override", join="exact")
         arr = arr.assign_coords(band=np.array(names, dtype=object))
     else:
-        arr = _masked(obj, nodata)
-        others = [d for d in arr.dims if d not in (TIME_DIM, ydim, xdim)]
+        source = obj
+        others = [d for d in source.dims if d not in (TIME_DIM, ydim, xdim)]
         if len(others) > 1:
-            raise InputError(f"{what} has dims {arr.dims}: expected ([time,] band, y, x) with one band dimension")
+            raise InputError(f"{what} has dims {source.dims}: expected ([time,] band, y, x) with one band dimension")
+        if not others and obj.name is None and "band" in source.coords and source["band"].ndim == 0:
+            source, others = source.expand_dims("band", axis=-3), ["band"]  # arr.isel(band=3): that band, not 'b1'
         if others:
-            arr = arr.rename({others[0]: "band"})
+            dim = others[0]
+            count = source.sizes[dim]
+            coord = source[dim].values if dim in source.coords else None
+            values = coord if coord is not None else np.arange(1, count + 1)
+            if coord is not None and all(isinstance(v, str) for v in coord):
+                names = [str(v) for v in coord]  # names that moved with any selection
+            else:
+                long_names = obj.attrs.get("long_name")
+                listed = [long_names] if isinstance(long_names, str) and count == 1 else _per_band(long_names, coord, count)
+                ok = listed is not None and all(isinstance(n, str) and n for n in listed) and len(set(listed)) == count
+                names = [str(n) for n in listed] if ok else [_band_name(v) for v in values]
+            arr = _masked(source, nodata)
+            arr = arr.rename({dim: "band"}) if dim != "band" else arr
         else:
-            arr = arr.expand_dims(band=[str(obj.name or "b1")])
-        values = arr["band"].values if "band" in arr.coords else np.arange(1, arr.sizes["band"] + 1)
-        long_names = obj.attrs.get("long_name")
-        long_names = [long_names] if isinstance(long_names, str) else long_names
-        if isinstance(long_names, (list, tuple)) and len(long_names) == len(values) and all(long_names):
-            names = [str(n) for n in long_names]
-        else:
-            names = [_band_name(v) for v in values]
+            arr = _masked(source, nodata).expand_dims(band=[0])
+            names = [str(obj.name or "b1")]
         arr = arr.assign_coords(band=np.array(names, dtype=object))
     order = ([TIME_DIM] if TIME_DIM in arr.dims else []) + ["band", ydim, xdim]
     return arr.transpose(*order)

@@ -1,0 +1,105 @@
+"""An array from the xarray ecosystem gives the scene that ingesting its raster gives: band names stay on their
+bands through any selection, GDAL scale/offset give physical values on both paths, and stackstac's top-left
+coordinates are read as corners."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import rioxarray
+import xarray as xr
+from affine import Affine
+
+from tilefuse.ecosystem import from_xarray, scene_from_xarray
+from tilefuse.errors import InputError
+from tilefuse.pipelines.ingest import ingest
+from tilefuse.rasters import ingest_rasters
+from tilefuse.scene import open_scene
+
+UTM = "EPSG:32632"
+T = Affine(10.0, 0, 300000.0, 0, -20.0, 5000000.0)
+H, W = 48, 40
+NAMES = ("blue", "green", "red", "nir", "swir1", "swir2")
+
+
+def write_tif(path, data, *, nodata=None, scales=None, offsets=None, names=None, transform=T):
+    with rasterio.open(
+        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+        dtype=data.dtype.name, crs=UTM, transform=transform, nodata=nodata,
+    ) as dst:  # fmt: skip
+        dst.write(data)
+        if scales is not None:
+            dst.scales = scales
+        if offsets is not None:
+            dst.offsets = offsets
+        if names is not None:
+            dst.descriptions = names
+    return path
+
+
+def open_tif(path, **kw) -> xr.DataArray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rioxarray's "scales differ across bands"
+        return rioxarray.open_rasterio(path, chunks={"x": 16, "y": 16}, **kw)
+
+
+def assert_same(ours: xr.Dataset, ingested: xr.Dataset, name: str = "optical"):
+    assert ours.rio.crs == ingested.rio.crs
+    assert ours.rio.transform() == ingested.rio.transform()
+    dim = f"{name}_band"
+    assert list(ours[dim].values) == list(ingested[dim].values)
+    np.testing.assert_array_equal(ours[name].values, ingested[name].values)
+    np.testing.assert_array_equal(ours["valid"].values, ingested["valid"].values)
+
+
+# --- 1. band names follow the selected bands --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def six_bands(tmp_path_factory):
+    """6 bands, each band's values in its own range (band k: 1000 k .. 1000 k + 99), named by descriptions."""
+    rng = np.random.default_rng(3)
+    data = (np.arange(1, 7)[:, None, None] * 1000 + rng.integers(0, 100, (6, H, W))).astype(np.uint16)
+    return write_tif(tmp_path_factory.mktemp("six") / "six.tif", data, nodata=0, names=NAMES)
+
+
+@pytest.mark.parametrize(
+    "picked", [[5, 4, 3, 2, 1, 0], [2, 1, 0], [1, 4], [3], [0, 2, 4, 1, 3, 5], [4, 5, 0]], ids=str
+)
+def test_a_band_selection_keeps_each_name_on_its_band(six_bands, picked):
+    """``isel(band=...)`` moves the band coordinate (the file's band numbers) but not the ``long_name`` attr (the
+    file's names in file order): a reorder named swir2 'blue', a subset lost its names."""
+    arr = open_tif(six_bands).isel(band=picked)
+    ours = scene_from_xarray({"optical": arr})
+    spec = f"{six_bands}:{','.join(str(k + 1) for k in picked)}"
+    assert_same(ours, ingest_rasters({"optical": spec}))
+    assert list(ours["optical_band"].values) == [NAMES[k] for k in picked]
+    for k, name in zip(picked, ours["optical_band"].values):  # the values are the named band's
+        values = ours["optical"].sel(optical_band=name).values
+        assert ((values >= 1000 * (k + 1)) & (values < 1000 * (k + 1) + 100)).all(), name
+
+
+def test_one_band_picked_by_a_scalar_index_is_that_band(six_bands):
+    """``arr.isel(band=3)`` (the band dimension dropped, its number a scalar coordinate) was named 'b1'."""
+    ours = scene_from_xarray({"optical": open_tif(six_bands).isel(band=3)})
+    assert list(ours["optical_band"].values) == ["nir"]
+    np.testing.assert_array_equal(ours["optical"].values, ingest_rasters({"optical": f"{six_bands}:4"})["optical"].values)
+
+
+def test_names_of_the_band_coordinate_move_with_a_selection(six_bands):
+    arr = open_tif(six_bands).assign_coords(band=[f"B{k}" for k in range(1, 7)])
+    ours = scene_from_xarray({"optical": arr.isel(band=[4, 0, 2])})
+    assert list(ours["optical_band"].values) == ["B5", "B1", "B3"]
+    expected = ingest_rasters({"optical": f"{six_bands}:5,1,3"})["optical"].values
+    np.testing.assert_array_equal(ours["optical"].values, expected)
+
+
+def test_a_reordered_array_writes_the_store_ingest_writes(six_bands, tmp_path):
+    ingested = ingest(tmp_path / "ingest.zarr", {"optical": f"{six_bands}:6,5,4,3,2,1"})
+    ours = from_xarray(tmp_path / "xr.zarr", {"optical": open_tif(six_bands).isel(band=[5, 4, 3, 2, 1, 0])})
+    a, b = open_scene(ours), open_scene(ingested)
+    assert_same(a, b)
+    assert a["optical"].attrs["band_mean"] == b["optical"].attrs["band_mean"]
