@@ -92,3 +92,19 @@ def test_a_dataset_whose_coordinates_or_attrs_changed_in_memory_is_not_taken_for
     assert store_path(scene, "store", "scene") == str(path)
     with pytest.raises(InputError, match=r"^store= is an xarray Dataset changed since it was opened from"):
         store_path(change(scene), "store", "scene")
+
+
+def test_probabilities_are_labelled_by_class_name(tmp_path):
+    """probs had no `class` coordinate: probs.sel({"class": "water"}) was a KeyError in a notebook."""
+    from predict_fixtures import CLASSES, save_pointwise, write_test_scene
+
+    import tilefuse
+
+    scene = write_test_scene(tmp_path / "s.zarr", 40, 40)
+    pred = tilefuse.predict(save_pointwise(tmp_path / "ckpt"), scene, tmp_path / "p.zarr", tile=32, probs="float32", progress=False)
+    assert list(pred["probs"]["class"].values) == list(CLASSES)
+    water = pred["probs"].sel({"class": CLASSES[0]})
+    np.testing.assert_array_equal(water.values, pred["probs"].values[0])
+    from tilefuse.prediction import store_path
+
+    assert store_path(pred, "prediction", "prediction") == str(tmp_path / "p.zarr")  # still stands for its store

@@ -413,6 +413,9 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
         warnings.warn(message, stacklevel=2)
         ds = open_store(path, "prediction", written=_written(done))  # only done blocks are promised
     ds = ds.drop_vars(MANIFEST)
+    names = ds["probs"].attrs.get("class_names") if "probs" in ds else None
+    if isinstance(names, list) and len(names) == ds.sizes.get("class"):  # probs.sel({"class": "water"})
+        ds = ds.assign_coords({"class": names})
     ds.encoding["source"] = os.path.abspath(path)  # what :func:`store_path` takes it back to, also after a chdir
     ds.encoding["opened_by"] = "tilefuse"  # (drop_vars keeps no encoding)
     return ds
