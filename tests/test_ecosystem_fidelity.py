@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import rioxarray
@@ -103,3 +104,67 @@ def test_a_reordered_array_writes_the_store_ingest_writes(six_bands, tmp_path):
     a, b = open_scene(ours), open_scene(ingested)
     assert_same(a, b)
     assert a["optical"].attrs["band_mean"] == b["optical"].attrs["band_mean"]
+
+
+# --- 3. stackstac's top-left coordinates ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    rng = np.random.default_rng(9)
+    data = rng.integers(1, 3000, (3, H, W)).astype(np.uint16)
+    data[:, :3] = 0
+    return write_tif(tmp_path_factory.mktemp("plain") / "plain.tif", data, nodata=0)
+
+
+def stackstac_like(path, xy_coords: str, transform_attr="affine") -> xr.DataArray:
+    """stackstac's layout: (time, band, y, x) float64 with NaN fill, attrs crs and transform, no spatial_ref;
+    ``xy_coords`` 'topleft' (stackstac's default) or 'center'."""
+    raw = open_tif(path).values
+    shift = 0.0 if xy_coords == "topleft" else 0.5
+    xs, ys = T.c + T.a * (np.arange(W) + shift), T.f + T.e * (np.arange(H) + shift)
+    stated = {"affine": T, "six": tuple(T)[:6], "nine": list(T)}[transform_attr]
+    arr = xr.DataArray(
+        raw[None].astype(np.float64), dims=("time", "band", "y", "x"),
+        coords={"time": pd.to_datetime(["2024-06-01"]), "band": ["B04", "B03", "B02"], "y": ys, "x": xs, "epsg": 32632},
+        attrs={"crs": "epsg:32632", "transform": stated, "resolution": 10.0},
+    )  # fmt: skip
+    return arr.where(arr != 0).chunk({"band": 1, "y": 16, "x": 16})
+
+
+@pytest.mark.parametrize("transform_attr", ["affine", "six", "nine"])
+@pytest.mark.parametrize("xy_coords", ["topleft", "center"])
+def test_top_left_and_centre_coordinates_give_the_store_of_the_raster(plain, xy_coords, transform_attr):
+    """Top-left coordinates with attrs['transform'] were read as pixel centres: the store half a pixel off."""
+    ours = scene_from_xarray({"optical": stackstac_like(plain, xy_coords, transform_attr)})
+    ingested = ingest_rasters({"optical": str(plain)})
+    assert ours.rio.transform() == ingested.rio.transform() == T
+    np.testing.assert_array_equal(ours["optical"].values, ingested["optical"].values)
+    np.testing.assert_array_equal(ours["valid"].values, ingested["valid"].values)
+
+
+def test_a_slice_or_flip_of_top_left_coordinates_is_the_same_slice_of_centre_ones(plain):
+    window = {"y": slice(5, 40), "x": slice(3, 30)}
+    for how in (window, {"y": slice(None, None, -1)}):
+        topleft = scene_from_xarray({"o": stackstac_like(plain, "topleft").isel(how)})
+        centre = scene_from_xarray({"o": stackstac_like(plain, "center").isel(how)})
+        np.testing.assert_allclose(topleft.rio.transform()[:6], centre.rio.transform()[:6], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(topleft["o"].values, centre["o"].values)
+    sliced = scene_from_xarray({"o": stackstac_like(plain, "topleft").isel(window)})
+    assert sliced.rio.transform() == T @ Affine.translation(3, 5)
+
+
+def test_a_transform_attr_of_another_grid_is_not_taken(plain):
+    """attrs['transform'] left from before a coarsening (another pixel size) says nothing about the coordinates."""
+    arr = stackstac_like(plain, "center")
+    coarse = arr.coarsen(x=2, y=2).mean()
+    coarse.attrs = arr.attrs
+    ours = scene_from_xarray({"o": coarse})
+    assert ours.rio.transform() == T @ Affine.scale(2)
+
+
+def test_corners_along_one_axis_and_centres_along_the_other_are_refused(plain):
+    arr = stackstac_like(plain, "topleft")
+    arr = arr.assign_coords(y=arr.y + T.e / 2)  # y centres, x corners
+    with pytest.raises(InputError, match="pixel corners of attrs\\['transform'\\]"):
+        scene_from_xarray({"o": arr})

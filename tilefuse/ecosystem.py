@@ -22,6 +22,15 @@ array order where the coordinate holds no such numbers); else ``b<n>``. A
 name never lands on another band: what cannot be matched falls back to
 ``b<n>``.
 
+Coordinates are pixel centres (rioxarray, odc-stac, stackstac's
+``xy_coords="center"``), except where ``attrs["transform"]`` (an Affine, or 6
+or 9 numbers, as stackstac writes it) has the array's pixel size and the
+coordinates sit on its pixel corners (stackstac's default
+``xy_coords="topleft"``): they are read as top-left corners, so both give the
+store of the raster; corners along one axis and centres along the other are
+refused. A stated transform of another pixel size (an array coarsened since)
+is ignored.
+
 A ``time`` dimension is reduced by the user's choice before
 anything is resampled: one step (an index, or a date), or per pixel the
 ``"median"`` / ``"mean"`` of the valid steps, or the ``"first"`` / ``"last"``
@@ -39,6 +48,7 @@ it as a scene store with :func:`tilefuse.scene.write_scene`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -48,6 +58,7 @@ import dask.array as da
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+from affine import Affine
 
 from tilefuse.errors import InputError
 from tilefuse.rasters import (
@@ -97,9 +108,11 @@ def _crs(obj: Input, what: str, assume_crs):
     return crs
 
 
-def _transform(obj: Input, what: str):
+def _transform(obj: Input, what: str, ydim: str, xdim: str):
     """The grid's affine transform: the recorded one (exact, as the raster had it) unless the
-    coordinates no longer match it (a sliced array), then the one the coordinates give."""
+    coordinates no longer match it (a sliced array), then the one the coordinates give, reading
+    them as pixel centres; but coordinates on the pixel corners of ``attrs["transform"]``
+    (stackstac's default ``xy_coords="topleft"``) are read as top-left corners."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -107,7 +120,46 @@ def _transform(obj: Input, what: str):
     except Exception as error:  # rioxarray raises several types for irregular coordinates
         raise InputError(f"{what} has no regular grid ({error}): resample it onto a regular grid first") from None
     tol = 1e-6 * max(abs(computed.a), abs(computed.e))
-    return recorded if all(abs(a - b) <= tol for a, b in zip(recorded, computed)) else computed
+    found = recorded if all(abs(a - b) <= tol for a, b in zip(recorded, computed)) else computed
+    stated = _stated_transform(obj.attrs.get("transform"))
+    if stated is None or stated.b or stated.d or computed.b or computed.d or not stated.a or not stated.e:
+        return found
+    if not all(math.isclose(abs(s), abs(c), rel_tol=1e-6) for s, c in ((stated.a, computed.a), (stated.e, computed.e))):
+        return found  # another grid's transform (the array was coarsened or reprojected since): not about these coordinates
+    # The first coordinate, in pixels of the stated grid from its origin: whole for top-left corners, whole + 1/2 for centres.
+    steps = ((float(obj[xdim].values[0]) - stated.c) / stated.a, (float(obj[ydim].values[0]) - stated.f) / stated.e)
+    corner = [abs(k - round(k)) <= 1e-3 for k in steps]
+    if not any(corner):
+        return found  # centres (as read), or a transform the coordinates are not on
+    if not all(corner):
+        axis = "x" if corner[0] else "y"
+        raise InputError(
+            f"{what}: its {axis} coordinates sit on the pixel corners of attrs['transform'] and the other's on pixel centres: "
+            "give both as centres (stackstac: xy_coords='center') or both as top-left corners"
+        )
+    # Top-left corners: the same pixels as the stated grid's (sliced, or flipped, as the coordinates say).
+    a = stated.a if computed.a * stated.a > 0 else -stated.a
+    e = stated.e if computed.e * stated.e > 0 else -stated.e
+    c = stated.c + stated.a * round(steps[0]) + (0.0 if a == stated.a else stated.a)
+    f = stated.f + stated.e * round(steps[1]) + (0.0 if e == stated.e else stated.e)
+    return Affine(a, 0.0, c, 0.0, e, f)
+
+
+def _stated_transform(value) -> Affine | None:
+    """``attrs["transform"]`` as an Affine (an Affine, or 6 or 9 numbers in affine order); None if it is none of those."""
+    if isinstance(value, Affine):
+        return value
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        numbers = [float(v) for v in np.asarray(value, dtype=np.float64).ravel()]
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in numbers):
+        return None
+    if len(numbers) == 9 and numbers[6:] == [0.0, 0.0, 1.0] or len(numbers) == 6:
+        return Affine(*numbers[:6])
+    return None
 
 
 def _masked(var: xr.DataArray, nodata: float | None) -> xr.DataArray:
@@ -258,7 +310,7 @@ def _prepare(obj: Input, what: str, *, time, nodata, assume_crs, chunk: int) -> 
         )
     if obj.sizes[ydim] < 2 or obj.sizes[xdim] < 2:
         raise InputError(f"{what} is {obj.sizes[ydim]} x {obj.sizes[xdim]} px: a scene needs at least 2 x 2")
-    transform = _transform(obj, what)
+    transform = _transform(obj, what, ydim, xdim)
     arr = _band_array(obj, what, nodata)
     if not isinstance(arr.data, da.Array):
         arr = arr.chunk({ydim: chunk, xdim: chunk})
