@@ -106,6 +106,81 @@ def test_a_reordered_array_writes_the_store_ingest_writes(six_bands, tmp_path):
     assert a["optical"].attrs["band_mean"] == b["optical"].attrs["band_mean"]
 
 
+# --- 2. GDAL scale and offset: physical values ----------------------------------------------------------------------
+
+
+SCALES, OFFSETS = (2e-4, 0.5), (-0.1, 3.0)
+
+
+def scaled_raster(tmp_path, dtype: str):
+    """Two bands of ``dtype`` with different scales and offsets, nodata in the first row and a few pixels."""
+    rng = np.random.default_rng(5)
+    if np.dtype(dtype).kind == "f":
+        data, nodata = rng.uniform(-50, 3000, (2, H, W)).astype(dtype), -9999.0
+    else:
+        info = np.iinfo(dtype)
+        data, nodata = rng.integers(max(info.min, -3000) + 1, min(info.max, 40000), (2, H, W)).astype(dtype), info.min
+    data[:, 0] = nodata
+    data[1, 5:9, 7:12] = nodata
+    path = write_tif(tmp_path / f"scaled_{dtype}.tif", data, nodata=nodata, scales=SCALES, offsets=OFFSETS, names=("red", "nir"))
+    return path, data, nodata
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "int32", "float32", "float64"])
+def test_scale_and_offset_give_physical_values_on_every_path(tmp_path, dtype):
+    """ingest stored raw DN (scale and offset ignored) where from_xarray of the file opened with
+    mask_and_scale=True stored physical values; a raw array's scale_factor/add_offset attrs were ignored too."""
+    path, raw, nodata = scaled_raster(tmp_path, dtype)
+    ingested = ingest_rasters({"optical": str(path)})
+    values = ingested["optical"].values
+    expected = raw.astype(np.float64) * np.array(SCALES)[:, None, None] + np.array(OFFSETS)[:, None, None]
+    holes = raw == nodata
+    assert np.isnan(values[holes]).all() and np.isfinite(values[~holes]).all()  # nodata still masked, on raw values
+    np.testing.assert_allclose(values[~holes], expected[~holes], rtol=2e-7, atol=1e-6)
+    for kw in ({}, {"mask_and_scale": True}):  # raw DN with scale attrs, and values rioxarray scaled
+        assert_same(scene_from_xarray({"optical": open_tif(path, **kw)}), ingested)
+    for kw in ({}, {"mask_and_scale": True}):  # per-band scales follow a reorder
+        flipped = scene_from_xarray({"optical": open_tif(path, **kw).isel(band=[1, 0])})
+        assert_same(flipped, ingest_rasters({"optical": f"{path}:2,1"}))
+
+
+def test_band_statistics_are_in_physical_units(tmp_path):
+    path, raw, nodata = scaled_raster(tmp_path, "uint16")
+    ingested = open_scene(ingest(tmp_path / "ingest.zarr", {"optical": str(path)}))
+    ours = open_scene(from_xarray(tmp_path / "xr.zarr", {"optical": open_tif(path)}))
+    valid = (raw != nodata).all(axis=0)  # statistics are of the valid pixels
+    for k in range(2):
+        band = raw[k][valid].astype(np.float64) * SCALES[k] + OFFSETS[k]
+        assert ingested["optical"].attrs["band_mean"][k] == pytest.approx(band.mean(), rel=1e-5)
+    assert ours["optical"].attrs["band_mean"] == ingested["optical"].attrs["band_mean"]
+    np.testing.assert_array_equal(ours["optical"].values, ingested["optical"].values)
+
+
+def test_a_dataset_of_one_variable_per_band_applies_each_variables_scale(tmp_path):
+    path, _, _ = scaled_raster(tmp_path, "int16")
+    ds = rioxarray.open_rasterio(path, chunks={"x": 16, "y": 16}, band_as_variable=True)
+    ours = scene_from_xarray({"optical": ds})
+    np.testing.assert_array_equal(ours["optical"].values, ingest_rasters({"optical": str(path)})["optical"].values)
+    split = open_tif(path).to_dataset(dim="band")  # the scales land in the Dataset's attrs, for no variable in particular
+    with pytest.raises(InputError, match="scale_factor/add_offset for no variable"):
+        scene_from_xarray({"optical": split})
+
+
+def test_a_label_raster_with_a_scale_is_refused(tmp_path):
+    """Class ids are never scaled: a label raster with a scale or offset other than 1/0 is refused on both paths."""
+    path, _, _ = scaled_raster(tmp_path, "uint16")
+    labels = np.random.default_rng(2).integers(0, 4, (1, H, W)).astype(np.uint8)
+    scaled = write_tif(tmp_path / "labels.tif", labels, nodata=255, scales=(0.5,), offsets=(0.0,))
+    plain = write_tif(tmp_path / "plain.tif", labels, nodata=255)
+    with pytest.raises(InputError, match="class ids are not scaled"):
+        ingest_rasters({"optical": str(path)}, str(scaled))
+    for kw in ({}, {"mask_and_scale": True}):
+        with pytest.raises(InputError, match="class ids are not scaled"):
+            scene_from_xarray({"optical": open_tif(path)}, open_tif(scaled, **kw).squeeze("band", drop=True))
+    ours = scene_from_xarray({"optical": open_tif(path)}, open_tif(plain).squeeze("band", drop=True))
+    np.testing.assert_array_equal(ours["label"].values, ingest_rasters({"optical": str(path)}, str(plain))["label"].values)
+
+
 # --- 3. stackstac's top-left coordinates ----------------------------------------------------------------------------
 
 

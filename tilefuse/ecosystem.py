@@ -10,7 +10,15 @@ What people hold after a STAC search or opening COGs, per modality:
   e.g. Sentinel-2's 10 m and 20 m bands).
 
 Each input's ``nodata`` (rioxarray's ``rio.nodata``, or ``nodata=``) and NaN
-become "no data".
+become "no data". Values are stored in physical units, as ingest stores a
+raster with a GDAL scale/offset: an array whose attrs hold ``scale_factor`` /
+``add_offset`` (or rioxarray's per-band ``scales`` / ``offsets``) holds raw
+values, as CF has it (a decoded array keeps them in ``encoding``, e.g.
+rioxarray's ``mask_and_scale=True``), and becomes ``value * scale + offset``
+after nodata is masked on the raw values; attrs that cannot be matched to the
+bands, or a Dataset's own attrs holding them for no variable in particular,
+are refused. Labels are class ids, never scaled: labels whose attrs or
+encoding state a scale or offset other than 1/0 are refused.
 
 Band names: a Dataset's are its variable names; a DataArray's are its band
 coordinate where that holds strings (they move with any selection), else the
@@ -60,18 +68,20 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, clipped
 from tilefuse.rasters import (
     READ_CHUNK,
     RESAMPLING,
     RasterSource,
     _check_overlap,
+    apply_scale,
     check_label_options,
     check_modality_names,
     array_onto_grid,
     parse_crs,
     parse_label_map,
     reference_grid,
+    scale_dtype,
     scene_dataset,
 )
 
@@ -162,20 +172,33 @@ def _stated_transform(value) -> Affine | None:
     return None
 
 
-def _masked(var: xr.DataArray, nodata: float | None) -> xr.DataArray:
-    """float32 with NaN where ``var`` equals its nodata value (``nodata``, else ``var.rio.nodata``)."""
+def _masked(var: xr.DataArray, nodata: float | None, scaling=None, band_dim: str | None = None) -> xr.DataArray:
+    """float32 with NaN where ``var`` equals its nodata value (``nodata``, else ``var.rio.nodata``), compared with
+    the raw values; ``scaling`` (per-band scales and offsets along ``band_dim``, see :func:`_scaling`) is applied
+    as ingest applies a raster's (:func:`tilefuse.rasters.apply_scale`)."""
     try:
         value = var.rio.nodata if nodata is None else nodata
     except (ValueError, OverflowError):  # rioxarray's: a NaN nodata kept from a float array cast to ints or bools
         value = None  # a value the dtype cannot hold marks no pixel
-    out = var.astype(np.float32)
+    if scaling is None:
+        out = var.astype(np.float32)
+    else:
+        scales, offsets = scaling
+        work = scale_dtype(var.dtype)
+        if band_dim is None:
+            out = apply_scale(var, scales[0], offsets[0])
+        else:
+            out = var.astype(work) * xr.DataArray(np.array(scales, work), dims=band_dim) + xr.DataArray(
+                np.array(offsets, work), dims=band_dim
+            )
+        out = out.transpose(*var.dims).astype(np.float32)
     if value is not None and not np.isnan(value):
         out = out.where(var != value)
     return out
 
 
 def _per_band(value, bands, count: int) -> list | None:
-    """A per-band attribute (``long_name``: one entry per band) for the ``count`` bands of
+    """A per-band attribute (``long_name``, ``scales``, ``offsets``: one entry per band) for the ``count`` bands of
     an array whose band coordinate holds ``bands`` (None: it has none), or None where it cannot be matched.
 
     rioxarray keeps such attributes as the file has them, one entry per band of the file in file order, and
@@ -193,15 +216,64 @@ def _per_band(value, bands, count: int) -> list | None:
     return entries if len(entries) == count else None
 
 
+_SCALE_KEYS = (("scale_factor", "scales", 1.0), ("add_offset", "offsets", 0.0))
+
+
+def _scaling(attrs: Mapping, bands, count: int, what: str) -> tuple[list[float], list[float]] | None:
+    """The scales and offsets that ``attrs`` state for the ``count`` bands (CF's ``scale_factor``/``add_offset``,
+    or rioxarray's per-band ``scales``/``offsets``, mapped by :func:`_per_band`); None where all are 1 and 0."""
+    found = []
+    for one, many, default in _SCALE_KEYS:
+        key = one if one in attrs else many if many in attrs else None
+        value = attrs.get(key, default)
+        per_band = [value] * count if key is None or np.ndim(value) == 0 else _per_band(value, bands, count)
+        try:
+            numbers = None if per_band is None else [float(v) for v in per_band]
+        except (TypeError, ValueError):
+            numbers = None
+        if numbers is None or not all(math.isfinite(v) for v in numbers):
+            raise InputError(
+                f"{what}: its attrs {key}={clipped(repr(value))} cannot be matched to its {count} band(s): "
+                f"apply it yourself (or open it with mask_and_scale=True) and drop the {key!r} attr"
+            )
+        found.append(numbers)
+    scales, offsets = found
+    return None if all(v == 1.0 for v in scales) and all(v == 0.0 for v in offsets) else (scales, offsets)
+
+
+def _states_scaling(attrs: Mapping) -> bool:
+    """Whether ``attrs`` (or an encoding) hold a scale other than 1 or an offset other than 0, in any of
+    the forms :func:`_scaling` reads."""
+    for one, many, default in _SCALE_KEYS:
+        for key in (one, many):
+            try:
+                values = np.asarray(attrs.get(key, default), dtype=np.float64).ravel()
+            except (TypeError, ValueError):
+                return True  # not numbers: not a 1 or a 0 either
+            if (values != default).any():
+                return True
+    return False
+
+
 def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
-    """``obj`` as float32 ``([time,] band, y, x)`` with NaN = no data and string band names."""
+    """``obj`` as float32 ``([time,] band, y, x)`` with NaN = no data, physical values (scale and offset applied)
+    and string band names."""
     ydim, xdim = _spatial_dims(obj, what)
     if isinstance(obj, xr.Dataset):
         keys = [n for n, v in obj.data_vars.items() if ydim in v.dims and xdim in v.dims]
         if not keys:
             raise InputError(f"{what}: the Dataset has no variable with dims ({ydim}, {xdim})")
         names = [_band_name(n) for n in keys]
-        bands = [_masked(obj[n], nodata) for n in keys]
+        bands = []
+        for key, name in zip(keys, names):
+            var = obj[key]
+            own = any(k in var.attrs for pair in _SCALE_KEYS for k in pair[:2])
+            if not own and _states_scaling(obj.attrs):  # arr.to_dataset(dim="band") puts them there
+                raise InputError(
+                    f"{what}: the Dataset's attrs hold a scale_factor/add_offset for no variable in particular: "
+                    "set them on each variable's attrs (or apply them, e.g. open with mask_and_scale=True)"
+                )
+            bands.append(_masked(var, nodata, _scaling(var.attrs, None, 1, f"{what} variable {name!r}")))
         for name, band in zip(names, bands):
             extra = set(band.dims) - {TIME_DIM, ydim, xdim}
             if extra:
@@ -227,10 +299,10 @@ def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
                 listed = [long_names] if isinstance(long_names, str) and count == 1 else _per_band(long_names, coord, count)
                 ok = listed is not None and all(isinstance(n, str) and n for n in listed) and len(set(listed)) == count
                 names = [str(n) for n in listed] if ok else [_band_name(v) for v in values]
-            arr = _masked(source, nodata)
+            arr = _masked(source, nodata, _scaling(obj.attrs, coord, count, what), dim)
             arr = arr.rename({dim: "band"}) if dim != "band" else arr
         else:
-            arr = _masked(source, nodata).expand_dims(band=[0])
+            arr = _masked(source, nodata, _scaling(obj.attrs, None, 1, what)).expand_dims(band=[0])
             names = [str(obj.name or "b1")]
         arr = arr.assign_coords(band=np.array(names, dtype=object))
     order = ([TIME_DIM] if TIME_DIM in arr.dims else []) + ["band", ydim, xdim]
@@ -451,6 +523,14 @@ def scene_from_xarray(
             raise InputError(f"labels is a {type(labels).__name__}: pass a (y, x) xarray DataArray{hint}")
         if TIME_DIM in labels.dims:
             raise InputError("labels have a time dimension: pass one (y, x) label map (e.g. labels.isel(time=0))")
+        scaled = next((held for held in (labels.attrs, labels.encoding) if _states_scaling(held)), None)
+        if scaled is not None:  # class ids are never scaled (ingest refuses such a label raster too)
+            how = "its attrs state" if scaled is labels.attrs else "it was opened with mask_and_scale, which applied"
+            raise InputError(
+                f"labels: {how} a scale/offset other than 1/0 (scale_factor/add_offset), but class ids are not scaled: "
+                "pass the class ids as stored (mask_and_scale=False, and drop those attrs), or unset them in the raster "
+                "(gdal_edit.py -scale 1 -offset 0 FILE)"
+            )
         values, source, _ = _prepare(labels, "labels", time=None, nodata=None, assume_crs=crs, chunk=chunk)
         if values.shape[0] != 1:
             raise InputError(f"labels have {values.shape[0]} bands: pass one (y, x) label map")

@@ -10,7 +10,14 @@ scale fixed for the whole raster, so values match a whole-raster warp (up to
 GDAL's transform approximation, at most 1/8 px) whatever the chunking, and
 memory stays bounded by a few blocks. Modalities come out as float32 with NaN
 where they have no data (nodata value, NaN, mask, or outside the footprint);
-labels as uint8 with 255 (ignore) there. In-memory or lazy arrays with a CRS
+labels as uint8 with 255 (ignore) there. A band with a GDAL scale or offset
+(``src.scales``/``src.offsets``, e.g. reflectance stored as uint16 DN with
+scale 1e-4) is stored in physical units: ``value * scale + offset``, per band,
+after nodata is masked on the raw values (worked out as rioxarray's
+``mask_and_scale=True`` does, :func:`scale_dtype`), so statistics and models
+see the same units whatever a provider's processing baseline stores. Label
+rasters hold class ids, which are never scaled: one with a scale or offset
+other than 1/0 is refused. In-memory or lazy arrays with a CRS
 (:func:`array_onto_grid`, used by :mod:`tilefuse.ecosystem`) go through the same
 per-block placement, so they come out equal to the rasters they hold.
 
@@ -105,6 +112,10 @@ class RasterSource:
     names); read by :meth:`class_names` only where no names are given."""
     variable: str | None = None
     """GDAL's name of one variable of a file of several (NetCDF, HDF5: ``NETCDF:"path":vv``); None: the file."""
+    scales: tuple[float, ...] | None = None
+    """GDAL's scale of each band read, in ``bands`` order; None where every band has scale 1 and offset 0."""
+    offsets: tuple[float, ...] | None = None
+    """GDAL's offset of each band read, in ``bands`` order (None with ``scales``): stored is value * scale + offset."""
 
     def class_names(self) -> tuple[str, ...] | None:
         """The class names of the ``class_names`` tag, None without one; a tag that is not a JSON list of
@@ -328,6 +339,12 @@ def open_source(
                 f"{what}: {path} holds complex SAR data ({', '.join(sorted(dtypes))}): "
                 "pass --complex magnitude to ingest its amplitude"
             )
+        scales, offsets = _band_scales(src, bands)
+        if is_complex and scales is not None:  # |z * scale + offset| is no scaled magnitude
+            raise InputError(
+                f"{what}: {path} holds complex data with a scale/offset (GDAL band metadata): take the magnitude "
+                "and apply the scale/offset yourself, then pass that raster"
+            )
         descriptions = [src.descriptions[b - 1] for b in bands]
         names = tuple(descriptions) if all(descriptions) and len(set(descriptions)) == len(bands) else None
         tag = src.tags().get("class_names")
@@ -345,7 +362,36 @@ def open_source(
             mask_band=bool(flags & {MaskFlags.per_dataset, MaskFlags.alpha}),
             class_names_tag=tag or None,
             variable=name,
+            scales=scales,
+            offsets=offsets,
         )
+
+
+def _band_scales(src, bands: tuple[int, ...]) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """GDAL's scale and offset of each of ``bands`` of the open raster ``src`` (:attr:`RasterSource.scales`)."""
+    scales = tuple(1.0 if v is None else float(v) for v in (src.scales or (1.0,) * src.count))
+    offsets = tuple(0.0 if v is None else float(v) for v in (src.offsets or (0.0,) * src.count))
+    picked = tuple(scales[b - 1] for b in bands), tuple(offsets[b - 1] for b in bands)
+    if all(s == 1.0 for s in picked[0]) and all(o == 0.0 for o in picked[1]):
+        return None, None
+    return picked
+
+
+def scale_dtype(dtype) -> np.dtype:
+    """The float type ``value * scale + offset`` is worked out in for raw values of ``dtype``: float32 for
+    integers of up to 16 bits and float32 (float16), float64 otherwise. It is xarray's promotion, which
+    rioxarray's ``mask_and_scale=True`` uses, so ingest, from_xarray of a raw array and from_xarray of an
+    array opened with ``mask_and_scale=True`` give the same float32 values, to the bit."""
+    dtype = np.dtype(dtype)
+    small = (dtype.kind in "iub" and dtype.itemsize <= 2) or (dtype.kind == "f" and dtype.itemsize <= 4)
+    return np.dtype(np.float32 if small else np.float64)
+
+
+def apply_scale(raw, scale: float, offset: float):
+    """``raw * scale + offset`` (a numpy, dask or xarray array of one band's raw values) in
+    :func:`scale_dtype` of its dtype; the caller masks nodata (compared with the raw values)."""
+    work = scale_dtype(raw.dtype)
+    return raw.astype(work) * work.type(scale) + work.type(offset)
 
 
 def _band_nodata(src, bands: tuple[int, ...]) -> tuple[float | None, ...] | None:
@@ -565,13 +611,19 @@ def _read_block(
             with rasterio.open(source.dataset_name()) as src:
                 window = Window(left, top, right - left, bottom - top)
                 if source.mask_band:
-                    data = src.read(indexes, window=window, masked=True).astype(np.float32).filled(np.nan)
+                    masked = src.read(indexes, window=window, masked=True)
+                    raw, holes = masked.data, np.ma.getmaskarray(masked)
                 else:
                     raw = src.read(indexes, window=window)
-                    data = raw.astype(np.float32)
+                    holes = np.zeros(raw.shape, bool)
                     for k, value in enumerate((source.nodata or ())[b0:b1]):
                         if value is not None:
-                            data[k][raw[k] == value] = np.nan
+                            holes[k] = raw[k] == value
+                data = raw.astype(np.float32)
+                if source.scales is not None:  # physical values: raw * scale + offset, per band
+                    for k, (scale, offset) in enumerate(zip(source.scales[b0:b1], source.offsets[b0:b1])):
+                        data[k] = apply_scale(raw[k], scale, offset)
+                data[holes] = np.nan
     except RasterioError as error:  # a file cut short or damaged since it was opened: its strips or tiles fail
         raise InputError(
             f"{source.path} cannot be read (rows {top}..{bottom - 1}: {clipped(_root_message(error), 100)}): "
@@ -834,6 +886,12 @@ def ingest_rasters(
         if len(label_source.bands) != 1:
             raise InputError(
                 f"labels: {label_source.path.name} has {len(label_source.bands)} bands: choose one with PATH:N"
+            )
+        if label_source.scales is not None:
+            raise InputError(
+                f"labels: {label_source.path.name} has scale {label_source.scales[0]:g} and offset {label_source.offsets[0]:g} "
+                "(GDAL band metadata), but class ids are not scaled: unset them (gdal_edit.py -scale 1 -offset 0 FILE) "
+                "or pass a raster of class ids"
             )
     for name, source in sources.items():
         _check_overlap(source, grid, f"modality {name!r}")
