@@ -87,6 +87,8 @@ def export(
 
     prediction = store_path(prediction, "prediction", "prediction")
     out = local_path(out, "out", output=True, file=True)  # ~ is the home folder
+    if out.suffix and out.suffix.lower() not in (".tif", ".tiff"):  # a GeoTIFF named x.png: viewers refuse or misread it
+        raise InputError(f"out {out} would be a GeoTIFF named {out.suffix}: name it {out.with_suffix('.tif').name}")
     claim(out, "geotiff", inputs=[prediction], overwrite=overwrite)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 16 <= blocksize <= MAX_BLOCKSIZE or blocksize % 16:
         raise InputError(f"blocksize= (--blocksize) must be a multiple of 16 in 16..{MAX_BLOCKSIZE} px, got {blocksize!r}")

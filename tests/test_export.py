@@ -205,3 +205,16 @@ def test_export_overwrite_never_replaces_a_geotiff_of_a_synth_geotiff_folder(tmp
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tifs.iterdir()} == digest
     assert main(["export", str(root / "pred.zarr"), str(tifs / "pred.tif")]) == 0
     assert main(["export", str(root / "pred.zarr"), str(tifs / "pred.tif"), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("name", ["x.png", "x.jpg", "x.zarr", ""])
+def test_an_output_named_for_another_format_or_empty_is_one_line(tmp_path, prediction, capsys, name):
+    """`export PRED x.png` wrote a GeoTIFF named x.png (quicklooks refuse a suffix not theirs); an empty name
+    said 'out  names a folder'."""
+    root, _, _ = prediction
+    out = str(tmp_path / name) if name else ""
+    assert main(["export", str(root / "pred.zarr"), out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("name it x.tif" in err if name else "out is empty" in err), err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["export", str(root / "pred.zarr"), str(tmp_path / "X.TIF")]) == 0

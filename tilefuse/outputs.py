@@ -447,6 +447,8 @@ def local_path(path: str | os.PathLike, what: str = "path", *, output: bool = Fa
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"{what} must be a path (a str or os.PathLike), got {type(path).__name__} {clipped(repr(path))}")
     text = os.fspath(path)
+    if not text:  # pathlib reads '' as '.', the current folder
+        raise InputError(f"{what} is empty: give the path to {'write' if output else 'read'}")
     if file and os.path.basename(text) in ("", ".", ".."):  # out/, out/., .. (pathlib drops a trailing / or /.)
         raise InputError(f"{what} {text} names a folder, but this output is a file: add the file's name (e.g. {os.path.join(text, 'NAME')})")
     match = _URL.match(text)
