@@ -258,3 +258,19 @@ def test_a_store_replaced_into_the_same_inode_is_still_told_from_the_one_opened(
     with pytest.raises(InputError, match="was replaced while it was read"):
         opened["optical"][:, 8:16, 8:16].values
     assert not np.array_equal(first, tilefuse.open_scene(store)["optical"][:, :8, :8].values)
+
+
+def test_a_dataset_whose_store_was_replaced_is_named_as_such(tmp_path):
+    """A Dataset kept in a notebook while its store was rewritten (synth/ingest --overwrite) was refused by
+    predict as 'an xarray Dataset changed since it was opened': the Dataset had not changed, its store had."""
+    from predict_fixtures import make_scene, save_pointwise, write_test_scene
+
+    import tilefuse
+    from tilefuse.scene import write_scene
+
+    store = write_test_scene(tmp_path / "s.zarr", 40, 40, seed=1)
+    opened = tilefuse.open_scene(store)
+    write_scene(make_scene(40, 40, seed=2), store, chunk=64, shard=None, overwrite=True)
+    with pytest.raises(InputError, match=r"^store= is a Dataset opened from .*s\.zarr, which was replaced since .*open it again \(tilefuse\.open_scene\)"):
+        tilefuse.predict(save_pointwise(tmp_path / "ckpt"), opened, tmp_path / "p.zarr", tile=32, progress=False)
+    assert not (tmp_path / "p.zarr").exists()

@@ -412,12 +412,14 @@ def open_prediction(path: str | os.PathLike, allow_partial: bool = False) -> xr.
             raise InputError(message)
         warnings.warn(message, stacklevel=2)
         ds = open_store(path, "prediction", written=_written(done))  # only done blocks are promised
+    identity = ds.encoding.get("identity")
     ds = ds.drop_vars(MANIFEST)
     names = ds["probs"].attrs.get("class_names") if "probs" in ds else None
     if isinstance(names, list) and len(names) == ds.sizes.get("class"):  # probs.sel({"class": "water"})
         ds = ds.assign_coords({"class": names})
     ds.encoding["source"] = os.path.abspath(path)  # what :func:`store_path` takes it back to, also after a chdir
     ds.encoding["opened_by"] = "tilefuse"  # (drop_vars keeps no encoding)
+    ds.encoding["identity"] = identity
     return ds
 
 
@@ -440,6 +442,14 @@ def store_path(value: Any, param: str, kind: str) -> Any:
         raise InputError(f"{param}= is the {found} store {source} (opened with open_{found}), not a {kind} store: pass a {kind} store")
     if source is not None and os.path.isdir(source):
         from tilefuse.scene import open_scene
+        from tilefuse.storage import store_identity
+
+        opened = value.encoding.get("identity")
+        if opened is not None and value.encoding.get("opened_by") == "tilefuse" and tuple(opened) != store_identity(source):
+            raise InputError(
+                f"{param}= is a Dataset opened from {source}, which was replaced since (another run rewrote it): "
+                f"open it again (tilefuse.open_{kind}) and pass that"
+            )
 
         try:
             with warnings.catch_warnings():  # a partial prediction: its reader says so

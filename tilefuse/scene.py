@@ -395,6 +395,7 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
         raise InputError(f"{path}: {problem}: the store is corrupt, {repair(kind)}")
     ds.encoding["source"] = os.path.abspath(path)  # a notebook may pass the Dataset on (prediction.store_path), also after a chdir
     ds.encoding["opened_by"] = "tilefuse"  # not plain xarray.open_zarr, whose reads are not verified
+    ds.encoding["identity"] = storage.store_identity(path)  # which store it was: one replaced since is named so
     return ds
 
 
