@@ -5,8 +5,9 @@
 
 1. :func:`plan_prediction` checks everything that needs no worker: options
    (:meth:`PredictOptions.check`, once), the output path, the checkpoint (its
-   weights' header, without loading them), the scene's modalities, the tile
-   geometry and, on ``resume``, the store's settings; it writes nothing;
+   weights' header, without loading them), the scene's modalities and band order
+   (:func:`check_band_order`), the tile geometry and, on ``resume``, the store's
+   settings; it writes nothing;
 2. :class:`ClusterRun` owns the cluster side: it opens the client (or borrows
    the caller's, or none for ``sync``) and closes what it opened;
    :meth:`ClusterRun.prepare` probes every worker's device kind, cores and
@@ -231,6 +232,23 @@ class PredictionPlan:
         )
 
 
+def check_band_order(scene: "xr.Dataset", config: "ModelConfig", store: Path, checkpoint: Path) -> None:
+    """Refuse a scene whose band names of a modality disagree with those the checkpoint was trained on (its
+    ``band_names``; see :func:`tilefuse.checkpoint.band_names_conflict` for the rule: made-up names such as
+    ``b1`` and other naming schemes are not compared). A checkpoint without recorded names is not checked."""
+    from tilefuse.checkpoint import band_names_conflict, store_band_names
+
+    for name, trained in config.band_names.items():
+        names = store_band_names(scene, name)
+        problem = None if names is None else band_names_conflict(names, trained, "in the store", "in the checkpoint")
+        if problem:
+            raise InputError(
+                f"{store} gives modality {name!r} the bands {names} but checkpoint {checkpoint} was trained on {trained} "
+                f"({problem}): the model would read its bands in the wrong order; re-ingest the store with its bands in "
+                "the checkpoint's order and with its names, or use a checkpoint trained on this order"
+            )
+
+
 def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, options: PredictOptions) -> PredictionPlan:
     """Check the options, output, checkpoint, scene and resume settings of a run; writes nothing (but stale temporaries).
 
@@ -257,6 +275,7 @@ def plan_prediction(checkpoint: str | Path, store: str | Path, out: str | Path, 
     scene_id = scene_identity(store)  # the store this run reads (BlockJob.scene_id)
     scene = open_scene(store)
     require_modalities(scene, config.modalities, where=str(store))
+    check_band_order(scene, config, store, checkpoint)
     overlap = options.overlap
     if overlap is None:
         overlap = options.tile // 4 if spec.blend else 0

@@ -13,6 +13,11 @@ recorded order and the recorded roles passed to the model. A config written befo
 roles were recorded (no ``roles`` key) gets the rule its weights were built with:
 roles by position over its modalities, which that writer stored sorted by name.
 
+It records the band names of each modality it was trained on (``band_names``, the stores' band
+coordinates), so a store with the same bands in another order is refused (:func:`band_names_conflict`
+has the rule) instead of fed to weights that expect them otherwise; a config written before they were
+recorded (no ``band_names`` key) has none, and its stores are not checked.
+
 :meth:`ModelConfig.from_dict` checks every key's type once; a malformed config is
 one :class:`~tilefuse.errors.InputError` line naming the key.
 """
@@ -23,10 +28,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -34,6 +40,9 @@ from safetensors.torch import load_file, save_file
 
 from tilefuse.errors import InputError, clipped, read_json
 from tilefuse.tile_model import TileModel, accepts_hyperparameter, build_model
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -62,6 +71,9 @@ class ModelConfig:
     :func:`save_checkpoint` records what it decided). A list: roles by position, for
     configs written before roles were recorded.
     """
+    band_names: dict[str, list[str]] = field(default_factory=dict)
+    """modality -> the names of its bands, in the order the weights read them (the training stores' band
+    coordinate); {} for configs written before they were recorded and where no store named its bands."""
 
     def build(self) -> TileModel:
         """The model of this config, with the recorded roles; InputError if the config cannot build it."""
@@ -154,7 +166,61 @@ def _checked_config(data: Any, source: str) -> dict[str, Any]:
         if not isinstance(roles, dict) or not all(isinstance(v, str) and v in modalities for v in roles.values()):
             raise bad("roles", f"an object of role -> one of the modalities {sorted(modalities)}")
         args["roles"] = dict(roles)
+    if "band_names" in data:
+        named = data["band_names"]
+        if not isinstance(named, dict) or not all(
+            name in modalities and isinstance(value, list) and len(value) == modalities[name] and all(isinstance(v, str) for v in value)
+            for name, value in named.items()
+        ):
+            raise bad("band_names", "an object of modality -> a list of its band names (strings), one per band")
+        args["band_names"] = {name: list(named[name]) for name in modalities if name in named}  # the modalities' order
     return args
+
+
+DEFAULT_BAND_NAME = re.compile(r"b?[0-9]+")
+"""A made-up band name: ``b1``, ``b2``, ... (what ingest gives a raster band without a description and
+``from_xarray`` a numeric band coordinate) or a bare number ``1``, ``2``, ... (a store written without names).
+It says where a band sat in its source file, not which band it is, so it is compared with nothing."""
+
+
+def store_band_names(ds: xr.Dataset, modality: str) -> list[str] | None:
+    """The band names a scene records for ``modality`` (its band coordinate), or None where it records none."""
+    from tilefuse.scene import band_dim
+
+    dim = band_dim(modality)
+    if dim not in ds.coords:
+        return None
+    return [str(v) for v in ds[dim].values]
+
+
+def known_band_names(names: list[str]) -> list[str | None]:
+    """``names`` as :func:`band_names_conflict` compares them: without case and surrounding spaces, and None for
+    a made-up name (:data:`DEFAULT_BAND_NAME`)."""
+    return [None if DEFAULT_BAND_NAME.fullmatch(v.strip()) else v.strip().casefold() for v in names]
+
+
+def band_names_conflict(names: list[str], reference: list[str], here: str = "here", there: str = "there") -> str | None:
+    """How two band name lists of one modality disagree (``"'red' is band 1 here, band 3 there"``), or None.
+
+    The rule: made-up names (:data:`DEFAULT_BAND_NAME`: ``b1``, ``2``, ...) are unknown and agree with
+    anything; names are compared without case and surrounding spaces (``VV`` is ``vv``). Two lists with no
+    known name in common are another naming scheme (``B02`` against ``blue``) and are not compared. Otherwise
+    they must agree: each known name at the same position in both, and the same known name at each position
+    where both are known. So any reordering of named bands, and another band in the place of a named one, is
+    a conflict.
+    """
+    ours, theirs = known_band_names(names), known_band_names(reference)
+    if not (set(ours) & set(theirs)) - {None}:
+        return None
+    for name in dict.fromkeys(n for n in ours if n is not None):
+        at = [i for i, n in enumerate(ours) if n == name]
+        was = [i for i, n in enumerate(theirs) if n == name]
+        if was and at != was:
+            return f"{names[at[0]].strip()!r} is band {at[0] + 1} {here}, band {was[0] + 1} {there}"
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a is not None and b is not None and a != b:
+            return f"band {i + 1} is {names[i].strip()!r} {here}, {reference[i].strip()!r} {there}"
+    return None
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,8 +3,8 @@
 One function, :func:`assemble`, shared by ``tilefuse train`` and
 ``tilefuse.train`` (``pipelines/train.py`` resolves options, holds the run
 lock and calls it). It opens the stores and checks them (labels, modalities,
-band counts, patch size), merges their class lists, pools the band statistics,
-builds the model (or rebuilds a resumed run's), picks the sampler from the
+band counts, band order: :func:`check_band_names`, patch size), merges their
+class lists, pools the band statistics, builds the model (or rebuilds a resumed run's), picks the sampler from the
 model's spec (blended or margin-free models, PAD: random patches; a context
 margin and no blending, S²Fin: labelled pixels per class; ``sampler=``
 overrides), makes the spatially disjoint split (explicit validation stores,
@@ -149,6 +149,63 @@ def class_names_of(scenes, paths) -> list[str]:
     if not names:
         raise InputError(f"no labelled pixels in {', '.join(map(str, paths))}: ingest labels with --labels PATH")
     return names
+
+
+def check_band_names(scenes, paths, modalities, recorded: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """The band names to record for each of ``modalities``; refuses stores that give a modality its bands in
+    another order (InputError, one line naming both stores, the modality, both name lists and the fix).
+
+    Every store is compared with every other (and, on a resume, with the names the run ``recorded``; in effect
+    with each distinct list that shares a known name with it, so an archive of many stores stays quick) by
+    :func:`tilefuse.checkpoint.band_names_conflict`: made-up names (``b1``, ``b2``, ... that ingest gives
+    bands without a description; ``1``, ``2``, ...) are unknown and compared with nothing, lists without a
+    known name in common (``B02`` against ``blue``) are not compared, and otherwise each named band must sit
+    at the same position. A store without a band coordinate is not checked. Recorded per modality: the run's
+    names on a resume, else the store list with the most known names (the first of those).
+    """
+    from tilefuse.checkpoint import band_names_conflict, known_band_names, store_band_names
+
+    recorded = recorded or {}
+    names_of: dict[str, list[str]] = {}
+    for name in modalities:
+        seen: list[tuple[list[str], str | None]] = []  # the distinct lists met so far, with where first (None: the run)
+        sharing: dict[str, list[int]] = {}  # known name -> the lists in seen that hold it (only those can conflict)
+        met: set[tuple[str, ...]] = set()
+
+        def add(names: list[str], where: str | None) -> None:
+            for known in set(known_band_names(names)) - {None}:
+                sharing.setdefault(known, []).append(len(seen))
+            seen.append((names, where))
+            met.add(tuple(names))
+
+        if name in recorded:
+            add(list(recorded[name]), None)
+        for ds, path in zip(scenes, paths):
+            names = store_band_names(ds, name)
+            if names is None or tuple(names) in met:
+                continue
+            candidates = sorted({i for known in set(known_band_names(names)) - {None} for i in sharing.get(known, ())})
+            for ref, where in (seen[i] for i in candidates):
+                problem = band_names_conflict(names, ref, *(("in the first", "in the second") if where else ("in the store", "in the run")))
+                if problem is None:
+                    continue
+                if where is None:
+                    raise InputError(
+                        f"{path} gives modality {name!r} the bands {names} but the run being resumed was trained on {ref} "
+                        f"({problem}): resume with the stores the run was trained on (or re-ingest this one with its bands in the "
+                        "run's order and with the same names), or start a new run"
+                    )
+                raise InputError(
+                    f"{path} and {where} give modality {name!r} its bands in another order (or other bands): {names} and "
+                    f"{ref} ({problem}); the model would mix them: re-ingest one of them with its bands in the other's "
+                    "order and with the same names, or train on them separately"
+                )
+            add(names, path)
+        if name in recorded:
+            names_of[name] = list(recorded[name])
+        elif seen:  # the list with the most known names, the first of those (max keeps the first of equals)
+            names_of[name] = max((ref for ref, _ in seen), key=lambda ref: sum(n is not None for n in known_band_names(ref)))
+    return names_of
 
 
 def default_block(unit: int, smallest: int) -> int:
@@ -327,6 +384,7 @@ def assemble(
         raise InputError(f"modality_jitter= (--modality-jitter) names {strange[0]!r}, which the model does not read: name one of {', '.join(bands)}")
     for ds, path in zip(scenes, paths):
         require_modalities(ds, bands, where=path)
+    names_of_bands = check_band_names(scenes, paths, list(bands), resumed.band_names if resumed is not None else None)
     class_names = class_names_of(scenes, paths)
 
     if resumed is not None:
@@ -398,6 +456,7 @@ def assemble(
         hparams=hparams,
         class_names=class_names,
         band_stats=band_stats,
+        band_names=names_of_bands,
         extra={"stores": train_paths, "val_stores": val_paths, "sampler": "pixels" if pixels else "patches"},
     )
     train_data = PatchDataset(
