@@ -707,3 +707,29 @@ def test_a_lock_written_with_a_wall_clock_start_still_names_its_live_writer(tmp_
     lock.write_text(json.dumps({**record, "pid": _dead_pid()}))
     with output_lock(out):  # a dead writer's lock of either kind is taken over
         assert json.loads(lock.read_text())["start"] == outputs.current_process()[1]
+
+
+@pytest.mark.parametrize("inside", ["state/notes.txt", "index/mine.npz", "index/pred.zarr"])
+def test_train_overwrite_never_deletes_what_a_user_put_inside_the_run_state_or_index(tmp_path, capsys, inside):
+    """Only the top of a run folder was looked at: a user's notes in RUN/state, or a store written into RUN/index,
+    went with the run on `train --overwrite`; and a resume deleted any .npz in RUN/index it did not use."""
+    store = tmp_path / "s.zarr"
+    assert main(["synth", str(store), "--size", "64"]) == 0
+    run = tmp_path / "run"
+    train = ["train", "--model", "pad", "--hparam", "preset=micro", "--store", str(store), "--out", str(run), "--steps", "1",
+             "--batch-size", "2", "--patch-size", "32", "--workers", "0", "--val-fraction", "0", "--quiet"]  # fmt: skip
+    assert main(train) == 0
+    target = run / inside
+    if target.suffix == ".zarr":
+        shutil.copytree(store, target)
+    else:
+        target.write_bytes(b"mine")
+    capsys.readouterr()
+    assert main([*train, "--resume"]) == 0  # the run's own index is rewritten beside it
+    assert target.exists()
+    assert main([*train, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"holds {inside}" in err and "never deleted" in err, err
+    assert target.exists()
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert main([*train, "--overwrite"]) == 0  # what training wrote there is its own

@@ -366,6 +366,10 @@ RUN_ENTRIES = frozenset(
     {"state", "model.safetensors", "config.json", "log.jsonl", "curves.png", "metrics.json", "split.json", "index"}
 )
 """What training writes at the top of a run folder (tilefuse.training, tilefuse.sampling)."""
+RUN_STATE_FILES = frozenset({"config.json", "model.safetensors", "trainer.json", "trainer.safetensors", MARKER_FILE})
+"""What training writes in a run's ``state`` folder."""
+INDEX_FILE = re.compile(r"[a-z]+-[0-9a-f]{40}\.npz$")
+"""A sampler index file in a run's ``index`` folder (:class:`tilefuse.sampling.IndexCache`)."""
 _LOCK = re.compile(r"\..+\.lock(\.(stale|new)-[0-9a-f]{6})?$")
 _SIDECARS = (".aux.xml", ".ovr", ".msk")
 
@@ -416,14 +420,22 @@ def _damaged_array(entry: Path) -> bool:
 
 
 def foreign_entries(path: str | os.PathLike, kind: str) -> list[Path]:
-    """Entries at the top of the ``kind`` output folder ``path`` that tilefuse does not write there, sorted.
+    """Entries of the ``kind`` output folder ``path`` that tilefuse does not write there, sorted: at its top, and
+    in a run folder's ``state`` and ``index`` folders too (a user's notes there, or a prediction store written
+    into them, went with the run on ``train --overwrite``).
 
     Replacing the output deletes the whole folder, so :func:`claim` refuses to
     overwrite one that holds any (a user's notes, a store written inside a run
     or GeoTIFF folder): those are never deleted, even with overwrite.
     """
     try:
-        return sorted(entry for entry in Path(path).iterdir() if not _ours(entry, kind))
+        found = [entry for entry in Path(path).iterdir() if not _ours(entry, kind)]
+        if kind == "run":
+            for name, ours in (("state", lambda n: n in RUN_STATE_FILES), ("index", INDEX_FILE.match)):
+                inner = Path(path, name)
+                if inner.is_dir() and not inner.is_symlink():
+                    found += [e for e in inner.iterdir() if not (is_temporary(e) or (e.is_file() and not e.is_symlink() and ours(e.name)))]
+        return sorted(found)
     except OSError:
         return []
 
@@ -691,7 +703,7 @@ def claim(
         if foreign:
             more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
             raise InputError(
-                f"{what} {path} holds {foreign[0].name}{more}, which tilefuse did not write there: it is never deleted, "
+                f"{what} {path} holds {os.path.relpath(foreign[0], target)}{more}, which tilefuse did not write there: it is never deleted, "
                 "even with overwrite; move it out of the folder or choose another output path"
             )
     check_space(target, size)

@@ -75,7 +75,7 @@ class IndexCache:
 
     def save(self, folder: str | os.PathLike | None = None) -> Path | None:
         """Write the new entries into ``folder`` (default: the one read from) and drop entries nobody used."""
-        from tilefuse.outputs import replace_path, temporary_sibling
+        from tilefuse.outputs import INDEX_FILE, replace_path, temporary_sibling
 
         target = Path(folder) if folder is not None else self.folder
         if target is None:
@@ -93,7 +93,7 @@ class IndexCache:
             finally:
                 tmp.unlink(missing_ok=True)
         for path in target.glob("*.npz"):
-            if path.stem not in self.used:
+            if INDEX_FILE.match(path.name) and path.stem not in self.used:  # never a file of the user's
                 path.unlink(missing_ok=True)
         self.pending.clear()
         self.folder = target
