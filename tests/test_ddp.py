@@ -486,7 +486,7 @@ def test_train_nproc_on_the_command_line(store, tmp_path):
     assert not list(tmp_path.glob(".*.lock")), "the run lock was left behind"
     again = _cli(*base, "--store", store, "--out", str(run), "--steps", "2", "--resume")
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
-    assert "trained by 2 process(es) x 1 worker(s), this job is 1 x 1" in again.stderr
+    assert "trained by 2 process(es) x 0 worker(s), this job is 1 x 0" in again.stderr and "--workers 0 for" in again.stderr
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def terminating(say: str | None = None) -> Iterator[None]:
         yield
     except SystemExit:
         if say and stopping.is_set():
-            print(f"\ntilefuse: {say}", file=sys.stderr, flush=True)
+            print(f"tilefuse: {say}", file=sys.stderr, flush=True)  # progress bars are closed by now: no line to end
         raise
     finally:
         restore()

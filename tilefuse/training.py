@@ -607,9 +607,11 @@ def _fit(
         trainer = run.read_trainer()
         saved = StreamState.from_dict(trainer["streams"])
         if (saved.world, saved.workers) != (ranks.world, workers):
+            # the run's own --workers (0: loaded in the training process, one stream like 1 worker's), not its stream count
+            given = trainer.get("job", {}).get("settings", {}).get("workers", saved.workers)
             raise InputError(
-                f"the run was trained by {saved.world} process(es) x {saved.workers} worker(s), this job is {ranks.world} x {workers}: "
-                f"resume with {saved.world} processes (--nproc / torchrun) and --workers {saved.workers} for an exact resume"
+                f"the run was trained by {saved.world} process(es) x {given} worker(s), this job is {ranks.world} x {settings.workers}: "
+                f"resume with {saved.world} processes (--nproc / torchrun) and --workers {given} for an exact resume"
             )
         computed = trainer.get("compute")
         if computed is not None and computed != compute:  # a run saved before this was recorded is not checked
