@@ -145,6 +145,27 @@ def _recorded_split_sha256(path: Path) -> str | None:
     return digest if isinstance(digest, str) else None
 
 
+def _check_split_scene(path: Path, labels: str | Path, index: int, blocks: tuple[int, int], block: int, shape: tuple[int, int]) -> None:
+    """Refuse a labels store that is not the scene the run split in ``path`` was trained on: one of another size
+    (an IndexError traceback), or one replaced at the same path (its blocks were scored as held out, though the
+    run had never seen that scene). The scene is compared by the digest the run recorded for it, where it did."""
+    fix = "evaluate the store the run was trained on, or evaluate without split="
+    if blocks != tuple(-(-n // block) for n in shape):
+        raise InputError(f"{labels} is not the scene the run split in {path} was trained on (its size differs from the split's): {fix}")
+    try:
+        recorded = json.loads((path.parent / "state" / "trainer.json").read_text())["job"]["scene_digests"][index]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return  # a split file outside a run folder, or a run saved before the digests were recorded
+    from tilefuse.scene import modalities, open_scene, scene_digest
+
+    scene = open_scene(labels)
+    if scene_digest(scene, modalities(scene), labels=True) != recorded:
+        raise InputError(
+            f"{labels} is not the scene the run split in {path} was trained on (replaced since: its grid, bands, band "
+            f"statistics or labels differ): {fix}"
+        )
+
+
 def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tuple[int, int]):
     """``(rows, cols) -> bool mask`` of the pixels a run's split leaves to ``subset`` in store ``labels``."""
     from tilefuse.sampling import SPLIT_FILE, SUBSETS, load_split, split_mask
@@ -165,6 +186,7 @@ def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tupl
     if str(Path(labels).resolve()) not in stores:
         raise InputError(f"{labels} is not one of the stores split in {path}: evaluate one of {', '.join(stores)}")
     index = stores.index(str(Path(labels).resolve()))
+    _check_split_scene(path, labels, index, layout.assignment[index].shape, layout.block, shape)
     if not (layout.assignment[index] == SUBSETS.index(subset)).any():
         raise InputError(f"{path} gives no block of {labels} to {subset!r}: train with --{subset}-fraction > 0 or evaluate another store")
     context = saved.context

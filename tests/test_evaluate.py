@@ -217,3 +217,24 @@ def test_labels_without_a_labelled_valid_pixel_are_one_line_not_metrics_of_nothi
     other = write(empty, tmp_path / "unlabelled.zarr")
     with pytest.raises(InputError, match=r"unlabelled\.zarr has no labelled pixel where it is valid: nothing to score"):
         evaluate(pred, other)
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_split_scoring_refuses_a_labels_store_replaced_since_training(tmp_path, capsys, size):
+    """`evaluate --split RUN` of a store replaced since the run was trained: another size was an IndexError
+    traceback; the same size scored the new scene's 'held-out' blocks, which the run had never split."""
+    from tilefuse.cli import main
+
+    store = tmp_path / "s.zarr"
+    assert main(["synth", str(store), "--size", "64", "--seed", "1"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--model", "pad", "--hparam", "preset=micro", "--store", str(store), "--out", str(run), "--steps", "1",
+                 "--batch-size", "2", "--patch-size", "32", "--workers", "0", "--test-fraction", "0.3", "--block", "32", "--quiet"]) == 0  # fmt: skip
+    assert main(["predict", "--checkpoint", str(run), "--store", str(store), "--out", str(tmp_path / "p.zarr"), "--tile", "32"]) == 0
+    assert main(["evaluate", str(tmp_path / "p.zarr"), "--labels", str(store), "--split", str(run)]) == 0
+    assert main(["synth", str(store), "--size", str(size), "--seed", "2", "--overwrite"]) == 0
+    assert main(["predict", "--checkpoint", str(run), "--store", str(store), "--out", str(tmp_path / "q.zarr"), "--tile", "32"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "q.zarr"), "--labels", str(store), "--split", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not the scene the run split in" in err, err
