@@ -83,11 +83,23 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
         if value is None:
             continue
         section = "data" if key in data_names else "settings"
+        if saved and key == "modalities" and job[section][key] is None and _as_saved(value) == _default_modalities(stores):
+            continue  # the order the run took by default, spelled out
         if saved and key not in FREE_ON_RESUME and job[section][key] != _as_saved(value):
             flag = "--modality" if key == "modalities" else f"--{key.replace('_', '-')}"
             raise InputError(f"{key}= ({flag}) {_as_saved(value)} differs from the run's {job[section][key]}: resume with the same value (or start a new run)")
         job[section][key] = value
     return job
+
+
+def _default_modalities(stores: list[str]) -> list[str] | None:
+    """The modalities a run given none feeds: the first store's (:func:`tilefuse.training_data.assemble`)."""
+    from tilefuse.scene import modalities, open_scene
+
+    try:
+        return modalities(open_scene(stores[0])) if stores else None
+    except InputError:
+        return None  # its own refusal comes later, with the store named
 
 
 def _as_saved(value: Any) -> Any:

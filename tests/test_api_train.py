@@ -184,3 +184,19 @@ def test_stores_with_different_modalities_name_the_ones_they_share(stores, tmp_p
         train("test-seg", [extra, stores[1]], tmp_path / "run", steps=1, **FAST)
     run = train("test-seg", [extra, stores[1]], tmp_path / "run", steps=1, modalities=["optical", "sar"], **FAST)
     assert list(read_config(run).modalities) == ["optical", "sar"]
+
+
+def test_a_resume_naming_the_default_modality_order_is_the_run_it_continues(tmp_path):
+    """A run given no modalities, resumed with them spelled out in the order it took by default, was refused:
+    "modalities= (--modality) ['optical', 'sar'] differs from the run's None". Another order still is."""
+    import tilefuse
+    from tilefuse.errors import InputError
+    from tilefuse.scene import modalities, open_scene
+
+    store = tilefuse.synth(tmp_path / "s.zarr", 64)
+    options = dict(steps=2, batch_size=2, patch_size=32, hparams={"preset": "micro"}, workers=0, val_fraction=0.0, checkpoint_every=1, progress=False)
+    run = tilefuse.train("pad", store, tmp_path / "run", **options)
+    names = modalities(open_scene(store))
+    with pytest.raises(InputError, match="differs from the run's"):
+        tilefuse.train("pad", store, run, modalities=names[::-1], resume=True, **options)
+    tilefuse.train("pad", store, run, modalities=names, resume=True, **options)
