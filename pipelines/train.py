@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence
@@ -213,6 +214,10 @@ def _train(model, stores, out, *, val_stores, hparams, resume, overwrite, progre
             f"{run.path / SPLIT_FILE} was deleted and the split rebuilt in its place is not the one the run was trained "
             "with: restore the file, or start a new run with overwrite=True (--overwrite)"
         )
+    if writer and progress and prepared.shares and data.split == "stores":  # whole stores: often far from what was asked
+        asked = {"train": 1 - data.val_fraction - data.test_fraction, "val": data.val_fraction, "test": data.test_fraction}
+        held = ", ".join(f"{name} {share:.0%} (asked {asked[name]:.0%})" for name, share in prepared.shares.items())
+        print(f"tilefuse: note: split by whole stores, the labelled pixels go to {held}", file=sys.stderr)
     if writer:
         run.start(resume, overwrite, inputs=[stores, val_stores])  # guarded: replaces only a run folder
         prepared.save(run.path)  # split file and sampler indexes (one writer: this process holds the run lock)

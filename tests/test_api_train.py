@@ -200,3 +200,20 @@ def test_a_resume_naming_the_default_modality_order_is_the_run_it_continues(tmp_
     with pytest.raises(InputError, match="differs from the run's"):
         tilefuse.train("pad", store, run, modalities=names[::-1], resume=True, **options)
     tilefuse.train("pad", store, run, modalities=names, resume=True, **options)
+
+
+def test_a_split_by_whole_stores_says_what_share_each_subset_got(tmp_path, capsys):
+    """`--split stores` over stores of unequal size held 88 % of the labelled pixels out (one draw trained on a
+    store of 12 %) without a word. The shares it drew are said, against those asked."""
+    import re
+
+    import tilefuse
+
+    stores = [tilefuse.synth(tmp_path / f"s{k}.zarr", size, seed=k) for k, size in enumerate((96, 48, 48, 32))]
+    capsys.readouterr()
+    tilefuse.train("pad", stores, tmp_path / "run", steps=1, batch_size=2, patch_size=32, hparams={"preset": "micro"}, workers=0,
+                   split="stores", val_fraction=0.1, test_fraction=0.1, progress=True)  # fmt: skip
+    notes = [line for line in capsys.readouterr().err.splitlines() if "split by whole stores" in line]
+    assert len(notes) == 1, notes
+    shares = [int(v) for v in re.findall(r"(?:train|val|test) (\d+)%", notes[0])]
+    assert len(shares) == 3 and 98 <= sum(shares) <= 102 and "asked 80%" in notes[0], notes

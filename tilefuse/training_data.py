@@ -128,6 +128,8 @@ class TrainingData:
     val_batch_size: int | None = None
     index: Any = None
     """The :class:`~tilefuse.sampling.IndexCache` the samplers' indexes went through."""
+    shares: dict[str, float] | None = None
+    """The share of the labelled pixels the split gives train, val and test, where it was drawn here (not read back)."""
     digests: list[str] = field(default_factory=list)
     """:func:`~tilefuse.scene.scene_digest` of each of ``stores``, labels included (a resume must read the same scenes)."""
 
@@ -224,20 +226,21 @@ def rescale_range(data: DataOptions, pixels: bool) -> tuple[float, float] | None
 
 
 def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, pixels: bool, tile: int, seed: int, has_val_stores: bool):
-    """The split of all ``scenes`` (training then validation stores), or None."""
+    """The split of all ``scenes`` (training then validation stores), or None, and the share of the labelled
+    pixels each subset holds where the split was drawn from them (else None)."""
     import numpy as np
 
-    from tilefuse.sampling import SpatialSplit, labelled_per_block, spatial_split
+    from tilefuse.sampling import SUBSETS, SpatialSplit, labelled_per_block, spatial_split
 
     if has_val_stores:
         if data.test_fraction > 0:  # test blocks of the training stores (it was dropped without a word); the rest validates
-            held = _split(scenes[:n_train], readers[:n_train], paths[:n_train], n_train, replace(data, val_fraction=0.0), pixels, tile, seed, False)
+            held, _ = _split(scenes[:n_train], readers[:n_train], paths[:n_train], n_train, replace(data, val_fraction=0.0), pixels, tile, seed, False)
             blocks = [np.ones((-(-ds.sizes["y"] // held.block), -(-ds.sizes["x"] // held.block)), np.int8) for ds in scenes[n_train:]]
-            return SpatialSplit(held.block, (*held.assignment, *blocks))
+            return SpatialSplit(held.block, (*held.assignment, *blocks)), None
         edge = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
-        return SpatialSplit(edge, tuple(np.full((1, 1), 0 if i < n_train else 1, np.int8) for i in range(len(scenes))))
+        return SpatialSplit(edge, tuple(np.full((1, 1), 0 if i < n_train else 1, np.int8) for i in range(len(scenes)))), None
     if data.val_fraction <= 0 and data.test_fraction <= 0:
-        return None
+        return None, None
     if data.split == "stores":
         block = max(max(ds.sizes["y"], ds.sizes["x"]) for ds in scenes)
     else:
@@ -251,10 +254,13 @@ def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, p
     # blocks alone was empty without a word; they stay in training (weight 0: never held out)
     fitting = [w * np.outer(_extents(ds.sizes["y"], block) >= tile, _extents(ds.sizes["x"], block) >= tile) for w, ds in zip(weights, scenes)]
     weights = fitting if any(w.sum() for w in fitting) else weights  # stores all smaller than a sample: as they come
-    return spatial_split(
+    split = spatial_split(
         [(ds.sizes["y"], ds.sizes["x"]) for ds in scenes],
         by=data.split, val=data.val_fraction, test=data.test_fraction, block=block, weights=weights, seed=seed,
     )
+    total = sum(float(w.sum()) for w in weights)
+    shares = {s: sum(float(w[a == k].sum()) for w, a in zip(weights, split.assignment)) / total for k, s in enumerate(SUBSETS)}
+    return split, shares
 
 
 def _extents(size: int, block: int):
@@ -418,9 +424,9 @@ def assemble(
     readers = [SceneReader(p) for p in paths]  # one zarr handle per store, shared by the split and the samplers
     with ThreadPoolExecutor(OPEN_THREADS) as pool:
         list(pool.map(lambda reader: reader.group, readers))
-    split = _saved_split(run, paths, scenes)
+    split, shares = _saved_split(run, paths, scenes), None
     if split is None:
-        split = _split(scenes, readers, paths, len(train_paths), data, pixels, tile, seed, bool(val_paths))
+        split, shares = _split(scenes, readers, paths, len(train_paths), data, pixels, tile, seed, bool(val_paths))
     digests = [scene_digest(ds, store_modalities(ds), labels=True) for ds in scenes]
     del scenes  # the samplers read zarr directly
 
@@ -476,4 +482,5 @@ def assemble(
         val_batch_size=max(256, batch_size) if pixels else None,
         index=index,
         digests=digests,
+        shares=shares,
     )
