@@ -526,7 +526,7 @@ def test_a_resume_refuses_an_edited_split_and_rebuilds_a_deleted_one(stores, tmp
     split_file.unlink()
     other = spatial_split([(128, 128), (96, 128)], block=64, val=0.5, seed=7)
     with monkeypatch.context() as patch:  # a rebuilt split that is not the run's (the split is seeded: made up here)
-        patch.setattr(tilefuse.training_data, "_split", lambda *args, **kwargs: other)
+        patch.setattr(tilefuse.training_data, "_split", lambda *args, **kwargs: (other, None))
         with pytest.raises(InputError, match=r"split\.json was deleted and the split rebuilt in its place is not the one the run was trained with"):
             train("test-seg", stores, run, resume=True, **options)
     assert not split_file.exists()
