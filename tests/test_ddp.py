@@ -578,6 +578,20 @@ def test_the_sigterm_line_comes_after_what_the_block_prints_while_it_unwinds(cap
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_only_a_sigterm_says_the_line_not_a_later_exit_of_the_same_process(capfd):
+    """A process that met a SIGTERM once (a notebook, a test session) said a block's SIGTERM line at every later
+    SystemExit inside such a block: only the exit a SIGTERM raised says it."""
+    from tilefuse.signals import stopping
+
+    stopping.set()  # as after an earlier SIGTERM of this process
+    try:
+        with pytest.raises(SystemExit), terminating("stopped by SIGTERM: ..."):
+            raise SystemExit(3)
+        assert "stopped by SIGTERM" not in capfd.readouterr().err
+    finally:
+        stopping.clear()
+
+
 def test_sigterm_becomes_an_exit_only_where_it_had_its_default_action():
     """A SIGTERM ignored by the caller (nohup, a supervisor) was made fatal for the run, and a program's own
     handler replaced, by the handler that unwinds predict and the launcher."""

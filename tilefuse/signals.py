@@ -16,6 +16,10 @@ stopping = threading.Event()
 """Set once SIGTERM came (:func:`terminate_as_exit`): the console script then drops libraries' shutdown noise."""
 
 
+class Terminated(SystemExit):
+    """The SystemExit a SIGTERM raises (:func:`terminate_as_exit`): only it makes :func:`terminating` say its line."""
+
+
 def terminate_as_exit() -> Callable[[], None]:
     """Make SIGTERM end this process by SystemExit(143), so what it holds is given back on the way out (the
     ranks it launched stopped, an output's lock released, temporaries removed, a dask cluster it started
@@ -32,7 +36,7 @@ def terminate_as_exit() -> Callable[[], None]:
 
     def terminate(signum, _frame) -> None:
         stopping.set()
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
 
     terminate.tilefuse = True  # type: ignore[attr-defined]
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -48,8 +52,8 @@ def terminating(say: str | None = None) -> Iterator[None]:
     restore = terminate_as_exit()
     try:
         yield
-    except SystemExit:
-        if say and stopping.is_set():
+    except Terminated:
+        if say:
             print(f"tilefuse: {say}", file=sys.stderr, flush=True)  # progress bars are closed by now: no line to end
         raise
     finally:
