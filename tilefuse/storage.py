@@ -292,6 +292,8 @@ class VerifiedStore(WrapperStore):
         self.fix = fix
         self.root = root
         self.identity = store_identity(root) if root is not None else None
+        self.consolidated = False
+        """Whether the store records its arrays' metadata in its root (zarr's ``use_consolidated``)."""
 
     def __dask_tokenize__(self):
         """The store as resolved, not as named: a Dataset reopened by its absolute path (a notebook passing it
@@ -303,7 +305,7 @@ class VerifiedStore(WrapperStore):
 
     def _with_store(self, store):
         clone = type(self)(store, self.checks, self.where, self.fix)
-        clone.root, clone.identity = self.root, self.identity
+        clone.root, clone.identity, clone.consolidated = self.root, self.identity, self.consolidated
         return clone
 
     def check_identity(self) -> None:
@@ -362,17 +364,18 @@ class VerifiedStore(WrapperStore):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
 
-def _raw_group(path: Path) -> zarr.Group:
-    return zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3, use_consolidated=_consolidated(path))
-
-
-def _consolidated(path: Path) -> bool:
+def _consolidated(path: Path) -> dict | None:
+    """The store's record of its arrays' metadata (array name -> its ``zarr.json``, from the consolidated
+    metadata in the root ``zarr.json``), or None for a store without one (or whose root is unreadable)."""
     import json
 
     try:
-        return json.loads((Path(path) / "zarr.json").read_text()).get("consolidated_metadata") is not None
-    except (OSError, ValueError):
-        return False
+        listed = json.loads((Path(path) / "zarr.json").read_text()).get("consolidated_metadata")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if listed is None:
+        return None
+    return (listed.get("metadata") or {}) if isinstance(listed, dict) else {}
 
 
 def checks_for(group: zarr.Group, written: Mapping[str, Collection] | None = None) -> dict[str, ArrayCheck]:
@@ -421,7 +424,7 @@ def _where(group: zarr.Group) -> str:
     return str(root) if root is not None else "the store"
 
 
-def _check_array_metadata(path: Path, group: zarr.Group) -> None:
+def _check_array_metadata(path: Path, group: zarr.Group, listed: Mapping) -> None:
     """Refuse a store whose consolidated metadata lists an array whose own ``zarr.json`` is gone, not JSON, or
     (for an array tilefuse wrote) not the one recorded.
 
@@ -432,10 +435,6 @@ def _check_array_metadata(path: Path, group: zarr.Group) -> None:
     """
     import json
 
-    try:
-        listed = json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
-    except (OSError, ValueError, KeyError, TypeError):
-        listed = {}
     ours = own_arrays(dict(group.attrs))
     for name, _ in group.arrays():
         meta = path / name / "zarr.json"
@@ -484,28 +483,29 @@ def verified_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-inge
     path = Path(path)
     real = real_path(path)
     root = store_identity(real)
-    group = _raw_group(path)
-    if _consolidated(path):
-        _check_array_metadata(path, group)
+    listed = _consolidated(path)  # the root zarr.json, read once for the whole open
+    group = zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3, use_consolidated=listed is not None)
+    if listed is not None:
+        _check_array_metadata(path, group, listed)
     checks = checks_for(group, written)
     store = VerifiedStore(LocalStore(real, read_only=read_only), checks, str(path), fix, root=real)
     store.identity = root  # the store whose metadata was just read
+    store.consolidated = listed is not None  # how zarr is to open it (open_group, open_dataset)
     return store
 
 
 def open_group(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it") -> zarr.Group:
     """Open the zarr group at ``path`` for reading through a :class:`VerifiedStore`."""
-    path = Path(path)
-    return zarr.open_group(verified_store(path, written=written, fix=fix), mode="r", zarr_format=3, use_consolidated=_consolidated(path))
+    store = verified_store(path, written=written, fix=fix)
+    return zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=store.consolidated)
 
 
 def open_dataset(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it"):
     """Open the store at ``path`` lazily as an xarray Dataset (CRS decoded) through a :class:`VerifiedStore`."""
     import xarray as xr
 
-    path = Path(path)
     store = verified_store(path, written=written, fix=fix)
-    return xr.open_zarr(store, decode_coords="all", consolidated=_consolidated(path), zarr_format=3)
+    return xr.open_zarr(store, decode_coords="all", consolidated=store.consolidated, zarr_format=3)
 
 
 def verify_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it", names: Collection[str] | None = None) -> int:
