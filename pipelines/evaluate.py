@@ -133,29 +133,31 @@ def write_json(data: dict[str, Any], out: str | Path, *, inputs=(), overwrite: b
     return Path(out)
 
 
-def _recorded_split_sha256(path: Path) -> str | None:
-    """The SHA-256 the training run holding split file ``path`` recorded for it (``split_sha256`` of the job in
-    its ``state/trainer.json``: :meth:`tilefuse.training.RunDir.check_split`, which a resume applies), or None: a
-    split file outside a run folder, or a run saved before it was recorded. Read here without the training engine
-    (and torch)."""
+def _recorded_job(path: Path) -> dict[str, Any]:
+    """The job the training run holding split file ``path`` recorded (in its ``state/trainer.json``: the split
+    file's ``split_sha256``, :meth:`tilefuse.training.RunDir.check_split`, and each store's ``scene_digests``),
+    or {}: a split file outside a run folder. Read here without the training engine (and torch); a run saved
+    before a key was recorded lacks it, and is not checked for it."""
     try:
-        digest = json.loads((path.parent / "state" / "trainer.json").read_text())["job"]["split_sha256"]
+        job = json.loads((path.parent / "state" / "trainer.json").read_text())["job"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return digest if isinstance(digest, str) else None
+        return {}
+    return job if isinstance(job, dict) else {}
 
 
-def _check_split_scene(path: Path, labels: str | Path, index: int, blocks: tuple[int, int], block: int, shape: tuple[int, int]) -> None:
+def _check_split_scene(
+    path: Path, labels: str | Path, index: int, blocks: tuple[int, int], block: int, shape: tuple[int, int], digests: Any
+) -> None:
     """Refuse a labels store that is not the scene the run split in ``path`` was trained on: one of another size
     (an IndexError traceback), or one replaced at the same path (its blocks were scored as held out, though the
-    run had never seen that scene). The scene is compared by the digest the run recorded for it, where it did."""
+    run had never seen that scene). The scene is compared by the digest the run recorded for it (``digests``, by
+    store), where it did."""
     fix = "evaluate the store the run was trained on, or evaluate without split="
     if blocks != tuple(-(-n // block) for n in shape):
         raise InputError(f"{labels} is not the scene the run split in {path} was trained on (its size differs from the split's): {fix}")
-    try:
-        recorded = json.loads((path.parent / "state" / "trainer.json").read_text())["job"]["scene_digests"][index]
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    if not isinstance(digests, list) or index >= len(digests):
         return  # a split file outside a run folder, or a run saved before the digests were recorded
+    recorded = digests[index]
     from tilefuse.scene import modalities, open_scene, scene_digest
 
     scene = open_scene(labels)
@@ -175,8 +177,9 @@ def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tupl
     if subset not in SUBSETS:
         raise InputError(f"unknown subset {subset!r}: choose one of {', '.join(SUBSETS)}")
     saved = load_split(path)  # the split file's one reader
-    recorded = _recorded_split_sha256(path)
-    if recorded is not None and hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+    job = _recorded_job(path)
+    recorded = job.get("split_sha256")
+    if isinstance(recorded, str) and hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
         raise InputError(
             f"{path} is not the split its run was trained with (edited since: its SHA-256 differs from the one in the run's "
             "state/trainer.json): restore it, or delete it and resume the run (train --resume) to have it rebuilt"
@@ -186,7 +189,7 @@ def _subset_mask(split: str | Path, subset: str, labels: str | Path, shape: tupl
     if str(Path(labels).resolve()) not in stores:
         raise InputError(f"{labels} is not one of the stores split in {path}: evaluate one of {', '.join(stores)}")
     index = stores.index(str(Path(labels).resolve()))
-    _check_split_scene(path, labels, index, layout.assignment[index].shape, layout.block, shape)
+    _check_split_scene(path, labels, index, layout.assignment[index].shape, layout.block, shape, job.get("scene_digests"))
     if not (layout.assignment[index] == SUBSETS.index(subset)).any():
         raise InputError(f"{path} gives no block of {labels} to {subset!r}: train with --{subset}-fraction > 0 or evaluate another store")
     context = saved.context
