@@ -247,19 +247,20 @@ def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, p
         if data.block and data.block < tile:  # held-out blocks would cut every training sample and hold none
             raise InputError(f"block= (--block) {data.block} is smaller than a sample ({tile} px): pass block >= {tile}, or 0 (auto)")
         block = data.block or default_block(32 if pixels else tile, min(min(ds.sizes["y"], ds.sizes["x"]) for ds in scenes))
-    weights = [labelled_per_block(reader, block) for reader in readers]
-    if not any(w.sum() for w in weights):
+    labelled = [labelled_per_block(reader, block) for reader in readers]
+    if not any(w.sum() for w in labelled):
         raise InputError(f"no valid labelled pixels in {', '.join(paths)}: check the labels (255 = none) and the valid mask")
     # an edge block narrower than a sample holds no validation (or test) sample of its own: a validation of such
     # blocks alone was empty without a word; they stay in training (weight 0: never held out)
-    fitting = [w * np.outer(_extents(ds.sizes["y"], block) >= tile, _extents(ds.sizes["x"], block) >= tile) for w, ds in zip(weights, scenes)]
-    weights = fitting if any(w.sum() for w in fitting) else weights  # stores all smaller than a sample: as they come
+    fitting = [w * np.outer(_extents(ds.sizes["y"], block) >= tile, _extents(ds.sizes["x"], block) >= tile) for w, ds in zip(labelled, scenes)]
+    weights = fitting if any(w.sum() for w in fitting) else labelled  # stores all smaller than a sample: as they come
     split = spatial_split(
         [(ds.sizes["y"], ds.sizes["x"]) for ds in scenes],
         by=data.split, val=data.val_fraction, test=data.test_fraction, block=block, weights=weights, seed=seed,
     )
-    total = sum(float(w.sum()) for w in weights)
-    shares = {s: sum(float(w[a == k].sum()) for w, a in zip(weights, split.assignment)) / total for k, s in enumerate(SUBSETS)}
+    # of every labelled pixel: the blocks kept out of the draw (weight 0) are trained on
+    total = sum(float(w.sum()) for w in labelled)
+    shares = {s: sum(float(w[a == k].sum()) for w, a in zip(labelled, split.assignment)) / total for k, s in enumerate(SUBSETS)}
     return split, shares
 
 
