@@ -236,7 +236,8 @@ def check_band_order(scene: "xr.Dataset", config: "ModelConfig", store: Path, ch
     """Refuse a scene whose band names of a modality disagree with those the checkpoint was trained on (its
     ``band_names``; see :func:`tilefuse.checkpoint.band_names_conflict` for the rule: made-up names such as
     ``b1`` and other naming schemes are not compared). A checkpoint without recorded names is not checked."""
-    from tilefuse.checkpoint import band_names_conflict, store_band_names
+    from tilefuse.checkpoint import band_names_conflict
+    from tilefuse.scene import store_band_names
 
     for name, trained in config.band_names.items():
         names = store_band_names(scene, name)

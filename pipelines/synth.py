@@ -16,7 +16,6 @@ import typer
 from tilefuse.errors import printable
 
 
-
 def synth(
     out: str | Path,
     size: int | tuple[int, int] = 1024,

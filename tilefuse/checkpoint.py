@@ -32,7 +32,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -40,9 +40,6 @@ from safetensors.torch import load_file, save_file
 
 from tilefuse.errors import InputError, clipped, read_json
 from tilefuse.tile_model import TileModel, accepts_hyperparameter, build_model
-
-if TYPE_CHECKING:
-    import xarray as xr
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -181,16 +178,6 @@ DEFAULT_BAND_NAME = re.compile(r"b?[0-9]+")
 """A made-up band name: ``b1``, ``b2``, ... (what ingest gives a raster band without a description and
 ``from_xarray`` a numeric band coordinate) or a bare number ``1``, ``2``, ... (a store written without names).
 It says where a band sat in its source file, not which band it is, so it is compared with nothing."""
-
-
-def store_band_names(ds: xr.Dataset, modality: str) -> list[str] | None:
-    """The band names a scene records for ``modality`` (its band coordinate), or None where it records none."""
-    from tilefuse.scene import band_dim
-
-    dim = band_dim(modality)
-    if dim not in ds.coords:
-        return None
-    return [str(v) for v in ds[dim].values]
 
 
 def known_band_names(names: list[str]) -> list[str | None]:

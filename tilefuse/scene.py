@@ -51,6 +51,15 @@ def band_dim(modality: str) -> str:
     return f"{modality}_band"
 
 
+def store_band_names(ds: xr.Dataset, modality: str) -> list[str] | None:
+    """The band names a scene records for ``modality`` (its band coordinate), or None where it records none
+    (a checkpoint records them: :func:`tilefuse.checkpoint.band_names_conflict`)."""
+    dim = band_dim(modality)
+    if dim not in ds.coords:
+        return None
+    return [str(v) for v in ds[dim].values]
+
+
 def modalities(ds: xr.Dataset) -> list[str]:
     """Names of the modality variables of a scene, in store order."""
     names = ds.attrs.get("modalities")
@@ -339,6 +348,8 @@ def repair(kind: str, array: str | None = None) -> str:
         if array not in (*OUTPUTS, MANIFEST):
             return "recompute it with `tilefuse predict ... --overwrite`"
     return REPAIR.get(kind, "re-create it")
+
+
 MADE_BY = {"scene": "(written by `tilefuse ingest` or `tilefuse synth`)", "prediction": "(written by `tilefuse predict`)"}
 """Where a store of each kind comes from (the fix of a message about the wrong path)."""
 

@@ -165,7 +165,8 @@ def check_band_names(scenes, paths, modalities, recorded: dict[str, list[str]] |
     at the same position. A store without a band coordinate is not checked. Recorded per modality: the run's
     names on a resume, else the store list with the most known names (the first of those).
     """
-    from tilefuse.checkpoint import band_names_conflict, known_band_names, store_band_names
+    from tilefuse.checkpoint import band_names_conflict, known_band_names
+    from tilefuse.scene import store_band_names
 
     recorded = recorded or {}
     names_of: dict[str, list[str]] = {}
