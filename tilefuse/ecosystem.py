@@ -70,6 +70,8 @@ from affine import Affine
 
 from tilefuse.errors import InputError, clipped
 from tilefuse.rasters import (
+    EXACT_IDS,
+    LABEL_DTYPE,
     READ_CHUNK,
     RESAMPLING,
     RasterSource,
@@ -78,6 +80,7 @@ from tilefuse.rasters import (
     check_label_options,
     check_modality_names,
     array_onto_grid,
+    exact_label_values,
     parse_crs,
     parse_label_map,
     reference_grid,
@@ -172,14 +175,29 @@ def _stated_transform(value) -> Affine | None:
     return None
 
 
-def _masked(var: xr.DataArray, nodata: float | None, scaling=None, band_dim: str | None = None) -> xr.DataArray:
+def _exact_ids(block: np.ndarray, nodata) -> np.ndarray:
+    """Label values ``block`` as float64 (every integer id exactly), NaN where they equal ``nodata``."""
+    holes = block == nodata if nodata is not None and not np.isnan(nodata) else np.zeros(block.shape, bool)
+    fix = "recode its classes to smaller ids (e.g. 0..254) and pass that as labels="
+    return exact_label_values(block, holes, "the DataArray", fix)
+
+
+def _masked(var: xr.DataArray, nodata: float | None, scaling=None, band_dim: str | None = None, ids: bool = False) -> xr.DataArray:
     """float32 with NaN where ``var`` equals its nodata value (``nodata``, else ``var.rio.nodata``), compared with
     the raw values; ``scaling`` (per-band scales and offsets along ``band_dim``, see :func:`_scaling`) is applied
-    as ingest applies a raster's (:func:`tilefuse.rasters.apply_scale`)."""
+    as ingest applies a raster's (:func:`tilefuse.rasters.apply_scale`). With ``ids`` (labels: class ids, never
+    scaled) float64 instead, which holds every id exactly (float32 merged ids above 2^24)."""
     try:
         value = var.rio.nodata if nodata is None else nodata
     except (ValueError, OverflowError):  # rioxarray's: a NaN nodata kept from a float array cast to ints or bools
         value = None  # a value the dtype cannot hold marks no pixel
+    if ids:
+        data = var.data
+        if isinstance(data, da.Array):
+            data = da.map_blocks(_exact_ids, data, nodata=value, dtype=LABEL_DTYPE, meta=np.array((), LABEL_DTYPE))
+        else:
+            data = _exact_ids(np.asarray(data), value)
+        return var.copy(data=data)
     if scaling is None:
         out = var.astype(np.float32)
     else:
@@ -255,9 +273,9 @@ def _states_scaling(attrs: Mapping) -> bool:
     return False
 
 
-def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
+def _band_array(obj: Input, what: str, nodata: float | None, ids: bool = False) -> xr.DataArray:
     """``obj`` as float32 ``([time,] band, y, x)`` with NaN = no data, physical values (scale and offset applied)
-    and string band names."""
+    and string band names; with ``ids`` (labels), float64 class ids (:func:`_masked`)."""
     ydim, xdim = _spatial_dims(obj, what)
     if isinstance(obj, xr.Dataset):
         keys = [n for n, v in obj.data_vars.items() if ydim in v.dims and xdim in v.dims]
@@ -299,10 +317,10 @@ def _band_array(obj: Input, what: str, nodata: float | None) -> xr.DataArray:
                 listed = [long_names] if isinstance(long_names, str) and count == 1 else _per_band(long_names, coord, count)
                 ok = listed is not None and all(isinstance(n, str) and n for n in listed) and len(set(listed)) == count
                 names = [str(n) for n in listed] if ok else [_band_name(v) for v in values]
-            arr = _masked(source, nodata, _scaling(obj.attrs, coord, count, what), dim)
+            arr = _masked(source, nodata, _scaling(obj.attrs, coord, count, what), dim, ids=ids)
             arr = arr.rename({dim: "band"}) if dim != "band" else arr
         else:
-            arr = _masked(source, nodata, _scaling(obj.attrs, None, 1, what)).expand_dims(band=[0])
+            arr = _masked(source, nodata, _scaling(obj.attrs, None, 1, what), ids=ids).expand_dims(band=[0])
             names = [str(obj.name or "b1")]
         arr = arr.assign_coords(band=np.array(names, dtype=object))
     order = ([TIME_DIM] if TIME_DIM in arr.dims else []) + ["band", ydim, xdim]
@@ -369,8 +387,11 @@ def _reduce_time(arr: xr.DataArray, time, what: str) -> tuple[xr.DataArray, str 
     return picked.drop_vars(TIME_DIM, errors="ignore"), label
 
 
-def _prepare(obj: Input, what: str, *, time, nodata, assume_crs, chunk: int) -> tuple[da.Array, RasterSource, str | None]:
-    """One input -> (lazy (band, y, x) float32 data, its georeferencing as a RasterSource, time label)."""
+def _prepare(
+    obj: Input, what: str, *, time, nodata, assume_crs, chunk: int, ids: bool = False
+) -> tuple[da.Array, RasterSource, str | None]:
+    """One input -> (lazy (band, y, x) float32 data, its georeferencing as a RasterSource, time label); with
+    ``ids`` (labels), float64 data that holds every class id exactly."""
     if not isinstance(obj, (xr.DataArray, xr.Dataset)):
         raise InputError(f"{what} is a {type(obj).__name__}: pass an xarray DataArray or Dataset (or a list of them)")
     crs = _crs(obj, what, assume_crs)
@@ -383,7 +404,7 @@ def _prepare(obj: Input, what: str, *, time, nodata, assume_crs, chunk: int) -> 
     if obj.sizes[ydim] < 2 or obj.sizes[xdim] < 2:
         raise InputError(f"{what} is {obj.sizes[ydim]} x {obj.sizes[xdim]} px: a scene needs at least 2 x 2")
     transform = _transform(obj, what, ydim, xdim)
-    arr = _band_array(obj, what, nodata)
+    arr = _band_array(obj, what, nodata, ids=ids)
     if not isinstance(arr.data, da.Array):
         arr = arr.chunk({ydim: chunk, xdim: chunk})
     arr, picked = _reduce_time(arr, time, what)
@@ -397,7 +418,7 @@ def _prepare(obj: Input, what: str, *, time, nodata, assume_crs, chunk: int) -> 
         height=int(obj.sizes[ydim]),
         band_names=names,
     )
-    return arr.data.astype(np.float32), source, picked
+    return arr.data.astype(LABEL_DTYPE if ids else np.float32), source, picked
 
 
 def _class_names(value) -> list[str] | None:
@@ -422,6 +443,10 @@ def _label_map(value) -> dict[int, int]:
     for key, target in value.items():
         if not (whole(key) and whole(target) and 0 <= target <= 255):
             raise InputError(f"label_map= must map whole-number label values to ids 0..255 (255 = ignore), got {key!r}: {target!r}")
+        if abs(int(key)) > EXACT_IDS:  # no label value can equal it (those are refused): it mapped nothing
+            raise InputError(
+                f"label_map= key {int(key)} is beyond 2^53, the largest class id tilefuse tells apart exactly: recode the labels to smaller ids"
+            )
     return {int(k): int(v) for k, v in value.items()}
 
 
@@ -531,13 +556,13 @@ def scene_from_xarray(
                 "pass the class ids as stored (mask_and_scale=False, and drop those attrs), or unset them in the raster "
                 "(gdal_edit.py -scale 1 -offset 0 FILE)"
             )
-        values, source, _ = _prepare(labels, "labels", time=None, nodata=None, assume_crs=crs, chunk=chunk)
+        values, source, _ = _prepare(labels, "labels", time=None, nodata=None, assume_crs=crs, chunk=chunk, ids=True)
         if values.shape[0] != 1:
             raise InputError(f"labels have {values.shape[0]} bands: pass one (y, x) label map")
         _check_overlap(source, grid, "labels")
         names = class_names or _class_names(labels.attrs.get("class_names"))
         attrs = {"source": "xarray", **({"class_names": list(names)} if names else {})}
-        label = (array_onto_grid(values, source, grid, "nearest", chunk)[0], attrs)
+        label = (array_onto_grid(values, source, grid, "nearest", chunk, labels=True)[0], attrs)
     return scene_dataset(grid, arrays, label, mapping, reference)
 
 

@@ -10,7 +10,10 @@ scale fixed for the whole raster, so values match a whole-raster warp (up to
 GDAL's transform approximation, at most 1/8 px) whatever the chunking, and
 memory stays bounded by a few blocks. Modalities come out as float32 with NaN
 where they have no data (nodata value, NaN, mask, or outside the footprint);
-labels as uint8 with 255 (ignore) there. A band with a GDAL scale or offset
+labels as uint8 with 255 (ignore) there. Labels are read, placed and remapped
+in float64 (:data:`LABEL_DTYPE`), which holds every integer class id up to 2^53
+exactly (float32 rounded ids above 2^24, so 8-10 digit crop codes merged); an id
+beyond that is refused (:func:`exact_label_values`). A band with a GDAL scale or offset
 (``src.scales``/``src.offsets``, e.g. reflectance stored as uint16 DN with
 scale 1e-4) is stored in physical units: ``value * scale + offset``, per band,
 after nodata is masked on the raw values (worked out as rioxarray's
@@ -56,6 +59,11 @@ GDAL_CACHE_BYTES = 256 << 20
 MAX_PIXELS = 10**10
 """Largest output grid ingested without ``allow_large``: a 10^5 x 10^5 px scene. A typo in a
 resolution (0.001 for 10) asks for 10^13 px and more; refusing before any work keeps it a message."""
+LABEL_DTYPE = np.dtype(np.float64)
+"""What label values are read, resampled (nearest) and remapped in, NaN = none: float64 holds every integer
+id of magnitude up to :data:`EXACT_IDS` exactly (float32 only up to 2^24: 33010101 became 33010100)."""
+EXACT_IDS = 2**53
+"""The largest magnitude of a class id that :data:`LABEL_DTYPE` holds exactly (with every id below it)."""
 RESERVED_NAMES = ("x", "y", "valid", "label", "labels", "spatial_ref", "band", "class")
 """Names a store uses itself, so no modality may take them (nor end in ``_band``: band dimensions)."""
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -264,6 +272,11 @@ def parse_label_map(text: str | None) -> dict[int, int]:
             key = value = None
         if not sep or key is None or not 0 <= value <= IGNORE:
             raise InputError(f"bad --label-map (label_map=) entry {item!r}: write FROM:TO with integers, TO in 0..255 (e.g. -1:255)")
+        if abs(key) > EXACT_IDS:  # no label value can equal it (those are refused): it mapped nothing
+            raise InputError(
+                f"bad --label-map (label_map=) entry {item!r}: label {key} is beyond 2^53, the largest class id "
+                "tilefuse tells apart exactly: recode the labels to smaller ids"
+            )
         if key in mapping:  # the last target won without a word
             raise InputError(f"bad --label-map: label {key} is mapped twice ({key}:{mapping[key]} and {key}:{value}): give each FROM once")
         mapping[key] = value
@@ -392,6 +405,22 @@ def apply_scale(raw, scale: float, offset: float):
     :func:`scale_dtype` of its dtype; the caller masks nodata (compared with the raw values)."""
     work = scale_dtype(raw.dtype)
     return raw.astype(work) * work.type(scale) + work.type(offset)
+
+
+def exact_label_values(raw: np.ndarray, holes: np.ndarray, source: str, fix: str) -> np.ndarray:
+    """Label values ``raw`` (any dtype) as :data:`LABEL_DTYPE`, NaN where ``holes``: every integer id exactly.
+
+    An integer id beyond :data:`EXACT_IDS` (int64/uint64 only) would be rounded into a neighbour: InputError
+    naming it, ``source`` (the labels) and ``fix`` (what to do, worded for the caller's interface)."""
+    if raw.dtype.kind in "iu" and raw.dtype.itemsize == 8:
+        big = (raw > EXACT_IDS) if raw.dtype.kind == "u" else (raw > EXACT_IDS) | (raw < -EXACT_IDS)
+        big &= ~holes
+        if big.any():
+            value = int(raw[big][0])
+            raise InputError(f"labels: {source} holds class id {value}, beyond 2^53, the largest id tilefuse tells apart exactly: {fix}")
+    data = raw.astype(LABEL_DTYPE)
+    data[holes] = np.nan
+    return data
 
 
 def _band_nodata(src, bands: tuple[int, ...]) -> tuple[float | None, ...] | None:
@@ -587,16 +616,17 @@ def _source_window(source: RasterSource, grid: Grid, rows: tuple[int, int], cols
 
 
 def _read_block(
-    block: np.ndarray, source: RasterSource, grid: Grid, resampling: str, plan: ReadPlan, block_info=None
+    block: np.ndarray, source: RasterSource, grid: Grid, resampling: str, plan: ReadPlan, labels: bool = False, block_info=None
 ) -> np.ndarray:
-    """One (bands, rows, cols) block of ``source`` on ``grid``: float32, NaN where there is no data."""
+    """One (bands, rows, cols) block of ``source`` on ``grid``: float32, NaN where there is no data; with
+    ``labels``, :data:`LABEL_DTYPE` of the raw values (:func:`exact_label_values`)."""
     import rasterio
     from rasterio.errors import RasterioError
     from rasterio.windows import Window
 
     (b0, b1), (r0, r1), (c0, c1) = block_info[None]["array-location"]
     indexes = list(range(1, len(source.bands) + 1) if source.magnitude else source.bands)[b0:b1]
-    out = np.full((b1 - b0, r1 - r0, c1 - c0), np.nan, np.float32)
+    out = np.full((b1 - b0, r1 - r0, c1 - c0), np.nan, LABEL_DTYPE if labels else np.float32)
     if plan.offset is not None:  # already on the grid: read the overlapping window as is
         row, col = plan.offset
         window = max(r0 - row, 0), min(r1 - row, source.height), max(c0 - col, 0), min(c1 - col, source.width)
@@ -619,7 +649,11 @@ def _read_block(
                     for k, value in enumerate((source.nodata or ())[b0:b1]):
                         if value is not None:
                             holes[k] = raw[k] == value
-                data = raw.astype(np.float32)
+                if labels:  # class ids, every one exactly (a label raster with a scale is refused at open)
+                    fix = "recode its classes to smaller ids (e.g. 0..254) and pass that raster as --labels"
+                    data = exact_label_values(raw, holes, source.raster_name(), fix)
+                else:
+                    data = raw.astype(np.float32)
                 if source.scales is not None:  # physical values: raw * scale + offset, per band
                     for k, (scale, offset) in enumerate(zip(source.scales[b0:b1], source.offsets[b0:b1])):
                         data[k] = apply_scale(raw[k], scale, offset)
@@ -649,7 +683,7 @@ def _place(
     resampling: str,
     plan: ReadPlan,
 ) -> np.ndarray:
-    """Put raster pixels ``data`` (float32, NaN = none; its first pixel at raster (row, col) ``at``)
+    """Put raster pixels ``data`` (float32, or float64 for labels; NaN = none; its first pixel at raster (row, col) ``at``)
     into the grid block ``out`` whose first pixel is grid (row, col) ``origin``: copied where the
     raster sits on the grid, else warped with the plan's fixed scale. The one resampler of ingest,
     for raster files and in-memory or lazy arrays alike."""
@@ -696,9 +730,10 @@ def _same_holes(data: np.ndarray) -> list[list[int]]:
 
 
 def read_onto_grid(
-    source: RasterSource, grid: Grid, resampling: str = "bilinear", chunk: int = READ_CHUNK
+    source: RasterSource, grid: Grid, resampling: str = "bilinear", chunk: int = READ_CHUNK, labels: bool = False
 ) -> da.Array:
-    """Lazy (bands, y, x) float32 array of ``source`` on ``grid``, NaN where it has no data.
+    """Lazy (bands, y, x) float32 array of ``source`` on ``grid``, NaN where it has no data; with ``labels``,
+    :data:`LABEL_DTYPE` (class ids exactly; pass ``"nearest"``).
 
     Blocks are sized so that neither the block nor the raster window it reads
     exceeds about ``READ_BLOCK_BYTES``.
@@ -707,7 +742,8 @@ def read_onto_grid(
         raise InputError(f"unknown resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
     plan = read_plan(source, grid)
     bands = len(source.bands)
-    template = da.empty((bands, grid.height, grid.width), dtype=np.float32, chunks=_block_shape(plan, bands, chunk))
+    dtype = LABEL_DTYPE if labels else np.dtype(np.float32)
+    template = da.empty((bands, grid.height, grid.width), dtype=dtype, chunks=_block_shape(plan, bands, chunk))
     return da.map_blocks(
         _read_block,
         template,
@@ -715,8 +751,9 @@ def read_onto_grid(
         grid=grid,
         resampling=resampling,
         plan=plan,
-        dtype=np.float32,
-        meta=np.array((), np.float32),
+        labels=labels,
+        dtype=dtype,
+        meta=np.array((), dtype),
     )
 
 
@@ -729,26 +766,33 @@ def _block_shape(plan: ReadPlan, bands: int, chunk: int) -> tuple[int, int, int]
 
 
 def _place_chunks(
-    pieces: list, first: tuple[int, int], window: tuple[int, int, int, int], shape: tuple[int, int, int], origin: tuple[int, int], **kw
+    pieces: list,
+    first: tuple[int, int],
+    window: tuple[int, int, int, int],
+    shape: tuple[int, int, int],
+    origin: tuple[int, int],
+    dtype=np.float32,
+    **kw,
 ) -> np.ndarray:
-    """The grid block ``shape`` at ``origin`` from the source chunks ``pieces`` (rows of (bands, h, w)
+    """The grid block ``shape`` (of ``dtype``) at ``origin`` from the source chunks ``pieces`` (rows of (bands, h, w)
     arrays whose first pixel is source (row, col) ``first``), cut to ``window`` and placed."""
     top, bottom, left, right = window
     whole = np.concatenate([np.concatenate(row, axis=2) for row in pieces], axis=1)
-    data = np.asarray(whole[:, top - first[0] : bottom - first[0], left - first[1] : right - first[1]], np.float32)
-    return _place(data, (top, left), np.full(shape, np.nan, np.float32), origin, **kw)
+    data = np.asarray(whole[:, top - first[0] : bottom - first[0], left - first[1] : right - first[1]], dtype)
+    return _place(data, (top, left), np.full(shape, np.nan, dtype), origin, **kw)
 
 
-def _fill_nan(shape: tuple[int, int, int]) -> np.ndarray:
-    return np.full(shape, np.nan, np.float32)
+def _fill_nan(shape: tuple[int, int, int], dtype=np.float32) -> np.ndarray:
+    return np.full(shape, np.nan, dtype)
 
 
 def array_onto_grid(
-    data: da.Array, source: RasterSource, grid: Grid, resampling: str = "bilinear", chunk: int = READ_CHUNK
+    data: da.Array, source: RasterSource, grid: Grid, resampling: str = "bilinear", chunk: int = READ_CHUNK, labels: bool = False
 ) -> da.Array:
     """Lazy (bands, y, x) float32 array of ``data`` on ``grid``: :func:`read_onto_grid` for an array.
 
-    ``data`` is a (bands, rows, cols) float32 dask array (NaN = no data)
+    ``data`` is a (bands, rows, cols) float32 dask array (NaN = no data); with ``labels``, a
+    :data:`LABEL_DTYPE` one (:func:`exact_label_values`) and so is the result
     georeferenced by ``source`` (its ``crs``, ``transform``, ``width``,
     ``height``). Each grid block is one task that takes the chunks of ``data``
     its footprint needs and puts them on the grid with the same resampler
@@ -768,9 +812,10 @@ def array_onto_grid(
     data = data.rechunk({0: -1})
     bands = data.shape[0]
     _, spatial, _ = _block_shape(plan, bands, chunk)
-    place = functools.partial(_place_chunks, source=source, grid=grid, resampling=resampling, plan=plan)
+    dtype = LABEL_DTYPE if labels else np.dtype(np.float32)
+    place = functools.partial(_place_chunks, dtype=dtype, source=source, grid=grid, resampling=resampling, plan=plan)
     row_starts, col_starts = ([0, *accumulate(c)] for c in data.chunks[1:])
-    name = "array-onto-grid-" + tokenize(data.name, source, grid, resampling, plan, spatial)
+    name = "array-onto-grid-" + tokenize(data.name, source, grid, resampling, plan, spatial, dtype)
     layer = {}
     row_edges = list(range(0, grid.height, spatial))
     col_edges = list(range(0, grid.width, spatial))
@@ -785,7 +830,7 @@ def array_onto_grid(
             else:
                 window = _source_window(source, grid, (r0, r1), (c0, c1), plan.pad)
             if window is None or window[1] <= window[0] or window[3] <= window[2]:
-                layer[(name, 0, i, j)] = (_fill_nan, shape)
+                layer[(name, 0, i, j)] = (_fill_nan, shape, dtype)
                 continue
             top, bottom, left, right = window
             rows = [k for k in range(len(row_starts) - 1) if row_starts[k] < bottom and row_starts[k + 1] > top]
@@ -799,11 +844,11 @@ def array_onto_grid(
         tuple(min(spatial, grid.width - c) for c in col_edges),
     )
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[data])
-    return da.Array(graph, name, chunks, dtype=np.float32, meta=np.array((), np.float32))
+    return da.Array(graph, name, chunks, dtype=dtype, meta=np.array((), dtype))
 
 
 def _to_labels(block: np.ndarray, mapping: tuple[tuple[int, int], ...], source: str = "the labels") -> np.ndarray:
-    """Label values (float, NaN = none) -> uint8 ids: remapped, 255 where none or negative.
+    """Label values (:data:`LABEL_DTYPE`, NaN = none) -> uint8 ids: remapped, 255 where none or negative.
 
     A value that is not a whole number means ``source`` is no class map (a reflectance or dB band given as
     --labels was rounded to a few plausible class ids): InputError; so is an id above 255 that
@@ -910,7 +955,7 @@ def ingest_rasters(
     if label_source is not None:
         names = class_names or label_source.class_names()
         attrs = {"source": label_source.raster_name(), **({"class_names": list(names)} if names else {})}
-        label = (read_onto_grid(label_source, grid, "nearest", chunk)[0], attrs)
+        label = (read_onto_grid(label_source, grid, "nearest", chunk, labels=True)[0], attrs)
     return scene_dataset(grid, arrays, label, mapping, reference)
 
 
@@ -925,7 +970,7 @@ def scene_dataset(
 
     ``arrays`` maps names to ``(data (bands, y, x) float32 with NaN = no data,
     band names, attrs)``; ``valid`` is where every band of every modality is
-    finite. ``label`` is ``(values (y, x) float, NaN = none; attrs)``, turned
+    finite. ``label`` is ``(values (y, x) float64 (:data:`LABEL_DTYPE`), NaN = none; attrs)``, turned
     into uint8 ids remapped by ``label_map`` (255 where none or negative; above 255: InputError).
     """
     data_vars: dict[str, xr.DataArray] = {}
