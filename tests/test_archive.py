@@ -13,6 +13,7 @@ import zarr
 from test_sampling import labelled_scene, write
 from test_training import FAST  # noqa: F401  (registers the test models)
 from tilefuse.sampling import INDEX_DIR, IndexCache, LabelledPixelSampler, RandomPatchSampler, SceneReader
+from tilefuse.storage import record_digests
 
 PATCH = 16
 
@@ -126,6 +127,7 @@ def test_a_changed_store_rebuilds_its_index_and_the_law_follows_the_new_labels(f
     group = zarr.open_group(str(few[1]), mode="r+")
     label = group["label"][0:32, 0:32]
     group["label"][0:32, 0:32] = np.where(label == 255, 255, 7).astype(np.uint8)  # one chunk: a new class 7
+    record_digests(few[1])  # an edit made on purpose (unrecorded, the store refuses the changed chunk)
 
     cache = IndexCache(folder)
     after = RandomPatchSampler(few, ["optical"], PATCH, index=cache, **options)

@@ -581,7 +581,7 @@ def test_a_prediction_whose_root_metadata_is_damaged_says_to_remove_it(pristine,
     assert (store / "labels").is_dir(), "never deleted"
 
 
-@pytest.mark.parametrize("name", ["label", "optical"])  # (a `valid` of the same shape has the same metadata: not caught)
+@pytest.mark.parametrize("name", ["label", "optical"])  # (`valid`: the same metadata in every store of a shape, see below)
 def test_an_array_folder_copied_in_from_another_store_is_one_line(pristine, tmp_path, capsys, name):
     """`rm -r s.zarr/label; cp -r other.zarr/label s.zarr/label`: every chunk intact with its checksum, so info
     printed the old class counts (from the store's record) and train trained on the other scene's labels. The
@@ -617,3 +617,180 @@ def test_a_folder_in_place_of_a_prediction_chunk_is_one_line_naming_it(pristine,
     lines = [line for line in capsys.readouterr().err.splitlines() if "|" not in line and line.strip()]
     assert len(lines) == 1 and "a folder is in the way" in lines[0] and "permissions" not in lines[0], lines
     assert (key / "notes.txt").read_text() == "mine"
+
+
+MISPLACEMENTS = ("copied over another", "swapped", "from another store")
+
+
+def _keys(store: Path, name: str) -> list[tuple[int, ...]]:
+    array = zarr.open_group(store, mode="r")[name]
+    unit = array.shards or array.chunks
+    return list(np.ndindex(*(-(-n // u) for n, u in zip(array.shape, unit))))
+
+
+def misplace(store: Path, name: str, how: str, other: Path | None = None) -> None:
+    """Put an intact chunk (or shard) of array ``name`` where it does not belong, each key keeping its checksum:
+    ``cp c/0/0 c/1/1``, ``mv`` two keys into each other's place, or ``cp other.zarr/.../c/1/1 c/1/1``."""
+    keys = _keys(store, name)
+    target = _key_index(store, name) if _key_index(store, name) in keys else keys[-1]
+    key = lambda root, index: root / chunk_key(name, index)  # noqa: E731
+    places = lambda root: np.load(root / "chunk_digests.npz")[name]  # noqa: E731  (each chunk's crc32c, by place)
+    # where the moved key's chunks differ from those they replace (a reader of the array's region reads other data)
+    differs = lambda a, b: bool(((a != b) & (b != 0)).any())  # noqa: E731
+    if how == "from another store":
+        target = next(i for i in keys if differs(places(other)[i], places(store)[i]))
+        shutil.copyfile(key(other, target), key(store, target))
+        return
+    source = next(i for i in keys if differs(places(store)[i], places(store)[target]))
+    if how == "swapped":
+        moved = key(store, target).read_bytes()
+        shutil.copyfile(key(store, source), key(store, target))
+        key(store, source).write_bytes(moved)
+    else:
+        shutil.copyfile(key(store, source), key(store, target))
+
+
+@pytest.mark.parametrize("how", MISPLACEMENTS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", ["optical", "valid", "label"])
+def test_a_chunk_in_another_place_is_an_error_for_every_reader(pristine, tmp_path, capsys, name, layout, how):
+    """A chunk's crc32c proves it intact, not where it belongs: a chunk copied over another place of its array,
+    two swapped, or one copied in from another store of the same shape were read, trained on and scored. The
+    store's record of each chunk's place catches every one: one line naming the array, from every reader."""
+    root, stores, checkpoint, pred = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores[layout], store)
+    other = write_scene(labelled_scene(256, 192, seed=4, invalid_disk=False), tmp_path / "other.zarr", chunk=64, shard=LAYOUTS[layout])
+    misplace(store, name, how, other)
+    recorded = "is not the one the store recorded there"
+
+    with pytest.raises(InputError, match=f"of '{name}'.*{recorded}"):
+        open_scene(store).load()
+    with pytest.raises(InputError, match=f"of '{name}'.*{recorded}"):
+        SceneReader(store).read(0, 256, 0, 192, [name])
+    capsys.readouterr()
+    assert main(["info", str(store)]) == 2
+    err = capsys.readouterr().err
+    one_line_naming(err, name)
+    assert recorded in err and "re-ingest it" in err, err
+    if name == "label":
+        assert main(["evaluate", str(pred), "--labels", str(store)]) == 2
+    else:
+        out = tmp_path / "pred.zarr"
+        assert main(["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(out), *PREDICT]) == 2
+    one_line_naming(capsys.readouterr().err, name)
+
+
+def test_a_valid_array_copied_in_from_another_store_is_one_line(tmp_path, capsys):
+    """`valid` has the same metadata in every store of a shape, so the metadata check let another scene's mask
+    through (its chunks intact): the record of the chunks' places does not."""
+    first = write_scene(labelled_scene(128, 96, seed=5), tmp_path / "first.zarr", chunk=64)
+    second = write_scene(labelled_scene(128, 96, seed=5, invalid_disk=False), tmp_path / "second.zarr", chunk=64)
+    shutil.rmtree(first / "valid")
+    shutil.copytree(second / "valid", first / "valid")
+    capsys.readouterr()
+    assert main(["info", str(first)]) == 2
+    err = capsys.readouterr().err
+    one_line_naming(err, "valid")
+    assert "not the one the store recorded there" in err, err
+
+
+@pytest.mark.parametrize("how", MISPLACEMENTS[:2])
+@pytest.mark.parametrize("name", ["labels", "probs"])
+def test_a_prediction_chunk_in_another_place_is_an_error_and_resume_repairs_it(pristine, tmp_path, capsys, name, how):
+    """A resume used to find every block intact (each chunk matched its checksum) and record the moved chunk as
+    the store's: it now recomputes the blocks whose chunks are not those recorded, to the exact original."""
+    _, stores, checkpoint, pred = pristine
+    reference = open_prediction(pred).load()
+    copy = tmp_path / "pred.zarr"
+    shutil.copytree(pred, copy)
+    misplace(copy, name, how)
+    with pytest.raises(InputError, match=f"of '{name}'.*not the one the store recorded there"):
+        open_prediction(copy).load()
+    capsys.readouterr()
+    if name == "labels":
+        assert main(["evaluate", str(copy), "--labels", str(stores["chunks"])]) == 2
+        one_line_naming(capsys.readouterr().err, name)
+        assert main(["export", str(copy), str(tmp_path / "pred.tif")]) == 2
+        one_line_naming(capsys.readouterr().err, name)
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(copy), "--probs"]
+    assert main([*args, *PREDICT, "--resume"]) == 0
+    repaired = open_prediction(copy).load()
+    for var in ("labels", "probs"):
+        np.testing.assert_array_equal(repaired[var].values, reference[var].values)
+
+
+def test_swapped_prediction_shards_are_caught_and_repaired(tmp_path):
+    scene = write_scene(labelled_scene(1100, 300, seed=5), tmp_path / "scene.zarr", chunk=512, shard=1024)
+    model = build_pointwise(MODALITIES, len(CLASSES))
+    checkpoint = save_checkpoint(model, ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), {"seed": 0}, list(CLASSES), {}), tmp_path / "ckpt")
+    out = tmp_path / "pred.zarr"
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(scene), "--out", str(out), "--probs"]
+    args += ["--tile", "128", "--overlap", "16", "--block-size", "1024", "--batch-size", "2", "--cluster", "sync"]
+    assert main(args) == 0
+    reference = open_prediction(out).load()
+    misplace(out, "labels", "swapped")
+    with pytest.raises(InputError, match=r"shard \((0, 0|1, 0)\) of 'labels'.*not the one the store recorded there"):
+        open_prediction(out).load()
+    assert main([*args, "--resume"]) == 0
+    np.testing.assert_array_equal(open_prediction(out)["labels"].values, reference["labels"].values)
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate", "overwrite"])
+def test_a_missing_or_damaged_record_of_chunk_places_is_one_line(pristine, tmp_path, capsys, how):
+    _, stores, _, pred = pristine
+    store, copy = tmp_path / "scene.zarr", tmp_path / "pred.zarr"
+    shutil.copytree(stores["shards"], store)
+    shutil.copytree(pred, copy)
+    for root in (store, copy):
+        record = root / "chunk_digests.npz"
+        data = record.read_bytes()
+        if how == "delete":
+            record.unlink()
+        elif how == "truncate":
+            record.write_bytes(data[: len(data) // 2])
+        else:
+            record.write_bytes(data[:100] + bytes(b ^ 0xFF for b in data[100:104]) + data[104:])
+    capsys.readouterr()
+    assert main(["info", str(store)]) == 2
+    err = capsys.readouterr().err
+    state = "missing" if how == "delete" else "damaged"
+    assert err.count("\n") == 1 and f"its record of where each chunk belongs (chunk_digests.npz) is {state}" in err and "re-ingest it" in err, err
+    assert main(["evaluate", str(copy), "--labels", str(stores["chunks"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"chunk_digests.npz) is {state}" in err and "--overwrite" in err, err
+
+
+def test_stores_without_a_record_of_chunk_places_still_open(pristine, tmp_path, capsys):
+    """Stores of earlier releases have no record: their chunks are checked by their checksums alone."""
+    _, stores, _, pred = pristine
+    for source in (stores["chunks"], pred):
+        copy = tmp_path / source.name
+        shutil.copytree(source, copy)
+        assert (copy / "chunk_digests.npz").is_file()
+        (copy / "chunk_digests.npz").unlink()
+        group = zarr.open_group(copy, mode="r+")
+        del group.attrs["tilefuse_digests"]
+        zarr.consolidate_metadata(copy)
+    assert main(["info", str(tmp_path / stores["chunks"].name)]) == 0
+    assert main(["evaluate", str(tmp_path / pred.name), "--labels", str(stores["chunks"])]) == 0
+
+
+def test_a_change_made_in_place_is_refused_until_recorded(pristine, tmp_path, capsys):
+    """A label chunk rewritten with zarr cannot be told from one copied in: refused, and the message names the
+    call that records a change meant; after it the changed store reads, and the old chunk put back is refused."""
+    _, stores, _, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores["chunks"], store)
+    old = (store / chunk_key("label", (1, 1))).read_bytes()
+    zarr.open_group(store, mode="r+")["label"][64:128, 64:128] = 2
+    with pytest.raises(InputError, match=r"is not the one the store recorded there.*record it with tilefuse\.storage\.record_digests\("):
+        open_scene(store)["label"].load()
+    from tilefuse.storage import record_digests
+
+    record_digests(store)
+    assert (open_scene(store)["label"].values[64:128, 64:128] == 2).all()
+    assert main(["info", str(store)]) == 0
+    (store / chunk_key("label", (1, 1))).write_bytes(old)
+    with pytest.raises(InputError, match="not the one the store recorded there"):
+        open_scene(store)["label"].load()

@@ -379,8 +379,10 @@ def _ours(entry: Path, kind: str) -> bool:
     name = entry.name
     if name == MARKER_FILE or is_temporary(entry) or _LOCK.match(name):
         return True
-    if KINDS[kind] == "zarr":  # the group's metadata, and its arrays (never a nested store, never a plain file)
-        if name == "zarr.json":
+    if KINDS[kind] == "zarr":  # the group's metadata, its record of chunks, and its arrays (never a nested store)
+        from tilefuse.storage import DIGESTS
+
+        if name == "zarr.json" or (name == DIGESTS and entry.is_file() and not entry.is_symlink()):
             return True
         if entry.is_dir() and (entry / "zarr.json").is_file() and found_kind(entry) is None:
             return _own_array(entry)

@@ -26,6 +26,7 @@ Consolidated metadata is rewritten whenever the attrs change.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from tilefuse.classes import class_names_problem
 from tilefuse.errors import InputError
 from tilefuse.grid import Block, TileGrid
 from tilefuse import storage
-from tilefuse.scene import CHUNK, IGNORE, REPAIR, STORE_KIND, open_store
+from tilefuse.scene import CHUNK, IGNORE, REPAIR, STORE_KIND, open_store, repair
 
 MANIFEST = "block_done"
 PROBS_DTYPES = ("uint8", "float16", "float32")
@@ -299,10 +300,18 @@ def damaged_blocks(path: str | os.PathLike, done: np.ndarray | None = None) -> l
     if group.attrs.get(storage.FORMAT_ATTR) != storage.FORMAT:
         return []
     checks = [check for name, check in storage.checks_for(group, _written(done)).items() if name in OUTPUTS]
+    # the record of the store's last completion, if any: a block rewritten since is bitwise the same (determinism)
+    recorded = {}
+    if group.attrs.get(storage.DIGESTS_ATTR) == storage.DIGESTS:
+        recorded = storage.read_digests(path, storage.checks_for(group), repair("prediction", storage.DIGESTS))
 
     def is_damaged(block) -> bool:
         row, col = block
-        return any(storage.key_problem(path, check, index) for check in checks for index in _block_keys(check, row, col))
+        return any(
+            storage.key_problem(path, check, index, recorded[check.name][index] if check.name in recorded else None)
+            for check in checks
+            for index in _block_keys(check, row, col)
+        )
 
     blocks = [(int(row), int(col)) for row, col in np.argwhere(done)]
     # reading is the cost (a resume reads every done block's bytes once): a few threads overlap it
@@ -377,6 +386,7 @@ def mark_complete(path: str | os.PathLike) -> None:
     """Set ``complete`` once every block is marked done (the last write of a run), and consolidate the metadata."""
     if not done_blocks(path).all():
         raise RuntimeError(f"{path}: not every block is done")
+    storage.record_digests(path, functools.partial(repair, "prediction"))  # before ``complete``: readers use the record of a complete store only
     zarr.open_group(path, mode="r+").attrs["complete"] = True
     storage.consolidate(path)
 

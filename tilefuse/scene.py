@@ -35,7 +35,7 @@ import zarr
 
 from tilefuse.classes import IGNORE, class_names_problem
 from tilefuse.errors import InputError, clipped
-from tilefuse.storage import FORMAT, FORMAT_ATTR, WRITE_EMPTY_CHUNKS, compressors, consolidate, with_checksums
+from tilefuse.storage import DIGESTS_ATTR, FORMAT, FORMAT_ATTR, WRITE_EMPTY_CHUNKS, compressors, consolidate, record_digests, with_checksums
 
 STORE_KIND = "tilefuse_store"
 CHUNK = 512
@@ -250,6 +250,7 @@ def write_scene(
     ds = ds.copy()
     ds.attrs[STORE_KIND] = "scene"
     ds.attrs[FORMAT_ATTR] = FORMAT  # every chunk written and checksummed (tilefuse.storage)
+    ds.attrs.pop(DIGESTS_ATTR, None)  # a store's record is its own: written last (a Dataset read from a store has one)
     ds.attrs["modalities"] = names
     ds.attrs["labelled"] = "label" in ds  # a label array added later is the user's (tilefuse.storage.own_arrays)
     from tilefuse import __version__
@@ -304,6 +305,7 @@ def write_scene(
         if counts is not None:
             _check_named(path, ds["label"].attrs.get("class_names"), np.asarray(counts))
             _record_label_counts(group["label"].attrs, np.asarray(counts))
+        record_digests(tmp)  # where each chunk belongs
         consolidate(tmp)  # last, once every attr is final
     return Path(os.path.abspath(path))  # a notebook keeps it across os.chdir
 

@@ -24,6 +24,14 @@ Contract (DESIGN.md, "Data safety": reads verify):
   stored bytes directly (``tilefuse info``, ``predict --resume``'s repair).
   Stores written before this format (no marker) still open; their chunks are
   checked wherever their arrays carry crc32c, and absent chunks read as fill.
+- **Where each chunk belongs.** A chunk's crc32c proves it intact, not where
+  it belongs: a chunk (or shard) copied over another place of its array,
+  swapped with another, or copied in from another store of the same shape
+  passes its checksum. So a store, once complete, records the crc32c each of
+  its chunks ends with, by place (:data:`DIGESTS`, :func:`record_digests`: a
+  scene before it is renamed into place, a prediction when its last block is
+  marked done), and reads compare every chunk with the record. A partial
+  prediction is not yet recorded; stores of earlier releases have no record.
 - **Consolidated metadata.** :func:`consolidate` writes zarr v3 consolidated
   metadata, so ``xarray.open_zarr(path, decode_coords="all")`` opens a store
   quietly with one metadata read; writers call it whenever metadata changes.
@@ -53,6 +61,12 @@ FORMAT_ATTR = "tilefuse_storage"
 FORMAT = 1
 WRITE_EMPTY_CHUNKS = True
 """Every tilefuse write stores chunks equal to the fill value too (``to_zarr(write_empty_chunks=...)``, :func:`writing`)."""
+DIGESTS = "chunk_digests.npz"
+"""A complete store's record of where each chunk belongs, at its top: for every array it wrote, the crc32c each
+(inner) chunk of each key ends with, ``(*key grid, chunks per key)`` uint32 (0: an empty place in a shard), one
+member per array in a NumPy ``.npz`` (a zip: each member carries its own CRC-32)."""
+DIGESTS_ATTR = "tilefuse_digests"
+"""Root attr of a store that holds :data:`DIGESTS` (its value: the file name)."""
 _CRC = 4
 _INDEX_ENTRY = 16
 _EMPTY = 2**64 - 1
@@ -199,6 +213,56 @@ def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
     return None
 
 
+def _tail(data) -> int:
+    return int.from_bytes(bytes(data[-_CRC:]), "little")
+
+
+def key_digests(read: Callable[[int, int], bytes], size: int, check: ArrayCheck) -> np.ndarray:
+    """The crc32c each (inner) chunk of one key ends with, in index order (0 where a shard holds none):
+    :data:`DIGESTS`'s entry for the key. ``read(offset, count)`` reads the key's ``size`` stored bytes, so a
+    shard costs its index and four bytes a chunk, not a read of the whole shard."""
+    out = np.zeros(max(check.inner, 1), np.uint32)
+    if not check.inner:
+        out[0] = _tail(read(size - _CRC, _CRC))
+        return out
+    index_size = check.inner * _INDEX_ENTRY + (_CRC if check.index_checksum else 0)
+    index = read(size - index_size if check.index_at_end else 0, check.inner * _INDEX_ENTRY)
+    for i, (offset, length) in enumerate(np.frombuffer(index, dtype="<u8").reshape(-1, 2)):
+        if offset != _EMPTY:
+            out[i] = _tail(read(int(offset + length) - _CRC, _CRC))
+    return out
+
+
+def _index_request(check: ArrayCheck):
+    """The byte request of a shard's index."""
+    size = check.inner * _INDEX_ENTRY + (_CRC if check.index_checksum else 0)
+    return SuffixByteRequest(size) if check.index_at_end else RangeByteRequest(0, size)
+
+
+def _is_index(check: ArrayCheck, byte_range) -> bool:
+    return bool(check.inner) and byte_range is not None and byte_range == _index_request(check)
+
+
+def chunk_places(index: np.ndarray, check: ArrayCheck) -> dict[int, int]:
+    """Offset -> place (in index order) of every chunk a shard's ``index`` bytes point at."""
+    entries = np.frombuffer(np.asarray(index, np.uint8)[: check.inner * _INDEX_ENTRY].tobytes(), dtype="<u8").reshape(-1, 2)
+    return {int(offset): place for place, (offset, _) in enumerate(entries) if offset != _EMPTY}
+
+
+def misplaced(data, check: ArrayCheck, recorded: np.ndarray, byte_range=None) -> str | None:
+    """Why intact bytes (by :func:`verify_bytes`) read from a key are not those :data:`DIGESTS` records there, or
+    None. ``recorded``: the key's entry, or, for one chunk read from inside a shard, the entry of its place."""
+    data = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if byte_range is None:
+        found = key_digests(lambda offset, count: data[offset : offset + count], len(data), check)
+    else:
+        found = np.array([_tail(data)], np.uint32)
+    return None if np.array_equal(found, recorded) else MISPLACED
+
+
+MISPLACED = "not the one the store recorded there (copied from another place or store, its own checksum intact)"
+
+
 def chunk_key(name: str, index: tuple[int, ...]) -> str:
     """The store key of chunk (or shard) ``index`` of array ``name`` (zarr v3 default key encoding)."""
     return "/".join([name, "c", *(str(i) for i in index)])
@@ -294,6 +358,23 @@ class VerifiedStore(WrapperStore):
         self.identity = store_identity(root) if root is not None else None
         self.consolidated = False
         """Whether the store records its arrays' metadata in its root (zarr's ``use_consolidated``)."""
+        self.recorded = False
+        """Whether reads compare every chunk with the store's record of its place (:data:`DIGESTS`)."""
+        self._digests: dict[str, np.ndarray] | None = None
+        self._places: dict[str, dict[int, int]] = {}
+        """Offset -> place of the chunks of the shards whose index was read last (:func:`chunk_places`)."""
+
+    def __getstate__(self):
+        # what a task or DataLoader worker unpickles: the record is read again where it is needed, once
+        return {**self.__dict__, "_digests": None, "_places": {}}
+
+    def digests(self, name: str) -> np.ndarray | None:
+        """The record of where array ``name``'s chunks belong, or None where the store has none for it."""
+        if not self.recorded:
+            return None
+        if self._digests is None:
+            self._digests = read_digests(self.root if self.root is not None else self.where, self.checks, self.fix_for(DIGESTS), self.where)
+        return self._digests.get(name)
 
     def __dask_tokenize__(self):
         """The store as resolved, not as named: a Dataset reopened by its absolute path (a notebook passing it
@@ -306,6 +387,7 @@ class VerifiedStore(WrapperStore):
     def _with_store(self, store):
         clone = type(self)(store, self.checks, self.where, self.fix)
         clone.root, clone.identity, clone.consolidated = self.root, self.identity, self.consolidated
+        clone.recorded, clone._digests, clone._places = self.recorded, self._digests, self._places
         return clone
 
     def check_identity(self) -> None:
@@ -321,9 +403,13 @@ class VerifiedStore(WrapperStore):
         self.check_identity()  # a key missing or unlike its checksum because the store was replaced meanwhile
         unit = "shard" if check.inner else "chunk"
         region = check.region(index)
+        edit = (
+            f" (a change you made to it yourself: record it with tilefuse.storage.record_digests({str(self.where)!r}))"
+            if what == MISPLACED else ""
+        )
         return InputError(
             f"{self.where}: {unit} {index} of {check.name!r}{f' ({region})' if region else ''} is {what}: "
-            f"the store is corrupt, {self.fix_for(check.name)}"
+            f"the store is corrupt, {self.fix_for(check.name)}{edit}"
         )
 
     async def get(self, key, prototype, byte_range=None):
@@ -342,10 +428,49 @@ class VerifiedStore(WrapperStore):
             if check.is_required(index):
                 raise self.damaged(check, index, "missing")
             return None
-        problem = verify_bytes(value.as_numpy_array(), check, byte_range)
+        data = value.as_numpy_array()
+        problem = verify_bytes(data, check, byte_range)
         if problem:
             raise self.damaged(check, index, f"damaged ({problem})")
+        recorded = self.digests(check.name)
+        if recorded is None:
+            return value
+        recorded = recorded[index]
+        if _is_index(check, byte_range):  # the chunks it points at are checked as they are read
+            self._remember(key, chunk_places(data, check))
+            return value
+        if byte_range is not None and not (check.inner and isinstance(byte_range, RangeByteRequest)):
+            return value  # zarr makes no other partial reads of tilefuse's layouts
+        if byte_range is not None:  # one chunk of a shard: the record of its place
+            place = (await self._places_of(key, check, prototype)).get(byte_range.start)
+            recorded = recorded[place : place + 1] if place is not None else np.zeros(0, np.uint32)
+        problem = misplaced(data, check, recorded, byte_range)
+        if problem:
+            raise self.damaged(check, index, problem)
         return value
+
+    def _remember(self, key: str, places: dict[int, int]) -> None:
+        if len(self._places) >= 4096:  # a few shards are read at a time: bounded memory at any scale
+            self._places.clear()
+        self._places[key] = places
+
+    async def _places_of(self, key: str, check: ArrayCheck, prototype) -> dict[int, int]:
+        """Offset -> place of the chunks shard ``key`` holds (its index, as read last, or read now)."""
+        if key not in self._places:
+            request = _index_request(check)
+            value = await self._store.get(key, prototype, request)
+            data = value.as_numpy_array() if value is not None else np.zeros(0, np.uint8)
+            self._remember(key, {} if verify_bytes(data, check, request) else chunk_places(data, check))
+        return self._places[key]
+
+    def problem(self, data, check: ArrayCheck, index: tuple[int, ...]) -> str | None:
+        """Why the whole bytes of key ``index`` of ``check``'s array are not to be used (damaged, or not the
+        chunks recorded there), or None."""
+        problem = verify_bytes(data, check)
+        if problem:
+            return f"damaged ({problem})"
+        recorded = self.digests(check.name)
+        return None if recorded is None else misplaced(data, check, recorded[index])
 
     def unreadable(self, key: str, parsed, error: OSError) -> InputError:
         """The one line for a key the filesystem refuses to read (no permission, an I/O error)."""
@@ -491,7 +616,83 @@ def verified_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-inge
     store = VerifiedStore(LocalStore(real, read_only=read_only), checks, str(path), fix, root=real)
     store.identity = root  # the store whose metadata was just read
     store.consolidated = listed is not None  # how zarr is to open it (open_group, open_dataset)
+    attrs = group.attrs
+    if written is None and attrs.get(DIGESTS_ATTR) == DIGESTS and attrs.get("complete", True) is not False:
+        store._digests = read_digests(path, checks, store.fix_for(DIGESTS))  # checked at the open: one line here
+        store.recorded = True
     return store
+
+
+def _recorded(checks: Mapping[str, ArrayCheck]) -> dict[str, ArrayCheck]:
+    """The arrays a store's :data:`DIGESTS` covers: every one it promises whole (its own, complete)."""
+    return {name: check for name, check in checks.items() if check.required is True}
+
+
+def read_digests(
+    path: str | os.PathLike, checks: Mapping[str, ArrayCheck], fix: str = "re-ingest it", where: str | None = None
+) -> dict[str, np.ndarray]:
+    """The :data:`DIGESTS` record of the store at ``path`` (named ``where`` in messages), checked against its
+    arrays' ``checks``: one :class:`~tilefuse.errors.InputError` when it is missing, damaged or not of the
+    store's arrays."""
+    import zipfile
+
+    file = Path(path, DIGESTS)
+    try:
+        with np.load(file, allow_pickle=False) as members:
+            record = {name: members[name] for name in members.files}
+    except FileNotFoundError:
+        state = "missing"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        state = "damaged"
+    else:
+        state = None
+        for name, check in _recorded(checks).items():
+            grid = tuple(-(-n // u) for n, u in zip(check.shape, check.unit))
+            found = record.get(name)
+            if found is None or found.dtype != np.uint32 or found.shape != (*grid, max(check.inner, 1)):
+                state = f"damaged (its entry for {name!r} {'is missing' if found is None else 'does not fit the array'})"
+                break
+    if state:
+        raise InputError(f"{where or path}: its record of where each chunk belongs ({DIGESTS}) is {state}: the store is corrupt, {fix}")
+    return record
+
+
+def record_digests(path: str | os.PathLike, fix: Fix = "re-ingest it") -> None:
+    """Write :data:`DIGESTS` for the store at ``path`` (every key of every array it promises whole, read four
+    bytes a chunk) and set :data:`DIGESTS_ATTR`: the last step of writing a store, before its metadata is
+    consolidated. The caller holds the store's lock and has written every chunk; a key missing or unreadable
+    is the InputError a read gives (``fix``: as for :func:`verified_store`).
+
+    Also what records a change a user made to a store's own arrays in place (with zarr): from then on the
+    changed chunks are the store's, and the old ones are refused in their place."""
+    import io
+    import zipfile
+
+    from tilefuse.outputs import write_file
+
+    path = Path(path)
+    store = verified_store(path, fix=fix, read_only=False)
+    record = {}
+    for name, check in _recorded(store.checks).items():
+        grid = tuple(-(-n // u) for n, u in zip(check.shape, check.unit))
+        digests = np.zeros((*grid, max(check.inner, 1)), np.uint32)
+        for index in check.keys():
+            try:
+                with open(path / chunk_key(name, index), "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    digests[index] = key_digests(lambda offset, count: os.pread(handle.fileno(), count, offset), size, check)
+            except FileNotFoundError:
+                raise store.damaged(check, index, "missing") from None
+            except OSError as error:
+                raise store.unreadable(chunk_key(name, index), (name, index), error) from None
+        record[name] = digests
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:  # np.savez's layout, whatever the arrays are named
+        for name, digests in record.items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, digests)
+    write_file(path / DIGESTS, buffer.getvalue())
+    zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=store.consolidated).attrs[DIGESTS_ATTR] = DIGESTS
 
 
 def open_group(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest it") -> zarr.Group:
@@ -529,17 +730,18 @@ def verify_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest
                 data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
             except OSError as error:
                 raise store.unreadable(chunk_key(name, index), (name, index), error) from None
-            problem = verify_bytes(data, check)
+            problem = store.problem(data, check, index)
             store.check_identity()
             if problem:
-                raise store.damaged(check, index, f"damaged ({problem})")
+                raise store.damaged(check, index, problem)
             count += 1
     store.check_identity()
     return count
 
 
-def key_problem(path: str | os.PathLike, check: ArrayCheck, index: tuple[int, ...]) -> str | None:
-    """"missing" or "damaged (...)" for one key of an array of the store at ``path``, None if intact."""
+def key_problem(path: str | os.PathLike, check: ArrayCheck, index: tuple[int, ...], recorded: np.ndarray | None = None) -> str | None:
+    """"missing", "damaged (...)" or (given the key's :data:`DIGESTS` entry ``recorded``) "not the one the store
+    recorded there" for one key of an array of the store at ``path``; None if intact."""
     file = Path(path, chunk_key(check.name, index))
     if not file.is_file():
         return "missing"
@@ -548,7 +750,9 @@ def key_problem(path: str | os.PathLike, check: ArrayCheck, index: tuple[int, ..
     except OSError as error:
         return f"unreadable ({error.strerror or type(error).__name__})"
     problem = verify_bytes(data, check)
-    return f"damaged ({problem})" if problem else None
+    if problem:
+        return f"damaged ({problem})"
+    return None if recorded is None else misplaced(data, check, recorded)
 
 
 # ------------------------------------------------------------------------ writing
@@ -571,4 +775,6 @@ def consolidate(path: str | os.PathLike) -> None:
     with warnings.catch_warnings():
         # zarr notes that v3 consolidated metadata is not in the spec yet; xarray and zarr read it
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        # the store's DIGESTS file at its top, which zarr lists while it looks for arrays
+        warnings.filterwarnings("ignore", message=f"Object at {DIGESTS} is not recognized")
         zarr.consolidate_metadata(LocalStore(Path(path)), zarr_format=3)
