@@ -247,7 +247,7 @@ def write_scene(
     if not names:
         raise InputError("the scene Dataset has no modality: each is a (<name>_band, y, x) variable, e.g. optical (optical_band, y, x)")
 
-    ds = ds.copy()
+    ds = _transform_of_coordinates(ds.copy())
     ds.attrs[STORE_KIND] = "scene"
     ds.attrs[FORMAT_ATTR] = FORMAT  # every chunk written and checksummed (tilefuse.storage)
     ds.attrs.pop(DIGESTS_ATTR, None)  # a store's record is its own: written last (a Dataset read from a store has one)
@@ -262,6 +262,8 @@ def write_scene(
         encoding[name] = enc
         ds[name] = ds[name].chunk(dict(zip(ds[name].dims, write_chunks(enc))))
         ds[name].encoding = {}
+    if "label" in ds:
+        ds["label"].attrs["nodata"] = IGNORE  # label.rio.nodata, and rio.to_raster marks it
     valid = ds["valid"].data
     sums = {name: _band_sums(ds[name].data, valid) for name in names}
     counts = count_labels(ds["label"].data) if "label" in ds else None
@@ -308,6 +310,22 @@ def write_scene(
         record_digests(tmp)  # where each chunk belongs
         consolidate(tmp)  # last, once every attr is final
     return Path(os.path.abspath(path))  # a notebook keeps it across os.chdir
+
+
+def _transform_of_coordinates(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with the GeoTransform its x/y coordinates give where the one it records disagrees: xarray keeps
+    coordinates right through ``sortby``, ``coarsen`` or ``isel``, not rioxarray's recorded transform, and a store
+    written with the stale one was refused as corrupt when opened. Coordinates of no regular grid are refused."""
+    for dim in ("x", "y"):
+        steps = np.diff(np.asarray(ds[dim].values, dtype=np.float64)) if dim in ds.coords else np.zeros(0)
+        if steps.size and (not np.all(np.isfinite(steps)) or np.abs(steps - steps[0]).max() > 1e-3 * abs(steps[0]) or steps[0] == 0):
+            raise InputError(
+                f"the scene's {dim} coordinates are not evenly spaced: a scene store is a regular grid; resample the "
+                "Dataset onto one first (e.g. ds.rio.reproject)"
+            )
+    if _georeference_problem(ds) is None or ds.sizes.get("x", 0) < 2 or ds.sizes.get("y", 0) < 2:
+        return ds
+    return ds.rio.write_transform(ds.rio.transform(recalc=True))
 
 
 def _check_named(path, names, counts: np.ndarray) -> None:
