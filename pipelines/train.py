@@ -61,6 +61,11 @@ def _resolve_job(model: str, hparams: dict | None, stores: list[str], val_stores
                 f"hyperparameter {key}={value!s:.40} is of type {type(value).__name__}, which a checkpoint (JSON) cannot hold: "
                 "pass a plain number, string, bool, list or dict (e.g. int(x) for a numpy integer)"
             ) from None
+    if val_stores and options.get("val_fraction"):  # the stores validate: no share of the training stores is held out
+        raise InputError(
+            f"val_fraction= (--val-fraction) {options['val_fraction']} has no effect with val_stores= (--val-store), "
+            "which validate instead: drop one of them"
+        )
     if isinstance(options.get("modalities"), str):  # one modality, not its letters
         options = {**options, "modalities": [options["modalities"]]}
     job = {

@@ -217,3 +217,18 @@ def test_a_split_by_whole_stores_says_what_share_each_subset_got(tmp_path, capsy
     assert len(notes) == 1, notes
     shares = [int(v) for v in re.findall(r"(?:train|val|test) (\d+)%", notes[0])]
     assert len(shares) == 3 and 98 <= sum(shares) <= 102 and "asked 80%" in notes[0], notes
+
+
+def test_a_validation_share_given_with_validation_stores_is_refused(stores, tmp_path, capsys):  # noqa: F811
+    """val_fraction=0.3 with val_stores= was ignored without a word: the stores validated and nothing of the
+    training stores was held out, though the user asked for 30 % of them."""
+    from tilefuse.cli import main
+
+    with pytest.raises(InputError, match=r"^val_fraction= \(--val-fraction\) 0.3 has no effect with val_stores= \(--val-store\)"):
+        train("test-seg", stores[:1], tmp_path / "run", val_stores=stores[1:], val_fraction=0.3, steps=1, **FAST)
+    assert not (tmp_path / "run").exists()
+    args = ["train", "--model", "test-seg", "--store", str(stores[0]), "--val-store", str(stores[1]), "--out", str(tmp_path / "cli")]
+    assert main([*args, "--val-fraction", "0.2", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no effect with val_stores=" in err, err
+    assert not (tmp_path / "cli").exists()
