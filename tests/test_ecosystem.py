@@ -343,3 +343,16 @@ def test_a_dataset_of_one_variable_per_numbered_band_is_the_dataarray_it_came_fr
     assert list(split["optical_band"].values) == list(whole["optical_band"].values) == ["b1", "b2", "b3"]
     np.testing.assert_array_equal(split["optical"].values, whole["optical"].values)
     np.testing.assert_array_equal(split["valid"].values, whole["valid"].values)
+
+
+def test_unnamed_pieces_of_a_modality_get_one_name_per_band_and_shared_names_are_refused(rasters):
+    """Two unnamed 2-D pieces (``arr.isel(band=0, drop=True)``) were both named 'b1', so ``.sel(sar_band="b1")``
+    took both bands; pieces that share a band name are refused (a checkpoint tells bands apart by name)."""
+    sar = lazy(rasters["sar"][0])
+    pieces = [sar.isel(band=0, drop=True), sar.isel(band=1, drop=True)]
+    ds = scene_from_xarray({"sar": pieces})
+    assert list(ds["sar_band"].values) == ["b1", "b2"]
+    np.testing.assert_array_equal(ds["sar"].sel(sar_band="b2").values, scene_from_xarray({"sar": pieces[1]})["sar"][0].values)
+    named = lazy(rasters["sar"][0]).assign_coords(band=["VV", "VH"])
+    with pytest.raises(InputError, match=r"^modality 'sar': band name 'VV' is given to 2 of its bands: name each band its own"):
+        scene_from_xarray({"sar": [named, named]})

@@ -58,6 +58,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence, Union
@@ -540,7 +541,7 @@ def scene_from_xarray(
         if any(steps):
             attrs["time"] = steps[0] if len(set(steps)) == 1 else [str(s) for s in steps]
         data = on_grid[0] if len(on_grid) == 1 else da.concatenate(on_grid, axis=0)
-        arrays[name] = (data, tuple(band_names), attrs)
+        arrays[name] = (data, _distinct_band_names(band_names, f"modality {name!r}"), attrs)
     label = None
     if labels is not None:
         if not isinstance(labels, xr.DataArray):
@@ -564,6 +565,23 @@ def scene_from_xarray(
         attrs = {"source": "xarray", **({"class_names": list(names)} if names else {})}
         label = (array_onto_grid(values, source, grid, "nearest", chunk, labels=True)[0], attrs)
     return scene_dataset(grid, arrays, label, mapping, reference)
+
+
+def _distinct_band_names(names: list[str], what: str) -> tuple[str, ...]:
+    """One name per band of a modality built from pieces: names made up for unnamed bands (``b1``, ``b2``...)
+    count the modality's bands (two unnamed pieces were both 'b1', and ``.sel(band="b1")`` took both); a name
+    two pieces share is refused (a checkpoint tells bands apart by name)."""
+    made_up = re.compile(r"b[0-9]+")
+    if len(set(names)) == len(names):
+        return tuple(names)
+    names = [f"b{i}" if made_up.fullmatch(n) else n for i, n in enumerate(names, 1)]
+    shared = next((n for n in names if names.count(n) > 1), None)
+    if shared is not None:
+        raise InputError(
+            f"{what}: band name {shared!r} is given to {names.count(shared)} of its bands: name each band its own "
+            "(e.g. piece.assign_coords(band=[...])), or pass the pieces as modalities of their own"
+        )
+    return tuple(names)
 
 
 def from_xarray(
