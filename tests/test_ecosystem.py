@@ -286,8 +286,9 @@ def test_label_options_without_labels_are_refused(rasters, tmp_path):
     with pytest.raises(InputError, match="label_map=.*no labels"):
         from_xarray(tmp_path / "s.zarr", optical, label_map={-1: 255})
     ignore = lazy(rasters["label"]).copy(data=np.full((1, SIZE // 2, SIZE // 2), 255, np.uint8))
-    with pytest.raises(InputError, match="has no labelled pixel"):  # was a store of '0 classes'
+    with pytest.raises(InputError, match="has no labelled pixel") as refused:  # was a store of '0 classes'
         from_xarray(tmp_path / "s.zarr", optical, ignore)
+    assert "labels=" in str(refused.value) and "--" not in str(refused.value), "the Python API names its parameters"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -299,10 +299,13 @@ def write_scene(
         if counts is not None and require_labelled and not np.asarray(counts)[:IGNORE].any():
             # every label pixel ignore (nodata, negative, or mapped to 255): a store that looks complete, '0 classes'
             source = ds["label"].attrs.get("source", "the labels")
+            check = (
+                "check labels=, its nodata and label_map=, or pass no labels" if source == "xarray"
+                else "check the labels raster, its band (PATH:N) and --label-map, or ingest without --labels"
+            )
             raise InputError(
-                f"labels: {Path(str(source)).name if source != 'xarray' else 'the labels'} has no labelled pixel on the "
-                "scene's grid (every one is nodata, negative or 255): check the labels raster, its band (PATH:N) and "
-                "--label-map, or ingest without --labels"
+                f"labels: {Path(str(source)).name if source != 'xarray' else 'the labels array'} has no labelled pixel on "
+                f"the scene's grid (every one is nodata, negative or 255): {check}"
             )
         if counts is not None:
             _check_named(path, ds["label"].attrs.get("class_names"), np.asarray(counts))
