@@ -52,3 +52,14 @@ def test_coordinates_of_no_regular_grid_are_refused(store, tmp_path):
 def test_scene_labels_carry_their_nodata(store):
     """label.rio.nodata was None (255 means ignore), so label.rio.to_raster wrote a raster without nodata."""
     assert open_scene(store)["label"].rio.nodata == IGNORE
+
+
+def test_a_store_whose_root_attrs_xarray_replaced_says_so(store, tmp_path):
+    """xr.Dataset({"ndvi": ...}).to_zarr(store, mode="a") replaces the root attrs with {}: every command said
+    'not a tilefuse store', and synth/from_xarray that it is never replaced, with no word of what happened."""
+    import xarray as xr
+
+    layer = xr.Dataset({"ndvi": (("y", "x"), np.zeros((96, 64), np.float32))})
+    layer.to_zarr(store, mode="a", consolidated=True)
+    with pytest.raises(InputError, match=r"holds a tilefuse store's arrays but its root attributes are gone \(xarray's to_zarr\(mode=\"a\"\)"):
+        open_scene(store)

@@ -419,6 +419,13 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     except Exception as error:  # zarr/xarray raise many types for a broken store
         raise InputError(f"{path} is not a readable zarr store ({type(error).__name__}: {error}): pass a {kind} store {MADE_BY.get(kind, '')} or {repair(kind)}") from None
     found = ds.attrs.get(STORE_KIND)
+    if found is None and {"valid", "labels", "block_done"} & set(ds.variables) and not ds.attrs:
+        raise InputError(
+            f"{path} holds a tilefuse store's arrays but its root attributes are gone (xarray's to_zarr(mode=\"a\") "
+            "replaces them with the appended Dataset's): tilefuse can no longer tell what it is, so it never replaces "
+            f"it; remove it, {'ingest it again' if kind == 'scene' else 'predict it again'}, and append a layer with the "
+            "store's attrs kept (ds.attrs = tilefuse.open_scene(store).attrs before to_zarr)"
+        )
     if found != kind:
         what = f"a {found} store" if found else "not a tilefuse store"
         raise InputError(f"{path} is {what}, expected a {kind} store: pass a {kind} store {MADE_BY.get(kind, '')}".rstrip())
