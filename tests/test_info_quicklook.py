@@ -60,6 +60,14 @@ def test_decimate_bounds_the_picture():
     assert decimate(data, max_size=5000).shape == data.shape
 
 
+def test_decimate_draws_north_up_and_west_left():
+    """A y-ascending array (sortby("y"), a bottom-up raster) was drawn upside down: its first row is the south."""
+    north_up = xr.DataArray(np.arange(12).reshape(3, 4), dims=("y", "x"), coords={"y": [30.0, 20.0, 10.0], "x": [1.0, 2.0, 3.0, 4.0]})
+    for flipped in (north_up.sortby("y"), north_up.sortby("x", ascending=False), north_up.sortby("y").sortby("x", ascending=False)):
+        np.testing.assert_array_equal(decimate(flipped).values, north_up.values)
+        np.testing.assert_array_equal(decimate(flipped, max_size=2).values, decimate(north_up, max_size=2).values)
+
+
 def test_class_colors_fixed_and_distinct():
     colors = class_colors(40)
     assert len(colors) == 40 and len(set(colors)) == 40

@@ -40,11 +40,17 @@ def class_colors(n: int) -> list[tuple[int, int, int]]:
 
 
 def decimate(obj: xr.DataArray | xr.Dataset, max_size: int = MAX_SIZE) -> xr.DataArray | xr.Dataset:
-    """Every n-th pixel along ``y`` and ``x`` so that neither side exceeds ``max_size`` (lazy)."""
+    """Every n-th pixel along ``y`` and ``x`` so that neither side exceeds ``max_size`` (lazy), north up and west
+    left as drawn: an array whose ``y`` ascends (``sortby("y")``, a bottom-up raster) was drawn upside down."""
     if isinstance(max_size, (bool, np.bool_)) or not isinstance(max_size, (int, np.integer)) or max_size < 1:
         raise InputError(f"max_size= must be a whole number of px >= 1 (the picture's longer side), got {max_size!r}")
     step = max(1, -(-max(obj.sizes["y"], obj.sizes["x"]) // max_size))
-    return obj.isel(y=slice(None, None, step), x=slice(None, None, step))
+
+    def direction(dim: str, ascending: bool) -> int:
+        values = obj[dim].values if dim in obj.coords else np.zeros(0)
+        return -1 if values.size > 1 and (values[1] > values[0]) == ascending else 1
+
+    return obj.isel(y=slice(None, None, direction("y", True) * step), x=slice(None, None, direction("x", False) * step))
 
 
 def stretch(bands: np.ndarray, valid: np.ndarray | None = None, percentiles: tuple[float, float] = (2, 98)) -> np.ndarray:
