@@ -44,7 +44,10 @@ def ingest(
     :func:`tilefuse.rasters.ingest_rasters` for the options. Returns the store path.
     Before any work, an output grid of more than ``max_pixels`` pixels
     (default :data:`tilefuse.rasters.MAX_PIXELS`, 10^10) is refused unless
-    ``allow_large`` (free space is checked by :mod:`tilefuse.outputs`).
+    ``allow_large``; so is one whose store needs more than the free space of
+    ``out``'s filesystem (worked out from the grid before any reading is
+    planned), and, even with ``allow_large``, one of more than
+    :data:`tilefuse.rasters.MAX_BLOCKS` read blocks (10^12 px).
 
     With ``stac`` (a STAC Item or ItemCollection JSON whose assets are local
     files; needs the ``stac`` extra), ``modalities`` maps names to asset keys
@@ -67,7 +70,7 @@ def ingest(
     stac = None if stac is None else local_path(stac, "--stac")
     specs = [stac, labels] if stac is not None else [*modalities.values(), labels]
     inputs = [spec_file(spec) if spec is not stac else spec for spec in specs if spec is not None]
-    claim(out, "scene", inputs=inputs, overwrite=overwrite)
+    target = claim(out, "scene", inputs=inputs, overwrite=overwrite)
     limit = None if allow_large else (MAX_PIXELS if max_pixels is None else _positive(max_pixels, "max_pixels"))
     if stac is not None:  # STAC input: assets of Items, through tilefuse.ecosystem
         from tilefuse.stac import scene_from_stac
@@ -93,6 +96,7 @@ def ingest(
             class_names=class_names,
             complex_mode=complex_mode,
             max_pixels=limit,
+            output=target,  # its free space is checked from the grid, before any reading is planned
         )
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
         return write_scene(ds, out, overwrite=overwrite, progress=progress, inputs=inputs, require_labelled=True)

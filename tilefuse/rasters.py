@@ -59,6 +59,11 @@ GDAL_CACHE_BYTES = 256 << 20
 MAX_PIXELS = 10**10
 """Largest output grid ingested without ``allow_large``: a 10^5 x 10^5 px scene. A typo in a
 resolution (0.001 for 10) asks for 10^13 px and more; refusing before any work keeps it a message."""
+MAX_BLOCKS = 10**6
+"""Most read blocks (one dask task each) one ingest plans, whatever ``max_pixels`` or ``allow_large``: a grid of
+10^12 px at the 1024 px blocks of :data:`READ_CHUNK` (4 TB per float32 band). Planning costs about 4 KB and 0.1 ms
+per block before anything is read (10^6 blocks: ~4 GB, a minute or two); ``--resolution 1e-8`` for a scene in
+degrees asked for 2*10^7 blocks, and memory grew without a word until the machine ran out."""
 LABEL_DTYPE = np.dtype(np.float64)
 """What label values are read, resampled (nearest) and remapped in, NaN = none: float64 holds every integer
 id of magnitude up to :data:`EXACT_IDS` exactly (float32 only up to 2^24: 33010101 became 33010100)."""
@@ -225,8 +230,68 @@ def check_grid_size(
     pixels = int(width) * int(height)
     if max_pixels is not None and pixels > max_pixels:
         raise InputError(
-            f"{what} would be {width} x {height} px ({pixels:.3g} px, more than the limit of {max_pixels:.3g}): {fix}"
+            f"{what} would be {_side(width)} x {_side(height)} px ({_count(pixels)} px, more than the limit of "
+            f"{_count(max_pixels)}): {fix}"
         )
+
+
+def _count(n: int) -> str:
+    """A count of any size (pixels, blocks) for a message, to 3 significant digits: ``2.12e+13``. A float took
+    only counts below ~1.8e308 (a grid of 10^598 px was an OverflowError) and printed its 300 digits in full."""
+    from decimal import Decimal
+
+    n = int(n)
+    if abs(n) < 10**300:
+        return f"{n:.3g}"
+    mantissa, _, exponent = format(Decimal(n), ".2e").partition("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
+def _side(n: int) -> str:
+    """A grid's width or height for a message: exact up to 12 digits, else as :func:`_count`."""
+    return str(int(n)) if abs(int(n)) < 10**12 else _count(n)
+
+
+def read_blocks(source: RasterSource, grid: Grid, chunk: int = READ_CHUNK) -> int:
+    """How many blocks (dask tasks) :func:`read_onto_grid` plans for ``source`` on ``grid``; works it out from
+    the sizes alone, so a grid too large to plan costs nothing."""
+    least = _least_blocks(grid, chunk)
+    if least > MAX_BLOCKS:  # refused anyway; a read plan of such a grid can overflow (10^300 px across)
+        return least
+    bands = len(source.bands)
+    per_block, spatial, _ = _block_shape(read_plan(source, grid), bands, chunk)
+    return -(-bands // per_block) * -(-int(grid.height) // spatial) * -(-int(grid.width) // spatial)
+
+
+def _least_blocks(grid: Grid, chunk: int = READ_CHUNK) -> int:
+    """The fewest blocks any raster or array is read onto ``grid`` in (blocks are at most ``chunk`` px, or 64)."""
+    spatial = max(64, int(chunk))
+    return -(-int(grid.height) // spatial) * -(-int(grid.width) // spatial)
+
+
+def check_blocks(grid: Grid, blocks: int, what: str = "the output grid") -> None:
+    """Refuse to plan more than :data:`MAX_BLOCKS` read blocks for ``grid`` (its tasks alone would take GBs of
+    memory before anything is read), whatever the pixel limit: one line instead of memory growing until the
+    machine runs out."""
+    if blocks > MAX_BLOCKS:
+        raise InputError(
+            f"{what} would be {_side(grid.width)} x {_side(grid.height)} px ({_count(grid.width * grid.height)} px, "
+            f"{_count(blocks)} read blocks), more than the {_count(MAX_BLOCKS)} blocks tilefuse plans for one scene, "
+            "a bound --allow-large (allow_large=) does not lift: check --resolution/--crs (resolution=/crs=), or "
+            "ingest the area in parts"
+        )
+
+
+def scene_bytes(grid: Grid, bands: int, labelled: bool) -> int:
+    """The free space a scene store of ``bands`` modality bands (float32), ``valid`` and (``labelled``) ``label``
+    on ``grid`` needs: :func:`tilefuse.scene.write_scene`'s estimate (raw bytes / 8, zstd rarely beats 8x on
+    imagery), worked out from the sizes alone so that it can be checked before any reading is planned."""
+    return int(grid.width) * int(grid.height) * (4 * bands + 1 + int(labelled)) // 8
+
+
+_SPACE_CHECKED = 1 << 63
+"""Scene sizes (bytes) the free-space check is asked about; no filesystem reports more free, and a grid that
+large is far beyond :data:`MAX_BLOCKS`, which refuses it."""
 
 
 def check_modalities_given(modalities, labels=None, *, paths: bool = True) -> None:
@@ -514,6 +579,14 @@ def reference_grid(source: RasterSource, crs: str | None = None, resolution: flo
         transform, width, height = calculate_default_transform(
             source.crs, target, source.width, source.height, *_footprint(source), resolution=resolution
         )
+    except OverflowError:  # a pixel size so small that the grid's width is beyond a float (about 10^308 px)
+        if resolution is None:
+            raise InputError(f"cannot express {source.path.name} in {target}: the grid would be too large") from None
+        units = "degrees" if target.is_geographic else (target.linear_units or "units of the CRS")
+        raise InputError(
+            f"--resolution (resolution=) {given!r} is too small: the output grid would be more than 10^308 px across; "
+            f"give the pixel size in {units} ({target.to_string()})"
+        ) from None
     except Exception as error:  # pyproj/GDAL raise several types for impossible transforms
         raise InputError(f"cannot express {source.path.name} in {target}: {error}") from None
     if explicit is not None and (width < 2 or height < 2) and source.width > 1 and source.height > 1:
@@ -740,6 +813,8 @@ def read_onto_grid(
     """
     if resampling not in RESAMPLING:
         raise InputError(f"unknown resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
+    # da.empty of millions of chunks grew memory for minutes before the graph existed: refused from the sizes
+    check_blocks(grid, read_blocks(source, grid, chunk))
     plan = read_plan(source, grid)
     bands = len(source.bands)
     dtype = LABEL_DTYPE if labels else np.dtype(np.float32)
@@ -808,10 +883,12 @@ def array_onto_grid(
 
     if resampling not in RESAMPLING:
         raise InputError(f"unknown resampling {resampling!r}: choose one of {', '.join(RESAMPLING)}")
+    check_blocks(grid, _least_blocks(grid, chunk))  # before a read plan (which can overflow) or one task is made
     plan = read_plan(source, grid)
     data = data.rechunk({0: -1})
     bands = data.shape[0]
     _, spatial, _ = _block_shape(plan, bands, chunk)
+    check_blocks(grid, -(-grid.height // spatial) * -(-grid.width // spatial))
     dtype = LABEL_DTYPE if labels else np.dtype(np.float32)
     place = functools.partial(_place_chunks, dtype=dtype, source=source, grid=grid, resampling=resampling, plan=plan)
     row_starts, col_starts = ([0, *accumulate(c)] for c in data.chunks[1:])
@@ -896,6 +973,7 @@ def ingest_rasters(
     complex_mode: str | None = None,
     chunk: int = READ_CHUNK,
     max_pixels: int | None = MAX_PIXELS,
+    output: str | os.PathLike | None = None,
 ) -> xr.Dataset:
     """Lazy scene Dataset of rasters on one grid, ready for :func:`tilefuse.scene.write_scene`.
 
@@ -907,7 +985,11 @@ def ingest_rasters(
     (``{-1: 255}`` or ``"-1:255"``); negative label values become 255, values above 255 are an error.
     ``complex_mode="magnitude"`` reads complex rasters as their magnitude.
     A grid of more than ``max_pixels`` pixels (None: no limit) is refused
-    before any reading is planned (:func:`check_grid_size`).
+    before any reading is planned (:func:`check_grid_size`); so, from the
+    grid's dimensions and the bands, is one whose store would not fit the free
+    space of ``output``'s filesystem (the store the Dataset is for, where
+    given; :func:`scene_bytes`, :func:`tilefuse.outputs.check_space`), and,
+    whatever the limit, one of more than :data:`MAX_BLOCKS` read blocks.
     """
     check_modalities_given(modalities, labels)
     check_label_options(labels, class_names, label_map)
@@ -942,6 +1024,16 @@ def ingest_rasters(
         _check_overlap(source, grid, f"modality {name!r}")
     if label_source is not None:
         _check_overlap(label_source, grid, "labels")
+    # Sizes are checked from the grid before any graph is built: the free-space check of write_scene came only
+    # after a graph of millions of tasks had grown memory until the machine ran out.
+    if output is not None:
+        from tilefuse.outputs import check_space
+
+        size = scene_bytes(grid, sum(len(s.bands) for s in sources.values()), label_source is not None)
+        if size < _SPACE_CHECKED:  # beyond, check_blocks refuses it
+            check_space(output, size)
+    readers = [*sources.values(), *([label_source] if label_source is not None else [])]
+    check_blocks(grid, sum(read_blocks(source, grid, chunk) for source in readers))
 
     arrays = {
         name: (
