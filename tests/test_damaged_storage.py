@@ -97,6 +97,28 @@ def test_new_stores_promise_every_chunk_and_checksum_it(pristine):
                 assert (store / chunk_key(name, index)).is_file(), (store, name, index)
 
 
+def every_reader_refuses(pristine, store: Path, name: str, match: str, tmp_path: Path, capsys) -> str:
+    """open_scene, SceneReader, info and predict (evaluate for labels) refuse ``store`` naming array ``name`` (and
+    ``match``) in one line, and leave no complete prediction; returns info's line."""
+    _, _, checkpoint, pred = pristine
+    with pytest.raises(InputError, match=match):
+        open_scene(store).load()
+    with pytest.raises(InputError, match=match):
+        SceneReader(store).read(0, 256, 0, 192, [name])
+    capsys.readouterr()
+    assert main(["info", str(store)]) == 2
+    err = capsys.readouterr().err
+    one_line_naming(err, name)
+    out = tmp_path / "pred.zarr"
+    if name == "label":
+        assert main(["evaluate", str(pred), "--labels", str(store)]) == 2
+    else:
+        assert main(["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(out), *PREDICT]) == 2
+        assert zarr.open_group(out, mode="r").attrs["complete"] is False
+    one_line_naming(capsys.readouterr().err, name)
+    return err
+
+
 @pytest.mark.parametrize("how", DAMAGES)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("name", ["optical", "valid", "label"])
@@ -109,23 +131,10 @@ def test_damaged_scene_chunk_is_an_error_for_every_reader(pristine, tmp_path, ca
     unit = "shard" if layout == "shards" else "chunk"
     expected = f"{unit} {index} of {name!r}"
 
-    with pytest.raises(InputError, match=f"{unit} \\({', '.join(map(str, index))}\\) of '{name}'"):
-        open_scene(store).load()
-    with pytest.raises(InputError, match=f"of '{name}'"):
-        SceneReader(store).read(0, 256, 0, 192, [name])
+    every_reader_refuses(pristine, store, name, f"{unit} \\({', '.join(map(str, index))}\\) of '{name}'", tmp_path, capsys)
     capsys.readouterr()
     assert main(["info", str(store)]) == 2
-    err = capsys.readouterr().err
-    one_line_naming(err, name)
-    assert expected in err, err
-    if name == "label":
-        assert main(["evaluate", str(pred), "--labels", str(store)]) == 2
-        one_line_naming(capsys.readouterr().err, name)
-    else:
-        out = tmp_path / "pred.zarr"
-        assert main(["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(out), *PREDICT]) == 2
-        one_line_naming(capsys.readouterr().err, name)
-        assert zarr.open_group(out, mode="r").attrs["complete"] is False
+    assert expected in capsys.readouterr().err
     # the untouched parts still read
     assert open_scene(store)[name][..., :64, :64].values.size
 
@@ -662,23 +671,8 @@ def test_a_chunk_in_another_place_is_an_error_for_every_reader(pristine, tmp_pat
     shutil.copytree(stores[layout], store)
     other = write_scene(labelled_scene(256, 192, seed=4, invalid_disk=False), tmp_path / "other.zarr", chunk=64, shard=LAYOUTS[layout])
     misplace(store, name, how, other)
-    recorded = "is not the one the store recorded there"
-
-    with pytest.raises(InputError, match=f"of '{name}'.*{recorded}"):
-        open_scene(store).load()
-    with pytest.raises(InputError, match=f"of '{name}'.*{recorded}"):
-        SceneReader(store).read(0, 256, 0, 192, [name])
-    capsys.readouterr()
-    assert main(["info", str(store)]) == 2
-    err = capsys.readouterr().err
-    one_line_naming(err, name)
-    assert recorded in err and "re-ingest it" in err, err
-    if name == "label":
-        assert main(["evaluate", str(pred), "--labels", str(store)]) == 2
-    else:
-        out = tmp_path / "pred.zarr"
-        assert main(["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(out), *PREDICT]) == 2
-    one_line_naming(capsys.readouterr().err, name)
+    err = every_reader_refuses(pristine, store, name, f"of '{name}'.*is not the one the store recorded there", tmp_path, capsys)
+    assert "re-ingest it" in err, err
 
 
 def test_a_valid_array_copied_in_from_another_store_is_one_line(tmp_path, capsys):
