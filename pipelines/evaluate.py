@@ -9,13 +9,15 @@ per-class IoU and F1, and Cohen's kappa.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, clipped, printable
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -38,8 +40,13 @@ def evaluate(
     complete. ``split`` (a training run folder or its ``split.json``) limits
     scoring to the pixels of ``subset`` whose context (the run's patch or
     neighbourhood radius) lies wholly in that subset's blocks (``test`` unless
-    given; without ``split`` it is refused, not ignored). Returns a
-    JSON-ready dict.
+    given; ``train``, ``val`` or ``test``; without ``split`` it is refused, not
+    ignored). Returns a JSON-ready dict.
+
+    Where ``labels`` holds the modalities the prediction was computed from and
+    they are not that scene's (another acquisition on the same grid, told by
+    the prediction's recorded ``scene_digest``), one note on stderr says so;
+    the scores are computed all the same (the labels may be right for it).
     """
     import numpy as np
     from tqdm.auto import tqdm
@@ -48,18 +55,25 @@ def evaluate(
     from tilefuse.cluster.run import MAX_BLOCK
     from tilefuse.metrics import ConfusionMatrix
     from tilefuse.prediction import open_prediction, store_path
+    from tilefuse.sampling.split import SUBSETS
     from tilefuse.scene import IGNORE, SHARD, iter_chunk_slices, open_scene
 
+    known = subset is None or (isinstance(subset, str) and subset in SUBSETS)
+    if subset is not None and split is None:  # the whole scene would be scored as if it were that subset
+        raise InputError(
+            f"subset={clipped(repr(subset))} (--subset) needs split= (--split RUN): the training run whose held-out blocks "
+            f"to score{'' if known else '; and subset= is one of ' + ', '.join(SUBSETS)}"
+        )
+    if not known:  # '' was read as test
+        raise InputError(f"subset= (--subset) must be one of {', '.join(SUBSETS)}, got {clipped(repr(subset))}")
     prediction, labels = store_path(prediction, "prediction", "prediction"), store_path(labels, "labels", "scene")
     if split is not None:
         from tilefuse.outputs import local_path
 
         split = local_path(split, "split")  # ~ is the home folder
-    if subset is not None and split is None:  # the whole scene would be scored as if it were that subset
-        raise InputError(f"subset={subset!r} (--subset) needs split= (--split RUN): the training run whose held-out blocks to score")
-    subset = subset or "test"
+    subset = "test" if subset is None else subset
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_BLOCK):
-        raise InputError(f"block= must be a whole number of px in 1..{MAX_BLOCK} (rows and columns read at once), got {block!r}")
+        raise InputError(f"block= must be a whole number of px in 1..{MAX_BLOCK} (rows and columns read at once), got {clipped(repr(block))}")
     predicted = open_prediction(prediction)
     scene = open_scene(labels)
     if "label" not in scene:
@@ -74,6 +88,9 @@ def evaluate(
         )
     if predicted.rio.crs != scene.rio.crs:
         raise InputError(f"{prediction} has CRS {predicted.rio.crs}, {labels} has {scene.rio.crs}: evaluate a prediction of that scene")
+    note = _other_scene(predicted.attrs, prediction, labels, scene)
+    if note:  # not an error: the same place's labels may come with another acquisition; never in the metrics (--json)
+        print(printable(f"tilefuse: note: {note}"), file=sys.stderr)
     # the scene's ids may be a subset of the model's classes: one list covering both, real names agreeing
     class_names = merge_class_names(
         [(str(prediction), [str(n) for n in predicted["labels"].attrs.get("class_names") or []]), (str(labels), store_class_names(scene))],
@@ -116,6 +133,82 @@ def _same_grid(a: "xr.Dataset", b: "xr.Dataset") -> bool:
     return all(
         np.allclose(a[axis].values, b[axis].values, rtol=0, atol=1e-3 * res)
         for axis, res in (("x", res_x), ("y", res_y))
+    )
+
+
+def _modalities_read(attrs: dict[str, Any]) -> list[str] | None:
+    """The modalities the prediction with store attrs ``attrs`` read (what its ``scene_digest`` covers), or None.
+
+    The store does not list them: they are the modalities of the recorded ``scene`` store whose digest is the
+    recorded one (that store unchanged), else those of the recorded ``checkpoint``'s config (a checkpoint of the
+    recorded model). Neither found (moved, deleted, replaced): None.
+    """
+    from tilefuse.prediction import SCENE_DIGEST
+    from tilefuse.scene import modalities, open_scene
+
+    recorded, source, checkpoint = attrs.get(SCENE_DIGEST), attrs.get("scene"), attrs.get("checkpoint")
+    if isinstance(source, str) and Path(source).is_dir():
+        try:
+            original = open_scene(source)
+            found = _digest_subset(original, modalities(original), recorded)
+        except (InputError, OSError, ValueError, KeyError):
+            found = None
+        if found is not None:
+            return found
+    if isinstance(checkpoint, str) and Path(checkpoint).is_dir():
+        try:
+            from tilefuse.checkpoint import read_config
+
+            config = read_config(checkpoint)  # config.json only, no weights
+        except (InputError, OSError, ValueError):
+            return None
+        if attrs.get("model") in (None, config.model):
+            return list(config.modalities)
+    return None
+
+
+def _digest_subset(scene: "xr.Dataset", names: list[str], recorded: Any) -> list[str] | None:
+    """The modalities among ``names`` whose :func:`~tilefuse.scene.scene_digest` of ``scene`` is ``recorded``, or
+    None. The digest does not depend on their order (its record is written with sorted keys), so each set is tried
+    once; metadata only, no pixel read."""
+    from tilefuse.scene import scene_digest
+
+    if not isinstance(recorded, str) or len(names) > 8:  # 2^8 digests of attrs at most
+        return None
+    for count in range(1, len(names) + 1):
+        for chosen in itertools.combinations(names, count):
+            if scene_digest(scene, list(chosen)) == recorded:
+                return list(chosen)
+    return None
+
+
+def _other_scene(attrs: dict[str, Any], prediction: str | Path, labels: str | Path, scene: "xr.Dataset") -> str | None:
+    """A note where scene store ``labels`` (opened: ``scene``, already on the prediction's grid) holds the
+    modalities the prediction read but is not the scene it was computed from (another date or seed on the same
+    grid scored silently); None where it is (moved or re-ingested: the same digest), or where it cannot be told
+    (a store made before digests were recorded, a labels-only store, the modalities read unknown)."""
+    from tilefuse.prediction import SCENE_DIGEST
+    from tilefuse.scene import modalities
+
+    recorded = attrs.get(SCENE_DIGEST)
+    have = modalities(scene)
+    if not isinstance(recorded, str) or not have:
+        return None
+    try:
+        if _digest_subset(scene, have, recorded) is not None:
+            return None
+        read = _modalities_read(attrs)
+    except (InputError, OSError, ValueError, KeyError):  # damaged statistics: the reads below name them
+        return None
+    if read is None or not set(read) <= set(have):
+        return None
+    source = attrs.get("scene")
+    source = source if isinstance(source, str) else "unknown"
+    same = source != "unknown" and Path(labels).resolve() == Path(source).resolve()
+    origin = "replaced at that path since" if same else source
+    return (
+        f"labels store {labels} is not the scene prediction {prediction} was computed from ({origin}): same grid, but its "
+        f"{', '.join(read)} differ; scored against its labels all the same (right if they are labels of the scene predicted)"
     )
 
 
@@ -207,7 +300,7 @@ def evaluate_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", help="Also write the metrics to this JSON file.", show_default=False)] = None,
     split: Annotated[Optional[Path], typer.Option("--split", help="Training run (or its split.json): score only its held-out blocks.")] = None,
-    subset: Annotated[Optional[str], typer.Option("--subset", help="Which held-out blocks of --split: test or val [test].")] = None,
+    subset: Annotated[Optional[str], typer.Option("--subset", help="Which blocks of --split to score: train, val or test (default: test).")] = None,
 ) -> None:
     """Score a prediction against a scene's labels: OA, mIoU, per-class IoU and F1, kappa."""
     from tilefuse.metrics import format_metrics

@@ -13,18 +13,20 @@ class names.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from tilefuse.classes import IGNORE
-from tilefuse.errors import InputError, printable
+from tilefuse.errors import InputError, clipped, printable
 
 
 MAX_BLOCKSIZE = 4096
@@ -40,6 +42,124 @@ def _overview_count(height: int, width: int, smallest: int = 128) -> int:
     if max(height, width) < 2:
         return 0
     return max(1, math.ceil(math.log2(max(height, width) / smallest)))
+
+
+_LIBTIFF: dict = {"lock": threading.Lock(), "depth": 0, "saved": [], "handler": None, "failed": []}
+"""State of :func:`_quiet_gdal`: nested and concurrent exports replace libtiff's error handlers once and restore
+them once; ``failed`` holds ``(thread id, errno)`` of the libtiff errors met meanwhile."""
+
+_STORAGE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS") if hasattr(errno, n))
+"""A libtiff error met with one of these in errno is the filesystem refusing the write (the message is only its
+strerror: ``_tiffWriteProc: No space left on device.``)."""
+
+
+def _libtiff_handler():
+    """libtiff's error handler ``(module, fmt, va_list)`` in place of the one that prints: records the errno the
+    failed call left (ctypes hands it over with ``use_errno``), never formats or prints the message."""
+    import ctypes
+
+    if _LIBTIFF["handler"] is None:
+
+        @ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, use_errno=True)
+        def handler(module, fmt, args):
+            code = ctypes.get_errno()
+            if code in _STORAGE_ERRNOS:
+                _LIBTIFF["failed"].append((threading.get_ident(), code))
+
+        _LIBTIFF["handler"] = handler  # kept alive: libtiff holds its address
+    return _LIBTIFF["handler"]
+
+
+def _loaded_libtiffs() -> list:
+    """Each libtiff this process has loaded (GDAL's, and others such as Pillow's own copy), as ctypes libraries.
+
+    Opened with ``RTLD_NOLOAD``, so none is loaded for the purpose: the paths this process maps (Linux), and the
+    copy bundled beside rasterio (its wheels elsewhere). Nothing found (Windows, another layout): [].
+    """
+    import ctypes
+    import glob
+
+    import rasterio
+
+    if not hasattr(os, "RTLD_NOLOAD"):  # Windows: no way to ask for a loaded library only
+        return []
+    candidates: list[str] = []
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:  # Linux: the libraries mapped into this process
+            candidates += sorted({line.split()[-1] for line in maps if "/libtiff" in line})
+    root = os.path.dirname(rasterio.__file__)
+    candidates += sorted(glob.glob(os.path.join(root + ".libs", "libtiff*")) + glob.glob(os.path.join(root, ".dylibs", "libtiff*")))
+    libraries, handles = [], set()
+    for candidate in candidates:
+        try:
+            lib = ctypes.CDLL(candidate, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            lib.TIFFSetErrorHandler.restype = ctypes.c_void_p
+            lib.TIFFSetErrorHandler.argtypes = [ctypes.c_void_p]
+        except (OSError, AttributeError):  # not loaded, or not a libtiff
+            continue
+        if lib._handle not in handles:  # one library reached by two paths (a symlink) is quieted once
+            handles.add(lib._handle)
+            libraries.append(lib)
+    return libraries
+
+
+@contextlib.contextmanager
+def _quiet_gdal():
+    """GDAL's and libtiff's own lines on stderr silenced while the GeoTIFF is written: an error becomes tilefuse's
+    one line (:func:`tilefuse.outputs.os_errors_as_input`), not that line after libtiff's.
+
+    ``CPL_LOG=/dev/null`` (as :func:`tilefuse.rasters.parse_crs` quiets PROJ) covers what GDAL prints. libtiff's
+    write and seek failures (``_tiffWriteProc: No space left on device.``) do not pass through GDAL: libtiff's
+    global error handler printed them, so a recording one replaces it meanwhile (:func:`_libtiff_handler`; the
+    handler is process-wide: another thread's libtiff errors meanwhile go unprinted too). A write libtiff refused
+    for want of space, quota or size is raised as that ``OSError``: GDAL did not always report it (a write past a
+    file size limit left a truncated file, and the COG step a traceback about that file).
+    """
+    import rasterio
+
+    state, me = _LIBTIFF, threading.get_ident()
+    with state["lock"]:
+        if state["depth"] == 0:
+            with contextlib.suppress(Exception):  # a build whose libtiff cannot be found prints as before
+                handler = _address(_libtiff_handler())
+                for lib in _loaded_libtiffs():
+                    state["saved"].append((lib, lib.TIFFSetErrorHandler(handler)))
+        state["depth"] += 1
+    try:
+        with rasterio.Env(CPL_LOG="/dev/null"):
+            yield
+    except Exception as error:
+        code = _refused(me)
+        if code is None or isinstance(error, InputError):  # an InputError: a read's, already one line
+            raise
+        raise OSError(code, os.strerror(code)) from error
+    else:
+        code = _refused(me)
+        if code is not None:
+            raise OSError(code, os.strerror(code))
+    finally:
+        with state["lock"]:
+            state["depth"] -= 1
+            if state["depth"] == 0:
+                saved, state["saved"] = state["saved"], []
+                for lib, previous in saved:
+                    lib.TIFFSetErrorHandler(previous)
+                state["failed"].clear()  # another thread's, met meanwhile: not this export's to raise
+
+
+def _address(function) -> int:
+    """The C address of a ctypes callback (what ``TIFFSetErrorHandler`` takes as its ``c_void_p``)."""
+    import ctypes
+
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def _refused(thread: int) -> int | None:
+    """The errno of the first write libtiff refused in ``thread`` since its last call (those records dropped)."""
+    with _LIBTIFF["lock"]:
+        mine = [code for ident, code in _LIBTIFF["failed"] if ident == thread]
+        _LIBTIFF["failed"][:] = [entry for entry in _LIBTIFF["failed"] if entry[0] != thread]
+    return mine[0] if mine else None
 
 
 @contextlib.contextmanager
@@ -91,7 +211,7 @@ def export(
         raise InputError(f"out {out} would be a GeoTIFF named {out.suffix}: name it {out.with_suffix('.tif').name}")
     claim(out, "geotiff", inputs=[prediction], overwrite=overwrite)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 16 <= blocksize <= MAX_BLOCKSIZE or blocksize % 16:
-        raise InputError(f"blocksize= (--blocksize) must be a multiple of 16 in 16..{MAX_BLOCKSIZE} px, got {blocksize!r}")
+        raise InputError(f"blocksize= (--blocksize) must be a multiple of 16 in 16..{MAX_BLOCKSIZE} px, got {clipped(repr(blocksize))}")
     with _while_rewritten(prediction):
         ds = open_prediction(prediction)
     labels = ds["labels"]
@@ -122,7 +242,7 @@ def export(
                 "BIGTIFF": "IF_SAFER",
             }
             rows = labels.encoding.get("preferred_chunks", {}).get("y") or labels.data.chunksize[0]
-            with rasterio.open(staging, "w", **profile) as dst:
+            with _quiet_gdal(), rasterio.open(staging, "w", **profile) as dst:
                 dst.write_colormap(1, colormap)
                 dst.update_tags(**tiff_tags())
                 dst.update_tags(class_names=json.dumps(class_names), **{f"class_{k}": n for k, n in enumerate(class_names)})
@@ -132,16 +252,17 @@ def export(
                     with _while_rewritten(prediction):
                         data = np.asarray(labels[start:stop].values, dtype=np.uint8)
                     dst.write(data, 1, window=Window(0, start, width, stop - start))
-            rasterio.shutil.copy(
-                staging,
-                tmp,
-                driver="COG",
-                COMPRESS="DEFLATE",
-                BLOCKSIZE=blocksize,
-                RESAMPLING="NEAREST",
-                OVERVIEW_COUNT=_overview_count(height, width),
-                BIGTIFF="IF_SAFER",
-            )
+            with _quiet_gdal():
+                rasterio.shutil.copy(
+                    staging,
+                    tmp,
+                    driver="COG",
+                    COMPRESS="DEFLATE",
+                    BLOCKSIZE=blocksize,
+                    RESAMPLING="NEAREST",
+                    OVERVIEW_COUNT=_overview_count(height, width),
+                    BIGTIFF="IF_SAFER",
+                )
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if progress:

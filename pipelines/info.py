@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from tilefuse.errors import printable
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 def _fmt(values, digits: int = 4) -> str:
@@ -88,8 +91,11 @@ def _storage(var) -> str:
     return ", ".join(parts)
 
 
-def info(store: str | Path, quicklook: str | Path | None = None, verify: bool = True) -> str:
+def info(store: "str | Path | xr.Dataset", quicklook: str | Path | None = None, verify: bool = True) -> str:
     """Summary of the scene store ``store`` (see :func:`describe`); also a quicklook PNG if asked.
+
+    ``store`` is a path or the Dataset :func:`tilefuse.open_scene` returned for it (it stands for its store,
+    :func:`tilefuse.prediction.store_path`).
 
     ``verify`` first checks every chunk of the store (present, whole, crc32c;
     :func:`tilefuse.storage.verify_store`, reading its bytes once without
@@ -98,9 +104,10 @@ def info(store: str | Path, quicklook: str | Path | None = None, verify: bool = 
     The quicklook replaces only a quicklook PNG tilefuse wrote (:mod:`tilefuse.outputs`).
     """
     from tilefuse.outputs import local_path
+    from tilefuse.prediction import store_path
     from tilefuse.scene import open_scene
 
-    store = local_path(store, "store")  # a URL is refused, ~ is the home folder
+    store = store_path(store, "store", "scene")  # a URL is refused, ~ is the home folder; an opened scene is its store
     quicklook = None if quicklook is None else local_path(quicklook, "quicklook", output=True, file=True)
     if quicklook is not None:  # checked before any work (never at, inside or around the store)
         from tilefuse.outputs import claim

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +33,13 @@ def printable(text: str) -> str:
 
 
 def clipped(text: str, limit: int = 60) -> str:
-    """``text`` cut to ``limit`` characters (ending in "..." where cut): a bad value quoted in a one-line message."""
+    """``text`` on one line, cut to ``limit`` characters (ending in "..." where cut): a bad value quoted in a one-line message.
+
+    Every run of whitespace (line breaks included: the repr of an xarray Dataset, a library's multi-line error) is
+    collapsed to one space first, so the message stays one line for the Python API too, not only where the CLI
+    escapes it (:func:`printable`).
+    """
+    text = re.sub(r"\s+", " ", str(text))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
