@@ -205,11 +205,34 @@ def _other_scene(attrs: dict[str, Any], prediction: str | Path, labels: str | Pa
     source = attrs.get("scene")
     source = source if isinstance(source, str) else "unknown"
     same = source != "unknown" and Path(labels).resolve() == Path(source).resolve()
+    if not same and source != "unknown" and _statistics_agree(source, scene, read):
+        return None  # the scene predicted, written in another chunk layout: its statistics summed in another order
     origin = "replaced at that path since" if same else source
     return (
         f"labels store {labels} is not the scene prediction {prediction} was computed from ({origin}): same grid, but its "
         f"{', '.join(read)} differ; scored against its labels all the same (right if they are labels of the scene predicted)"
     )
+
+
+def _statistics_agree(source: str, scene: "xr.Dataset", names: list[str]) -> bool:
+    """Whether the scene store ``source`` (the one predicted) holds modalities ``names`` as ``scene`` holds them,
+    band statistics equal to float precision: the same scene written in another chunk layout sums them in another
+    order, and the digest of its exact statistics differs in the last bits."""
+    import numpy as np
+
+    from tilefuse.scene import open_scene
+
+    try:
+        other = open_scene(source)
+        for name in names:
+            a, b = other[name], scene[name]
+            if a.dtype != b.dtype or a.shape != b.shape or list(a.attrs["band_count"]) != list(b.attrs["band_count"]):
+                return False
+            if not all(np.allclose(a.attrs[key], b.attrs[key], rtol=1e-9, atol=0) for key in ("band_mean", "band_std")):
+                return False
+    except (InputError, OSError, KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def write_json(data: dict[str, Any], out: str | Path, *, inputs=(), overwrite: bool = True) -> Path:
