@@ -185,6 +185,20 @@ def _while_rewritten(prediction: Path):
         ) from None
 
 
+def north_up(transform, height: int, width: int):
+    """``(transform, flip_y, flip_x)``: the GeoTIFF's transform with rows from north to south and columns from
+    west to east, and whether the store's rows (columns) are reversed for it. A prediction of a y-ascending scene
+    (``sortby("y")``, a bottom-up raster) was exported bottom-up, which many viewers and COG readers mishandle."""
+    from affine import Affine
+
+    flip_y, flip_x = transform.e > 0, transform.a < 0
+    if flip_y:
+        transform = transform * Affine.translation(0, height) * Affine.scale(1, -1)
+    if flip_x:
+        transform = transform * Affine.translation(width, 0) * Affine.scale(-1, 1)
+    return transform, bool(flip_y), bool(flip_x)
+
+
 def export(
     prediction: str | os.PathLike,
     out: str | os.PathLike,
@@ -220,6 +234,7 @@ def export(
     colormap = {k: (*rgb, 255) for k, rgb in enumerate(class_colors(max(1, len(class_names))))}
     colormap[IGNORE] = (0, 0, 0, 0)
 
+    transform, flip_y, flip_x = north_up(ds.rio.transform(), height, width)
     size = height * width // 64  # labels compress well; a lower bound
     with output_lock(out, inputs=[prediction]), create(out, "geotiff", inputs=[prediction], overwrite=overwrite, size=size) as tmp:
         work = temporary_sibling(out)  # GDAL's staging file, beside the output
@@ -233,7 +248,7 @@ def export(
                 "count": 1,
                 "dtype": "uint8",
                 "crs": ds.rio.crs,
-                "transform": ds.rio.transform(),
+                "transform": transform,
                 "nodata": IGNORE,
                 "tiled": True,
                 "blockxsize": blocksize,
@@ -251,7 +266,9 @@ def export(
                     stop = min(start + rows, height)
                     with _while_rewritten(prediction):
                         data = np.asarray(labels[start:stop].values, dtype=np.uint8)
-                    dst.write(data, 1, window=Window(0, start, width, stop - start))
+                    data = data[::-1 if flip_y else 1, ::-1 if flip_x else 1]
+                    top = height - stop if flip_y else start
+                    dst.write(data, 1, window=Window(0, top, width, stop - start))
             with _quiet_gdal():
                 rasterio.shutil.copy(
                     staging,

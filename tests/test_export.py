@@ -218,3 +218,25 @@ def test_an_output_named_for_another_format_or_empty_is_one_line(tmp_path, predi
     assert err.count("\n") == 1 and ("name it x.tif" in err if name else "out is empty" in err), err
     assert list(tmp_path.iterdir()) == []
     assert main(["export", str(root / "pred.zarr"), str(tmp_path / "X.TIF")]) == 0
+
+
+@pytest.mark.parametrize("flip", ["y", "x", "both"])
+def test_a_prediction_of_a_flipped_scene_exports_north_up_with_each_pixel_in_its_place(tmp_path, prediction, flip):
+    """A y-ascending scene (sortby("y"), a bottom-up raster) was exported bottom-up (a positive y pixel size),
+    which many viewers and COG readers mishandle. The COG is north up and west left; every pixel keeps its place."""
+    from tilefuse.scene import write_scene
+
+    root, scene, _ = prediction
+    ds = open_scene(scene).load()
+    flipped = ds.sortby("y") if flip == "y" else ds.sortby("x", ascending=False) if flip == "x" else ds.sortby("y").sortby("x", ascending=False)
+    store = write_scene(flipped, tmp_path / "flipped.zarr", chunk=64, shard=None)
+    pred = tilefuse.predict(root / "pointwise", store, tmp_path / "pred.zarr", tile=64, overlap=16, block_size=128, progress=False)
+    out = export(pred, tmp_path / "labels.tif")
+    with rasterio.open(out) as cog, rasterio.open(export(root / "pred.zarr", tmp_path / "reference.tif")) as reference:
+        assert cog.transform.e < 0 < cog.transform.a and cog.transform == reference.transform
+        stored = pred["labels"]
+        rows, cols = np.arange(cog.height), np.arange(cog.width)
+        xs, _ = rasterio.transform.xy(cog.transform, np.zeros_like(cols), cols)
+        _, ys = rasterio.transform.xy(cog.transform, rows, np.zeros_like(rows))
+        expected = stored.sel(y=np.asarray(ys), x=np.asarray(xs), method="nearest").values
+        np.testing.assert_array_equal(cog.read(1), expected)
