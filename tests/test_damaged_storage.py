@@ -788,3 +788,36 @@ def test_a_change_made_in_place_is_refused_until_recorded(pristine, tmp_path, ca
     (store / chunk_key("label", (1, 1))).write_bytes(old)
     with pytest.raises(InputError, match="not the one the store recorded there"):
         open_scene(store)["label"].load()
+
+
+def edit_shard_index(path: Path, edit) -> None:
+    """Rewrite the index at the end of shard file ``path`` as ``edit`` returns it ((chunks, 2) offsets and lengths),
+    with a fresh crc32c: an index intact by its checksum that zarr never wrote."""
+    from tilefuse.storage import crc32c
+
+    data = path.read_bytes()
+    array = zarr.open_group(path.parents[3], mode="r")[path.parents[2].name]
+    size = int(np.prod([s // c for s, c in zip(array.shards, array.chunks)])) * 16
+    entries = edit(np.frombuffer(data[-size - 4 : -4], dtype="<u8").reshape(-1, 2).copy())
+    index = entries.astype("<u8").tobytes()
+    path.write_bytes(data[: -size - 4] + index + crc32c(np.frombuffer(index, np.uint8)).to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize("edit", ["two places, one chunk", "a place marked empty"])
+def test_a_shard_index_edited_intact_is_refused(pristine, tmp_path, edit):
+    """A shard index rewritten with its checksum (place 0 pointed at place 1's chunk, or marked empty) was read:
+    place 0 gave place 1's labels, or the fill value 0, a real class, where the store wrote a chunk."""
+    _, stores, _, _ = pristine
+    store = tmp_path / "scene.zarr"
+    shutil.copytree(stores["shards"], store)
+
+    def change(entries):
+        entries[0] = entries[1] if edit == "two places, one chunk" else 2**64 - 1
+        return entries
+
+    edit_shard_index(store / chunk_key("label", (0, 0)), change)
+    match = "points two places at one chunk" if edit == "two places, one chunk" else "missing a chunk"
+    with pytest.raises(InputError, match=rf"shard \(0, 0\) of 'label'.*{match}"):
+        open_scene(store)["label"][:64, :64].load()
+    with pytest.raises(InputError, match=r"shard \(0, 0\) of 'label'"):
+        open_scene(store)["label"].load()

@@ -188,12 +188,14 @@ def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
         if len(data) != byte_range.end - byte_range.start:
             return f"truncated ({len(data)} of {byte_range.end - byte_range.start} bytes)"
         if byte_range.start == 0 and byte_range.end == index_size and not check.index_at_end:
-            return None if not check.index_checksum or _crc_ok(data) else "shard index checksum mismatch"
+            return "shard index checksum mismatch" if check.index_checksum and not _crc_ok(data) else _index_problem(data, check)
         return _chunk_problem(data, check)
     if isinstance(byte_range, SuffixByteRequest):
         if len(data) != byte_range.suffix:
             return "truncated"
-        return None if not check.index_checksum or _crc_ok(data) else "shard index checksum mismatch: truncated or overwritten"
+        if check.index_checksum and not _crc_ok(data):
+            return "shard index checksum mismatch: truncated or overwritten"
+        return _index_problem(data, check)
     if byte_range is not None:
         return None  # offset requests: zarr does not make them for tilefuse's layouts
     if len(data) < index_size:
@@ -201,6 +203,9 @@ def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
     index = data[-index_size:] if check.index_at_end else data[:index_size]
     if check.index_checksum and not _crc_ok(index):
         return "shard index checksum mismatch: truncated or overwritten"
+    problem = _index_problem(index, check)
+    if problem:
+        return problem
     entries = np.frombuffer(index[: check.inner * _INDEX_ENTRY], dtype="<u8").reshape(-1, 2)
     for offset, length in entries:
         if offset == _EMPTY:
@@ -211,6 +216,14 @@ def verify_bytes(data, check: ArrayCheck, byte_range=None) -> str | None:
         if problem:
             return problem
     return None
+
+
+def _index_problem(index: np.ndarray, check: ArrayCheck) -> str | None:
+    """Why a shard's index (its checksum intact) cannot be the one zarr wrote: two places pointing at one chunk
+    (zarr writes each chunk once), the edit that made one place read another's chunk."""
+    offsets = np.frombuffer(np.asarray(index, np.uint8)[: check.inner * _INDEX_ENTRY].tobytes(), dtype="<u8")[::2]
+    held = offsets[offsets != _EMPTY]
+    return None if np.unique(held).size == held.size else "its shard index points two places at one chunk"
 
 
 def _tail(data) -> int:
@@ -437,7 +450,10 @@ class VerifiedStore(WrapperStore):
             return value
         recorded = recorded[index]
         if _is_index(check, byte_range):  # the chunks it points at are checked as they are read
-            self._remember(key, chunk_places(data, check))
+            places = chunk_places(data, check)
+            if any(recorded[place] and place not in places.values() for place in range(check.inner)):
+                raise self.damaged(check, index, "missing a chunk (its shard index marks empty a place the store recorded)")
+            self._remember(key, places)
             return value
         if byte_range is not None and not (check.inner and isinstance(byte_range, RangeByteRequest)):
             return value  # zarr makes no other partial reads of tilefuse's layouts
