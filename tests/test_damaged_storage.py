@@ -821,3 +821,26 @@ def test_a_shard_index_edited_intact_is_refused(pristine, tmp_path, edit):
         open_scene(store)["label"][:64, :64].load()
     with pytest.raises(InputError, match=r"shard \(0, 0\) of 'label'"):
         open_scene(store)["label"].load()
+
+
+def test_chunks_moved_in_a_prediction_never_complete_are_recomputed_on_resume(pristine, tmp_path):
+    """Two done blocks' chunks swapped in a partial prediction (never complete, so no record of the whole store):
+    the resume computed only the missing blocks and recorded the swapped chunks as the store's. Each block's
+    write records its own chunks, so the resume recomputes both, to the exact original."""
+    _, stores, checkpoint, pred = pristine
+    reference = open_prediction(pred).load()
+    copy = tmp_path / "pred.zarr"
+    shutil.copytree(pred, copy)
+    group = zarr.open_group(copy, mode="r+")
+    group.attrs["complete"] = False
+    del group.attrs["tilefuse_digests"]
+    group["block_done"][2, 2] = 0
+    zarr.consolidate_metadata(copy)
+    (copy / chunk_key("labels", (2, 2))).unlink()
+    misplace(copy, "labels", "swapped")  # by the record's places, then the record goes: a store never complete
+    (copy / "chunk_digests.npz").unlink()
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(copy), "--probs"]
+    assert main([*args, *PREDICT, "--resume"]) == 0
+    repaired = open_prediction(copy).load()
+    for var in ("labels", "probs"):
+        np.testing.assert_array_equal(repaired[var].values, reference[var].values)

@@ -416,7 +416,8 @@ def _damaged_array(entry: Path) -> bool:
     store's consolidated metadata and holding nothing but its chunk folder ``c`` and ``zarr.json``."""
     try:
         listed = json.loads((entry.parent / "zarr.json").read_text()).get("consolidated_metadata", {}).get("metadata", {})
-        return entry.is_dir() and not entry.is_symlink() and entry.name in listed and {e.name for e in entry.iterdir()} <= {"c", "zarr.json"}
+        # "digests": a prediction manifest's record of its blocks (tilefuse.prediction.BLOCK_DIGESTS)
+        return entry.is_dir() and not entry.is_symlink() and entry.name in listed and {e.name for e in entry.iterdir()} <= {"c", "zarr.json", "digests"}
     except (OSError, ValueError, AttributeError):
         return False
 

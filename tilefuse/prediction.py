@@ -307,11 +307,20 @@ def damaged_blocks(path: str | os.PathLike, done: np.ndarray | None = None) -> l
 
     def is_damaged(block) -> bool:
         row, col = block
-        return any(
-            storage.key_problem(path, check, index, recorded[check.name][index] if check.name in recorded else None)
-            for check in checks
-            for index in _block_keys(check, row, col)
-        )
+        keys = [(check, index) for check in checks for index in _block_keys(check, row, col)]
+        expected = [recorded[check.name][index] if check.name in recorded else None for check, index in keys]
+        try:  # what the block's write recorded, also before the store was complete
+            own = np.load(_block_digests_file(path, row, col), allow_pickle=False)
+        except FileNotFoundError:  # written by an earlier release
+            own = None
+        except (OSError, ValueError, EOFError):
+            return True
+        if own is not None:
+            sizes = [max(check.inner, 1) for check, _ in keys]
+            if own.dtype != np.uint32 or own.shape != (sum(sizes),):
+                return True
+            expected = np.split(own, np.cumsum(sizes)[:-1])
+        return any(storage.key_problem(path, check, index, wanted) for (check, index), wanted in zip(keys, expected))
 
     blocks = [(int(row), int(col)) for row, col in np.argwhere(done)]
     # reading is the cost (a resume reads every done block's bytes once): a few threads overlap it
@@ -363,6 +372,19 @@ def pending_blocks(path: str | os.PathLike, grid: TileGrid) -> list[Block]:
     return [block for block in grid.blocks() if not done[block]]
 
 
+BLOCK_DIGESTS = "digests"
+"""Folder inside the manifest array holding, per done block, the crc32c its chunks end with (``ROW.COL.npy``)."""
+
+
+def _block_digests_file(path: str | os.PathLike, row: int, col: int) -> Path:
+    return Path(path, MANIFEST, BLOCK_DIGESTS, f"{int(row)}.{int(col)}.npy")
+
+
+def _block_digests(path: str | os.PathLike, checks: list[storage.ArrayCheck], row: int, col: int) -> np.ndarray:
+    """The crc32c each chunk of block (row, col) ends with, array by array and key by key (:func:`_block_keys`)."""
+    return np.concatenate([storage.stored_digests(path, check, index) for check in checks for index in _block_keys(check, row, col)])
+
+
 def write_block(
     path: str | os.PathLike,
     region: tuple[slice, slice],
@@ -370,7 +392,12 @@ def write_block(
     labels: np.ndarray,
     probs: np.ndarray | None = None,
 ) -> None:
-    """Write one block's labels (and probs) as whole chunks (fill-valued ones too), then mark the block done."""
+    """Write one block's labels (and probs) as whole chunks (fill-valued ones too), record where its chunks
+    belong (:data:`BLOCK_DIGESTS`: a resume recomputes a done block whose chunks were moved before the store was
+    complete and recorded whole), then mark the block done."""
+    import io
+
+    from tilefuse.outputs import write_file
 
     with storage.writing():  # arrays opened here write chunks equal to the fill value too
         group = zarr.open_group(path, mode="r+")
@@ -379,6 +406,11 @@ def write_block(
     labels_array[region] = labels
     if probs_array is not None:
         probs_array[(slice(None), *region)] = probs
+    checks = [check for name, check in storage.checks_for(group).items() if name in OUTPUTS]
+    buffer = io.BytesIO()
+    np.save(buffer, _block_digests(path, checks, block.row, block.col))
+    _block_digests_file(path, block.row, block.col).parent.mkdir(exist_ok=True)
+    write_file(_block_digests_file(path, block.row, block.col), buffer.getvalue())
     manifest[block.row, block.col] = 1
 
 

@@ -31,7 +31,9 @@ Contract (DESIGN.md, "Data safety": reads verify):
   its chunks ends with, by place (:data:`DIGESTS`, :func:`record_digests`: a
   scene before it is renamed into place, a prediction when its last block is
   marked done), and reads compare every chunk with the record. A partial
-  prediction is not yet recorded; stores of earlier releases have no record.
+  prediction is not yet recorded whole, but each block's write records its own
+  chunks (:data:`tilefuse.prediction.BLOCK_DIGESTS`), which a resume checks;
+  stores of earlier releases have no record.
 - **Consolidated metadata.** :func:`consolidate` writes zarr v3 consolidated
   metadata, so ``xarray.open_zarr(path, decode_coords="all")`` opens a store
   quietly with one metadata read; writers call it whenever metadata changes.
@@ -673,6 +675,14 @@ def read_digests(
     return record
 
 
+def stored_digests(path: str | os.PathLike, check: ArrayCheck, index: tuple[int, ...]) -> np.ndarray:
+    """:func:`key_digests` of key ``index`` of ``check``'s array as stored in the store at ``path`` (OSError
+    where it cannot be read)."""
+    with open(Path(path, chunk_key(check.name, index)), "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        return key_digests(lambda offset, count: os.pread(handle.fileno(), count, offset), size, check)
+
+
 def record_digests(path: str | os.PathLike, fix: Fix = "re-ingest it") -> None:
     """Write :data:`DIGESTS` for the store at ``path`` (every key of every array it promises whole, read four
     bytes a chunk) and set :data:`DIGESTS_ATTR`: the last step of writing a store, before its metadata is
@@ -694,9 +704,7 @@ def record_digests(path: str | os.PathLike, fix: Fix = "re-ingest it") -> None:
         digests = np.zeros((*grid, max(check.inner, 1)), np.uint32)
         for index in check.keys():
             try:
-                with open(path / chunk_key(name, index), "rb") as handle:
-                    size = os.fstat(handle.fileno()).st_size
-                    digests[index] = key_digests(lambda offset, count: os.pread(handle.fileno(), count, offset), size, check)
+                digests[index] = stored_digests(path, check, index)
             except FileNotFoundError:
                 raise store.damaged(check, index, "missing") from None
             except OSError as error:
