@@ -15,7 +15,10 @@ Specs:
 Servers: a cluster started here (``local:N``, ``cuda``) puts its scheduler,
 workers and dashboard on ``listen`` (:data:`LOOPBACK` by default), so nothing
 is reachable from other machines unless asked (``listen="0.0.0.0"`` or one
-address of this host).
+address of this host). A ``listen`` no server could bind (another machine's
+address, a name that does not resolve, a host with a port, an IPv6 address) is
+refused in one line before anything starts, and a start that still fails to
+bind is one line too.
 
 Connections: before a ``tcp://`` address (or a scheduler file's) is handed to
 distributed, :func:`probe_scheduler` opens one socket with a bounded timeout
@@ -29,10 +32,12 @@ closed port or an address without a port.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import struct
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -80,11 +85,75 @@ def _seconds(timeout: float | str) -> float:
     return float(timeout)
 
 
+_LISTEN_ERRNOS = {errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EACCES, errno.EAFNOSUPPORT}
+"""A server's bind failed for its address (what the fix of a bad ``listen`` fixes)."""
+LISTEN_FIX = "give an address of this machine, e.g. 127.0.0.1 (this machine only, the default) or 0.0.0.0 (every interface)"
+
+
+def _listen_error(listen: object, problem: str, fix: str = LISTEN_FIX) -> InputError:
+    value = clipped(listen) if isinstance(listen, str) else listen
+    return InputError(f"bad listen address {value!r} (--listen; Python: listen=): {problem}: {fix}")
+
+
 def _check_listen(listen: str) -> str:
-    host = (listen or "").strip()
+    """The host a cluster started here listens on, checked before anything starts: one line for a URL or path, a
+    host with a port, an IPv6 address, a name that does not resolve, an address of another machine (each one
+    failed deep in distributed's start, after a hundred lines of traceback)."""
+    import ipaddress
+    import re
+
+    if not isinstance(listen, str):
+        raise _listen_error(listen, f"a host is text, not {type(listen).__name__}")
+    host = listen.strip()
     if not host or "://" in host or "/" in host:
-        raise InputError(f"bad listen address {listen!r}: give a host of this machine, e.g. 127.0.0.1 or 0.0.0.0")
+        raise _listen_error(listen, "a host is expected (no URL, no path)")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        version = ipaddress.ip_address(bare).version
+    except ValueError:
+        version = None
+    if version == 6:  # dask takes none for its dashboard (and wants brackets elsewhere)
+        raise _listen_error(listen, "a cluster started here listens on IPv4 only", "give 127.0.0.1, 0.0.0.0 or an IPv4 address or name of this machine")
+    if version is None and ":" in host:
+        if re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]*):\d*", host):
+            alone = host.rpartition(":")[0].strip("[]")
+            alone = alone if alone and ":" not in alone else LOOPBACK  # not an IPv6 one, refused above
+            raise _listen_error(
+                listen, "it has a port, but the scheduler, workers and dashboard each take a free port of the host",
+                f"write the host alone, e.g. --listen {clipped(alone)} (Python: listen={clipped(alone)!r})",
+            )
+        raise _listen_error(listen, "it is neither a host name nor an IPv4 address")
+    _check_bindable(listen, host)
     return host
+
+
+def _check_bindable(listen: str, host: str) -> None:
+    """Refuse ``host`` unless each address it resolves to can be bound here, as tornado binds a server's sockets
+    (:func:`tornado.netutil.bind_sockets`: every address of a name, the ``::1`` of localhost where IPv6 is off aside)."""
+    try:
+        found = socket.getaddrinfo(host, 0, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, socket.gaierror) and error.strerror else type(error).__name__
+        raise _listen_error(listen, f"it is neither an IPv4 address nor a host name that resolves ({reason})") from None
+    bound = []
+    for family, kind, proto, _, address in sorted(set(found), key=lambda entry: entry[0]):
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine lacks (tornado skips it too)
+        with sock:
+            try:
+                sock.bind(address)
+            except OSError as error:
+                if family == socket.AF_INET6 and host == "localhost" and error.errno == errno.EADDRNOTAVAIL:
+                    continue
+                named = address[0] if address[0] == host else f"it resolves to {address[0]}, which"
+                if error.errno == errno.EADDRNOTAVAIL:
+                    raise _listen_error(listen, f"{named} is not an address of this machine") from None
+                raise _listen_error(listen, f"cannot listen on {address[0]} ({error.strerror or type(error).__name__})") from None
+        bound.append(family)
+    if socket.AF_INET not in bound:  # a name of IPv6 addresses only
+        raise _listen_error(listen, "it names no IPv4 address of this machine", "give 127.0.0.1, 0.0.0.0 or an IPv4 address or name of this machine")
 
 
 def split_address(address: str) -> tuple[str, str, int]:
@@ -222,10 +291,11 @@ def make_client(spec: str, timeout: float | str = CONNECT_TIMEOUT, listen: str =
         # a Client given n_workers starts the LocalCluster and closes it with itself
         from tilefuse.cluster.malloc import spawn_environ
 
-        with spawn_environ():
+        threads = _task_threads(prefetch, workers, _local_device())
+        with spawn_environ(), _start_failure_as_input_error(listen, host):
             return Client(
                 n_workers=workers,
-                threads_per_worker=_task_threads(prefetch, workers, _local_device()),
+                threads_per_worker=threads,
                 processes=True,
                 host=host,
                 dashboard_address=f"{host}:0",
@@ -277,6 +347,7 @@ def dask_setup(worker) -> None:
     - A model that cannot load for bad input (the checkpoint rewritten since the run recorded its hash) is not
       reported with a traceback (:func:`tilefuse.cluster.plugin.quiet_refused_setup`): the error reaches the
       client, whose run ends in one line naming it.
+    - What workers log of their cluster closing under them is not reported (:class:`_ClosingNoise`).
     """
     import signal
     import threading
@@ -286,6 +357,7 @@ def dask_setup(worker) -> None:
     logging.getLogger("distributed.worker").addFilter(
         lambda record: not str(record.msg).startswith("Failed to communicate with scheduler during heartbeat")
     )
+    _quiet_closing_noise(worker)
     from tilefuse.cluster.plugin import quiet_refused_setup
 
     quiet_refused_setup()
@@ -296,11 +368,141 @@ def dask_setup(worker) -> None:
             blosc._MUTEX, blosc._MUTEX_IS_INIT = threading.Lock(), True
 
 
+_RUN_STOPPED = threading.Event()
+"""Set in a worker started here once the client stops its run on an error or interrupt (:func:`_stop_quietly`)."""
+
+
+class _ClosingNoise(logging.Filter):
+    """Drops, in a worker started here, what distributed logs of its cluster closing under it, once it closes or
+    once the client stopped its run on an error or an interrupt (Ctrl-C, SIGTERM): 'Worker stream died during
+    communication' and 'failed during get data' (a peer closed mid-transfer: ERROR, with a CommClosedError or
+    ConnectionResetError traceback), an 'Async instruction ... ended with CancelledError' (a transfer or task cut
+    by the close) and other tracebacks of a closed connection or a cancelled coroutine. Workers share the
+    client's stderr: an interrupted ``tilefuse predict --cluster local:2`` printed 20-40 such lines before its
+    one line. A running worker of an unstopped run still reports them (a peer that died mid-run), as it reports
+    everything else; the error or interrupt itself is the client's one line."""
+
+    def __init__(self, worker) -> None:
+        import weakref
+
+        super().__init__()
+        self._worker = weakref.ref(worker)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("distributed") or record.levelno > logging.ERROR or not _closing_noise(record):
+            return True
+        worker = self._worker()
+        status = getattr(getattr(worker, "status", None), "name", "closed")
+        return not (_RUN_STOPPED.is_set() or status in ("closing", "closing_gracefully", "closed", "failed"))
+
+
+def _closing_noise(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is what a worker logs of a connection to a peer or its scheduler closing under it."""
+    import asyncio
+
+    text = str(record.msg)
+    if text.startswith("Async instruction for") and text.endswith("ended with CancelledError"):
+        return True
+    if text.startswith(("Worker stream died during communication", "failed during get data with")):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    return isinstance(error, (OSError, asyncio.CancelledError))  # CommClosedError, StreamClosedError, resets
+
+
+def _quiet_closing_noise(worker) -> None:
+    """Install :class:`_ClosingNoise` on the handlers that write this worker's distributed logs (once)."""
+    handlers = logging.getLogger("distributed").handlers
+    for handler in handlers:
+        if not any(isinstance(f, _ClosingNoise) for f in handler.filters):
+            handler.addFilter(_ClosingNoise(worker))
+
+
+def _stop_quietly(dask_worker) -> None:
+    """Run on each worker started here once the client stops its run on an error or interrupt (:func:`_stopping`)."""
+    _quiet_closing_noise(dask_worker)  # the cuda cluster's workers run no dask_setup
+    _RUN_STOPPED.set()
+
+
+STOP_NOTICE_S = 2.0
+"""Most seconds an interrupted run waits for its workers to hear that it stops, before it closes them anyway."""
+
+
+def _stopping(client) -> None:
+    """Tell the workers of a cluster started here that the run stops (an error, Ctrl-C, SIGTERM) before it is
+    closed (:class:`_ClosingNoise`): a worker still running when a peer closes mid-transfer logged the peer's
+    close as an error with a traceback. Waits at most :data:`STOP_NOTICE_S`; a cluster that does not answer
+    (its scheduler lost) is closed all the same."""
+    def tell() -> None:
+        with contextlib.suppress(BaseException):  # a client closed meanwhile, a lost scheduler: nothing to tell
+            client.run(_stop_quietly, on_error="ignore")
+
+    teller = threading.Thread(target=tell, name="tilefuse-stopping", daemon=True)
+    teller.start()
+    teller.join(STOP_NOTICE_S)
+
+
 def _local_device() -> str:
     """The device kind of workers started on this machine (:func:`tilefuse.cluster.plugin.load_runner` picks the GPU where one is visible)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def _default_kept_on_failure() -> Iterator[None]:
+    """Restore dask's default scheduler where the Client made in the block fails: a Client makes itself the
+    default before it connects (or starts its cluster), and a failed one stayed so: every later dask computation
+    of the process (an ingest in the same notebook) then went to a client that never was. A client whose cluster
+    did not start is also closed here: left to its ``__del__`` at the interpreter's exit, it waited 60 s for its
+    stopped event loop and printed a TimeoutError traceback."""
+    import dask
+    from distributed import client as dask_client
+
+    default = {key: dask.config.config[key] for key in ("scheduler", "shuffle") if key in dask.config.config}
+    before = set(map(id, dask_client._global_clients.values()))
+    try:
+        yield
+    except BaseException:
+        for key in ("scheduler", "shuffle"):
+            dask.config.config.pop(key, None)
+        dask.config.config.update(default)
+        for failed in [c for c in dask_client._global_clients.values() if id(c) not in before]:
+            with contextlib.suppress(Exception):  # distributed's internals: best effort
+                dask_client._del_global_client(failed)
+                failed.close(timeout=5)
+        raise
+
+
+class _NotStarted(logging.Filter):
+    """Drops distributed's 'Cluster closed without starting up' warning: the failed start is reported in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Cluster closed without starting up")
+
+
+@contextlib.contextmanager
+def _start_failure_as_input_error(listen: str, host: str) -> Iterator[None]:
+    """A cluster started here that cannot listen on ``host`` (what :func:`_check_listen` could not foresee: an
+    address gone since, a name whose addresses changed) is one :class:`InputError` line naming ``listen``, not
+    distributed's RuntimeError and its hundred lines of traceback. Other start failures pass unchanged."""
+    spec_log = logging.getLogger("distributed.deploy.spec")
+    quiet = _NotStarted()
+    spec_log.addFilter(quiet)
+    try:
+        with _default_kept_on_failure():
+            yield
+    except (RuntimeError, OSError, ValueError) as error:
+        cause = error if isinstance(error, OSError) else error.__cause__
+        if not (isinstance(error, OSError) or str(error).startswith("Cluster failed to start")) or not isinstance(cause, (OSError, ValueError)):
+            raise
+        if isinstance(cause, socket.gaierror) or (isinstance(cause, OSError) and cause.errno in _LISTEN_ERRNOS):
+            reason = cause.strerror or type(cause).__name__
+            raise _listen_error(listen, f"the cluster could not listen on {host} ({reason})") from None
+        if isinstance(cause, ValueError):  # distributed could not parse an address made of it
+            raise _listen_error(listen, f"the cluster could not listen on {host} ({clipped(str(cause))})") from None
+        raise  # not the address's fault (too many open files...): distributed's error as it is
+    finally:
+        spec_log.removeFilter(quiet)
 
 
 def _connect(address: str, timeout: float | str, what: str):
@@ -313,16 +515,10 @@ def _connect(address: str, timeout: float | str, what: str):
         probe_scheduler(address, seconds, what)
     elif not address.startswith("inproc://"):
         split_address(address)
-    # a Client makes itself dask's default scheduler before it connects, and a failed one stays so: every later
-    # dask computation of the process (an ingest in the same notebook) then went to a client that never was
-    default = {key: dask.config.config[key] for key in ("scheduler", "shuffle") if key in dask.config.config}
     try:
-        with dask.config.set({"distributed.comm.timeouts.connect": f"{seconds}s"}):
+        with _default_kept_on_failure(), dask.config.set({"distributed.comm.timeouts.connect": f"{seconds}s"}):
             return Client(address, timeout=f"{seconds}s")
     except (OSError, TimeoutError, TypeError, ValueError) as error:
-        for key in ("scheduler", "shuffle"):
-            dask.config.config.pop(key, None)
-        dask.config.config.update(default)
         if isinstance(error, (OSError, TimeoutError)):
             raise InputError(f"cannot connect to the dask scheduler at {address} ({type(error).__name__}): start it or check the address") from None
         raise InputError(  # tls:// without its certificates, an inproc:// of another process, no ucx
@@ -344,7 +540,7 @@ def _cuda_client(host: str = LOOPBACK, prefetch: int | None = None):
     threads = _task_threads(prefetch, torch.cuda.device_count(), "cuda")
     from tilefuse.cluster.malloc import spawn_environ
 
-    with spawn_environ():
+    with spawn_environ(), _start_failure_as_input_error(host, host):
         cluster = LocalCUDACluster(
             host=host, threads_per_worker=threads, dashboard_address=f"{host}:0", silence_logs=logging.WARNING
         )
@@ -383,6 +579,10 @@ def cluster_client(spec_or_client, timeout: float | str = CONNECT_TIMEOUT, liste
     client = make_client(spec_or_client, timeout=timeout, listen=listen, prefetch=prefetch)
     try:
         yield client
+    except BaseException:  # an error or an interrupt: the cluster started here closes under running tasks
+        if client is not None and (client.cluster is not None or getattr(client, "_tilefuse_cluster", None) is not None):
+            _stopping(client)
+        raise
     finally:
         close_client(client)
 

@@ -458,7 +458,9 @@ class ClusterRun:
     def __exit__(self, *exc) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
-            stack.close()
+            # the exception too: a cluster started here that closes on an error or interrupt tells its workers first
+            # (tilefuse.cluster.client.cluster_client), so they do not report their peers' close under running tasks
+            stack.__exit__(*exc)
 
     def _say(self, message: str) -> None:
         if self.progress:
