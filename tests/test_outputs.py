@@ -733,3 +733,30 @@ def test_train_overwrite_never_deletes_what_a_user_put_inside_the_run_state_or_i
     assert target.exists()
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     assert main([*train, "--overwrite"]) == 0  # what training wrote there is its own
+
+
+def test_a_sigterm_in_the_middle_of_a_folder_swap_is_taken_once_the_new_folder_is_in_place(tmp_path, monkeypatch):
+    """A SIGTERM between moving the old folder aside and removing it left ``.state.old-...`` in a run folder
+    (a full test run saw it once): the swap and the removal now happen whole, and the signal is taken after."""
+    import signal
+
+    from tilefuse.outputs import replace_path
+    from tilefuse.signals import terminating
+
+    dst, src = tmp_path / "out", tmp_path / ".out.new"
+    for folder, text in ((dst, "old"), (src, "new")):
+        folder.mkdir()
+        (folder / "a").write_text(text)
+    real, moves = os.replace, []
+
+    def replace(a, b):
+        real(a, b)
+        moves.append(b)
+        if len(moves) == 1:  # the old folder is aside, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SystemExit), terminating():
+        replace_path(src, dst)
+    assert (dst / "a").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "nothing left beside it"

@@ -244,15 +244,23 @@ def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     ``dst`` is either the old complete output or the new one (a kill in
     between leaves the old one aside, which :func:`clean_stale` puts back).
     """
+    from tilefuse.signals import held
+
     src, dst = Path(src), Path(dst)
     if dst.is_dir() and not dst.is_symlink():
         here = _cwd() == real_path(dst)  # an output of the same kind run in (claim refuses any other)
         trash = temporary_sibling(dst, "old")
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        if here:  # follow it: relative paths of the rest of the run resolve in the new folder, not the deleted one
-            os.chdir(dst)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            with held():  # the swap happens whole: a SIGTERM or Ctrl-C is taken once the new one is in place
+                os.replace(dst, trash)
+                os.replace(src, dst)
+                if here:  # follow it: relative paths of the rest of the run resolve in the new folder, not the deleted one
+                    os.chdir(dst)
+        finally:  # also when a signal held meanwhile is taken: the old one never stays beside the output
+            if not os.path.lexists(dst) and os.path.lexists(trash):  # the new one did not get in place: the old one back
+                os.replace(trash, dst)
+            with held():
+                shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(src, dst)
 

@@ -58,3 +58,33 @@ def terminating(say: str | None = None) -> Iterator[None]:
         raise
     finally:
         restore()
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """SIGTERM and Ctrl-C wait until the block is done, then are taken, once: for steps that must not be cut in
+    two, such as swapping an output folder for its new version (a SIGTERM between the moves left
+    ``.state.old-...`` beside a run's state). Only in the main thread, where Python takes signals (a signal mask
+    would not do: another thread takes the signal for the process); elsewhere the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if handler is not None:  # None: set outside Python, which cannot be put back
+            previous[number] = handler
+            signal.signal(number, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for signum, frame in pending[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
