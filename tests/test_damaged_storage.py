@@ -222,8 +222,9 @@ def test_train_on_a_damaged_store_fails_with_one_line(pristine, tmp_path, name):
     one_line_naming(result.stderr, name)
 
 
-def test_sharded_prediction_blocks_are_checked_and_repaired(tmp_path):
-    """Blocks of 1024 px are shards of 512 px chunks (the default layout, scaled down): one shard per block."""
+def sharded_prediction(tmp_path: Path) -> tuple[list[str], Path]:
+    """A prediction whose blocks of 1024 px are shards of 512 px chunks (the default layout, scaled down): the
+    predict arguments that wrote it, and the store."""
     scene = write_scene(labelled_scene(1100, 300, seed=5), tmp_path / "scene.zarr", chunk=512, shard=1024)
     model = build_pointwise(MODALITIES, len(CLASSES))
     checkpoint = save_checkpoint(model, ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), {"seed": 0}, list(CLASSES), {}), tmp_path / "ckpt")
@@ -231,6 +232,12 @@ def test_sharded_prediction_blocks_are_checked_and_repaired(tmp_path):
     args = ["predict", "--checkpoint", str(checkpoint), "--store", str(scene), "--out", str(out), "--probs"]
     args += ["--tile", "128", "--overlap", "16", "--block-size", "1024", "--batch-size", "2", "--cluster", "sync"]
     assert main(args) == 0
+    return args, out
+
+
+def test_sharded_prediction_blocks_are_checked_and_repaired(tmp_path):
+    """Blocks of 1024 px are shards of 512 px chunks (the default layout, scaled down): one shard per block."""
+    args, out = sharded_prediction(tmp_path)
     assert zarr.open_group(out, mode="r")["labels"].shards is not None
     reference = open_prediction(out).load()
     damage(out, "labels", (1, 0), "truncate")
@@ -715,13 +722,7 @@ def test_a_prediction_chunk_in_another_place_is_an_error_and_resume_repairs_it(p
 
 
 def test_swapped_prediction_shards_are_caught_and_repaired(tmp_path):
-    scene = write_scene(labelled_scene(1100, 300, seed=5), tmp_path / "scene.zarr", chunk=512, shard=1024)
-    model = build_pointwise(MODALITIES, len(CLASSES))
-    checkpoint = save_checkpoint(model, ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), {"seed": 0}, list(CLASSES), {}), tmp_path / "ckpt")
-    out = tmp_path / "pred.zarr"
-    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(scene), "--out", str(out), "--probs"]
-    args += ["--tile", "128", "--overlap", "16", "--block-size", "1024", "--batch-size", "2", "--cluster", "sync"]
-    assert main(args) == 0
+    args, out = sharded_prediction(tmp_path)
     reference = open_prediction(out).load()
     misplace(out, "labels", "swapped")
     with pytest.raises(InputError, match=r"shard \((0, 0|1, 0)\) of 'labels'.*not the one the store recorded there"):
