@@ -845,3 +845,22 @@ def test_chunks_moved_in_a_prediction_never_complete_are_recomputed_on_resume(pr
     repaired = open_prediction(copy).load()
     for var in ("labels", "probs"):
         np.testing.assert_array_equal(repaired[var].values, reference[var].values)
+
+
+def test_a_shard_index_read_as_a_plain_range_is_told_from_its_chunks(pristine):
+    """zarr reads a shard's index by suffix; read as a byte range (another zarr version), it must not be taken for
+    a chunk (a false 'not the one recorded'), and no chunk may be taken for it (its place then goes unchecked)."""
+    from zarr.abc.store import RangeByteRequest
+
+    from tilefuse.storage import _index_by_range, checks_for, chunk_places
+
+    _, stores, _, _ = pristine
+    store = stores["shards"]
+    check = checks_for(zarr.open_group(store, mode="r"))["label"]
+    data = np.frombuffer((store / chunk_key("label", (0, 0))).read_bytes(), np.uint8)
+    size = check.inner * 16 + 4
+    index = data[-size:]
+    assert _index_by_range(index, check, RangeByteRequest(len(data) - size, len(data)))
+    for offset, place in chunk_places(index, check).items():
+        length = int(np.frombuffer(index[:-4].tobytes(), "<u8").reshape(-1, 2)[place][1])
+        assert not _index_by_range(data[offset : offset + length], check, RangeByteRequest(offset, offset + length))
