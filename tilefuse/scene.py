@@ -320,8 +320,11 @@ def _transform_of_coordinates(ds: xr.Dataset) -> xr.Dataset:
     coordinates right through ``sortby``, ``coarsen`` or ``isel``, not rioxarray's recorded transform, and a store
     written with the stale one was refused as corrupt when opened. Coordinates of no regular grid are refused."""
     for dim in ("x", "y"):
-        steps = np.diff(np.asarray(ds[dim].values, dtype=np.float64)) if dim in ds.coords else np.zeros(0)
-        if steps.size and (not np.all(np.isfinite(steps)) or np.abs(steps - steps[0]).max() > 1e-3 * abs(steps[0]) or steps[0] == 0):
+        values = np.asarray(ds[dim].values) if dim in ds.coords else np.zeros(0)
+        steps = np.diff(values.astype(np.float64))
+        # coordinates stored in float32 (some NetCDFs) hold a UTM northing to half a metre: that much is no gap
+        precision = 8 * np.finfo(values.dtype).eps * np.abs(values).max() if values.size and values.dtype.kind == "f" else 0.0
+        if steps.size and (not np.all(np.isfinite(steps)) or steps[0] == 0 or np.abs(steps - steps[0]).max() > max(1e-3 * abs(steps[0]), precision)):
             raise InputError(
                 f"the scene's {dim} coordinates are not evenly spaced: a scene store is a regular grid; resample the "
                 "Dataset onto one first (e.g. ds.rio.reproject)"
