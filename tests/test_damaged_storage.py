@@ -139,6 +139,16 @@ def test_damaged_scene_chunk_is_an_error_for_every_reader(pristine, tmp_path, ca
     assert open_scene(store)[name][..., :64, :64].values.size
 
 
+def resume_repairs(pristine, copy: Path, reference) -> None:
+    """``predict --resume`` of the damaged prediction ``copy`` of the pristine scene gives ``reference`` exactly."""
+    _, stores, checkpoint, _ = pristine
+    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(copy), "--probs"]
+    assert main([*args, *PREDICT, "--resume"]) == 0
+    repaired = open_prediction(copy).load()
+    for var in ("labels", "probs"):
+        np.testing.assert_array_equal(repaired[var].values, reference[var].values)
+
+
 @pytest.mark.parametrize("how", DAMAGES)
 @pytest.mark.parametrize("name", ["labels", "probs"])
 def test_damaged_prediction_is_an_error_and_resume_repairs_it(pristine, tmp_path, capsys, name, how):
@@ -714,11 +724,7 @@ def test_a_prediction_chunk_in_another_place_is_an_error_and_resume_repairs_it(p
         one_line_naming(capsys.readouterr().err, name)
         assert main(["export", str(copy), str(tmp_path / "pred.tif")]) == 2
         one_line_naming(capsys.readouterr().err, name)
-    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(copy), "--probs"]
-    assert main([*args, *PREDICT, "--resume"]) == 0
-    repaired = open_prediction(copy).load()
-    for var in ("labels", "probs"):
-        np.testing.assert_array_equal(repaired[var].values, reference[var].values)
+    resume_repairs(pristine, copy, reference)
 
 
 def test_swapped_prediction_shards_are_caught_and_repaired(tmp_path):
@@ -840,11 +846,7 @@ def test_chunks_moved_in_a_prediction_never_complete_are_recomputed_on_resume(pr
     (copy / chunk_key("labels", (2, 2))).unlink()
     misplace(copy, "labels", "swapped")  # by the record's places, then the record goes: a store never complete
     (copy / "chunk_digests.npz").unlink()
-    args = ["predict", "--checkpoint", str(checkpoint), "--store", str(stores["chunks"]), "--out", str(copy), "--probs"]
-    assert main([*args, *PREDICT, "--resume"]) == 0
-    repaired = open_prediction(copy).load()
-    for var in ("labels", "probs"):
-        np.testing.assert_array_equal(repaired[var].values, reference[var].values)
+    resume_repairs(pristine, copy, reference)
 
 
 def test_a_shard_index_read_as_a_plain_range_is_told_from_its_chunks(pristine):
