@@ -441,6 +441,29 @@ def _stopping(client) -> None:
     teller.join(STOP_NOTICE_S)
 
 
+class _UnmadeFutureCancel(logging.Filter):
+    """Drops tornado's report of distributed's ``sync`` cancelling a future it had not made yet.
+
+    A Ctrl-C that lands while the main thread waits in ``distributed.utils.sync`` (a gather, a client call)
+    schedules its ``cancel``; where the coroutine has not yet made its future, that callback fails on the unbound
+    name and tornado logs 'Exception in callback ... sync.<locals>.cancel' with a NameError traceback before
+    tilefuse's 'interrupted' line (distributed 2026.11; harmless: there is nothing to cancel). Only that record is
+    dropped: any other callback's error, or this one's of another kind, is reported as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        callback = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        name = getattr(getattr(callback, "func", callback), "__qualname__", "")
+        error = record.exc_info[1] if record.exc_info else None
+        return not (name == "sync.<locals>.cancel" and isinstance(error, NameError))
+
+
+def _quiet_unmade_future_cancel() -> None:
+    """Install :class:`_UnmadeFutureCancel` on tornado's callback logger (once per process)."""
+    log = logging.getLogger("tornado.application")
+    if not any(isinstance(f, _UnmadeFutureCancel) for f in log.filters):
+        log.addFilter(_UnmadeFutureCancel())
+
+
 def _local_device() -> str:
     """The device kind of workers started on this machine (:func:`tilefuse.cluster.plugin.load_runner` picks the GPU where one is visible)."""
     import torch
@@ -566,6 +589,7 @@ def cluster_client(spec_or_client, timeout: float | str = CONNECT_TIMEOUT, liste
 
     Anything else (a number, a LocalCluster rather than its Client...) is one InputError line naming ``cluster=``.
     """
+    _quiet_unmade_future_cancel()
     if spec_or_client is None or not isinstance(spec_or_client, str):
         from distributed import Client
 
