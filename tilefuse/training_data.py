@@ -4,7 +4,7 @@ One function, :func:`assemble`, shared by ``tilefuse train`` and
 ``tilefuse.train`` (``pipelines/train.py`` resolves options, holds the run
 lock and calls it). It opens the stores and checks them (labels, modalities,
 band counts, band order: :func:`check_band_names`, patch size), merges their
-class lists, pools the band statistics, builds the model (or rebuilds a resumed run's), picks the sampler from the
+class lists, pools the band statistics of the stores it trains on, builds the model (or rebuilds a resumed run's), picks the sampler from the
 model's spec (blended or margin-free models, PAD: random patches; a context
 margin and no blending, S²Fin: labelled pixels per class; ``sampler=``
 overrides), makes the spatially disjoint split (explicit validation stores,
@@ -265,6 +265,15 @@ def _split(scenes, readers, paths: list[str], n_train: int, data: DataOptions, p
     return split, shares
 
 
+def training_stores(split, n_train: int) -> list[int]:
+    """Indexes of the stores among the first ``n_train`` (the training stores) that ``split`` gives at least one
+    training block: all of them without a split; a store the split holds out whole (``split="stores"``) is not one."""
+    if split is None:
+        return list(range(n_train))
+    kept = [i for i in range(n_train) if (split.assignment[i] == 0).any()]
+    return kept or list(range(n_train))  # (a split always trains on something: never reached)
+
+
 def _extents(size: int, block: int):
     """Edge in px of each block along an axis of ``size`` px (the last one may be shorter)."""
     import numpy as np
@@ -328,6 +337,13 @@ def assemble(
     stopped run's model, band counts and statistics instead of fresh ones;
     ``run`` is its folder, from which the saved split and sampler indexes are
     read (nothing is written: see :meth:`TrainingData.save`).
+
+    The band statistics that normalise the model's inputs are pooled from the
+    statistics ingest stored per store (:func:`~tilefuse.dataset.pooled_band_stats`)
+    over the training stores the split trains on: never a validation store, nor a
+    store ``split="stores"`` holds out whole. A split by blocks holds out parts of
+    a store, whose statistics (computed at ingest over the whole store) therefore
+    include the held-out blocks' pixels.
     """
     import tilefuse.training  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 
@@ -410,7 +426,7 @@ def assemble(
     else:
         torch.manual_seed(seed)
         net = build_model(model, bands, len(class_names), **hparams)
-        band_stats = pooled_band_stats(scenes[: len(train_paths)], list(bands))
+        band_stats = None  # pooled below, over the stores the split trains on
     spec = net.spec
     if list(spec.modalities) != list(bands):
         raise InputError(
@@ -429,6 +445,8 @@ def assemble(
     split, shares = _saved_split(run, paths, scenes), None
     if split is None:
         split, shares = _split(scenes, readers, paths, len(train_paths), data, pixels, tile, seed, bool(val_paths))
+    if resumed is None:  # a new run (a resumed one keeps its statistics): never those of a store held out whole
+        band_stats = pooled_band_stats([scenes[i] for i in training_stores(split, len(train_paths))], list(bands))
     digests = [scene_digest(ds, store_modalities(ds), labels=True) for ds in scenes]
     del scenes  # the samplers read zarr directly
 
