@@ -7,12 +7,18 @@ trained without a word; and a store of other bands was refused as if its bands w
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from predict_fixtures import MODALITIES
+from predict_fixtures import MODALITIES, save_pointwise
+from test_roles_classes import _write_store
 from test_sampling import labelled_scene, write
 
+import tilefuse
+from tilefuse.checkpoint import CONFIG
 from tilefuse.dataset import pooled_band_stats
+from tilefuse.errors import InputError
 from tilefuse.scene import open_scene
 from tilefuse.training_data import DataOptions, assemble
 
@@ -54,3 +60,71 @@ def test_validation_stores_and_a_split_by_blocks_keep_the_training_stores_statis
     # blocks of every store may be held out: the statistics are the stores' own (computed at ingest), pooled
     blocks = assemble("test-pointwise", [a, s10], data=DataOptions(patch_size=32, val_fraction=0.3, block=32))
     assert blocks.config.band_stats == pooled_band_stats([open_scene(a), open_scene(s10)], list(MODALITIES))
+
+
+# --- 2. one name for two ids -------------------------------------------------------------------------------------
+
+PREDICT = dict(tile=32, overlap=8, block_size=64, batch_size=2, cluster="sync", torch_threads=1, progress=False)
+
+
+def test_stores_naming_one_class_by_two_ids_are_refused_naming_both(tmp_path):
+    a2 = _write_store(tmp_path / "A2.zarr", [0, 1], names=["water", "trees"])
+    h = _write_store(tmp_path / "H.zarr", [0, 1, 2], names=["class_0", "class_1", "trees"], seed=1)
+    with pytest.raises(InputError) as caught:
+        tilefuse.train("test-pointwise", [a2, h], tmp_path / "run", steps=1, batch_size=2, patch_size=32, workers=0, val_fraction=0.0, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'trees'" in message and "class 1 in " + str(a2) in message and "class 2 in " + str(h) in message
+    assert "--label-map" in message and "label_map=" in message
+    assert not (tmp_path / "run").exists()
+    # as validation store too (the model's list covers it), and in either order
+    with pytest.raises(InputError, match=r"'trees' to two ids, class 1 in .*A2\.zarr and class 2 in .*H\.zarr"):
+        assemble("test-pointwise", [h], val_stores=[a2], data=DataOptions(patch_size=32, val_fraction=0.0))
+
+
+def _checkpoint_naming_one_class_twice(path):
+    checkpoint = save_pointwise(path)
+    config = json.loads((checkpoint / CONFIG).read_text())
+    config["class_names"] = ["water", "trees", "trees", "built"]  # as a run on such stores recorded them (the checksum covers the weights alone)
+    (checkpoint / CONFIG).write_text(json.dumps(config))
+    return checkpoint
+
+
+def test_predict_refuses_a_checkpoint_naming_one_class_twice_before_any_output(tmp_path, capsys):
+    from predict_fixtures import write_test_scene
+
+    from tilefuse.cli import main
+
+    checkpoint = _checkpoint_naming_one_class_twice(tmp_path / "run")
+    store = write_test_scene(tmp_path / "scene.zarr", 64, 64)
+    with pytest.raises(InputError) as caught:
+        tilefuse.predict(checkpoint, store, tmp_path / "pred.zarr", **PREDICT)
+    message = str(caught.value)
+    assert "\n" not in message and str(checkpoint) in message and "the same name 'trees'" in message and "retrain" in message
+    assert not (tmp_path / "pred.zarr").exists()
+    status = main(["predict", "--checkpoint", str(checkpoint), "--store", str(store), "--out", str(tmp_path / "cli.zarr"),
+                   "--tile", "32", "--cluster", "sync", "--torch-threads", "1"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "retrain" in err, err
+    assert not (tmp_path / "cli.zarr").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "scene.zarr"]  # no output, lock or temporary left
+
+
+def test_a_prediction_of_such_a_checkpoint_is_not_resumed(tmp_path):
+    """A store an earlier release wrote from such a checkpoint: a resume computed its blocks, then called it corrupt."""
+    import zarr
+
+    from predict_fixtures import write_test_scene
+
+    from tilefuse import storage
+
+    checkpoint = save_pointwise(tmp_path / "run")
+    store = write_test_scene(tmp_path / "scene.zarr", 64, 64)
+    tilefuse.predict(checkpoint, store, tmp_path / "pred.zarr", **PREDICT)
+    group = zarr.open_group(tmp_path / "pred.zarr", mode="r+")
+    for attrs in (group.attrs, group["labels"].attrs):
+        attrs["class_names"] = ["water", "trees", "trees", "built"]
+    group.attrs["complete"] = False
+    storage.consolidate(tmp_path / "pred.zarr")
+    with pytest.raises(InputError, match=r"pred\.zarr cannot be resumed: checkpoint .*run cannot predict: its class names give classes 1 and 2 the same name 'trees'"):
+        tilefuse.predict(checkpoint, store, tmp_path / "pred.zarr", resume=True, **PREDICT)

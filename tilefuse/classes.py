@@ -7,7 +7,7 @@ agrees with any name for that id; two lists agree when every id they share is a
 default in one of them or has the same real name in both.
 :func:`merge_class_names` joins lists that agree into one covering the highest id
 of any of them, real names winning over defaults, and refuses a real conflict
-(two real names for one id), naming the ids and the stores.
+(two real names for one id, or one name for two ids), naming the ids and the stores.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def merge_class_names(
     """One class list for ``(source, class list)`` pairs that agree (module docstring); InputError on a conflict.
 
     The result covers the longest list; each id takes the real name any list gives
-    it, else its default. ``fix`` ends the error message.
+    it, else its default. ``fix`` ends the error message of two names for one id; a
+    result that gives one name to two ids (``water, trees`` and ``class_0, class_1,
+    trees``) is refused too, naming both ids, the stores and the remap.
     """
     merged: list[str] = []
     named: dict[int, tuple[str, str]] = {}  # id -> (real name, first source naming it)
@@ -87,4 +89,13 @@ def merge_class_names(
     if conflicts:
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
         raise InputError(f"class lists conflict: {conflicts[0]}{more}: {fix}")
+    twice = next((n for k, n in enumerate(merged) if n in merged[:k]), None)
+    if twice is not None:  # the model would learn one class as two, and metrics (keyed by name) merge them
+        first, second = merged.index(twice), merged.index(twice, merged.index(twice) + 1)
+        where = [f"in {named[k][1]}" if k in named else "by default (no store names it)" for k in (first, second)]
+        raise InputError(
+            f"class lists give the name {twice!r} to two ids, class {first} {where[0]} and class {second} {where[1]}, "
+            f"so a model would learn {twice!r} as two classes: re-ingest one store with its ids remapped by --label-map "
+            f"(Python label_map=) so that {twice!r} has one id in every store, or rename it in one of them (--class-names)"
+        )
     return merged

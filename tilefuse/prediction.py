@@ -118,13 +118,18 @@ def create_prediction(
     """Create an empty prediction store for ``scene`` (labels all 255), atomically.
 
     ``attrs`` must hold every key of :data:`SETTINGS` but the grid ones, which
-    come from ``grid``. An existing ``path`` is replaced only with ``overwrite``
+    come from ``grid``. ``class_names`` that no reader would accept (one name for
+    two ids: a checkpoint trained on stores that named one class by two ids) are
+    refused before anything is made. An existing ``path`` is replaced only with ``overwrite``
     and only if it is a prediction store (:func:`tilefuse.outputs.create`,
     locked while created; ``inputs`` are never at, inside or around ``path``).
     """
     from tilefuse.outputs import claim, create
 
     path = Path(path)
+    problem = class_names_problem(list(class_names))
+    if problem:  # before anything is made: such a store would be refused as corrupt by every reader, predict's own too
+        raise InputError(_bad_checkpoint_names(attrs.get("checkpoint"), problem))
     if os.path.lexists(path) and not overwrite and _store_kind(path) == "prediction":
         raise InputError(f"{path} already exists: pass overwrite=True (--overwrite) to replace it or resume=True (--resume) to finish it")
     claim(path, "prediction", inputs=inputs, overwrite=overwrite)
@@ -189,6 +194,15 @@ def create_prediction(
     return path
 
 
+def _bad_checkpoint_names(checkpoint: str | None, problem: str) -> str:
+    """The refusal of a checkpoint whose class names would make a prediction store every reader calls corrupt."""
+    return (
+        f"checkpoint {checkpoint or '(unknown)'} cannot predict: its class names {problem}, which no prediction store may "
+        "hold (every reader would call it corrupt); retrain it with consistent class names (re-ingest its stores with "
+        "--label-map so that each name has one id)"
+    )
+
+
 def _store_kind(path: Path) -> str | None:
     try:
         return zarr.open_group(path, mode="r").attrs.get(STORE_KIND)
@@ -215,6 +229,10 @@ def check_resumable(path: str | os.PathLike, settings: dict[str, Any], scene: st
     reads, to tell a store replaced at the same path from another path.
     """
     found = prediction_attrs(path)
+    names = found.get("class_names")
+    problem = class_names_problem(names) if names is not None else None
+    if problem:  # made by an earlier release from such a checkpoint: more blocks would not make it readable
+        raise InputError(f"{path} cannot be resumed: {_bad_checkpoint_names(found.get('checkpoint'), problem)}")
     if SCENE_DIGEST in settings and SCENE_DIGEST in found and found[SCENE_DIGEST] != settings[SCENE_DIGEST]:
         if scene is not None and found.get("scene") == scene:
             raise InputError(
