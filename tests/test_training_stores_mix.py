@@ -128,3 +128,42 @@ def test_a_prediction_of_such_a_checkpoint_is_not_resumed(tmp_path):
     storage.consolidate(tmp_path / "pred.zarr")
     with pytest.raises(InputError, match=r"pred\.zarr cannot be resumed: checkpoint .*run cannot predict: its class names give classes 1 and 2 the same name 'trees'"):
         tilefuse.predict(checkpoint, store, tmp_path / "pred.zarr", resume=True, **PREDICT)
+
+
+# --- 3. a class no training pixel shows is named ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["patches", "pixels"])
+def test_a_class_only_the_validation_stores_hold_is_named_in_one_note(tmp_path, capsys, sampler):
+    a2 = _write_store(tmp_path / "A2.zarr", [0, 1], names=["water", "trees"])
+    e = _write_store(tmp_path / "E.zarr", [0, 1, 3], names=["water", "trees", "crops", "built"], seed=1)
+    data = DataOptions(patch_size=32, val_fraction=0.0, sampler=sampler, pixels_per_class=5, val_pixels=20)
+    prepared = assemble("test-pointwise", [a2], val_stores=[e], data=data)
+    assert prepared.config.class_names == ["water", "trees", "crops", "built"]
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("tilefuse: note: no training pixel of classes "), err
+    assert "'built' (id 3, in held-out pixels only)" in err and "'crops' (id 2, in no store's labels)" in err
+    assert "'water'" not in err and "'trees'" not in err and "cannot learn them" in err
+    assert prepared.notes == [err.strip().removeprefix("tilefuse: note: ")]
+    # every class trained on: not a word
+    both = _write_store(tmp_path / "B.zarr", [0, 1], names=["water", "trees"], seed=2)
+    assert assemble("test-pointwise", [a2], val_stores=[both], data=data).notes == []
+    assert capsys.readouterr().err == ""
+
+
+def test_a_pixel_sampler_names_the_classes_the_split_leaves_out_of_training(tmp_path, capsys):
+    """With a split by blocks the labelled-pixel sampler knows which classes its training blocks hold: a class in held-out
+    blocks only is named (stripes of ids 0..3, 16 rows each: blocks of 32 px hold two classes each)."""
+    store = _write_store(tmp_path / "S.zarr", [0, 1, 2, 3], names=["water", "trees", "crops", "built"])
+    label = open_scene(store)["label"].values
+    data = DataOptions(sampler="pixels", split="blocks", block=32, val_fraction=0.5, pixels_per_class=5, allow_fewer=True, val_pixels=20)
+    named_any = False
+    for seed in range(8):
+        prepared = assemble("test-pointwise", [store], data=data, seed=seed)
+        trained = set(np.unique(label[prepared.split.region(0, "train", 0, 64, 0, 64)]).tolist())
+        note = " ".join(prepared.notes)
+        for k, name in enumerate(["water", "trees", "crops", "built"]):
+            assert (f"{name!r} (id {k}, in held-out pixels only)" in note) == (k not in trained), (seed, note)
+        named_any |= bool(prepared.notes)
+    assert named_any
+    capsys.readouterr()

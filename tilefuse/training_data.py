@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,6 +133,9 @@ class TrainingData:
     """The share of the labelled pixels the split gives train, val and test, where it was drawn here (not read back)."""
     digests: list[str] = field(default_factory=list)
     """:func:`~tilefuse.scene.scene_digest` of each of ``stores``, labels included (a resume must read the same scenes)."""
+    notes: list[str] = field(default_factory=list)
+    """What the caller should know but is no error (each also printed on stderr as ``tilefuse: note: ...``): classes
+    of the model that no training pixel shows (:func:`untrained_classes`)."""
 
     def save(self, run: str | os.PathLike) -> None:
         """Write the split file and the sampler indexes into the (existing) run folder ``run``."""
@@ -209,6 +213,29 @@ def check_band_names(scenes, paths, modalities, recorded: dict[str, list[str]] |
         elif seen:  # the list with the most known names, the first of those (max keeps the first of equals)
             names_of[name] = max((ref for ref, _ in seen), key=lambda ref: sum(n is not None for n in known_band_names(ref)))
     return names_of
+
+
+def label_counts(ds) -> list[int] | None:
+    """Labelled pixels per class id of a store (the ``class_counts`` ingest records), None where not recorded."""
+    counts = ds["label"].attrs.get("class_counts") if "label" in ds else None
+    return [int(c) for c in counts] if isinstance(counts, list) else None
+
+
+def untrained_classes(class_names: Sequence[str], trained: set[int], held: set[int]) -> str | None:
+    """The note naming the classes of ``class_names`` (ids 0..n-1) that no training pixel shows (not in ``trained``),
+    saying of each whether held-out pixels hold it (``held``: validation or test data), or None when every class
+    has training pixels. Not an error: a class may be absent on purpose, but the model cannot learn it."""
+    absent = [k for k in range(len(class_names)) if k not in trained]
+    if not absent:
+        return None
+    where = {True: "in held-out pixels only", False: "in no store's labels"}
+    listing = [f"{class_names[k]!r} (id {k}, {where[k in held]})" for k in absent]
+    them = "it" if len(absent) == 1 else "them"
+    return (
+        f"no training pixel of class{'es' if len(absent) > 1 else ''} {', '.join(listing[:-1]) + ' and ' if len(listing) > 1 else ''}"
+        f"{listing[-1]}: the model cannot learn {them}; train on stores that hold {them}, unless {them} {'is' if them == 'it' else 'are'} "
+        "left out on purpose"
+    )
 
 
 def default_block(unit: int, smallest: int) -> int:
@@ -349,8 +376,10 @@ def assemble(
 
     import torch
 
+    from tilefuse import distributed
     from tilefuse.checkpoint import ModelConfig
     from tilefuse.dataset import PatchDataset, pooled_band_stats
+    from tilefuse.errors import printable
     from tilefuse.sampling import (
         INDEX_DIR,
         GridPatchSampler,
@@ -448,6 +477,7 @@ def assemble(
     if resumed is None:  # a new run (a resumed one keeps its statistics): never those of a store held out whole
         band_stats = pooled_band_stats([scenes[i] for i in training_stores(split, len(train_paths))], list(bands))
     digests = [scene_digest(ds, store_modalities(ds), labels=True) for ds in scenes]
+    counts = [label_counts(ds) for ds in scenes]
     del scenes  # the samplers read zarr directly
 
     index = IndexCache(None if run is None else run / INDEX_DIR)
@@ -464,6 +494,22 @@ def assemble(
             window=data.window, patches_per_window=data.patches_per_window,
             windows_per_round=data.windows_per_round, seed=seed, index=index,
         )
+    notes = []
+    trained = training_stores(split, len(train_paths))
+    if pixels:  # the sampler counted the eligible pixels of each class in the training area (blocks included)
+        known: set[int] | None = set(sampler.present)
+    elif all(counts[i] is not None for i in trained):  # the stores' recorded counts (a split by blocks is not seen)
+        known = {k for i in trained for k, c in enumerate(counts[i]) if c}
+    else:  # a store written without counts: not read again for a note
+        known = None
+    if known is not None:
+        held = {k for c in counts if c is not None for k, n in enumerate(c) if n}
+        note = untrained_classes(class_names, known, held - known)
+        if note:
+            notes.append(note)
+    if notes and distributed.from_env().writer:  # once per job, not once per rank
+        for note in notes:
+            print(printable(f"tilefuse: note: {note}"), file=sys.stderr)
     val_data = None
     if split is not None and split.fraction("val") > 0:
         if pixels:
@@ -503,4 +549,5 @@ def assemble(
         index=index,
         digests=digests,
         shares=shares,
+        notes=notes,
     )

@@ -35,6 +35,8 @@ class LabelledPixelSampler(StoreSampler):
     :class:`InputError` unless ``allow_fewer`` (then all of them are used).
     Neighbourhoods are read once per process, a window at a time, and kept in
     memory (the few-label setting: thousands of pixels, not millions).
+    :attr:`present` holds the class ids with an eligible pixel in the area (a
+    class of the model absent from it is never drawn).
     """
 
     MAX_CACHE_BYTES = 2 << 30
@@ -66,6 +68,8 @@ class LabelledPixelSampler(StoreSampler):
         self.patch, self.margin, self.count = int(patch), int(patch) // 2, int(count)
         self.per_class, self.repeat = bool(per_class), bool(repeat)
         self.class_names = list(class_names)
+        self.present: tuple[int, ...] = ()
+        """Class ids with at least one eligible labelled pixel in ``subset`` (set by the selection)."""
         self.windows_px = [aligned_window(window, min(r.chunk)) for r in self.readers]
         self.pixels = self._select(allow_fewer, threads, index)
         self._cache: tuple[dict[str, np.ndarray], np.ndarray] | None = None
@@ -117,6 +121,7 @@ class LabelledPixelSampler(StoreSampler):
         counts = np.concatenate(parts)
         totals = counts.sum(axis=0)
         present = [k for k in range(IGNORE) if totals[k] > 0]
+        self.present = tuple(present)
         if not present:
             raise InputError(f"no valid labelled pixels in the {self.subset} area of the stores: check the labels and the split")
         if self.per_class:
