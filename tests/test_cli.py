@@ -138,3 +138,51 @@ def test_an_option_given_twice_is_one_line_naming_it(capsys):
             assert len(lines) == 1 and f"{option} is given twice" in lines[0] and f"tilefuse {command} --help" in lines[0], (argv, lines)
     assert main(["info", "s.zarr", "--verify", "--no-verify"]) == 2
     assert "--no-verify" in capsys.readouterr().err
+
+
+def _value_parameters():
+    """(command, spelling, nargs) for every option of every command that takes a value, and (command, NAME, None)
+    for every positional argument."""
+    import typer.main
+
+    from tilefuse.cli import app
+
+    for name, command in sorted(typer.main.get_command(app).commands.items()):
+        before = []  # the positional arguments ahead of this one
+        for param in command.params:
+            kind = getattr(param, "param_type_name", "")
+            if kind == "option" and not param.is_flag:
+                yield name, param.opts[0], param.nargs, []
+            elif kind == "argument":
+                yield name, param.name.upper(), None, list(before)
+                before.append("x")
+
+
+def test_an_empty_value_is_one_line_naming_it(capsys):
+    """click hands a path parameter '' as Path(''), the current folder: `--out "$OUT"` with OUT unset read or
+    replaced the folder the shell stood in (the Python API refused '' all along)."""
+    cases = list(_value_parameters())
+    assert len(cases) > 60
+    for command, name, nargs, before in cases:
+        forms = [[name, *[""] * nargs], [f"{name}="]] if nargs else [[*before, ""]]
+        if nargs and not name.startswith("--"):
+            forms = forms[:1]
+        for form in forms:
+            argv = [command, *form]
+            assert main(argv) == 2, argv
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and f"{name} is" in lines[0] and "empty" in lines[0], (argv, lines)
+            assert f"tilefuse {command} --help" in lines[0], lines
+
+
+def test_an_empty_output_never_replaces_the_folder_the_shell_stands_in(tmp_path, monkeypatch, capsys):
+    from test_bad_input_ops import _digest as tree_digest
+
+    assert main(["synth", str(tmp_path / "s.zarr"), "--size", "64"]) == 0
+    before = tree_digest(tmp_path / "s.zarr")
+    monkeypatch.chdir(tmp_path / "s.zarr")
+    for argv in (["synth", "", "--size", "64", "--overwrite", "--seed", "3"], ["synth", "--size", "64", "--overwrite", "--", ""]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.startswith("tilefuse: error: OUT is empty")
+    assert tree_digest(tmp_path / "s.zarr") == before

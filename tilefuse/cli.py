@@ -107,6 +107,48 @@ def repeated_option(argv: list[str]) -> str | None:
     return None
 
 
+def empty_argument(argv: list[str]) -> str | None:
+    """The line for an empty value in ``argv`` (``--out "$OUT"`` with ``OUT`` unset), else None.
+
+    click hands typer's path parameters ``''`` as ``Path('')``, the current folder: ``synth "$OUT" --overwrite``
+    replaced the store the shell stood in, and ``--store ''`` read it. No option of tilefuse takes an empty value.
+    """
+    import typer.main
+
+    if not argv:
+        return None
+    command = getattr(typer.main.get_command(app), "commands", {}).get(argv[0])
+    if command is None:
+        return None
+    kinds = {"option": [], "argument": []}
+    for param in command.params:
+        kinds.setdefault(getattr(param, "param_type_name", ""), []).append(param)
+    options = {spelling: param for param in kinds["option"] for spelling in (*param.opts, *param.secondary_opts)}
+    arguments = [param for param in kinds["argument"] if param.nargs == 1]
+    tokens, i, position, options_end = list(argv[1:]), 0, 0, False
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token == "--" and not options_end:
+            options_end = True
+            continue
+        if token.startswith("-") and token != "-" and not options_end:
+            spelling, has_value, value = token.partition("=") if token.startswith("--") else (token, "", "")
+            param = options.get(spelling)
+            if param is None or param.is_flag:
+                continue
+            values = [value] if has_value else tokens[i : i + param.nargs]
+            i += 0 if has_value else param.nargs
+            if "" in values:
+                return f"{spelling} is given an empty value (an unset shell variable?): give it one: see `tilefuse {argv[0]} --help`"
+            continue
+        if token == "":
+            name = arguments[position].name.upper() if position < len(arguments) else "an argument"
+            return f"{name} is empty (an unset shell variable?): give it a value: see `tilefuse {argv[0]} --help`"
+        position += 1
+    return None
+
+
 def _error(message: str) -> None:
     """Print ``message`` as the one line ``tilefuse: error: ...`` on stderr: a line break or control character
     in it (a path quoted in the message) is written escaped, as Python writes it in a string."""
@@ -173,7 +215,8 @@ def _main(argv: list[str] | None) -> int:
         _error("the current folder no longer exists (deleted or replaced since this shell entered it): "
                'cd into an existing folder (e.g. cd "$PWD") and run the command again')
         return 2
-    problem = repeated_option(sys.argv[1:] if argv is None else list(argv))
+    args = sys.argv[1:] if argv is None else list(argv)
+    problem = repeated_option(args) or empty_argument(args)
     if problem:
         _error(problem)
         return 2
