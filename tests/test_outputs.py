@@ -258,8 +258,9 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(world,
     # a lock naming this very pid but another start time (the pid was reused) is stale too
     outputs.lock_path(out).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": 1.0}))
     assert cli(["export", w["pred.zarr"], out, "--overwrite"], capsys)[0] == 0
-    # an unreadable lock is taken over once it is old (see the test below); a live holder on another host is refused
-    outputs.lock_path(out).write_text("garbage")
+    # an empty lock (made, never written) is taken over once it is old (see the test below); a live holder on
+    # another host is refused
+    outputs.lock_path(out).write_text("")
     past = time.time() - 2 * outputs.UNREADABLE_GRACE
     os.utime(outputs.lock_path(out), (past, past))
     with output_lock(out):
@@ -760,3 +761,30 @@ def test_a_sigterm_in_the_middle_of_a_folder_swap_is_taken_once_the_new_folder_i
         replace_path(src, dst)
     assert (dst / "a").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "nothing left beside it"
+
+
+@pytest.mark.parametrize("kind", ["notes", "json", "record", "folder"])
+def test_a_file_or_folder_named_like_a_lock_that_tilefuse_did_not_write_is_never_removed(tmp_path, kind, capsys):
+    """A user's '.scene.zarr.lock' (notes, a folder) beside the output was taken for a damaged lock once 2 s old:
+    the file was deleted, the folder renamed '.scene.zarr.lock.stale-...' and left. Only an empty lock, the one
+    state tilefuse itself can leave, is taken over; anything else is refused in one line and kept as it is."""
+    from test_bad_input_ops import _digest
+
+    out = tmp_path / "scene.zarr"
+    lock = outputs.lock_path(out)
+    if kind == "folder":
+        lock.mkdir()
+        (lock / "f").write_text("keep")
+    else:
+        lock.write_text({"notes": "my notes", "json": "[1, 2]", "record": json.dumps({"pid": "x"})}[kind])
+    past = time.time() - 2 * outputs.UNREADABLE_GRACE
+    os.utime(lock, (past, past))
+    before = _digest(tmp_path)
+    code, err = cli(["synth", out, "--size", "64"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a lock tilefuse wrote" in err and str(lock) in err, err
+    assert _digest(tmp_path) == before and lock.exists() and sorted(p.name for p in tmp_path.iterdir()) == [lock.name]
+    for copy in (".new-abcdef", ".stale-abcdef"):  # a copy named like one a killed writer left: kept unless empty
+        (tmp_path / (lock.name + copy)).write_text("mine")
+        os.utime(tmp_path / (lock.name + copy), (past, past))
+    outputs._remove_dead_lock_copies(lock)
+    assert (tmp_path / (lock.name + ".new-abcdef")).exists() and (tmp_path / (lock.name + ".stale-abcdef")).exists()

@@ -47,6 +47,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -863,9 +864,10 @@ def _read_lock(lock: Path) -> dict[str, Any] | None:
 
 
 UNREADABLE_GRACE = 2.0
-"""Seconds an unreadable lock is waited on before it counts as damaged and is taken over: on a filesystem
-without hard links a lock is created empty and written just after (:func:`_create_lock`), and an earlier
-release of tilefuse always did so."""
+"""Seconds an empty lock is waited on before it counts as left by a killed writer and is taken over: on a
+filesystem without hard links a lock is created empty and written just after (:func:`_create_lock`), and an
+earlier release of tilefuse always did so. A lock file holding anything but a record, or a folder by that name,
+is not tilefuse's: it is refused, never removed (:func:`_unwritten_lock`)."""
 
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV})
 
@@ -917,6 +919,17 @@ def _settled_holder(lock: Path) -> dict[str, Any] | None:
     return _read_lock(lock)
 
 
+def _unwritten_lock(path: Path) -> bool:
+    """Whether ``path``, a lock (or a copy of one) that holds no record, is one tilefuse made and never wrote: an
+    empty file (:func:`_create_lock` without hard links, killed between creating and writing it). A file with
+    anything else in it, or a folder, is not tilefuse's, and is never removed or moved."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
+
+
 def _remove_dead_lock_copies(lock: Path) -> None:
     """Remove the ``.new-`` and ``.stale-`` copies of ``lock`` that a writer killed mid-acquisition left: those
     naming a dead process on this host, and unreadable ones older than :data:`UNREADABLE_GRACE`."""
@@ -927,7 +940,7 @@ def _remove_dead_lock_copies(lock: Path) -> None:
         holder = _read_lock(path)
         try:
             if holder == {}:
-                dead = not 0 <= time.time() - path.stat().st_mtime < UNREADABLE_GRACE
+                dead = _unwritten_lock(path) and not 0 <= time.time() - path.stat().st_mtime < UNREADABLE_GRACE
             else:
                 dead = holder is not None and holder.get("host") == _host() and not process_alive(holder["pid"], holder.get("start"))
             if dead:
@@ -988,7 +1001,12 @@ def output_lock(path: str | os.PathLike, *, inputs: Iterable[Any] = ()) -> Itera
                             f"{path} is being written by process {holder['pid']} (lock {lock}): "
                             "wait for it to finish or choose another output"
                         ) from None
-                    # a dead writer's (or an unreadable) lock: take it over
+                    if holder == {} and not _unwritten_lock(lock):
+                        raise InputError(
+                            f"{lock} is in the way of the lock of {path}: it is not a lock tilefuse wrote (tilefuse never "
+                            "leaves one that is not its record, or empty); move it away, or choose another output"
+                        ) from None
+                    # a dead writer's (or an empty) lock: take it over
                     stale = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:6]}")
                     try:
                         os.replace(lock, stale)
