@@ -47,3 +47,34 @@ def test_arguments_of_the_wrong_type_are_one_input_error_naming_the_parameter(ti
     # the right types still work: a label_map mapping, a resolution pair
     tilefuse.ingest(out, sar, labels=labels, label_map={0: 255}, resolution=(20, 20))
     assert tilefuse.open_scene(out).sizes["x"] == 24
+
+
+class _PathLike:
+    def __init__(self, value):
+        self.value = value
+
+    def __fspath__(self):
+        return self.value
+
+
+@pytest.mark.parametrize("value", [b"s.zarr", None, 5])
+def test_a_path_like_that_gives_no_text_is_one_input_error(tifs, tmp_path, value):
+    """An os.PathLike whose __fspath__ gives bytes was a TypeError traceback ('cannot use a string pattern on a
+    bytes-like object') in every command; one giving None a TypeError from os.fspath."""
+    odd = _PathLike(value)
+    for what, call in {
+        "store": lambda: tilefuse.open_scene(odd),
+        "output": lambda: tilefuse.synth(odd, 32),
+    }.items():
+        with pytest.raises(InputError, match=f"^{what} must be a path given as text, got _PathLike"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_root_folder_as_an_output_is_one_line(tmp_path, monkeypatch):
+    """'/' has no parent folder: the output-name check raised StopIteration (a traceback, exit 1) in synth,
+    ingest, train, predict and demo."""
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: tilefuse.synth("/", 32), lambda: tilefuse.synth(tmp_path / "s.zarr", 32, geotiff="/")):
+        with pytest.raises(InputError, match=r"output / |input /:"):
+            call()

@@ -470,7 +470,15 @@ def local_path(path: str | os.PathLike, what: str = "path", *, output: bool = Fa
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"{what} must be a path (a str or os.PathLike), got {type(path).__name__} {clipped(repr(path))}")
-    text = os.fspath(path)
+    try:
+        text = os.fspath(path)
+    except TypeError:  # an os.PathLike whose __fspath__ gives neither str nor bytes
+        text = None
+    if not isinstance(text, str):
+        raise InputError(
+            f"{what} must be a path given as text, got {type(path).__name__} {clipped(repr(path))}, whose __fspath__ gives "
+            f"{type(text).__name__ if text is not None else 'neither str nor bytes'}: pass a str or pathlib.Path (os.fsdecode() decodes bytes)"
+        )
     if not text:  # pathlib reads '' as '.', the current folder
         raise InputError(f"{what} is empty: give the path to {'write' if output else 'read'}")
     if file and os.path.basename(text) in ("", ".", ".."):  # out/, out/., .. (pathlib drops a trailing / or /.)
@@ -612,7 +620,7 @@ PATH_SLACK = 64
 def _check_length(target: Path, path: str | os.PathLike, what: str) -> None:
     """Refuse an output whose name (or a folder name above it) is longer than its filesystem allows, or whose path
     leaves no room for what is written inside it: one line, before a temporary or lock is made."""
-    ancestor = next(p for p in target.parents if os.path.isdir(p))
+    ancestor = next((p for p in (target, *target.parents) if os.path.isdir(p)), Path(target.anchor or os.sep))  # '/' has no parents
     try:
         name_max, path_max = os.pathconf(ancestor, "PC_NAME_MAX"), os.pathconf(ancestor, "PC_PATH_MAX")
     except (OSError, ValueError):
