@@ -238,10 +238,18 @@ def check_band_order(scene: "xr.Dataset", config: "ModelConfig", store: Path, ch
     ``b1`` and other naming schemes are not compared). A checkpoint without recorded names is not checked."""
     from tilefuse.checkpoint import band_names_conflict
     from tilefuse.scene import store_band_names
+    from tilefuse.training_data import other_bands
 
     for name, trained in config.band_names.items():
         names = store_band_names(scene, name)
         problem = None if names is None else band_names_conflict(names, trained, "in the store", "in the checkpoint")
+        differ = other_bands(names, trained, "in the store", "in the checkpoint") if problem else None
+        if differ:
+            raise InputError(
+                f"{store} gives modality {name!r} the bands {names} but checkpoint {checkpoint} was trained on {trained}, "
+                f"other bands ({differ}): the model would read bands it was not trained on; use a store with the "
+                "checkpoint's bands (ingest them, in its order and with its names), or a checkpoint trained on these bands"
+            )
         if problem:
             raise InputError(
                 f"{store} gives modality {name!r} the bands {names} but checkpoint {checkpoint} was trained on {trained} "

@@ -167,3 +167,60 @@ def test_a_pixel_sampler_names_the_classes_the_split_leaves_out_of_training(tmp_
         named_any |= bool(prepared.notes)
     assert named_any
     capsys.readouterr()
+
+
+# --- 4. other band counts and other bands: the messages say what to do ---------------------------------------------
+
+
+def test_a_store_of_another_band_count_is_refused_with_the_fix(tmp_path):
+    checkpoint = save_pointwise(tmp_path / "run")  # sar: 2 bands
+    store = write(labelled_scene(64, 64, sar_bands=3), tmp_path / "S3.zarr")
+    for call in (
+        lambda: tilefuse.predict(checkpoint, store, tmp_path / "pred.zarr", **PREDICT),
+        lambda: assemble("test-pointwise", [write(labelled_scene(64, 64), tmp_path / "S2.zarr")], val_stores=[store], data=DataOptions(patch_size=32, val_fraction=0.0)),
+    ):
+        with pytest.raises(InputError) as caught:
+            call()
+        message = str(caught.value)
+        assert f"modality 'sar' has 3 bands in {store} but the model expects 2: use a store whose 'sar' has the model's 2 bands" in message
+        assert "or a model trained on stores of 3 bands" in message and "\n" not in message
+    assert not (tmp_path / "pred.zarr").exists()
+
+
+def _banded(path, optical, seed=0):
+    ds = labelled_scene(64, 64, seed=seed)
+    return write(ds.assign_coords(optical_band=np.array(optical, dtype=object)), path)
+
+
+def test_a_store_of_other_bands_is_named_as_such_not_as_another_order(tmp_path):
+    from predict_fixtures import CLASSES, build_pointwise
+
+    from tilefuse.checkpoint import ModelConfig, save_checkpoint
+
+    model = build_pointwise(MODALITIES, len(CLASSES), seed=0)
+    config = ModelConfig("test-pointwise", dict(MODALITIES), len(CLASSES), {"seed": 0}, list(CLASSES), band_names={"optical": ["blue", "green", "red"]})
+    checkpoint = save_checkpoint(model, config, tmp_path / "run")
+    other = _banded(tmp_path / "other.zarr", ["blue", "green", "nir"])
+    with pytest.raises(InputError) as caught:
+        tilefuse.predict(checkpoint, other, tmp_path / "pred.zarr", **PREDICT)
+    message = str(caught.value)
+    assert "wrong order" not in message and "\n" not in message and str(checkpoint) in message
+    assert "other bands ('red' in the checkpoint but not in the store; 'nir' in the store but not in the checkpoint)" in message
+    assert "use a store with the checkpoint's bands" in message and "or a checkpoint trained on these bands" in message
+    assert not (tmp_path / "pred.zarr").exists()
+    # a real reorder keeps the order wording
+    reordered = _banded(tmp_path / "reordered.zarr", ["green", "blue", "red"])
+    with pytest.raises(InputError, match=r"in the wrong order; re-ingest the store with its bands in the checkpoint's order"):
+        tilefuse.predict(checkpoint, reordered, tmp_path / "pred.zarr", **PREDICT)
+
+    # training on (or validating with) stores of other bands
+    first = _banded(tmp_path / "first.zarr", ["blue", "green", "red"], seed=1)
+    data = DataOptions(patch_size=32, val_fraction=0.0)
+    for stores, val_stores in (([first, other], []), ([first], [other])):
+        with pytest.raises(InputError) as caught:
+            assemble("test-pointwise", stores, val_stores=val_stores, data=data)
+        message = str(caught.value)
+        assert f"{other} and {first} give modality 'optical' other bands" in message and "another order" not in message
+        assert "('red' in the second but not in the first; 'nir' in the first but not in the second)" in message
+    with pytest.raises(InputError, match=r"give modality 'optical' its bands in another order: .*re-ingest one of them with its bands in the other's order"):
+        assemble("test-pointwise", [first, reordered], data=data)

@@ -555,7 +555,10 @@ def require_modalities(ds: xr.Dataset, wanted: dict[str, int], where: str = "the
             )
         n = int(ds[name].sizes[band_dim(name)])
         if n != bands:
-            raise InputError(f"modality {name!r} has {n} bands in {where} but the model expects {bands}")
+            raise InputError(
+                f"modality {name!r} has {n} bands in {where} but the model expects {bands}: use a store whose {name!r} "
+                f"has the model's {bands} bands (ingest those), or a model trained on stores of {n} bands"
+            )
 
 
 def iter_chunk_slices(shape: Iterable[int], chunk: Iterable[int]) -> list[tuple[slice, ...]]:

@@ -157,9 +157,28 @@ def class_names_of(scenes, paths) -> list[str]:
     return names
 
 
+def other_bands(names: list[str], reference: list[str], here: str = "here", there: str = "there") -> str | None:
+    """How two band name lists of one modality hold other bands, not just the same ones in another order
+    (``"'nir' there but not here; 'swir' here but not there"``), or None: the same named bands, or a difference
+    that made-up names (``b4``, :func:`tilefuse.checkpoint.known_band_names`) in the other list may account for.
+    Names are compared as :func:`tilefuse.checkpoint.band_names_conflict` compares them (case and spaces aside)."""
+    from tilefuse.checkpoint import known_band_names
+
+    ours, theirs = known_band_names(names), known_band_names(reference)
+    extra = list(dict.fromkeys(n.strip() for n, k in zip(names, ours) if k is not None and k not in theirs))
+    missing = list(dict.fromkeys(n.strip() for n, k in zip(reference, theirs) if k is not None and k not in ours))
+    if not ((extra and None not in theirs) or (missing and None not in ours)):
+        return None
+    quoted = lambda found: ", ".join(map(repr, found))  # noqa: E731
+    return "; ".join(
+        [*([f"{quoted(missing)} {there} but not {here}"] if missing else []), *([f"{quoted(extra)} {here} but not {there}"] if extra else [])]
+    )
+
+
 def check_band_names(scenes, paths, modalities, recorded: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """The band names to record for each of ``modalities``; refuses stores that give a modality its bands in
-    another order (InputError, one line naming both stores, the modality, both name lists and the fix).
+    another order, or other bands (InputError, one line naming both stores, the modality, both name lists, the
+    bands one holds and the other not (:func:`other_bands`) or the first band out of place, and the fix).
 
     Every store is compared with every other (and, on a resume, with the names the run ``recorded``; in effect
     with each distinct list that shares a known name with it, so an archive of many stores stays quick) by
@@ -196,14 +215,27 @@ def check_band_names(scenes, paths, modalities, recorded: dict[str, list[str]] |
                 problem = band_names_conflict(names, ref, *(("in the first", "in the second") if where else ("in the store", "in the run")))
                 if problem is None:
                     continue
+                here, there = ("in the store", "in the run") if where is None else ("in the first", "in the second")
+                differ = other_bands(names, ref, here, there)
                 if where is None:
+                    if differ:
+                        raise InputError(
+                            f"{path} gives modality {name!r} the bands {names} but the run being resumed was trained on {ref}, "
+                            f"other bands ({differ}): resume with the stores the run was trained on, or start a new run"
+                        )
                     raise InputError(
                         f"{path} gives modality {name!r} the bands {names} but the run being resumed was trained on {ref} "
                         f"({problem}): resume with the stores the run was trained on (or re-ingest this one with its bands in the "
                         "run's order and with the same names), or start a new run"
                     )
+                if differ:
+                    raise InputError(
+                        f"{path} and {where} give modality {name!r} other bands: {names} and {ref} ({differ}); the model "
+                        "would mix them: train on them separately, or re-ingest one of them with the other's bands, in its order "
+                        "and with its names"
+                    )
                 raise InputError(
-                    f"{path} and {where} give modality {name!r} its bands in another order (or other bands): {names} and "
+                    f"{path} and {where} give modality {name!r} its bands in another order: {names} and "
                     f"{ref} ({problem}); the model would mix them: re-ingest one of them with its bands in the other's "
                     "order and with the same names, or train on them separately"
                 )
