@@ -25,10 +25,13 @@ coordinate where that holds strings (they move with any selection), else the
 ``long_name`` attr read as rioxarray writes it, one name per band of the file
 in file order, taken through the band coordinate's 1-based band numbers
 (``arr.isel(band=[5, 4, 3])`` keeps each name on its band, as ingest of
-``PATH:6,5,4`` does; an attr with one name per band of the array is taken in
-array order where the coordinate holds no such numbers); else ``b<n>``. A
-name never lands on another band: what cannot be matched falls back to
-``b<n>``.
+``PATH:6,5,4`` does). Such an attr does not follow a selection, so where the
+coordinate no longer holds the file's band numbers (replaced by wavelengths,
+or dropped) it says nothing about which band is which and is not read: the
+names are then the coordinate's values (``842.0``), or ``b1``, ``b2``, ...
+without a coordinate. Per-band ``scales``/``offsets`` follow the same rule;
+where they cannot be matched, unequal ones are refused (equal ones need no
+matching). A name never lands on another band.
 
 Coordinates are pixel centres (rioxarray, odc-stac, stackstac's
 ``xy_coords="center"``), except where ``attrs["transform"]`` (an Affine, or 6
@@ -69,6 +72,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 
+from tilefuse.classes import IGNORE, default_class_name
 from tilefuse.errors import InputError, clipped
 from tilefuse.rasters import (
     EXACT_IDS,
@@ -216,23 +220,43 @@ def _masked(var: xr.DataArray, nodata: float | None, scaling=None, band_dim: str
     return out
 
 
+def _file_bands(bands) -> bool:
+    """Whether a band coordinate's values ``bands`` can be the 1-based numbers of a file's bands, as rioxarray's are
+    (whole numbers, not bools; floats such as wavelengths are not)."""
+    return bands is not None and all(
+        isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) and b >= 1 for b in bands
+    )
+
+
 def _per_band(value, bands, count: int) -> list | None:
     """A per-band attribute (``long_name``, ``scales``, ``offsets``: one entry per band) for the ``count`` bands of
     an array whose band coordinate holds ``bands`` (None: it has none), or None where it cannot be matched.
 
     rioxarray keeps such attributes as the file has them, one entry per band of the file in file order, and
-    they do not follow a selection (``isel(band=[2, 1, 0])``); its band coordinate does: it holds the 1-based
-    numbers of the file's bands the array still has. So where every band is a whole number within the list,
-    band ``n`` takes entry ``n - 1``; otherwise (names, wavelengths, no coordinate) an attribute with one entry
-    per band of the array is taken in array order."""
+    they do not follow a selection (``isel(band=[2, 1, 0])``); only its band coordinate does: it holds the
+    1-based numbers of the file's bands the array still has. So where every band is a whole number within the
+    list, band ``n`` takes entry ``n - 1``. Where the coordinate holds anything else (names, wavelengths) or
+    is gone, nothing says which file band each band of the array is (a reordered subset looks like the whole
+    file), so the attribute is matched only where that cannot matter: all its entries equal (one band's file
+    has one entry). A coordinate of band numbers overwritten after a reorder
+    (``isel(band=[1, 0]).assign_coords(band=[1, 2])``) cannot be told from the file's own and is taken as it
+    says."""
     if value is None or isinstance(value, (str, bytes)) or np.ndim(value) != 1:
         return None
     entries = list(np.asarray(value, dtype=object))
-    if bands is not None:
-        whole = all(isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) for b in bands)
-        if whole and all(1 <= int(b) <= len(entries) for b in bands):
-            return [entries[int(b) - 1] for b in bands]
-    return entries if len(entries) == count else None
+    if not entries:
+        return None
+    if _file_bands(bands) and all(int(b) <= len(entries) for b in bands):
+        return [entries[int(b) - 1] for b in bands]
+    return [entries[0]] * count if all(_same(e, entries[0]) for e in entries) else None
+
+
+def _same(a, b) -> bool:
+    """Whether two entries of a per-band attribute are equal (NaN equals NaN: it is refused later, once)."""
+    try:
+        return bool(a == b) or (a != a and b != b)
+    except (TypeError, ValueError):
+        return False
 
 
 _SCALE_KEYS = (("scale_factor", "scales", 1.0), ("add_offset", "offsets", 0.0))
@@ -240,7 +264,9 @@ _SCALE_KEYS = (("scale_factor", "scales", 1.0), ("add_offset", "offsets", 0.0))
 
 def _scaling(attrs: Mapping, bands, count: int, what: str) -> tuple[list[float], list[float]] | None:
     """The scales and offsets that ``attrs`` state for the ``count`` bands (CF's ``scale_factor``/``add_offset``,
-    or rioxarray's per-band ``scales``/``offsets``, mapped by :func:`_per_band`); None where all are 1 and 0."""
+    or rioxarray's per-band ``scales``/``offsets``, mapped by :func:`_per_band`); None where all are 1 and 0.
+    Unequal per-band ones that cannot be matched, as the band coordinate no longer holds the file's band
+    numbers, are refused: another band's factor was applied to each band without a word."""
     found = []
     for one, many, default in _SCALE_KEYS:
         key = one if one in attrs else many if many in attrs else None
@@ -250,6 +276,14 @@ def _scaling(attrs: Mapping, bands, count: int, what: str) -> tuple[list[float],
             numbers = None if per_band is None else [float(v) for v in per_band]
         except (TypeError, ValueError):
             numbers = None
+        if per_band is None and np.ndim(value) == 1 and np.size(value) > 1 and not _file_bands(bands):
+            coord = "was dropped" if bands is None else "holds no file band numbers"
+            raise InputError(
+                f"{what}: its attrs {key}={clipped(repr(value))} differ per band, but its band coordinate {coord}: "
+                f"it no longer says which file band each band is, so the per-band {key} cannot be matched: keep "
+                f"rioxarray's band coordinate (the file's band numbers) when selecting, or apply the {key} yourself "
+                f"(e.g. open it with mask_and_scale=True) and drop the {key!r} attr"
+            )
         if numbers is None or not all(math.isfinite(v) for v in numbers):
             raise InputError(
                 f"{what}: its attrs {key}={clipped(repr(value))} cannot be matched to its {count} band(s): "
@@ -432,6 +466,30 @@ def _class_names(value) -> list[str] | None:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) and value else None
 
 
+def _class_name_list(value) -> list[str] | None:
+    """``class_names=`` as the list of names by id it means: a dict ``{id: name}`` as that list, ids it leaves out
+    named ``class_<id>`` as ingest names them (its keys were taken as the names: 'must be a list of strings, got
+    [0, 1, 2]'); a list, tuple or other sequence as a list (its names are checked where the store is written);
+    a set (no order), or a dict of other keys or values, is refused, quoting it."""
+    if value is None or isinstance(value, (list, tuple)):
+        return value
+    if isinstance(value, Mapping):
+        whole = all(isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)) and 0 <= k < IGNORE for k in value)
+        if not (whole and all(isinstance(n, str) for n in value.values())):
+            raise InputError(
+                f"class_names= as a dict must map whole-number class ids 0..{IGNORE - 1} to names, got {clipped(repr(value))}: "
+                "pass e.g. {0: 'water', 1: 'forest'} or ['water', 'forest']"
+            )
+        named = {int(k): n for k, n in value.items()}
+        return [named.get(k, default_class_name(k)) for k in range(max(named, default=-1) + 1)]
+    if isinstance(value, (set, frozenset)) or not hasattr(value, "__iter__"):
+        raise InputError(
+            f"class_names= must be a list of names, one per class id from 0 (or a dict {{id: name}}), "
+            f"got {type(value).__name__} {clipped(repr(value))}"
+        )
+    return list(value)
+
+
 def _label_map(value) -> dict[int, int]:
     """A ``label_map=`` dict, checked as ``--label-map`` is: whole-number keys, targets 0..255 (a float target was
     truncated and a string key mapped nothing, without a word)."""
@@ -452,8 +510,14 @@ def _label_map(value) -> dict[int, int]:
 
 
 def _band_name(value) -> str:
-    """A band's name from its coordinate or variable name: a string as it is, a number ``b<n>`` (rioxarray's 1, 2, ...)."""
-    return str(value) if isinstance(value, str) else f"b{value}"
+    """A band's name from its coordinate or variable name: a string as it is, a whole number ``b<n>`` (rioxarray's
+    band numbers 1, 2, ...), any other number as it reads (a wavelength 842.0 is ``842.0``, not ``b842.0``; its
+    ``.0`` stays, so it is a name a checkpoint compares, never a made-up band number)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return f"b{int(value)}"
+    return str(value)
 
 
 def _pieces(value, name: str) -> list:
@@ -490,7 +554,8 @@ def scene_from_xarray(
     Modalities are resampled with ``resampling``; ``labels`` (``(y, x)``, no
     time) with nearest, remapped by ``label_map`` (negative values
     become 255 = ignore, values above 255 are an error). ``nodata`` (one value, or one per modality name)
-    overrides the modalities' own nodata values; labels keep theirs.
+    overrides the modalities' own nodata values; labels keep theirs. ``class_names`` names the label ids from 0:
+    a list, or a dict ``{id: name}`` (ids it leaves out are ``class_<id>``).
     """
     if not isinstance(modalities, Mapping):  # the array itself, or a list of arrays
         raise InputError(
@@ -505,6 +570,7 @@ def scene_from_xarray(
         raise InputError(f"chunk= must be a whole number of px >= 1, got {chunk!r}")
     if isinstance(class_names, str):  # its letters became the class names
         raise InputError(f"class_names= must be a list of names, one per class id, got the string {class_names!r}: pass e.g. ['water', 'forest']")
+    class_names = _class_name_list(class_names)
     mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else _label_map(label_map)
     reference = reference or next(iter(modalities))
     if reference not in modalities:
