@@ -265,8 +265,8 @@ def untrained_classes(class_names: Sequence[str], trained: set[int], held: set[i
     them = "it" if len(absent) == 1 else "them"
     return (
         f"no training pixel of class{'es' if len(absent) > 1 else ''} {', '.join(listing[:-1]) + ' and ' if len(listing) > 1 else ''}"
-        f"{listing[-1]}: the model cannot learn {them}; train on stores that hold {them}, unless {them} {'is' if them == 'it' else 'are'} "
-        "left out on purpose"
+        f"{listing[-1]}: the model cannot learn {them}; train on stores that hold {them}, unless "
+        f"{'it is' if len(absent) == 1 else 'they are'} left out on purpose"
     )
 
 
