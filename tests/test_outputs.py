@@ -217,6 +217,23 @@ def test_overwriting_a_geotiff_folder_never_deletes_a_tiff_it_did_not_write(worl
         "label.tif", "optical.tif", "sar.tif"]
 
 
+def test_a_scene_raster_synth_wrote_is_never_replaced_by_an_export_even_copied_out_of_its_folder(world, tmp_path, capsys):
+    """synth's rasters and export's COGs carried the same marker: a copy of synth's optical.tif moved out of its
+    GeoTIFF folder was 'a COG tilefuse wrote', and `export --overwrite` replaced the 6-band raster by a label map."""
+    _, w = world
+    g = tmp_path / "g"
+    assert cli(["synth", tmp_path / "g.zarr", "--size", "32", "--geotiff", g], capsys)[0] == 0
+    for name in ("optical.tif", "sar.tif", "label.tif"):
+        copy = tmp_path / f"mine_{name}"
+        shutil.copyfile(g / name, copy)
+        before = hashlib.sha256(copy.read_bytes()).hexdigest()
+        code, err = cli(["export", w["pred.zarr"], copy, "--overwrite"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "synth wrote" in err, err
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == before
+    assert cli(["export", w["pred.zarr"], tmp_path / "e.tif"], capsys)[0] == 0  # an export still replaces an export
+    assert cli(["export", w["pred.zarr"], tmp_path / "e.tif", "--overwrite"], capsys)[0] == 0
+
+
 def test_evaluate_out_creates_missing_folders_and_synth_geotiff_onto_a_file_is_refused(world, tmp_path, capsys):
     _, w = world
     out = tmp_path / "missing" / "dir" / "m.json"

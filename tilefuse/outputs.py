@@ -74,10 +74,13 @@ KINDS: dict[str, str] = {
     "geotiff-folder": "folder",
     "demo": "folder",
     "geotiff": "tiff",
+    "raster": "tiff",
     "png": "png",
     "json": "json",
 }
-"""Output kind -> how its marker is stored."""
+"""Output kind -> how its marker is stored. ``geotiff``: an exported COG; ``raster``: a scene's input raster that
+synth writes (``--geotiff``), never replaced by an export even once copied out of its GeoTIFF folder."""
+TIFF_KINDS = tuple(kind for kind, how in KINDS.items() if how == "tiff")
 
 WRITE_ERRNOS = frozenset(
     getattr(errno, name)
@@ -327,7 +330,8 @@ def found_kind(path: str | os.PathLike) -> str | None:
             import rasterio
 
             with rasterio.Env(CPL_LOG="/dev/null"), rasterio.open(path) as src:
-                return "geotiff" if src.tags().get(TIFF_TAG) == "geotiff" else None
+                tag = src.tags().get(TIFF_TAG)
+                return tag if tag in TIFF_KINDS else None
         if head.lstrip()[:1] == b"{" and path.stat().st_size < 64 << 20:
             data = json.loads(path.read_text())
             return "json" if isinstance(data, dict) and data.get(JSON_KEY) == "json" else None
@@ -359,9 +363,9 @@ def png_metadata() -> dict[str, str]:
     return {PNG_KEY: "png", "Software": "tilefuse"}
 
 
-def tiff_tags() -> dict[str, str]:
-    """Tags (default domain) marking a GeoTIFF as tilefuse's."""
-    return {TIFF_TAG: "geotiff"}
+def tiff_tags(kind: str = "geotiff") -> dict[str, str]:
+    """Tags (default domain) marking a GeoTIFF as tilefuse's ``kind`` (:data:`TIFF_KINDS`)."""
+    return {TIFF_TAG: kind}
 
 
 def json_document(data: dict[str, Any]) -> dict[str, Any]:
@@ -404,7 +408,7 @@ def _ours(entry: Path, kind: str) -> bool:
         base = next((name[: -len(s)] for s in _SIDECARS if name.endswith(s)), name)
         listed = _marked_files(entry.parent)
         # not a COG exported into the folder, nor a user's copy of one of its files: both carry the marker too
-        return (listed is None or base in listed) and found_kind(entry.parent / base) == "geotiff"
+        return (listed is None or base in listed) and found_kind(entry.parent / base) in TIFF_KINDS
     return True  # demo folders are reused, never deleted: each output inside is guarded itself
 
 
@@ -559,7 +563,7 @@ def _part_of(path: Path) -> str | None:
         return kind
     if kind == "geotiff-folder":
         listed = _marked_files(path.parent)
-        return kind if (path.name in listed if listed is not None else found_kind(path) == "geotiff") else None
+        return kind if (path.name in listed if listed is not None else found_kind(path) in TIFF_KINDS) else None
     return None
 
 
@@ -568,6 +572,8 @@ def _describe(path: Path) -> str:
     if part:
         return f"part of the tilefuse {'run folder' if part == 'run' else 'GeoTIFF folder'} {path.parent}"
     kind = found_kind(path)
+    if kind == "raster":
+        return "a scene's input raster that tilefuse synth wrote (not an export)"
     if kind:
         return f"a tilefuse {kind}"
     if path.is_dir() and (path / "zarr.json").is_file() and _unparsable(path / "zarr.json"):

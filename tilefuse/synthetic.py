@@ -394,7 +394,7 @@ def write_geotiffs(
                 if compress.lower() in ("zstd", "deflate", "lzw"):
                     profile["predictor"] = 1 if is_label else 3
                 dst = files.enter_context(rasterio.open(tmp / f"{name}.tif", "w", **profile))
-                dst.update_tags(**tiff_tags())
+                dst.update_tags(**tiff_tags("raster"))
                 if is_label:
                     dst.update_tags(class_names=json.dumps(list(var.attrs.get("class_names", []))))
                 else:
