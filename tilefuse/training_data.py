@@ -254,18 +254,18 @@ def label_counts(ds) -> list[int] | None:
 
 
 def untrained_classes(class_names: Sequence[str], trained: set[int], held: set[int]) -> str | None:
-    """The note naming the classes of ``class_names`` (ids 0..n-1) that no training pixel shows (not in ``trained``),
-    saying of each whether held-out pixels hold it (``held``: validation or test data), or None when every class
-    has training pixels. Not an error: a class may be absent on purpose, but the model cannot learn it."""
-    absent = [k for k in range(len(class_names)) if k not in trained]
+    """The note naming the classes of ``class_names`` that held-out pixels hold (``held``: validation or test data)
+    but no training pixel shows (not in ``trained``), or None: the model is scored on them and cannot learn them.
+    Not an error (a class may be left out on purpose). A class named but labelled nowhere (a store's fixed legend)
+    is no news and not named."""
+    absent = [k for k in range(len(class_names)) if k in held and k not in trained]
     if not absent:
         return None
-    where = {True: "in held-out pixels only", False: "in no store's labels"}
-    listing = [f"{class_names[k]!r} (id {k}, {where[k in held]})" for k in absent]
+    listing = [f"{class_names[k]!r} (id {k})" for k in absent]
     them = "it" if len(absent) == 1 else "them"
     return (
-        f"no training pixel of class{'es' if len(absent) > 1 else ''} {', '.join(listing[:-1]) + ' and ' if len(listing) > 1 else ''}"
-        f"{listing[-1]}: the model cannot learn {them}; train on stores that hold {them}, unless "
+        f"held-out pixels hold class{'es' if len(absent) > 1 else ''} {', '.join(listing[:-1]) + ' and ' if len(listing) > 1 else ''}"
+        f"{listing[-1]} but no training pixel does: the model cannot learn {them}; train on stores that hold {them}, unless "
         f"{'it is' if len(absent) == 1 else 'they are'} left out on purpose"
     )
 
@@ -534,7 +534,7 @@ def assemble(
         known = {k for i in trained for k, c in enumerate(counts[i]) if c}
     else:  # a store written without counts: not read again for a note
         known = None
-    if known is not None:
+    if known is not None and split is not None:  # nothing held out: nothing scored that training lacks
         held = {k for c in counts if c is not None for k, n in enumerate(c) if n}
         note = untrained_classes(class_names, known, held - known)
         if note:
