@@ -171,3 +171,22 @@ def test_asset_keys_of_the_wrong_shape_are_one_line(scenes, tmp_path):
         with pytest.raises(InputError, match=message) as error:
             scene_from_stac(scenes["one"], assets)
         assert "\n" not in str(error.value)
+
+
+def test_an_asset_with_a_scale_per_band_equals_ingest_of_the_file(scenes, tmp_path):
+    """rioxarray keeps a file's per-band scales in file order; the asset's bands were renamed before they were
+    applied, so they could no longer be matched to bands (and a multi-band asset with different scales per band was
+    refused). They are applied while the band coordinate still holds the file's band numbers."""
+    data = optical(np.random.default_rng(5), 0)
+    path = write_tif(tmp_path / "scaled.tif", data, UTM, OPTICAL_T, 0)
+    with rasterio.open(path, "r+") as dst:
+        dst.scales, dst.offsets = (1e-4, 1e-3, 2e-4), (0.0, -0.1, 0.05)
+        dst.descriptions = ("red", "green", "blue")
+    doc = save(tmp_path / "item.json", [item("scaled", DATES[0], {"visual": path.name, "sar": f"file://{scenes['sar'][0]}"})])
+    expected = ingest(tmp_path / "ingest.zarr", {"optical": path, "sar": scenes["sar"][0]})
+    got = ingest(tmp_path / "stac.zarr", {"optical": "visual", "sar": "sar"}, stac=doc)
+    assert_same_scene(expected, got)
+    scene = open_scene(got)
+    assert list(scene["optical"]["optical_band"].values) == ["red", "green", "blue"]
+    valid = data[1] > 0
+    np.testing.assert_allclose(scene["optical"].values[1][valid], data[1][valid] * 1e-3 - 0.1, rtol=1e-6, atol=1e-6)

@@ -92,11 +92,13 @@ def _local_path(href: str, base: Path, what: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def open_asset(path: str | os.PathLike, what: str, *, name: str | None = None, crs: str | None = None) -> xr.DataArray:
+def open_asset(path: str | os.PathLike, what: str, *, name: str | None = None, crs: str | None = None, scaled: bool = True) -> xr.DataArray:
     """One local raster, checked like ingest's inputs, as a lazy ``(band, y, x)`` DataArray.
 
     Bands are named ``name`` (one band), else the raster's band descriptions,
-    else ``<name>_<n>``.
+    else ``<name>_<n>``. ``scaled``: the raster's scales and offsets (GDAL's, one per band) are applied here,
+    nodata masked to NaN first, while the band coordinate still holds the file's band numbers that match them
+    (labels: ``scaled=False``, class ids are never scaled).
     """
     import rioxarray
 
@@ -105,6 +107,14 @@ def open_asset(path: str | os.PathLike, what: str, *, name: str | None = None, c
     if arr.rio.crs is None:
         arr = arr.rio.write_crs(source.crs)
     arr.attrs.pop("long_name", None)
+    if scaled:  # per-band scales match bands by the file's band numbers, which the names below replace: apply them now
+        from tilefuse.ecosystem import _masked, _scaling
+
+        scaling = _scaling(arr.attrs, arr["band"].values, arr.sizes["band"], what)
+        if scaling is not None:
+            arr = _masked(arr, None, scaling, "band").rio.write_nodata(float("nan"), encoded=False)
+            for key in ("scale_factor", "add_offset", "scales", "offsets"):
+                arr.attrs.pop(key, None)
     prefix = name or source.path.stem
     if len(source.bands) == 1 and name:
         names = [name]
@@ -179,7 +189,7 @@ def scene_from_stac(
         modalities[name] = [_asset_stack(items, key, base, crs) for key in keys]
     label_array = None
     if labels is not None:
-        label_array = open_asset(labels, "labels", crs=crs)
+        label_array = open_asset(labels, "labels", crs=crs, scaled=False)
     elif label_asset is not None:
         holders = [item for item in items if label_asset in item.assets]
         if not holders:
@@ -187,7 +197,7 @@ def scene_from_stac(
         paths = {_local_path(item.assets[label_asset].href, base, f"label asset of item {item.id!r}") for item in holders}
         if len({p.resolve() for p in paths}) != 1:
             raise InputError(f"the label asset {label_asset!r} points to {len(paths)} files across items: pass one label raster with --labels")
-        label_array = open_asset(paths.pop(), f"label asset {label_asset!r}", crs=crs)
+        label_array = open_asset(paths.pop(), f"label asset {label_asset!r}", crs=crs, scaled=False)
     if label_array is not None:
         if label_array.sizes["band"] != 1:
             raise InputError(f"labels have {label_array.sizes['band']} bands: pass a one-band label raster")
