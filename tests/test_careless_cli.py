@@ -52,3 +52,42 @@ def test_models_api_refuses_the_same_settings_and_good_ones_still_count(capsys):
     code, out, err = run_cli(["models", "pad", "--set", "num_classes=6", "--set", 'modalities={"optical": 4, "sar": 2}'], capsys)
     assert code == 0, err
     assert "optical:4, sar:2; 6 classes" in out
+
+
+# ingest: band ranges ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bands", ["1-0", "0", "0-2", "3-0", "2,0", "00"])
+def test_a_band_0_says_bands_count_from_1(bands, tifs, tmp_path, capsys):
+    """`-m optical=optical.tif:1-0` said 'is reversed: write 0-1', a fix that is itself refused (band 0)."""
+    before = tree(tifs["optical"].parent)
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"optical={tifs['optical']}:{bands}"], capsys)
+    line = one_line(code, err, "bands count from 1")
+    assert "write 0" not in line and "reversed" not in line, line
+    assert list(tmp_path.iterdir()) == [] and tree(tifs["optical"].parent) == before
+
+
+def test_a_reversed_range_is_fixed_only_where_the_fix_is_valid(tifs, tmp_path, capsys):
+    """A reversed range was answered 'write LOW-HIGH' first, also where that range was past the raster's bands or
+    gave a band twice (refused in turn); now those are said first, and the one fix suggested works."""
+    optical = tifs["optical"]  # 6 bands
+    for bands, pattern in (
+        ("9-7", "band 7 is out of range, "),  # was 'reversed: write 7-9'
+        ("1,3-1", "band 1 is given twice"),  # was 'reversed: write 1-3', which gives band 1 twice
+        ("6-4,5", "band 5 is given twice"),  # was 'reversed: write 4-6', which gives band 5 twice
+    ):
+        code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"optical={optical}:{bands}"], capsys)
+        assert "reversed" not in one_line(code, err, pattern), bands
+        assert list(tmp_path.iterdir()) == []
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"optical={optical}:5-3"], capsys)
+    assert "write 3-5" in one_line(code, err, "reversed")
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"optical={optical}:3-5"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_band_range_is_refused_at_once(tifs, tmp_path, capsys):
+    """`optical.tif:1-10000000000` was expanded band by band (each checked against all before it): it hung."""
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"optical={tifs['optical']}:1-10000000000"], capsys)
+    one_line(code, err, "band 7 is out of range, ")
+    assert list(tmp_path.iterdir()) == []

@@ -155,21 +155,43 @@ class RasterSource:
         return _magnitude_vrt(self) if self.magnitude else self.raster_name()
 
 
-def split_bands(spec: str) -> tuple[str, tuple[int, ...] | None]:
-    """``"PATH:1,3-5"`` -> ``("PATH", (1, 3, 4, 5))``; ``"PATH"`` -> ``("PATH", None)``."""
+def band_ranges(spec: str) -> tuple[str, tuple[tuple[int, int], ...] | None]:
+    """``"PATH:1,3-5"`` -> ``("PATH", ((1, 1), (3, 5)))`` as written (a range may be reversed); ``"PATH"`` ->
+    ``("PATH", None)``. A band 0 is refused here: bands count from 1, so no fix can name it."""
     match = _BANDS_SUFFIX.match(spec)
     if match is None or Path(spec).exists():
         return spec, None
-    bands: list[int] = []
+    parts = []
     for part in match["bands"].split(","):
         first, _, last = part.partition("-")
-        if int(last or first) < int(first):  # an empty range: no band, which meant every band
-            raise InputError(f"band range {part} in {spec} is reversed: write {last}-{first} (bands are 1-based, ranges low-high)")
-        for band in range(int(first), int(last or first) + 1):
-            if band in bands:
-                raise InputError(f"band {band} is given twice in {spec}: list each band once")
-            bands.append(band)
-    return match["path"], tuple(bands)
+        parts.append((int(first), int(last or first)))
+        if min(parts[-1]) == 0:
+            raise InputError(f"band 0 in {spec}: bands count from 1 (the first band is 1, as GDAL numbers them): number them from 1")
+    return match["path"], tuple(parts)
+
+
+def split_bands(spec: str, count: int | None = None) -> tuple[str, tuple[int, ...] | None]:
+    """``"PATH:1,3-5"`` -> ``("PATH", (1, 3, 4, 5))``; ``"PATH"`` -> ``("PATH", None)``.
+
+    Refused, each with a fix that is itself valid: a band 0 (:func:`band_ranges`), with ``count`` (the raster's
+    bands) a band beyond it, a band given twice (ranges read low-high), then a reversed range (``5-3``: write 3-5).
+    A range is not expanded before these checks, so ``1-10000000000`` is refused at once.
+    """
+    path, parts = band_ranges(spec)
+    if parts is None:
+        return path, None
+    if count is not None:
+        for first, last in parts:
+            if max(first, last) > count:
+                raise InputError(f"band {max(min(first, last), count + 1)} is out of range, {path} has bands 1..{count}")
+    low_high = sorted((min(a, b), max(a, b)) for a, b in parts)
+    for (_, end), (start, _) in zip(low_high, low_high[1:]):
+        if start <= end:
+            raise InputError(f"band {start} is given twice in {spec}: list each band once")
+    for first, last in parts:
+        if last < first:  # an empty range: no band, which meant every band
+            raise InputError(f"band range {first}-{last} in {spec} is reversed: write {last}-{first} (ranges go low-high)")
+    return path, tuple(band for first, last in parts for band in range(first, last + 1))
 
 
 SUBDATASET_DRIVERS = ("NETCDF", "HDF5")
@@ -189,7 +211,7 @@ def spec_file(spec: str | os.PathLike) -> Path:
     """The file on disk that the raster spec ``PATH[:BANDS]`` (or ``DRIVER:PATH:VARIABLE[:BANDS]``) reads."""
     from tilefuse.outputs import local_path
 
-    return local_path(split_variable(split_bands(os.fspath(spec))[0])[0])
+    return local_path(split_variable(band_ranges(os.fspath(spec))[0])[0])
 
 
 def parse_modality(spec: str) -> tuple[str, str]:
@@ -362,7 +384,10 @@ def open_source(
 
     from tilefuse.outputs import local_path
 
-    path_text, bands = split_bands(os.fspath(spec))
+    try:
+        path_text, _ = band_ranges(os.fspath(spec))  # each band is checked once the raster's count is known
+    except InputError as error:
+        raise InputError(f"{what}: {error}") from None
     file_text, driver, variable = split_variable(path_text)
     path = local_path(file_text, what)  # a URL is refused, ~ is the home folder
     if not path.exists():
@@ -393,10 +418,10 @@ def open_source(
                     f"{src.driver.upper()}:{path}:{found[0]} (PATH:N then picks bands of it)"
                 )
             raise InputError(f"{what}: {path} has no raster bands: pass a raster file")
-        bands = bands or tuple(range(1, count + 1))
-        wrong = [b for b in bands if not 1 <= b <= count]
-        if wrong:
-            raise InputError(f"{what}: band {wrong[0]} is out of range, {path} has bands 1..{count}")
+        try:
+            bands = split_bands(os.fspath(spec), count)[1] or tuple(range(1, count + 1))
+        except InputError as error:
+            raise InputError(f"{what}: {error}") from None
         crs = src.crs
         if crs is None:
             if assume_crs is None:
