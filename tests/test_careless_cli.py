@@ -91,3 +91,14 @@ def test_a_huge_band_range_is_refused_at_once(tifs, tmp_path, capsys):
     code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "-m", f"optical={tifs['optical']}:1-10000000000"], capsys)
     one_line(code, err, "band 7 is out of range, ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_labels_or_modality_path_names_the_parameter(tifs, tmp_path):
+    """`tilefuse.ingest(out, {...}, labels='')` said 'path is empty: give the path to read', naming no parameter."""
+    import tilefuse
+
+    with pytest.raises(InputError, match=r"^labels= \(--labels\) is empty"):
+        tilefuse.ingest(tmp_path / "s.zarr", {"optical": tifs["optical"]}, labels="")
+    with pytest.raises(InputError, match=r"^modality 'optical' \(modalities=, --modality optical=PATH\) is an empty path"):
+        tilefuse.ingest(tmp_path / "s.zarr", {"optical": ""})
+    assert list(tmp_path.iterdir()) == []

@@ -324,11 +324,15 @@ def check_modalities_given(modalities, labels=None, *, paths: bool = True) -> No
     if not modalities:
         raise InputError("no modality given: pass at least one --modality NAME=PATH")
     check_modality_names(list(modalities))
+    if isinstance(labels, str) and not labels:  # it was read as "path is empty", naming no parameter
+        raise InputError("labels= (--labels) is empty: give the label raster's path (PATH[:BAND]), or leave labels out")
     if not paths:
         return
     for name, spec in modalities.items():
         if not isinstance(spec, (str, os.PathLike)):
             raise InputError(f"modality {name!r} must be a raster path (PATH[:BANDS]), got {clipped(repr(spec))}")
+        if isinstance(spec, str) and not spec:
+            raise InputError(f"modality {name!r} (modalities=, --modality {name}=PATH) is an empty path: give its raster's path (PATH[:BANDS])")
     if labels is not None and not isinstance(labels, (str, os.PathLike)):
         raise InputError(f"labels= must be a raster path (PATH[:BAND]), got {clipped(repr(labels))}")
 
