@@ -102,3 +102,46 @@ def test_empty_labels_or_modality_path_names_the_parameter(tifs, tmp_path):
     with pytest.raises(InputError, match=r"^modality 'optical' \(modalities=, --modality optical=PATH\) is an empty path"):
         tilefuse.ingest(tmp_path / "s.zarr", {"optical": ""})
     assert list(tmp_path.iterdir()) == []
+
+
+# paths that are no regular file: a pipe, a symlink loop ---------------------------------------------
+
+
+def test_a_stac_file_that_is_a_pipe_says_so(tmp_path, capsys):
+    """`ingest --stac fifo` said 'STAC file fifo does not exist'; `-m optical=fifo` said 'not a regular file'."""
+    import os
+
+    os.mkfifo(tmp_path / "items.json")
+    code, _, err = run_cli(["ingest", tmp_path / "s.zarr", "--stac", tmp_path / "items.json", "--asset", "optical=B04"], capsys)
+    line = one_line(code, err, "is not a regular file (a pipe or a device)")
+    assert "STAC file" in line and "does not exist" not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.json"]
+
+
+def test_a_symlink_loop_given_as_an_input_is_called_one(tifs, tmp_path, capsys):
+    """`ln -s loop loop` given as an input was reported as missing ('loop does not exist')."""
+    import os
+
+    loop = tmp_path / "loop"
+    os.symlink(loop.name, loop)
+    os.symlink("b", tmp_path / "a")  # a loop of two links
+    os.symlink("a", tmp_path / "b")
+    out = tmp_path / "s.zarr"
+    commands = {
+        "STAC file": ["ingest", out, "--stac", loop, "--asset", "optical=B04"],
+        "STAC file ": ["ingest", out, "--stac", tmp_path / "a", "--asset", "optical=B04"],
+        "modality 'optical'": ["ingest", out, "-m", f"optical={loop}"],
+        "modality 'sar'": ["ingest", out, "-m", f"sar={tmp_path / 'b'}:1"],
+        "labels": ["ingest", out, "-m", f"optical={tifs['optical']}", "--labels", loop],
+    }
+    for what, args in commands.items():
+        code, _, err = run_cli(args, capsys)
+        line = one_line(code, err, "is a symlink loop")
+        assert what.strip() in line and "point the link at" in line and "does not exist" not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "loop"]
+    from tilefuse.errors import read_json
+
+    with pytest.raises(InputError, match="scheduler file .* is a symlink loop"):
+        read_json(loop, "scheduler file", "pass the file the scheduler wrote")
+    with pytest.raises(InputError, match="does not exist: start it"):  # still: a missing file, and its own fix
+        read_json(tmp_path / "none.json", "scheduler file", "pass the file the scheduler wrote", missing="start it")

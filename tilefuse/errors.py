@@ -50,11 +50,25 @@ def read_json(path: str | os.PathLike, what: str, fix: str, *, missing: str | No
     says what to pass instead, ``missing`` what to do when the file does not
     exist (default ``fix``).
     """
+    import errno
+    import stat
+
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:  # Path.is_file() is False for all of these: each was "does not exist"
+        if error.errno == errno.ELOOP:
+            raise InputError(
+                f"{what} {path} is a symlink loop (its links lead back to themselves, never to a file): "
+                f"point the link at the {what}, or pass the file's own path"
+            ) from None
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise InputError(f"{what} {path} is unreadable ({type(error).__name__}: {error.strerror}): {fix}") from None
+        raise InputError(f"{what} {path} does not exist: {missing or fix}") from None
+    if stat.S_ISDIR(mode):
         raise InputError(f"{what} {path} is a folder, not a file: {fix}")
-    if not path.is_file():
-        raise InputError(f"{what} {path} does not exist: {missing or fix}")
+    if not stat.S_ISREG(mode):  # a named pipe or <(...): reading it waits for a writer, or takes what another reader left
+        raise InputError(f"{what} {path} is not a regular file (a pipe or a device): save it to a file and pass that")
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

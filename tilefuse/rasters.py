@@ -29,6 +29,7 @@ Nothing here writes: pass the result to :func:`tilefuse.scene.write_scene`.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -374,6 +375,15 @@ def parse_label_map(text: str | None) -> dict[int, int]:
     return mapping
 
 
+def _symlink_loop(path: Path) -> bool:
+    """Whether ``path`` cannot be reached because its symlinks form a loop (``ln -s a a``)."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
 def open_source(
     spec: str | os.PathLike, *, what: str, assume_crs: str | None = None, complex_mode: str | None = None
 ) -> RasterSource:
@@ -395,6 +405,11 @@ def open_source(
     file_text, driver, variable = split_variable(path_text)
     path = local_path(file_text, what)  # a URL is refused, ~ is the home folder
     if not path.exists():
+        if _symlink_loop(path):  # Path.exists() is False for it too
+            raise InputError(
+                f"{what}: {path} is a symlink loop (its links lead back to themselves, never to a file): "
+                "point the link at the raster, or pass the raster's own path"
+            )
         raise InputError(f"{what}: {path} does not exist: check the path")
     if path.is_dir():
         raise InputError(f"{what}: {path} is a folder, not a raster file")
