@@ -24,6 +24,13 @@ Contract (DESIGN.md, "Data safety": reads verify):
   stored bytes directly (``tilefuse info``, ``predict --resume``'s repair).
   Stores written before this format (no marker) still open; their chunks are
   checked wherever their arrays carry crc32c, and absent chunks read as fill.
+- **Unreadable is not damaged.** A chunk or metadata file (root or array
+  ``zarr.json``, :data:`DIGESTS`, a shard index) that the filesystem refuses
+  to read (no permission on it or on a folder on its way, an I/O error) is one
+  InputError saying it cannot be read, with the OS's reason and the fix
+  (:func:`cannot_read`: the permissions of the file, or of the folder that
+  cannot be searched), never "damaged" nor a PermissionError escaping (the
+  CLI took that for a failed write).
 - **Where each chunk belongs.** A chunk's crc32c proves it intact, not where
   it belongs: a chunk (or shard) copied over another place of its array,
   swapped with another, or copied in from another store of the same shape
@@ -44,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 import sys
 import warnings
 from dataclasses import dataclass
@@ -306,6 +314,91 @@ def _parse_key(key: str) -> tuple[str, tuple[int, ...]] | None:
 
 # ------------------------------------------------------------------------ reading
 
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP})
+"""Errnos that say a store's file is not there as a file (gone, a file where a folder was, a folder in place of
+the file, a symlink loop): the store's own layout, not the filesystem refusing a read."""
+UNREADABLE_DISK = "check the disk or filesystem it is on, then run the command again"
+"""The fix for a store's metadata file that a read fails on with another error than a permission (EIO)."""
+
+
+def _refused(error: OSError) -> bool:
+    """Whether ``error`` is the filesystem refusing to read a file that is there (no permission, on the file or on
+    a folder on its way; an I/O error), not the file being absent or of the wrong kind."""
+    return error.errno is not None and error.errno not in _ABSENT
+
+
+def _present(file: Path) -> bool:
+    """Whether a key's file is there, as a file. An error that says nothing of absence (a folder on its way that
+    cannot be searched, an I/O error) is raised, to be reported as unreadable, never as a missing chunk
+    (``Path.is_file`` raises it up to Python 3.12 and reads it as False from 3.13 on)."""
+    try:
+        return stat.S_ISREG(os.stat(file).st_mode)
+    except OSError as error:
+        if _refused(error):
+            raise
+        return False
+
+
+def _refused_at(file: Path) -> Path:
+    """Where a permission refusal to read ``file`` comes from: the first folder on its way that cannot be searched
+    (a stat of its entry is refused), else ``file`` itself (it cannot be read)."""
+    file = Path(os.path.abspath(file))
+    for entry in [*reversed(file.parents), file][1:]:
+        try:
+            os.stat(entry)
+        except PermissionError:
+            return entry.parent
+        except OSError:
+            break
+    return file
+
+
+def cannot_read(where: str, what: str, root: str | os.PathLike, relative: str, error: OSError, other: str = UNREADABLE_DISK) -> InputError:
+    """The one line for a file of the store at ``root`` (named ``where``) that the filesystem refuses to read:
+    ``what`` (naming the file, ``relative`` to the store's folder) cannot be read, the OS's reason, and the fix. A
+    permission refusal names the file or the folder on its way that refuses it: the store is intact, so never
+    "damaged" (rewriting it would destroy a good store); ``other`` is the fix for another error (EIO)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.errno not in (errno.EACCES, errno.EPERM):
+        return InputError(f"{where}: {what} cannot be read: {reason}; {other}")
+    top = Path(os.path.abspath(root))
+    file = top / relative
+    culprit = _refused_at(file)
+    if culprit == file:
+        fix = "fix its permissions (chmod, or ask its owner)"
+    else:
+        try:
+            shown = Path(where) / culprit.relative_to(top)
+        except ValueError:  # a folder above the store
+            shown = culprit
+        fix = f"fix the permissions of the folder {shown}, which cannot be searched (chmod, or ask its owner)"
+    return InputError(f"{where}: {what} cannot be read: {reason}; {fix}")
+
+
+def _metadata_what(key: str) -> str:
+    """How messages name the store's metadata file ``key``."""
+    if key == "zarr.json":
+        return "its metadata file zarr.json"
+    if key == DIGESTS:
+        return f"its record of where each chunk belongs ({DIGESTS})"
+    if key.endswith("/zarr.json"):
+        return f"the metadata of array {key[: -len('/zarr.json')]!r} ({key})"
+    return key
+
+
+def _unreadable_metadata(path: Path, error: OSError) -> InputError:
+    """:func:`cannot_read` for a metadata file of the store at ``path`` that zarr failed to read (its path in
+    ``error.filename``)."""
+    key = "zarr.json"
+    if error.filename is not None:
+        for top in (Path(path), Path(os.path.abspath(path))):
+            try:
+                key = Path(os.fsdecode(error.filename)).relative_to(top).as_posix()
+                break
+            except ValueError:
+                continue
+    return cannot_read(str(path), _metadata_what(key), path, key, error)
+
 
 def _orphans_quiet(loop) -> None:
     """On zarr's event loop, drop the reports of orphaned sibling reads.
@@ -489,7 +582,10 @@ class VerifiedStore(WrapperStore):
         """Offset -> place of the chunks shard ``key`` holds (its index, as read last, or read now)."""
         if key not in self._places:
             request = _index_request(check)
-            value = await self._store.get(key, prototype, request)
+            try:
+                value = await self._store.get(key, prototype, request)
+            except OSError as error:
+                raise self.unreadable(key, _parse_key(key), error) from None
             data = value.as_numpy_array() if value is not None else np.zeros(0, np.uint8)
             self._remember(key, {} if verify_bytes(data, check, request) else chunk_places(data, check))
         return self._places[key]
@@ -506,11 +602,10 @@ class VerifiedStore(WrapperStore):
     def unreadable(self, key: str, parsed, error: OSError) -> InputError:
         """The one line for a key the filesystem refuses to read (no permission, an I/O error)."""
         check = self.checks.get(parsed[0]) if parsed else None
-        what = f"{'shard' if check.inner else 'chunk'} {parsed[1]} of {check.name!r}" if check else key
-        reason = error.strerror or type(error).__name__
-        if error.errno in (errno.EACCES, errno.EPERM):
-            return InputError(f"{self.where}: {what} ({key}) cannot be read: {reason}; fix its permissions (chmod, or ask its owner)")
-        return InputError(f"{self.where}: {what} ({key}) cannot be read: {reason}; the disk or store is damaged, {self.fix_for(parsed[0] if parsed else '')}")
+        what = f"{'shard' if check.inner else 'chunk'} {parsed[1]} of {check.name!r} ({key})" if check else _metadata_what(key)
+        # a chunk the disk fails to read is lost with it; a metadata file (a permission aside) is no chunk to rewrite
+        other = f"the disk or store is damaged, {self.fix_for(parsed[0])}" if parsed else UNREADABLE_DISK
+        return cannot_read(self.where, what, self.root if self.root is not None else self.where, key, error, other)
 
     def fix_for(self, name: str) -> str:
         """What to do about a damaged key of array ``name``."""
@@ -522,12 +617,20 @@ class VerifiedStore(WrapperStore):
 
 def _consolidated(path: Path) -> dict | None:
     """The store's record of its arrays' metadata (array name -> its ``zarr.json``, from the consolidated
-    metadata in the root ``zarr.json``), or None for a store without one (or whose root is unreadable)."""
+    metadata in the root ``zarr.json``), or None for a store without one (or without a root ``zarr.json``, or one
+    that is not JSON: zarr says what it is). A root ``zarr.json`` the filesystem refuses to read is one
+    InputError saying so (it escaped as a PermissionError that the CLI took for a failed write)."""
     import json
 
     try:
-        listed = json.loads((Path(path) / "zarr.json").read_text()).get("consolidated_metadata")
-    except (OSError, ValueError, AttributeError):
+        text = (Path(path) / "zarr.json").read_bytes()
+    except OSError as error:
+        if _refused(error):
+            raise cannot_read(str(path), _metadata_what("zarr.json"), path, "zarr.json", error) from None
+        return None
+    try:
+        listed = json.loads(text).get("consolidated_metadata")
+    except (ValueError, AttributeError):
         return None
     if listed is None:
         return None
@@ -595,8 +698,10 @@ def _check_array_metadata(path: Path, group: zarr.Group, listed: Mapping) -> Non
     for name, _ in group.arrays():
         meta = path / name / "zarr.json"
         try:
-            own = json.loads(meta.read_text())
+            own = json.loads(meta.read_bytes())
         except (OSError, ValueError) as error:
+            if isinstance(error, OSError) and _refused(error):  # no permission (on it, or a folder), an I/O error
+                raise cannot_read(str(path), _metadata_what(f"{name}/zarr.json"), path, f"{name}/zarr.json", error) from None
             state = "missing" if isinstance(error, FileNotFoundError) else "damaged"
             raise InputError(
                 f"{path}: the metadata of array {name!r} ({name}/zarr.json) is {state}: the store is corrupt and cannot be "
@@ -640,10 +745,15 @@ def verified_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-inge
     real = real_path(path)
     root = store_identity(real)
     listed = _consolidated(path)  # the root zarr.json, read once for the whole open
-    group = zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3, use_consolidated=listed is not None)
-    if listed is not None:
-        _check_array_metadata(path, group, listed)
-    checks = checks_for(group, written)
+    try:
+        group = zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3, use_consolidated=listed is not None)
+        if listed is not None:
+            _check_array_metadata(path, group, listed)
+        checks = checks_for(group, written)
+    except OSError as error:  # zarr reading a metadata file (a store without consolidated metadata lists its arrays)
+        if not _refused(error):
+            raise
+        raise _unreadable_metadata(path, error) from None
     store = VerifiedStore(LocalStore(real, read_only=read_only), checks, str(path), fix, root=real)
     store.identity = root  # the store whose metadata was just read
     store.consolidated = listed is not None  # how zarr is to open it (open_group, open_dataset)
@@ -665,24 +775,31 @@ def read_digests(
     """The :data:`DIGESTS` record of the store at ``path`` (named ``where`` in messages), checked against its
     arrays' ``checks``: one :class:`~tilefuse.errors.InputError` when it is missing, damaged or not of the
     store's arrays."""
+    import io
     import zipfile
 
     file = Path(path, DIGESTS)
+    record: dict[str, np.ndarray] = {}
     try:
-        with np.load(file, allow_pickle=False) as members:
-            record = {name: members[name] for name in members.files}
-    except FileNotFoundError:
-        state = "missing"
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        state = "damaged"
-    else:
-        state = None
-        for name, check in _recorded(checks).items():
-            grid = tuple(-(-n // u) for n, u in zip(check.shape, check.unit))
-            found = record.get(name)
-            if found is None or found.dtype != np.uint32 or found.shape != (*grid, max(check.inner, 1)):
-                state = f"damaged (its entry for {name!r} {'is missing' if found is None else 'does not fit the array'})"
-                break
+        data = file.read_bytes()  # read apart from the parse: a read the filesystem refuses is no damage
+    except OSError as error:
+        if _refused(error):  # no permission (on it, or on the store's folder), an I/O error: the store may be intact
+            raise cannot_read(str(where or path), _metadata_what(DIGESTS), path, DIGESTS, error) from None
+        data, state = None, "missing" if isinstance(error, FileNotFoundError) else "damaged"
+    if data is not None:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as members:
+                record = {name: members[name] for name in members.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            state = "damaged"
+        else:
+            state = None
+            for name, check in _recorded(checks).items():
+                grid = tuple(-(-n // u) for n, u in zip(check.shape, check.unit))
+                found = record.get(name)
+                if found is None or found.dtype != np.uint32 or found.shape != (*grid, max(check.inner, 1)):
+                    state = f"damaged (its entry for {name!r} {'is missing' if found is None else 'does not fit the array'})"
+                    break
     if state:
         raise InputError(f"{where or path}: its record of where each chunk belongs ({DIGESTS}) is {state}: the store is corrupt, {fix}")
     return record
@@ -759,14 +876,15 @@ def verify_store(path: str | os.PathLike, *, written=None, fix: Fix = "re-ingest
             continue
         for index in check.keys():
             file = Path(path, chunk_key(name, index))
-            if not file.is_file():
+            try:
+                present = _present(file)  # a chunk folder that cannot be searched is unreadable, not missing
+                data = np.frombuffer(file.read_bytes(), dtype=np.uint8) if present else None
+            except OSError as error:
+                raise store.unreadable(chunk_key(name, index), (name, index), error) from None
+            if data is None:
                 if check.is_required(index):
                     raise store.damaged(check, index, "missing")
                 continue
-            try:
-                data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
-            except OSError as error:
-                raise store.unreadable(chunk_key(name, index), (name, index), error) from None
             problem = store.problem(data, check, index)
             store.check_identity()
             if problem:
@@ -780,9 +898,9 @@ def key_problem(path: str | os.PathLike, check: ArrayCheck, index: tuple[int, ..
     """"missing", "damaged (...)" or (given the key's :data:`DIGESTS` entry ``recorded``) "not the one the store
     recorded there" for one key of an array of the store at ``path``; None if intact."""
     file = Path(path, chunk_key(check.name, index))
-    if not file.is_file():
-        return "missing"
     try:
+        if not _present(file):
+            return "missing"
         data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
     except OSError as error:
         return f"unreadable ({error.strerror or type(error).__name__})"
