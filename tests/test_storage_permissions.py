@@ -155,7 +155,9 @@ def test_a_root_zarr_json_that_cannot_be_read_is_an_input_error_not_a_permission
     else:
         refuse(monkeypatch, store / "zarr.json", errno.EIO if case == "eio" else errno.EACCES)
         fix = DISK if case == "eio" else PERMISSION
-    for read in (storage.open_group, storage.open_dataset, storage.verify_store):
+    import tilefuse
+
+    for read in (storage.open_group, storage.open_dataset, storage.verify_store, tilefuse.open_scene, tilefuse.info):
         with pytest.raises(InputError) as caught:
             read(store)
         a_read_error(str(caught.value), f"{store}: its metadata file zarr.json", fix)

@@ -405,10 +405,12 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     outer = next((p for p in path.parents if found_kind(p) in ("scene", "prediction")), None)
     if outer is not None:  # an array of a store, or a folder of one
         raise InputError(f"{path} lies inside the tilefuse {found_kind(outer)} store {outer}, it is no store itself: pass {outer}")
-    if not (path / "zarr.json").is_file():
-        raise InputError(f"{path} is not a readable zarr store (a folder without zarr.json): pass a {kind} store {made_by}")
     try:
+        if not (path / "zarr.json").is_file():
+            raise InputError(f"{path} is not a readable zarr store (a folder without zarr.json): pass a {kind} store {made_by}")
         json.loads((path / "zarr.json").read_bytes())
+    except OSError as error:  # refused (permissions, a folder that cannot be searched) or EIO: not damage
+        raise storage.cannot_read(str(path), "its metadata file zarr.json", path, "zarr.json", error) from None
     except ValueError as error:  # its kind is unknown: --overwrite refuses it and --resume cannot read it
         raise InputError(
             f"{path}: its metadata file zarr.json is damaged ({clipped(str(error), 60)}): tilefuse can no longer tell the "
