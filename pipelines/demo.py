@@ -14,6 +14,59 @@ from typing import Annotated
 
 import typer
 
+from tilefuse.errors import InputError
+
+PATCH = 128
+"""Edge in px of the patches the demo's small PAD trains on."""
+MIN_SIZE = 2 * PATCH
+"""Smallest scene edge the demo runs on. The training split holds out blocks one patch wide for validation
+(:func:`tilefuse.training_data.default_block`) and draws only from blocks a whole patch fits: a scene needs two
+such blocks across, or the one it holds out is all there is to train on ("the split leaves nothing to train on",
+after the scenes were already written)."""
+
+
+def check_demo(out: Path, *, size: int, steps: int, cluster: object, overwrite: bool) -> None:
+    """Refuse, in one line and before anything is written, what would stop the demo part way: the folder ``out``
+    in the way, a ``size`` too small to train on (or too large), ``steps`` that are no count, and a ``cluster``
+    predict refuses by its form."""
+    from tilefuse.outputs import claim
+    from tilefuse.rasters import check_grid_size
+
+    claim(out, "demo", overwrite=overwrite)  # reuses only a demo folder tilefuse made
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
+        raise InputError(
+            f"size= (--size) must be a whole number of px >= {MIN_SIZE}, got {size!r}: the demo trains on {PATCH} px "
+            f"patches and holds out blocks of them to validate; pass --size {MIN_SIZE} or more"
+        )
+    check_grid_size(size, size, what="each synthetic scene", fix="choose a smaller size= (--size)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps= (--steps) must be a whole number >= 1, got {steps!r}")
+    _check_cluster(cluster)
+
+
+def _check_cluster(cluster: object) -> None:
+    """Refuse a ``cluster`` spec that predict refuses by its form alone (:func:`tilefuse.cluster.client.make_client`),
+    or a scheduler file it cannot read, before the demo writes scenes and trains for minutes."""
+    if not isinstance(cluster, str):
+        return  # a Client or cluster object (Python): predict checks it
+    from tilefuse.cluster.client import SPECS, _local_workers, read_scheduler_file
+    from tilefuse.outputs import local_path
+
+    spec = cluster.strip()
+    if spec in ("sync", "cuda"):
+        return
+    if spec == "local" or spec.startswith("local:"):
+        _local_workers(spec)
+        return
+    scheme, sep, _ = spec.partition("://")
+    if sep and scheme.lower() in ("tcp", "tls", "ucx", "inproc"):
+        return
+    if not sep and spec:
+        path = local_path(spec, "scheduler file")
+        if path.suffix == ".json" or path.is_file():
+            read_scheduler_file(path)
+            return
+    raise InputError(f"unknown cluster spec {spec!r} (cluster=, --cluster): use {SPECS}")
 
 
 def demo(
@@ -29,7 +82,9 @@ def demo(
 
     ``out`` is a guarded output of kind ``demo`` (:mod:`tilefuse.outputs`):
     with ``overwrite`` a demo folder tilefuse made is reused, its outputs
-    replaced one by one; any other non-empty folder is refused.
+    replaced one by one; any other non-empty folder is refused. ``size`` is at
+    least :data:`MIN_SIZE` px. All of it is checked before anything is
+    written (:func:`check_demo`).
     """
     from tilefuse.pipelines.evaluate import evaluate, write_json
     from tilefuse.pipelines.export import export
@@ -39,10 +94,10 @@ def demo(
     from tilefuse.pipelines.synth import synth
     from tilefuse.pipelines.train import train
 
-    from tilefuse.outputs import claim, create, found_kind
+    from tilefuse.outputs import create, found_kind, local_path
 
-    out = Path(out)
-    claim(out, "demo", overwrite=overwrite)  # reuses only a demo folder tilefuse made; each output inside is guarded
+    out = local_path(out, "out", output=True)  # a URL is refused, ~ is the home folder
+    check_demo(out, size=size, steps=steps, cluster=cluster, overwrite=overwrite)  # before anything is written
     if found_kind(out) != "demo":
         with create(out, "demo"):
             pass  # an empty, marked demo folder
@@ -72,7 +127,7 @@ def demo(
     # small patches, batch and a higher learning rate: a few minutes on 2 CPU cores
     run = train(
         "pad", [stores["train"]], out / "run",
-        steps=steps, batch_size=4, patch_size=128, lr=1e-3, workers=0, overwrite=True, progress=True,
+        steps=steps, batch_size=4, patch_size=PATCH, lr=1e-3, workers=0, overwrite=True, progress=True,
     )
 
     step(f"predict: test.zarr with {run} on cluster {cluster}")
@@ -94,7 +149,7 @@ def demo(
 
 def demo_command(
     out: Annotated[Path, typer.Argument(help="Folder for every output of the demo.")] = Path("demo-output"),
-    size: Annotated[int, typer.Option(help="Edge of each synthetic scene in px.")] = 1024,
+    size: Annotated[int, typer.Option(help=f"Edge of each synthetic scene in px (at least {MIN_SIZE}).")] = 1024,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
     cluster: Annotated[str, typer.Option(help="Cluster for prediction: sync, local:N, cuda, tcp://...")] = "local:2",
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Reuse a non-empty output folder.")] = True,

@@ -145,3 +145,40 @@ def test_a_symlink_loop_given_as_an_input_is_called_one(tifs, tmp_path, capsys):
         read_json(loop, "scheduler file", "pass the file the scheduler wrote")
     with pytest.raises(InputError, match="does not exist: start it"):  # still: a missing file, and its own fix
         read_json(tmp_path / "none.json", "scheduler file", "pass the file the scheduler wrote", missing="start it")
+
+
+# demo ------------------------------------------------------------------------------------------------
+
+DEMO = ["--steps", "1", "--cluster", "sync"]
+
+
+@pytest.mark.parametrize("size", [128, 255])
+def test_demo_refuses_a_size_it_cannot_train_on_before_writing(size, tmp_path, capsys):
+    """`demo dm --size 128` wrote the scenes, then said 'the split leaves nothing to train on: lower val_fraction= /
+    test_fraction= (--val-fraction / --test-fraction)', options demo does not have, leaving a partial dm/."""
+    from tilefuse.pipelines.demo import MIN_SIZE, demo
+
+    code, _, err = run_cli(["demo", tmp_path / "dm", "--size", size, *DEMO], capsys)
+    line = one_line(code, err, f"--size {MIN_SIZE} or more")
+    assert "size= (--size)" in line and "val-fraction" not in line, line
+    assert list(tmp_path.iterdir()) == []
+    for bad in (size, 300.0, True):
+        with pytest.raises(InputError, match=r"^size= \(--size\) must be a whole number of px >= 256"):
+            demo(tmp_path / "dm", size=bad, steps=1, cluster="sync")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--steps", "0", "--cluster", "sync"], "steps= (--steps) must be a whole number >= 1"),
+        (["--steps", "1", "--cluster", "bogus"], "unknown cluster spec 'bogus'"),
+        (["--steps", "1", "--cluster", "local:0"], "write local:N"),
+        (["--steps", "1", "--size", "100000000", "--cluster", "sync"], "choose a smaller size= (--size)"),
+    ],
+)
+def test_demo_refuses_other_options_before_writing(args, pattern, tmp_path, capsys):
+    """--steps 0 and --cluster bogus were refused by train and predict, after the scenes (and run) were written."""
+    code, _, err = run_cli(["demo", tmp_path / "dm", *args], capsys)
+    one_line(code, err, pattern)
+    assert list(tmp_path.iterdir()) == []
