@@ -24,11 +24,28 @@ MIN_SIZE = 2 * PATCH
 such blocks across, or the one it holds out is all there is to train on ("the split leaves nothing to train on",
 after the scenes were already written)."""
 
+OUTPUTS = (
+    ("train-synth.zarr", "scene", ("train-tif",)),
+    ("train-tif", "geotiff-folder", ()),
+    ("test-synth.zarr", "scene", ("test-tif",)),
+    ("test-tif", "geotiff-folder", ()),
+    ("train.zarr", "scene", ("train-tif/optical.tif", "train-tif/sar.tif", "train-tif/label.tif")),
+    ("test.zarr", "scene", ("test-tif/optical.tif", "test-tif/sar.tif", "test-tif/label.tif")),
+    ("train-scene.png", "png", ("train.zarr",)),
+    ("run", "run", ("train.zarr",)),
+    ("prediction.zarr", "prediction", ("test.zarr", "run")),
+    ("prediction.png", "png", ("test.zarr", "run", "prediction.zarr")),
+    ("metrics.json", "json", ("prediction.zarr", "test.zarr")),
+    ("prediction.tif", "geotiff", ("prediction.zarr",)),
+)
+"""Every output the demo writes in its folder: (name, kind of :mod:`tilefuse.outputs`, the names it is made from)."""
+
 
 def check_demo(out: Path, *, size: int, steps: int, cluster: object, overwrite: bool) -> None:
     """Refuse, in one line and before anything is written, what would stop the demo part way: the folder ``out``
-    in the way, a ``size`` too small to train on (or too large), ``steps`` that are no count, and a ``cluster``
-    predict refuses by its form."""
+    in the way, a ``size`` too small to train on (or too large), ``steps`` that are no count, a ``cluster``
+    predict refuses by its form, and any file or folder in ``out`` where the demo writes one (:data:`OUTPUTS`;
+    a user's ``metrics.json`` was found only at the end, after the stores, run and prediction were replaced)."""
     from tilefuse.outputs import claim
     from tilefuse.rasters import check_grid_size
 
@@ -42,6 +59,15 @@ def check_demo(out: Path, *, size: int, steps: int, cluster: object, overwrite: 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps= (--steps) must be a whole number >= 1, got {steps!r}")
     _check_cluster(cluster)
+    for name, kind, sources in OUTPUTS:
+        try:
+            claim(out / name, kind, inputs=[out / source for source in sources], overwrite=True, what="demo output")
+        except InputError as error:
+            text, tail = str(error), "choose another output path"
+            if text.endswith(tail):  # the demo names the paths in out: the user chooses only out
+                fix = "choose another demo folder" if text.endswith(f"or {tail}") else f"move it out of {out}, or choose another demo folder"
+                text = text[: -len(tail)] + fix
+            raise InputError(text) from None
 
 
 def _check_cluster(cluster: object) -> None:
@@ -83,8 +109,8 @@ def demo(
     ``out`` is a guarded output of kind ``demo`` (:mod:`tilefuse.outputs`):
     with ``overwrite`` a demo folder tilefuse made is reused, its outputs
     replaced one by one; any other non-empty folder is refused. ``size`` is at
-    least :data:`MIN_SIZE` px. All of it is checked before anything is
-    written (:func:`check_demo`).
+    least :data:`MIN_SIZE` px. All of it, and every output in ``out``
+    (:data:`OUTPUTS`), is checked before anything is written (:func:`check_demo`).
     """
     from tilefuse.pipelines.evaluate import evaluate, write_json
     from tilefuse.pipelines.export import export

@@ -182,3 +182,44 @@ def test_demo_refuses_other_options_before_writing(args, pattern, tmp_path, caps
     code, _, err = run_cli(["demo", tmp_path / "dm", *args], capsys)
     one_line(code, err, pattern)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "blocker, pattern",
+    [
+        ("metrics.json", "demo output {out}/metrics.json exists and is a file not written by tilefuse"),
+        ("prediction.tif", "demo output {out}/prediction.tif exists"),
+        ("run/notes.txt", "demo output {out}/run exists and is a folder not written by tilefuse"),
+    ],
+)
+def test_demo_checks_every_output_before_any_work(blocker, pattern, tmp_path, capsys):
+    """A user's file where the demo writes one was found only when the demo got there: `metrics.json` after ~30 s,
+    with the stores, run and prediction already replaced (a folder of new and old outputs)."""
+    from tilefuse.outputs import create
+
+    out = tmp_path / "dm"
+    with create(out, "demo"):  # a demo folder tilefuse made
+        pass
+    (out / blocker).parent.mkdir(exist_ok=True)
+    (out / blocker).write_text("mine\n")
+    before = tree(out)
+    code, _, err = run_cli(["demo", out, "--size", 256, *DEMO], capsys)
+    line = one_line(code, err, pattern.format(out=out))
+    assert line.endswith("or choose another demo folder"), line
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
+
+
+@pytest.mark.slow
+def test_demo_of_the_smallest_size_runs_and_a_rerun_onto_a_users_file_touches_nothing(tmp_path, capsys):
+    """The tester's run: `demo dm --size 256` (ok), `echo mine > dm/metrics.json`, the same demo again: it replaced the
+    stores, run and prediction before it failed on metrics.json. Now it is refused before anything is written."""
+    from tilefuse.pipelines.demo import MIN_SIZE
+
+    out = tmp_path / "dm"
+    code, _, err = run_cli(["demo", out, "--size", MIN_SIZE, *DEMO], capsys)
+    assert code == 0, err
+    (out / "metrics.json").write_text("mine\n")
+    before = tree(out)
+    code, _, err = run_cli(["demo", out, "--size", MIN_SIZE, *DEMO], capsys)
+    one_line(code, err, f"demo output {out}/metrics.json exists")
+    assert tree(out) == before
