@@ -45,7 +45,13 @@ batches are zero-padded into one persistent buffer), because kernels such as
 oneDNN's pick their algorithm by shape and layout and would otherwise round a
 tile's output differently depending on its batch or block; a model whose spec
 says ``batch_invariant`` (its tiles never share a kernel call) runs partial
-batches as they are, since padding would only cost it arithmetic on zeros. Reading ahead
+batches as they are, since padding would only cost it arithmetic on zeros.
+Shape and layout are not all: a vectorised CPU kernel may round an element by
+its position in the tensor (torch's sigmoid on AVX-512, over PAD's phase maps
+of a few pixels per tile), so a model can give a tile's last bits by its slot in
+the batch, which the block's tiles decide: such a model is bitwise the same for
+one block size only (labels alike but at exact near-ties). Giving each tile a
+slot of its own, independent of the blocks, is the remedy not built yet. Reading ahead
 (prefetch depth, reader threads) changes only when bytes are read, never
 which: the output is bitwise the same with or without it.
 """
