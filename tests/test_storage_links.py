@@ -39,3 +39,25 @@ def test_a_live_symlink_to_an_output_is_written_through_and_kept(tmp_path, capsy
     assert main(["synth", str(link), "--size", "32", "--seed", "1", "--overwrite"]) == 0, capsys.readouterr().err
     assert link.is_symlink() and os.readlink(link) == str(real) and outputs.found_kind(real) == "scene"
     assert sorted(os.listdir(tmp_path / "data")) == ["s.zarr"]
+
+
+@pytest.mark.parametrize("kind", ["loop", "cycle", "dangling"])
+def test_a_store_given_through_a_broken_symlink_says_what_is_wrong(kind, tmp_path, capsys):
+    """A symlink loop given as a store was 'loop1 does not exist: check the path'; a link to nothing named the
+    link only."""
+    import tilefuse
+
+    link = tmp_path / "link.zarr"
+    if kind == "loop":
+        link.symlink_to(link)
+    elif kind == "cycle":
+        link.symlink_to(tmp_path / "other")
+        (tmp_path / "other").symlink_to(link)
+    else:
+        link.symlink_to(tmp_path / "unmounted" / "s.zarr")
+    said = "is a symlink loop" if kind != "dangling" else f"is a symlink to {tmp_path / 'unmounted' / 's.zarr'}, which does not exist"
+    for call in (tilefuse.open_scene, tilefuse.open_prediction):
+        with pytest.raises(InputError, match=f"^{link} {said}"):
+            call(link)
+    assert main(["info", str(link)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -19,6 +19,7 @@ reader sees a half-written store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -393,6 +394,13 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     path = local_path(path, "store")  # a URL is refused, ~ is the home folder
     if is_temporary(path):
         raise InputError(f"{path} is an unfinished temporary of a tilefuse run, not a store: open the finished store")
+    if not path.exists() and os.path.islink(path):  # a loop, or a link to nothing: both 'did not exist'
+        try:
+            os.stat(path)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise InputError(f"{path} is a symlink loop (its links lead back to themselves): point the link at the {kind} store, or pass the store's own path") from None
+        raise InputError(f"{path} is a symlink to {os.readlink(path)}, which does not exist (a disk not mounted?): point the link at the {kind} store")
     if not path.exists():
         writer = live_writer(path)  # a store is renamed into place once whole: it is being written
         if writer:
