@@ -18,6 +18,13 @@ coordinates), so a store with the same bands in another order is refused (:func:
 has the rule) instead of fed to weights that expect them otherwise; a config written before they were
 recorded (no ``band_names`` key) has none, and its stores are not checked.
 
+config.json records the SHA-256 of its own content (``config_sha256``, :func:`config_digest`: the parsed document
+without that key, keys sorted), so a damaged or edited config is refused in one line by every reader instead of
+feeding inputs normalised by a wrong band mean, or naming a class wrongly. The checksum is of the content, not of
+the bytes: the same values written with other spacing, key order or number spelling (``1e-05`` as ``1E-05``)
+verify. Configs written before have no such key and are read as before; deleting the key accepts an edit made on
+purpose.
+
 :meth:`ModelConfig.from_dict` checks every key's type once; a malformed config is
 one :class:`~tilefuse.errors.InputError` line naming the key.
 """
@@ -46,6 +53,11 @@ CONFIG = "config.json"
 DIGEST = "weights_sha256"
 """config.json key: SHA-256 of the weights file's tensor bytes (after its header); safetensors has no checksum of
 its own, so a flipped byte in a weight loaded silently. Checked where present (older checkpoints have none)."""
+CONFIG_DIGEST = "config_sha256"
+"""config.json key: SHA-256 of the rest of the config's content (:func:`config_digest`). A flipped bit in a band mean or
+a class name left valid JSON that loaded silently: inputs normalised wrongly (plausible, wrong labels) or a class
+misnamed in every output. Checked where present (checkpoints saved before have none and are read as before); a
+config edited on purpose is accepted by deleting this key."""
 
 
 @dataclass
@@ -240,8 +252,34 @@ def save_checkpoint(model: TileModel, config: ModelConfig, path: str | os.PathLi
         data = replace(config, roles=dict(model.spec.roles)).to_dict()  # the roles the weights have
         with open(tmp / WEIGHTS, "rb") as weights:
             digest = _weights_digest(weights)
-        (tmp / CONFIG).write_text(json.dumps({**data, DIGEST: digest}, indent=2, sort_keys=True))
+        record = json.loads(json.dumps({**data, DIGEST: digest}))  # as a reader parses it: tuples are lists, keys strings
+        record[CONFIG_DIGEST] = config_digest(record)
+        (tmp / CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True))
     return path
+
+
+def config_digest(data: dict[str, Any]) -> str:
+    """SHA-256 of a parsed config.json without its :data:`CONFIG_DIGEST` key, keys sorted (Python's JSON writes every
+    float so that it reads back exactly, so a config just saved always verifies)."""
+    rest = {key: value for key, value in data.items() if key != CONFIG_DIGEST}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _config_intact(data: Any) -> bool:
+    """Whether a parsed config.json matches the checksum it records (one without any: an older config, not checked)."""
+    if not isinstance(data, dict) or CONFIG_DIGEST not in data:
+        return True
+    try:
+        return data[CONFIG_DIGEST] == config_digest(data)
+    except (TypeError, ValueError, RecursionError):  # no way to write it back: not what save_checkpoint wrote
+        return False
+
+
+def _config_damaged(config_file: Path) -> InputError:
+    return InputError(
+        f"checkpoint config {config_file} does not match the checksum it records (damaged or edited): retrain or restore it "
+        f"(to keep an edit made on purpose, delete its {CONFIG_DIGEST!r} key)"
+    )
 
 
 def _weights_digest(handle, whole=None) -> str:
@@ -285,9 +323,10 @@ def _read(
 ) -> tuple[Any, str, dict[str, torch.Tensor] | None]:
     """The parsed config.json, :func:`checkpoint_hash` and (with ``device``) the weights of one version of checkpoint ``path``.
 
-    The weights are checked against the checksum the config records. A read that saw either file change
-    (another process replacing the checkpoint), or found the two disagreeing while a live process writes the
-    run (between its two replacements), is read again; a checkpoint nobody writes that disagrees is damaged.
+    The config is checked against the checksum of its own content it records (:data:`CONFIG_DIGEST`), then the
+    weights against the checksum the config records. A read that saw either file change (another process
+    replacing the checkpoint), or found a mismatch while a live process writes the run (between its two
+    replacements), is read again; a checkpoint nobody writes that does not match is damaged.
     ``wait=False``: the caller writes the run itself (a resume), so nothing else changes it.
     """
     weights, config_file = path / WEIGHTS, path / CONFIG
@@ -311,8 +350,11 @@ def _read(
                 data = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise InputError(f"checkpoint config {config_file} is unreadable (it is not JSON: {error}): retrain or restore it") from None
+            intact = _config_intact(data)
+            if not intact and writer is None:
+                raise _config_damaged(config_file)
             recorded = data.get(DIGEST) if isinstance(data, dict) else None
-            if recorded is None or found == recorded:
+            if intact and (recorded is None or found == recorded):
                 whole.update(raw)
                 return data, whole.hexdigest(), state
             if writer is None:
@@ -341,7 +383,7 @@ def _local(path: str | os.PathLike) -> Path:
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """Read a checkpoint's config without loading weights."""
+    """Read a checkpoint's config without loading weights (checked against the checksum it records, not the weights)."""
     path = _local(path)
     config_file = path / CONFIG
     if not path.exists():
@@ -351,6 +393,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         fix = f"pass the folder holding them, {path.parent}" if inside else "written by `tilefuse train`"
         raise InputError(f"{path} is not a checkpoint: it needs {CONFIG} and {WEIGHTS} ({fix})")
     data = read_json(config_file, "checkpoint config", "retrain or restore it")
+    if not _config_intact(data):
+        raise _config_damaged(config_file)
     return ModelConfig.from_dict(data, source=f"checkpoint config {config_file}")
 
 
