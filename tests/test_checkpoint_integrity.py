@@ -1,4 +1,4 @@
-"""A checkpoint's config.json is checked like its weights."""
+"""A checkpoint's config.json is checked like its weights; a resumed training logs what an uninterrupted one logs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import json
 import math
 import os
 import random
+import shutil
 import threading
 import time
 
 import pytest
 from predict_fixtures import CLASSES, MODALITIES, build_pointwise, save_pointwise, write_test_scene
+from test_training import CRASH, FAST, stores  # noqa: F401  (stores: the two small labelled stores, a fixture)
 
 import tilefuse
 from tilefuse.checkpoint import CONFIG, CONFIG_DIGEST, ModelConfig, checkpoint_hash, load_checkpoint, read_checkpoint, read_config
@@ -189,3 +191,42 @@ def test_a_config_replaced_while_a_live_run_writes_it_is_read_again(tmp_path):
     with pytest.raises(InputError, match="does not match the checksum it records"):
         load_checkpoint(path)
     assert time.perf_counter() - started < 5
+
+
+# ------------------------------------------------------------------ 2. a resumed training logs what an uninterrupted one logs
+
+
+def _log(run) -> list[dict]:
+    """log.jsonl's records without their speed (wall-clock time, the one thing a resume may change)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_resume_logs_the_losses_an_uninterrupted_run_logs(stores, tmp_path):
+    """log.jsonl's loss averages the steps since the previous record; a resume restarted that average at its
+    checkpoint (2.5432926416397095 instead of 2.545172611872355 at step 6), though the weights were bitwise the same.
+    The state keeps the steps of the window already run. A state saved before that resumes as it did."""
+    from tilefuse.training import LOG_WINDOW, STATE_DIGEST, _json_digest
+
+    options = dict(steps=12, checkpoint_every=4, lr=5e-3, seed=3, **{**FAST, "log_every": 3})
+    CRASH.update(at=None, count=0)
+    whole = _log(tilefuse.train("test-seg", stores, tmp_path / "whole", **options))
+    assert [r["step"] for r in whole if "loss" in r] == [3, 6, 9, 12]
+    CRASH.update(at=7, count=0)  # crash during step 7: the last checkpoint is step 4, one step into the window of step 6
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            tilefuse.train("test-seg", stores, tmp_path / "broken", **options)
+    finally:
+        CRASH.update(at=None, count=0)
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "broken", old)
+    assert read_config(tmp_path / "broken").extra["step"] == 4
+    assert _log(tilefuse.train("test-seg", stores, tmp_path / "broken", resume=True, **options)) == whole
+    # a state saved before the window was recorded: resumes, its first record averages the steps since the resume
+    trainer_file = old / "state" / "trainer.json"
+    trainer = json.loads(trainer_file.read_text())
+    del trainer[LOG_WINDOW]
+    trainer[STATE_DIGEST] = _json_digest(trainer)
+    trainer_file.write_text(json.dumps(trainer, indent=1))
+    resumed = _log(tilefuse.train("test-seg", stores, old, resume=True, **options))
+    assert [r["step"] for r in resumed if "loss" in r] == [3, 6, 9, 12] and resumed[0] == whole[0] and resumed[-1] == whole[-1]
+    assert [r["loss"] for r in resumed if r["step"] == 6] != [r["loss"] for r in whole if r["step"] == 6]

@@ -8,7 +8,8 @@ A run directory holds::
         trainer.safetensors              optimiser moments, RNG states (and the raw weights when
                                          ``ema_decay`` > 0: the checkpoint then holds the EMA weights)
         trainer.json                     step, job, optimiser/scheduler scalars, sampler stream state, the
-                                         computation (device kind, AMP, threads), checksums of the other files
+                                         computation (device kind, AMP, threads), the losses not logged yet
+                                         (``log_window``), checksums of the other files
     split.json, index/               the split and the sampler indexes (:meth:`tilefuse.training_data.TrainingData.save`);
                                      the job in trainer.json records the split file's SHA-256, so a resume
                                      refuses an edited split file (:meth:`RunDir.check_split`)
@@ -17,7 +18,9 @@ A run directory holds::
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
 Resuming restores weights, optimiser, scheduler, torch RNG and the sampler
-streams, so the losses after a resume equal those of an uninterrupted run.
+streams, so the losses after a resume equal those of an uninterrupted run, and so
+does ``log.jsonl``: its loss averages the steps since the previous record, and the
+state keeps the steps of that window already run.
 
 ``ema_decay`` > 0 keeps an exponential moving average of the weights (and
 floating buffers), updated after every optimiser step with the decay
@@ -83,6 +86,10 @@ STATE_FILES = "file_sha256"
 """Key of ``trainer.json`` listing the SHA-256 of the state's other files (the weights carry their own)."""
 STATE_DIGEST = "sha256"
 """Key of ``trainer.json`` holding the SHA-256 of the rest of it (:func:`_json_digest`)."""
+LOG_WINDOW = "log_window"
+"""Key of ``trainer.json``: the sum and count of the losses since the last log record (and their seconds), which the
+next record averages; a resume goes on from them, so its log equals an uninterrupted run's. States saved before it
+was recorded resume with an empty window, as they did."""
 RAW = "raw_weights/"
 """Prefix of the raw (not averaged) weights in the trainer tensors of a run with ``ema_decay``."""
 
@@ -600,6 +607,7 @@ def _fit(
     streams = StreamState.fresh(workers * ranks.world, ranks.world)
     step = 0
     average = None
+    window: dict[str, Any] | None = None
     last_val: dict[str, Any] | None = None
     if writer:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -631,6 +639,7 @@ def _fit(
         set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng)
         streams = saved
         step = int(trainer["step"])
+        window = trainer.get(LOG_WINDOW)  # None: a state saved before it was recorded (the window restarts, as it did)
         if writer:
             run.truncate_log(step)
             # the last validation up to the saved step: a resume of a finished run (no step left to run, so none
@@ -664,6 +673,8 @@ def _fit(
             "scheduler": flatten_state(scheduler.state_dict(), tensors, "scheduler"),
             "rng": flatten_state(rng, tensors, "rng"),
             "compute": compute,
+            # the steps since the last log record: a resume logs the loss an uninterrupted run logs
+            LOG_WINDOW: {"loss": window_loss, "count": window_count, "seconds": time.perf_counter() - clock},
         }
         config.extra = {**config.extra, "step": at, "steps": settings.steps, **({"val": metrics} if metrics else {})}
         with averaged() as raw:
@@ -672,6 +683,9 @@ def _fit(
             run.save(model, config, trainer, tensors)
 
     window_loss, window_count, clock = 0.0, 0, time.perf_counter()
+    if isinstance(window, dict) and isinstance(window.get("count"), int) and isinstance(window.get("loss"), (int, float)):
+        window_loss, window_count = float(window["loss"]), window["count"]
+        clock -= float(window.get("seconds") or 0.0)  # samples/s over the window's training time, not the pause
     batches = iter(loader)
     bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not (progress and writer), dynamic_ncols=True)
     try:
