@@ -10,14 +10,17 @@ path, cluster, workers' devices), so bad input leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional
 
 import typer
 
 from tilefuse.cluster.run import DEFAULT_TILE
-from tilefuse.errors import printable
+from tilefuse.errors import InputError, printable
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -102,7 +105,8 @@ def predict(
     with terminating(stopped), output_lock(out, inputs=[store, checkpoint]), os_errors_as_input(out, storage_only=True):
         if quicklook is not None:
             claim(quicklook, "png", inputs=[store, checkpoint, out], overwrite=True, what="quicklook")
-        report = predict_scene(checkpoint, store, out, options, cluster=cluster, listen=listen, connect_timeout=connect_timeout, progress=progress)
+        with _kept_on_full_disk(out):
+            report = predict_scene(checkpoint, store, out, options, cluster=cluster, listen=listen, connect_timeout=connect_timeout, progress=progress)
         prediction = open_prediction(out)  # first: a store it cannot open is not reported as written
         if progress:
             print(printable(f"tilefuse: {report}"), file=sys.stderr)
@@ -112,6 +116,23 @@ def predict(
             title = f"{prediction.attrs['model']} prediction of {Path(store).name}"
             quicklook_labels(prediction["labels"], prediction["labels"].attrs["class_names"], quicklook, title=title, inputs=[store, checkpoint, out])
     return prediction
+
+
+@contextlib.contextmanager
+def _kept_on_full_disk(out: Path) -> Iterator[None]:
+    """A full disk or quota while prediction store ``out`` is written: one line saying that the store keeps the blocks
+    written so far and that ``--resume`` finishes it once space is freed. Where no store was made yet, and for other
+    refusals of the filesystem, the caller's :func:`tilefuse.outputs.os_errors_as_input` gives the line."""
+    from tilefuse.outputs import filesystem_reason, found_kind, write_error
+
+    try:
+        yield
+    except Exception as error:
+        codes = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+        reason = filesystem_reason(error, codes)
+        if reason not in {os.strerror(code) for code in codes} or found_kind(out) != "prediction":
+            raise
+        raise InputError(write_error(out, reason, kept=f"{out} keeps the blocks written so far")) from None
 
 
 def predict_command(

@@ -1,7 +1,9 @@
-"""A checkpoint's config.json is checked like its weights; a resumed training logs what an uninterrupted one logs."""
+"""A checkpoint's config.json is checked like its weights; a resumed training logs what an uninterrupted one logs;
+a full disk names the work a prediction or a training keeps and how to finish it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -10,12 +12,13 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 from predict_fixtures import CLASSES, MODALITIES, build_pointwise, save_pointwise, write_test_scene
 from test_training import CRASH, FAST, stores  # noqa: F401  (stores: the two small labelled stores, a fixture)
 
 import tilefuse
-from tilefuse.checkpoint import CONFIG, CONFIG_DIGEST, ModelConfig, checkpoint_hash, load_checkpoint, read_checkpoint, read_config
+from tilefuse.checkpoint import CONFIG, CONFIG_DIGEST, WEIGHTS, ModelConfig, checkpoint_hash, load_checkpoint, read_checkpoint, read_config
 from tilefuse.cli import main
 from tilefuse.errors import InputError
 from tilefuse.outputs import output_lock
@@ -230,3 +233,88 @@ def test_a_resume_logs_the_losses_an_uninterrupted_run_logs(stores, tmp_path):
     resumed = _log(tilefuse.train("test-seg", stores, old, resume=True, **options))
     assert [r["step"] for r in resumed if "loss" in r] == [3, 6, 9, 12] and resumed[0] == whole[0] and resumed[-1] == whole[-1]
     assert [r["loss"] for r in resumed if r["step"] == 6] != [r["loss"] for r in whole if r["step"] == 6]
+
+
+# ------------------------------------------------------------------ 3. a full disk: what is kept, and how to finish
+
+
+def test_a_full_disk_or_quota_is_named_as_such_and_permissions_keep_their_advice():
+    from tilefuse.outputs import write_error
+
+    for code, what in ((errno.ENOSPC, "the disk is full"), (errno.EDQUOT, "the disk quota is full")):
+        line = write_error("out.zarr", os.strerror(code))
+        assert line == f"cannot write out.zarr: {os.strerror(code)} ({what}): free some space, or choose another output (on a disk with enough free space)"
+        line = write_error("out.zarr", os.strerror(code), kept="out.zarr keeps the blocks written so far")
+        assert line == (
+            f"cannot write out.zarr: {os.strerror(code)} ({what}): out.zarr keeps the blocks written so far; free some space, "
+            "then finish it with --resume (Python: resume=True), or choose another output"
+        )
+    for code in (errno.EACCES, errno.EROFS):
+        for kept in (None, "out.zarr keeps the blocks written so far"):
+            assert write_error("out.zarr", os.strerror(code), kept=kept) == (
+                f"cannot write out.zarr: {os.strerror(code)}: choose another output (a writable folder with enough free space) or fix its permissions"
+            )
+
+
+def test_a_full_disk_mid_prediction_says_the_store_keeps_its_blocks_and_resume_finishes_it(tmp_path, monkeypatch, capsys):
+    """It said 'choose another output ... or fix its permissions', nothing of the finished blocks a --resume keeps."""
+    from tilefuse import inference
+    from tilefuse.prediction import done_blocks
+
+    scene = write_test_scene(tmp_path / "scene.zarr", 170, 150, seed=11)
+    checkpoint = save_pointwise(tmp_path / "ckpt", seed=2)
+    settings = {"tile": 32, "overlap": 10, "block_size": 64, "batch_size": 3, "torch_threads": 1, "probs": "float32"}
+    save, calls = inference.Strip.save, {"n": 0}
+
+    def full_after_two(strip, path):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return save(strip, path)
+
+    out = tmp_path / "p.zarr"
+    monkeypatch.setattr(inference.Strip, "save", full_after_two)
+    args = ["predict", "--checkpoint", checkpoint, "--store", scene, "--out", out, "--tile", 32, "--overlap", 10, "--block-size", 64,
+            "--batch-size", 3, "--torch-threads", 1, "--probs", "--probs-dtype", "float32"]
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 2
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in line]
+    assert err == [
+        f"tilefuse: error: cannot write {out}: No space left on device (the disk is full): {out} keeps the blocks written so far; "
+        "free some space, then finish it with --resume (Python: resume=True), or choose another output"
+    ], err
+    assert 0 < done_blocks(out).sum() < done_blocks(out).size
+    calls["n"] = 0
+    with pytest.raises(InputError, match=r"keeps the blocks written so far; free some space, then finish it with --resume"):
+        tilefuse.predict(checkpoint, scene, out, resume=True, progress=False, **settings)
+    monkeypatch.setattr(inference.Strip, "save", save)
+    resumed = tilefuse.predict(checkpoint, scene, out, resume=True, progress=False, **settings)
+    whole = tilefuse.predict(checkpoint, scene, tmp_path / "q.zarr", progress=False, **settings)
+    assert np.array_equal(resumed["probs"].values, whole["probs"].values)
+
+
+def test_a_full_disk_mid_training_says_the_run_keeps_its_last_checkpoint_and_resume_finishes_it(stores, tmp_path, monkeypatch):
+    import tilefuse.training as training
+
+    options = dict(steps=12, checkpoint_every=4, lr=5e-3, seed=3, **{**FAST, "log_every": 3})
+    whole = tilefuse.train("test-seg", stores, tmp_path / "whole", **options)
+    save, calls = training.save_file, {"n": 0}
+
+    def full_at_the_second_checkpoint(tensors, filename, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(training, "save_file", full_at_the_second_checkpoint)
+    run = tmp_path / "run"
+    with pytest.raises(InputError) as caught:
+        tilefuse.train("test-seg", stores, run, **options)
+    assert _one_line(caught.value) == (
+        f"cannot write {run}: No space left on device (the disk is full): {run} keeps its last checkpoint (step 4 of 12); "
+        "free some space, then finish it with --resume (Python: resume=True), or choose another output"
+    )
+    monkeypatch.setattr(training, "save_file", save)
+    tilefuse.train("test-seg", stores, run, resume=True, **options)
+    assert _log(run) == _log(whole)
+    assert (run / WEIGHTS).read_bytes() == (whole / WEIGHTS).read_bytes()

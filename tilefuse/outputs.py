@@ -736,10 +736,29 @@ def claim(
     return target
 
 
-def write_error(path: str | os.PathLike, reason: str) -> str:
-    """The one line for a filesystem that refuses to write ``path`` (also the CLI's safety net)."""
+_FULL = {
+    os.strerror(getattr(errno, name)): what
+    for name, what in (("ENOSPC", "the disk is full"), ("EDQUOT", "the disk quota is full"))
+    if hasattr(errno, name)
+}
+"""strerror of a full disk or quota -> what it means (the write needs space, not permissions)."""
+
+
+def write_error(path: str | os.PathLike, reason: str, *, kept: str | None = None) -> str:
+    """The one line for a filesystem that refuses to write ``path`` (also the CLI's safety net).
+
+    A full disk or quota says so (free some space, or choose another output); ``kept``, what a partly written output
+    keeps (``"PATH keeps the blocks written so far"``), adds that ``--resume`` finishes it once space is freed.
+    """
     if reason == os.strerror(errno.EISDIR):  # a folder where a file goes (a store's chunk replaced by one): no permission to fix
         return f"cannot write {path}: a folder is in the way ({reason}): move it out of the way, or choose another output"
+    if reason in _FULL:
+        if kept:
+            return (
+                f"cannot write {path}: {reason} ({_FULL[reason]}): {kept}; free some space, then finish it with "
+                "--resume (Python: resume=True), or choose another output"
+            )
+        return f"cannot write {path}: {reason} ({_FULL[reason]}): free some space, or choose another output (on a disk with enough free space)"
     return f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space) or fix its permissions"
 
 

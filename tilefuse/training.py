@@ -43,6 +43,7 @@ naming both.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -53,7 +54,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # OpenMP threads that wait for work sleep instead of spinning (libgomp reads this when torch loads it;
 # where torch was imported already, or the user set it, it changes nothing). Spinning threads take
@@ -67,7 +68,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from tilefuse import distributed
-from tilefuse.outputs import check_inputs, claim, clean_stale, create, current_process, found_kind, process_alive, replace_path, temporary_sibling, write_file
+from tilefuse.outputs import (
+    check_inputs, claim, clean_stale, create, current_process, filesystem_reason, found_kind, process_alive, replace_path,
+    temporary_sibling, write_error, write_file,
+)
 from tilefuse.checkpoint import CONFIG, WEIGHTS, ModelConfig, save_checkpoint, unshared, verify_weights
 from tilefuse.dataset import PatchDataset, StreamState
 from tilefuse.errors import InputError
@@ -420,6 +424,33 @@ class RunDir:
         write_file(self.log, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def _full_disk(error: BaseException) -> str | None:
+    """The reason (``No space left on device``) where ``error`` is a full disk or quota (:func:`tilefuse.outputs.filesystem_reason`:
+    also an error whose chain or text carries one), else None."""
+    codes = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+    reason = filesystem_reason(error, codes)
+    return reason if reason in {os.strerror(code) for code in codes} else None
+
+
+@contextlib.contextmanager
+def _writing(run: RunDir) -> Iterator[None]:
+    """Writes to the run folder: a full disk or quota is one line saying that the run keeps its last checkpoint (the
+    step its state holds) and that ``--resume`` finishes it once space is freed (a run with no checkpoint yet: only
+    that the disk is full). The state is replaced atomically, so a write cut short leaves the previous one."""
+    try:
+        yield
+    except Exception as error:
+        reason = _full_disk(error)
+        if reason is None:
+            raise
+        kept = None
+        with contextlib.suppress(InputError, OSError, KeyError, TypeError):
+            if run.has_state():
+                trainer = run.read_trainer()  # checked: the step a resume would continue from
+                kept = f"{run.path} keeps its last checkpoint (step {trainer['step']} of {trainer['settings']['steps']})"
+        raise InputError(write_error(run.path, reason, kept=kept)) from None
+
+
 def _compute_params(compute: dict[str, Any]) -> str:
     """A run's computation as parameters: ``device=cpu, amp=False, torch_threads=2``."""
     return f"device={compute.get('device')}, amp={compute.get('amp')}, torch_threads={compute.get('threads')}"
@@ -641,7 +672,8 @@ def _fit(
         step = int(trainer["step"])
         window = trainer.get(LOG_WINDOW)  # None: a state saved before it was recorded (the window restarts, as it did)
         if writer:
-            run.truncate_log(step)
+            with _writing(run):
+                run.truncate_log(step)
             # the last validation up to the saved step: a resume of a finished run (no step left to run, so none
             # validates) rewrote metrics.json with "val": null
             last_val = next((r["val"] for r in reversed(run.read_log()) if "val" in r), None)
@@ -680,7 +712,8 @@ def _fit(
         with averaged() as raw:
             if average is not None:
                 tensors.update({RAW + k: v for k, v in raw.items()})
-            run.save(model, config, trainer, tensors)
+            with _writing(run):
+                run.save(model, config, trainer, tensors)
 
     window_loss, window_count, clock = 0.0, 0, time.perf_counter()
     if isinstance(window, dict) and isinstance(window.get("count"), int) and isinstance(window.get("loss"), (int, float)):
@@ -725,14 +758,16 @@ def _fit(
                     "samples_per_s": window_count * settings.batch_size * ranks.world / max(elapsed, 1e-9),
                 }
                 if writer:
-                    run.append_log(record)
+                    with _writing(run):
+                        run.append_log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 window_loss, window_count, clock = 0.0, 0, time.perf_counter()
             if val_loader is not None and (step % val_every == 0 or step == settings.steps):
                 with averaged():
                     last_val = validate(model, val_loader, device, amp, group).compute(config.class_names)
                 if writer:
-                    run.append_log({"step": step, "val": last_val})
+                    with _writing(run):
+                        run.append_log({"step": step, "val": last_val})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save(step, last_val)
     finally:
@@ -747,8 +782,9 @@ def _fit(
         losses = [r["loss"] for r in history if "loss" in r]
         if losses:
             summary["final_loss"] = losses[-1]
-        write_file(run.metrics, json.dumps(summary, indent=2))
-        plot_curves(history, run.curves)
+        with _writing(run):
+            write_file(run.metrics, json.dumps(summary, indent=2))
+            plot_curves(history, run.curves)
     group.barrier()  # the other ranks return the summary rank 0 wrote
     return json.loads(run.metrics.read_text())
 
