@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tilefuse.cli import main
+from tilefuse.errors import InputError
 from tilefuse.tile_model import available_models, build_model
 
 
@@ -73,3 +74,36 @@ def test_bad_requests_exit_2_with_one_line(capsys, args, message):
 def test_help(capsys):
     status, out, _ = _run(capsys, "--help")
     assert status == 0 and "--json" in out and "--set" in out
+
+
+def _typed_hyperparameters():
+    """(model, key, default) for every hyperparameter of a built-in model whose default is a bool, int, float or str."""
+    import inspect
+
+    from tilefuse.tile_model import available_models
+
+    for name in ("pad", "s2fin"):
+        for key, p in list(inspect.signature(available_models()[name].builder).parameters.items())[2:]:
+            if isinstance(p.default, (bool, int, float, str)):
+                yield name, key, p.default
+
+
+def test_a_hyperparameter_of_the_wrong_type_or_value_is_one_line_naming_it(capsys):
+    """`--set dim=true`, `--hparam preset=[1]`, `topk=1e400`, `heads=0` were TypeError / ZeroDivisionError
+    tracebacks in `models --set` and `train --hparam` (or, for topk, silently inf)."""
+    from tilefuse.tile_model import build_model
+
+    cases = list(_typed_hyperparameters())
+    assert len(cases) >= 10
+    wrong = {bool: [1, "yes", None], int: [True, 2.5, "8", [1], float("inf")], float: [True, "abc", float("nan"), [0.1]], str: [1, ["micro"], True]}
+    for name, key, default in cases:
+        for value in wrong[type(default)]:
+            with pytest.raises(InputError, match=rf"^{name} hyperparameter {key}= must be .*, got "):
+                build_model(name, {"optical": 4, "sar": 2}, 3, **{key: value})
+    with pytest.raises(InputError, match=r"^model 's2fin' cannot be built with heads=0 \(ZeroDivisionError"):
+        build_model("s2fin", {"optical": 4, "sar": 2}, 3, heads=0)
+    build_model("s2fin", {"optical": 4, "sar": 2}, 3, dim=32, dropout=0, tta=True)  # right types still build
+    for argv in (["models", "s2fin", "--set", "dim=true"], ["models", "pad", "--set", "preset=[1]"], ["models", "s2fin", "--set", "heads=0"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err

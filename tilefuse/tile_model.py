@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import numbers
 import warnings
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from tilefuse.classes import IGNORE
-from tilefuse.errors import InputError
+from tilefuse.errors import InputError, clipped
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -251,6 +253,24 @@ def _hyperparameters(builder: ModelBuilder) -> set[str] | None:
     return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
 
 
+def _hyperparameter_problem(builder: ModelBuilder, key: str, value: Any) -> str | None:
+    """What ``value`` lacks as hyperparameter ``key`` of ``builder``, judged by the type of its default (a bool,
+    whole number, number or text; other defaults, None included, say nothing), or None."""
+    parameter = inspect.signature(builder).parameters.get(key)
+    default = parameter.default if parameter is not None else inspect.Parameter.empty
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if isinstance(default, bool):
+        return None if isinstance(value, (bool, np.bool_)) else "must be true or false"
+    if isinstance(default, int):
+        return None if whole else "must be a whole number"
+    if isinstance(default, float):
+        number = whole or (isinstance(value, (float, np.floating)) and math.isfinite(value))
+        return None if number else "must be a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be text"
+    return None
+
+
 def accepts_hyperparameter(name: str, key: str) -> bool:
     """Whether registered model ``name`` takes hyperparameter ``key`` (False for unknown models)."""
     models = available_models()
@@ -280,7 +300,20 @@ def build_model(name: str, modalities: Mapping[str, int], num_classes: int, **hp
     unknown = sorted(set(hparams) - accepted) if accepted is not None else []
     if unknown:
         raise InputError(f"unknown {name} hyperparameter(s) {unknown}: choose from {sorted(accepted)}")
-    model = builder(dict(modalities), num_classes, **hparams)
+    for key, value in hparams.items():
+        problem = _hyperparameter_problem(builder, key, value)
+        if problem:
+            raise InputError(f"{name} hyperparameter {key}= {problem}, got {type(value).__name__} {clipped(repr(value))} (see `tilefuse models {name}`)")
+    try:
+        model = builder(dict(modalities), num_classes, **hparams)
+    except (TypeError, ValueError, ArithmeticError, AssertionError) as error:
+        if not hparams:  # the defaults fail: the model's own bug, its traceback is the report
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in hparams.items())
+        raise InputError(
+            f"model {name!r} cannot be built with {clipped(given)} ({type(error).__name__}: {clipped(str(error))}): "
+            f"check those values (see `tilefuse models {name}`)"
+        ) from None
     if not isinstance(model, TileModel):
         raise InputError(
             f"the builder of model {name!r} ({_origin(builder)}) returned a {type(model).__name__}, not a TileModel: "
