@@ -243,7 +243,7 @@ def test_a_full_disk_or_quota_is_named_as_such_and_permissions_keep_their_advice
 
     for code, what in ((errno.ENOSPC, "the disk is full"), (errno.EDQUOT, "the disk quota is full")):
         line = write_error("out.zarr", os.strerror(code))
-        assert line == f"cannot write out.zarr: {os.strerror(code)} ({what}): free some space, or choose another output (on a disk with enough free space)"
+        assert line == f"cannot write out.zarr: {os.strerror(code)}: choose another output or free some space ({what})"
         line = write_error("out.zarr", os.strerror(code), kept="out.zarr keeps the blocks written so far")
         assert line == (
             f"cannot write out.zarr: {os.strerror(code)} ({what}): out.zarr keeps the blocks written so far; free some space, "

@@ -747,7 +747,7 @@ _FULL = {
 def write_error(path: str | os.PathLike, reason: str, *, kept: str | None = None) -> str:
     """The one line for a filesystem that refuses to write ``path`` (also the CLI's safety net).
 
-    A full disk or quota says so (free some space, or choose another output); ``kept``, what a partly written output
+    A full disk or quota says so (choose another output or free some space); ``kept``, what a partly written output
     keeps (``"PATH keeps the blocks written so far"``), adds that ``--resume`` finishes it once space is freed.
     """
     if reason == os.strerror(errno.EISDIR):  # a folder where a file goes (a store's chunk replaced by one): no permission to fix
@@ -758,7 +758,7 @@ def write_error(path: str | os.PathLike, reason: str, *, kept: str | None = None
                 f"cannot write {path}: {reason} ({_FULL[reason]}): {kept}; free some space, then finish it with "
                 "--resume (Python: resume=True), or choose another output"
             )
-        return f"cannot write {path}: {reason} ({_FULL[reason]}): free some space, or choose another output (on a disk with enough free space)"
+        return f"cannot write {path}: {reason}: choose another output or free some space ({_FULL[reason]})"
     return f"cannot write {path}: {reason}: choose another output (a writable folder with enough free space) or fix its permissions"
 
 
