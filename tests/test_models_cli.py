@@ -100,7 +100,7 @@ def test_a_hyperparameter_of_the_wrong_type_or_value_is_one_line_naming_it(capsy
         for value in wrong[type(default)]:
             with pytest.raises(InputError, match=rf"^{name} hyperparameter {key}= must be .*, got "):
                 build_model(name, {"optical": 4, "sar": 2}, 3, **{key: value})
-    with pytest.raises(InputError, match=r"^model 's2fin' cannot be built with heads=0 \(ZeroDivisionError"):
+    with pytest.raises(InputError, match=r"^model 's2fin' cannot be built with hparams heads=0 \(ZeroDivisionError"):
         build_model("s2fin", {"optical": 4, "sar": 2}, 3, heads=0)
     build_model("s2fin", {"optical": 4, "sar": 2}, 3, dim=32, dropout=0, tta=True)  # right types still build
     for argv in (["models", "s2fin", "--set", "dim=true"], ["models", "pad", "--set", "preset=[1]"], ["models", "s2fin", "--set", "heads=0"]):

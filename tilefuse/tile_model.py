@@ -311,7 +311,7 @@ def build_model(name: str, modalities: Mapping[str, int], num_classes: int, **hp
             raise
         given = ", ".join(f"{k}={v!r}" for k, v in hparams.items())
         raise InputError(
-            f"model {name!r} cannot be built with {clipped(given)} ({type(error).__name__}: {clipped(str(error))}): "
+            f"model {name!r} cannot be built with hparams {clipped(given)} ({type(error).__name__}: {clipped(str(error))}): "
             f"check those values (see `tilefuse models {name}`)"
         ) from None
     if not isinstance(model, TileModel):
