@@ -82,7 +82,7 @@ def test_every_output_carries_the_marker_of_its_kind(world):
              "q.png": "png", "pred.tif": "geotiff", "m.json": "json"}  # fmt: skip
     assert {name: found_kind(path) for name, path in w.items()} == kinds
     # inner files of our outputs and look-alikes are not outputs
-    assert found_kind(w["g"] / "sar.tif") == "geotiff"  # each GeoTIFF is tagged too
+    assert found_kind(w["g"] / "sar.tif") == "raster"  # each GeoTIFF is tagged too, as a scene's input raster
     assert found_kind(w["run"] / "config.json") is None and found_kind(w["s.zarr"] / "sar") is None
     assert found_kind(root / "missing") is None
 
