@@ -59,6 +59,7 @@ def ingest(
     import rasterio
 
     from tilefuse.rasters import GDAL_CACHE_BYTES, MAX_PIXELS, check_grid_size, check_label_options, check_modalities_given, check_modality_names, ingest_rasters
+    from tilefuse.classes import class_name_list
     from tilefuse.scene import write_scene
 
     from tilefuse.outputs import claim, local_path
@@ -67,6 +68,7 @@ def ingest(
     out = local_path(out, "output", output=True)  # a URL is refused, ~ is the home folder
     check_modalities_given(modalities, labels, paths=stac is None)
     check_label_options(labels if stac is None else labels or label_asset, class_names, label_map)
+    class_names = class_name_list(class_names)  # a dict {id: name} as the list it means
     stac = None if stac is None else local_path(stac, "--stac")
     specs = [stac, labels] if stac is not None else [*modalities.values(), labels]
     inputs = [spec_file(spec) if spec is not stac else spec for spec in specs if spec is not None]

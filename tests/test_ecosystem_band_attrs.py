@@ -158,3 +158,21 @@ def test_class_names_as_a_dict_of_ids_name_those_ids(rasters, tmp_path):
         assert repr(bad) in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(InputError, match=r"^class_names= must be a list of names, one per class id from 0 .*got set"):
         scene_from_xarray(optical, labels, class_names={"water", "trees"})  # no order: ids given at random
+
+
+def test_ingest_takes_class_names_as_a_dict_too(tmp_path):
+    """``tilefuse.ingest(..., class_names={0: 'water', 1: 'forest'})`` took the dict's keys as the names and said
+    'must be a list of strings, got [0, 1]'; from_xarray and ingest share one reading of class_names= now."""
+    import tilefuse
+
+    g = tmp_path / "g"
+    tilefuse.synth(tmp_path / "s.zarr", 32, geotiff=g)
+    rasters = {"optical": g / "optical.tif", "sar": g / "sar.tif"}
+    highest = int(open_scene(tmp_path / "s.zarr")["label"].max())
+    names = {0: "water", 2: "crops", max(highest, 3): "top"}  # up to the highest id, as a list must
+    store = tilefuse.ingest(tmp_path / "i.zarr", rasters, labels=g / "label.tif", class_names=names)
+    got = open_scene(store)["label"].attrs["class_names"]
+    assert got[:3] == ["water", "class_1", "crops"] and got[-1] == "top" and len(got) == max(highest, 3) + 1, got
+    with pytest.raises(InputError, match=r"^class_names= as a dict must map whole-number class ids"):
+        tilefuse.ingest(tmp_path / "j.zarr", rasters, labels=g / "label.tif", class_names={"0": "water"})
+    assert not (tmp_path / "j.zarr").exists()

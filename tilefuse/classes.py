@@ -12,7 +12,8 @@ of any of them, real names winning over defaults, and refuses a real conflict
 
 from __future__ import annotations
 
-from typing import Sequence
+import numbers
+from typing import Mapping, Sequence
 
 from tilefuse.errors import InputError, clipped
 
@@ -44,6 +45,30 @@ def class_names_problem(names) -> str | None:
     if twice is not None:
         return f"give classes {names.index(twice)} and {names.index(twice, names.index(twice) + 1)} the same name {twice!r}"
     return None
+
+
+def class_name_list(value) -> list[str] | None:
+    """``class_names=`` as the list of names by id it means: a dict ``{id: name}`` as that list, ids it leaves out
+    named ``class_<id>`` as ingest names them (its keys were taken as the names: 'must be a list of strings, got
+    [0, 1, 2]'); a list, tuple or other sequence as a list (its names are checked where the store is written);
+    a set (no order), or a dict of other keys or values, is refused, quoting it."""
+    if value is None or isinstance(value, (list, tuple)):
+        return value
+    if isinstance(value, Mapping):
+        whole = all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and 0 <= k < IGNORE for k in value)
+        if not (whole and all(isinstance(n, str) for n in value.values())):
+            raise InputError(
+                f"class_names= as a dict must map whole-number class ids 0..{IGNORE - 1} to names, got {clipped(repr(value))}: "
+                "pass e.g. {0: 'water', 1: 'forest'} or ['water', 'forest']"
+            )
+        named = {int(k): n for k, n in value.items()}
+        return [named.get(k, default_class_name(k)) for k in range(max(named, default=-1) + 1)]
+    if isinstance(value, (set, frozenset)) or not hasattr(value, "__iter__"):
+        raise InputError(
+            f"class_names= must be a list of names, one per class id from 0 (or a dict {{id: name}}), "
+            f"got {type(value).__name__} {clipped(repr(value))}"
+        )
+    return list(value)
 
 
 def store_class_names(ds) -> list[str]:

@@ -72,7 +72,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 
-from tilefuse.classes import IGNORE, default_class_name
+from tilefuse.classes import IGNORE, class_name_list
 from tilefuse.errors import InputError, clipped
 from tilefuse.rasters import (
     EXACT_IDS,
@@ -466,30 +466,6 @@ def _class_names(value) -> list[str] | None:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) and value else None
 
 
-def _class_name_list(value) -> list[str] | None:
-    """``class_names=`` as the list of names by id it means: a dict ``{id: name}`` as that list, ids it leaves out
-    named ``class_<id>`` as ingest names them (its keys were taken as the names: 'must be a list of strings, got
-    [0, 1, 2]'); a list, tuple or other sequence as a list (its names are checked where the store is written);
-    a set (no order), or a dict of other keys or values, is refused, quoting it."""
-    if value is None or isinstance(value, (list, tuple)):
-        return value
-    if isinstance(value, Mapping):
-        whole = all(isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)) and 0 <= k < IGNORE for k in value)
-        if not (whole and all(isinstance(n, str) for n in value.values())):
-            raise InputError(
-                f"class_names= as a dict must map whole-number class ids 0..{IGNORE - 1} to names, got {clipped(repr(value))}: "
-                "pass e.g. {0: 'water', 1: 'forest'} or ['water', 'forest']"
-            )
-        named = {int(k): n for k, n in value.items()}
-        return [named.get(k, default_class_name(k)) for k in range(max(named, default=-1) + 1)]
-    if isinstance(value, (set, frozenset)) or not hasattr(value, "__iter__"):
-        raise InputError(
-            f"class_names= must be a list of names, one per class id from 0 (or a dict {{id: name}}), "
-            f"got {type(value).__name__} {clipped(repr(value))}"
-        )
-    return list(value)
-
-
 def _label_map(value) -> dict[int, int]:
     """A ``label_map=`` dict, checked as ``--label-map`` is: whole-number keys, targets 0..255 (a float target was
     truncated and a string key mapped nothing, without a word)."""
@@ -570,7 +546,7 @@ def scene_from_xarray(
         raise InputError(f"chunk= must be a whole number of px >= 1, got {chunk!r}")
     if isinstance(class_names, str):  # its letters became the class names
         raise InputError(f"class_names= must be a list of names, one per class id, got the string {class_names!r}: pass e.g. ['water', 'forest']")
-    class_names = _class_name_list(class_names)
+    class_names = class_name_list(class_names)
     mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else _label_map(label_map)
     reference = reference or next(iter(modalities))
     if reference not in modalities:
