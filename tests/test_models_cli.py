@@ -107,3 +107,26 @@ def test_a_hyperparameter_of_the_wrong_type_or_value_is_one_line_naming_it(capsy
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_float_hyperparameter_with_a_whole_number_default_takes_any_number():
+    """`scale: float = 1` is how a user writes a float default: 0.5 was refused as 'must be a whole number' (and an
+    older checkpoint saved with scale=0.5 no longer loaded)."""
+    from torch import nn
+
+    import tilefuse
+
+    @tilefuse.register_model("test-float-default")
+    def build(modalities, num_classes, scale: float = 1, steps: int = 2, shape=(3, 3)):
+        return tilefuse.wrap_module(nn.Conv2d(sum(modalities.values()), num_classes, 1), dict(modalities), num_classes)
+
+    try:
+        for value in (0.5, 2, 1e-3):
+            build_model("test-float-default", {"optical": 3}, 2, scale=value, shape=[1, 2])
+        for key, value in (("scale", "0.5"), ("scale", float("nan")), ("steps", 0.5)):
+            with pytest.raises(InputError, match=rf"^test-float-default hyperparameter {key}= must be"):
+                build_model("test-float-default", {"optical": 3}, 2, **{key: value})
+    finally:
+        from tilefuse import tile_model
+
+        tile_model._REGISTRY.pop("test-float-default", None)

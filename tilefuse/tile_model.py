@@ -255,15 +255,18 @@ def _hyperparameters(builder: ModelBuilder) -> set[str] | None:
 
 def _hyperparameter_problem(builder: ModelBuilder, key: str, value: Any) -> str | None:
     """What ``value`` lacks as hyperparameter ``key`` of ``builder``, judged by the type of its default (a bool,
-    whole number, number or text; other defaults, None included, say nothing), or None."""
+    whole number, number or text; other defaults, None included, say nothing; a whole-number default annotated
+    ``float`` takes any number), or None."""
     parameter = inspect.signature(builder).parameters.get(key)
     default = parameter.default if parameter is not None else inspect.Parameter.empty
+    annotation = parameter.annotation if parameter is not None else inspect.Parameter.empty
+    hint = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
     whole = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     if isinstance(default, bool):
         return None if isinstance(value, (bool, np.bool_)) else "must be true or false"
-    if isinstance(default, int):
+    if isinstance(default, int) and "float" not in hint:  # `scale: float = 1` takes 0.5
         return None if whole else "must be a whole number"
-    if isinstance(default, float):
+    if isinstance(default, (int, float)):
         number = whole or (isinstance(value, (float, np.floating)) and math.isfinite(value))
         return None if number else "must be a finite number"
     if isinstance(default, str):
