@@ -215,7 +215,7 @@ def test_an_output_named_for_another_format_or_empty_is_one_line(tmp_path, predi
     out = str(tmp_path / name) if name else ""
     assert main(["export", str(root / "pred.zarr"), out]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ("name it x.tif" in err if name else "out is empty" in err), err
+    assert err.count("\n") == 1 and ("name it x.tif" in err if name else "OUT is empty" in err), err
     assert list(tmp_path.iterdir()) == []
     assert main(["export", str(root / "pred.zarr"), str(tmp_path / "X.TIF")]) == 0
 
