@@ -43,6 +43,17 @@ def clipped(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def symlink_loop(path: str | os.PathLike) -> bool:
+    """Whether ``path`` cannot be reached because its symlinks form a loop (``ln -s a a``)."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str, *, missing: str | None = None) -> Any:
     """The JSON document in file ``path``; a missing, unreadable or malformed file is one :class:`InputError` line.
 

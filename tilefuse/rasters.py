@@ -29,7 +29,6 @@ Nothing here writes: pass the result to :func:`tilefuse.scene.write_scene`.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -45,7 +44,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
 
-from tilefuse.errors import InputError, clipped
+from tilefuse.errors import InputError, clipped, symlink_loop
 from tilefuse.scene import IGNORE, band_dim
 
 RESAMPLING = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode")
@@ -375,15 +374,6 @@ def parse_label_map(text: str | None) -> dict[int, int]:
     return mapping
 
 
-def _symlink_loop(path: Path) -> bool:
-    """Whether ``path`` cannot be reached because its symlinks form a loop (``ln -s a a``)."""
-    try:
-        os.stat(path)
-    except OSError as error:
-        return error.errno == errno.ELOOP
-    return False
-
-
 def open_source(
     spec: str | os.PathLike, *, what: str, assume_crs: str | None = None, complex_mode: str | None = None
 ) -> RasterSource:
@@ -405,7 +395,7 @@ def open_source(
     file_text, driver, variable = split_variable(path_text)
     path = local_path(file_text, what)  # a URL is refused, ~ is the home folder
     if not path.exists():
-        if _symlink_loop(path):  # Path.exists() is False for it too
+        if symlink_loop(path):  # Path.exists() is False for it too
             raise InputError(
                 f"{what}: {path} is a symlink loop (its links lead back to themselves, never to a file): "
                 "point the link at the raster, or pass the raster's own path"

@@ -19,7 +19,6 @@ reader sees a half-written store.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -35,7 +34,7 @@ import xarray as xr
 import zarr
 
 from tilefuse.classes import IGNORE, class_names_problem
-from tilefuse.errors import InputError, clipped
+from tilefuse.errors import InputError, clipped, symlink_loop
 from tilefuse.storage import DIGESTS_ATTR, FORMAT, FORMAT_ATTR, WRITE_EMPTY_CHUNKS, compressors, consolidate, record_digests, with_checksums
 
 STORE_KIND = "tilefuse_store"
@@ -395,11 +394,8 @@ def open_store(path: str | os.PathLike, kind: str, *, written=None) -> xr.Datase
     if is_temporary(path):
         raise InputError(f"{path} is an unfinished temporary of a tilefuse run, not a store: open the finished store")
     if not path.exists() and os.path.islink(path):  # a loop, or a link to nothing: both 'did not exist'
-        try:
-            os.stat(path)
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise InputError(f"{path} is a symlink loop (its links lead back to themselves): point the link at the {kind} store, or pass the store's own path") from None
+        if symlink_loop(path):
+            raise InputError(f"{path} is a symlink loop (its links lead back to themselves): point the link at the {kind} store, or pass the store's own path")
         raise InputError(f"{path} is a symlink to {os.readlink(path)}, which does not exist (a disk not mounted?): point the link at the {kind} store")
     if not path.exists():
         writer = live_writer(path)  # a store is renamed into place once whole: it is being written
